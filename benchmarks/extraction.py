@@ -1,0 +1,137 @@
+"""Gradient-extraction speed: a LESS-style reference vs this engine vs a plain forward+backward floor.
+
+    python benchmarks/extraction.py [--examples 256 --seq-len 128 --dim 8192 --batch-size 16]
+
+(a) LESS-style: batch-size-1 loop with the model's own loss, LESS's Adam formula, trak BasicProjector
+    (block_size 128) projecting every 16 examples, as LESS's collect_grad_reps does.
+(b) this engine end to end: batched per-example gradients + Adam preconditioning + projection
+    (--projection, sjlt by default) + writes to a memory-mapped store.
+(c) floor: plain batched forward+backward of the same examples (the model's mean loss).
+The last line is `speedup_vs_less=<a/b> overhead_vs_fwd_bwd=<b/c>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rose_trl.extraction import extract_gradients
+from rose_trl.gradients import AdamState, trainable_parameters
+from rose_trl.projection import build_projector
+from rose_trl.sft_data import collate
+from rose_trl.store import GradientStore
+
+
+def build(args):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                         max_position_embeddings=max(512, args.seq_len), pad_token_id=0)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    g = torch.Generator().manual_seed(1)
+    pool = []
+    for _ in range(args.examples):
+        ids = torch.randint(3, args.vocab, (args.seq_len,), generator=g).tolist()
+        prompt = args.seq_len // 4
+        pool.append({"input_ids": ids, "completion_mask": [0] * prompt + [1] * (args.seq_len - prompt)})
+    # A few AdamW steps so that m and v are real.
+    params = [p for _, p in trainable_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for step in range(3):
+        batch = collate(pool[step * 4 : step * 4 + 4], 0)
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    opt.zero_grad()
+    model.eval()
+    return model, pool, opt
+
+
+def less_style(model, pool, opt, dim):
+    """LESS collect_grad_reps, restated: bs=1 loop, hard-coded Adam formula, trak BasicProjector per 16."""
+    from trak.projectors import BasicProjector, ProjectionType
+
+    params = [p for _, p in trainable_parameters(model)]
+    m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params])
+    v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params])
+    projector = BasicProjector(grad_dim=m.numel(), proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
+                               device="cpu", block_size=128, dtype=torch.float32)
+    out, pending = [], []
+    for ex in pool:
+        batch = collate([ex], 0)
+        loss = model(**batch).loss
+        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
+        pending.append((0.9 * m + 0.1 * g) / torch.sqrt(0.999 * v + 0.001 * g**2 + 1e-8))
+        if len(pending) == 16:
+            out.append(projector.project(torch.stack(pending), model_id=0))
+            pending = []
+    if pending:
+        out.append(projector.project(torch.stack(pending), model_id=0))
+    return torch.cat(out)
+
+
+def engine(model, pool, opt, dim, projection, batch_size):
+    params = trainable_parameters(model)
+    projector = build_projector(projection, sum(p.numel() for _, p in params), dim, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = GradientStore.open_or_create(tmp, model="bench", checkpoint="c", projection=projector.describe(),
+                                             gradient_type="adam", pool_fingerprint="bench", num_rows=len(pool))
+        extract_gradients(model, pool, store, projector, pad_token_id=0,
+                          adam_state=AdamState.from_optimizer(opt, params), batch_size=batch_size, progress=False)
+        return store.read_all()
+
+
+def floor(model, pool, batch_size):
+    params = [p for _, p in trainable_parameters(model)]
+    for i in range(0, len(pool), batch_size):
+        loss = model(**collate(pool[i : i + batch_size], 0)).loss
+        torch.autograd.grad(loss, params)
+
+
+def timed(fn, *a):
+    t = time.perf_counter()
+    result = fn(*a)
+    return time.perf_counter() - t, result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--examples", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dim", type=int, default=8192)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--projection", default="sjlt", choices=["sjlt", "trak"])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--skip-less", action="store_true", help="skip (a); speedup_vs_less is then nan")
+    args = p.parse_args()
+
+    model, pool, opt = build(args)
+    n_params = sum(p.numel() for _, p in trainable_parameters(model))
+    print(f"workload: {args.examples} examples x {args.seq_len} tokens, {n_params} LoRA params -> {args.dim} dims, "
+          f"torch threads {torch.get_num_threads()}")
+    floor(model, pool[: args.batch_size], args.batch_size)  # warm-up
+    t_floor, _ = timed(floor, model, pool, args.batch_size)
+    t_engine, _ = timed(engine, model, pool, opt, args.dim, args.projection, args.batch_size)
+    print(f"(c) fwd+bwd floor       {t_floor:8.2f} s  {1000 * t_floor / len(pool):8.1f} ms/example")
+    print(f"(b) rose_trl engine     {t_engine:8.2f} s  {1000 * t_engine / len(pool):8.1f} ms/example ({args.projection})")
+    t_less = float("nan")
+    if not args.skip_less:
+        t_less, _ = timed(less_style, model, pool, opt, args.dim)
+        print(f"(a) LESS-style          {t_less:8.2f} s  {1000 * t_less / len(pool):8.1f} ms/example")
+    print(f"speedup_vs_less={t_less / t_engine:.2f} overhead_vs_fwd_bwd={t_engine / t_floor:.3f}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,81 @@
+"""Pool -> gradient store: batched per-example gradients, Adam preconditioning, projection, resumable writes."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .gradients import AdamState, per_example_gradients
+from .projection import Projector
+from .sft_data import collate
+from .store import GradientStore
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Gradients are features: no dropout noise in them. The model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def plan_batches(lengths: np.ndarray, rows: np.ndarray, batch_size: int, max_batch_tokens: int | None) -> list[np.ndarray]:
+    """Group `rows` longest first so that padding is small; a batch holds at most `batch_size` rows
+    and, when set, at most `max_batch_tokens` padded tokens (the memory budget)."""
+    order = rows[np.argsort(-lengths[rows], kind="stable")]
+    batches, current, width = [], [], 0
+    for r in order:
+        w = max(width, int(lengths[r]))
+        if current and (len(current) >= batch_size or (max_batch_tokens and w * (len(current) + 1) > max_batch_tokens)):
+            batches.append(np.array(current))
+            current, w = [], int(lengths[r])
+        current.append(int(r))
+        width = w
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def extract_gradients(
+    model: torch.nn.Module,
+    pool: Sequence[dict],
+    store: GradientStore,
+    projector: Projector,
+    pad_token_id: int,
+    adam_state: AdamState | None = None,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = None,
+    rows: np.ndarray | None = None,
+    progress: bool = True,
+    desc: str = "Extracting gradients",
+) -> int:
+    """Compute, project and store the rows of `pool` that `store` does not hold yet.
+
+    `pool` items carry `input_ids` and `completion_mask` (see `sft_data.tokenize_pool`). `rows`
+    restricts the work to a subset (a process's shard). Returns the number of rows computed.
+    """
+    wanted = store.missing_rows()
+    if rows is not None:
+        wanted = np.intersect1d(wanted, np.asarray(rows, dtype=np.int64))
+    if len(wanted) == 0:
+        return 0
+    lengths = np.zeros(store.num_rows, dtype=np.int64)
+    lengths[wanted] = [len(pool[int(i)]["input_ids"]) for i in wanted]
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    adam = adam_state.to(device) if adam_state is not None else None
+    bar = tqdm(total=len(wanted), desc=desc, unit="ex", disable=not progress)
+    with eval_mode(model):
+        for batch_rows in plan_batches(lengths, wanted, batch_size, max_batch_tokens):
+            batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in batch_rows], pad_token_id).items()}
+            grads = per_example_gradients(model, batch, adam_state=adam)
+            store.write(batch_rows, projector.project(grads).cpu().numpy())
+            bar.update(len(batch_rows))
+    bar.close()
+    return len(wanted)

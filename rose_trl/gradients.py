@@ -1,0 +1,259 @@
+"""Per-example gradients of the trainable (LoRA) parameters, from one batched forward/backward.
+
+Every `nn.Linear` whose weight is trainable gets a forward hook that keeps its input and hooks the
+gradient of its output. For a loss that is a *sum* of per-row losses, row b's weight gradient is
+`grad_out[b]^T @ input[b]` summed over that row's positions: the usual per-sample trick (Opacus,
+Goodfellow 2015). Rows never mix because a transformer with an attention mask keeps them apart, so
+padding and other rows' lengths cannot change a row's gradient (tested against a batch-size-1 loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class UnsupportedParameterError(ValueError):
+    """A trainable parameter is not owned by an `nn.Linear`, so the batched hooks cannot see it."""
+
+
+class MissingAdamStateError(ValueError):
+    """Adam preconditioning was asked for but the optimizer holds no exp_avg/exp_avg_sq for a parameter."""
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters in `model.named_parameters()` order: the layout of every gradient row."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def num_trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for _, p in trainable_parameters(model))
+
+
+@contextlib.contextmanager
+def activation_checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """Checkpointing re-runs forwards inside backward, which would fire the capture hooks twice."""
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+
+
+class PerExampleGradientCapture:
+    """Collects per-row gradients of every trainable parameter into a [rows, n_params] float32 buffer.
+
+    Use as a context manager around a forward and a backward of `sum_b loss_b`; after the backward,
+    `self.grads[b]` is the gradient of `loss_b` (parameters in `named_parameters()` order).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.params = trainable_parameters(model)
+        if not self.params:
+            raise UnsupportedParameterError("the model has no trainable parameters (is the LoRA adapter attached and active?)")
+        self._slices: dict[int, tuple[int, int, torch.Size]] = {}
+        offset = 0
+        for _, p in self.params:
+            self._slices[id(p)] = (offset, p.numel(), p.shape)
+            offset += p.numel()
+        self.num_params = offset
+        self._modules: list[nn.Linear] = []
+        covered: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and (
+                id(module.weight) in self._slices or (module.bias is not None and id(module.bias) in self._slices)
+            ):
+                self._modules.append(module)
+                covered.add(id(module.weight))
+                if module.bias is not None:
+                    covered.add(id(module.bias))
+        uncovered = [name for name, p in self.params if id(p) not in covered]
+        if uncovered:
+            raise UnsupportedParameterError(
+                f"per-example hooks cover nn.Linear layers only; these trainable parameters are not: {uncovered[:5]}"
+                + (" ..." if len(uncovered) > 5 else "")
+            )
+        self.grads: torch.Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "PerExampleGradientCapture":
+        self._handles = [m.register_forward_hook(self._forward_hook) for m in self._modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def reset(self, rows: int, device: torch.device) -> None:
+        self.grads = torch.zeros(rows, self.num_params, dtype=torch.float32, device=device)
+
+    def _forward_hook(self, module: nn.Linear, inputs, output) -> None:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        x = inputs[0].detach()
+        output.register_hook(lambda grad_out, m=module, x=x: self._accumulate(m, x, grad_out))
+
+    def _accumulate(self, module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        rows = x.shape[0]
+        g = grad_out.reshape(rows, -1, grad_out.shape[-1]).float()
+        a = x.reshape(rows, -1, x.shape[-1]).float()
+        # `+=`: a module called several times in one forward contributes the sum of its calls.
+        if id(module.weight) in self._slices:
+            start, n, _ = self._slices[id(module.weight)]
+            self.grads[:, start : start + n] += torch.einsum("bto,bti->boi", g, a).reshape(rows, n)
+        if module.bias is not None and id(module.bias) in self._slices:
+            start, n, _ = self._slices[id(module.bias)]
+            self.grads[:, start : start + n] += g.sum(dim=1)
+
+
+def sft_per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's own token-mean next-token cross entropy over its labelled (response) tokens: [B]."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    mask = shift_labels != IGNORE_INDEX
+    counts = mask.sum(dim=1)
+    if bool((counts == 0).any()):
+        bad = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"batch rows {bad} have no response tokens (all labels are -100): their loss is undefined")
+    return (token_loss * mask).sum(dim=1) / counts
+
+
+@dataclass
+class AdamState:
+    """Flattened Adam moments of the trainable parameters, and the optimizer's b1, b2, eps."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    beta1: float
+    beta2: float
+    eps: float
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, params: list[tuple[str, nn.Parameter]]) -> "AdamState":
+        """Read m, v, betas and eps from a live (possibly accelerate-wrapped) torch Adam/AdamW."""
+        while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer and similar wrappers
+            optimizer = optimizer.optimizer
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        ms, vs, hyper = [], [], set()
+        for name, p in params:
+            state = optimizer.state.get(p, {})
+            if "exp_avg" not in state or "exp_avg_sq" not in state or id(p) not in group_of:
+                raise MissingAdamStateError(
+                    f"optimizer {type(optimizer).__name__} has no Adam state (exp_avg/exp_avg_sq) for '{name}': "
+                    "Adam preconditioning needs at least one AdamW step; use gradient_type='sgd' otherwise"
+                )
+            g = group_of[id(p)]
+            hyper.add((float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])))
+            ms.append(state["exp_avg"].detach().reshape(-1).float())
+            vs.append(state["exp_avg_sq"].detach().reshape(-1).float())
+        return cls._build(ms, vs, hyper)
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: dict, params: list[tuple[str, nn.Parameter]], param_index: dict[str, int]
+    ) -> "AdamState":
+        """Read a saved optimizer state dict (e.g. a Trainer checkpoint's optimizer.pt).
+
+        `param_index` maps each parameter name to its integer id in the state dict, which is the
+        position in the optimizer's param_groups at creation (see `trainer_param_index`).
+        """
+        hyper_of = {}
+        for g in state_dict["param_groups"]:
+            for idx in g["params"]:
+                hyper_of[idx] = (float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]))
+        ms, vs, hyper = [], [], set()
+        for name, p in params:
+            idx = param_index.get(name)
+            state = state_dict["state"].get(idx, {})
+            if "exp_avg" not in state or "exp_avg_sq" not in state:
+                raise MissingAdamStateError(f"saved optimizer state has no exp_avg/exp_avg_sq for '{name}' (index {idx})")
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            if m.numel() != p.numel():
+                raise MissingAdamStateError(
+                    f"saved optimizer state for '{name}' (index {idx}) has {m.numel()} values, the parameter has "
+                    f"{p.numel()}: the checkpoint was written for a different model or adapter"
+                )
+            hyper.add(hyper_of[idx])
+            ms.append(m.reshape(-1).float())
+            vs.append(v.reshape(-1).float())
+        return cls._build(ms, vs, hyper)
+
+    @classmethod
+    def _build(cls, ms, vs, hyper) -> "AdamState":
+        if len(hyper) != 1:
+            raise ValueError(f"parameters use different Adam (beta1, beta2, eps): {sorted(hyper)}")
+        b1, b2, eps = hyper.pop()
+        return cls(torch.cat(ms), torch.cat(vs), b1, b2, eps)
+
+    def to(self, device: torch.device) -> "AdamState":
+        return AdamState(self.exp_avg.to(device), self.exp_avg_sq.to(device), self.beta1, self.beta2, self.eps)
+
+    def precondition(self, grads: torch.Tensor) -> torch.Tensor:
+        """LESS's Adam update direction, per row: (b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g^2 + eps)."""
+        m = self.exp_avg.to(grads.device)
+        v = self.exp_avg_sq.to(grads.device)
+        numerator = self.beta1 * m + (1 - self.beta1) * grads
+        denominator = torch.sqrt(self.beta2 * v + (1 - self.beta2) * grads.square() + self.eps)
+        return numerator / denominator
+
+
+def trainer_param_index(model: nn.Module) -> dict[str, int]:
+    """Name -> index in a `transformers.Trainer` optimizer's state dict.
+
+    Trainer.create_optimizer puts the trainable weight-decay parameters first, then the others, each in
+    `named_parameters()` order; a saved state dict numbers parameters in that order.
+    """
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ordered = [n for n in names if n in decay] + [n for n in names if n not in decay]
+    return {n: i for i, n in enumerate(ordered)}
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def per_example_gradients(
+    model: nn.Module,
+    batch: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    adam_state: AdamState | None = None,
+) -> torch.Tensor:
+    """Gradient of each row's own SFT loss w.r.t. the trainable parameters: float32 [batch, n_params].
+
+    `batch` holds `input_ids`, `attention_mask` and `labels` (-100 outside the response). One forward
+    and one backward for the whole batch. With an Adam/AdamW `optimizer` that has state (or an
+    explicit `adam_state`), rows are Adam-preconditioned as in LESS; otherwise they are plain (SGD)
+    gradients. The model's train/eval mode is left as the caller set it.
+    """
+    params = trainable_parameters(model)
+    if adam_state is None and optimizer is not None:
+        adam_state = AdamState.from_optimizer(optimizer, params)
+    capture = PerExampleGradientCapture(model)
+    device = batch["input_ids"].device
+    with activation_checkpointing_off(model), capture, torch.enable_grad():
+        capture.reset(batch["input_ids"].shape[0], device)
+        logits = model(**_model_inputs(batch)).logits
+        loss = sft_per_example_loss(logits, batch["labels"]).sum()
+        # autograd.grad, not backward: the live training run's .grad buffers stay untouched.
+        torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+    grads = capture.grads
+    if adam_state is not None:
+        grads = adam_state.precondition(grads)
+    return grads

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# torch is pinned exactly: an unpinned torch pulls a multi-GB CUDA build, and 2.13.0 is the CPU
+# build these machines install from local disk. GPU users install their CUDA torch first; pip keeps it.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "trl>=1.16,<1.17",
+    "transformers>=5.0,<6",
+    "peft>=0.21,<0.22",
+    "accelerate>=1.15,<1.16",
+    "datasets>=5.0,<6",
+    "traker==0.3.2",  # TRAK's PyPI name; the PyPI package `trak` is unrelated
+    "evaluate>=0.4,<0.5",
+    "numpy>=1.26",
+    "pyarrow>=15",
+    "pyyaml>=6",
+    "tokenizers>=0.22",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11"],
+    "deepspeed": ["deepspeed>=0.19,<0.20"],
+    "fast": ["fast_jl"],  # trak's CUDA projector; GPU machines only
+}
+
+setup(
+    name="rose_trl",
+    version="0.1.0",
+    description="ROSE reward-oriented instruction-data selection for Hugging Face TRL",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8") if (Path(__file__).parent / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rose_trl", "rose_trl.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["rose-trl=rose_trl.cli:main"]},
+)

@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+from rose_trl.gradients import (
+    AdamState,
+    MissingAdamStateError,
+    PerExampleGradientCapture,
+    UnsupportedParameterError,
+    per_example_gradients,
+    trainable_parameters,
+    trainer_param_index,
+)
+from tests.helpers import mixed_length_batch, row, tiny_lora_model
+
+
+def loop_reference(model, batch, adam=None):
+    """Batch-size-1 loop, written plainly: the model's own token-mean loss, one example at a time."""
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        r = row(batch, i)
+        loss = model(input_ids=r["input_ids"], attention_mask=r["attention_mask"], labels=r["labels"]).loss
+        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
+        if adam is not None:
+            m, v, b1, b2, eps = adam
+            g = (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g**2 + eps)
+        out.append(g)
+    return torch.stack(out)
+
+
+def assert_rows_match(fast, ref):
+    assert fast.shape == ref.shape
+    for i in range(ref.shape[0]):
+        cos = torch.nn.functional.cosine_similarity(fast[i], ref[i], dim=0).item()
+        rel = ((fast[i] - ref[i]).norm() / ref[i].norm()).item()
+        assert cos >= 0.99999, (i, cos)
+        assert rel <= 1e-4, (i, rel)
+
+
+LENGTHS = [5, 17, 9, 32, 12, 3]
+PROMPTS = [2, 10, 1, 20, 11, 1]
+
+
+def test_batched_matches_batch_size_one_loop_sgd():
+    model = tiny_lora_model()
+    batch = mixed_length_batch(LENGTHS, PROMPTS)
+    assert_rows_match(per_example_gradients(model, batch), loop_reference(model, batch))
+
+
+def test_batched_matches_loop_with_live_adamw_state():
+    model = tiny_lora_model()
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.8, 0.95), eps=1e-6)
+    warm = mixed_length_batch([10, 10], [3, 3], seed=5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(**warm).loss.backward()
+        opt.step()
+    opt.zero_grad()
+    batch = mixed_length_batch(LENGTHS, PROMPTS, seed=1)
+    m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params])
+    v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params])
+    fast = per_example_gradients(model, batch, optimizer=opt)
+    assert_rows_match(fast, loop_reference(model, batch, adam=(m, v, 0.8, 0.95, 1e-6)))
+    # The live run's .grad buffers are left alone.
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
+
+
+def test_padding_and_batch_company_do_not_change_a_row():
+    model = tiny_lora_model()
+    batch = mixed_length_batch(LENGTHS, PROMPTS, seed=2)
+    full = per_example_gradients(model, batch)
+    alone = per_example_gradients(model, row(batch, 1))
+    assert torch.allclose(full[1], alone[0], rtol=1e-4, atol=1e-7)
+
+
+def test_layout_follows_named_parameters_order():
+    model = tiny_lora_model()
+    batch = mixed_length_batch([8], [2])
+    grads = per_example_gradients(model, batch)
+    params = trainable_parameters(model)
+    assert grads.shape == (1, sum(p.numel() for _, p in params)) and grads.dtype == torch.float32
+    loss = model(**batch).loss
+    ref = torch.autograd.grad(loss, [p for _, p in params])
+    offset = 0
+    for (name, p), g in zip(params, ref):
+        assert torch.allclose(grads[0, offset : offset + p.numel()], g.reshape(-1), rtol=1e-4, atol=1e-7), name
+        offset += p.numel()
+
+
+def test_bias_and_train_mode_dropout_free_model():
+    model = tiny_lora_model(targets=("q_proj", "v_proj"))
+    for name, p in model.named_parameters():  # make a (non-LoRA) biased Linear trainable too
+        if "lm_head" in name:
+            p.requires_grad_(True)
+    batch = mixed_length_batch([7, 11], [2, 4], seed=3)
+    assert_rows_match(per_example_gradients(model, batch), loop_reference(model, batch))
+
+
+def test_adam_without_state_is_refused():
+    model = tiny_lora_model()
+    opt = torch.optim.AdamW([p for _, p in model.named_parameters() if p.requires_grad])
+    with pytest.raises(MissingAdamStateError, match="no Adam state"):
+        per_example_gradients(model, mixed_length_batch([4], [1]), optimizer=opt)
+
+
+def test_saved_state_dict_gives_same_preconditioning_as_live():
+    model = tiny_lora_model()
+    params = trainable_parameters(model)
+    index = trainer_param_index(model)
+    opt = torch.optim.AdamW([p for n, p in sorted(params, key=lambda np_: index[np_[0]])], lr=1e-3)
+    opt.zero_grad()
+    model(**mixed_length_batch([10], [2])).loss.backward()
+    opt.step()
+    live = AdamState.from_optimizer(opt, params)
+    saved = AdamState.from_state_dict(opt.state_dict(), params, index)
+    assert torch.equal(live.exp_avg, saved.exp_avg) and torch.equal(live.exp_avg_sq, saved.exp_avg_sq)
+    assert (live.beta1, live.beta2, live.eps) == (saved.beta1, saved.beta2, saved.eps)
+
+
+def test_uncovered_trainable_parameter_is_named():
+    model = tiny_lora_model()
+    model.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(UnsupportedParameterError, match="norm"):
+        PerExampleGradientCapture(model)
+
+
+def test_rows_without_response_tokens_are_refused():
+    model = tiny_lora_model()
+    batch = mixed_length_batch([6, 6], [2, 6])
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        per_example_gradients(model, batch)
