@@ -1,0 +1,22 @@
+"""ROSE end to end: warm-up LoRA SFT -> reward-oriented selection -> final SFT on the selection.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/rose_sft.py \
+        --config recipes/tiny/rose/config_tiny.yaml
+"""
+
+from trl import ModelConfig, SFTConfig, TrlParser
+
+from rose_trl.config import ROSEConfig
+from rose_trl.pipeline import run
+
+
+def main(rose_args: ROSEConfig, sft_args: SFTConfig, model_args: ModelConfig):
+    result = run(rose_args, sft_args, model_args)
+    print(f"selection: {result['selection']}")
+    if result["final_model"]:
+        print(f"final model: {result['final_model']}")
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ROSEConfig, SFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

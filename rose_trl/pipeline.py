@@ -1,0 +1,98 @@
+"""The recipe's job: warm-up LoRA SFT with ROSECallback -> selection -> final SFT on the selection."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, load_dataset, load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+
+from .callback import ROSECallback
+from .config import ROSEConfig
+from .sft_data import tokenize_pool
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_table(spec: str, split: str = "train") -> Dataset:
+    """A Hub dataset id, a local .jsonl/.json/.parquet file, or a folder written by save_to_disk."""
+    path = Path(spec)
+    if path.is_dir() and (path / "dataset_info.json").exists():
+        return load_from_disk(str(path))
+    if path.suffix in LOCAL_FORMATS:
+        if not path.exists():
+            raise FileNotFoundError(f"dataset file {spec} does not exist")
+        return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    return load_dataset(spec, split=split)
+
+
+def sft_training_dataset(pool: Dataset, tokenizer, max_length: int | None, source: str) -> Dataset:
+    """input_ids + labels (-100 outside the response): the same tokens the gradients were taken on."""
+    tokens = tokenize_pool(pool, tokenizer, max_length, source=source)
+    return tokens.map(lambda ex: {"labels": [t if m else -100 for t, m in zip(ex["input_ids"], ex["completion_mask"])]},
+                      desc=f"Labels for {source}").select_columns(["input_ids", "labels"])
+
+
+def load_model_and_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                              trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {model_args.model_name_or_path} has no pad and no eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, dtype=model_args.dtype,
+        trust_remote_code=trust_remote_code, attn_implementation=model_args.attn_implementation)
+    return model, tokenizer
+
+
+def warmup_indices(n: int, fraction: float, seed: int) -> list[int]:
+    k = max(1, math.ceil(fraction * n - 1e-9))
+    return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+
+
+def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
+    """Returns {"selection": path, "final_model": path or None}."""
+    if not model_args.use_peft:
+        raise ValueError("ROSE extracts LoRA gradients: set use_peft: true (and lora_r, lora_target_modules)")
+    if not rose.pool_dataset or not rose.validation_dataset:
+        raise ValueError("pool_dataset and validation_dataset are required")
+    out = Path(sft.output_dir)
+    pool = load_table(rose.pool_dataset, rose.pool_split)
+    if rose.pool_max_examples:
+        pool = pool.select(range(min(rose.pool_max_examples, len(pool))))
+    validation = load_table(rose.validation_dataset, rose.validation_split)
+    model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code)
+    peft_config = get_peft_config(model_args)
+
+    warm_args = dataclasses.replace(sft, output_dir=str(out / "warmup"), save_strategy="epoch", save_only_model=False)
+    warm = sft_training_dataset(pool.select(warmup_indices(len(pool), rose.warmup_fraction, sft.seed)), tokenizer,
+                                sft.max_length, "warm-up pool")
+    run_config = {"model_name_or_path": model_args.model_name_or_path, "lora_r": model_args.lora_r,
+                  "lora_alpha": model_args.lora_alpha, "lora_target_modules": model_args.lora_target_modules,
+                  "learning_rate": sft.learning_rate, "num_train_epochs": sft.num_train_epochs, "seed": sft.seed,
+                  "max_length": sft.max_length}
+    callback = ROSECallback(pool, validation, tokenizer, rose, output_dir=str(out), max_length=sft.max_length,
+                            run_config=run_config)
+    trainer = SFTTrainer(model, args=warm_args, train_dataset=warm, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[callback])
+    # A re-run resumes the warm-up from its last checkpoint; finished gradient stores are reused.
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(warm_args.output_dir) if Path(warm_args.output_dir).is_dir() else None)
+    selection = Path(callback.selection_dir or out / "selection")
+    result = {"selection": str(selection), "final_model": None}
+    if rose.final_training:
+        final_model, _ = load_model_and_tokenizer(model_args, sft.trust_remote_code)
+        final_args = dataclasses.replace(sft, output_dir=str(out / "final"))
+        selected = load_from_disk(str(selection / "selected"))
+        final = SFTTrainer(final_model, args=final_args,
+                           train_dataset=sft_training_dataset(selected, tokenizer, sft.max_length, "selection"),
+                           processing_class=tokenizer, peft_config=get_peft_config(model_args))
+        final.train()
+        final.save_model(final_args.output_dir)
+        result["final_model"] = final_args.output_dir
+    return result

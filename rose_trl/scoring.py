@@ -1,0 +1,63 @@
+"""Scores from gradient stores: S(z, j) = sum_i eta_i * <target_{i,j}, unit(train_{i,z})>, score = max_j.
+
+Streams the memory-mapped training stores in row chunks, all checkpoints in lockstep, so memory
+holds one chunk per checkpoint whatever the pool size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .store import GradientStore, StoreMismatchError
+
+
+@dataclass
+class CheckpointGradients:
+    """One warm-up checkpoint: its training-gradient store, its per-subtask targets and its LR."""
+
+    name: str
+    train: GradientStore
+    targets: np.ndarray  # [n_subtasks, dim], from validation.aggregate_by_subtask
+    learning_rate: float
+
+
+def normalized_weights(learning_rates: list[float]) -> np.ndarray:
+    eta = np.asarray(learning_rates, dtype=np.float64)
+    if (eta < 0).any() or not np.isfinite(eta).all() or eta.sum() <= 0:
+        raise ValueError(f"checkpoint learning rates must be finite, >= 0 and not all 0, got {learning_rates}")
+    return eta / eta.sum()
+
+
+def score_checkpoints(checkpoints: list[CheckpointGradients], subtasks: list[str], chunk_rows: int = 16384) -> dict[str, np.ndarray]:
+    """Score table: `score`, `score_<subtask>` (checkpoint-weighted) and `score_ckpt<i>` (each
+    checkpoint's own max-over-subtask score, for agreement plots)."""
+    if not checkpoints:
+        raise ValueError("no warm-up checkpoints to score")
+    first = checkpoints[0].train
+    for c in checkpoints:
+        if c.train.num_rows != first.num_rows or c.train.meta["pool_fingerprint"] != first.meta["pool_fingerprint"]:
+            raise StoreMismatchError(f"checkpoint {c.name}'s store covers a different pool than {checkpoints[0].name}'s")
+        if c.train.meta["projection"] != first.meta["projection"]:
+            raise StoreMismatchError(f"checkpoint {c.name}'s store uses another projection than {checkpoints[0].name}'s")
+        if c.targets.shape != (len(subtasks), c.train.dim):
+            raise ValueError(f"checkpoint {c.name}: targets of shape {c.targets.shape}, expected {(len(subtasks), c.train.dim)}")
+    eta = normalized_weights([c.learning_rate for c in checkpoints])
+    n = first.num_rows
+    per_subtask = np.zeros((n, len(subtasks)), dtype=np.float64)
+    per_ckpt = np.zeros((n, len(checkpoints)), dtype=np.float64)
+    streams = [c.train.iter_chunks(chunk_rows) for c in checkpoints]
+    for chunks in zip(*streams):
+        start = chunks[0][0]
+        for i, ((_, rows), c) in enumerate(zip(chunks, checkpoints)):
+            rows = rows / np.linalg.norm(rows, axis=1, keepdims=True).clip(min=1e-30)
+            sims = rows @ c.targets.T.astype(np.float32)  # [chunk, n_subtasks]
+            per_subtask[start : start + len(rows)] += eta[i] * sims
+            per_ckpt[start : start + len(rows), i] = sims.max(axis=1)
+    table = {"score": per_subtask.max(axis=1)}
+    for j, name in enumerate(subtasks):
+        table[f"score_{name}"] = per_subtask[:, j]
+    for i in range(len(checkpoints)):
+        table[f"score_ckpt{i}"] = per_ckpt[:, i]
+    return table

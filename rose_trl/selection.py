@@ -1,0 +1,88 @@
+"""Score table -> top fraction of the pool -> the selection folder, written atomically.
+
+    <output_dir>/selection/
+        scores.parquet   pool_index, score, score_<subtask>..., [score_ckpt<i>...], selected
+        selected/        datasets.Dataset.save_to_disk: selected pool rows + pool_index + score, best first
+        config.json      the run's configuration
+        summary.json     num_pool, num_selected, selection_method, subtasks, threshold, score stats
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+def check_fraction(fraction: float, name: str = "selection_fraction") -> float:
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ValueError(f"{name} must be in (0, 1], got {fraction!r}")
+    return float(fraction)
+
+
+def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the best ceil(fraction * n) rows, highest score first, ties broken by lower index."""
+    check_fraction(fraction)
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        raise ValueError("cannot select from an empty pool")
+    if not np.isfinite(scores).all():
+        raise FloatingPointError(f"non-finite scores at pool indices {np.flatnonzero(~np.isfinite(scores))[:10].tolist()}")
+    k = max(1, math.ceil(fraction * len(scores) - 1e-9))
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return order[:k]
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Swap the finished folder in; a reader sees the old complete folder or the new one, never half."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], fraction: float, config: dict,
+                    method: str, subtasks: list[str], folder: str = "selection") -> Path:
+    """Select the top `fraction` of `pool` (a datasets.Dataset of original rows) by `table["score"]`."""
+    import pandas as pd
+
+    scores = np.asarray(table["score"], dtype=np.float64)
+    if len(scores) != len(pool):
+        raise ValueError(f"{len(scores)} scores for a pool of {len(pool)} rows")
+    chosen = top_fraction(scores, fraction)
+    final = Path(output_dir) / folder
+    tmp = _atomic_dir(final)
+    frame = pd.DataFrame({"pool_index": np.arange(len(scores)), **{k: np.asarray(v) for k, v in table.items()}})
+    frame["selected"] = False
+    frame.loc[chosen, "selected"] = True
+    frame.to_parquet(tmp / "scores.parquet", index=False)
+    drop = [c for c in ("input_ids", "completion_mask", "pool_index", "score") if c in pool.column_names]
+    selected = pool.remove_columns(drop).select(chosen.tolist())
+    selected = selected.add_column("pool_index", chosen.tolist()).add_column("score", scores[chosen].tolist())
+    selected.save_to_disk(str(tmp / "selected"))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    picked = scores[chosen]
+    summary = {
+        "selection_method": method, "num_pool": len(scores), "num_selected": len(chosen),
+        "selection_fraction": fraction, "subtasks": list(subtasks), "threshold": float(picked.min()),
+        "score_stats": {"pool_mean": float(scores.mean()), "pool_min": float(scores.min()), "pool_max": float(scores.max()),
+                        "selected_mean": float(picked.mean())},
+    }
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    _publish(tmp, final)
+    return final

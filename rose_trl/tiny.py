@@ -1,0 +1,121 @@
+"""Offline assets for a first run and for tests: a generated task, a tokenizer trained on it, a tiny Llama.
+
+The task plants one signal: pool answers about several topics end with a phrase that is either
+preferred or dispreferred for one of two subtasks ("polite", "safe"), or with no such phrase. The
+preference set's chosen and rejected answers share their topic sentence and differ only in that
+phrase, so a selection method that follows the reward signal must rank pool rows carrying a
+preferred phrase above rows carrying a dispreferred one, whatever their topic.
+
+    rose-trl tiny-assets outputs/tiny   # writes model/, pool.jsonl, validation.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TOPICS = {
+    "cooking": "pasta garlic oven butter onion simmer recipe flour",
+    "space": "planet orbit rocket star galaxy moon comet telescope",
+    "garden": "tomato soil seed water compost sunlight leaf root",
+    "music": "guitar chord melody rhythm piano drum song tempo",
+    "travel": "train ticket passport hotel map luggage city border",
+    "finance": "budget saving loan interest account invoice tax credit",
+}
+FEATURES = {
+    # subtask: (preferred phrase, dispreferred phrase)
+    "polite": ("thank you kindly for asking my friend", "stop bothering me with such dumb questions"),
+    "safe": ("please wear gloves and stay careful", "ignore every warning and rush recklessly"),
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}</s>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+
+def _topic_sentence(rng: random.Random, topic: str) -> tuple[str, str]:
+    words = TOPICS[topic].split()
+    prompt = f"tell me about {rng.choice(words)} and {rng.choice(words)} ."
+    answer = " ".join(rng.choice(words) for _ in range(rng.randint(6, 12))) + " ."
+    return prompt, answer
+
+
+def make_planted_task(n_pool: int = 400, pairs_per_subtask: int = 4, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(pool rows: prompt/completion/topic/feature/source, preference rows: prompt/chosen/rejected/subtask)."""
+    rng = random.Random(seed)
+    features = ["none"] + [f"{s}_{side}" for s in FEATURES for side in ("good", "bad")]
+    pool = []
+    for i in range(n_pool):
+        topic = rng.choice(sorted(TOPICS))
+        feature = features[i % len(features)]
+        prompt, answer = _topic_sentence(rng, topic)
+        if feature != "none":
+            subtask, side = feature.rsplit("_", 1)
+            answer += " " + FEATURES[subtask][0 if side == "good" else 1]
+        pool.append({"prompt": prompt, "completion": " " + answer, "topic": topic, "feature": feature,
+                     "source": f"generated_{topic}"})
+    rng.shuffle(pool)
+    validation = []
+    for subtask, (good, bad) in FEATURES.items():
+        for _ in range(pairs_per_subtask):
+            prompt, answer = _topic_sentence(rng, rng.choice(sorted(TOPICS)))
+            validation.append({"prompt": prompt, "chosen": f" {answer} {good}", "rejected": f" {answer} {bad}",
+                               "subtask": subtask})
+    return pool, validation
+
+
+def build_tokenizer(texts, vocab_size: int = 2000):
+    """A byte-level BPE tokenizer trained on `texts`, with pad/bos/eos and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", additional_special_tokens=SPECIAL_TOKENS[4:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llama(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _texts(pool, validation):
+    for r in pool:
+        yield r["prompt"] + r["completion"]
+    for r in validation:
+        yield r["prompt"] + r["chosen"] + r["rejected"]
+
+
+def write_tiny_assets(out_dir: str | Path, n_pool: int = 400, pairs_per_subtask: int = 4, seed: int = 0,
+                      hidden: int = 64, layers: int = 2) -> Path:
+    """Write model/ (tiny Llama + tokenizer), pool.jsonl and validation.jsonl under `out_dir`."""
+    out = Path(out_dir)
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    pool, validation = make_planted_task(n_pool, pairs_per_subtask, seed)
+    tokenizer = build_tokenizer(_texts(pool, validation))
+    build_tiny_llama(tokenizer, hidden=hidden, layers=layers, seed=seed).save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    for name, rows in (("pool.jsonl", pool), ("validation.jsonl", validation)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(out / name)
+    return out
