@@ -21,6 +21,9 @@ class ROSEConfig:
         default=None, metadata={"help": "Few-shot preference set: Hub id or local file with prompt/chosen/rejected and "
                                         "an optional `subtask` column."})
     pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
+    pool_sources: list[str] | None = field(
+        default=None, metadata={"help": "Keep only pool rows whose `source` (or Tulu's `dataset`) field is one of "
+                                        "these, e.g. [flan_v2, cot, dolly, oasst1] for the paper's Tulu-v2 pool."})
     validation_split: str = field(default="train", metadata={"help": "Split of a Hub validation dataset."})
     selection_method: str = field(
         default="rose", metadata={"help": "rose (DPO validation gradients) or less (SFT-loss validation gradients).",

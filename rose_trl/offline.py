@@ -37,8 +37,8 @@ def load_checkpoint_adam(checkpoint: Path, model) -> AdamState:
     return AdamState.from_state_dict(state, trainable_parameters(model), trainer_param_index(model))
 
 
-def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelector) -> Path:
-    """Run `selector` over every checkpoint of `run_dir` (a PEFT warm-up), then finalize it."""
+def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelector, folder: str = "selection") -> Path:
+    """Run `selector` over every checkpoint of `run_dir` (a PEFT warm-up), then write `<output_dir>/<folder>/`."""
     checkpoints = find_checkpoints(run_dir)
     history = json.loads((checkpoints[-1] / "trainer_state.json").read_text()).get("log_history", [])
     model = PeftModel.from_pretrained(base_model, str(checkpoints[0]), is_trainable=True)
@@ -56,4 +56,4 @@ def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelec
         adam = load_checkpoint_adam(ckpt, model) if selector.config.gradient_type == "adam" else None
         selector.add_checkpoint(model, ckpt.name, lr, adam)
         previous = step
-    return selector.finalize()
+    return selector.finalize(folder)

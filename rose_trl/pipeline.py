@@ -31,6 +31,19 @@ def load_table(spec: str, split: str = "train") -> Dataset:
     return load_dataset(spec, split=split)
 
 
+def filter_sources(pool: Dataset, sources: list[str]) -> Dataset:
+    """Keep rows from `sources`; Tulu-v2 names a row's origin in `dataset`, kept as `source` for reports."""
+    if "source" not in pool.column_names:
+        if "dataset" not in pool.column_names:
+            raise ValueError("pool_sources needs a `source` or `dataset` column in the pool")
+        pool = pool.add_column("source", pool["dataset"])
+    wanted = set(sources)
+    kept = pool.filter(lambda ex: ex["source"] in wanted, desc="Filtering pool sources")
+    if len(kept) == 0:
+        raise ValueError(f"no pool row comes from {sorted(wanted)}; found {sorted(set(pool['source']))[:20]}")
+    return kept
+
+
 def sft_training_dataset(pool: Dataset, tokenizer, max_length: int | None, source: str) -> Dataset:
     """input_ids + labels (-100 outside the response): the same tokens the gradients were taken on."""
     tokens = tokenize_pool(pool, tokenizer, max_length, source=source)
@@ -64,6 +77,8 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
         raise ValueError("pool_dataset and validation_dataset are required")
     out = Path(sft.output_dir)
     pool = load_table(rose.pool_dataset, rose.pool_split)
+    if rose.pool_sources:
+        pool = filter_sources(pool, rose.pool_sources)
     if rose.pool_max_examples:
         pool = pool.select(range(min(rose.pool_max_examples, len(pool))))
     validation = load_table(rose.validation_dataset, rose.validation_split)
@@ -92,7 +107,8 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
         final = SFTTrainer(final_model, args=final_args,
                            train_dataset=sft_training_dataset(selected, tokenizer, sft.max_length, "selection"),
                            processing_class=tokenizer, peft_config=get_peft_config(model_args))
-        final.train()
+        final.train(resume_from_checkpoint=get_last_checkpoint(final_args.output_dir)
+                    if Path(final_args.output_dir).is_dir() else None)
         final.save_model(final_args.output_dir)
         result["final_model"] = final_args.output_dir
     return result

@@ -1,0 +1,51 @@
+"""Fails loudly when a TRL/transformers/peft name this project relies on moves or disappears.
+
+TRL's DPO internals change between releases (the loss moved into `_compute_loss` in 0.29); setup.py
+pins a narrow range, and this test says exactly what broke when that range is widened.
+"""
+
+import inspect
+
+import trl
+from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+
+
+def test_trl_version_in_pinned_range():
+    major, minor = (int(x) for x in trl.__version__.split(".")[:2])
+    assert (major, minor) == (1, 16), f"rose_trl is tested with trl 1.16.x, found {trl.__version__}"
+
+
+def test_dpo_trainer_internals_used_by_rose_dpo_trainer():
+    params = list(inspect.signature(DPOTrainer._compute_loss).parameters)
+    assert params == ["self", "model", "inputs", "return_outputs"], params
+    assert list(inspect.signature(DPOTrainer.compute_ref_log_probs).parameters) == ["self", "model", "inputs"]
+    source = inspect.getsource(DPOTrainer.__init__)
+    # The "ref" adapter copy we undo, and the names we read after __init__.
+    assert 'add_adapter("ref"' in source
+    for attr in ("beta", "loss_types", "precompute_ref_logps"):
+        assert f"self.{attr} =" in source, attr
+    fields = DataCollatorForPreference.__dataclass_fields__
+    assert {"pad_token_id", "max_length", "truncation_mode"} <= set(fields)
+
+
+def test_configs_and_helpers_used_by_the_recipe():
+    from trl import DPOConfig, ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config  # noqa: F401
+
+    dpo = DPOConfig.__dataclass_fields__
+    for name in ("beta", "loss_type", "disable_dropout", "truncation_mode", "precompute_ref_log_probs", "max_length"):
+        assert name in dpo, name
+    for name in ("max_length", "completion_only_loss", "trust_remote_code"):
+        assert name in SFTConfig.__dataclass_fields__, name
+    for name in ("model_name_or_path", "dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+        assert name in ModelConfig.__dataclass_fields__, name
+    assert "parse_args_and_config" in dir(TrlParser)
+
+
+def test_transformers_and_peft_names():
+    from peft import PeftModel, set_peft_model_state_dict  # noqa: F401
+    from transformers import Trainer, TrainerCallback
+
+    assert list(inspect.signature(Trainer.get_decay_parameter_names).parameters) == ["self", "model"]
+    for hook in ("on_train_begin", "on_step_begin", "on_save", "on_train_end"):
+        assert hasattr(TrainerCallback, hook)
+    assert hasattr(PeftModel, "delete_adapter") and hasattr(PeftModel, "disable_adapter")
