@@ -67,3 +67,20 @@ class ROSEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class SelectConfig:
+    """Offline selection (recipes/rose_select.py): where the finished warm-up is, where outputs go."""
+
+    warmup_dir: str = field(default=None, metadata={"help": "Output folder of a finished LoRA warm-up run, holding "
+                                                            "checkpoint-<step>/ folders with optimizer.pt."})
+    output_dir: str = field(default=None, metadata={"help": "Where rose/ (gradient stores) and the selection go."})
+    folder: str = field(default="selection", metadata={"help": "Name of the selection folder under output_dir."})
+    max_length: int | None = field(default=1024, metadata={"help": "Truncate pool and validation sequences to this."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU (gloo between processes)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+    def __post_init__(self):
+        if not self.warmup_dir or not self.output_dir:
+            raise ValueError("warmup_dir and output_dir are required")

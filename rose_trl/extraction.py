@@ -52,27 +52,31 @@ def extract_gradients(
     adam_state: AdamState | None = None,
     batch_size: int = 16,
     max_batch_tokens: int | None = None,
-    rows: np.ndarray | None = None,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
     desc: str = "Extracting gradients",
 ) -> int:
     """Compute, project and store the rows of `pool` that `store` does not hold yet.
 
-    `pool` items carry `input_ids` and `completion_mask` (see `sft_data.tokenize_pool`). `rows`
-    restricts the work to a subset (a process's shard). Returns the number of rows computed.
+    `pool` items carry `input_ids` and `completion_mask` (see `sft_data.tokenize_pool`).
+    `shard=(rank, world_size)`: batches are planned over all missing rows, then dealt out round-robin,
+    so a row lands in the same batch (and gets bit-identical numbers) whatever the number of
+    processes. Returns the number of rows this call computed.
     """
     wanted = store.missing_rows()
-    if rows is not None:
-        wanted = np.intersect1d(wanted, np.asarray(rows, dtype=np.int64))
     if len(wanted) == 0:
         return 0
+    rank, world = shard
     lengths = np.zeros(store.num_rows, dtype=np.int64)
-    lengths[wanted] = [len(pool[int(i)]["input_ids"]) for i in wanted]
+    lengths[wanted] = [len(ids) for ids in pool.select(wanted.tolist())["input_ids"]] if hasattr(pool, "select") \
+        else [len(pool[int(i)]["input_ids"]) for i in wanted]
+    batches = plan_batches(lengths, wanted, batch_size, max_batch_tokens)[rank::world]
+    wanted = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     device = next(p for p in model.parameters() if p.requires_grad).device
     adam = adam_state.to(device) if adam_state is not None else None
     bar = tqdm(total=len(wanted), desc=desc, unit="ex", disable=not progress)
     with eval_mode(model):
-        for batch_rows in plan_batches(lengths, wanted, batch_size, max_batch_tokens):
+        for batch_rows in batches:
             batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in batch_rows], pad_token_id).items()}
             grads = per_example_gradients(model, batch, adam_state=adam)
             store.write(batch_rows, projector.project(grads).cpu().numpy())

@@ -13,7 +13,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from .callback import ROSECallback
-from .config import ROSEConfig
+from .config import ROSEConfig, SelectConfig
+from .offline import select_from_checkpoints
+from .selector import ROSESelector
 from .sft_data import tokenize_pool
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -69,19 +71,37 @@ def warmup_indices(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
 
 
-def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
-    """Returns {"selection": path, "final_model": path or None}."""
-    if not model_args.use_peft:
-        raise ValueError("ROSE extracts LoRA gradients: set use_peft: true (and lora_r, lora_target_modules)")
+def load_datasets(rose: ROSEConfig) -> tuple[Dataset, Dataset]:
     if not rose.pool_dataset or not rose.validation_dataset:
         raise ValueError("pool_dataset and validation_dataset are required")
-    out = Path(sft.output_dir)
     pool = load_table(rose.pool_dataset, rose.pool_split)
     if rose.pool_sources:
         pool = filter_sources(pool, rose.pool_sources)
     if rose.pool_max_examples:
         pool = pool.select(range(min(rose.pool_max_examples, len(pool))))
-    validation = load_table(rose.validation_dataset, rose.validation_split)
+    return pool, load_table(rose.validation_dataset, rose.validation_split)
+
+
+def run_offline(rose: ROSEConfig, model_args: ModelConfig, select: SelectConfig) -> Path:
+    """Selection from a finished warm-up's checkpoints, sharded over however many processes run it."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=select.use_cpu)
+    pool, validation = load_datasets(rose)
+    base, tokenizer = load_model_and_tokenizer(model_args, select.trust_remote_code)
+    base.to(state.device)
+    selector = ROSESelector(pool, validation, tokenizer, rose, select.output_dir, max_length=select.max_length,
+                            use_cpu=select.use_cpu, run_config={"model_name_or_path": model_args.model_name_or_path,
+                                                                "warmup_dir": select.warmup_dir})
+    return select_from_checkpoints(select.warmup_dir, base, selector, folder=select.folder)
+
+
+def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
+    """Returns {"selection": path, "final_model": path or None}."""
+    if not model_args.use_peft:
+        raise ValueError("ROSE extracts LoRA gradients: set use_peft: true (and lora_r, lora_target_modules)")
+    out = Path(sft.output_dir)
+    pool, validation = load_datasets(rose)
     model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code)
     peft_config = get_peft_config(model_args)
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from accelerate import PartialState
 from datasets import Dataset
 
 from .config import ROSEConfig
@@ -95,38 +96,58 @@ class ROSESelector:
     def _val_kind(self) -> str:
         return "dpo" if self.config.selection_method == "rose" else "sft"
 
-    def add_checkpoint(self, model, name: str, learning_rate: float, adam_state: AdamState | None = None,
-                       rows: np.ndarray | None = None) -> None:
-        """Extract (or resume) this checkpoint's pool and validation gradients and record its LR."""
+    def add_checkpoint(self, model, name: str, learning_rate: float, adam_state: AdamState | None = None) -> None:
+        """Extract (or resume) this checkpoint's pool and validation gradients and record its LR.
+
+        Under several processes (accelerate/torchrun) every process calls this: each computes the pool
+        rows `rank::world_size` into the shared memory-mapped store (disjoint rows), and the main
+        process creates the stores and writes the validation gradients and the manifest.
+        """
         if self.config.gradient_type == "adam" and adam_state is None:
             raise ValueError(f"{name}: gradient_type='adam' needs the checkpoint's Adam state")
+        state = PartialState()
         projector = self.projector(model)
         checkpoint = f"{name}@{adapter_fingerprint(model)}"
         common = dict(model=model_id(model), checkpoint=checkpoint, projection=projector.describe(),
                       dtype=self.config.store_dtype)
-        train = GradientStore.open_or_create(
+        open_train = lambda: GradientStore.open_or_create(  # noqa: E731
             self.rose_dir / "train" / name, gradient_type=self.config.gradient_type,
             pool_fingerprint=self.pool_fingerprint, num_rows=len(self.pool_tokens), **common)
+        with state.main_process_first():  # the main process creates; the others then open the same files
+            train = open_train()
         extract_gradients(model, self._pool_rows, train, projector, self.tokenizer.pad_token_id,
                           adam_state=adam_state if self.config.gradient_type == "adam" else None,
                           batch_size=self.config.gradient_batch_size, max_batch_tokens=self.config.max_batch_tokens,
-                          rows=rows, progress=self.progress, desc=f"Pool gradients @ {name}")
-        self._validation_store(model, name, common)
-        self._record_checkpoint(name, learning_rate)
+                          shard=(state.process_index, state.num_processes),
+                          progress=self.progress and state.is_local_main_process, desc=f"Pool gradients @ {name}")
+        self._validation_store(model, name, common, write=state.is_main_process)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            if not train.is_complete:
+                raise RuntimeError(f"{name}: {len(train.missing_rows())} pool rows are still missing after extraction")
+            self._record_checkpoint(name, learning_rate)
+        state.wait_for_everyone()
 
-    def _validation_store(self, model, name: str, common: dict) -> GradientStore:
+    def _validation_store(self, model, name: str, common: dict, write: bool = True) -> GradientStore:
+        """The validation set is small: every process computes it (TRL's loss gathers metrics across
+        processes, so all must run it), the main process writes it."""
         kind = self._val_kind()
         extra = {"validation_beta": self.config.validation_beta} if kind == "dpo" else {}
-        store = GradientStore.open_or_create(
-            self.rose_dir / f"val_{kind}" / name, gradient_type=f"validation_{kind}",
-            pool_fingerprint=self.validation_fingerprint, num_rows=len(self.validation), extra=extra, **common)
-        if not store.is_complete:
+        state = PartialState()
+        with state.main_process_first():
+            store = GradientStore.open_or_create(
+                self.rose_dir / f"val_{kind}" / name, gradient_type=f"validation_{kind}",
+                pool_fingerprint=self.validation_fingerprint, num_rows=len(self.validation), extra=extra, **common)
+        # Every process must agree before running collectives.
+        done = _all_true(store.is_complete) if state.num_processes > 1 else store.is_complete
+        if not done:
             projector = self.projector(model)
             if kind == "dpo":
                 grads = self._dpo_trainer(model).pair_gradients(projector)
             else:
                 grads = sft_validation_gradients(model, self.validation, self.tokenizer, projector, self.max_length)
-            store.write(np.arange(len(self.validation)), grads.cpu().numpy())
+            if write:
+                store.write(np.arange(len(self.validation)), grads.cpu().numpy())
         return store
 
     def _dpo_trainer(self, model) -> ROSEDPOTrainer:
@@ -168,7 +189,16 @@ class ROSESelector:
         return out
 
     def finalize(self, folder: str = "selection") -> Path:
-        """Score every recorded checkpoint and write `<output_dir>/<folder>/`."""
+        """Score every recorded checkpoint and write `<output_dir>/<folder>/` (main process only; the
+        others wait and get the same path back)."""
+        state = PartialState()
+        path = self.output_dir / folder
+        if state.is_main_process:
+            path = self._finalize(folder)
+        state.wait_for_everyone()
+        return path
+
+    def _finalize(self, folder: str) -> Path:
         checkpoints = self.checkpoints()
         table = score_checkpoints(checkpoints, self.subtasks)
         config = {**self.run_config, **self.config.to_dict(),
@@ -177,6 +207,18 @@ class ROSESelector:
                   "projection": checkpoints[0].train.meta["projection"]}
         return write_selection(self.output_dir, self.pool, table, self.config.selection_fraction, config,
                                self.config.selection_method, self.subtasks, folder=folder)
+
+
+def _all_true(flag: bool) -> bool:
+    """AND of a flag over all processes."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item()) == 0
 
 
 def mean_lr_since(log_history: list[dict], after_step: int, upto_step: int) -> float | None:

@@ -1,0 +1,20 @@
+"""ROSE selection from the saved checkpoints of a finished LoRA warm-up (LESS-style offline mode).
+
+    accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/rose_select.py \
+        --config recipes/tiny/rose/select_tiny.yaml
+Every process extracts its share of the pool; the selection is the same for any number of processes.
+"""
+
+from trl import ModelConfig, TrlParser
+
+from rose_trl.config import ROSEConfig, SelectConfig
+from rose_trl.pipeline import run_offline
+
+
+def main(rose_args: ROSEConfig, model_args: ModelConfig, select_args: SelectConfig):
+    print(f"selection: {run_offline(rose_args, model_args, select_args)}")
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ROSEConfig, ModelConfig, SelectConfig))
+    main(*parser.parse_args_and_config())
