@@ -1,0 +1,20 @@
+"""Data side of ROSE: the instruction pool, the few-shot preference sets and the paper's released files."""
+
+from rose_trl.data.pool import load_pool
+from rose_trl.data.preferences import load_preferences, validate_preferences
+from rose_trl.data.released import (
+    load_released_preferences,
+    load_released_sft,
+    load_released_test,
+    released_subtask_names,
+)
+
+__all__ = [
+    "load_pool",
+    "load_preferences",
+    "load_released_preferences",
+    "load_released_sft",
+    "load_released_test",
+    "released_subtask_names",
+    "validate_preferences",
+]

@@ -1,0 +1,84 @@
+import json
+
+import datasets
+import pytest
+
+from rose_trl.data import load_pool
+from rose_trl.sft_data import BadRecordError
+from tests.data_fixtures import fake_hub, tulu_rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_hub_pool_by_name_selects_sources_and_keeps_columns(monkeypatch):
+    fake = fake_hub(datasets.load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    ds = load_pool("allenai/tulu-v2-sft-mixture", sources=["flan_v2", "cot", "oasst1"])
+    assert fake.calls == [{"path": "allenai/tulu-v2-sft-mixture", "data_dir": None, "split": "train"}]
+    assert ds["source"] == ["flan_v2", "cot", "oasst1", "flan_v2", "cot", "oasst1"]
+    assert set(ds.column_names) == {"dataset", "id", "messages", "source"}
+    assert ds["id"][0] == "flan_v2_0"
+    # A family prefix selects its members; an unknown source names what the pool has.
+    assert load_pool("allenai/tulu-v2-sft-mixture", sources=["science"])["source"] == ["science.scierc_ner"]
+    with pytest.raises(ValueError, match=r"unknown sources \['dolly'\].*flan_v2"):
+        load_pool("allenai/tulu-v2-sft-mixture", sources=["dolly"])
+
+
+def test_local_files_column_map_and_source(tmp_path):
+    rows = [{"instruction": f"do {i}", "output": f"done {i}", "id": i} for i in range(5)]
+    jsonl = write_jsonl(tmp_path / "dolly_data.jsonl", rows)
+    ds = load_pool(jsonl, column_map={"instruction": "prompt", "output": "completion"})
+    assert ds.column_names == ["prompt", "completion", "id", "source"]
+    assert ds["source"] == ["dolly_data"] * 5 and ds["prompt"][3] == "do 3"
+    parquet = tmp_path / "pool.parquet"
+    datasets.Dataset.from_list(tulu_rows()).to_parquet(str(parquet))
+    assert load_pool(parquet)["source"][:2] == ["flan_v2", "cot"]
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(tulu_rows()).save_to_disk(str(folder))
+    assert load_pool(folder)["id"] == [r["id"] for r in tulu_rows()]
+    json_list = tmp_path / "pool.json"
+    json_list.write_text(json.dumps(tulu_rows()))
+    assert load_pool([json_list, parquet])["id"] == [r["id"] for r in tulu_rows()] * 2
+
+
+def test_max_examples_is_a_seeded_sample(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(50)])
+    a = load_pool(path, max_examples=10, seed=1)["prompt"]
+    assert a == load_pool(path, max_examples=10, seed=1)["prompt"]
+    assert a != load_pool(path, max_examples=10, seed=2)["prompt"]
+    assert len(set(a)) == 10 and a == sorted(a, key=lambda p: int(p[1:]))  # pool order kept
+
+
+@pytest.mark.parametrize("row, field, problem", [
+    ({"prompt": "q", "completion": ""}, "completion", "empty"),
+    ({"prompt": "  ", "completion": "a"}, "prompt", "empty"),
+    ({"prompt": "q", "completion": 3}, "completion", "expected a string"),
+    ({"prompt": "q"}, "messages|prompt,completion", "needs 'messages'"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no non-empty assistant"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]}, "messages[1].content", "string"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages[0]", "'role' and 'content'"),
+    ({"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages[0].role", "unknown role"),
+])
+def test_bad_rows_name_file_record_and_field(tmp_path, row, field, problem):
+    good = {"prompt": "q", "completion": "a"} if "prompt" in row else \
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps([good, good, row]))
+    with pytest.raises(BadRecordError, match=problem) as err:
+        load_pool(path)
+    assert (err.value.source, err.value.index, err.value.field) == (str(path), 2, field)
+    assert str(path) in str(err.value)
+
+
+def test_empty_pool_and_wrong_columns(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "completion": "a", "source": "x"}])
+    with pytest.raises(BadRecordError, match="the pool is empty"):
+        load_pool(path, max_examples=0)
+    other = write_jsonl(tmp_path / "o.jsonl", [{"instruction": "q", "output": "a"}])
+    with pytest.raises(BadRecordError, match="column_map"):
+        load_pool(other)
+    with pytest.raises(KeyError, match="not in"):
+        load_pool(other, column_map={"question": "prompt"})
