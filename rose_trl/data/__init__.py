@@ -1,5 +1,6 @@
 """Data side of ROSE: the instruction pool, the few-shot preference sets and the paper's released files."""
 
+from rose_trl.data.builders import PREFERENCE_TASKS, build_hh, build_preference_set, build_se, build_shp
 from rose_trl.data.pool import load_pool
 from rose_trl.data.preferences import load_preferences, validate_preferences
 from rose_trl.data.released import (
@@ -10,6 +11,11 @@ from rose_trl.data.released import (
 )
 
 __all__ = [
+    "PREFERENCE_TASKS",
+    "build_hh",
+    "build_preference_set",
+    "build_se",
+    "build_shp",
     "load_pool",
     "load_preferences",
     "load_released_preferences",
