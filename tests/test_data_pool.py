@@ -82,3 +82,12 @@ def test_empty_pool_and_wrong_columns(tmp_path):
         load_pool(other)
     with pytest.raises(KeyError, match="not in"):
         load_pool(other, column_map={"question": "prompt"})
+
+
+def test_errors_in_a_concatenated_part_name_that_part(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "q", "completion": "a"}] * 3)
+    second = tmp_path / "b.parquet"
+    datasets.Dataset.from_list([{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": " "}]).to_parquet(str(second))
+    with pytest.raises(BadRecordError) as err:
+        load_pool([first, second])
+    assert (err.value.source, err.value.index, err.value.field) == (str(second), 1, "completion")
