@@ -136,7 +136,8 @@ def build_se(*, k: int = 2, seed: int = 0, exclude_prompts: Iterable[str] | None
 
 def _hh_pairs(ds: datasets.Dataset) -> list[dict]:
     pairs = []
-    for chosen, rejected in zip(ds["chosen"], ds["rejected"]):
+    cols = ds.select_columns(["chosen", "rejected"]).to_dict()
+    for chosen, rejected in zip(cols["chosen"], cols["rejected"]):
         c, r = split_dialogue(chosen), split_dialogue(rejected)
         if c is None or r is None or c[0] != r[0]:
             continue  # the two dialogues must share their context
@@ -157,7 +158,7 @@ def build_hh(*, k: int = 1, seed: int = 0, exclude_prompts: Iterable[str] | None
     # Red-team transcripts exist only as a train file; bucket them by first human turn for the prefix join.
     red = datasets.load_dataset(dataset, data_dir="red-team-attempts", split="train", **load_kwargs)
     buckets: dict[str, list[str]] = {}
-    for t in red["transcript"]:
+    for t in red.select_columns(["transcript"]).to_dict()["transcript"]:
         buckets.setdefault(_first_turn(t), []).append(_norm(t))
     groups: dict[str, list[dict]] = {name: [] for name in HH_SUBTASKS}
     for p in pairs:

@@ -75,7 +75,7 @@ def validate_preferences(ds: datasets.Dataset, source: str = "preferences") -> N
 def select_subtasks(ds: datasets.Dataset, subtask_names: Sequence[str] | None, source: str) -> datasets.Dataset:
     if subtask_names is None:
         return ds
-    present = list(dict.fromkeys(ds["subtask"]))
+    present = list(dict.fromkeys(ds.select_columns(["subtask"]).to_dict()["subtask"]))
     unknown = [s for s in subtask_names if s not in present]
     if unknown:
         raise ValueError(f"{source}: unknown subtask(s) {unknown}; it has {present}")
@@ -87,7 +87,7 @@ def sample_per_subtask(ds: datasets.Dataset, k: int, seed: int, source: str) -> 
     """k rows of each subtask (seeded), kept in dataset order."""
     rng = np.random.default_rng(seed)
     by_subtask: dict[str, list[int]] = {}
-    for i, s in enumerate(ds["subtask"]):
+    for i, s in enumerate(ds.select_columns(["subtask"]).to_dict()["subtask"]):
         by_subtask.setdefault(s, []).append(i)
     keep = []
     for s, idx in by_subtask.items():
