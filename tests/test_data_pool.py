@@ -91,3 +91,20 @@ def test_errors_in_a_concatenated_part_name_that_part(tmp_path):
     with pytest.raises(BadRecordError) as err:
         load_pool([first, second])
     assert (err.value.source, err.value.index, err.value.field) == (str(second), 1, "completion")
+
+
+def test_dataset_dict_folder_and_json_lines_in_a_json_file(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
+                          "validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder))
+    assert load_pool(folder, split="validation")["prompt"] == ["p0", "p1", "p2"]
+    with pytest.raises(KeyError, match=r"no split 'test'; it has \['train', 'validation'\]"):
+        load_pool(folder, split="test")
+    lines = write_jsonl(tmp_path / "lines.json", rows)  # JSON Lines under a .json name
+    assert load_pool(lines)["completion"] == ["c0", "c1", "c2"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(BadRecordError, match="line 2 is not valid JSON") as err:
+        load_pool(broken)
+    assert err.value.index == 1
