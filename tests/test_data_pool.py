@@ -77,7 +77,13 @@ def test_empty_pool_and_wrong_columns(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "completion": "a", "source": "x"}])
     with pytest.raises(BadRecordError, match="the pool is empty"):
         load_pool(path, max_examples=0)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(BadRecordError, match="the pool is empty"):
+        load_pool(empty)
     other = write_jsonl(tmp_path / "o.jsonl", [{"instruction": "q", "output": "a"}])
+    with pytest.raises(ValueError, match="different columns"):
+        load_pool([path, write_jsonl(tmp_path / "x.jsonl", [{"prompt": "q", "completion": "a", "id": 1}])])
     with pytest.raises(BadRecordError, match="column_map"):
         load_pool(other)
     with pytest.raises(KeyError, match="not in"):

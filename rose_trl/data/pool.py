@@ -40,8 +40,8 @@ def _spec_name(spec) -> str:
 
 
 def _column(ds: datasets.Dataset, name: str) -> list:
-    # Straight from Arrow: `ds[name]` is a lazy column whose element access is slow on a 300k-row pool.
-    return ds.data.column(name).to_pylist() if ds._indices is None else ds.select_columns([name]).to_dict()[name]
+    # One bulk read: `ds[name]` is a lazy column whose per-element access is slow on a 300k-row pool.
+    return ds.select_columns([name]).to_dict()[name]
 
 
 def _with_source(ds: datasets.Dataset, spec) -> datasets.Dataset:
@@ -89,6 +89,8 @@ def check_pool_row(row: dict, source: str, index: int) -> None:
 
 def _load_one(spec, split, column_map, load_kwargs) -> datasets.Dataset:
     ds = load_table(spec, split=split, column_map=column_map, record_check=check_pool_row, **load_kwargs)
+    if len(ds) == 0:
+        raise BadRecordError(str(spec), 0, "*", "the pool is empty")
     if "messages" not in ds.column_names and not {"prompt", "completion"} <= set(ds.column_names):
         raise BadRecordError(str(spec), 0, "messages|prompt,completion",
                              f"a pool needs a 'messages' column or 'prompt' and 'completion' columns; it has "
@@ -118,6 +120,10 @@ def load_pool(spec: str | Sequence[str], *, split: str = "train", sources: Seque
     parts = [_load_one(s, split, column_map, load_kwargs) for s in specs]
     # Record indices in errors refer to the spec the row comes from.
     origin = [(str(s), i) for s, part in zip(specs, parts) for i in range(len(part))]
+    if any(set(p.column_names) != set(parts[0].column_names) for p in parts):
+        raise ValueError("load_pool: the parts have different columns, "
+                         + "; ".join(f"{s}: {p.column_names}" for s, p in zip(specs, parts))
+                         + " (align them with column_map, or prepare one file)")
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     name = " + ".join(str(s) for s in specs)
 
