@@ -114,3 +114,19 @@ def test_dataset_dict_folder_and_json_lines_in_a_json_file(tmp_path):
     with pytest.raises(BadRecordError, match="line 2 is not valid JSON") as err:
         load_pool(broken)
     assert err.value.index == 1
+
+
+def test_folder_of_jsonl_files_like_less_release(tmp_path):
+    root = tmp_path / "train" / "processed"
+    for name in ("oasst1", "cot", "dolly", "flan_v2"):
+        (root / name).mkdir(parents=True)
+        write_jsonl(root / name / f"{name}_data.jsonl", [
+            {"dataset": name, "id": f"{name}_{i}", "messages": [{"role": "user", "content": "q"},
+                                                               {"role": "assistant", "content": "a"}]}
+            for i in range(2)])
+    ds = load_pool(root)
+    assert ds["source"] == ["cot"] * 2 + ["dolly"] * 2 + ["flan_v2"] * 2 + ["oasst1"] * 2
+    assert load_pool(root, sources=["dolly"])["id"] == ["dolly_0", "dolly_1"]
+    (tmp_path / "none").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a save_to_disk folder"):
+        load_pool(tmp_path / "none")

@@ -7,9 +7,10 @@ also gets a `source` column (which sub-dataset it comes from) so a selection can
 The paper's pool (as in LESS) is the FLAN V2, CoT, Dolly and Open Assistant 1 parts of the open-instruct
 / Tulu processed data (~270k rows). On the Hub, `allenai/tulu-v2-sft-mixture` has rows
 {"dataset", "id", "messages"} whose `dataset` names the part ("flan_v2", "cot", "oasst1", ...):
-`load_pool("allenai/tulu-v2-sft-mixture", sources=["flan_v2", "cot", "oasst1"])`. Dolly is not one of
-that mixture's parts; it comes as open-instruct's processed `dolly_data.jsonl`, which `load_pool` reads
-like any local file (pass several specs to concatenate them).
+`load_pool("allenai/tulu-v2-sft-mixture", sources=["flan_v2", "cot", "oasst1"])` (~108k rows: that mixture
+samples 50k FLAN, 50k CoT and 7.7k OASST1, and has no Dolly). The paper's exact 270k pool is LESS's
+release (`less-data.zip` of the Hub dataset `princeton-nlp/less_data`): `load_pool("<unzipped>/train/processed")`
+reads its {cot,dolly,flan_v2,oasst1}/*_data.jsonl files, which are in the same {dataset, id, messages} format.
 
 Long rows are not cut here: truncation happens at tokenization (`rose_trl.sft_data.tokenize_pool`,
 `max_length`), by the rule in the `rose_trl.sft_data` module docstring (the prompt keeps its last
@@ -31,7 +32,6 @@ from rose_trl.sft_data import BadRecordError, _check_messages
 SOURCE_COLUMN = "source"
 # Columns that already say which sub-dataset a row comes from (tulu / open-instruct use `dataset`).
 SOURCE_HINTS = ("source", "dataset")
-PAPER_TULU_SOURCES = ("flan_v2", "cot", "oasst1")  # the paper's parts that allenai/tulu-v2-sft-mixture has
 
 
 def _spec_name(spec) -> str:
@@ -87,6 +87,18 @@ def check_pool_row(row: dict, source: str, index: int) -> None:
             raise BadRecordError(source, index, field, "empty")
 
 
+def _expand_folder(spec) -> list:
+    """A plain folder (not written by `save_to_disk`) stands for its .jsonl files, sorted: e.g. LESS's
+    `train/processed/` with {cot,dolly,flan_v2,oasst1}/*_data.jsonl."""
+    path = Path(str(spec))
+    if not path.is_dir() or any((path / m).exists() for m in ("state.json", "dataset_dict.json")):
+        return [spec]
+    files = sorted(path.rglob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{path}: neither a save_to_disk folder nor a folder of .jsonl files")
+    return files
+
+
 def _load_one(spec, split, column_map, load_kwargs) -> datasets.Dataset:
     ds = load_table(spec, split=split, column_map=column_map, record_check=check_pool_row, **load_kwargs)
     if len(ds) == 0:
@@ -103,8 +115,8 @@ def load_pool(spec: str | Sequence[str], *, split: str = "train", sources: Seque
               **load_kwargs) -> datasets.Dataset:
     """Load and validate the pool -> Dataset with the original columns plus `source`.
 
-    spec: a Hub dataset id, a local .jsonl/.json/.parquet file, a `save_to_disk` folder, or a list of
-        these (concatenated, in order).
+    spec: a Hub dataset id, a local .jsonl/.json/.parquet file, a `save_to_disk` folder, a folder of .jsonl
+        files (all of them, sorted), or a list of these (concatenated, in order).
     sources: keep only rows whose `source` is one of these (or "<name>.<anything>"); an unknown name is an
         error listing the sources present.
     column_map: renames columns before anything else, e.g. {"instruction": "prompt", "output": "completion"}.
@@ -114,7 +126,7 @@ def load_pool(spec: str | Sequence[str], *, split: str = "train", sources: Seque
     Raises `BadRecordError` (naming the spec, the record index in it and the field) for a malformed row,
     and for an empty pool.
     """
-    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    specs = [f for s in ([spec] if isinstance(spec, (str, Path)) else spec) for f in _expand_folder(s)]
     if not specs:
         raise ValueError("load_pool: no dataset given")
     parts = [_load_one(s, split, column_map, load_kwargs) for s in specs]
