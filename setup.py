@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "peft>=0.21,<0.22",
     "accelerate>=1.15,<1.16",
     "datasets>=5.0,<6",
+    "huggingface_hub>=1.0,<3",  # imported directly by rose_trl.hub (DatasetCard, HfApi)
     "traker==0.3.2",  # TRAK's PyPI name; the PyPI package `trak` is unrelated
     "evaluate>=0.4,<0.5",
     "numpy>=1.26",

@@ -1,15 +1,20 @@
-"""`rose-trl` command line: small utilities around runs (the pipeline itself is recipes/rose_sft.py)."""
+"""`rose-trl` command line. Each subcommand lives with its code and registers itself here through an
+`add_<name>_parser(subparsers)` function that sets `func` to its handler. The pipeline itself is
+recipes/rose_sft.py (and recipes/rose_select.py for an offline selection)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 
-def _tiny_assets(args) -> None:
+def _tiny_assets(args) -> int:
     from .tiny import write_tiny_assets
 
     out = write_tiny_assets(args.out_dir, n_pool=args.pool_size, seed=args.seed)
     print(f"wrote {out}/model, {out}/pool.jsonl, {out}/validation.jsonl")
+    return 0
 
 
 def add_tiny_assets_parser(subparsers) -> None:
@@ -21,16 +26,22 @@ def add_tiny_assets_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rose-trl", description=__doc__)
+    from .hub import add_push_parser
+    from .report import add_report_parser
+
+    parser = argparse.ArgumentParser(prog="rose-trl", description="ROSE data selection for TRL.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_tiny_assets_parser(subparsers)
+    add_report_parser(subparsers)
+    add_push_parser(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    args.func(args)
+    return args.func(args) or 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
