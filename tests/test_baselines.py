@@ -103,3 +103,19 @@ def test_pool_text_and_subtasks():
     groups = subtask_groups(Dataset.from_dict({"prompt": ["a"] * 3, "chosen": ["b"] * 3, "subtask": ["x", "y", "x"]}))
     assert list(groups) == ["x", "y"] and groups["x"].tolist() == [0, 2]
     assert list(subtask_groups(Dataset.from_dict({"prompt": ["a"], "chosen": ["b"]}))) == ["all"]
+
+
+def test_dsir_matches_the_formula_on_a_hand_sized_example():
+    from data_selection.hashed_ngram_dsir import get_ngram_counts
+    from nltk.tokenize import WordPunctTokenizer
+
+    pool = Dataset.from_dict({"prompt": ["star moon", "flour sugar", "star flour"], "completion": ["orbit", "bake", "moon"]})
+    val = Dataset.from_dict({"prompt": ["star"], "chosen": ["moon orbit"], "rejected": ["x"], "subtask": ["space"]})
+    table = BASELINES["dsir"](pool, val, num_buckets=64)
+    feats = lambda t: get_ngram_counts(t, n=2, num_buckets=64, tokenizer=WordPunctTokenizer().tokenize).astype(float)
+    raw = np.stack([feats(t) for t in ["star moon\norbit", "flour sugar\nbake", "star flour\nmoon"]])
+    target = feats("star\nmoon orbit")
+    log_ratio = np.log(target / target.sum() + 1e-8) - np.log(raw.sum(0) / raw.sum() + 1e-8)
+    np.testing.assert_allclose(table["score"], raw @ log_ratio)
+    np.testing.assert_allclose(table["score_space"], table["score"])
+    assert np.argmax(table["score"]) == 0 and np.argmin(table["score"]) == 1

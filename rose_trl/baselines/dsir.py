@@ -26,17 +26,32 @@ class DSIROptions:
     smoothing: float = 1e-8
 
 
-def hashed_ngram_features(texts: list[str], num_buckets: int, ngrams: int) -> np.ndarray:
+def hashed_ngram_features(texts: list[str], num_buckets: int, ngrams: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per text, its non-zero (bucket ids, counts): sparse, since a dense pool x buckets matrix would
+    not fit in memory for a real pool (270k rows x 10k buckets)."""
     tokenize = WordPunctTokenizer().tokenize
-    out = np.zeros((len(texts), num_buckets), dtype=np.float64)
-    for i, text in enumerate(texts):
-        out[i] = get_ngram_counts(text, n=ngrams, num_buckets=num_buckets, tokenizer=tokenize)
+    out = []
+    for text in texts:
+        dense = get_ngram_counts(text, n=ngrams, num_buckets=num_buckets, tokenizer=tokenize)
+        buckets = np.flatnonzero(dense)
+        out.append((buckets, dense[buckets].astype(np.float64)))
     return out
+
+
+def _bag(features: list[tuple[np.ndarray, np.ndarray]], num_buckets: int) -> np.ndarray:
+    counts = np.zeros(num_buckets, dtype=np.float64)
+    for buckets, values in features:
+        counts[buckets] += values
+    return counts
 
 
 def _log_probs(counts: np.ndarray, smoothing: float) -> np.ndarray:
     total = counts.sum()
     return np.log((counts / total if total else counts) + smoothing)
+
+
+def _weights(features: list[tuple[np.ndarray, np.ndarray]], log_ratio: np.ndarray) -> np.ndarray:
+    return np.asarray([values @ log_ratio[buckets] for buckets, values in features], dtype=np.float64)
 
 
 def dsir_scores(pool, validation, *, seed: int = 0, model=None, tokenizer=None, **options) -> dict[str, np.ndarray]:
@@ -45,9 +60,10 @@ def dsir_scores(pool, validation, *, seed: int = 0, model=None, tokenizer=None, 
     opts = DSIROptions(**options)
     raw = hashed_ngram_features(pool_texts(pool), opts.num_buckets, opts.ngrams)
     target = hashed_ngram_features(validation_texts(validation), opts.num_buckets, opts.ngrams)
-    log_raw = _log_probs(raw.sum(axis=0), opts.smoothing)
+    log_raw = _log_probs(_bag(raw, opts.num_buckets), opts.smoothing)
     table = {}
     for name, rows in subtask_groups(validation).items():
-        table[f"score_{name}"] = raw @ (_log_probs(target[rows].sum(axis=0), opts.smoothing) - log_raw)
-    table["score"] = raw @ (_log_probs(target.sum(axis=0), opts.smoothing) - log_raw)
+        log_target = _log_probs(_bag([target[i] for i in rows], opts.num_buckets), opts.smoothing)
+        table[f"score_{name}"] = _weights(raw, log_target - log_raw)
+    table["score"] = _weights(raw, _log_probs(_bag(target, opts.num_buckets), opts.smoothing) - log_raw)
     return table
