@@ -203,16 +203,19 @@ def _trained_judge():
     """A tiny LM taught (a few dozen steps) to answer every judge prompt with one fixed verdict."""
     tok = tiny_tokenizer(extra_words=VERDICT.split())
     model = tiny_causal_lm(tok, hidden=32, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     prompt = format_prompt(tok, build_judge_prompt("star moon", "light comet", "flour sugar"))
     ids = tok(prompt + " " + VERDICT + " </s>", add_special_tokens=False, return_tensors="pt")["input_ids"]
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     labels = ids.clone()
     labels[:, :n_prompt] = -100
     model.train()
-    for _ in range(60):
+    for _ in range(80):  # stops as soon as the verdict is memorised (usually ~20 steps)
         opt.zero_grad()
-        model(input_ids=ids, labels=labels).loss.backward()
+        loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 0.05:
+            break
+        loss.backward()
         opt.step()
     return model.eval(), tok
 
