@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and never touches a display
 
 from .baselines.text import pool_text
+from .sft_data import BadRecordError
 
 CKPT_PREFIX = "score_ckpt"
 
@@ -119,6 +120,7 @@ def best_subtask(run: SelectionRun) -> pd.Series | None:
     if not cols:
         return None
     values = run.scores[cols].to_numpy(dtype=float)
+    values = np.where(np.isnan(values), -np.inf, values)  # a missing subtask score never wins
     return pd.Series(np.asarray(cols)[np.argmax(values, axis=1)], index=run.scores.index).str[len("score_"):]
 
 
@@ -219,7 +221,10 @@ def top_examples(run: SelectionRun, per_subtask: int = 5, max_chars: int = 400) 
         rows = []
         for i in ranked:
             record = selected[by_index[i]]
-            text = pool_text(record, i)
+            try:
+                text = pool_text(record, i)
+            except BadRecordError:  # a pool without the usual text fields: show the row as saved
+                text = json.dumps({k: v for k, v in record.items() if k not in ("pool_index", "score")}, default=str)
             rows.append({"pool_index": i, "score": float(scores.at[i, col]), "source": record.get("source"),
                          "text": text if len(text) <= max_chars else text[:max_chars] + " …"})
         if rows:

@@ -36,3 +36,12 @@ def test_chat_template_is_applied(lm):
     _, tok = lm
     assert format_prompt(tok, "star") == "<|user|> star <|assistant|>"
     assert format_prompt(tok, "star", use_chat_template=False) == "star"
+
+
+def test_long_prompts_keep_their_end(lm):
+    model, tok = lm
+    opts = GenerationOptions(max_new_tokens=4, do_sample=False, max_prompt_length=6, use_chat_template=False)
+    long = " ".join(["star"] * 20) + " flour butter oven"
+    # Only the last 6 tokens are kept, so the prompt's start cannot change the answer.
+    assert generate_responses(model, tok, [long], opts) == generate_responses(model, tok, ["star star star flour butter oven"], opts)
+    assert tok.truncation_side == "right"

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from datasets import Dataset
 
 from rose_trl.baselines import BASELINES
 from rose_trl.cli import main
@@ -123,3 +124,12 @@ window.addEventListener('load', () => {
     shot = tmp_path / "report.png"
     res = _chromium(tmp_path, "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri())
     assert res.returncode == 0 and shot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_full_and_textless_runs_render(tmp_path):
+    pool = Dataset.from_dict({"id": [f"row{i}" for i in range(6)], "source": ["a", "b"] * 3})
+    write_selection(tmp_path / "selection_full", pool, {"score": np.ones(6)}, 1.0, "full")
+    path = write_report(tmp_path)
+    page = path.read_text()
+    assert "selection_full" in page and "row0" in page  # rows without text fields are shown as saved
+    assert len(re.findall(r"data:image/png;base64,", page)) == 2  # distribution, composition by source

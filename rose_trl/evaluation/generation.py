@@ -29,13 +29,14 @@ class GenerationOptions:
 
 @contextlib.contextmanager
 def left_padding(tokenizer) -> Iterator[None]:
-    """Decoder-only generation continues from the last position, so the padding must come first."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    """Decoder-only generation continues from the last position, so the padding must come first; an
+    over-long prompt loses its start, never the generation prompt at its end."""
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
         yield
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
 
 
 def format_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> str:
