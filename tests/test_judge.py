@@ -9,7 +9,6 @@ import torch
 
 from rose_trl.evaluation.generation import GenerationOptions, format_prompt
 from rose_trl.evaluation.judge import (
-    JUDGE_PROMPT,
     EndpointJudge,
     EndpointJudgeConfig,
     HFJudge,
