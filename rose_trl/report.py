@@ -264,7 +264,12 @@ def _table(df: pd.DataFrame, index: bool = False) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+_SECRET = ("token", "key", "secret", "password")
+
+
 def _key_values(d: dict) -> str:
+    # A report gets shared; a config may carry credentials (e.g. a hub token).
+    d = {k: ("***" if any(w in k.lower() for w in _SECRET) and v else v) for k, v in d.items()}
     return _table(pd.DataFrame({"key": list(d), "value": [_fmt(v) for v in d.values()]})) if d else '<p class="muted">none</p>'
 
 

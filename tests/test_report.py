@@ -76,8 +76,9 @@ def test_report_escapes_text(tmp_path):
     pool, val = topic_task()
     pool = pool.map(lambda r, i: {"prompt": "<script>alert(1)</script>" if i == 0 else r["prompt"]}, with_indices=True)
     table = {"score": np.arange(len(pool), dtype=float)[::-1].copy()}
-    write_selection(tmp_path / "selection", pool, table, 0.2, "random")
+    write_selection(tmp_path / "selection", pool, table, 0.2, "random", config={"hub_token": "hf_SECRET", "api_key": None})
     page = render_report(find_selections(tmp_path))
+    assert "hf_SECRET" not in page and "hub_token" in page
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "Fewer than two score_ckpt" in page
 
