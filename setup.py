@@ -19,6 +19,12 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",
     "tokenizers>=0.22",
     "tqdm>=4.66",
+    # Selection baselines and the report.
+    "bm25s>=0.3,<0.4",
+    "data-selection>=1.0.3,<1.1",  # DSIR's reference featurizer (Xie et al. 2023)
+    "nltk>=3.8,<4",  # DSIR's word tokenizer
+    "matplotlib>=3.8,<4",
+    "requests>=2.31,<3",  # OpenAI-compatible judge endpoint
 ]
 
 EXTRAS = {

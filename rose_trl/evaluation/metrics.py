@@ -1,0 +1,107 @@
+"""Offline metrics that need no judge, on held-out preference pairs and reference answers.
+
+- Preference accuracy: how often the implicit DPO reward r(x, y) = log pi(y|x) - log ref(y|x) of the
+  chosen response beats the rejected one's (ties count half). The policy is a PEFT model; the
+  reference is the same model with its adapters disabled, as in the selection's DPO loss.
+- DPO validation loss: mean of -log sigmoid(beta * (r(x, y_chosen) - r(x, y_rejected))), beta 0.1.
+- Reference NLL: mean per-token negative log-likelihood of the reference (best) answers.
+
+Rows are tokenized like the pool (`sft_data.tokenize_sft_example`): prompt + response + EOS, the
+response alone scored; conversational rows (lists of messages) go through the chat template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..extraction import eval_mode
+from ..sft_data import IGNORE_INDEX, collate, tokenize_sft_example
+
+
+@dataclass
+class PreferenceMetricsOptions:
+    beta: float = 0.1
+    batch_size: int = 8
+    max_length: int | None = 1024
+    # |margin| below this is a tie (policy == reference gives exactly 0, up to float noise).
+    tie_tolerance: float = 1e-6
+
+
+@torch.no_grad()
+def sequence_logps(model, tokenizer, prompts: Sequence, responses: Sequence, batch_size: int = 8,
+                   max_length: int | None = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of response-token log-probs, number of response tokens) per (prompt, response)."""
+    rows = [tokenize_sft_example({"prompt": p, "completion": r}, tokenizer, max_length, "evaluation", i)
+            for i, (p, r) in enumerate(zip(prompts, responses))]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    logps, counts = np.zeros(len(rows)), np.zeros(len(rows), dtype=np.int64)
+    order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            logps[idx] = (-nll.sum(-1)).cpu().numpy()
+            counts[idx] = (labels != IGNORE_INDEX).sum(-1).cpu().numpy()
+    return logps, counts
+
+
+def _reference_context(model, ref_model):
+    if ref_model is not None:
+        return contextlib.nullcontext(ref_model)
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("the policy must be a PEFT model (reference = adapters disabled) or `ref_model` must be given")
+    return _disabled(model)
+
+
+@contextlib.contextmanager
+def _disabled(model):
+    with model.disable_adapter():
+        yield model
+
+
+def _summary(chosen_r: np.ndarray, rejected_r: np.ndarray, opts: PreferenceMetricsOptions) -> dict:
+    margin = chosen_r - rejected_r
+    wins = np.where(np.abs(margin) <= opts.tie_tolerance, 0.5, (margin > 0).astype(np.float64))
+    # -log sigmoid(z) = softplus(-z), stable for large |z|.
+    loss = np.logaddexp(0.0, -opts.beta * margin)
+    return {"n": int(len(margin)), "accuracy": float(wins.mean()), "dpo_loss": float(loss.mean()),
+            "reward_margin": float(opts.beta * margin.mean()), "chosen_reward": float(opts.beta * chosen_r.mean()),
+            "rejected_reward": float(opts.beta * rejected_r.mean())}
+
+
+def preference_metrics(model, tokenizer, dataset, options: PreferenceMetricsOptions | None = None,
+                       ref_model=None) -> dict:
+    """Accuracy, mean DPO loss and mean rewards (scaled by beta, as TRL logs them) on prompt/chosen/
+    rejected rows; `per_subtask` holds the same numbers per `subtask` when the column exists."""
+    opts = options or PreferenceMetricsOptions()
+    prompts = list(dataset["prompt"])
+    texts = prompts + prompts, list(dataset["chosen"]) + list(dataset["rejected"])
+    policy, _ = sequence_logps(model, tokenizer, *texts, opts.batch_size, opts.max_length)
+    with _reference_context(model, ref_model) as ref:
+        reference, _ = sequence_logps(ref, tokenizer, *texts, opts.batch_size, opts.max_length)
+    n = len(prompts)
+    rewards = policy - reference
+    chosen_r, rejected_r = rewards[:n], rewards[n:]
+    out = _summary(chosen_r, rejected_r, opts)
+    if "subtask" in dataset.column_names:
+        subtasks = np.asarray([str(s) for s in dataset["subtask"]])
+        out["per_subtask"] = {s: _summary(chosen_r[subtasks == s], rejected_r[subtasks == s], opts)
+                              for s in dict.fromkeys(subtasks.tolist())}
+    return out
+
+
+def reference_nll(model, tokenizer, prompts: Sequence, references: Sequence, batch_size: int = 8,
+                  max_length: int | None = 1024) -> float:
+    """Token-weighted mean NLL (nats per token) of the reference answers under the model."""
+    logps, counts = sequence_logps(model, tokenizer, prompts, references, batch_size, max_length)
+    return float(-logps.sum() / counts.sum())

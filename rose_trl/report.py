@@ -1,0 +1,332 @@
+"""A self-contained HTML report of a finished selection run: `rose-trl report <output_dir>`.
+
+Reads `<output_dir>/selection/` and every sibling `<output_dir>/selection_<method>/` (scores.parquet,
+config.json, summary.json, selected/) and writes `<output_dir>/report.html` with the figures embedded
+as base64 PNGs, so the file can be mailed or attached to an issue as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # a bare Figure renders with Agg and never touches a display
+
+from .baselines.text import pool_text
+from .sft_data import BadRecordError
+
+CKPT_PREFIX = "score_ckpt"
+
+
+@dataclass
+class SelectionRun:
+    name: str
+    path: Path
+    scores: pd.DataFrame
+    config: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    selected: object = None  # datasets.Dataset of the selected rows, when saved
+
+    @property
+    def method(self) -> str:
+        return str(self.summary.get("selection_method") or self.config.get("selection_method") or self.name)
+
+    @property
+    def subtask_columns(self) -> list[str]:
+        return [c for c in self.scores.columns if c.startswith("score_") and not c.startswith(CKPT_PREFIX)]
+
+    @property
+    def checkpoint_columns(self) -> list[str]:
+        cols = [c for c in self.scores.columns if c.startswith(CKPT_PREFIX) and c[len(CKPT_PREFIX):].isdigit()]
+        return sorted(cols, key=lambda c: int(c[len(CKPT_PREFIX):]))
+
+    @property
+    def threshold(self) -> float | None:
+        value = self.summary.get("threshold")
+        if value is not None:
+            return float(value)
+        chosen = self.scores.loc[self.scores["selected"], "score"]
+        return float(chosen.min()) if len(chosen) else None
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def load_selection(path: str | Path) -> SelectionRun:
+    path = Path(path)
+    scores_path = path / "scores.parquet"
+    if not scores_path.exists():
+        raise FileNotFoundError(f"{scores_path} not found: not a finished selection folder")
+    scores = pd.read_parquet(scores_path)
+    missing = {"pool_index", "score", "selected"} - set(scores.columns)
+    if missing:
+        raise ValueError(f"{scores_path} lacks columns {sorted(missing)}")
+    scores["selected"] = scores["selected"].astype(bool)
+    selected = None
+    if (path / "selected").exists():
+        from datasets import load_from_disk
+
+        selected = load_from_disk(str(path / "selected"))
+    return SelectionRun(path.name, path, scores, _read_json(path / "config.json"), _read_json(path / "summary.json"), selected)
+
+
+def find_selections(output_dir: str | Path) -> list[SelectionRun]:
+    """`selection/` first (the main run), then `selection_<method>/` folders by name."""
+    output_dir = Path(output_dir)
+    dirs = sorted(p for p in output_dir.glob("selection_*") if p.is_dir() and (p / "scores.parquet").exists())
+    if (output_dir / "selection" / "scores.parquet").exists():
+        dirs.insert(0, output_dir / "selection")
+    return [load_selection(d) for d in dirs]
+
+
+# ------------------------------------------------------------------------------------ figures
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def score_distribution_figure(run: SelectionRun) -> str:
+    fig = Figure(figsize=(7, 3.4))
+    ax = fig.subplots()
+    scores = run.scores["score"].to_numpy(dtype=float)
+    selected = run.scores["selected"].to_numpy()
+    finite = np.isfinite(scores)
+    # Shared bin edges, stacked: the selected tail sits on the same axis as the rest of the pool.
+    edges = np.histogram_bin_edges(scores[finite], bins=50 if np.ptp(scores[finite]) > 0 else 1)
+    ax.hist([scores[finite & ~selected], scores[finite & selected]], bins=edges, stacked=True,
+            color=["#9aa7b8", "#d9534f"], label=["not selected", "selected"])
+    if run.threshold is not None and math.isfinite(run.threshold):
+        ax.axvline(run.threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {run.threshold:.4g}")
+    ax.set_xlabel("score")
+    ax.set_ylabel("pool rows")
+    ax.set_title(f"{run.name}: score distribution ({run.method})")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def best_subtask(run: SelectionRun) -> pd.Series | None:
+    cols = run.subtask_columns
+    if not cols:
+        return None
+    values = run.scores[cols].to_numpy(dtype=float)
+    values = np.where(np.isnan(values), -np.inf, values)  # a missing subtask score never wins
+    return pd.Series(np.asarray(cols)[np.argmax(values, axis=1)], index=run.scores.index).str[len("score_"):]
+
+
+def _share_bars(ax, pool_counts: pd.Series | None, selected_counts: pd.Series, title: str) -> None:
+    labels = list(selected_counts.index if pool_counts is None else pool_counts.index.union(selected_counts.index))
+    y = np.arange(len(labels))
+    sel = selected_counts.reindex(labels, fill_value=0)
+    if pool_counts is not None:
+        pool = pool_counts.reindex(labels, fill_value=0)
+        ax.barh(y + 0.2, pool / max(pool.sum(), 1), height=0.4, color="#9aa7b8", label="pool")
+        ax.barh(y - 0.2, sel / max(sel.sum(), 1), height=0.4, color="#d9534f", label="selected")
+        ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.06), ncol=2, frameon=False)
+    else:
+        ax.barh(y, sel / max(sel.sum(), 1), height=0.6, color="#d9534f")
+    ax.set_yticks(y, [str(l) for l in labels], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of rows")
+    ax.set_title(title, fontsize=10)
+
+
+def composition_figure(run: SelectionRun) -> str | None:
+    """Selected rows by `source` (from selected/) and pool vs selected by best subtask."""
+    panels = []
+    if run.selected is not None and "source" in run.selected.column_names:
+        panels.append(("source", None, pd.Series(run.selected["source"]).astype(str).value_counts()))
+    subtask = best_subtask(run)
+    if subtask is not None:
+        panels.append(("best subtask", subtask.value_counts(), subtask[run.scores["selected"]].value_counts()))
+    if not panels:
+        return None
+    fig = Figure(figsize=(5 * len(panels), 0.35 * max(len(p[2]) for p in panels) + 2))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (what, pool, sel) in zip(axes, panels):
+        _share_bars(ax, pool, sel, f"selection by {what}")
+    return _png(fig)
+
+
+def checkpoint_agreement(run: SelectionRun) -> pd.DataFrame | None:
+    cols = run.checkpoint_columns
+    if len(cols) < 2:
+        return None
+    return run.scores[cols].corr(method="spearman")
+
+
+def checkpoint_agreement_figure(corr: pd.DataFrame) -> str:
+    fig = Figure(figsize=(1.1 * len(corr) + 2, 1.0 * len(corr) + 1.2))
+    ax = fig.subplots()
+    im = ax.imshow(corr.to_numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    labels = [c[len("score_"):] for c in corr.columns]
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(corr)):
+        for j in range(len(corr)):
+            value = corr.iat[i, j]
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if abs(value) > 0.6 else "black")
+    ax.set_title("Spearman correlation of checkpoint scores", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def comparison_table(runs: list[SelectionRun]) -> pd.DataFrame:
+    """One row per selection folder; overlap = |S ∩ S_main| / |S_main| with the first (main) run."""
+    main = set(runs[0].scores.loc[runs[0].scores["selected"], "pool_index"].tolist())
+    rows = []
+    for run in runs:
+        chosen = set(run.scores.loc[run.scores["selected"], "pool_index"].tolist())
+        n_pool = int(run.summary.get("num_pool", len(run.scores)))
+        rows.append({
+            "folder": run.name, "method": run.method, "num_pool": n_pool, "num_selected": len(chosen),
+            "fraction": len(chosen) / n_pool if n_pool else float("nan"),
+            "threshold": run.threshold if run.threshold is not None else float("nan"),
+            f"overlap with {runs[0].name}": len(chosen & main) / len(main) if main else float("nan"),
+        })
+    return pd.DataFrame(rows)
+
+
+def top_examples(run: SelectionRun, per_subtask: int = 5, max_chars: int = 400) -> dict[str, list[dict]]:
+    """Highest-scoring selected rows per best subtask (or overall), with text snippets."""
+    if run.selected is None or len(run.selected) == 0:
+        return {}
+    selected = run.selected
+    by_index = {int(i): k for k, i in enumerate(selected["pool_index"])}
+    scores = run.scores.set_index("pool_index")
+    subtask = best_subtask(run)
+    groups = {}
+    if subtask is None:
+        groups["all"] = ("score", list(by_index))
+    else:
+        labels = pd.Series(subtask.to_numpy(), index=run.scores["pool_index"].to_numpy())
+        for name in dict.fromkeys(labels.tolist()):
+            groups[name] = (f"score_{name}", [i for i in by_index if labels.get(i) == name])
+    out = {}
+    for name, (col, indices) in groups.items():
+        ranked = sorted(indices, key=lambda i: -float(scores.at[i, col]))[:per_subtask]
+        rows = []
+        for i in ranked:
+            record = selected[by_index[i]]
+            try:
+                text = pool_text(record, i)
+            except BadRecordError:  # a pool without the usual text fields: show the row as saved
+                text = json.dumps({k: v for k, v in record.items() if k not in ("pool_index", "score")}, default=str)
+            rows.append({"pool_index": i, "score": float(scores.at[i, col]), "source": record.get("source"),
+                         "text": text if len(text) <= max_chars else text[:max_chars] + " …"})
+        if rows:
+            out[name] = rows
+    return out
+
+
+# ------------------------------------------------------------------------------------ HTML
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;font-size:.9em;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f2f4f7}img{max-width:100%;display:block;margin:.6em 0}.snippet{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85em}
+.muted{color:#777}
+"""
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"><figcaption class="muted">{html.escape(alt)}</figcaption></figure>'
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _table(df: pd.DataFrame, index: bool = False) -> str:
+    head = ([""] if index else []) + [str(c) for c in df.columns]
+    rows = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for idx, rec in zip(df.index, df.itertuples(index=False)):
+        cells = ([f"<th>{html.escape(str(idx))}</th>"] if index else []) + [f"<td>{html.escape(_fmt(v))}</td>" for v in rec]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+_SECRET = ("token", "key", "secret", "password")
+
+
+def _key_values(d: dict) -> str:
+    # A report gets shared; a config may carry credentials (e.g. a hub token).
+    d = {k: ("***" if any(w in k.lower() for w in _SECRET) and v else v) for k, v in d.items()}
+    return _table(pd.DataFrame({"key": list(d), "value": [_fmt(v) for v in d.values()]})) if d else '<p class="muted">none</p>'
+
+
+def render_report(runs: list[SelectionRun], title: str = "ROSE selection report") -> str:
+    if not runs:
+        raise ValueError("no selection folder with scores.parquet to report on")
+    main = runs[0]
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="muted">{html.escape(str(main.path.parent))} — main selection: <b>{html.escape(main.name)}</b> ({html.escape(main.method)})</p>']
+    parts += ["<h2>Summary</h2>", _key_values(main.summary), "<h3>Configuration</h3>", _key_values(main.config)]
+
+    parts += ["<h2>Score distribution</h2>", _img(score_distribution_figure(main), f"{main.name} score distribution and threshold")]
+
+    parts.append("<h2>Composition of the selection</h2>")
+    comp = composition_figure(main)
+    parts.append(_img(comp, "selection composition by source and best subtask") if comp
+                 else '<p class="muted">No `source` column and no per-subtask scores.</p>')
+
+    parts.append("<h2>Agreement between checkpoints</h2>")
+    corr = checkpoint_agreement(main)
+    if corr is None:
+        parts.append('<p class="muted">Fewer than two score_ckpt&lt;i&gt; columns.</p>')
+    else:
+        parts += [_img(checkpoint_agreement_figure(corr), "Spearman correlation between checkpoint scores"), _table(corr, index=True)]
+
+    parts.append("<h2>Top examples per subtask</h2>")
+    tops = top_examples(main)
+    if not tops:
+        parts.append('<p class="muted">No saved selected/ rows.</p>')
+    for name, rows in tops.items():
+        parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>pool index</th><th>score</th><th>source</th><th>text</th></tr>")
+        for r in rows:
+            parts.append(f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td><td>{html.escape(str(r['source'] or ''))}</td>"
+                         f'<td class="snippet">{html.escape(r["text"])}</td></tr>')
+        parts.append("</table>")
+
+    if len(runs) > 1:
+        parts += ["<h2>Comparison of selection methods</h2>", _table(comparison_table(runs))]
+        parts += [_img(score_distribution_figure(run), f"{run.name} score distribution and threshold") for run in runs[1:]]
+
+    body = "\n".join(parts)
+    return f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n'
+
+
+def write_report(output_dir: str | Path, path: str | Path | None = None) -> Path:
+    """Render the report of `output_dir`'s selection folders to `path` (default `<output_dir>/report.html`)."""
+    output_dir = Path(output_dir)
+    out = Path(path) if path is not None else output_dir / "report.html"
+    runs = find_selections(output_dir)
+    if not runs:
+        raise FileNotFoundError(f"no selection/ or selection_<method>/ folder with scores.parquet in {output_dir}")
+    out.write_text(render_report(runs), encoding="utf-8")
+    return out
+
+
+def add_report_parser(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="write an HTML report of a finished selection run")
+    parser.add_argument("output_dir", help="the run's output directory (holds selection/ and selection_<method>/)")
+    parser.add_argument("--output", default=None, help="where to write the HTML (default: <output_dir>/report.html)")
+    parser.set_defaults(func=lambda args: print(write_report(args.output_dir, args.output)))
