@@ -57,4 +57,4 @@ class ROSECallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.selector is not None and self.selector._manifest()["checkpoints"]:
-            self.selection_dir = self.selector.finalize()
+            self.selection_dir = self.selector.finalize(self.config.selection_folder)

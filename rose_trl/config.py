@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 from .projection import PROJECTION_TYPES
 
-SELECTION_METHODS = ("rose", "less")
+GRADIENT_METHODS = ("rose", "less")
+BASELINE_METHODS = ("random", "bm25", "rds", "dsir", "full")
+SELECTION_METHODS = GRADIENT_METHODS + BASELINE_METHODS
 
 
 @dataclass
@@ -23,10 +25,19 @@ class ROSEConfig:
     pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
     pool_sources: list[str] | None = field(
         default=None, metadata={"help": "Keep only pool rows whose `source` (or Tulu's `dataset`) field is one of "
-                                        "these, e.g. [flan_v2, cot, dolly, oasst1] for the paper's Tulu-v2 pool."})
+                                        "these, e.g. [flan_v2, cot, oasst1] of allenai/tulu-v2-sft-mixture."})
     validation_split: str = field(default="train", metadata={"help": "Split of a Hub validation dataset."})
+    validation_k: int | None = field(
+        default=None, metadata={"help": "Shots per subtask: for rose:<task> builders the number to build, for a "
+                                        "released preference file its group size (default: from the file name)."})
+    hub_dataset_id: str | None = field(
+        default=None, metadata={"help": "With push_to_hub: true, push the selected subset (and a dataset card) to "
+                                        "this Hub dataset repo."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset repo as private."})
     selection_method: str = field(
-        default="rose", metadata={"help": "rose (DPO validation gradients) or less (SFT-loss validation gradients).",
+        default="rose", metadata={"help": "rose (DPO validation gradients), less (SFT-loss validation gradients, "
+                                          "LESS), or a baseline: random, bm25, rds, dsir, full (no selection). "
+                                          "Methods other than rose write selection_<method>/.",
                                   "choices": list(SELECTION_METHODS)})
     selection_fraction: float = field(default=0.05, metadata={"help": "Fraction of the pool to select, in (0, 1]."})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Random fraction of the pool for the warm-up run."})
@@ -65,6 +76,11 @@ class ROSEConfig:
         if self.projection_dim < 1 or self.gradient_batch_size < 1 or self.validation_batch_size < 1:
             raise ValueError("projection_dim, gradient_batch_size and validation_batch_size must be >= 1")
 
+    @property
+    def selection_folder(self) -> str:
+        """ROSE's selection is `selection/`; other methods sit beside it for comparisons and the report."""
+        return "selection" if self.selection_method == "rose" else f"selection_{self.selection_method}"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -76,7 +92,8 @@ class SelectConfig:
     warmup_dir: str = field(default=None, metadata={"help": "Output folder of a finished LoRA warm-up run, holding "
                                                             "checkpoint-<step>/ folders with optimizer.pt."})
     output_dir: str = field(default=None, metadata={"help": "Where rose/ (gradient stores) and the selection go."})
-    folder: str = field(default="selection", metadata={"help": "Name of the selection folder under output_dir."})
+    folder: str | None = field(default=None, metadata={"help": "Selection folder under output_dir (default: "
+                                                               "selection/ for rose, selection_<method>/ otherwise)."})
     max_length: int | None = field(default=1024, metadata={"help": "Truncate pool and validation sequences to this."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU (gloo between processes)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})

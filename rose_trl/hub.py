@@ -28,8 +28,8 @@ SELECTION_DIR = "selection"
 EXTRA_FILES = ("scores.parquet", "config.json", "summary.json")  # uploaded under rose_selection/
 
 
-def _selection_dir(output_dir) -> Path:
-    sel = Path(output_dir) / SELECTION_DIR
+def _selection_dir(output_dir, folder: str = SELECTION_DIR) -> Path:
+    sel = Path(output_dir) / folder
     missing = [n for n in ("selected", "scores.parquet", "config.json", "summary.json") if not (sel / n).exists()]
     if missing:
         raise FileNotFoundError(f"{sel}: not a finished selection run, missing {missing}")
@@ -56,10 +56,10 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def build_dataset_card(output_dir, repo_id: str | None = None) -> str:
+def build_dataset_card(output_dir, repo_id: str | None = None, folder: str = SELECTION_DIR) -> str:
     """The Hub dataset card (YAML metadata + markdown) of the selection in `output_dir`; `repo_id` only
-    fills the loading snippet."""
-    sel = _selection_dir(output_dir)
+    fills the loading snippet; `folder` names the selection folder (selection_<method> for baselines)."""
+    sel = _selection_dir(output_dir, folder)
     config = json.loads((sel / "config.json").read_text())
     summary = json.loads((sel / "summary.json").read_text())
     stats = _score_stats(sel / "scores.parquet")
@@ -129,11 +129,12 @@ ds = load_dataset("{repo_id or "<this repo>"}", split="train")
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
-def push_selection(output_dir, repo_id: str, private: bool = False, token: str | None = None) -> str:
+def push_selection(output_dir, repo_id: str, private: bool = False, token: str | None = None,
+                   folder: str = SELECTION_DIR) -> str:
     """Push the selected rows to `repo_id` (a dataset repo), then its card and the scores/config files.
     Returns the repo URL."""
-    sel = _selection_dir(output_dir)
-    card = build_dataset_card(output_dir, repo_id)
+    sel = _selection_dir(output_dir, folder)
+    card = build_dataset_card(output_dir, repo_id, folder)
     selected = datasets.load_from_disk(str(sel / "selected"))
     selected.push_to_hub(repo_id, split="train", private=private, token=token,
                          commit_message="ROSE selection: selected rows")
@@ -155,6 +156,8 @@ def add_push_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("output_dir", help="The run's output directory (it holds selection/).")
     parser.add_argument("repo_id", help="Target dataset repo, e.g. user/my-rose-subset.")
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
+    parser.add_argument("--folder", default=SELECTION_DIR, help="Selection folder under output_dir "
+                        "(selection_<method> for a baseline run).")
     parser.add_argument("--token", default=None,
                         help="Hub token (default: HF_TOKEN or the saved login). Prefer the environment: "
                              "a token on the command line lands in shell history.")
@@ -163,6 +166,6 @@ def add_push_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    url = push_selection(args.output_dir, args.repo_id, private=args.private, token=args.token)
+    url = push_selection(args.output_dir, args.repo_id, private=args.private, token=args.token, folder=args.folder)
     print(url)
     return 0

@@ -1,49 +1,40 @@
-"""The recipe's job: warm-up LoRA SFT with ROSECallback -> selection -> final SFT on the selection."""
+"""The recipes' job: warm-up LoRA SFT with ROSECallback -> selection -> final SFT on the selection.
+
+Baseline methods (random, bm25, rds, dsir, full) skip the warm-up and write the same layout under
+`selection_<method>/`. A warm-up that already finished is not re-run: its saved checkpoints are read
+(offline mode), so another gradient method on the same output_dir reuses the pool gradient stores.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, load_dataset, load_from_disk
+from accelerate import PartialState
+from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from .callback import ROSECallback
-from .config import ROSEConfig, SelectConfig
+from .config import BASELINE_METHODS, ROSEConfig, SelectConfig
+from .data import load_pool, load_preferences
 from .offline import select_from_checkpoints
+from .selection import write_selection
 from .selector import ROSESelector
 from .sft_data import tokenize_pool
 
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
-
-def load_table(spec: str, split: str = "train") -> Dataset:
-    """A Hub dataset id, a local .jsonl/.json/.parquet file, or a folder written by save_to_disk."""
-    path = Path(spec)
-    if path.is_dir() and (path / "dataset_info.json").exists():
-        return load_from_disk(str(path))
-    if path.suffix in LOCAL_FORMATS:
-        if not path.exists():
-            raise FileNotFoundError(f"dataset file {spec} does not exist")
-        return load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    return load_dataset(spec, split=split)
-
-
-def filter_sources(pool: Dataset, sources: list[str]) -> Dataset:
-    """Keep rows from `sources`; Tulu-v2 names a row's origin in `dataset`, kept as `source` for reports."""
-    if "source" not in pool.column_names:
-        if "dataset" not in pool.column_names:
-            raise ValueError("pool_sources needs a `source` or `dataset` column in the pool")
-        pool = pool.add_column("source", pool["dataset"])
-    wanted = set(sources)
-    kept = pool.filter(lambda ex: ex["source"] in wanted, desc="Filtering pool sources")
-    if len(kept) == 0:
-        raise ValueError(f"no pool row comes from {sorted(wanted)}; found {sorted(set(pool['source']))[:20]}")
-    return kept
+def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
+    if not rose.pool_dataset or not rose.validation_dataset:
+        raise ValueError("pool_dataset and validation_dataset are required")
+    pool = load_pool(rose.pool_dataset, split=rose.pool_split, sources=rose.pool_sources,
+                     max_examples=rose.pool_max_examples, seed=seed)
+    validation = load_preferences(rose.validation_dataset, split=rose.validation_split, k=rose.validation_k, seed=seed)
+    return pool, validation
 
 
 def sft_training_dataset(pool: Dataset, tokenizer, max_length: int | None, source: str) -> Dataset:
@@ -71,58 +62,87 @@ def warmup_indices(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
 
 
-def load_datasets(rose: ROSEConfig) -> tuple[Dataset, Dataset]:
-    if not rose.pool_dataset or not rose.validation_dataset:
-        raise ValueError("pool_dataset and validation_dataset are required")
-    pool = load_table(rose.pool_dataset, rose.pool_split)
-    if rose.pool_sources:
-        pool = filter_sources(pool, rose.pool_sources)
-    if rose.pool_max_examples:
-        pool = pool.select(range(min(rose.pool_max_examples, len(pool))))
-    return pool, load_table(rose.validation_dataset, rose.validation_split)
+def _run_config(rose: ROSEConfig, model_args: ModelConfig, sft: SFTConfig | None = None, **extra) -> dict:
+    config = {"model_name_or_path": model_args.model_name_or_path, "lora_r": model_args.lora_r,
+              "lora_alpha": model_args.lora_alpha, "lora_target_modules": model_args.lora_target_modules, **extra}
+    if sft is not None:
+        config.update(learning_rate=sft.learning_rate, num_train_epochs=sft.num_train_epochs, seed=sft.seed,
+                      max_length=sft.max_length)
+    return config
 
 
-def run_offline(rose: ROSEConfig, model_args: ModelConfig, select: SelectConfig) -> Path:
-    """Selection from a finished warm-up's checkpoints, sharded over however many processes run it."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=select.use_cpu)
-    pool, validation = load_datasets(rose)
-    base, tokenizer = load_model_and_tokenizer(model_args, select.trust_remote_code)
-    base.to(state.device)
-    selector = ROSESelector(pool, validation, tokenizer, rose, select.output_dir, max_length=select.max_length,
-                            use_cpu=select.use_cpu, run_config={"model_name_or_path": model_args.model_name_or_path,
-                                                                "warmup_dir": select.warmup_dir})
-    return select_from_checkpoints(select.warmup_dir, base, selector, folder=select.folder)
+def _warmup_finished(warmup_dir: Path) -> bool:
+    last = get_last_checkpoint(str(warmup_dir)) if warmup_dir.is_dir() else None
+    if last is None:
+        return False
+    state = json.loads((Path(last) / "trainer_state.json").read_text())
+    return state.get("global_step", 0) >= state.get("max_steps", float("inf"))
 
 
-def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
-    """Returns {"selection": path, "final_model": path or None}."""
-    if not model_args.use_peft:
-        raise ValueError("ROSE extracts LoRA gradients: set use_peft: true (and lora_r, lora_target_modules)")
+def select_with_gradients(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig, pool, validation, model,
+                          tokenizer) -> Path:
+    """rose/less: warm-up with the callback, or read the checkpoints of a warm-up that already finished."""
     out = Path(sft.output_dir)
-    pool, validation = load_datasets(rose)
-    model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code)
-    peft_config = get_peft_config(model_args)
-
-    warm_args = dataclasses.replace(sft, output_dir=str(out / "warmup"), save_strategy="epoch", save_only_model=False)
+    warmup_dir = out / "warmup"
+    run_config = _run_config(rose, model_args, sft)
+    if _warmup_finished(warmup_dir):
+        model.to(PartialState().device)
+        selector = ROSESelector(pool, validation, tokenizer, rose, out, max_length=sft.max_length,
+                                use_cpu=sft.use_cpu, run_config=run_config)
+        return select_from_checkpoints(warmup_dir, model, selector, folder=rose.selection_folder)
+    # The warm-up pushes nothing: only the final model (and the selection) go to the Hub.
+    warm_args = dataclasses.replace(sft, output_dir=str(warmup_dir), save_strategy="epoch", save_only_model=False,
+                                    push_to_hub=False)
     warm = sft_training_dataset(pool.select(warmup_indices(len(pool), rose.warmup_fraction, sft.seed)), tokenizer,
                                 sft.max_length, "warm-up pool")
-    run_config = {"model_name_or_path": model_args.model_name_or_path, "lora_r": model_args.lora_r,
-                  "lora_alpha": model_args.lora_alpha, "lora_target_modules": model_args.lora_target_modules,
-                  "learning_rate": sft.learning_rate, "num_train_epochs": sft.num_train_epochs, "seed": sft.seed,
-                  "max_length": sft.max_length}
     callback = ROSECallback(pool, validation, tokenizer, rose, output_dir=str(out), max_length=sft.max_length,
                             run_config=run_config)
     trainer = SFTTrainer(model, args=warm_args, train_dataset=warm, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[callback])
+                         peft_config=get_peft_config(model_args), callbacks=[callback])
     # A re-run resumes the warm-up from its last checkpoint; finished gradient stores are reused.
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(warm_args.output_dir) if Path(warm_args.output_dir).is_dir() else None)
-    selection = Path(callback.selection_dir or out / "selection")
-    result = {"selection": str(selection), "final_model": None}
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(warmup_dir)) if warmup_dir.is_dir() else None)
+    return Path(callback.selection_dir)
+
+
+def select_with_baseline(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig, pool, validation, model,
+                         tokenizer) -> Path:
+    from .baselines import BASELINES
+
+    out = Path(sft.output_dir)
+    state = PartialState()
+    if state.is_main_process:
+        needs_model = rose.selection_method == "rds"
+        table = BASELINES[rose.selection_method](pool, validation, seed=sft.seed,
+                                                 model=model.to(state.device) if needs_model else None,
+                                                 tokenizer=tokenizer if needs_model else None)
+        fraction = 1.0 if rose.selection_method == "full" else rose.selection_fraction
+        subtasks = list(dict.fromkeys(validation["subtask"]))
+        write_selection(out, pool, table, fraction, {**_run_config(rose, model_args, sft), **rose.to_dict()},
+                        rose.selection_method, subtasks, folder=rose.selection_folder)
+    state.wait_for_everyone()
+    return out / rose.selection_folder
+
+
+def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
+    """Returns {"selection": path, "final_model": path or None, "hub_url": url or None}."""
+    if not model_args.use_peft:
+        raise ValueError("ROSE extracts LoRA gradients: set use_peft: true (and lora_r, lora_target_modules)")
+    out = Path(sft.output_dir)
+    pool, validation = load_datasets(rose, sft.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code)
+    select = select_with_baseline if rose.selection_method in BASELINE_METHODS else select_with_gradients
+    selection = select(rose, sft, model_args, pool, validation, model, tokenizer)
+    result = {"selection": str(selection), "final_model": None, "hub_url": None}
+
+    if sft.push_to_hub and rose.hub_dataset_id and PartialState().is_main_process:
+        from .hub import push_selection
+
+        result["hub_url"] = push_selection(out, rose.hub_dataset_id, private=rose.hub_private,
+                                           token=sft.hub_token, folder=rose.selection_folder)
     if rose.final_training:
         final_model, _ = load_model_and_tokenizer(model_args, sft.trust_remote_code)
-        final_args = dataclasses.replace(sft, output_dir=str(out / "final"))
+        suffix = "" if rose.selection_method == "rose" else f"_{rose.selection_method}"
+        final_args = dataclasses.replace(sft, output_dir=str(out / f"final{suffix}"))
         selected = load_from_disk(str(selection / "selected"))
         final = SFTTrainer(final_model, args=final_args,
                            train_dataset=sft_training_dataset(selected, tokenizer, sft.max_length, "selection"),
@@ -132,3 +152,15 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
         final.save_model(final_args.output_dir)
         result["final_model"] = final_args.output_dir
     return result
+
+
+def run_offline(rose: ROSEConfig, model_args: ModelConfig, select: SelectConfig) -> Path:
+    """Selection from a finished warm-up's checkpoints, sharded over however many processes run it."""
+    state = PartialState(cpu=select.use_cpu)
+    pool, validation = load_datasets(rose)
+    base, tokenizer = load_model_and_tokenizer(model_args, select.trust_remote_code)
+    base.to(state.device)
+    selector = ROSESelector(pool, validation, tokenizer, rose, select.output_dir, max_length=select.max_length,
+                            use_cpu=select.use_cpu,
+                            run_config=_run_config(rose, model_args, warmup_dir=select.warmup_dir))
+    return select_from_checkpoints(select.warmup_dir, base, selector, folder=select.folder or rose.selection_folder)

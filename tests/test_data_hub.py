@@ -86,7 +86,7 @@ def test_cli_push_subcommand(run_dir, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(hub, "push_selection", lambda *a, **kw: calls.append((a, kw)) or "url")
     assert cli.main(["push", str(run_dir), "me/subset", "--private"]) == 0
-    assert calls == [((str(run_dir), "me/subset"), {"private": True, "token": None})]
+    assert calls == [((str(run_dir), "me/subset"), {"private": True, "token": None, "folder": "selection"})]
     assert capsys.readouterr().out.strip() == "url"
     with pytest.raises(SystemExit):
         cli.main(["push", str(run_dir)])  # repo_id missing

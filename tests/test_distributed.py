@@ -32,9 +32,10 @@ def test_two_cpu_processes_select_exactly_like_one(tmp_path):
 from trl import SFTConfig, SFTTrainer
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from rose_trl.pipeline import load_table, sft_training_dataset
+from rose_trl.data import load_pool
+from rose_trl.pipeline import sft_training_dataset
 tok = AutoTokenizer.from_pretrained("outputs/tiny/model")
-pool = load_table("outputs/tiny/pool.jsonl").select(range(40))
+pool = load_pool("outputs/tiny/pool.jsonl").select(range(40))
 args = SFTConfig(output_dir="outputs/tiny/warmup", num_train_epochs=2, per_device_train_batch_size=8,
                  learning_rate={tiny['learning_rate']}, save_strategy="epoch", logging_steps=1, use_cpu=True, bf16=False,
                  gradient_checkpointing=False, report_to=[], max_length=256)

@@ -13,9 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(config: Path, cwd: Path) -> subprocess.CompletedProcess:
+def launch(config: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
-           str(ROOT / "recipes" / "rose_sft.py"), "--config", str(config)]
+           str(ROOT / "recipes" / "rose_sft.py"), "--config", str(config), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -45,3 +45,12 @@ def test_tiny_recipe_selects_the_planted_signal_and_resumes(tmp_path):
     launch(config, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in (run / "rose").rglob("shard_*.npy")} == stamps
     pd.testing.assert_frame_equal(scores, pd.read_parquet(run / "selection" / "scores.parquet"))
+
+    # Another gradient method on the finished run: the warm-up's checkpoints are read, the pool
+    # gradient stores are reused as they are, only LESS's validation gradients are new.
+    launch_args = ["--selection_method", "less", "--final_training", "false"]
+    launch(config, tmp_path, *launch_args)
+    assert {p: p.stat().st_mtime_ns for p in (run / "rose" / "train").rglob("shard_*.npy")} == \
+        {p: s for p, s in stamps.items() if "/train/" in str(p)}
+    less = pd.read_parquet(run / "selection_less" / "scores.parquet")
+    assert less["selected"].sum() == 20 and (run / "rose" / "val_sft").is_dir()

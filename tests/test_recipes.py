@@ -1,5 +1,6 @@
 """Every recipe parses into (ROSEConfig, SFTConfig, ModelConfig); the paper recipes carry the paper's settings."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,19 @@ def test_paper_settings(path):
     assert sft.per_device_train_batch_size * sft.gradient_accumulation_steps * 4 == 128  # on 4 GPUs
     assert (rose.projection_dim, rose.validation_beta, rose.selection_fraction, rose.warmup_fraction) == (8192, 0.1, 0.05, 0.05)
     assert rose.selection_method == "rose"
+
+
+SHARED = Path(os.environ.get("ROSE_DATA_DIR", ROOT.parent / "shared" / "data" / "rose"))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"the ROSE paper's released data is not at {SHARED} (set ROSE_DATA_DIR)")
+@pytest.mark.parametrize("path", [p for p in PAPER if "llama-2-7b" in p.parts], ids=lambda p: p.name)
+def test_paper_recipe_validation_sets_load(path):
+    """The recipes name the released few-shot files; with no other option they load with subtasks."""
+    from rose_trl.data import load_preferences
+
+    rose, _, _ = parse(path)
+    released = SHARED / Path(rose.validation_dataset).relative_to("data/rose")
+    pairs = load_preferences(str(released))
+    expected = {"config_shp.yaml": (90, 18), "config_se.yaml": (20, 10), "config_hh.yaml": (2, 2)}[path.name]
+    assert (len(pairs), len(set(pairs["subtask"]))) == expected

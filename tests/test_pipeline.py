@@ -1,0 +1,55 @@
+"""The recipe's pipeline in-process: baseline methods, the Hub push hook, bad options."""
+
+import json
+
+import pandas as pd
+import pytest
+from datasets import load_from_disk
+from trl import ModelConfig, SFTConfig
+
+from rose_trl.config import ROSEConfig
+from rose_trl.pipeline import run
+from rose_trl.tiny import write_tiny_assets
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny"), n_pool=120)
+
+
+def configs(assets, out, **rose):
+    return (ROSEConfig(pool_dataset=str(assets / "pool.jsonl"), validation_dataset=str(assets / "validation.jsonl"),
+                       final_training=False, **rose),
+            SFTConfig(output_dir=str(out), use_cpu=True, bf16=False, report_to=[], max_length=256),
+            ModelConfig(model_name_or_path=str(assets / "model"), use_peft=True, lora_r=4,
+                        lora_target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.parametrize("method", ["random", "bm25", "dsir", "rds", "full"])
+def test_baselines_write_the_same_layout(assets, tmp_path, method):
+    result = run(*configs(assets, tmp_path, selection_method=method, selection_fraction=0.1))
+    sel = tmp_path / f"selection_{method}"
+    assert result["selection"] == str(sel) and not (tmp_path / "warmup").exists()
+    scores = pd.read_parquet(sel / "scores.parquet")
+    assert scores["selected"].sum() == (120 if method == "full" else 12)
+    summary = json.loads((sel / "summary.json").read_text())
+    assert summary["selection_method"] == method and summary["subtasks"] == ["polite", "safe"]
+    assert len(load_from_disk(str(sel / "selected"))) == summary["num_selected"]
+
+
+def test_push_to_hub_pushes_the_selection(assets, tmp_path, monkeypatch):
+    import rose_trl.hub as hub
+
+    calls = []
+    monkeypatch.setattr(hub, "push_selection", lambda *a, **kw: calls.append((a, kw)) or "https://hub/x")
+    rose, sft, model = configs(assets, tmp_path, selection_method="random", hub_dataset_id="me/picked", hub_private=True)
+    sft.push_to_hub = True
+    assert run(rose, sft, model)["hub_url"] == "https://hub/x"
+    assert calls == [((tmp_path, "me/picked"), {"private": True, "token": None, "folder": "selection_random"})]
+
+
+def test_rose_without_lora_is_refused(assets, tmp_path):
+    rose, sft, model = configs(assets, tmp_path)
+    model.use_peft = False
+    with pytest.raises(ValueError, match="use_peft"):
+        run(rose, sft, model)
