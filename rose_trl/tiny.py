@@ -43,16 +43,29 @@ def _topic_sentence(rng: random.Random, topic: str) -> tuple[str, str]:
     return prompt, answer
 
 
-def make_planted_task(n_pool: int = 400, pairs_per_subtask: int = 4, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(pool rows: prompt/completion/topic/feature/source, preference rows: prompt/chosen/rejected/subtask)."""
+DISTRACTOR = "as a fellow enthusiast i would honestly say"
+
+
+def make_planted_task(n_pool: int = 400, pairs_per_subtask: int = 4, seed: int = 0,
+                      distractor: bool = False) -> tuple[list[dict], list[dict]]:
+    """(pool rows: prompt/completion/topic/feature/source, preference rows: prompt/chosen/rejected/subtask).
+
+    With `distractor`, every preference answer, chosen and rejected alike, also carries the phrase
+    DISTRACTOR, and a sixth of the pool carries it alone: it looks like the target's answers but says
+    nothing about which answer is preferred. Methods that only read the chosen side chase it.
+    """
     rng = random.Random(seed)
     features = ["none"] + [f"{s}_{side}" for s in FEATURES for side in ("good", "bad")]
+    if distractor:
+        features.append("distractor")
     pool = []
     for i in range(n_pool):
         topic = rng.choice(sorted(TOPICS))
         feature = features[i % len(features)]
         prompt, answer = _topic_sentence(rng, topic)
-        if feature != "none":
+        if feature == "distractor":
+            answer += " " + DISTRACTOR
+        elif feature != "none":
             subtask, side = feature.rsplit("_", 1)
             answer += " " + FEATURES[subtask][0 if side == "good" else 1]
         pool.append({"prompt": prompt, "completion": " " + answer, "topic": topic, "feature": feature,
@@ -62,6 +75,8 @@ def make_planted_task(n_pool: int = 400, pairs_per_subtask: int = 4, seed: int =
     for subtask, (good, bad) in FEATURES.items():
         for _ in range(pairs_per_subtask):
             prompt, answer = _topic_sentence(rng, rng.choice(sorted(TOPICS)))
+            if distractor:
+                answer += " " + DISTRACTOR
             validation.append({"prompt": prompt, "chosen": f" {answer} {good}", "rejected": f" {answer} {bad}",
                                "subtask": subtask})
     return pool, validation
