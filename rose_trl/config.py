@@ -50,6 +50,11 @@ class ROSEConfig:
     gradient_type: str = field(default="adam", metadata={"help": "Training-gradient features: adam (LESS "
                                                                   "preconditioning) or sgd.", "choices": ["adam", "sgd"]})
     gradient_batch_size: int = field(default=16, metadata={"help": "Pool examples per batched gradient pass."})
+    gradient_memory_gb: float | None = field(
+        default=None, metadata={"help": "Memory budget (GB) for the per-example gradient rows of one pass: a row of "
+                                        "n LoRA parameters costs about 4 x 4n bytes (gradient, Adam temporaries, "
+                                        "projection input), so rows per pass = min(gradient_batch_size, budget / "
+                                        "16n). E.g. 7B with LoRA r=128 (134M params): 16 GB -> 7 rows."})
     max_batch_tokens: int | None = field(
         default=None, metadata={"help": "Memory budget of a gradient pass in padded tokens (rows x length); "
                                         "batches are split to stay under it."})
@@ -73,6 +78,8 @@ class ROSEConfig:
             raise ValueError(f"selection_method must be one of {SELECTION_METHODS}, got {self.selection_method!r}")
         if self.projection_type not in PROJECTION_TYPES + ("auto",):
             raise ValueError(f"projection_type must be one of {PROJECTION_TYPES + ('auto',)}, got {self.projection_type!r}")
+        if self.gradient_memory_gb is not None and self.gradient_memory_gb <= 0:
+            raise ValueError(f"gradient_memory_gb must be > 0, got {self.gradient_memory_gb}")
         if self.projection_dim < 1 or self.gradient_batch_size < 1 or self.validation_batch_size < 1:
             raise ValueError("projection_dim, gradient_batch_size and validation_batch_size must be >= 1")
 

@@ -26,6 +26,22 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+# float32 bytes held per parameter of one row during a pass: the captured gradient, the two Adam
+# temporaries (numerator, denominator) and the preconditioned row handed to the projector.
+BYTES_PER_PARAM_PER_ROW = 16
+
+
+def rows_for_budget(num_params: int, batch_size: int, memory_gb: float | None) -> int:
+    """Rows per gradient pass: `batch_size`, lowered so the per-example rows fit `memory_gb`."""
+    if memory_gb is None:
+        return batch_size
+    fits = int(memory_gb * 1e9 // (BYTES_PER_PARAM_PER_ROW * num_params))
+    if fits < 1:
+        raise ValueError(f"gradient_memory_gb={memory_gb} cannot hold one gradient row of {num_params} parameters "
+                         f"(needs {BYTES_PER_PARAM_PER_ROW * num_params / 1e9:.2f} GB)")
+    return min(batch_size, fits)
+
+
 def plan_batches(lengths: np.ndarray, rows: np.ndarray, batch_size: int, max_batch_tokens: int | None) -> list[np.ndarray]:
     """Group `rows` longest first so that padding is small; a batch holds at most `batch_size` rows
     and, when set, at most `max_batch_tokens` padded tokens (the memory budget)."""

@@ -20,7 +20,7 @@ from accelerate import PartialState
 from datasets import Dataset
 
 from .config import ROSEConfig
-from .extraction import extract_gradients
+from .extraction import extract_gradients, rows_for_budget
 from .gradients import AdamState, trainable_parameters
 from .projection import build_projector
 from .scoring import CheckpointGradients, score_checkpoints
@@ -117,7 +117,9 @@ class ROSESelector:
             train = open_train()
         extract_gradients(model, self._pool_rows, train, projector, self.tokenizer.pad_token_id,
                           adam_state=adam_state if self.config.gradient_type == "adam" else None,
-                          batch_size=self.config.gradient_batch_size, max_batch_tokens=self.config.max_batch_tokens,
+                          batch_size=rows_for_budget(projector.input_dim, self.config.gradient_batch_size,
+                                                     self.config.gradient_memory_gb),
+                          max_batch_tokens=self.config.max_batch_tokens,
                           shard=(state.process_index, state.num_processes),
                           progress=self.progress and state.is_local_main_process, desc=f"Pool gradients @ {name}")
         self._validation_store(model, name, common, write=state.is_main_process)

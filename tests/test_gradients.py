@@ -130,3 +130,21 @@ def test_rows_without_response_tokens_are_refused():
     batch = mixed_length_batch([6, 6], [2, 6])
     with pytest.raises(ValueError, match=r"rows \[1\]"):
         per_example_gradients(model, batch)
+
+
+def test_memory_budget_sizes_the_batches():
+    from rose_trl.extraction import plan_batches, rows_for_budget
+
+    # 7B with LoRA r=128 on q,k,v,o: 32 layers x 4 x 128 x (4096 + 4096) = 134M parameters.
+    n = 32 * 4 * 128 * 8192
+    assert n == 134_217_728
+    assert rows_for_budget(n, 16, None) == 16
+    assert rows_for_budget(n, 16, 16.0) == 7  # 7 x 16 B x 134M = 15 GB <= 16 GB, on an 80 GB GPU
+    with pytest.raises(ValueError, match="cannot hold one gradient row"):
+        rows_for_budget(n, 16, 1.0)
+    import numpy as np
+
+    lengths = np.array([10, 50, 20, 50, 5, 30])
+    batches = plan_batches(lengths, np.arange(6), batch_size=4, max_batch_tokens=100)
+    assert all(len(b) * lengths[b].max() <= 100 for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(6))
