@@ -25,19 +25,14 @@ from .gradients import AdamState, trainable_parameters
 from .projection import build_projector
 from .scoring import CheckpointGradients, score_checkpoints
 from .selection import write_selection
-from .sft_data import BadRecordError, fingerprint_tokenized, tokenize_pool
+from .sft_data import fingerprint_tokenized, tokenize_pool
 from .store import GradientStore, _atomic_write_json
-from .validation import (ROSEDPOTrainer, aggregate_by_subtask, check_preference_rows, sft_validation_gradients,
-                         validation_dpo_config)
-
-DEFAULT_SUBTASK = "default"
-
+from .data.preferences import DEFAULT_SUBTASK, validate_preferences
+from .validation import ROSEDPOTrainer, aggregate_by_subtask, sft_validation_gradients, validation_dpo_config
 
 def with_subtasks(validation: Dataset) -> Dataset:
+    """One subtask, "default", when the preference set names none."""
     if "subtask" in validation.column_names:
-        for i, s in enumerate(validation["subtask"]):
-            if not isinstance(s, str) or not s:
-                raise BadRecordError("validation", i, "subtask", f"expected a non-empty string, got {s!r}")
         return validation
     return validation.add_column("subtask", [DEFAULT_SUBTASK] * len(validation))
 
@@ -77,7 +72,7 @@ class ROSESelector:
         self.pool_fingerprint = fingerprint_tokenized(self.pool_tokens)
         self._pool_rows = self.pool_tokens.select_columns(["input_ids", "completion_mask"])
         self.validation = with_subtasks(validation)
-        check_preference_rows(self.validation)
+        validate_preferences(self.validation, "validation")
         self.subtasks_per_pair = list(self.validation["subtask"])
         self.validation_fingerprint = hashlib.sha256(
             json.dumps(self.validation.to_list(), sort_keys=True, default=str).encode()).hexdigest()[:32]

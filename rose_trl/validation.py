@@ -19,7 +19,8 @@ from trl import DPOConfig, DPOTrainer
 from .extraction import eval_mode
 from .gradients import PerExampleGradientCapture, activation_checkpointing_off, per_example_gradients, trainable_parameters
 from .projection import Projector
-from .sft_data import BadRecordError, collate, tokenize_sft_example
+from .data.preferences import validate_preferences
+from .sft_data import collate, tokenize_sft_example
 
 
 def validation_dpo_config(output_dir: str, beta: float = 0.1, batch_size: int = 4, max_length: int | None = 1024,
@@ -47,21 +48,6 @@ def validation_dpo_config(output_dir: str, beta: float = 0.1, batch_size: int = 
     )
 
 
-def check_preference_rows(dataset, source: str = "validation") -> None:
-    """Clear errors for pairs the DPO loss cannot use."""
-    if len(dataset) == 0:
-        raise BadRecordError(source, 0, "*", "the validation set is empty")
-    for i, row in enumerate(dataset):
-        for field in ("prompt", "chosen", "rejected"):
-            value = row.get(field)
-            if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value):
-                raise BadRecordError(source, i, field, "missing or empty")
-            if not isinstance(value, (str, list)):
-                raise BadRecordError(source, i, field, f"expected a string or a list of messages, got {type(value).__name__}")
-        if row["chosen"] == row["rejected"]:
-            raise BadRecordError(source, i, "chosen", "chosen == rejected: the pair carries no preference")
-
-
 class ROSEDPOTrainer(DPOTrainer):
     """A DPOTrainer that returns per-pair gradients of its DPO loss instead of training.
 
@@ -70,7 +56,7 @@ class ROSEDPOTrainer(DPOTrainer):
     """
 
     def __init__(self, model, args: DPOConfig, train_dataset, processing_class, **kwargs):
-        check_preference_rows(train_dataset)
+        validate_preferences(train_dataset, "validation")
         params_before = [n for n, _ in trainable_parameters(model)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)

@@ -58,7 +58,7 @@ def test_bad_pairs_are_named(planted, tiny_base, tmp_path):
     _, validation, tokenizer, _ = planted
     rows = validation.to_list()
     rows[2]["rejected"] = rows[2]["chosen"]
-    with pytest.raises(BadRecordError, match="record 2, field 'chosen'"):
+    with pytest.raises(BadRecordError, match=r"record 2, field 'chosen,rejected'.*identical"):
         ROSEDPOTrainer(tiny_base, validation_dpo_config(str(tmp_path), use_cpu=True), Dataset.from_list(rows), tokenizer)
     rows[2]["rejected"], rows[1]["prompt"] = "something else", "  "
     with pytest.raises(BadRecordError, match="record 1, field 'prompt'"):
