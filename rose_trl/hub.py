@@ -2,7 +2,7 @@
 
 Reads the run layout written by the selection step:
     <output_dir>/selection/selected/      `save_to_disk` folder: selected pool rows + pool_index, score
-    <output_dir>/selection/scores.parquet pool_index, score, score_<subtask>..., selected
+    <output_dir>/selection/scores.parquet pool_index, score, score_<subtask>..., [score_ckpt<i>...], [source], selected
     <output_dir>/selection/config.json    the run's flat config
     <output_dir>/selection/summary.json   num_pool, num_selected, selection_method, subtasks, threshold
 The rows go up with `datasets.Dataset.push_to_hub` (split "train"); the card, scores and config files
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 
 import datasets
@@ -45,7 +46,8 @@ def _score_stats(scores_path: Path) -> dict:
     if chosen.size:
         stats.update(selected_min=float(chosen.min()), selected_mean=float(chosen.mean()),
                      selected_max=float(chosen.max()))
-    stats["subtask_columns"] = [c for c in table.column_names if c.startswith("score_")]
+    stats["subtask_columns"] = [c for c in table.column_names
+                                if c.startswith("score_") and not re.fullmatch(r"score_ckpt\d+", c)]
     return stats
 
 

@@ -142,9 +142,12 @@ def _share_bars(ax, pool_counts: pd.Series | None, selected_counts: pd.Series, t
 
 
 def composition_figure(run: SelectionRun) -> str | None:
-    """Selected rows by `source` (from selected/) and pool vs selected by best subtask."""
+    """Pool vs selected rows by `source` (selected/ alone in older layouts) and by best subtask."""
     panels = []
-    if run.selected is not None and "source" in run.selected.column_names:
+    if "source" in run.scores.columns:
+        source = run.scores["source"].astype(str)
+        panels.append(("source", source.value_counts(), source[run.scores["selected"]].value_counts()))
+    elif run.selected is not None and "source" in run.selected.column_names:
         panels.append(("source", None, pd.Series(run.selected["source"]).astype(str).value_counts()))
     subtask = best_subtask(run)
     if subtask is not None:

@@ -1,7 +1,7 @@
 """Score table -> top fraction of the pool -> the selection folder, written atomically.
 
     <output_dir>/selection/
-        scores.parquet   pool_index, score, score_<subtask>..., [score_ckpt<i>...], selected
+        scores.parquet   pool_index, score, score_<subtask>..., [score_ckpt<i>...], [source], selected
         selected/        datasets.Dataset.save_to_disk: selected pool rows + pool_index + score, best first
         config.json      the run's configuration
         summary.json     num_pool, num_selected, selection_method, subtasks, threshold, score stats
@@ -68,6 +68,8 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
     final = Path(output_dir) / folder
     tmp = _atomic_dir(final)
     frame = pd.DataFrame({"pool_index": np.arange(len(scores)), **{k: np.asarray(v) for k, v in table.items()}})
+    if "source" in pool.column_names:  # lets reports compare the selection's composition with the pool's
+        frame["source"] = pd.Series(pool["source"], dtype="string")
     frame["selected"] = False
     frame.loc[chosen, "selected"] = True
     frame.to_parquet(tmp / "scores.parquet", index=False)
