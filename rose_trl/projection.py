@@ -33,6 +33,10 @@ class Projector(Protocol):
     def describe(self) -> dict:
         """What identifies the matrix: two projectors with equal descriptions project identically."""
 
+    @property
+    def implementation(self) -> str:
+        """Which code computes it, for the log."""
+
 
 class SparseJLProjector:
     """Sparse JL transform: out[:, h_s(j)] += sign_s(j) * x[:, j] / sqrt(nnz), for s < nnz."""
@@ -72,6 +76,8 @@ class SparseJLProjector:
 
     def describe(self) -> dict:
         return {"type": self.name, "dim": self.dim, "seed": self.seed, "nnz": self.nnz, "input_dim": self.input_dim}
+
+    implementation = "sparse JL transform (rose_trl)"
 
 
 class TrakProjector:
@@ -140,6 +146,12 @@ class TrakProjector:
         # BasicProjector and CudaProjector draw different matrices from the same seed.
         return {"type": f"trak_{self.backend}", "dim": self.dim, "seed": self.seed,
                 "block_size": self.block_size if self.backend == "basic" else None, "input_dim": self.input_dim}
+
+    @property
+    def implementation(self) -> str:
+        if self.backend == "cuda":
+            return "trak CudaProjector (fast_jl)"
+        return "trak BasicProjector" + (" (matrix cached)" if self._matrix is not None else "")
 
 
 def build_projector(kind: str, input_dim: int, dim: int = 8192, seed: int = 0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,9 @@ from .sft_data import fingerprint_tokenized, tokenize_pool
 from .store import GradientStore, _atomic_write_json
 from .data.preferences import DEFAULT_SUBTASK, validate_preferences
 from .validation import ROSEDPOTrainer, aggregate_by_subtask, sft_validation_gradients, validation_dpo_config
+
+logger = logging.getLogger(__name__)
+
 
 def with_subtasks(validation: Dataset) -> Dataset:
     """One subtask, "default", when the preference set names none."""
@@ -86,6 +90,8 @@ class ROSESelector:
             device = next(p for p in model.parameters() if p.requires_grad).device
             self._projector = build_projector(self.config.projection_type, n, self.config.projection_dim,
                                               self.config.projection_seed, device=device)
+            if PartialState().is_local_main_process:
+                logger.warning("projection in use: %s, %s", self._projector.implementation, self._projector.describe())
         return self._projector
 
     def _val_kind(self) -> str:

@@ -78,3 +78,9 @@ def test_build_projector_names_types():
         build_projector("gaussian", 100, 16)
     with pytest.raises(ValueError, match="built for 100"):
         build_projector("sjlt", 100, 16).project(torch.zeros(1, 99))
+
+
+def test_projectors_say_which_implementation_runs():
+    assert "sparse JL" in build_projector("sjlt", 100, 16).implementation
+    assert build_projector("trak", 100, 16).implementation == "trak BasicProjector (matrix cached)"
+    assert TrakProjector(100, 16, cache_bytes=0).implementation == "trak BasicProjector"

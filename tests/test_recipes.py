@@ -54,14 +54,25 @@ def test_paper_settings(path):
 SHARED = Path(os.environ.get("ROSE_DATA_DIR", ROOT.parent / "shared" / "data" / "rose"))
 
 
+def test_paper_recipes_use_the_builders_by_name_with_the_papers_k():
+    for path in PAPER:
+        rose, _, _ = parse(path)
+        task = path.stem.split("_")[1]
+        assert rose.validation_dataset == f"rose:{task}", path
+        assert rose.validation_k == {"shp": 5, "se": 2, "hh": 1}[task], path
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"the ROSE paper's released data is not at {SHARED} (set ROSE_DATA_DIR)")
 @pytest.mark.parametrize("path", [p for p in PAPER if "llama-2-7b" in p.parts], ids=lambda p: p.name)
-def test_paper_recipe_validation_sets_load(path):
-    """The recipes name the released few-shot files; with no other option they load with subtasks."""
+def test_released_file_named_in_each_recipe_loads(path):
+    """Each recipe names, as the alternative to the builder, the paper's released file: with no other
+    option it loads with the paper's pair and subtask counts."""
     from rose_trl.data import load_preferences
 
     rose, _, _ = parse(path)
-    released = SHARED / Path(rose.validation_dataset).relative_to("data/rose")
-    pairs = load_preferences(str(released))
-    expected = {"config_shp.yaml": (90, 18), "config_se.yaml": (20, 10), "config_hh.yaml": (2, 2)}[path.name]
+    task, k = rose.validation_dataset.split(":")[1], rose.validation_k
+    named = f"data/rose/validation/{task}/{task}_{k}_shot/{task}_{k}_shot_preference.json"
+    assert named in path.read_text()
+    pairs = load_preferences(str(SHARED / Path(named).relative_to("data/rose")))
+    expected = {"shp": (90, 18), "se": (20, 10), "hh": (2, 2)}[task]
     assert (len(pairs), len(set(pairs["subtask"]))) == expected
