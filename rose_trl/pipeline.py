@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, load_dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from .callback import ROSECallback
@@ -69,6 +72,41 @@ def warmup_indices(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
 
 
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest checkpoint-<step> whose trainer_state.json (the Trainer's last write) parses. Folders
+    of saves killed part-way are removed: the Trainer would resume from them, and redoes them anyway."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            print(f"removing incomplete checkpoint {path} (killed while saving)")
+            shutil.rmtree(path)
+    return None
+
+
+def save_model_atomically(trainer, output_dir: str | Path) -> None:
+    """save_model into a temporary folder, then move the files in, weights last: a final/ holding
+    adapter_model.safetensors holds the whole model."""
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(f".{output_dir.name}.model-tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    if trainer.args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        files = sorted(tmp.iterdir(), key=lambda p: p.name.startswith(("adapter_model", "model")))
+        for f in files:
+            if (output_dir / f.name).is_dir():
+                shutil.rmtree(output_dir / f.name)
+            os.replace(f, output_dir / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     """Returns {"selection": path, "final_model": path or None}."""
     if not model_args.use_peft:
@@ -94,10 +132,14 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
                   "max_length": sft.max_length}
     callback = ROSECallback(pool, validation, tokenizer, rose, output_dir=str(out), max_length=sft.max_length,
                             run_config=run_config)
+    # Check the data and any earlier run in output_dir before the warm-up resumes from its checkpoints.
+    if callback.ensure_selector(warm_args).cleared_previous_run:
+        for stale in ("warmup", "final", "selection"):
+            shutil.rmtree(out / stale, ignore_errors=True)
     trainer = SFTTrainer(model, args=warm_args, train_dataset=warm, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[callback])
     # A re-run resumes the warm-up from its last checkpoint; finished gradient stores are reused.
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(warm_args.output_dir) if Path(warm_args.output_dir).is_dir() else None)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(warm_args.output_dir))
     selection = Path(callback.selection_dir or out / "selection")
     result = {"selection": str(selection), "final_model": None}
     if rose.final_training:
@@ -107,8 +149,7 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
         final = SFTTrainer(final_model, args=final_args,
                            train_dataset=sft_training_dataset(selected, tokenizer, sft.max_length, "selection"),
                            processing_class=tokenizer, peft_config=get_peft_config(model_args))
-        final.train(resume_from_checkpoint=get_last_checkpoint(final_args.output_dir)
-                    if Path(final_args.output_dir).is_dir() else None)
-        final.save_model(final_args.output_dir)
+        final.train(resume_from_checkpoint=last_complete_checkpoint(final_args.output_dir))
+        save_model_atomically(final, final_args.output_dir)
         result["final_model"] = final_args.output_dir
     return result
