@@ -13,12 +13,28 @@ scores and writes the selection.
 
 from __future__ import annotations
 
+import contextlib
+import random
+
 import numpy as np
+import torch
 from transformers import TrainerCallback
 
 from .config import ROSEConfig
 from .gradients import AdamState, trainable_parameters
 from .selector import ROSESelector
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run ROSE work inside training without touching the training's random streams: building the
+    validation DPOTrainer reseeds them (Trainer.__init__ calls set_seed), which would make a warm-up
+    with the callback differ from one resumed from a checkpoint (whose RNG state was saved before)."""
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
 
 
 class ROSECallback(TrainerCallback):
@@ -64,7 +80,8 @@ class ROSECallback(TrainerCallback):
         adam = None
         if self.config.gradient_type == "adam":
             adam = AdamState.from_optimizer(optimizer, trainable_parameters(model))
-        selector.add_checkpoint(model, name, lr, adam)
+        with preserved_rng():
+            selector.add_checkpoint(model, name, lr, adam)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.selector is not None and self.selector._manifest()["checkpoints"]:
