@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .gradients import AdamState, per_example_gradients
+from .gradients import AdamState, UnsupportedParameterError, per_example_gradients
 from .projection import Projector
 from .sft_data import collate
 from .store import GradientStore
@@ -68,7 +68,9 @@ def extract_gradients(
         return 0
     lengths = np.zeros(store.num_rows, dtype=np.int64)
     lengths[wanted] = [len(pool[int(i)]["input_ids"]) for i in wanted]
-    device = next(p for p in model.parameters() if p.requires_grad).device
+    device = next((p.device for p in model.parameters() if p.requires_grad), None)
+    if device is None:
+        raise UnsupportedParameterError("the model has no trainable parameters (is the LoRA adapter attached and active?)")
     adam = adam_state.to(device) if adam_state is not None else None
     bar = tqdm(total=len(wanted), desc=desc, unit="ex", disable=not progress)
     with eval_mode(model):

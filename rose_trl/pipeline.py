@@ -17,7 +17,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from .callback import ROSECallback
 from .config import ROSEConfig
-from .sft_data import tokenize_pool
+from .sft_data import BadRecordError, tokenize_pool
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -113,6 +113,15 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
         raise ValueError("ROSE extracts LoRA gradients: set use_peft: true (and lora_r, lora_target_modules)")
     if not rose.pool_dataset or not rose.validation_dataset:
         raise ValueError("pool_dataset and validation_dataset are required")
+    try:
+        return _run(rose, sft, model_args)
+    except BadRecordError as e:
+        # Name the file the record came from (indices count rows after pool_sources/pool_max_examples).
+        spec = rose.validation_dataset if e.source == "validation" else rose.pool_dataset
+        raise BadRecordError(f"{spec} ({e.source})", e.index, e.field, str(e).split("': ", 1)[-1]) from None
+
+
+def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     out = Path(sft.output_dir)
     pool = load_table(rose.pool_dataset, rose.pool_split)
     if rose.pool_sources:
@@ -120,6 +129,8 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     if rose.pool_max_examples:
         pool = pool.select(range(min(rose.pool_max_examples, len(pool))))
     validation = load_table(rose.validation_dataset, rose.validation_split)
+    if len(pool) == 0:
+        raise BadRecordError("pool", 0, "*", "the pool is empty")
     model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code)
     peft_config = get_peft_config(model_args)
 
