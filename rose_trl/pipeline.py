@@ -135,18 +135,22 @@ def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     peft_config = get_peft_config(model_args)
 
     warm_args = dataclasses.replace(sft, output_dir=str(out / "warmup"), save_strategy="epoch", save_only_model=False)
-    warm = sft_training_dataset(pool.select(warmup_indices(len(pool), rose.warmup_fraction, sft.seed)), tokenizer,
-                                sft.max_length, "warm-up pool")
+    # Everything the warm-up checkpoints depend on: a resumed warm-up must be the same warm-up.
     run_config = {"model_name_or_path": model_args.model_name_or_path, "lora_r": model_args.lora_r,
                   "lora_alpha": model_args.lora_alpha, "lora_target_modules": model_args.lora_target_modules,
-                  "learning_rate": sft.learning_rate, "num_train_epochs": sft.num_train_epochs, "seed": sft.seed,
-                  "max_length": sft.max_length}
+                  "lora_dropout": model_args.lora_dropout, "warmup_fraction": rose.warmup_fraction,
+                  "learning_rate": sft.learning_rate, "lr_scheduler_type": str(sft.lr_scheduler_type),
+                  "per_device_train_batch_size": sft.per_device_train_batch_size,
+                  "gradient_accumulation_steps": sft.gradient_accumulation_steps,
+                  "num_train_epochs": sft.num_train_epochs, "seed": sft.seed, "max_length": sft.max_length}
     callback = ROSECallback(pool, validation, tokenizer, rose, output_dir=str(out), max_length=sft.max_length,
                             run_config=run_config)
     # Check the data and any earlier run in output_dir before the warm-up resumes from its checkpoints.
     if callback.ensure_selector(warm_args).cleared_previous_run:
         for stale in ("warmup", "final", "selection"):
             shutil.rmtree(out / stale, ignore_errors=True)
+    warm = sft_training_dataset(pool.select(warmup_indices(len(pool), rose.warmup_fraction, sft.seed)), tokenizer,
+                                sft.max_length, "warm-up pool")
     trainer = SFTTrainer(model, args=warm_args, train_dataset=warm, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[callback])
     # A re-run resumes the warm-up from its last checkpoint; finished gradient stores are reused.
