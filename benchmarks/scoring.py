@@ -60,9 +60,14 @@ def cat_seconds(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def score_child(root: Path, checkpoints: int) -> None:
+def score_child(root: Path, checkpoints: int, via_mmap: bool = False) -> None:
     """Runs in a fresh interpreter: open the stores, score them, report time and peak RSS."""
     import torch  # noqa: F401  (loaded in any real run; the store converts chunks with it)
+
+    if via_mmap:  # the previous reader, for comparison: slices of the memory map
+        import rose_trl.store
+
+        rose_trl.store._read_rows = lambda arr, start, stop: np.array(arr[start:stop])
 
     from rose_trl.scoring import CheckpointGradients, score_checkpoints
 
@@ -93,8 +98,9 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def score_in_subprocess(root: Path, checkpoints: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(root), "--checkpoints", str(checkpoints)],
+def score_in_subprocess(root: Path, checkpoints: int, via_mmap: bool = False) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", str(root), "--checkpoints", str(checkpoints)]
+                         + (["--via-mmap"] if via_mmap else []),
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -106,14 +112,16 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=4)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "int8"])
     parser.add_argument("--dir", default=None, help="where to write the stores (default: a temporary folder, removed)")
+    parser.add_argument("--via-mmap", action="store_true", help="score with the previous reader (memory-map slices)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return score_child(Path(args.child), args.checkpoints)
+        return score_child(Path(args.child), args.checkpoints, args.via_mmap)
 
     base = Path(args.dir or f"/tmp/rose-scoring-bench-{os.getpid()}")
     peaks = []
-    print(f"dim={args.dim} checkpoints={args.checkpoints} dtype={args.dtype} cpus={os.cpu_count()}")
+    print(f"dim={args.dim} checkpoints={args.checkpoints} dtype={args.dtype} cpus={os.cpu_count()}"
+          + (" reader=mmap slices (previous)" if args.via_mmap else ""))
     print("| pool | store GB | cat cold GB/s | score cold s (GB/s) | cat warm GB/s | score warm s (GB/s) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     try:
@@ -125,9 +133,9 @@ def main() -> None:
             drop_from_page_cache(files)
             cat_cold = cat_seconds(files)
             drop_from_page_cache(files)
-            cold = score_in_subprocess(root, args.checkpoints)
+            cold = score_in_subprocess(root, args.checkpoints, args.via_mmap)
             cat_warm = cat_seconds(files)
-            warm = score_in_subprocess(root, args.checkpoints)
+            warm = score_in_subprocess(root, args.checkpoints, args.via_mmap)
             peaks.append(max(cold["peak_rss_mb"], warm["peak_rss_mb"]))
             print(f"| {n:,} | {gb:.2f} | {gb / cat_cold:.2f} | {cold['seconds']:.1f} ({gb / cold['seconds']:.2f}) | "
                   f"{gb / cat_warm:.2f} | {warm['seconds']:.1f} ({gb / warm['seconds']:.2f}) | {peaks[-1]:.0f} |",

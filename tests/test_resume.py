@@ -25,24 +25,33 @@ from rose_trl.store import GradientStore
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
-# Fills `store_dir` with the gradients of a fixed tiny LoRA model over a fixed random pool, one row
-# per batch (so that a kill lands between many writes), and prints the rows it computed.
+# Fills `store_dir` with the gradients of a fixed small torch model over a fixed random pool, one row
+# per batch (so that a kill lands between many writes), and prints how many rows it computed. Plain
+# torch (no transformers/peft import) keeps each interpreter start short.
 EXTRACT = textwrap.dedent("""
-    import sys, numpy as np, torch
-    sys.path.insert(0, {tests!r})
-    from helpers import tiny_lora_model
+    import sys, types, numpy as np, torch
+    from torch import nn
     from rose_trl.extraction import extract_gradients
-    from rose_trl.gradients import trainable_parameters
     from rose_trl.projection import build_projector
     from rose_trl.store import GradientStore
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mid, self.head = nn.Embedding(128, 32), nn.Linear(32, 32), nn.Linear(32, 128)
+            self.embed.requires_grad_(False)
+        def forward(self, input_ids, attention_mask=None, use_cache=None):
+            return types.SimpleNamespace(logits=self.head(torch.tanh(self.mid(self.embed(input_ids)))))
+
+    torch.manual_seed(0)
     torch.set_num_threads(1)
-    model = tiny_lora_model(seed=0)
+    model = Tiny()
     rng = np.random.default_rng(0)
     pool = []
     for i in range(48):
         n = int(rng.integers(6, 24))
-        pool.append({{"input_ids": rng.integers(3, 128, n).tolist(), "completion_mask": [0] * (n // 2) + [1] * (n - n // 2)}})
-    n_params = sum(p.numel() for _, p in trainable_parameters(model))
+        pool.append({"input_ids": rng.integers(3, 128, n).tolist(), "completion_mask": [0] * (n // 2) + [1] * (n - n // 2)})
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     projector = build_projector("sjlt", n_params, 64, 0)
     store = GradientStore.open_or_create(sys.argv[1], model="tiny", checkpoint="c", projection=projector.describe(),
                                          gradient_type="sgd", pool_fingerprint="p", num_rows=len(pool), shard_size=16)
@@ -56,7 +65,7 @@ def _extract(script: Path, store: Path) -> subprocess.Popen:
 
 def test_killed_extraction_resumes_to_identical_rows(tmp_path):
     script = tmp_path / "extract.py"
-    script.write_text(EXTRACT.format(tests=str(ROOT / "tests")))
+    script.write_text(EXTRACT)
     # The uninterrupted reference runs in this process (saves a slow interpreter start).
     argv = sys.argv
     try:
