@@ -86,7 +86,7 @@ def last_complete_checkpoint(folder: str | Path) -> str | None:
             return str(path)
         except (FileNotFoundError, json.JSONDecodeError):
             print(f"removing incomplete checkpoint {path} (killed while saving)")
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)  # every process of a launch may get here
     return None
 
 

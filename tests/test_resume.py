@@ -162,3 +162,16 @@ def test_recipe_killed_at_random_points_finishes_with_identical_outputs(tmp_path
     assert json.loads((run / "rose/checkpoints.json").read_text()) == json.loads(
         (tmp_path / "ref/outputs/tiny/run/rose/checkpoints.json").read_text())
     assert not list(run.rglob(".*tmp-*")), "temporary folders left behind"
+
+
+def test_resume_skips_and_removes_checkpoints_killed_while_saving(tmp_path):
+    from rose_trl.pipeline import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "absent") is None
+    for step, state in ((5, '{"global_step": 5}'), (10, '{"global_st'), (15, None)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
