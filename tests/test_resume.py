@@ -100,10 +100,11 @@ def test_killed_extraction_resumes_to_identical_rows(tmp_path):
 
 
 def _launch(cwd: Path, args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
-           str(ROOT / "recipes" / "rose_sft.py"), "--config", str(ROOT / "recipes" / "tiny" / "rose" / "config_tiny.yaml"),
-           *args]
-    # A new session: SIGKILL must reach the whole tree (accelerate launch runs the recipe as a child).
+    # The recipe itself, without `accelerate launch` (one process on CPU either way; one interpreter
+    # start less per launch). test_recipe_tiny.py covers the accelerate launch.
+    cmd = [sys.executable, str(ROOT / "recipes" / "rose_sft.py"), "--config",
+           str(ROOT / "recipes" / "tiny" / "rose" / "config_tiny.yaml"), *args]
+    # A new session: SIGKILL reaches the whole process tree (dataloader or tokenizer workers included).
     return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
