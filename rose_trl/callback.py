@@ -13,12 +13,28 @@ scores and writes the selection.
 
 from __future__ import annotations
 
+import contextlib
+import random
+
 import numpy as np
+import torch
 from transformers import TrainerCallback
 
 from .config import ROSEConfig
 from .gradients import AdamState, trainable_parameters
 from .selector import ROSESelector
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run ROSE work inside training without touching the training's random streams: building the
+    validation DPOTrainer reseeds them (Trainer.__init__ calls set_seed), which would make a warm-up
+    with the callback differ from one resumed from a checkpoint (whose RNG state was saved before)."""
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
 
 
 class ROSECallback(TrainerCallback):
@@ -31,7 +47,7 @@ class ROSECallback(TrainerCallback):
         self._step_lrs: list[float] = []
         self.selection_dir = None
 
-    def _ensure_selector(self, args) -> ROSESelector:
+    def ensure_selector(self, args) -> ROSESelector:
         if self.selector is None:
             self.selector = ROSESelector(self.pool, self.validation, self.tokenizer, self.config,
                                          self.output_dir or args.output_dir, max_length=self.max_length,
@@ -39,21 +55,33 @@ class ROSECallback(TrainerCallback):
                                          progress=not args.disable_tqdm)
         return self.selector
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._ensure_selector(args)  # tokenize the pool and check both datasets before spending compute
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        selector = self.ensure_selector(args)  # tokenize the pool and check both datasets before spending compute
+        name = f"checkpoint-{state.global_step}"
+        if state.global_step > 0 and model is not None and not selector.is_recorded(name):
+            # Resumed from a checkpoint whose extraction was killed: on_save will not come again for it,
+            # and the live model and optimizer hold exactly its weights and Adam state, so finish it now.
+            self._add_checkpoint(selector, model, optimizer, name, selector.logged_mean_lr(name, state.global_step))
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is not None:
-            self._step_lrs.append(float(optimizer.param_groups[0]["lr"]))  # the LR this step will apply
+            lr = float(optimizer.param_groups[0]["lr"])  # the LR this step will apply
+            self._step_lrs.append(lr)
+            if state.is_world_process_zero:
+                self.ensure_selector(args).log_step_lr(state.global_step + 1, lr)
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
-        selector = self._ensure_selector(args)
+        selector = self.ensure_selector(args)
         lr = float(np.mean(self._step_lrs)) if self._step_lrs else float(optimizer.param_groups[0]["lr"])
         self._step_lrs = []
+        self._add_checkpoint(selector, model, optimizer, f"checkpoint-{state.global_step}", lr)
+
+    def _add_checkpoint(self, selector, model, optimizer, name: str, lr: float) -> None:
         adam = None
         if self.config.gradient_type == "adam":
             adam = AdamState.from_optimizer(optimizer, trainable_parameters(model))
-        selector.add_checkpoint(model, f"checkpoint-{state.global_step}", lr, adam)
+        with preserved_rng():
+            selector.add_checkpoint(model, name, lr, adam)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.selector is not None and self.selector._manifest()["checkpoints"]:

@@ -58,8 +58,13 @@ class ROSEConfig:
     max_batch_tokens: int | None = field(
         default=None, metadata={"help": "Memory budget of a gradient pass in padded tokens (rows x length); "
                                         "batches are split to stay under it."})
-    store_dtype: str = field(default="float16", metadata={"help": "Gradient store dtype: float16 or float32.",
-                                                          "choices": ["float16", "float32"]})
+    store_dtype: str = field(default="float16", metadata={"help": "Gradient store dtype: float16, float32 or int8 "
+                                                                  "(per-row scale; half of float16 on disk).",
+                                                          "choices": ["float16", "float32", "int8"]})
+    overwrite_stores: bool = field(
+        default=False, metadata={"help": "When output_dir holds gradient stores (or a run) made for other inputs "
+                                         "(model, checkpoint, pool, validation set, projection...), delete and "
+                                         "recompute them instead of refusing."})
     validation_beta: float = field(default=0.1, metadata={"help": "DPO beta of the validation loss."})
     validation_batch_size: int = field(default=4, metadata={"help": "Preference pairs per validation gradient pass."})
     validation_aggregation: str = field(

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .gradients import AdamState, per_example_gradients
+from .gradients import AdamState, UnsupportedParameterError, per_example_gradients
 from .projection import Projector
 from .sft_data import collate
 from .store import GradientStore
@@ -88,7 +88,9 @@ def extract_gradients(
         else [len(pool[int(i)]["input_ids"]) for i in wanted]
     batches = plan_batches(lengths, wanted, batch_size, max_batch_tokens)[rank::world]
     wanted = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
-    device = next(p for p in model.parameters() if p.requires_grad).device
+    device = next((p.device for p in model.parameters() if p.requires_grad), None)
+    if device is None:
+        raise UnsupportedParameterError("the model has no trainable parameters (is the LoRA adapter attached and active?)")
     adam = adam_state.to(device) if adam_state is not None else None
     bar = tqdm(total=len(wanted), desc=desc, unit="ex", disable=not progress)
     with eval_mode(model):

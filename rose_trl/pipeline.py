@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from accelerate import PartialState
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from .callback import ROSECallback
@@ -25,7 +27,7 @@ from .data import load_pool, load_preferences
 from .offline import select_from_checkpoints
 from .selection import write_selection
 from .selector import ROSESelector
-from .sft_data import tokenize_pool
+from .sft_data import BadRecordError, tokenize_pool
 
 
 def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -62,17 +64,56 @@ def warmup_indices(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
 
 
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest checkpoint-<step> whose trainer_state.json (the Trainer's last write) parses. Folders
+    of saves killed part-way are removed: the Trainer would resume from them, and redoes them anyway."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            print(f"removing incomplete checkpoint {path} (killed while saving)")
+            shutil.rmtree(path, ignore_errors=True)  # every process of a launch may get here
+    return None
+
+
+def save_model_atomically(trainer, output_dir: str | Path) -> None:
+    """save_model into a temporary folder, then move the files in, weights last: a final/ holding
+    adapter_model.safetensors holds the whole model."""
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(f".{output_dir.name}.model-tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    if trainer.args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        files = sorted(tmp.iterdir(), key=lambda p: p.name.startswith(("adapter_model", "model")))
+        for f in files:
+            if (output_dir / f.name).is_dir():
+                shutil.rmtree(output_dir / f.name)
+            os.replace(f, output_dir / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _run_config(rose: ROSEConfig, model_args: ModelConfig, sft: SFTConfig | None = None, **extra) -> dict:
+    """Everything the warm-up checkpoints depend on: a resumed warm-up must be the same warm-up."""
     config = {"model_name_or_path": model_args.model_name_or_path, "lora_r": model_args.lora_r,
-              "lora_alpha": model_args.lora_alpha, "lora_target_modules": model_args.lora_target_modules, **extra}
+              "lora_alpha": model_args.lora_alpha, "lora_target_modules": model_args.lora_target_modules,
+              "lora_dropout": model_args.lora_dropout, "warmup_fraction": rose.warmup_fraction, **extra}
     if sft is not None:
-        config.update(learning_rate=sft.learning_rate, num_train_epochs=sft.num_train_epochs, seed=sft.seed,
-                      max_length=sft.max_length)
+        config.update(learning_rate=sft.learning_rate, lr_scheduler_type=str(sft.lr_scheduler_type),
+                      per_device_train_batch_size=sft.per_device_train_batch_size,
+                      gradient_accumulation_steps=sft.gradient_accumulation_steps,
+                      num_train_epochs=sft.num_train_epochs, seed=sft.seed, max_length=sft.max_length)
     return config
 
 
 def _warmup_finished(warmup_dir: Path) -> bool:
-    last = get_last_checkpoint(str(warmup_dir)) if warmup_dir.is_dir() else None
+    last = last_complete_checkpoint(warmup_dir)
     if last is None:
         return False
     state = json.loads((Path(last) / "trainer_state.json").read_text())
@@ -97,10 +138,14 @@ def select_with_gradients(rose: ROSEConfig, sft: SFTConfig, model_args: ModelCon
                                 sft.max_length, "warm-up pool")
     callback = ROSECallback(pool, validation, tokenizer, rose, output_dir=str(out), max_length=sft.max_length,
                             run_config=run_config)
+    # Check the data and any earlier run in output_dir before the warm-up resumes from its checkpoints.
+    if callback.ensure_selector(warm_args).cleared_previous_run:
+        for stale in ("warmup", "final", rose.selection_folder):
+            shutil.rmtree(out / stale, ignore_errors=True)
     trainer = SFTTrainer(model, args=warm_args, train_dataset=warm, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args), callbacks=[callback])
     # A re-run resumes the warm-up from its last checkpoint; finished gradient stores are reused.
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(warmup_dir)) if warmup_dir.is_dir() else None)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(warmup_dir))
     return Path(callback.selection_dir)
 
 
@@ -127,6 +172,17 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     """Returns {"selection": path, "final_model": path or None, "hub_url": url or None}."""
     if not model_args.use_peft:
         raise ValueError("ROSE extracts LoRA gradients: set use_peft: true (and lora_r, lora_target_modules)")
+    try:
+        return _run(rose, sft, model_args)
+    except BadRecordError as e:
+        if e.source not in ("pool", "validation", "warm-up pool", "selection"):
+            raise  # already names its file
+        # Name the file the record came from (indices count rows after pool_sources/pool_max_examples).
+        spec = rose.validation_dataset if e.source == "validation" else rose.pool_dataset
+        raise BadRecordError(f"{spec} ({e.source})", e.index, e.field, str(e).split("': ", 1)[-1]) from None
+
+
+def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     out = Path(sft.output_dir)
     pool, validation = load_datasets(rose, sft.seed)
     model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code)
@@ -147,9 +203,8 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
         final = SFTTrainer(final_model, args=final_args,
                            train_dataset=sft_training_dataset(selected, tokenizer, sft.max_length, "selection"),
                            processing_class=tokenizer, peft_config=get_peft_config(model_args))
-        final.train(resume_from_checkpoint=get_last_checkpoint(final_args.output_dir)
-                    if Path(final_args.output_dir).is_dir() else None)
-        final.save_model(final_args.output_dir)
+        final.train(resume_from_checkpoint=last_complete_checkpoint(final_args.output_dir))
+        save_model_atomically(final, final_args.output_dir)
         result["final_model"] = final_args.output_dir
     return result
 

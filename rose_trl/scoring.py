@@ -30,9 +30,13 @@ def normalized_weights(learning_rates: list[float]) -> np.ndarray:
     return eta / eta.sum()
 
 
-def score_checkpoints(checkpoints: list[CheckpointGradients], subtasks: list[str], chunk_rows: int = 16384) -> dict[str, np.ndarray]:
+CHUNK_BYTES = 32 << 20  # float32 bytes of one checkpoint's chunk
+
+
+def score_checkpoints(checkpoints: list[CheckpointGradients], subtasks: list[str], chunk_rows: int | None = None) -> dict[str, np.ndarray]:
     """Score table: `score`, `score_<subtask>` (checkpoint-weighted) and `score_ckpt<i>` (each
-    checkpoint's own max-over-subtask score, for agreement plots)."""
+    checkpoint's own max-over-subtask score, for agreement plots). Memory: a chunk of rows per
+    checkpoint (32 MB of float32 each by default, whatever the dimension) plus the O(pool) score table."""
     if not checkpoints:
         raise ValueError("no warm-up checkpoints to score")
     first = checkpoints[0].train
@@ -44,6 +48,7 @@ def score_checkpoints(checkpoints: list[CheckpointGradients], subtasks: list[str
         if c.targets.shape != (len(subtasks), c.train.dim):
             raise ValueError(f"checkpoint {c.name}: targets of shape {c.targets.shape}, expected {(len(subtasks), c.train.dim)}")
     eta = normalized_weights([c.learning_rate for c in checkpoints])
+    chunk_rows = chunk_rows or max(64, CHUNK_BYTES // (4 * first.dim))
     n = first.num_rows
     per_subtask = np.zeros((n, len(subtasks)), dtype=np.float64)
     per_ckpt = np.zeros((n, len(checkpoints)), dtype=np.float64)
@@ -51,8 +56,9 @@ def score_checkpoints(checkpoints: list[CheckpointGradients], subtasks: list[str
     for chunks in zip(*streams):
         start = chunks[0][0]
         for i, ((_, rows), c) in enumerate(zip(chunks, checkpoints)):
-            rows = rows / np.linalg.norm(rows, axis=1, keepdims=True).clip(min=1e-30)
-            sims = rows @ c.targets.T.astype(np.float32)  # [chunk, n_subtasks]
+            # <t, unit(g)> = <t, g> / |g|: no normalized copy of the chunk.
+            norms = np.sqrt(np.einsum("ij,ij->i", rows, rows)).clip(min=1e-30)
+            sims = (rows @ c.targets.T.astype(np.float32)) / norms[:, None]  # [chunk, n_subtasks]
             per_subtask[start : start + len(rows)] += eta[i] * sims
             per_ckpt[start : start + len(rows), i] = sims.max(axis=1)
     table = {"score": per_subtask.max(axis=1)}

@@ -33,6 +33,10 @@ def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     if not np.isfinite(scores).all():
         raise FloatingPointError(f"non-finite scores at pool indices {np.flatnonzero(~np.isfinite(scores))[:10].tolist()}")
     k = max(1, math.ceil(fraction * len(scores) - 1e-9))
+    if k == len(scores) and fraction < 1:
+        # Rounding up made a strict fraction take everything: the pool is too small to select from.
+        raise ValueError(f"a pool of {len(scores)} rows is too small for selection_fraction={fraction}: "
+                         f"ceil({fraction} * {len(scores)}) = {k} selects the whole pool")
     order = np.lexsort((np.arange(len(scores)), -scores))
     return order[:k]
 

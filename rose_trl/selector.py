@@ -27,7 +27,7 @@ from .projection import build_projector
 from .scoring import CheckpointGradients, score_checkpoints
 from .selection import write_selection
 from .sft_data import fingerprint_tokenized, tokenize_pool
-from .store import GradientStore, _atomic_write_json
+from .store import GradientStore, StoreMismatchError, _atomic_write_json, describe_mismatch, remove_tree
 from .data.preferences import DEFAULT_SUBTASK, validate_preferences
 from .validation import ROSEDPOTrainer, aggregate_by_subtask, sft_validation_gradients, validation_dpo_config
 
@@ -82,6 +82,37 @@ class ROSESelector:
             json.dumps(self.validation.to_list(), sort_keys=True, default=str).encode()).hexdigest()[:32]
         self._projector = None
         self._dpo_trainers: dict[int, ROSEDPOTrainer] = {}
+        with PartialState().main_process_first():  # the main process checks (and may clear) rose/ first
+            self.cleared_previous_run = self._check_run()
+
+    def run_fingerprint(self) -> dict:
+        """What every store under rose/ depends on. The selection method and fraction are left out on
+        purpose: a LESS run reuses a ROSE run's pool stores, and scoring is redone on every run."""
+        keys = ("projection_type", "projection_dim", "projection_seed", "gradient_type", "store_dtype", "validation_beta")
+        return {"pool_fingerprint": self.pool_fingerprint, "validation_fingerprint": self.validation_fingerprint,
+                "max_length": self.max_length, **{k: getattr(self.config, k) for k in keys},
+                **{f"run.{k}": v for k, v in sorted(self.run_config.items())}}
+
+    def _check_run(self) -> bool:
+        """Refuse (or, with overwrite_stores, clear: returns True) a rose/ folder left by a run on other
+        inputs, before any of its checkpoints or stores could be mixed into this one."""
+        path = self.rose_dir / "run.json"
+        wanted = json.loads(json.dumps(self.run_fingerprint(), default=str))
+        cleared = False
+        if path.exists():
+            found = json.loads(path.read_text())
+            diff = describe_mismatch(found, wanted, keys=sorted(set(found) | set(wanted)))
+            if not diff:
+                return False
+            if not self.config.overwrite_stores:
+                raise StoreMismatchError(f"{self.rose_dir} holds the gradients of a run on other inputs:\n  "
+                                         + "\n  ".join(d.replace("store has", "found") for d in diff)
+                                         + "\n(use another output_dir, or set overwrite_stores: true to recompute)")
+            remove_tree(self.rose_dir)
+            cleared = True
+        self.rose_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(path, wanted)
+        return cleared
 
     # ---- per checkpoint --------------------------------------------------------------------------
     def projector(self, model):
@@ -113,7 +144,9 @@ class ROSESelector:
                       dtype=self.config.store_dtype)
         open_train = lambda: GradientStore.open_or_create(  # noqa: E731
             self.rose_dir / "train" / name, gradient_type=self.config.gradient_type,
-            pool_fingerprint=self.pool_fingerprint, num_rows=len(self.pool_tokens), **common)
+            pool_fingerprint=self.pool_fingerprint, num_rows=len(self.pool_tokens),
+            # only the main process may delete a mismatched store; the others open what it made
+            overwrite=self.config.overwrite_stores and state.is_main_process, **common)
         with state.main_process_first():  # the main process creates; the others then open the same files
             train = open_train()
         extract_gradients(model, self._pool_rows, train, projector, self.tokenizer.pad_token_id,
@@ -140,7 +173,8 @@ class ROSESelector:
         with state.main_process_first():
             store = GradientStore.open_or_create(
                 self.rose_dir / f"val_{kind}" / name, gradient_type=f"validation_{kind}",
-                pool_fingerprint=self.validation_fingerprint, num_rows=len(self.validation), extra=extra, **common)
+                pool_fingerprint=self.validation_fingerprint, num_rows=len(self.validation), extra=extra,
+                overwrite=self.config.overwrite_stores and state.is_main_process, **common)
         # Every process must agree before running collectives.
         done = _all_true(store.is_complete) if state.num_processes > 1 else store.is_complete
         if not done:
@@ -173,6 +207,31 @@ class ROSESelector:
         manifest["checkpoints"].append({"name": name, "learning_rate": float(learning_rate)})
         self.rose_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_json(self.rose_dir / "checkpoints.json", manifest)
+
+    def is_recorded(self, name: str) -> bool:
+        return any(c["name"] == name for c in self._manifest()["checkpoints"])
+
+    # The learning rate of every optimizer step, kept on disk so that a checkpoint whose extraction was
+    # killed can be finished after a resume with the same eta_i (the steps before it are not replayed).
+    def log_step_lr(self, step: int, learning_rate: float) -> None:
+        path = self.rose_dir / "step_lrs.json"
+        lrs = json.loads(path.read_text()) if path.exists() else {}
+        lrs[str(step)] = float(learning_rate)
+        _atomic_write_json(path, lrs)
+
+    def logged_mean_lr(self, name: str, step: int) -> float:
+        """Mean logged LR of the steps since the previous recorded checkpoint, up to `step`."""
+        path = self.rose_dir / "step_lrs.json"
+        lrs = json.loads(path.read_text()) if path.exists() else {}
+        done = [int(c["name"].rsplit("-", 1)[-1]) for c in self._manifest()["checkpoints"]
+                if c["name"].rsplit("-", 1)[-1].isdigit()]
+        after = max([s for s in done if s < step], default=0)
+        wanted = range(after + 1, step + 1)
+        missing = [s for s in wanted if str(s) not in lrs]
+        if missing:
+            raise ValueError(f"{name} was saved but its gradients were never extracted, and the learning rates of "
+                             f"steps {missing[:5]}... were not logged in {path}: cannot weight it; start a new output_dir")
+        return float(np.mean([lrs[str(s)] for s in wanted]))
 
     # ---- end -------------------------------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointGradients]:

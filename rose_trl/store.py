@@ -4,23 +4,28 @@ Layout of a store directory:
     meta.json            what produced the rows (model, checkpoint, projection, dtype, gradient type,
                          pool fingerprint, number of rows, shard size); written last, atomically
     shard_00000.npy ...  [rows_in_shard, dim] arrays (fp16 by default), opened with np.memmap
+    scale_00000.npy ...  int8 stores only: [rows_in_shard] float32 per-row scales (row = int8 * scale)
     done_00000.npy ...   [rows_in_shard] uint8 done-mask
 
-Rows are flushed before their done flags, so a crash leaves at worst some finished rows marked
-undone (recomputed on resume), never an undone row marked done. Only .npy and .json: no pickle.
+A store is created under a temporary name and renamed into place once its files and meta.json exist,
+so a directory at the store's path is always a whole store. Rows (and scales) are flushed before
+their done flags, so a crash leaves at worst some finished rows marked undone (recomputed on
+resume), never an undone row marked done. Only .npy and .json: no pickle.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 FORMAT_VERSION = 1
-DTYPES = {"float16": np.float16, "float32": np.float32}
+# int8 rows carry a float32 scale each: half the disk of float16, scores nearly unchanged (docs/scale.md).
+DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
 # Keys that must agree for two stores (or a store and a request) to describe the same rows.
 IDENTITY_KEYS = ("model", "checkpoint", "projection", "dtype", "gradient_type", "pool_fingerprint", "num_rows")
 
@@ -39,6 +44,53 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_temporaries(path: Path) -> None:
+    """Temporary folders of creations killed part-way (their process is gone) are garbage."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder so that no half-deleted copy stays at its name: rename first, then remove."""
+    path = Path(path)
+    if path.exists():
+        trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+
+
+def _read_rows(arr: np.memmap, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a memory-mapped .npy, read with plain file reads. Reading through the map
+    would leave every touched page resident in this process (its RSS would grow with the pool); file
+    reads go through the page cache only, so streaming a store holds one chunk."""
+    out = np.empty((stop - start, *arr.shape[1:]), dtype=arr.dtype)
+    with open(arr.filename, "rb") as f:
+        f.seek(arr.offset + start * (out.nbytes // max(len(out), 1)))
+        got = f.readinto(memoryview(out).cast("B"))
+    if got != out.nbytes:
+        raise CorruptStoreError(f"{arr.filename} is truncated: rows {start}..{stop} are not all there")
+    return out
+
+
+def _to_float32(raw: np.ndarray) -> np.ndarray:
+    # torch converts float16/int8 to float32 about 3x faster than numpy's astype on CPU.
+    import torch
+
+    return torch.from_numpy(raw).float().numpy()
+
+
 def describe_mismatch(found: dict, wanted: dict, keys=IDENTITY_KEYS) -> list[str]:
     return [f"{k}: store has {found.get(k)!r}, asked for {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k)]
 
@@ -54,8 +106,10 @@ class GradientStore:
         self.shard_size = int(meta["shard_size"])
         self.dtype = DTYPES[meta["dtype"]]
         self.num_shards = max(1, -(-self.num_rows // self.shard_size))
+        self.quantized = meta["dtype"] == "int8"
         self._data: dict[int, np.memmap] = {}
         self._done: dict[int, np.memmap] = {}
+        self._scale: dict[int, np.memmap] = {}
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -72,11 +126,12 @@ class GradientStore:
         dtype: str = "float16",
         shard_size: int = 65536,
         extra: dict | None = None,
+        overwrite: bool = False,
     ) -> "GradientStore":
         """Open the store at `path` if it holds these rows (resuming), create it if absent.
 
         Refuses, naming each differing field, a store made by another model, checkpoint, projection,
-        pool, dtype or gradient type.
+        pool, dtype or gradient type; with `overwrite=True` such a store is deleted and recomputed.
         """
         if dtype not in DTYPES:
             raise ValueError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -89,19 +144,54 @@ class GradientStore:
         }
         path = Path(path)
         if (path / "meta.json").exists():
+            store = cls._open_matching(path, wanted, overwrite)
+            if store is not None:
+                return store
+        elif path.exists() and any(path.iterdir()):
+            raise CorruptStoreError(f"{path} exists but is not a gradient store (no meta.json); remove it or choose "
+                                    "another output_dir")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temporaries(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        blank = cls(tmp, wanted)
+        for shard in range(blank.num_shards):
+            rows = blank._rows_in(shard)
+            for kind, dtype, shape in blank._files(rows):
+                np.lib.format.open_memmap(tmp / f"{kind}_{shard:05d}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        _atomic_write_json(tmp / "meta.json", wanted)
+        if path.exists() and not any(path.iterdir()):
+            path.rmdir()
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            # Another process (a sharded extraction) published the same store first: use theirs.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "meta.json").exists():
+                raise
+            return cls._open_matching(path, wanted, overwrite=False)
+        return cls.open(path)
+
+    @classmethod
+    def _open_matching(cls, path: Path, wanted: dict, overwrite: bool) -> "GradientStore | None":
+        """The store at `path` if it matches `wanted`; None after deleting it when it does not and
+        `overwrite` is set; otherwise StoreMismatchError naming the differing fields."""
+        try:
             store = cls.open(path)
-            diff = describe_mismatch(store.meta, wanted)
-            if diff:
-                raise StoreMismatchError(f"gradient store {path} was made for other inputs:\n  " + "\n  ".join(diff))
+        except CorruptStoreError:
+            if not overwrite:
+                raise
+            remove_tree(path)
+            return None
+        diff = describe_mismatch(store.meta, wanted, keys=sorted(wanted))  # extras (e.g. DPO beta) count too
+        if not diff:
             return store
-        path.mkdir(parents=True, exist_ok=True)
-        store = cls(path, wanted)
-        for shard in range(store.num_shards):
-            rows = store._rows_in(shard)
-            np.lib.format.open_memmap(path / f"shard_{shard:05d}.npy", mode="w+", dtype=store.dtype, shape=(rows, store.dim)).flush()
-            np.lib.format.open_memmap(path / f"done_{shard:05d}.npy", mode="w+", dtype=np.uint8, shape=(rows,)).flush()
-        _atomic_write_json(path / "meta.json", wanted)  # last: a store without meta.json is not a store
-        return store
+        if overwrite:
+            remove_tree(path)
+            return None
+        raise StoreMismatchError(f"gradient store {path} was made for other inputs:\n  " + "\n  ".join(diff)
+                                 + "\n(use another output_dir, or set overwrite_stores: true to recompute it)")
 
     @classmethod
     def open(cls, path: str | Path) -> "GradientStore":
@@ -114,6 +204,8 @@ class GradientStore:
             raise CorruptStoreError(f"{path}/meta.json is not valid JSON: {e}") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise CorruptStoreError(f"{path}: store format {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+        if meta.get("dtype") not in DTYPES:
+            raise CorruptStoreError(f"{path}/meta.json: unknown store dtype {meta.get('dtype')!r}")
         store = cls(path, meta)
         for shard in range(store.num_shards):
             store._shard(shard)  # validates every shard's presence and shape up front
@@ -122,10 +214,16 @@ class GradientStore:
     def _rows_in(self, shard: int) -> int:
         return min(self.shard_size, self.num_rows - shard * self.shard_size)
 
+    def _files(self, rows: int) -> list[tuple[str, type, tuple]]:
+        files = [("shard", self.dtype, (rows, self.dim)), ("done", np.uint8, (rows,))]
+        return files + ([("scale", np.float32, (rows,))] if self.quantized else [])
+
     def _shard(self, shard: int) -> tuple[np.memmap, np.memmap]:
         if shard not in self._data:
             rows = self._rows_in(shard)
-            for kind, store, dtype, shape in (("shard", self._data, self.dtype, (rows, self.dim)), ("done", self._done, np.uint8, (rows,))):
+            holders = {"shard": self._data, "done": self._done, "scale": self._scale}
+            for kind, dtype, shape in self._files(rows):
+                store = holders[kind]
                 file = self.path / f"{kind}_{shard:05d}.npy"
                 try:
                     arr = np.load(file, mmap_mode="r+", allow_pickle=False)
@@ -146,14 +244,25 @@ class GradientStore:
         if not np.isfinite(values).all():
             bad = rows[~np.isfinite(values).all(axis=1)].tolist()
             raise FloatingPointError(f"non-finite (NaN/inf) gradient rows for pool indices {bad[:10]}: not stored")
+        scales = None
+        if self.quantized:
+            # Per-row symmetric quantization: row ~= int8 * scale, scale = max|row| / 127.
+            values = values.astype(np.float32)
+            scales = np.abs(values).max(axis=1) / 127.0
+            scales[scales == 0] = 1.0
+            values = np.clip(np.rint(values / scales[:, None]), -127, 127)
         touched = set()
         for shard in np.unique(rows // self.shard_size):
             sel = rows // self.shard_size == shard
             data, _ = self._shard(int(shard))
             data[rows[sel] - shard * self.shard_size] = values[sel].astype(self.dtype)
+            if scales is not None:
+                self._scale[int(shard)][rows[sel] - shard * self.shard_size] = scales[sel]
             touched.add(int(shard))
         for shard in touched:
             self._data[shard].flush()
+            if self.quantized:
+                self._scale[shard].flush()
         for shard in touched:
             sel = rows // self.shard_size == shard
             _, done = self._shard(shard)
@@ -179,7 +288,11 @@ class GradientStore:
             data, _ = self._shard(shard)
             base = shard * self.shard_size
             for start in range(0, data.shape[0], chunk_rows):
-                yield base + start, np.asarray(data[start : start + chunk_rows], dtype=np.float32)
+                stop = min(start + chunk_rows, data.shape[0])
+                chunk = _to_float32(_read_rows(data, start, stop))
+                if self.quantized:
+                    chunk *= _read_rows(self._scale[shard], start, stop)[:, None]
+                yield base + start, chunk
 
     def read_all(self) -> np.ndarray:
         return np.concatenate([chunk for _, chunk in self.iter_chunks()], axis=0)

@@ -123,12 +123,19 @@ def _texts(pool, validation):
 def write_tiny_assets(out_dir: str | Path, n_pool: int = 400, pairs_per_subtask: int = 4, seed: int = 0,
                       hidden: int = 64, layers: int = 2) -> Path:
     """Write model/ (tiny Llama + tokenizer), pool.jsonl and validation.jsonl under `out_dir`."""
+    import os
+
+    from .selection import _publish
+
     out = Path(out_dir)
-    (out / "model").mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed: a model/ folder is always a whole model.
+    tmp_model = out / f".model.tmp-{os.getpid()}"
+    tmp_model.mkdir(parents=True, exist_ok=True)
     pool, validation = make_planted_task(n_pool, pairs_per_subtask, seed)
     tokenizer = build_tokenizer(_texts(pool, validation))
-    build_tiny_llama(tokenizer, hidden=hidden, layers=layers, seed=seed).save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    build_tiny_llama(tokenizer, hidden=hidden, layers=layers, seed=seed).save_pretrained(tmp_model)
+    tokenizer.save_pretrained(tmp_model)
+    _publish(tmp_model, out / "model")
     for name, rows in (("pool.jsonl", pool), ("validation.jsonl", validation)):
         tmp = out / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

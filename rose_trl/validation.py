@@ -19,7 +19,7 @@ from trl import DPOConfig, DPOTrainer
 from .extraction import eval_mode
 from .gradients import PerExampleGradientCapture, activation_checkpointing_off, per_example_gradients, trainable_parameters
 from .projection import Projector
-from .data.preferences import validate_preferences
+from .data.preferences import DEFAULT_SUBTASK, validate_preferences
 from .sft_data import collate, tokenize_sft_example
 
 
@@ -56,7 +56,8 @@ class ROSEDPOTrainer(DPOTrainer):
     """
 
     def __init__(self, model, args: DPOConfig, train_dataset, processing_class, **kwargs):
-        validate_preferences(train_dataset, "validation")
+        validate_preferences(train_dataset if "subtask" in train_dataset.column_names
+                             else train_dataset.add_column("subtask", [DEFAULT_SUBTASK] * len(train_dataset)), "validation")
         params_before = [n for n, _ in trainable_parameters(model)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)
