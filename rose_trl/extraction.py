@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import max_over_ranks, partitioned, release_gathered
 from .gradients import AdamState, per_example_gradients
 from .projection import Projector
 from .sft_data import collate
@@ -70,7 +71,8 @@ def extract_gradients(
     lengths = np.zeros(store.num_rows, dtype=np.int64)
     lengths[wanted] = [len(ids) for ids in pool.select(wanted.tolist())["input_ids"]] if hasattr(pool, "select") \
         else [len(pool[int(i)]["input_ids"]) for i in wanted]
-    batches = plan_batches(lengths, wanted, batch_size, max_batch_tokens)[rank::world]
+    plan = plan_batches(lengths, wanted, batch_size, max_batch_tokens)
+    batches = plan[rank::world]
     wanted = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     device = next(p for p in model.parameters() if p.requires_grad).device
     adam = adam_state.to(device) if adam_state is not None else None
@@ -79,7 +81,15 @@ def extract_gradients(
         for batch_rows in batches:
             batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in batch_rows], pad_token_id).items()}
             grads = per_example_gradients(model, batch, adam_state=adam)
+            release_gathered(model)
             store.write(batch_rows, projector.project(grads).cpu().numpy())
             bar.update(len(batch_rows))
+        if world > 1 and partitioned(model):
+            # ZeRO-3 forwards and backwards are collectives: a rank dealt fewer batches runs discarded
+            # passes so that every rank runs as many as the busiest one.
+            for _ in range(max_over_ranks(len(batches)) - len(batches)):
+                batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in plan[0]], pad_token_id).items()}
+                per_example_gradients(model, batch, adam_state=adam)
+                release_gathered(model)
     bar.close()
     return len(wanted)
