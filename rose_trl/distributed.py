@@ -94,3 +94,17 @@ def release_gathered(model: nn.Module) -> None:
         if hasattr(p, "_z3_optimizer"):
             p._z3_optimizer.empty_partition_cache()
             return
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse FSDP-sharded models: FSDP2 swaps its DTensor parameters for unsharded tensors during the
+    forward, so the per-example hooks would not recognise the layers' weights and silently drop their
+    gradients. No FSDP run was possible to build and test support against (docs/distributed.md)."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded or any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise NotImplementedError(
+            "ROSE gradient extraction does not support FSDP-sharded models (e.g. "
+            f"{(sharded or ['an FSDP1 module'])[0]}); warm up under DeepSpeed ZeRO-2/3 or plain data parallelism "
+            "(accelerate_configs/deepspeed_zero*.yaml, multi_gpu.yaml), see docs/distributed.md")

@@ -21,7 +21,7 @@ from datasets import Dataset
 
 from .config import ROSEConfig
 from .extraction import extract_gradients
-from .distributed import gathered
+from .distributed import check_supported, gathered
 from .gradients import AdamState, num_trainable_parameters, trainable_parameters
 from .projection import build_projector
 from .scoring import CheckpointGradients, score_checkpoints
@@ -109,6 +109,7 @@ class ROSESelector:
         """
         if self.config.gradient_type == "adam" and adam_state is None:
             raise ValueError(f"{name}: gradient_type='adam' needs the checkpoint's Adam state")
+        check_supported(model)
         state = PartialState()
         projector = self.projector(model)
         checkpoint = f"{name}@{adapter_fingerprint(model)}"
