@@ -77,6 +77,8 @@ def extract_gradients(
     device = next(p for p in model.parameters() if p.requires_grad).device
     adam = adam_state.to(device) if adam_state is not None else None
     bar = tqdm(total=len(wanted), desc=desc, unit="ex", disable=not progress)
+    # Agreed before any pass: a collective issued while another rank is still in a forward would deadlock.
+    lockstep_passes = max_over_ranks(len(batches)) if world > 1 and partitioned(model) else len(batches)
     with eval_mode(model):
         for batch_rows in batches:
             batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in batch_rows], pad_token_id).items()}
@@ -84,12 +86,11 @@ def extract_gradients(
             release_gathered(model)
             store.write(batch_rows, projector.project(grads).cpu().numpy())
             bar.update(len(batch_rows))
-        if world > 1 and partitioned(model):
-            # ZeRO-3 forwards and backwards are collectives: a rank dealt fewer batches runs discarded
-            # passes so that every rank runs as many as the busiest one.
-            for _ in range(max_over_ranks(len(batches)) - len(batches)):
-                batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in plan[0]], pad_token_id).items()}
-                per_example_gradients(model, batch, adam_state=adam)
-                release_gathered(model)
+        # ZeRO-3 forwards and backwards are collectives: a rank dealt fewer batches runs discarded
+        # passes so that every rank runs as many as the busiest one.
+        for _ in range(lockstep_passes - len(batches)):
+            batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in plan[0]], pad_token_id).items()}
+            per_example_gradients(model, batch, adam_state=adam)
+            release_gathered(model)
     bar.close()
     return len(wanted)

@@ -34,6 +34,7 @@ from rose_trl.data import load_pool, load_preferences
 from rose_trl.pipeline import sft_training_dataset
 
 deepspeed = sys.argv[1] == "deepspeed"
+# gradient_batch_size 6: 64 rows make 11 batches, so under ZeRO-3 one rank runs a discarded pass.
 tok = AutoTokenizer.from_pretrained("tiny/model")
 pool, validation = load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl")
 # DeepSpeed on a CPU machine: use_cpu would turn DeepSpeed off in accelerate, so the CPU is reached
@@ -42,7 +43,7 @@ args = SFTConfig(output_dir=sys.argv[2], num_train_epochs=2, per_device_train_ba
                  save_strategy="epoch", logging_steps=1, use_cpu=not deepspeed, ddp_backend="gloo" if deepspeed else None,
                  bf16=False, gradient_checkpointing=False, report_to=[], max_length=256, disable_tqdm=True, seed=0)
 callback = ROSECallback(pool, validation, tok, ROSEConfig(projection_dim=512, selection_fraction=0.25,
-                                                          gradient_batch_size=8))
+                                                          gradient_batch_size=6))
 trainer = SFTTrainer(AutoModelForCausalLM.from_pretrained("tiny/model"), args=args,
                      train_dataset=sft_training_dataset(pool.select(range(32)), tok, 256, "warm-up"),
                      processing_class=tok, peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
