@@ -52,7 +52,7 @@ class ROSECallback(TrainerCallback):
             self.selector = ROSESelector(self.pool, self.validation, self.tokenizer, self.config,
                                          self.output_dir or args.output_dir, max_length=self.max_length,
                                          use_cpu=args.use_cpu, run_config=self.run_config,
-                                         progress=not args.disable_tqdm)
+                                         progress=not args.disable_tqdm, ddp_backend=args.ddp_backend)
         return self.selector
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

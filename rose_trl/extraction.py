@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import max_over_ranks, partitioned, release_gathered
 from .gradients import AdamState, UnsupportedParameterError, per_example_gradients
 from .projection import Projector
 from .sft_data import collate
@@ -69,6 +70,7 @@ def extract_gradients(
     batch_size: int = 16,
     max_batch_tokens: int | None = None,
     shard: tuple[int, int] = (0, 1),
+    missing: np.ndarray | None = None,
     progress: bool = True,
     desc: str = "Extracting gradients",
 ) -> int:
@@ -77,27 +79,38 @@ def extract_gradients(
     `pool` items carry `input_ids` and `completion_mask` (see `sft_data.tokenize_pool`).
     `shard=(rank, world_size)`: batches are planned over all missing rows, then dealt out round-robin,
     so a row lands in the same batch (and gets bit-identical numbers) whatever the number of
-    processes. Returns the number of rows this call computed.
+    processes; `missing` (default: the store's missing rows now) must then be the same on every rank.
+    Returns the number of rows this call computed.
     """
-    wanted = store.missing_rows()
+    wanted = store.missing_rows() if missing is None else np.asarray(missing, dtype=np.int64)
     if len(wanted) == 0:
         return 0
     rank, world = shard
     lengths = np.zeros(store.num_rows, dtype=np.int64)
     lengths[wanted] = [len(ids) for ids in pool.select(wanted.tolist())["input_ids"]] if hasattr(pool, "select") \
         else [len(pool[int(i)]["input_ids"]) for i in wanted]
-    batches = plan_batches(lengths, wanted, batch_size, max_batch_tokens)[rank::world]
+    plan = plan_batches(lengths, wanted, batch_size, max_batch_tokens)
+    batches = plan[rank::world]
     wanted = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     device = next((p.device for p in model.parameters() if p.requires_grad), None)
     if device is None:
         raise UnsupportedParameterError("the model has no trainable parameters (is the LoRA adapter attached and active?)")
     adam = adam_state.to(device) if adam_state is not None else None
     bar = tqdm(total=len(wanted), desc=desc, unit="ex", disable=not progress)
+    # Agreed before any pass: a collective issued while another rank is still in a forward would deadlock.
+    lockstep_passes = max_over_ranks(len(batches)) if world > 1 and partitioned(model) else len(batches)
     with eval_mode(model):
         for batch_rows in batches:
             batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in batch_rows], pad_token_id).items()}
             grads = per_example_gradients(model, batch, adam_state=adam)
+            release_gathered(model)
             store.write(batch_rows, projector.project(grads).cpu().numpy())
             bar.update(len(batch_rows))
+        # ZeRO-3 forwards and backwards are collectives: a rank dealt fewer batches runs discarded
+        # passes so that every rank runs as many as the busiest one.
+        for _ in range(lockstep_passes - len(batches)):
+            batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in plan[0]], pad_token_id).items()}
+            per_example_gradients(model, batch, adam_state=adam)
+            release_gathered(model)
     bar.close()
     return len(wanted)

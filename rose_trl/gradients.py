@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import deepspeed_adam_moments, full_numel, full_shape, is_deepspeed_param
+
 IGNORE_INDEX = -100
 
 
@@ -34,7 +36,7 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def num_trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for _, p in trainable_parameters(model))
+    return sum(full_numel(p) for _, p in trainable_parameters(model))
 
 
 @contextlib.contextmanager
@@ -64,8 +66,9 @@ class PerExampleGradientCapture:
         self._slices: dict[int, tuple[int, int, torch.Size]] = {}
         offset = 0
         for _, p in self.params:
-            self._slices[id(p)] = (offset, p.numel(), p.shape)
-            offset += p.numel()
+            # full_*: under ZeRO-3 a partitioned parameter's numel() is 0 outside its layer's forward.
+            self._slices[id(p)] = (offset, full_numel(p), full_shape(p))
+            offset += full_numel(p)
         self.num_params = offset
         self._modules: list[nn.Linear] = []
         covered: set[int] = set()
@@ -144,7 +147,13 @@ class AdamState:
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, params: list[tuple[str, nn.Parameter]]) -> "AdamState":
-        """Read m, v, betas and eps from a live (possibly accelerate-wrapped) torch Adam/AdamW."""
+        """Read m, v, betas and eps from a live (possibly accelerate-wrapped) torch Adam/AdamW, or from a
+        DeepSpeed ZeRO optimizer (there every rank must call this: the moments are gathered)."""
+        if any(is_deepspeed_param(p) for _, p in params):
+            # ZeRO keeps flat partitions of m and v in its inner optimizer; DeepSpeed reassembles them per parameter.
+            ms, vs = deepspeed_adam_moments(params)
+            hyper = {(float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])) for g in optimizer.param_groups}
+            return cls._build(ms, vs, hyper)
         while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer and similar wrappers
             optimizer = optimizer.optimizer
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}

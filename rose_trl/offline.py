@@ -30,6 +30,13 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def load_checkpoint_adam(checkpoint: Path, model) -> AdamState:
     path = checkpoint / "optimizer.pt"
+    if not path.exists() and any(checkpoint.glob("global_step*")):
+        # DeepSpeed writes flat per-rank partitions of m and v (global_step*/zero_pp_rank_*_optim_states.pt)
+        # whose layout only a live engine or a universal-checkpoint conversion maps back to parameters.
+        raise FileNotFoundError(
+            f"{checkpoint} is a DeepSpeed checkpoint (optimizer state under global_step*/, no optimizer.pt): the "
+            "offline mode reads torch optimizer.pt files only. Run ROSECallback during the DeepSpeed warm-up "
+            "instead (it reads the live ZeRO state), or use gradient_type='sgd' (docs/distributed.md)")
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: Adam features need the optimizer state (or use gradient_type='sgd')")
     # weights_only: an optimizer file is untrusted input and must not run code when read.

@@ -21,8 +21,9 @@ from accelerate import PartialState
 from datasets import Dataset
 
 from .config import ROSEConfig
+from .distributed import check_supported, gathered
 from .extraction import extract_gradients, rows_for_budget
-from .gradients import AdamState, trainable_parameters
+from .gradients import AdamState, num_trainable_parameters, trainable_parameters
 from .projection import build_projector
 from .scoring import CheckpointGradients, score_checkpoints
 from .selection import write_selection
@@ -44,9 +45,11 @@ def with_subtasks(validation: Dataset) -> Dataset:
 def adapter_fingerprint(model) -> str:
     """Hash of the trainable weights: a checkpoint name alone does not say which weights produced a store."""
     h = hashlib.sha256()
-    for name, p in trainable_parameters(model):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
+    params = trainable_parameters(model)
+    with gathered(p for _, p in params):  # ZeRO-3: whole weights (a collective: every rank hashes)
+        for name, p in params:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -58,7 +61,7 @@ def model_id(model) -> str:
 class ROSESelector:
     def __init__(self, pool: Dataset, validation: Dataset, tokenizer, config: ROSEConfig, output_dir: str | Path,
                  max_length: int | None = 1024, use_cpu: bool = False, run_config: dict | None = None,
-                 progress: bool = True):
+                 progress: bool = True, ddp_backend: str | None = None):
         self.config = config
         self.output_dir = Path(output_dir)
         self.rose_dir = self.output_dir / "rose"
@@ -69,6 +72,7 @@ class ROSESelector:
             tokenizer.pad_token = tokenizer.eos_token
         self.max_length = max_length
         self.use_cpu = use_cpu
+        self.ddp_backend = ddp_backend
         self.progress = progress
         self.run_config = run_config or {}
         self.pool = pool
@@ -117,7 +121,7 @@ class ROSESelector:
     # ---- per checkpoint --------------------------------------------------------------------------
     def projector(self, model):
         if self._projector is None:
-            n = sum(p.numel() for _, p in trainable_parameters(model))
+            n = num_trainable_parameters(model)
             device = next(p for p in model.parameters() if p.requires_grad).device
             self._projector = build_projector(self.config.projection_type, n, self.config.projection_dim,
                                               self.config.projection_seed, device=device)
@@ -137,6 +141,7 @@ class ROSESelector:
         """
         if self.config.gradient_type == "adam" and adam_state is None:
             raise ValueError(f"{name}: gradient_type='adam' needs the checkpoint's Adam state")
+        check_supported(model)
         state = PartialState()
         projector = self.projector(model)
         checkpoint = f"{name}@{adapter_fingerprint(model)}"
@@ -149,7 +154,10 @@ class ROSESelector:
             overwrite=self.config.overwrite_stores and state.is_main_process, **common)
         with state.main_process_first():  # the main process creates; the others then open the same files
             train = open_train()
-        extract_gradients(model, self._pool_rows, train, projector, self.tokenizer.pad_token_id,
+        # Every rank plans its batches from the same missing rows: read them before any rank writes.
+        missing = train.missing_rows()
+        state.wait_for_everyone()
+        extract_gradients(model, self._pool_rows, train, projector, self.tokenizer.pad_token_id, missing=missing,
                           adam_state=adam_state if self.config.gradient_type == "adam" else None,
                           batch_size=rows_for_budget(projector.input_dim, self.config.gradient_batch_size,
                                                      self.config.gradient_memory_gb),
@@ -191,7 +199,7 @@ class ROSESelector:
         if id(model) not in self._dpo_trainers:
             args = validation_dpo_config(str(self.rose_dir / "dpo"), beta=self.config.validation_beta,
                                          batch_size=self.config.validation_batch_size, max_length=self.max_length,
-                                         use_cpu=self.use_cpu)
+                                         use_cpu=self.use_cpu, ddp_backend=self.ddp_backend)
             columns = [c for c in ("prompt", "chosen", "rejected") if c in self.validation.column_names]
             self._dpo_trainers[id(model)] = ROSEDPOTrainer(model, args, self.validation.select_columns(columns),
                                                            self.tokenizer)

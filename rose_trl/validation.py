@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
+from .distributed import gathered, release_gathered
 from .extraction import eval_mode
 from .gradients import PerExampleGradientCapture, activation_checkpointing_off, per_example_gradients, trainable_parameters
 from .projection import Projector
@@ -24,7 +25,7 @@ from .sft_data import collate, tokenize_sft_example
 
 
 def validation_dpo_config(output_dir: str, beta: float = 0.1, batch_size: int = 4, max_length: int | None = 1024,
-                          use_cpu: bool = False, bf16: bool = False) -> DPOConfig:
+                          use_cpu: bool = False, bf16: bool = False, ddp_backend: str | None = None) -> DPOConfig:
     """A DPOConfig for gradient extraction only: sigmoid loss, no dropout changes, no checkpointing."""
     return DPOConfig(
         output_dir=output_dir,
@@ -36,6 +37,9 @@ def validation_dpo_config(output_dir: str, beta: float = 0.1, batch_size: int = 
         bf16=bf16,
         fp16=False,
         use_cpu=use_cpu,
+        # Building a TrainingArguments re-creates accelerate's process state: it must name the same
+        # backend as the run it lives in (gloo for DeepSpeed on a CPU machine, see docs/distributed.md).
+        ddp_backend=ddp_backend,
         per_device_train_batch_size=batch_size,
         max_length=max_length,
         # keep_end never drops a pair (keep_start drops prompts longer than max_length), so every
@@ -59,7 +63,9 @@ class ROSEDPOTrainer(DPOTrainer):
         validate_preferences(train_dataset if "subtask" in train_dataset.column_names
                              else train_dataset.add_column("subtask", [DEFAULT_SUBTASK] * len(train_dataset)), "validation")
         params_before = [n for n, _ in trainable_parameters(model)]
-        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
+        # TRL copies the adapter's values into its "ref" adapter (deleted below): under ZeRO-3 they must be whole.
+        with gathered(p for _, p in trainable_parameters(model)):
+            super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)
         if "ref" in getattr(unwrapped, "peft_config", {}):
             unwrapped.delete_adapter("ref")  # reference = base model (adapters disabled), not a copy of the policy
@@ -86,6 +92,7 @@ class ROSEDPOTrainer(DPOTrainer):
                 loss = self.compute_loss(self.model, inputs)
                 # TRL averages over pairs; the sum gives each pair its own full gradient.
                 torch.autograd.grad(loss * pairs, params, allow_unused=True)
+                release_gathered(model)
                 grads = capture.grads[:pairs] + capture.grads[pairs:]  # rows are [chosen..., rejected...]
                 out.append(projector.project(grads) if projector is not None else grads.clone())
         return torch.cat(out)
@@ -119,6 +126,7 @@ def sft_validation_gradients(model, validation, tokenizer, projector: Projector 
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad).items()}
             grads = per_example_gradients(model, batch)
+            release_gathered(model)
             out.append(projector.project(grads) if projector is not None else grads)
     return torch.cat(out)
 

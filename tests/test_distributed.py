@@ -56,3 +56,17 @@ SFTTrainer(AutoModelForCausalLM.from_pretrained("outputs/tiny/model"), args=args
     one = pd.read_parquet(tmp_path / "one/selection/scores.parquet")
     two = pd.read_parquet(tmp_path / "two/selection/scores.parquet")
     pd.testing.assert_frame_equal(one, two, check_exact=True)
+
+
+def test_offline_mode_names_deepspeed_checkpoints(tmp_path):
+    from rose_trl.offline import load_checkpoint_adam
+
+    ckpt = tmp_path / "checkpoint-4"
+    (ckpt / "global_step4").mkdir(parents=True)
+    (ckpt / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="DeepSpeed checkpoint"):
+        load_checkpoint_adam(ckpt, model=None)
+    (ckpt / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    (ckpt / "global_step4").rmdir()
+    with pytest.raises(FileNotFoundError, match="optimizer.pt is missing"):
+        load_checkpoint_adam(ckpt, model=None)

@@ -1,0 +1,110 @@
+"""Reading the LoRA parameters and their Adam state whole when DeepSpeed ZeRO partitions them.
+
+Under ZeRO-1/2 every rank holds the full (LoRA) weights but only a flat slice of the fp32 master
+weights and Adam moments; under ZeRO-3 the weights themselves are partitioned (`p.numel() == 0`
+outside a forward, the real size in `p.ds_numel` / `p.ds_shape`). The forward/backward hooks that
+ZeRO-3 installs on every module gather the weights a layer needs, so per-example gradients can be
+computed on the partitioned model as long as every rank runs the same number of passes. What we
+read directly (the adapter's values for its fingerprint, Adam's m and v) goes through DeepSpeed's
+documented collectives, which every rank must call, in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def is_deepspeed_param(p: torch.Tensor) -> bool:
+    """A parameter that a DeepSpeed ZeRO engine manages (ZeRO-3: `ds_id`; ZeRO-1/2: `_hp_mapping`)."""
+    return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """Number of values of the whole parameter, also when ZeRO-3 holds only a partition of it."""
+    return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    return torch.Size(p.ds_shape) if hasattr(p, "ds_shape") else p.shape
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Full values of ZeRO-3 partitioned `params` on every rank for reading (a collective); a no-op
+    for parameters that are not partitioned."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def deepspeed_adam_moments(params: list[tuple[str, nn.Parameter]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Whole exp_avg and exp_avg_sq of each parameter from a ZeRO optimizer (collectives: every rank calls this)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from .gradients import MissingAdamStateError
+
+    ms, vs = [], []
+    for name, p in params:
+        m = safe_get_full_optimizer_state(p, "exp_avg")
+        v = safe_get_full_optimizer_state(p, "exp_avg_sq")
+        if m is None or v is None:
+            raise MissingAdamStateError(
+                f"the DeepSpeed optimizer holds no Adam state (exp_avg/exp_avg_sq) for '{name}': Adam preconditioning "
+                "needs an Adam/AdamW optimizer and at least one step; use gradient_type='sgd' otherwise")
+        ms.append(m.detach().reshape(-1).float().cpu())
+        vs.append(v.detach().reshape(-1).float().cpu())
+    return ms, vs
+
+
+def partitioned(model: nn.Module) -> bool:
+    """Whether the model's forward is a collective (ZeRO-3 gathers each layer's weights across ranks)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def max_over_ranks(value: int) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def release_gathered(model: nn.Module) -> None:
+    """Re-partition every ZeRO-3 weight after a forward/backward run outside the engine.
+
+    ZeRO-3 releases a layer's gathered weights in a hook that fires when the gradient reaches the
+    layer's input; with frozen embeddings (LoRA) it never fires for some layers, and the engine's own
+    step cleans up after it. Our passes bypass the engine, so we do the same clean-up (the engine's
+    `empty_partition_cache`); otherwise later `GatheredParameters` and training steps see weights
+    that are still marked in use, and memory holds the whole model."""
+    for p in model.parameters():
+        if hasattr(p, "_z3_optimizer"):
+            p._z3_optimizer.empty_partition_cache()
+            return
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse FSDP-sharded models: FSDP2 swaps its DTensor parameters for unsharded tensors during the
+    forward, so the per-example hooks would not recognise the layers' weights and silently drop their
+    gradients. No FSDP run was possible to build and test support against (docs/distributed.md)."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded or any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise NotImplementedError(
+            "ROSE gradient extraction does not support FSDP-sharded models (e.g. "
+            f"{(sharded or ['an FSDP1 module'])[0]}); warm up under DeepSpeed ZeRO-2/3 or plain data parallelism "
+            "(accelerate_configs/deepspeed_zero*.yaml, multi_gpu.yaml), see docs/distributed.md")
