@@ -50,7 +50,9 @@ trainer = SFTTrainer(AutoModelForCausalLM.from_pretrained("tiny/model"), args=ar
                      callbacks=[callback])
 trainer.train()
 lora = [p for n, p in trainer.model.named_parameters() if "lora_A" in n][0]
-print("lora_numel", lora.numel(), getattr(lora, "ds_numel", None), "steps", trainer.state.global_step)
+# One write(2) of a short line is atomic on a pipe: the two ranks' lines cannot interleave.
+import os
+os.write(1, f"lora_numel {lora.numel()} {getattr(lora, 'ds_numel', None)} steps {trainer.state.global_step}\\n".encode())
 """
 
 
