@@ -39,11 +39,15 @@ def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     return pool, validation
 
 
-def sft_training_dataset(pool: Dataset, tokenizer, max_length: int | None, source: str) -> Dataset:
-    """input_ids + labels (-100 outside the response): the same tokens the gradients were taken on."""
-    tokens = tokenize_pool(pool, tokenizer, max_length, source=source)
+def with_labels(tokens: Dataset, source: str) -> Dataset:
+    """Tokenized rows -> input_ids + labels (-100 outside the response), what SFTTrainer trains on."""
     return tokens.map(lambda ex: {"labels": [t if m else -100 for t, m in zip(ex["input_ids"], ex["completion_mask"])]},
                       desc=f"Labels for {source}").select_columns(["input_ids", "labels"])
+
+
+def sft_training_dataset(pool: Dataset, tokenizer, max_length: int | None, source: str) -> Dataset:
+    """input_ids + labels, tokenized by the same rule as the gradients (sft_data)."""
+    return with_labels(tokenize_pool(pool, tokenizer, max_length, source=source), source)
 
 
 def load_model_and_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False):
@@ -134,14 +138,16 @@ def select_with_gradients(rose: ROSEConfig, sft: SFTConfig, model_args: ModelCon
     # The warm-up pushes nothing: only the final model (and the selection) go to the Hub.
     warm_args = dataclasses.replace(sft, output_dir=str(warmup_dir), save_strategy="epoch", save_only_model=False,
                                     push_to_hub=False)
-    warm = sft_training_dataset(pool.select(warmup_indices(len(pool), rose.warmup_fraction, sft.seed)), tokenizer,
-                                sft.max_length, "warm-up pool")
     callback = ROSECallback(pool, validation, tokenizer, rose, output_dir=str(out), max_length=sft.max_length,
                             run_config=run_config)
     # Check the data and any earlier run in output_dir before the warm-up resumes from its checkpoints.
-    if callback.ensure_selector(warm_args).cleared_previous_run:
+    selector = callback.ensure_selector(warm_args)
+    if selector.cleared_previous_run:
         for stale in ("warmup", "final", rose.selection_folder):
             shutil.rmtree(out / stale, ignore_errors=True)
+    # The warm-up trains on the selector's own tokens of the pool: tokenized once, identical by construction.
+    warm = with_labels(selector.pool_tokens.select(warmup_indices(len(pool), rose.warmup_fraction, sft.seed)),
+                       "warm-up pool")
     trainer = SFTTrainer(model, args=warm_args, train_dataset=warm, processing_class=tokenizer,
                          peft_config=get_peft_config(model_args), callbacks=[callback])
     # A re-run resumes the warm-up from its last checkpoint; finished gradient stores are reused.
