@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import deepspeed_adam_moments, full_numel, full_shape, is_deepspeed_param
+from .distributed import deepspeed_adam_moments, full_numel, is_deepspeed_param, whole
 
 IGNORE_INDEX = -100
 
@@ -63,23 +63,26 @@ class PerExampleGradientCapture:
         self.params = trainable_parameters(model)
         if not self.params:
             raise UnsupportedParameterError("the model has no trainable parameters (is the LoRA adapter attached and active?)")
-        self._slices: dict[int, tuple[int, int, torch.Size]] = {}
+        slices: dict[int, tuple[int, int]] = {}
         offset = 0
         for _, p in self.params:
-            # full_*: under ZeRO-3 a partitioned parameter's numel() is 0 outside its layer's forward.
-            self._slices[id(p)] = (offset, full_numel(p), full_shape(p))
+            # full_numel: under ZeRO-3 a partitioned parameter's numel() is 0 outside its layer's forward.
+            slices[id(p)] = (offset, full_numel(p))
             offset += full_numel(p)
         self.num_params = offset
+        # Slices are looked up by module, not by weight: FSDP2 swaps a module's sharded weights for
+        # unsharded ones around each forward/backward, so the weight seen then is another tensor.
+        self._module_slices: dict[int, tuple[tuple[int, int] | None, tuple[int, int] | None]] = {}
         self._modules: list[nn.Linear] = []
-        covered: set[int] = set()
         for module in model.modules():
-            if isinstance(module, nn.Linear) and (
-                id(module.weight) in self._slices or (module.bias is not None and id(module.bias) in self._slices)
-            ):
+            if not isinstance(module, nn.Linear):
+                continue
+            weight = slices.get(id(module.weight))
+            bias = slices.get(id(module.bias)) if module.bias is not None else None
+            if weight is not None or bias is not None:
                 self._modules.append(module)
-                covered.add(id(module.weight))
-                if module.bias is not None:
-                    covered.add(id(module.bias))
+                self._module_slices[id(module)] = (weight, bias)
+        covered = {id(m.weight) for m in self._modules} | {id(m.bias) for m in self._modules if m.bias is not None}
         uncovered = [name for name, p in self.params if id(p) not in covered]
         if uncovered:
             raise UnsupportedParameterError(
@@ -87,6 +90,8 @@ class PerExampleGradientCapture:
                 + (" ..." if len(uncovered) > 5 else "")
             )
         self.grads: torch.Tensor | None = None
+        # The hooked layers' outputs of the current pass: the backward is taken with respect to them.
+        self.outputs: list[torch.Tensor] = []
         self._handles: list = []
 
     def __enter__(self) -> "PerExampleGradientCapture":
@@ -97,26 +102,42 @@ class PerExampleGradientCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.outputs = []  # a forward without backward (an error in between) must not keep them either
 
     def reset(self, rows: int, device: torch.device) -> None:
         self.grads = torch.zeros(rows, self.num_params, dtype=torch.float32, device=device)
+        self.outputs = []
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Fill `self.grads` from `loss` (a sum of per-row losses). The gradient is taken with respect to
+        the hooked layers' outputs, never the parameters: no `.grad` is written (a live training run's
+        accumulators stay untouched) and no data-parallel gradient reduction is triggered."""
+        outputs, self.outputs = self.outputs, []
+        if not outputs:
+            raise UnsupportedParameterError("no hooked layer ran in this forward (is the LoRA adapter active?)")
+        # Our list must not outlive the pass: each output's gradient hook refers back to this object,
+        # a tensor -> hook -> capture -> tensor cycle that Python's gc cannot break, so every pass's
+        # activations would stay on the device (measured: a 7B extraction ran out of 80 GB).
+        torch.autograd.grad(loss, outputs, allow_unused=True)
 
     def _forward_hook(self, module: nn.Linear, inputs, output) -> None:
         if not (torch.is_grad_enabled() and output.requires_grad):
             return
         x = inputs[0].detach()
         output.register_hook(lambda grad_out, m=module, x=x: self._accumulate(m, x, grad_out))
+        self.outputs.append(output)
 
     def _accumulate(self, module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         rows = x.shape[0]
         g = grad_out.reshape(rows, -1, grad_out.shape[-1]).float()
         a = x.reshape(rows, -1, x.shape[-1]).float()
+        weight, bias = self._module_slices[id(module)]
         # `+=`: a module called several times in one forward contributes the sum of its calls.
-        if id(module.weight) in self._slices:
-            start, n, _ = self._slices[id(module.weight)]
+        if weight is not None:
+            start, n = weight
             self.grads[:, start : start + n] += torch.einsum("bto,bti->boi", g, a).reshape(rows, n)
-        if module.bias is not None and id(module.bias) in self._slices:
-            start, n, _ = self._slices[id(module.bias)]
+        if bias is not None:
+            start, n = bias
             self.grads[:, start : start + n] += g.sum(dim=1)
 
 
@@ -148,7 +169,7 @@ class AdamState:
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, params: list[tuple[str, nn.Parameter]]) -> "AdamState":
         """Read m, v, betas and eps from a live (possibly accelerate-wrapped) torch Adam/AdamW, or from a
-        DeepSpeed ZeRO optimizer (there every rank must call this: the moments are gathered)."""
+        DeepSpeed ZeRO optimizer; under ZeRO and FSDP2 every rank must call this (the moments are gathered)."""
         if any(is_deepspeed_param(p) for _, p in params):
             # ZeRO keeps flat partitions of m and v in its inner optimizer; DeepSpeed reassembles them per parameter.
             ms, vs = deepspeed_adam_moments(params)
@@ -167,8 +188,9 @@ class AdamState:
                 )
             g = group_of[id(p)]
             hyper.add((float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])))
-            ms.append(state["exp_avg"].detach().reshape(-1).float())
-            vs.append(state["exp_avg_sq"].detach().reshape(-1).float())
+            # whole(): FSDP2 keeps m and v as DTensors sharded like their parameter (a collective).
+            ms.append(whole(state["exp_avg"].detach()).reshape(-1).float())
+            vs.append(whole(state["exp_avg_sq"].detach()).reshape(-1).float())
         return cls._build(ms, vs, hyper)
 
     @classmethod
@@ -235,7 +257,16 @@ def trainer_param_index(model: nn.Module) -> dict[str, int]:
 
 
 def _model_inputs(batch: dict) -> dict:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    """Right-padded rows go in without their padding mask: under the causal mask a real token never
+    attends to the padding after it, and padded positions carry no loss, so every row's gradient is the
+    same (tested against unpadded rows). Without an explicit mask, attention runs its causal
+    flash/memory-efficient kernels instead of building masked [rows, heads, T, T] scores, which for a
+    7B model at 2048 tokens is the difference between fitting an 80 GB GPU and not."""
+    mask = batch["attention_mask"]
+    right_padded = bool((mask[:, :-1] >= mask[:, 1:]).all()) and bool(mask[:, 0].all())
+    if right_padded:
+        return {"input_ids": batch["input_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False}
 
 
 def per_example_gradients(
@@ -259,9 +290,7 @@ def per_example_gradients(
     with activation_checkpointing_off(model), capture, torch.enable_grad():
         capture.reset(batch["input_ids"].shape[0], device)
         logits = model(**_model_inputs(batch)).logits
-        loss = sft_per_example_loss(logits, batch["labels"]).sum()
-        # autograd.grad, not backward: the live training run's .grad buffers stay untouched.
-        torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        capture.backward(sft_per_example_loss(logits, batch["labels"]).sum())
     grads = capture.grads
     if adam_state is not None:
         grads = adam_state.precondition(grads)

@@ -63,8 +63,8 @@ class ROSEDPOTrainer(DPOTrainer):
         validate_preferences(train_dataset if "subtask" in train_dataset.column_names
                              else train_dataset.add_column("subtask", [DEFAULT_SUBTASK] * len(train_dataset)), "validation")
         params_before = [n for n, _ in trainable_parameters(model)]
-        # TRL copies the adapter's values into its "ref" adapter (deleted below): under ZeRO-3 they must be whole.
-        with gathered(p for _, p in trainable_parameters(model)):
+        # TRL copies the adapter's values into its "ref" adapter (deleted below): under ZeRO-3/FSDP2 they must be whole.
+        with gathered(model):
             super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)
         if "ref" in getattr(unwrapped, "peft_config", {}):
@@ -91,7 +91,7 @@ class ROSEDPOTrainer(DPOTrainer):
                 capture.reset(2 * pairs, device)
                 loss = self.compute_loss(self.model, inputs)
                 # TRL averages over pairs; the sum gives each pair its own full gradient.
-                torch.autograd.grad(loss * pairs, params, allow_unused=True)
+                capture.backward(loss * pairs)
                 release_gathered(model)
                 grads = capture.grads[:pairs] + capture.grads[pairs:]  # rows are [chosen..., rejected...]
                 out.append(projector.project(grads) if projector is not None else grads.clone())
