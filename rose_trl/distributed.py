@@ -1,4 +1,4 @@
-"""Reading the LoRA parameters and their Adam state whole when DeepSpeed ZeRO partitions them.
+"""Reading the LoRA parameters and their Adam state whole when DeepSpeed ZeRO or FSDP2 shards them.
 
 Under ZeRO-1/2 every rank holds the full (LoRA) weights but only a flat slice of the fp32 master
 weights and Adam moments; under ZeRO-3 the weights themselves are partitioned (`p.numel() == 0`
@@ -7,6 +7,11 @@ ZeRO-3 installs on every module gather the weights a layer needs, so per-example
 computed on the partitioned model as long as every rank runs the same number of passes. What we
 read directly (the adapter's values for its fingerprint, Adam's m and v) goes through DeepSpeed's
 documented collectives, which every rank must call, in the same order.
+
+Under FSDP2 (`fully_shard`) parameters and Adam moments are DTensors sharded on dim 0; their
+`shape`/`numel()` are the whole tensor's. Each FSDP module all-gathers its weights around its forward
+and backward (collectives again: every rank runs as many passes), and what we read directly is
+gathered with `DTensor.full_tensor()` or, for the adapter's values, `FSDPModule.unshard()`.
 """
 
 from __future__ import annotations
@@ -28,22 +33,43 @@ def full_numel(p: torch.Tensor) -> int:
     return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()
 
 
-def full_shape(p: torch.Tensor) -> torch.Size:
-    return torch.Size(p.ds_shape) if hasattr(p, "ds_shape") else p.shape
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a sharded DTensor (a collective: every rank calls it), else `t` itself."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 @contextlib.contextmanager
-def gathered(params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Full values of ZeRO-3 partitioned `params` on every rank for reading (a collective); a no-op
-    for parameters that are not partitioned."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    import deepspeed
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Whole values of the model's trainable parameters on every rank, for reading (a collective); a
+    no-op when nothing is partitioned. Under FSDP2 the modules hold unsharded parameters inside the
+    context, so read `model.named_parameters()` again in it."""
+    zero3 = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+    fsdp = fsdp_modules(model) if any(is_dtensor(p) for p in model.parameters()) else []
+    if zero3:
+        import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+            yield
+        return
+    for m in fsdp:
+        m.unshard()
+    try:
         yield
+    finally:
+        for m in fsdp:
+            m.reshard()
 
 
 def deepspeed_adam_moments(params: list[tuple[str, nn.Parameter]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -66,8 +92,8 @@ def deepspeed_adam_moments(params: list[tuple[str, nn.Parameter]]) -> tuple[list
 
 
 def partitioned(model: nn.Module) -> bool:
-    """Whether the model's forward is a collective (ZeRO-3 gathers each layer's weights across ranks)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    """Whether the model's forward is a collective (ZeRO-3 and FSDP gather each layer's weights across ranks)."""
+    return any(hasattr(p, "ds_id") or is_dtensor(p) for p in model.parameters())
 
 
 def max_over_ranks(value: int) -> int:
@@ -97,14 +123,11 @@ def release_gathered(model: nn.Module) -> None:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Refuse FSDP-sharded models: FSDP2 swaps its DTensor parameters for unsharded tensors during the
-    forward, so the per-example hooks would not recognise the layers' weights and silently drop their
-    gradients. No FSDP run was possible to build and test support against (docs/distributed.md)."""
-    from torch.distributed.tensor import DTensor
-
-    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
-    if sharded or any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+    """Refuse FSDP1 (`FullyShardedDataParallel`): it flattens a layer's weights into one FlatParameter, so
+    LoRA weights are not parameters of their `nn.Linear` layers any more. FSDP2 (`fully_shard`,
+    accelerate's `fsdp_version: 2`, accelerate_configs/fsdp.yaml) keeps them and is supported."""
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
         raise NotImplementedError(
-            "ROSE gradient extraction does not support FSDP-sharded models (e.g. "
-            f"{(sharded or ['an FSDP1 module'])[0]}); warm up under DeepSpeed ZeRO-2/3 or plain data parallelism "
-            "(accelerate_configs/deepspeed_zero*.yaml, multi_gpu.yaml), see docs/distributed.md")
+            "ROSE gradient extraction does not support FSDP1-wrapped models (flattened parameters); use FSDP2 "
+            "(fsdp_version: 2, accelerate_configs/fsdp.yaml), DeepSpeed ZeRO-2/3 or plain data parallelism, "
+            "see docs/distributed.md")

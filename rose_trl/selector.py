@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import PartialState
 from datasets import Dataset
 
@@ -45,11 +46,11 @@ def with_subtasks(validation: Dataset) -> Dataset:
 def adapter_fingerprint(model) -> str:
     """Hash of the trainable weights: a checkpoint name alone does not say which weights produced a store."""
     h = hashlib.sha256()
-    params = trainable_parameters(model)
-    with gathered(p for _, p in params):  # ZeRO-3: whole weights (a collective: every rank hashes)
-        for name, p in params:
+    with gathered(model):  # ZeRO-3/FSDP2: whole weights (a collective: every rank hashes)
+        for name, p in trainable_parameters(model):
             h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+            # a copy: numpy must not hold (and pin) the storage FSDP2 frees when it reshards
+            h.update(p.detach().to("cpu", torch.float32, copy=True).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

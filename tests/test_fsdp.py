@@ -1,0 +1,99 @@
+"""ROSESelector on an FSDP2-sharded (`fully_shard`) LoRA model, 2 gloo processes on the CPU: the same
+scores as the unsharded model trained the same way in one process.
+
+accelerate 1.15 turns FSDP on only for multi-GPU process types, so this test shards the model itself
+with torch's `fully_shard` (what accelerate's `fsdp_version: 2` calls per decoder layer). The LoRA
+weights, and AdamW's m and v, are then DTensors split across the two ranks. tests/test_gpu.py runs
+the Trainer + accelerate FSDP path on a GPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = """
+import sys
+import torch
+from accelerate import PartialState
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from rose_trl import ROSEConfig, ROSESelector
+from rose_trl.data import load_pool, load_preferences
+from rose_trl.gradients import AdamState, trainable_parameters
+from rose_trl.sft_data import collate, tokenize_pool
+
+mode, out = sys.argv[1], sys.argv[2]
+state = PartialState(cpu=True)  # gloo under torchrun
+tok = AutoTokenizer.from_pretrained("tiny/model")
+pool, validation = load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl")
+torch.manual_seed(0)
+model = get_peft_model(AutoModelForCausalLM.from_pretrained("tiny/model"),
+                       LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+if mode == "fsdp":
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (state.num_processes,))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+opt = torch.optim.AdamW([p for _, p in trainable_parameters(model)], lr=1e-2)
+# The same 3 batches on every rank: the data-parallel mean gradient equals the one-process gradient.
+rows = tokenize_pool(pool.select(range(12)), tok, 256).select_columns(["input_ids", "completion_mask"])
+for step in range(3):
+    batch = collate([rows[i] for i in range(4 * step, 4 * step + 4)], tok.pad_token_id)
+    opt.zero_grad()
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    opt.step()
+opt.zero_grad(set_to_none=True)
+lora = [p for n, p in model.named_parameters() if "lora_A" in n][0]
+adam = AdamState.from_optimizer(opt, trainable_parameters(model))
+selector = ROSESelector(pool, validation, tok, ROSEConfig(projection_dim=512, selection_fraction=0.25,
+                        gradient_batch_size=6), out, max_length=256, use_cpu=True, progress=False)
+selector.add_checkpoint(model, "checkpoint-3", 1e-2, adam)
+still_clean = all(p.grad is None for _, p in trainable_parameters(model))
+selector.finalize()
+# Training goes on after the checkpoint, as in a warm-up: the model must still be usable.
+batch = collate([rows[i] for i in range(4)], tok.pad_token_id)
+model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+opt.step()
+import os
+os.write(1, f"rank {state.process_index} {type(lora).__name__} local {tuple(lora.to_local().shape) if hasattr(lora, 'to_local') else tuple(lora.shape)} "
+            f"clean {still_clean}\\n".encode())
+"""
+
+
+def torchrun(nproc: int, mode: str, out: Path, cwd: Path) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + nproc + (7 if mode == "fsdp" else 0)), str(cwd / "fsdp_select.py"), mode, str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_fsdp2_sharded_lora_scores_like_one_process(tmp_path):
+    subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "tiny"), "--pool-size", "64"],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    (tmp_path / "fsdp_select.py").write_text(SCRIPT)
+    torchrun(1, "single", tmp_path / "single", tmp_path)
+    out = torchrun(2, "fsdp", tmp_path / "fsdp", tmp_path)
+    # Really sharded: the first lora_A (8 x 64) is split in two rows of 4 on each rank.
+    assert out.count("DTensor local (4, 64) clean True") == 2, out
+    single = pd.read_parquet(tmp_path / "single/selection/scores.parquet").sort_values("pool_index")
+    fsdp = pd.read_parquet(tmp_path / "fsdp/selection/scores.parquet").sort_values("pool_index")
+    np.testing.assert_allclose(fsdp["score"].to_numpy(), single["score"].to_numpy(), atol=1e-4)
+    assert (fsdp["selected"].to_numpy() == single["selected"].to_numpy()).all()
+    manifest = json.loads((tmp_path / "fsdp/rose/checkpoints.json").read_text())
+    assert [c["name"] for c in manifest["checkpoints"]] == ["checkpoint-3"]
