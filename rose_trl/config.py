@@ -42,8 +42,9 @@ class ROSEConfig:
     selection_fraction: float = field(default=0.05, metadata={"help": "Fraction of the pool to select, in (0, 1]."})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Random fraction of the pool for the warm-up run."})
     projection_type: str = field(
-        default="auto", metadata={"help": "sjlt (fast sparse JL, CPU default), trak (TRAK Rademacher, LESS-compatible; "
-                                          "CudaProjector with fast_jl on GPU) or auto.",
+        default="auto", metadata={"help": "sjlt (fast sparse JL), trak (trak's BasicProjector, TRAK Rademacher), "
+                                          "trak_cuda (trak's CudaProjector with fast_jl, LESS's GPU projector) or "
+                                          "auto (= sjlt, the measured best on CPU and GPU).",
                                   "choices": list(PROJECTION_TYPES) + ["auto"]})
     projection_dim: int = field(default=8192, metadata={"help": "Dimension of the projected gradients."})
     projection_seed: int = field(default=0, metadata={"help": "Seed of the projection matrix."})

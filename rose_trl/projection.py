@@ -1,13 +1,15 @@
 """Random projections of gradient rows: one seeded matrix shared by every process, run and gradient type.
 
-- `TrakProjector`: TRAK's Rademacher projection, as LESS/ROSE use it. trak's `CudaProjector` (fast_jl)
-  on CUDA when it is installed, otherwise trak's `BasicProjector`. `BasicProjector` regenerates its
-  matrix block by block on every call; when the matrix fits `cache_bytes` we materialize exactly the
-  same blocks once, which gives the same numbers ~15x faster.
-- `SparseJLProjector` ("sjlt", the CPU default): a sparse Johnson-Lindenstrauss transform (Kane &
-  Nelson 2014). Each input coordinate lands in `nnz` output rows with random signs, so a row costs
-  O(nnz * n_params) instead of O(dim * n_params) and no matrix is stored. Its inner-product
+- `SparseJLProjector` ("sjlt", the default on CPU and GPU): a sparse Johnson-Lindenstrauss transform
+  (Kane & Nelson 2014). Each input coordinate lands in `nnz` output rows with random signs, so a row
+  costs O(nnz * n_params) instead of O(dim * n_params) and no matrix is stored. Its inner-product
   distortion matches a dense Rademacher matrix at the same dim (tests/test_projection.py).
+- `TrakProjector`: TRAK's Rademacher projection, as LESS/ROSE use it. "trak" is trak's
+  `BasicProjector` on any device; it regenerates its matrix block by block on every call, and when the
+  matrix fits `cache_bytes` we materialize exactly the same blocks once (same numbers, ~15x faster).
+  "trak_cuda" is trak's `CudaProjector` (fast_jl), LESS's GPU projector. It is never picked
+  automatically: on an H100 its scores tracked exact cosine scores much worse than BasicProjector's
+  or sjlt's (mean Spearman 0.42 vs 0.79 and 0.79, docs/distributed.md).
 
 Projectors are described by a JSON-able dict (`describe()`), stored with every gradient store so
 that stores built with different matrices are never mixed.
@@ -20,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-PROJECTION_TYPES = ("sjlt", "trak")
+PROJECTION_TYPES = ("sjlt", "trak", "trak_cuda")
 
 
 class Projector(Protocol):
@@ -43,14 +45,16 @@ class SparseJLProjector:
 
     name = "sjlt"
 
-    def __init__(self, input_dim: int, dim: int = 8192, seed: int = 0, nnz: int = 4, chunk: int = 1 << 22):
+    def __init__(self, input_dim: int, dim: int = 8192, seed: int = 0, nnz: int = 4, chunk: int = 1 << 22,
+                 cache_bytes: int = 4 << 30):
         if nnz < 1 or dim < 1:
             raise ValueError(f"sjlt needs dim >= 1 and nnz >= 1, got dim={dim}, nnz={nnz}")
         self.input_dim, self.dim, self.seed, self.nnz, self.chunk = input_dim, dim, seed, nnz, chunk
+        # The hash plan costs 5 bytes (int32 bucket, int8 sign) per input coordinate and nnz: it is kept,
+        # on the device that projects, when that fits `cache_bytes` (7B LoRA r=128: 2.7 GB), and
+        # regenerated chunk by chunk on every call otherwise.
+        self._cache = input_dim * nnz * 5 <= cache_bytes
         self._plan: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None = None
-        # The hash plan costs (4 + 4) * nnz bytes per input coordinate: keep it when that is small.
-        if input_dim * nnz * 8 <= 2 << 30:
-            self._plan = list(self._chunks())
 
     def _chunks(self):
         for start in range(0, self.input_dim, self.chunk):
@@ -58,21 +62,28 @@ class SparseJLProjector:
             # One generator per chunk, seeded from (seed, chunk index): the plan does not depend on
             # the device or on how many chunks were generated before.
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + start // self.chunk)
-            buckets = torch.randint(0, self.dim, (self.nnz, end - start), generator=g)
-            signs = torch.randint(0, 2, (self.nnz, end - start), generator=g, dtype=torch.int8).float() * 2 - 1
-            yield start, end, buckets, signs / math.sqrt(self.nnz)
+            buckets = torch.randint(0, self.dim, (self.nnz, end - start), generator=g).int()
+            signs = torch.randint(0, 2, (self.nnz, end - start), generator=g, dtype=torch.int8) * 2 - 1
+            yield start, end, buckets, signs
+
+    def _plan_on(self, device: torch.device):
+        if not self._cache:
+            return ((s, e, b.to(device), g.to(device)) for s, e, b, g in self._chunks())
+        if self._plan is None or self._plan[0][2].device != device:
+            self._plan = [(s, e, b.to(device), g.to(device)) for s, e, b, g in self._chunks()]
+        return self._plan
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         if grads.shape[-1] != self.input_dim:
             raise ValueError(f"projector built for {self.input_dim} parameters, got rows of {grads.shape[-1]}")
         grads = grads.float()
         out = torch.zeros(grads.shape[0], self.dim, dtype=torch.float32, device=grads.device)
-        for start, end, buckets, signs in self._plan if self._plan is not None else self._chunks():
+        scale = 1 / math.sqrt(self.nnz)
+        for start, end, buckets, signs in self._plan_on(grads.device):
             block = grads[:, start:end]
-            buckets, signs = buckets.to(grads.device), signs.to(grads.device)
             for s in range(self.nnz):
                 out.index_add_(1, buckets[s], block * signs[s])
-        return out
+        return out.mul_(scale)
 
     def describe(self) -> dict:
         return {"type": self.name, "dim": self.dim, "seed": self.seed, "nnz": self.nnz, "input_dim": self.input_dim}
@@ -94,33 +105,31 @@ class TrakProjector:
         block_size: int = 128,
         max_batch_size: int = 16,
         cache_bytes: int = 4 << 30,
+        backend: str = "basic",
     ):
         from trak.projectors import BasicProjector, ProjectionType
 
         self.input_dim, self.dim, self.seed, self.block_size = input_dim, dim, seed, block_size
         self.device = torch.device(device)
-        self.backend = "basic"
+        self.backend = backend
         self._matrix: torch.Tensor | None = None
-        self._impl = None
-        if self.device.type == "cuda":
-            try:
-                import fast_jl  # noqa: F401
-                from trak.projectors import CudaProjector
+        if backend == "cuda":
+            if self.device.type != "cuda" or not _has_fast_jl():
+                raise ValueError("projection_type 'trak_cuda' needs a CUDA device and fast_jl "
+                                 "(pip install -e '.[fast]' on a GPU machine); use 'sjlt' or 'trak' otherwise")
+            from trak.projectors import CudaProjector
 
-                self._impl = CudaProjector(
-                    grad_dim=input_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
-                    device=self.device, max_batch_size=max_batch_size,
-                )
-                self.backend = "cuda"
-            except ImportError:
-                pass  # fast_jl missing: BasicProjector below
-        if self._impl is None:
+            self._impl = CudaProjector(grad_dim=input_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
+                                       device=self.device, max_batch_size=max_batch_size)
+        elif backend == "basic":
             self._impl = BasicProjector(
                 grad_dim=input_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
                 device=self.device, block_size=block_size, dtype=torch.float32,
             )
             if input_dim * dim * 4 <= cache_bytes:
                 self._matrix = self._materialize_basic()
+        else:
+            raise ValueError(f"unknown trak backend {backend!r}; use 'basic' or 'cuda'")
 
     def _materialize_basic(self) -> torch.Tensor:
         """The exact matrix BasicProjector multiplies by, block by block, built once."""
@@ -139,7 +148,8 @@ class TrakProjector:
         if self._matrix is not None:
             return grads @ self._matrix
         if self.backend == "cuda":
-            return self._impl.project(grads.half().contiguous(), model_id=0).float()
+            # float32 in: fast_jl takes it, and half would flush small (SGD) gradients to zero.
+            return self._impl.project(grads.contiguous(), model_id=0).float()
         return self._impl.project(grads, model_id=0)
 
     def describe(self) -> dict:
@@ -156,14 +166,13 @@ class TrakProjector:
 
 def build_projector(kind: str, input_dim: int, dim: int = 8192, seed: int = 0,
                     device: str | torch.device = "cpu", **kwargs) -> Projector:
-    """`kind`: "sjlt" (fast default), "trak" (TRAK Rademacher, CudaProjector when fast_jl works), or "auto"
-    (trak's CudaProjector on CUDA with fast_jl, sjlt elsewhere)."""
-    if kind == "auto":
-        kind = "trak" if torch.device(device).type == "cuda" and _has_fast_jl() else "sjlt"
-    if kind == "sjlt":
+    """`kind`: "sjlt" (fast, default), "trak" (trak's BasicProjector), "trak_cuda" (trak's CudaProjector,
+    fast_jl) or "auto" (the measured best for the device: sjlt on CPU and on GPU)."""
+    if kind in ("auto", "sjlt"):
         return SparseJLProjector(input_dim, dim, seed, **kwargs)
-    if kind == "trak":
-        return TrakProjector(input_dim, dim, seed, device=device, **kwargs)
+    if kind in ("trak", "trak_cuda"):
+        return TrakProjector(input_dim, dim, seed, device=device, backend="cuda" if kind == "trak_cuda" else "basic",
+                             **kwargs)
     raise ValueError(f"unknown projection type {kind!r}; choose one of {PROJECTION_TYPES + ('auto',)}")
 
 

@@ -25,6 +25,7 @@ pytestmark = [
 ]
 
 WARMUP = """
+import os
 import sys
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,16 +35,20 @@ from rose_trl.data import load_pool, load_preferences
 from rose_trl.pipeline import sft_training_dataset
 
 deepspeed = sys.argv[1] == "deepspeed"
+# ROSE_TEST_GPU=1 (tests/test_gpu.py): the same run on CUDA, nccl chosen by accelerate.
+on_gpu = os.environ.get("ROSE_TEST_GPU") == "1"
 # gradient_batch_size 6: 64 rows make 11 batches, so under ZeRO-3 one rank runs a discarded pass.
 tok = AutoTokenizer.from_pretrained("tiny/model")
 pool, validation = load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl")
 # DeepSpeed on a CPU machine: use_cpu would turn DeepSpeed off in accelerate, so the CPU is reached
 # through the gloo backend instead (docs/distributed.md).
 args = SFTConfig(output_dir=sys.argv[2], num_train_epochs=2, per_device_train_batch_size=4, learning_rate=1e-3,
-                 save_strategy="epoch", logging_steps=1, use_cpu=not deepspeed, ddp_backend="gloo" if deepspeed else None,
-                 bf16=False, gradient_checkpointing=False, report_to=[], max_length=256, disable_tqdm=True, seed=0)
-callback = ROSECallback(pool, validation, tok, ROSEConfig(projection_dim=512, selection_fraction=0.25,
-                                                          gradient_batch_size=6))
+                 save_strategy="epoch", logging_steps=1, use_cpu=not (deepspeed or on_gpu),
+                 ddp_backend="gloo" if deepspeed and not on_gpu else None,
+                 bf16=os.environ.get("ROSE_TEST_BF16") == "1", gradient_checkpointing=False, report_to=[], max_length=256, disable_tqdm=True, seed=0)
+# sjlt named: "auto" would pick trak's CudaProjector on a GPU with fast_jl, another matrix.
+callback = ROSECallback(pool, validation, tok, ROSEConfig(projection_type="sjlt", projection_dim=512,
+                                                          selection_fraction=0.25, gradient_batch_size=6))
 trainer = SFTTrainer(AutoModelForCausalLM.from_pretrained("tiny/model"), args=args,
                      train_dataset=sft_training_dataset(pool.select(range(32)), tok, 256, "warm-up"),
                      processing_class=tok, peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -51,15 +56,19 @@ trainer = SFTTrainer(AutoModelForCausalLM.from_pretrained("tiny/model"), args=ar
 trainer.train()
 lora = [p for n, p in trainer.model.named_parameters() if "lora_A" in n][0]
 # One write(2) of a short line is atomic on a pipe: the two ranks' lines cannot interleave.
-import os
-os.write(1, f"lora_numel {lora.numel()} {getattr(lora, 'ds_numel', None)} steps {trainer.state.global_step}\\n".encode())
+os.write(1, f"lora_numel {lora.numel()} {getattr(lora, 'ds_numel', None)} steps {trainer.state.global_step} "
+            f"{type(lora).__name__}\\n".encode())
 """
 
 
-def launch(config: Path, mode: str, output_dir: Path, cwd: Path) -> str:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+def launch(config: Path, mode: str, output_dir: Path, cwd: Path, *launch_args: str, gpu: bool = False,
+           bf16: bool = False) -> str:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *launch_args,
            str(cwd / "warmup.py"), mode, str(output_dir)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    env.update({"ROSE_TEST_GPU": "1"} if gpu else {"DS_ACCELERATOR": "cpu"})
+    env.update({"ROSE_TEST_BF16": "1"} if bf16 else {})
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
