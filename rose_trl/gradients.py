@@ -224,6 +224,22 @@ class AdamState:
         return cls._build(ms, vs, hyper)
 
     @classmethod
+    def from_named_moments(cls, exp_avg: dict, exp_avg_sq: dict, hyper: set,
+                           params: list[tuple[str, nn.Parameter]], source: str = "checkpoint") -> "AdamState":
+        """Build from m and v keyed by parameter name (e.g. read from a DeepSpeed checkpoint)."""
+        ms, vs = [], []
+        for name, p in params:
+            if name not in exp_avg or name not in exp_avg_sq:
+                raise MissingAdamStateError(f"{source} has no exp_avg/exp_avg_sq for '{name}'")
+            if exp_avg[name].numel() != full_numel(p):
+                raise MissingAdamStateError(
+                    f"{source}: '{name}' has {exp_avg[name].numel()} Adam values, the parameter has {full_numel(p)}: "
+                    "the checkpoint was written for a different model or adapter")
+            ms.append(exp_avg[name].reshape(-1).float())
+            vs.append(exp_avg_sq[name].reshape(-1).float())
+        return cls._build(ms, vs, set(hyper))
+
+    @classmethod
     def _build(cls, ms, vs, hyper) -> "AdamState":
         if len(hyper) != 1:
             raise ValueError(f"parameters use different Adam (beta1, beta2, eps): {sorted(hyper)}")

@@ -1,8 +1,9 @@
 """Selection from the saved checkpoints of a finished warm-up run (LESS-style), through ROSESelector.
 
 Each `checkpoint-<step>/` must hold the LoRA adapter (adapter_model.safetensors) and, for Adam
-features, the Trainer's optimizer.pt; learning rates come from trainer_state.json's log history
-(mean of the logged LRs since the previous checkpoint).
+features, the Trainer's optimizer.pt or, for a DeepSpeed ZeRO warm-up, its global_step*/ optimizer
+files; learning rates come from trainer_state.json's log history (mean of the logged LRs since the
+previous checkpoint).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from .gradients import AdamState, trainable_parameters, trainer_param_index
 from .selector import ROSESelector, mean_lr_since
+from .zero_checkpoint import read_zero_adam_moments, zero_checkpoint_dir
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -29,19 +31,19 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def load_checkpoint_adam(checkpoint: Path, model) -> AdamState:
+    """The checkpoint's Adam state: the Trainer's optimizer.pt, or a DeepSpeed ZeRO checkpoint's
+    per-rank optimizer files (global_step*/), reassembled per parameter."""
     path = checkpoint / "optimizer.pt"
-    if not path.exists() and any(checkpoint.glob("global_step*")):
-        # DeepSpeed writes flat per-rank partitions of m and v (global_step*/zero_pp_rank_*_optim_states.pt)
-        # whose layout only a live engine or a universal-checkpoint conversion maps back to parameters.
-        raise FileNotFoundError(
-            f"{checkpoint} is a DeepSpeed checkpoint (optimizer state under global_step*/, no optimizer.pt): the "
-            "offline mode reads torch optimizer.pt files only. Run ROSECallback during the DeepSpeed warm-up "
-            "instead (it reads the live ZeRO state), or use gradient_type='sgd' (docs/distributed.md)")
+    params = trainable_parameters(model)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: Adam features need the optimizer state (or use gradient_type='sgd')")
+        ds_dir = zero_checkpoint_dir(checkpoint)
+        if ds_dir is None:
+            raise FileNotFoundError(f"{path} is missing: Adam features need the optimizer state (or use gradient_type='sgd')")
+        exp_avg, exp_avg_sq, hyper = read_zero_adam_moments(ds_dir)
+        return AdamState.from_named_moments(exp_avg, exp_avg_sq, hyper, params, source=str(ds_dir))
     # weights_only: an optimizer file is untrusted input and must not run code when read.
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return AdamState.from_state_dict(state, trainable_parameters(model), trainer_param_index(model))
+    return AdamState.from_state_dict(state, params, trainer_param_index(model))
 
 
 def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelector, folder: str = "selection") -> Path:

@@ -7,6 +7,7 @@ Needs the `deepspeed` extra (`pip install -e ".[deepspeed]"`); skipped without i
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,31 @@ def launch(config: Path, mode: str, output_dir: Path, cwd: Path, *launch_args: s
     return result.stdout
 
 
+OFFLINE = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from rose_trl import ROSEConfig, ROSESelector
+from rose_trl.data import load_pool, load_preferences
+from rose_trl.offline import select_from_checkpoints
+
+tok = AutoTokenizer.from_pretrained("tiny/model")
+selector = ROSESelector(load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl"), tok,
+                        ROSEConfig(projection_type="sjlt", projection_dim=512, selection_fraction=0.25, gradient_batch_size=6),
+                        sys.argv[2], max_length=256, use_cpu=True, progress=False)
+select_from_checkpoints(sys.argv[1], AutoModelForCausalLM.from_pretrained("tiny/model"), selector)
+"""
+
+
+def offline_scores(run: Path, cwd: Path) -> pd.DataFrame:
+    """Offline selection from the run's DeepSpeed checkpoints (Adam state read from global_step*/), one process."""
+    (cwd / "offline.py").write_text(OFFLINE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([sys.executable, str(cwd / "offline.py"), str(run), str(run) + "_offline"], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return scores(Path(str(run) + "_offline"))
+
+
 def scores(output_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(output_dir / "selection/scores.parquet").sort_values("pool_index").reset_index(drop=True)
 
@@ -95,6 +121,19 @@ def test_zero2_selects_like_ddp(workdir):
     ddp, zero2 = scores(workdir / "ddp"), scores(workdir / "zero2")
     np.testing.assert_allclose(zero2["score"], ddp["score"], atol=1e-4)
     assert (zero2["selected"] == ddp["selected"]).all()
+    # Offline mode on the same run: m and v reassembled from the per-rank ZeRO-2 optimizer files.
+    offline = offline_scores(workdir / "zero2", workdir)
+    for column in ("score_ckpt0", "score_ckpt1"):
+        np.testing.assert_allclose(offline[column], zero2[column], atol=1e-5)
+    assert (offline["selected"] == zero2["selected"]).all()
+    # A rank's optimizer file missing: refused, naming the counts, rather than misaligned moments.
+    from rose_trl.zero_checkpoint import ZeroCheckpointError, read_zero_adam_moments, zero_checkpoint_dir
+
+    broken = workdir / "broken-checkpoint"
+    shutil.copytree(workdir / "zero2" / "checkpoint-8", broken)
+    next(broken.glob("global_step*/zero_pp_rank_1_*optim_states.pt")).unlink()
+    with pytest.raises(ZeroCheckpointError, match="written by 2 ranks but holds 1 optimizer files"):
+        read_zero_adam_moments(zero_checkpoint_dir(broken))
 
 
 def test_zero3_partitioned_lora_selects_like_ddp(workdir):
@@ -113,3 +152,7 @@ def test_zero3_partitioned_lora_selects_like_ddp(workdir):
     ddp, zero3 = scores(workdir / "ddp"), scores(workdir / "zero3")
     np.testing.assert_allclose(zero3["score"], ddp["score"], atol=1e-4)
     assert (zero3["selected"] == ddp["selected"]).all()
+    offline = offline_scores(workdir / "zero3", workdir)  # each parameter split across the ranks' files
+    for column in ("score_ckpt0", "score_ckpt1"):
+        np.testing.assert_allclose(offline[column], zero3[column], atol=1e-5)
+    assert (offline["selected"] == zero3["selected"]).all()

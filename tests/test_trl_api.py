@@ -49,3 +49,27 @@ def test_transformers_and_peft_names():
     for hook in ("on_train_begin", "on_step_begin", "on_save", "on_train_end"):
         assert hasattr(TrainerCallback, hook)
     assert hasattr(PeftModel, "delete_adapter") and hasattr(PeftModel, "disable_adapter")
+
+
+def test_deepspeed_and_fsdp_names():
+    import importlib.util
+
+    import pytest
+
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    assert hasattr(FSDPModule, "unshard") and hasattr(FSDPModule, "reshard") and hasattr(DTensor, "full_tensor")
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    import deepspeed
+    from deepspeed.utils import safe_get_full_optimizer_state, zero_to_fp32  # noqa: F401
+
+    assert deepspeed.__version__.startswith("0.19."), deepspeed.__version__
+    # rose_trl.zero_checkpoint hands Adam's partitions to these private zero_to_fp32 helpers.
+    for name in ("get_model_state_files", "get_optim_files", "parse_model_states", "to_torch_tensor"):
+        assert hasattr(zero_to_fp32, name), name
+    assert list(inspect.signature(zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint).parameters)[:5] == [
+        "world_size", "fp32_flat_groups", "zero_model_states", "exclude_frozen_parameters", "param_alignment_paddings"]
+    assert list(inspect.signature(zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint).parameters)[:4] == [
+        "world_size", "fp32_flat_groups", "zero_model_states", "exclude_frozen_parameters"]
