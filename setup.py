@@ -30,7 +30,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11"],
     "deepspeed": ["deepspeed>=0.19,<0.20"],
-    "fast": ["fast_jl"],  # trak's CUDA projector; GPU machines only
+    # trak's CUDA projector (projection_type: trak_cuda); GPU machines only. fast_jl 0.1.3's setup.py asks
+    # nvcc for compute_70, which CUDA 13 dropped: build it with its TORCH_CUDA_ARCH_LIST edited (docs/distributed.md).
+    "fast": ["fast_jl"],
 }
 
 setup(

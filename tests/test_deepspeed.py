@@ -47,7 +47,7 @@ args = SFTConfig(output_dir=sys.argv[2], num_train_epochs=2, per_device_train_ba
                  save_strategy="epoch", logging_steps=1, use_cpu=not (deepspeed or on_gpu),
                  ddp_backend="gloo" if deepspeed and not on_gpu else None,
                  bf16=os.environ.get("ROSE_TEST_BF16") == "1", gradient_checkpointing=False, report_to=[], max_length=256, disable_tqdm=True, seed=0)
-# sjlt named: "auto" would pick trak's CudaProjector on a GPU with fast_jl, another matrix.
+# sjlt named, so that the runs compare the same matrix whatever the default becomes.
 callback = ROSECallback(pool, validation, tok, ROSEConfig(projection_type="sjlt", projection_dim=512,
                                                           selection_fraction=0.25, gradient_batch_size=6))
 trainer = SFTTrainer(AutoModelForCausalLM.from_pretrained("tiny/model"), args=args,
