@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -14,6 +15,8 @@ from .gradients import AdamState, UnsupportedParameterError, per_example_gradien
 from .projection import Projector
 from .sft_data import collate
 from .store import GradientStore
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -60,6 +63,28 @@ def plan_batches(lengths: np.ndarray, rows: np.ndarray, batch_size: int, max_bat
     return batches
 
 
+def _project_rows(model, pool, rows: np.ndarray, projector: Projector, pad_token_id: int, adam: AdamState | None,
+                  device: torch.device, splittable: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Projected gradients of `rows` from one pass, or, when that pass runs out of device memory, from
+    its two halves (recursively, down to one row)."""
+    try:
+        batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in rows], pad_token_id).items()}
+        grads = per_example_gradients(model, batch, adam_state=adam)
+        release_gathered(model)
+        return [(rows, projector.project(grads).cpu().numpy())]
+    except torch.OutOfMemoryError:
+        if not splittable or len(rows) == 1:
+            raise
+    # Outside the handler: the failed pass's frames (and their tensors) are released by now.
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = len(rows) // 2
+    logger.warning("gradient pass of %d rows ran out of memory: splitting it (lower max_batch_tokens or "
+                   "gradient_memory_gb to avoid the retry)", len(rows))
+    return (_project_rows(model, pool, rows[:half], projector, pad_token_id, adam, device, splittable)
+            + _project_rows(model, pool, rows[half:], projector, pad_token_id, adam, device, splittable))
+
+
 def extract_gradients(
     model: torch.nn.Module,
     pool: Sequence[dict],
@@ -99,13 +124,14 @@ def extract_gradients(
     bar = tqdm(total=len(wanted), desc=desc, unit="ex", disable=not progress)
     # Agreed before any pass: a collective issued while another rank is still in a forward would deadlock.
     lockstep_passes = max_over_ranks(len(batches)) if world > 1 and partitioned(model) else len(batches)
+    # Rows are independent, so a pass that runs out of memory can be split. Not under ZeRO-3/FSDP:
+    # there every rank must run the same number of passes (collectives), so the error is raised.
+    splittable = not (world > 1 and partitioned(model))
     with eval_mode(model):
         for batch_rows in batches:
-            batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in batch_rows], pad_token_id).items()}
-            grads = per_example_gradients(model, batch, adam_state=adam)
-            release_gathered(model)
-            store.write(batch_rows, projector.project(grads).cpu().numpy())
-            bar.update(len(batch_rows))
+            for rows, projected in _project_rows(model, pool, batch_rows, projector, pad_token_id, adam, device, splittable):
+                store.write(rows, projected)
+                bar.update(len(rows))
         # ZeRO-3 forwards and backwards are collectives: a rank dealt fewer batches runs discarded
         # passes so that every rank runs as many as the busiest one.
         for _ in range(lockstep_passes - len(batches)):

@@ -185,3 +185,46 @@ def test_a_pass_leaves_nothing_alive():
         assert alive() == before
     finally:
         gc.enable()
+
+
+def test_a_pass_that_runs_out_of_memory_is_split(tmp_path, monkeypatch, caplog):
+    # Passes of more than 2 rows "run out of memory": extraction splits them and stores the same rows
+    # as a run planned with batches of 2 (each row's gradient does not depend on its batch).
+    import numpy as np
+
+    import rose_trl.extraction as extraction
+    from rose_trl.projection import build_projector
+    from rose_trl.store import GradientStore
+
+    model = tiny_lora_model()
+    g = torch.Generator().manual_seed(0)
+    pool = []
+    for n in [12, 7, 15, 9, 11, 5, 8]:
+        ids = torch.randint(3, 128, (n,), generator=g).tolist()
+        pool.append({"input_ids": ids, "completion_mask": [0] * 2 + [1] * (n - 2)})
+    projector = build_projector("sjlt", sum(p.numel() for _, p in trainable_parameters(model)), 64)
+
+    def store(name):
+        return GradientStore.open_or_create(tmp_path / name, model="m", checkpoint="c", projection=projector.describe(),
+                                            gradient_type="sgd", pool_fingerprint="p", num_rows=len(pool), dtype="float32")
+
+    extraction.extract_gradients(model, pool, small := store("small"), projector, 0, batch_size=2, progress=False)
+    real = extraction.per_example_gradients
+
+    def tight_memory(model, batch, **kw):
+        if batch["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(extraction, "per_example_gradients", tight_memory)
+    with caplog.at_level("WARNING"):
+        extraction.extract_gradients(model, pool, split := store("split"), projector, 0, batch_size=7, progress=False)
+    assert "ran out of memory: splitting it" in caplog.text
+    assert split.is_complete
+    np.testing.assert_allclose(split.read_all(), small.read_all(), rtol=1e-4, atol=1e-6)
+
+    # One row that does not fit cannot be split: the error reaches the caller.
+    monkeypatch.setattr(extraction, "per_example_gradients",
+                        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
+    with pytest.raises(torch.OutOfMemoryError):
+        extraction.extract_gradients(model, pool, store("none"), projector, 0, batch_size=7, progress=False)
