@@ -30,6 +30,21 @@ def zero_checkpoint_dir(checkpoint: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _load_optim_file(path) -> dict:
+    """torch.load with weights_only (a checkpoint must not run code when read), allowing the few
+    DeepSpeed objects its optimizer files hold besides tensors."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises an UnpicklingError for a disallowed object, others for a damaged file
+        raise ZeroCheckpointError(f"{path} cannot be read as a ZeRO optimizer file; objects outside the allowed "
+                                  f"DeepSpeed types are refused rather than run as code ({str(e).strip().splitlines()[-1][:200]})") from e
+
+
 def read_zero_adam_moments(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set]:
     """(exp_avg by name, exp_avg_sq by name, {(beta1, beta2, eps), ...}) from one ZeRO checkpoint folder."""
     from deepspeed.utils import zero_to_fp32 as z
@@ -37,8 +52,7 @@ def read_zero_adam_moments(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor],
     ds_dir = str(ds_dir)
     model_states = z.parse_model_states(z.get_model_state_files(ds_dir))
     files = z.get_optim_files(ds_dir)
-    # The files hold the run's own tensors and DeepSpeed's objects (loss scaler): not loadable weights_only.
-    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    states = [_load_optim_file(f)["optimizer_state_dict"] for f in files]
     stage = int(states[0]["zero_stage"])
     world = states[0]["partition_count"]
     world = max(world) if isinstance(world, list) else int(world)
