@@ -17,7 +17,7 @@ gathered with `DTensor.full_tensor()` or, for the adapter's values, `FSDPModule.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn

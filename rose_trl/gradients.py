@@ -298,9 +298,8 @@ def per_example_gradients(
     explicit `adam_state`), rows are Adam-preconditioned as in LESS; otherwise they are plain (SGD)
     gradients. The model's train/eval mode is left as the caller set it.
     """
-    params = trainable_parameters(model)
     if adam_state is None and optimizer is not None:
-        adam_state = AdamState.from_optimizer(optimizer, params)
+        adam_state = AdamState.from_optimizer(optimizer, trainable_parameters(model))
     capture = PerExampleGradientCapture(model)
     device = batch["input_ids"].device
     with activation_checkpointing_off(model), capture, torch.enable_grad():

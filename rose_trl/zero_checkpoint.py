@@ -65,6 +65,7 @@ def read_zero_adam_moments(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor],
         raise ZeroCheckpointError(f"{ds_dir}: the optimizer state is not a torch state_dict (elastic checkpoint?)")
     groups = len(inner[0]["param_groups"])
     hyper = {(float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])) for g in inner[0]["param_groups"]}
+    trainable = {n for shapes in model_states[0].param_shapes for n in shapes}
     moments = []
     for key in ("exp_avg", "exp_avg_sq"):
         try:
@@ -79,6 +80,5 @@ def read_zero_adam_moments(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor],
                                                                    states[0].get("param_alignment_paddings"))
         else:
             merged = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, model_states, True)
-        trainable = {n for shapes in model_states[0].param_shapes for n in shapes}
         moments.append({n: t for n, t in z.to_torch_tensor(merged).items() if n in trainable})
     return moments[0], moments[1], hyper

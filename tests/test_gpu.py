@@ -107,6 +107,9 @@ WARMUP_CONFIGS = {  # name: (accelerate config, warm-up mode, bf16)
 }
 
 
+scores_cache: dict = {}  # the plain run's scores, computed once for all the sharded variants
+
+
 @pytest.fixture(scope="module")
 def gpu_workdir(tmp_path_factory):
     from tests.test_deepspeed import WARMUP
@@ -146,5 +149,3 @@ def test_sharded_warmup_on_one_gpu_selects_like_plain(gpu_workdir, name):
     else:
         assert diff < 1e-3 and rho > 0.999
 
-
-scores_cache: dict = {}

@@ -114,6 +114,15 @@ def _pick_pair(rec: dict, source: str, index: int) -> tuple[str, str] | None:
     return None
 
 
+def _read_released(path, kind: type, expected: str, k, group_names, subtask_sizes) -> tuple[str, dict | list, list[str]]:
+    """(source name, parsed JSON, subtask per record) of a released few-shot file of JSON type `kind`."""
+    path = Path(str(path))
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, kind) or not data:
+        raise BadRecordError(str(path), 0, "*", f"expected {expected}")
+    return str(path), data, _subtask_column(path, len(data), k, group_names, subtask_sizes)
+
+
 def load_released_preferences(path, *, k: int | None = None, group_names: Sequence[str] | None = None,
                               subtask_sizes: Sequence[int] | None = None,
                               drop_unusable: bool = False) -> datasets.Dataset:
@@ -125,12 +134,8 @@ def load_released_preferences(path, *, k: int | None = None, group_names: Sequen
     A record with no distinct pair at all (e.g. two identical responses) is an error unless
     `drop_unusable`, which drops it after subtasks are assigned (the groups stay right).
     """
-    path = Path(str(path))
-    source = str(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not data:
-        raise BadRecordError(source, 0, "*", "expected a non-empty JSON object mapping prompts to records")
-    subtasks = _subtask_column(path, len(data), k, group_names, subtask_sizes)
+    source, data, subtasks = _read_released(path, dict, "a non-empty JSON object mapping prompts to records",
+                                            k, group_names, subtask_sizes)
     rows, dropped = [], []
     for i, ((prompt, rec), subtask) in enumerate(zip(data.items(), subtasks)):
         if not prompt.strip():
@@ -155,12 +160,8 @@ def load_released_sft(path, *, k: int | None = None, group_names: Sequence[str] 
                       subtask_sizes: Sequence[int] | None = None) -> datasets.Dataset:
     """A released `<task>_<k>_shot_sft.json` -> Dataset(dataset, id, messages, subtask): pool-format chat rows
     (the few shots with their chosen response), subtasks assigned like `load_released_preferences`."""
-    path = Path(str(path))
-    source = str(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, list) or not data:
-        raise BadRecordError(source, 0, "*", "expected a non-empty JSON list of {'dataset', 'id', 'messages'}")
-    subtasks = _subtask_column(path, len(data), k, group_names, subtask_sizes)
+    source, data, subtasks = _read_released(path, list, "a non-empty JSON list of {'dataset', 'id', 'messages'}",
+                                            k, group_names, subtask_sizes)
     rows = []
     for i, (rec, subtask) in enumerate(zip(data, subtasks)):
         if not isinstance(rec, dict):
