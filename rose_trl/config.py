@@ -103,7 +103,8 @@ class SelectConfig:
     """Offline selection (recipes/rose_select.py): where the finished warm-up is, where outputs go."""
 
     warmup_dir: str = field(default=None, metadata={"help": "Output folder of a finished LoRA warm-up run, holding "
-                                                            "checkpoint-<step>/ folders with optimizer.pt."})
+                                                            "checkpoint-<step>/ folders (plain, DeepSpeed ZeRO or "
+                                                            "FSDP2 layout) with the optimizer state."})
     output_dir: str = field(default=None, metadata={"help": "Where rose/ (gradient stores) and the selection go."})
     folder: str | None = field(default=None, metadata={"help": "Selection folder under output_dir (default: "
                                                                "selection/ for rose, selection_<method>/ otherwise)."})

@@ -1,9 +1,14 @@
 """Selection from the saved checkpoints of a finished warm-up run (LESS-style), through ROSESelector.
 
-Each `checkpoint-<step>/` must hold the LoRA adapter (adapter_model.safetensors) and, for Adam
-features, the Trainer's optimizer.pt or, for a DeepSpeed ZeRO warm-up, its global_step*/ optimizer
-files; learning rates come from trainer_state.json's log history (mean of the logged LRs since the
-previous checkpoint).
+Each `checkpoint-<step>/` must hold the LoRA adapter and, for Adam features, the optimizer state, in any
+of the layouts the Trainer writes:
+- plain or DDP: adapter_model.safetensors and optimizer.pt;
+- DeepSpeed ZeRO-1/2/3: adapter_model.safetensors and global_step*/ (zero_checkpoint.py);
+- FSDP2, FULL_STATE_DICT: adapter_model.safetensors and optimizer.bin (fsdp_checkpoint.py);
+- FSDP2, SHARDED_STATE_DICT: pytorch_model_fsdp_0/ and optimizer_0/, with no adapter_config.json, so the
+  warm-up's LoRA config is passed as `peft_config`.
+Learning rates come from trainer_state.json's log history (mean of the logged LRs since the previous
+checkpoint).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import re
 from pathlib import Path
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .fsdp_checkpoint import (FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, FSDP_OPTIMIZER_FILE, read_fsdp_adam_moments,
+                              read_fsdp_adapter)
 from .gradients import AdamState, trainable_parameters, trainer_param_index
 from .selector import ROSESelector, mean_lr_since
 from .zero_checkpoint import read_zero_adam_moments, zero_checkpoint_dir
@@ -31,33 +38,59 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def load_checkpoint_adam(checkpoint: Path, model) -> AdamState:
-    """The checkpoint's Adam state: the Trainer's optimizer.pt, or a DeepSpeed ZeRO checkpoint's
-    per-rank optimizer files (global_step*/), reassembled per parameter."""
-    path = checkpoint / "optimizer.pt"
+    """The checkpoint's Adam state, in whichever layout the Trainer wrote it (see the module docstring)."""
+    checkpoint = Path(checkpoint)
     params = trainable_parameters(model)
-    if not path.exists():
-        ds_dir = zero_checkpoint_dir(checkpoint)
-        if ds_dir is None:
-            raise FileNotFoundError(f"{path} is missing: Adam features need the optimizer state (or use gradient_type='sgd')")
-        exp_avg, exp_avg_sq, hyper = read_zero_adam_moments(ds_dir)
-        return AdamState.from_named_moments(exp_avg, exp_avg_sq, hyper, params, source=str(ds_dir))
-    # weights_only: an optimizer file is untrusted input and must not run code when read.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return AdamState.from_state_dict(state, params, trainer_param_index(model))
+    path = checkpoint / "optimizer.pt"
+    if path.exists():
+        # weights_only: an optimizer file is untrusted input and must not run code when read.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return AdamState.from_state_dict(state, params, trainer_param_index(model))
+    if (checkpoint / FSDP_OPTIMIZER_FILE).exists() or (checkpoint / FSDP_OPTIMIZER_DIR).is_dir():
+        exp_avg, exp_avg_sq, hyper = read_fsdp_adam_moments(checkpoint)
+        return AdamState.from_named_moments(exp_avg, exp_avg_sq, hyper, params, source=str(checkpoint))
+    ds_dir = zero_checkpoint_dir(checkpoint)
+    if ds_dir is None:
+        raise FileNotFoundError(f"{path} is missing (nor is there a DeepSpeed global_step*/ or an FSDP {FSDP_OPTIMIZER_FILE} "
+                                f"or {FSDP_OPTIMIZER_DIR}/): Adam features need the optimizer state (or use gradient_type='sgd')")
+    exp_avg, exp_avg_sq, hyper = read_zero_adam_moments(ds_dir)
+    return AdamState.from_named_moments(exp_avg, exp_avg_sq, hyper, params, source=str(ds_dir))
 
 
-def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelector, folder: str = "selection") -> Path:
-    """Run `selector` over every checkpoint of `run_dir` (a PEFT warm-up), then write `<output_dir>/<folder>/`."""
+def load_checkpoint_adapter(checkpoint: Path, model) -> dict[str, torch.Tensor]:
+    """The checkpoint's LoRA weights as a PEFT state dict: adapter_model.safetensors, or FSDP's sharded
+    pytorch_model_fsdp_0/."""
+    checkpoint = Path(checkpoint)
+    weights = checkpoint / "adapter_model.safetensors"
+    if weights.exists():
+        return load_file(str(weights))
+    if (checkpoint / FSDP_MODEL_DIR).is_dir():
+        return read_fsdp_adapter(checkpoint, get_peft_model_state_dict(model))
+    raise FileNotFoundError(f"{weights} is missing (nor is there an FSDP {FSDP_MODEL_DIR}/): is {checkpoint} a LoRA checkpoint?")
+
+
+def warmup_model(checkpoint: Path, base_model, peft_config: PeftConfig | None = None) -> PeftModel:
+    """`base_model` with the warm-up's adapter attached, configured from the checkpoint's adapter_config.json,
+    else from `peft_config` (FSDP SHARDED_STATE_DICT checkpoints save no adapter config)."""
+    if (Path(checkpoint) / "adapter_config.json").exists():
+        return PeftModel.from_pretrained(base_model, str(checkpoint), is_trainable=True)
+    if peft_config is None:
+        raise FileNotFoundError(f"{checkpoint} holds no adapter_config.json (an FSDP SHARDED_STATE_DICT checkpoint "
+                                "saves none): pass the warm-up's LoRA config as peft_config")
+    return get_peft_model(base_model, peft_config)
+
+
+def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelector, folder: str = "selection",
+                            peft_config: PeftConfig | None = None) -> Path:
+    """Run `selector` over every checkpoint of `run_dir` (a PEFT warm-up), then write `<output_dir>/<folder>/`.
+    `peft_config` (the warm-up's LoRA config) is needed only for checkpoints without adapter_config.json."""
     checkpoints = find_checkpoints(run_dir)
     history = json.loads((checkpoints[-1] / "trainer_state.json").read_text()).get("log_history", [])
-    model = PeftModel.from_pretrained(base_model, str(checkpoints[0]), is_trainable=True)
+    model = warmup_model(checkpoints[0], base_model, peft_config)
     previous = 0
     for ckpt in checkpoints:
         step = int(ckpt.name.split("-")[1])
-        weights = ckpt / "adapter_model.safetensors"
-        if not weights.exists():
-            raise FileNotFoundError(f"{weights} is missing: is {ckpt} a LoRA checkpoint?")
-        set_peft_model_state_dict(model, load_file(str(weights)))
+        set_peft_model_state_dict(model, load_checkpoint_adapter(ckpt, model))
         lr = mean_lr_since(history, previous, step)
         if lr is None:
             raise ValueError(f"{ckpt.name}: trainer_state.json logs no learning rate for steps ({previous}, {step}]; "

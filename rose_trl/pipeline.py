@@ -92,6 +92,9 @@ def save_model_atomically(trainer, output_dir: str | Path) -> None:
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(f".{output_dir.name}.model-tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if getattr(trainer, "is_fsdp_enabled", False) and "SHARDED" in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        # Under SHARDED_STATE_DICT Trainer.save_model writes no weights at all: save the adapter whole.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp))
     if trainer.args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +137,8 @@ def select_with_gradients(rose: ROSEConfig, sft: SFTConfig, model_args: ModelCon
         model.to(PartialState().device)
         selector = ROSESelector(pool, validation, tokenizer, rose, out, max_length=sft.max_length,
                                 use_cpu=sft.use_cpu, run_config=run_config)
-        return select_from_checkpoints(warmup_dir, model, selector, folder=rose.selection_folder)
+        return select_from_checkpoints(warmup_dir, model, selector, folder=rose.selection_folder,
+                                       peft_config=get_peft_config(model_args))
     # The warm-up pushes nothing: only the final model (and the selection) go to the Hub.
     warm_args = dataclasses.replace(sft, output_dir=str(warmup_dir), save_strategy="epoch", save_only_model=False,
                                     push_to_hub=False)
@@ -224,4 +228,5 @@ def run_offline(rose: ROSEConfig, model_args: ModelConfig, select: SelectConfig)
     selector = ROSESelector(pool, validation, tokenizer, rose, select.output_dir, max_length=select.max_length,
                             use_cpu=select.use_cpu,
                             run_config=_run_config(rose, model_args, warmup_dir=select.warmup_dir))
-    return select_from_checkpoints(select.warmup_dir, base, selector, folder=select.folder or rose.selection_folder)
+    return select_from_checkpoints(select.warmup_dir, base, selector, folder=select.folder or rose.selection_folder,
+                                   peft_config=get_peft_config(model_args))

@@ -77,6 +77,7 @@ def launch(config: Path, mode: str, output_dir: Path, cwd: Path, *launch_args: s
 
 OFFLINE = """
 import sys
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from rose_trl import ROSEConfig, ROSESelector
 from rose_trl.data import load_pool, load_preferences
@@ -86,12 +87,14 @@ tok = AutoTokenizer.from_pretrained("tiny/model")
 selector = ROSESelector(load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl"), tok,
                         ROSEConfig(projection_type="sjlt", projection_dim=512, selection_fraction=0.25, gradient_batch_size=6),
                         sys.argv[2], max_length=256, use_cpu=True, progress=False)
-select_from_checkpoints(sys.argv[1], AutoModelForCausalLM.from_pretrained("tiny/model"), selector)
+# peft_config: the warm-up's, for checkpoints saved without adapter_config.json (FSDP2 SHARDED_STATE_DICT).
+select_from_checkpoints(sys.argv[1], AutoModelForCausalLM.from_pretrained("tiny/model"), selector,
+                        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
 """
 
 
 def offline_scores(run: Path, cwd: Path) -> pd.DataFrame:
-    """Offline selection from the run's DeepSpeed checkpoints (Adam state read from global_step*/), one process."""
+    """Offline selection from the run's DeepSpeed (global_step*/) or FSDP2 checkpoints, one CPU process."""
     (cwd / "offline.py").write_text(OFFLINE)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     result = subprocess.run([sys.executable, str(cwd / "offline.py"), str(run), str(run) + "_offline"], cwd=cwd, env=env,

@@ -1,5 +1,6 @@
 """ROSESelector on an FSDP2-sharded (`fully_shard`) LoRA model, 2 gloo processes on the CPU: the same
-scores as the unsharded model trained the same way in one process.
+scores as the unsharded model trained the same way in one process; and offline selection from the
+checkpoints those 2 ranks save (accelerate's FSDP2 save functions, both state-dict types) gives them too.
 
 accelerate 1.15 turns FSDP on only for multi-GPU process types, so this test shards the model itself
 with torch's `fully_shard` (what accelerate's `fsdp_version: 2` calls per decoder layer). The LoRA
@@ -63,6 +64,28 @@ selector = ROSESelector(pool, validation, tok, ROSEConfig(projection_dim=512, se
 selector.add_checkpoint(model, "checkpoint-3", 1e-2, adam)
 still_clean = all(p.grad is None for _, p in trainable_parameters(model))
 selector.finalize()
+if mode == "fsdp":
+    # Save checkpoint-3 as Trainer._save_checkpoint does under accelerate's FSDP2, in both state-dict types:
+    # save_model (FULL only: the whole adapter through accelerator.get_state_dict), then save_fsdp_model
+    # (adapter_only, as transformers asks) and save_fsdp_optimizer.
+    import json
+    from accelerate.utils import FullyShardedDataParallelPlugin, save_fsdp_model, save_fsdp_optimizer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    for kind in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
+        ckpt = f"{out}_{kind}/checkpoint-3"
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=kind)
+        if kind == "FULL_STATE_DICT":
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                       cpu_offload=True))
+            if state.is_main_process:
+                model.save_pretrained(ckpt, state_dict=full)
+        save_fsdp_model(plugin, state, model, ckpt, adapter_only=True)
+        save_fsdp_optimizer(plugin, state, opt, model, ckpt)
+        if state.is_main_process:
+            history = [{"step": s, "learning_rate": 1e-2} for s in (1, 2, 3)]
+            open(f"{ckpt}/trainer_state.json", "w").write(json.dumps({"global_step": 3, "log_history": history}))
+        state.wait_for_everyone()
 # Training goes on after the checkpoint, as in a warm-up: the model must still be usable.
 batch = collate([rows[i] for i in range(4)], tok.pad_token_id)
 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
@@ -83,6 +106,33 @@ def torchrun(nproc: int, mode: str, out: Path, cwd: Path) -> str:
     return result.stdout
 
 
+OFFLINE = """
+import sys
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from rose_trl import ROSEConfig, ROSESelector
+from rose_trl.data import load_pool, load_preferences
+from rose_trl.offline import select_from_checkpoints
+
+tok = AutoTokenizer.from_pretrained("tiny/model")
+selector = ROSESelector(load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl"), tok,
+                        ROSEConfig(projection_dim=512, selection_fraction=0.25, gradient_batch_size=6),
+                        sys.argv[2], max_length=256, use_cpu=True, progress=False)
+select_from_checkpoints(sys.argv[1], AutoModelForCausalLM.from_pretrained("tiny/model"), selector,
+                        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+"""
+
+
+def offline(run: Path, out: Path, cwd: Path) -> pd.DataFrame:
+    """Offline selection from an FSDP2 run's checkpoints, in one process (no process group)."""
+    (cwd / "offline.py").write_text(OFFLINE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(cwd / "offline.py"), str(run), str(out)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return pd.read_parquet(out / "selection/scores.parquet").sort_values("pool_index")
+
+
 def test_fsdp2_sharded_lora_scores_like_one_process(tmp_path):
     subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "tiny"), "--pool-size", "64"],
                    check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -97,3 +147,16 @@ def test_fsdp2_sharded_lora_scores_like_one_process(tmp_path):
     assert (fsdp["selected"].to_numpy() == single["selected"].to_numpy()).all()
     manifest = json.loads((tmp_path / "fsdp/rose/checkpoints.json").read_text())
     assert [c["name"] for c in manifest["checkpoints"]] == ["checkpoint-3"]
+
+    # Offline mode reads the checkpoints the 2 ranks saved, in both FSDP2 layouts, into one process.
+    sharded = tmp_path / "fsdp_SHARDED_STATE_DICT/checkpoint-3"
+    assert {p.name for p in sharded.iterdir()} >= {"optimizer_0", "pytorch_model_fsdp_0"}
+    assert len(list((sharded / "optimizer_0").glob("*.distcp"))) == 2  # one shard file per rank
+    assert not (sharded / "adapter_config.json").exists()
+    full = tmp_path / "fsdp_FULL_STATE_DICT/checkpoint-3"
+    assert {p.name for p in full.iterdir()} >= {"optimizer.bin", "adapter_model.safetensors", "adapter_config.json"}
+    for kind in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
+        read = offline(tmp_path / f"fsdp_{kind}", tmp_path / f"offline_{kind}", tmp_path)
+        np.testing.assert_allclose(read["score"].to_numpy(), fsdp["score"].to_numpy(), atol=1e-5)
+        np.testing.assert_allclose(read["score"].to_numpy(), single["score"].to_numpy(), atol=1e-4)
+        assert (read["selected"].to_numpy() == single["selected"].to_numpy()).all()

@@ -98,12 +98,13 @@ def test_trak_cuda_projector_is_rowwise_deterministic_and_never_picked_by_auto()
     print("mean spearman to exact scores over 10 seeds at 1024 dims:", rho)
 
 
-WARMUP_CONFIGS = {  # name: (accelerate config, warm-up mode, bf16)
-    "plain": ("single_gpu.yaml", "ddp", False),
-    "zero2": ("deepspeed_zero2.yaml", "deepspeed", False),
-    "zero3": ("deepspeed_zero3.yaml", "deepspeed", False),
-    "zero3_bf16": ("deepspeed_zero3.yaml", "deepspeed", True),
-    "fsdp2": ("fsdp.yaml", "fsdp", False),
+WARMUP_CONFIGS = {  # name: (accelerate config, warm-up mode, bf16, extra launch options)
+    "plain": ("single_gpu.yaml", "ddp", False, ()),
+    "zero2": ("deepspeed_zero2.yaml", "deepspeed", False, ()),
+    "zero3": ("deepspeed_zero3.yaml", "deepspeed", False, ()),
+    "zero3_bf16": ("deepspeed_zero3.yaml", "deepspeed", True, ()),
+    "fsdp2": ("fsdp.yaml", "fsdp", False, ()),  # FULL_STATE_DICT checkpoints
+    "fsdp2_sharded": ("fsdp.yaml", "fsdp", False, ("--fsdp_state_dict_type", "SHARDED_STATE_DICT")),
 }
 
 
@@ -124,17 +125,17 @@ def gpu_workdir(tmp_path_factory):
 def run_warmup(workdir, name):
     from tests.test_deepspeed import launch, scores
 
-    config, mode, bf16 = WARMUP_CONFIGS[name]
-    out = launch(ROOT / "accelerate_configs" / config, mode, workdir / name, workdir, "--num_processes", "1",
+    config, mode, bf16, extra = WARMUP_CONFIGS[name]
+    out = launch(ROOT / "accelerate_configs" / config, mode, workdir / name, workdir, "--num_processes", "1", *extra,
                  gpu=True, bf16=bf16)
     assert "steps 16" in out  # one process: 32 rows / 4 per step x 2 epochs
-    if name == "fsdp2":
+    if name.startswith("fsdp2"):
         assert "DTensor" in out, out  # accelerate really applied fully_shard
     return scores(workdir / name)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=needs_deepspeed) for n in ("zero2", "zero3", "zero3_bf16")]
-                         + ["fsdp2"])
+                         + ["fsdp2", "fsdp2_sharded"])
 def test_sharded_warmup_on_one_gpu_selects_like_plain(gpu_workdir, name):
     plain = scores_cache.get("plain")
     if plain is None:
@@ -148,4 +149,14 @@ def test_sharded_warmup_on_one_gpu_selects_like_plain(gpu_workdir, name):
         assert rho > 0.9  # bf16 training takes another path
     else:
         assert diff < 1e-3 and rho > 0.999
+    if name.startswith("fsdp2"):
+        # Offline selection (one CPU process) from the checkpoints this GPU Trainer run wrote.
+        from tests.test_deepspeed import offline_scores
+
+        files = {p.name for p in (gpu_workdir / name / "checkpoint-8").iterdir()}
+        print(f"{name} checkpoint files: {sorted(files)}")
+        read = offline_scores(gpu_workdir / name, gpu_workdir)
+        offline_diff = float(np.abs(read["score"] - ds["score"]).max())
+        print(f"{name}: offline vs callback max |score diff| {offline_diff:.2e}")
+        assert offline_diff < 1e-4 and (read["selected"] == ds["selected"]).all()
 

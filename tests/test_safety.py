@@ -1,4 +1,5 @@
-"""No code path unpickles files, turns on remote code, or logs a token (a static check of the sources)."""
+"""No code path unpickles files (other than through an Unpickler that allow-lists classes), turns on remote
+code, or logs a token (a static check of the sources)."""
 
 import ast
 import re
@@ -23,14 +24,31 @@ def _kw(call: ast.Call, name: str):
     return next((k.value for k in call.keywords if k.arg == name), None)
 
 
+def _restricted_unpicklers(tree) -> set[int]:
+    """ids of the `pickle.Unpickler` base-class nodes of classes that override find_class (an allow-list)."""
+    allowed = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body):
+            allowed |= {id(b) for b in node.bases if _name(b) == "pickle.Unpickler"}
+    return allowed
+
+
 def violations(source: str, filename: str = "<src>") -> list[str]:
     found = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    restricted = _restricted_unpicklers(tree)
+    for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-            if any(n.split(".")[0] in UNPICKLERS for n in names):
+            roots = {n.split(".")[0] for n in names}
+            # A plain `import pickle` is allowed: its uses are checked below (only a restricted Unpickler subclass passes).
+            plain_pickle = isinstance(node, ast.Import) and all(a.asname is None for a in node.names)
+            if roots & (UNPICKLERS - {"pickle"}) or ("pickle" in roots and not plain_pickle):
                 found.append(f"{where}: imports an unpickler")
+        if isinstance(node, ast.Attribute) and _name(node.value) == "pickle" and node.attr != "UnpicklingError":
+            if not (node.attr == "Unpickler" and id(node) in restricted):
+                found.append(f"{where}: pickle.{node.attr} (only an Unpickler subclass with an allow-listing find_class)")
         if not isinstance(node, ast.Call):
             continue
         func = _name(node.func)
@@ -58,7 +76,12 @@ def violations(source: str, filename: str = "<src>") -> list[str]:
     "import torch\ntorch.load('x.pt', weights_only=False)",
     "import numpy as np\nnp.load('x.npy', allow_pickle=True)",
     "import numpy as np\nnp.load('x.npy')",
-    "import pickle",
+    "import pickle\npickle.load(f)",
+    "import pickle\npickle.Unpickler(f).load()",
+    "import pickle\nclass U(pickle.Unpickler):\n    pass",
+    "from pickle import loads",
+    "import pickle as p\np.load(f)",
+    "import dill",
     "from joblib import load",
     "AutoModel.from_pretrained('m', trust_remote_code=True)",
     "print(f'using {args.hub_token}')",
@@ -71,6 +94,8 @@ def test_the_check_catches(snippet):
 def test_the_check_passes_safe_code():
     assert not violations("torch.load(p, map_location='cpu', weights_only=True)\nnp.load(f, allow_pickle=False)\n"
                           "print(tokenizer.pad_token_id, len(input_ids))\nAutoModel.from_pretrained(m, trust_remote_code=flag)")
+    assert not violations("import pickle\nclass U(pickle.Unpickler):\n    def find_class(self, m, n):\n"
+                          "        raise pickle.UnpicklingError(n)\nU(f).load()")
 
 
 def test_package_recipes_and_benchmarks_are_safe():

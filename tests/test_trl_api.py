@@ -60,6 +60,18 @@ def test_deepspeed_and_fsdp_names():
     from torch.distributed.tensor import DTensor
 
     assert hasattr(FSDPModule, "unshard") and hasattr(FSDPModule, "reshard") and hasattr(DTensor, "full_tensor")
+    # rose_trl.fsdp_checkpoint: the Trainer's FSDP2 save path, and the DCP reader/planner hooks it overrides.
+    import torch.distributed.checkpoint as dcp
+    from accelerate.utils import save_fsdp_model
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
+
+    assert get_fsdp_ckpt_kwargs() == {"adapter_only": True}
+    assert "adapter_only" in inspect.signature(save_fsdp_model).parameters
+    assert "no_dist" in inspect.signature(dcp.load).parameters
+    assert list(inspect.signature(DefaultLoadPlanner.load_bytes).parameters) == ["self", "read_item", "value"]
+    assert hasattr(dcp.FileSystemReader, "read_metadata")
+    assert "path" in vars(dcp.FileSystemReader(".")) and "load_id" in vars(dcp.FileSystemReader("."))
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
     import deepspeed
