@@ -76,3 +76,58 @@ def test_released_file_named_in_each_recipe_loads(path):
     pairs = load_preferences(str(SHARED / Path(named).relative_to("data/rose")))
     expected = {"shp": (90, 18), "se": (20, 10), "hh": (2, 2)}[task]
     assert (len(pairs), len(set(pairs["subtask"]))) == expected
+
+
+def launch_lines(readme: Path) -> list[list[str]]:
+    """The `accelerate launch ...` commands of a README's bash blocks, continuation lines joined."""
+    import shlex
+
+    text = readme.read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("accelerate launch")]
+
+
+@pytest.mark.parametrize("model_dir", sorted(p for p in (ROOT / "recipes").iterdir() if p.is_dir()), ids=lambda p: p.name)
+def test_each_recipe_readme_gives_launch_lines_that_parse(model_dir):
+    """Every recipe folder has a README whose launch lines name an existing accelerate config, a recipe
+    script and one of the folder's configs, and whose extra options are options of that script."""
+    from rose_trl.config import SelectConfig
+
+    readme = model_dir / "README.md"
+    assert readme.exists(), f"{model_dir.name} has no README.md with its launch lines"
+    lines = launch_lines(readme)
+    assert lines, readme
+    configs_named = set()
+    for cmd in lines:
+        config_file = Path(cmd[cmd.index("--config_file") + 1])
+        assert (ROOT / config_file).is_file(), cmd
+        script = next(a for a in cmd if a.startswith("recipes/") and a.endswith(".py"))
+        assert (ROOT / script).is_file(), cmd
+        rest = cmd[cmd.index(script) + 1:]
+        recipe = Path(rest[rest.index("--config") + 1])
+        assert recipe.parent.parent == model_dir.relative_to(ROOT), cmd
+        configs_named.add(recipe.name)
+        extra = [a for i, a in enumerate(rest) if i not in (rest.index("--config"), rest.index("--config") + 1)]
+        # Parsed here without a GPU or a launcher: the CPU is forced last (argparse keeps the last value), and
+        # ddp_backend (which makes accelerate look for the launcher's process group) is only checked by name.
+        if "--ddp_backend" in extra:
+            assert "ddp_backend" in SFTConfig.__dataclass_fields__
+            i = extra.index("--ddp_backend")
+            extra = extra[:i] + extra[i + 2:]
+        extra = extra + ([] if torch.cuda.is_available() else ["--use_cpu", "true"])
+        if script.endswith("rose_select.py"):
+            TrlParser((ROSEConfig, ModelConfig, SelectConfig)).parse_args_and_config(["--config", str(ROOT / recipe), *extra])
+        else:
+            TrlParser((ROSEConfig, SFTConfig, ModelConfig)).parse_args_and_config(["--config", str(ROOT / recipe), *extra])
+    # It launches the folder's own configs.
+    assert configs_named & {p.name for p in model_dir.rglob("*.yaml")}
+
+
+def test_paper_recipe_readmes_keep_the_effective_batch():
+    """Each GPU launch line keeps the paper's 128 = processes x per-device batch x accumulation."""
+    for model_dir in {p.parents[1] for p in PAPER}:
+        for cmd in launch_lines(model_dir / "README.md"):
+            n = int(cmd[cmd.index("--num_processes") + 1]) if "--num_processes" in cmd else 1
+            rose, sft, _ = parse(ROOT / cmd[cmd.index("--config", cmd.index("--config_file") + 2) + 1])
+            accumulation = (int(cmd[cmd.index("--gradient_accumulation_steps") + 1])
+                            if "--gradient_accumulation_steps" in cmd else sft.gradient_accumulation_steps)
+            assert n * sft.per_device_train_batch_size * accumulation == 128, cmd
