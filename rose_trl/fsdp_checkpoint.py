@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,7 +95,9 @@ def _dcp_load(folder: Path, state_dict: dict) -> None:
     in this process alone (no collective, whatever process group is up)."""
     planner = _SafePlanner()
     try:
-        dcp.load(state_dict, storage_reader=_SafeReader(str(folder)), planner=planner, no_dist=True)
+        with warnings.catch_warnings():  # one process on purpose: DCP warns that it assumes so
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state_dict, storage_reader=_SafeReader(str(folder)), planner=planner, no_dist=True)
     except FSDPCheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps the reading error
