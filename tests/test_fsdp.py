@@ -108,12 +108,14 @@ def torchrun(nproc: int, mode: str, out: Path, cwd: Path) -> str:
 
 OFFLINE = """
 import sys
+from accelerate import PartialState
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from rose_trl import ROSEConfig, ROSESelector
 from rose_trl.data import load_pool, load_preferences
 from rose_trl.offline import select_from_checkpoints
 
+PartialState(cpu=True)  # gloo under torchrun: the processes share the pool's extraction
 tok = AutoTokenizer.from_pretrained("tiny/model")
 selector = ROSESelector(load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl"), tok,
                         ROSEConfig(projection_dim=512, selection_fraction=0.25, gradient_batch_size=6),
@@ -123,11 +125,12 @@ select_from_checkpoints(sys.argv[1], AutoModelForCausalLM.from_pretrained("tiny/
 """
 
 
-def offline(run: Path, out: Path, cwd: Path) -> pd.DataFrame:
-    """Offline selection from an FSDP2 run's checkpoints, in one process (no process group)."""
+def offline(run: Path, out: Path, cwd: Path, nproc: int = 1) -> pd.DataFrame:
+    """Offline selection from an FSDP2 run's checkpoints: one plain process, or `nproc` under torchrun."""
     (cwd / "offline.py").write_text(OFFLINE)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(cwd / "offline.py"), str(run), str(out)], cwd=cwd, env=env,
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533"]
+    result = subprocess.run([sys.executable, *launcher, str(cwd / "offline.py"), str(run), str(out)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return pd.read_parquet(out / "selection/scores.parquet").sort_values("pool_index")
@@ -155,8 +158,12 @@ def test_fsdp2_sharded_lora_scores_like_one_process(tmp_path):
     assert not (sharded / "adapter_config.json").exists()
     full = tmp_path / "fsdp_FULL_STATE_DICT/checkpoint-3"
     assert {p.name for p in full.iterdir()} >= {"optimizer.bin", "adapter_model.safetensors", "adapter_config.json"}
+    reads = {}
     for kind in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
-        read = offline(tmp_path / f"fsdp_{kind}", tmp_path / f"offline_{kind}", tmp_path)
+        read = reads[kind] = offline(tmp_path / f"fsdp_{kind}", tmp_path / f"offline_{kind}", tmp_path)
         np.testing.assert_allclose(read["score"].to_numpy(), fsdp["score"].to_numpy(), atol=1e-5)
         np.testing.assert_allclose(read["score"].to_numpy(), single["score"].to_numpy(), atol=1e-4)
         assert (read["selected"].to_numpy() == single["selected"].to_numpy()).all()
+    # 2 processes sharing the offline extraction each read the sharded checkpoint whole, on their own.
+    two = offline(tmp_path / "fsdp_SHARDED_STATE_DICT", tmp_path / "offline_2proc", tmp_path, nproc=2)
+    np.testing.assert_array_equal(two["score"].to_numpy(), reads["SHARDED_STATE_DICT"]["score"].to_numpy())
