@@ -25,6 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from .gradients import adam_hyperparameters
+
 FSDP_OPTIMIZER_FILE = "optimizer.bin"  # FULL_STATE_DICT
 FSDP_OPTIMIZER_DIR = "optimizer_0"  # SHARDED_STATE_DICT (DCP)
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # SHARDED_STATE_DICT (DCP)
@@ -61,21 +63,30 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class _SafeReader(dcp.FileSystemReader):
-    """DCP's file reader, with the metadata pickle read against the allow-list."""
+    """DCP's file reader, with the metadata pickle read against the allow-list, once (the callers read it to
+    plan what to load; dcp.load asks again)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._metadata = None
 
     def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = self._unpickle_metadata()
+        if getattr(self._metadata, "storage_meta", None) is not None:
+            self._metadata.storage_meta.load_id = self.load_id  # as FileSystemReader does, after any reset()
+        return self._metadata
+
+    def _unpickle_metadata(self):
         path = Path(self.path) / ".metadata"
         if not path.is_file():
             raise FSDPCheckpointError(f"{self.path} is not a torch.distributed.checkpoint folder (no .metadata)")
         try:
             with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+                return _MetadataUnpickler(f).load()
         except Exception as e:  # a disallowed global, or a damaged file
             raise FSDPCheckpointError(f"{path} cannot be read as DCP metadata; objects outside DCP's own record "
                                       f"types are refused rather than run as code ({e})") from e
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 class _SafePlanner(DefaultLoadPlanner):
@@ -90,36 +101,34 @@ class _SafePlanner(DefaultLoadPlanner):
         self.plain[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
 
 
-def _dcp_load(folder: Path, state_dict: dict) -> None:
-    """Fill `state_dict` (flat DCP keys -> preallocated tensors, or None for a plain value) from `folder`,
-    in this process alone (no collective, whatever process group is up)."""
+def _dcp_load(reader: _SafeReader, state_dict: dict) -> None:
+    """Fill `state_dict` (flat DCP keys -> preallocated tensors, or None for a plain value) from the reader's
+    folder, in this process alone (no collective, whatever process group is up)."""
     planner = _SafePlanner()
     try:
         with warnings.catch_warnings():  # one process on purpose: DCP warns that it assumes so
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(state_dict, storage_reader=_SafeReader(str(folder)), planner=planner, no_dist=True)
-    except FSDPCheckpointError:
-        raise
+            dcp.load(state_dict, storage_reader=reader, planner=planner, no_dist=True)
     except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps the reading error
         cause = next(iter(getattr(e, "failures", {}).values()), (e,))[0]  # per rank: (exception, traceback)
         lines = str(cause).strip().splitlines() or [type(cause).__name__]
         reason = next((line.strip() for line in lines if re.search(r"error:", line, re.I)), lines[0])
-        raise FSDPCheckpointError(f"{folder} cannot be read: a damaged shard, or a value outside the plain types "
-                                  f"weights_only allows ({reason[:300]})") from e
+        raise FSDPCheckpointError(f"{reader.path} cannot be read: a damaged shard, or a value outside the plain "
+                                  f"types weights_only allows ({reason[:300]})") from e
     state_dict.update(planner.plain)
 
 
-def _tensors_like(metadata, keys) -> dict:
-    return {k: torch.empty(tuple(metadata.state_dict_metadata[k].size),
-                           dtype=metadata.state_dict_metadata[k].properties.dtype) for k in keys}
+def _tensors_like(reader: _SafeReader, keys) -> dict:
+    stored = reader.read_metadata().state_dict_metadata
+    return {k: torch.empty(tuple(stored[k].size), dtype=stored[k].properties.dtype) for k in keys}
 
 
 def read_fsdp_adam_moments(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set]:
     """(exp_avg by parameter name, exp_avg_sq by name, {(beta1, beta2, eps), ...}) from a checkpoint's
     optimizer.bin (FULL_STATE_DICT) or optimizer_0/ (SHARDED_STATE_DICT)."""
     checkpoint = Path(checkpoint)
-    if (checkpoint / FSDP_OPTIMIZER_FILE).is_file():
-        path = checkpoint / FSDP_OPTIMIZER_FILE
+    path = checkpoint / FSDP_OPTIMIZER_FILE
+    if path.is_file():
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -128,33 +137,42 @@ def read_fsdp_adam_moments(checkpoint: Path) -> tuple[dict[str, torch.Tensor], d
         if any(not isinstance(n, str) for n in state):
             raise FSDPCheckpointError(f"{path} keys its state by parameter index, not name: not an FSDP2 optimizer "
                                       "state (a plain Trainer saves optimizer.pt)")
-        m = {n: s["exp_avg"] for n, s in state.items() if "exp_avg" in s}
-        v = {n: s["exp_avg_sq"] for n, s in state.items() if "exp_avg_sq" in s}
-        return m, v, {(float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])) for g in groups}
-    folder = checkpoint / FSDP_OPTIMIZER_DIR
-    metadata = _SafeReader(str(folder)).read_metadata()
-    keys = list(metadata.state_dict_metadata)
+    else:
+        state, groups = _read_dcp_optimizer(checkpoint / FSDP_OPTIMIZER_DIR)
+    m = {n: s["exp_avg"] for n, s in state.items() if "exp_avg" in s}
+    v = {n: s["exp_avg_sq"] for n, s in state.items() if "exp_avg_sq" in s}
+    return m, v, {adam_hyperparameters(g) for g in groups}
+
+
+def _read_dcp_optimizer(folder: Path) -> tuple[dict, list[dict]]:
+    """The Adam moments and betas/eps of a DCP optimizer folder, nested as in `optimizer.state_dict()`:
+    ({name: {"exp_avg", "exp_avg_sq"}}, [{"betas", "eps"}, ...])."""
+    reader = _SafeReader(str(folder))
+    keys = list(reader.read_metadata().state_dict_metadata)
+    # Saved keys are flattened: optimizer.state.<name>.exp_avg, optimizer.param_groups.<i>.betas.
     moments = [k for k in keys if k.startswith("optimizer.state.") and k.endswith((".exp_avg", ".exp_avg_sq"))]
-    hyper_keys = [k for k in keys if k.startswith("optimizer.param_groups.") and k.endswith((".betas", ".eps"))]
-    if not moments or not hyper_keys:
+    hyper = [k for k in keys if k.startswith("optimizer.param_groups.") and k.endswith((".betas", ".eps"))]
+    if not moments or not hyper:
         raise FSDPCheckpointError(f"{folder}: no Adam exp_avg/exp_avg_sq and betas/eps (not an Adam/AdamW state, or "
                                   "saved before the first step)")
-    sd = {**_tensors_like(metadata, moments), **{k: None for k in hyper_keys}}
-    _dcp_load(folder, sd)
-    m = {k[len("optimizer.state."):-len(".exp_avg")]: t for k, t in sd.items() if k.endswith(".exp_avg")}
-    v = {k[len("optimizer.state."):-len(".exp_avg_sq")]: t for k, t in sd.items() if k.endswith(".exp_avg_sq")}
-    groups = sorted({k.split(".")[2] for k in hyper_keys})
-    hyper = {(float(sd[f"optimizer.param_groups.{g}.betas"][0]), float(sd[f"optimizer.param_groups.{g}.betas"][1]),
-              float(sd[f"optimizer.param_groups.{g}.eps"])) for g in groups}
-    return m, v, hyper
+    sd = {**_tensors_like(reader, moments), **{k: None for k in hyper}}
+    _dcp_load(reader, sd)
+    state, groups = {}, {}
+    for key, value in sd.items():
+        owner, field = key.rsplit(".", 1)
+        if key.startswith("optimizer.state."):
+            state.setdefault(owner[len("optimizer.state."):], {})[field] = value
+        else:
+            groups.setdefault(owner, {})[field] = value
+    return state, list(groups.values())
 
 
 def read_fsdp_adapter(checkpoint: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The adapter's weights from a checkpoint's pytorch_model_fsdp_0/ (SHARDED_STATE_DICT), for the PEFT
     state-dict keys and shapes of `expected` (peft's `get_peft_model_state_dict` of the model to load into)."""
     folder = Path(checkpoint) / FSDP_MODEL_DIR
-    metadata = _SafeReader(str(folder)).read_metadata()
-    stored = metadata.state_dict_metadata
+    reader = _SafeReader(str(folder))
+    stored = reader.read_metadata().state_dict_metadata
     for name, t in expected.items():
         entry = stored.get(f"model.{name}")
         if entry is None or not hasattr(entry, "size"):
@@ -163,6 +181,6 @@ def read_fsdp_adapter(checkpoint: Path, expected: dict[str, torch.Tensor]) -> di
         if tuple(entry.size) != tuple(t.shape):
             raise FSDPCheckpointError(f"{folder}: '{name}' has shape {tuple(entry.size)}, the model's LoRA weight "
                                       f"{tuple(t.shape)}: the checkpoint was written for a different adapter")
-    sd = _tensors_like(metadata, [f"model.{n}" for n in expected])
-    _dcp_load(folder, sd)
+    sd = _tensors_like(reader, [f"model.{n}" for n in expected])
+    _dcp_load(reader, sd)
     return {k[len("model."):]: t for k, t in sd.items()}

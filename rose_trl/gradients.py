@@ -30,6 +30,11 @@ class MissingAdamStateError(ValueError):
     """Adam preconditioning was asked for but the optimizer holds no exp_avg/exp_avg_sq for a parameter."""
 
 
+def adam_hyperparameters(group: dict) -> tuple[float, float, float]:
+    """(beta1, beta2, eps) of an Adam/AdamW param group (live or saved)."""
+    return float(group["betas"][0]), float(group["betas"][1]), float(group["eps"])
+
+
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Trainable parameters in `model.named_parameters()` order: the layout of every gradient row."""
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -173,7 +178,7 @@ class AdamState:
         if any(is_deepspeed_param(p) for _, p in params):
             # ZeRO keeps flat partitions of m and v in its inner optimizer; DeepSpeed reassembles them per parameter.
             ms, vs = deepspeed_adam_moments(params)
-            hyper = {(float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])) for g in optimizer.param_groups}
+            hyper = {adam_hyperparameters(g) for g in optimizer.param_groups}
             return cls._build(ms, vs, hyper)
         while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer and similar wrappers
             optimizer = optimizer.optimizer
@@ -187,7 +192,7 @@ class AdamState:
                     "Adam preconditioning needs at least one AdamW step; use gradient_type='sgd' otherwise"
                 )
             g = group_of[id(p)]
-            hyper.add((float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])))
+            hyper.add(adam_hyperparameters(g))
             # whole(): FSDP2 keeps m and v as DTensors sharded like their parameter (a collective).
             ms.append(whole(state["exp_avg"].detach()).reshape(-1).float())
             vs.append(whole(state["exp_avg_sq"].detach()).reshape(-1).float())
@@ -205,7 +210,7 @@ class AdamState:
         hyper_of = {}
         for g in state_dict["param_groups"]:
             for idx in g["params"]:
-                hyper_of[idx] = (float(g["betas"][0]), float(g["betas"][1]), float(g["eps"]))
+                hyper_of[idx] = adam_hyperparameters(g)
         ms, vs, hyper = [], [], set()
         for name, p in params:
             idx = param_index.get(name)

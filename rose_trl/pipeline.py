@@ -92,7 +92,7 @@ def save_model_atomically(trainer, output_dir: str | Path) -> None:
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(f".{output_dir.name}.model-tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if getattr(trainer, "is_fsdp_enabled", False) and "SHARDED" in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+    if trainer.is_fsdp_enabled and "SHARDED" in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
         # Under SHARDED_STATE_DICT Trainer.save_model writes no weights at all: save the adapter whole.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .gradients import adam_hyperparameters
+
 
 class ZeroCheckpointError(ValueError):
     """A DeepSpeed checkpoint folder that cannot be read as ZeRO optimizer state."""
@@ -64,7 +66,7 @@ def read_zero_adam_moments(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor],
     if not isinstance(inner[0], dict) or "state" not in inner[0]:
         raise ZeroCheckpointError(f"{ds_dir}: the optimizer state is not a torch state_dict (elastic checkpoint?)")
     groups = len(inner[0]["param_groups"])
-    hyper = {(float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])) for g in inner[0]["param_groups"]}
+    hyper = {adam_hyperparameters(g) for g in inner[0]["param_groups"]}
     trainable = {n for shapes in model_states[0].param_shapes for n in shapes}
     moments = []
     for key in ("exp_avg", "exp_avg_sq"):
