@@ -50,15 +50,18 @@ class ROSEConfig:
     projection_seed: int = field(default=0, metadata={"help": "Seed of the projection matrix."})
     gradient_type: str = field(default="adam", metadata={"help": "Training-gradient features: adam (LESS "
                                                                   "preconditioning) or sgd.", "choices": ["adam", "sgd"]})
-    gradient_batch_size: int = field(default=16, metadata={"help": "Pool examples per batched gradient pass."})
+    gradient_batch_size: int = field(default=16, metadata={"help": "Pool examples per batched gradient pass (at most; "
+                                                                    "max_batch_tokens and gradient_memory_gb may lower it)."})
     gradient_memory_gb: float | None = field(
-        default=None, metadata={"help": "Memory budget (GB) for the per-example gradient rows of one pass: a row of "
-                                        "n LoRA parameters costs about 4 x 4n bytes (gradient, Adam temporaries, "
-                                        "projection input), so rows per pass = min(gradient_batch_size, budget / "
-                                        "16n). E.g. 7B with LoRA r=128 (134M params): 16 GB -> 7 rows."})
+        default=None, metadata={"help": "Memory budget (GB) for the gradient path of one pass, beyond its activations. "
+                                        "The fused path (default: sjlt, or trak with its matrix cached) costs about "
+                                        "16 bytes per parameter of the largest LoRA matrix per row (8 MB for a 7B "
+                                        "model at r=128), so the budget rarely binds; the whole-row fallback costs 16 "
+                                        "bytes per LoRA parameter per row (2.1 GB at 7B, r=128)."})
     max_batch_tokens: int | None = field(
-        default=None, metadata={"help": "Memory budget of a gradient pass in padded tokens (rows x length); "
-                                        "batches are split to stay under it."})
+        default=None, metadata={"help": "Memory budget of a gradient pass in padded tokens (rows x length): what "
+                                        "bounds the activations, the main memory of a pass; batches are split to "
+                                        "stay under it."})
     store_dtype: str = field(default="float16", metadata={"help": "Gradient store dtype: float16, float32 or int8 "
                                                                   "(per-row scale; half of float16 on disk).",
                                                           "choices": ["float16", "float32", "int8"]})

@@ -72,23 +72,19 @@ def gathered(model: nn.Module) -> Iterator[None]:
             m.reshard()
 
 
-def deepspeed_adam_moments(params: list[tuple[str, nn.Parameter]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Whole exp_avg and exp_avg_sq of each parameter from a ZeRO optimizer (collectives: every rank calls this)."""
+def deepspeed_adam_moments(params: list[tuple[str, nn.Parameter]]) -> tuple[dict, dict]:
+    """Whole exp_avg and exp_avg_sq of each parameter from a ZeRO optimizer, keyed by name; a parameter
+    the optimizer holds no Adam state for is absent (collectives: every rank calls this)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    from .gradients import MissingAdamStateError
-
-    ms, vs = [], []
+    exp_avg, exp_avg_sq = {}, {}
     for name, p in params:
         m = safe_get_full_optimizer_state(p, "exp_avg")
         v = safe_get_full_optimizer_state(p, "exp_avg_sq")
-        if m is None or v is None:
-            raise MissingAdamStateError(
-                f"the DeepSpeed optimizer holds no Adam state (exp_avg/exp_avg_sq) for '{name}': Adam preconditioning "
-                "needs an Adam/AdamW optimizer and at least one step; use gradient_type='sgd' otherwise")
-        ms.append(m.detach().reshape(-1).float().cpu())
-        vs.append(v.detach().reshape(-1).float().cpu())
-    return ms, vs
+        if m is not None and v is not None:
+            exp_avg[name] = m.detach().reshape(-1).float().cpu()
+            exp_avg_sq[name] = v.detach().reshape(-1).float().cpu()
+    return exp_avg, exp_avg_sq
 
 
 def partitioned(model: nn.Module) -> bool:

@@ -10,6 +10,7 @@ padding and other rows' lengths cannot change a row's gradient (tested against a
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -57,11 +58,62 @@ def activation_checkpointing_off(model: nn.Module) -> Iterator[None]:
             m.gradient_checkpointing = True
 
 
-class PerExampleGradientCapture:
-    """Collects per-row gradients of every trainable parameter into a [rows, n_params] float32 buffer.
+class DenseRows:
+    """Sink of a capture pass: every parameter's per-row gradient in one [rows, n_params] float32 buffer
+    (parameters in `named_parameters()` order). What `per_example_gradients` returns."""
 
-    Use as a context manager around a forward and a backward of `sum_b loss_b`; after the backward,
-    `self.grads[b]` is the gradient of `loss_b` (parameters in `named_parameters()` order).
+    def __init__(self, rows: int, num_params: int, device: torch.device):
+        self.grads = torch.zeros(rows, num_params, dtype=torch.float32, device=device)
+
+    def add(self, start: int, block: torch.Tensor) -> None:
+        self.grads[:, start : start + block.shape[1]] = block
+
+    def missing(self, start: int, n: int) -> None:
+        """Parameters [start, start + n) got no gradient in this pass: they stay zero."""
+
+
+class ProjectedRows:
+    """Fused sink: each layer's per-row gradient block is Adam-preconditioned with that layer's slice of m
+    and v and projected with that layer's slice of the projection, then added into a [rows, dim]
+    accumulator as soon as the backward reaches the layer. The [rows, n_params] buffer never exists: the
+    memory of a pass's gradient path per row is O(dim + largest layer), whatever the adapter's depth.
+
+    Equal to preconditioning then projecting the whole row (the Adam transform is elementwise and the
+    projection is linear in the parameter coordinates), up to float summation order (tests/test_fused.py).
+    """
+
+    def __init__(self, rows: int, projector, adam_state: "AdamState | None", device: torch.device):
+        self.projector, self.adam = projector, adam_state
+        self.out = torch.zeros(rows, projector.dim, dtype=torch.float32, device=device)
+
+    def add(self, start: int, block: torch.Tensor) -> None:
+        if self.adam is not None:
+            block = self.adam.precondition_(block, start)
+        self.projector.add_projection(self.out, block, start)
+
+    def missing(self, start: int, n: int) -> None:
+        # A zero gradient is not a zero Adam feature: b1*m / sqrt(b2*v + eps), the same for every row.
+        if self.adam is None:
+            return
+        row = self.adam.precondition_(torch.zeros(1, n, dtype=torch.float32, device=self.out.device), start)
+        shared = torch.zeros(1, self.out.shape[1], dtype=torch.float32, device=self.out.device)
+        self.projector.add_projection(shared, row, start)
+        self.out += shared
+
+
+class PerExampleGradientCapture:
+    """Per-row gradients of every trainable parameter from one batched forward and backward of
+    `sum_b loss_b`, handed layer by layer to a sink (`DenseRows` or `ProjectedRows`).
+
+        with capture:
+            sink = capture.reset(rows, device)      # DenseRows unless a sink is given
+            loss = ...forward...
+            capture.backward(loss)                  # sink now holds every row's gradient
+
+    Each hooked layer's forward is recorded; its output gets a gradient hook and a zero "tap" (a scalar
+    leaf added to the output). The backward is taken with respect to the taps only: no parameter's
+    `.grad` is written (a live training run's accumulators stay untouched), no data-parallel gradient
+    reduction fires, and autograd returns scalars instead of a full gradient per layer output.
     """
 
     def __init__(self, model: nn.Module):
@@ -94,9 +146,10 @@ class PerExampleGradientCapture:
                 f"per-example hooks cover nn.Linear layers only; these trainable parameters are not: {uncovered[:5]}"
                 + (" ..." if len(uncovered) > 5 else "")
             )
-        self.grads: torch.Tensor | None = None
-        # The hooked layers' outputs of the current pass: the backward is taken with respect to them.
-        self.outputs: list[torch.Tensor] = []
+        self.largest_range = max(n for _, n in slices.values())
+        self.sink: DenseRows | ProjectedRows | None = None
+        self._taps: list[torch.Tensor] = []
+        self._calls: dict[int, int] = {}
         self._handles: list = []
 
     def __enter__(self) -> "PerExampleGradientCapture":
@@ -107,58 +160,93 @@ class PerExampleGradientCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self.outputs = []  # a forward without backward (an error in between) must not keep them either
+        self._taps, self._calls = [], {}  # a forward without backward (an error in between) must not keep them
 
-    def reset(self, rows: int, device: torch.device) -> None:
-        self.grads = torch.zeros(rows, self.num_params, dtype=torch.float32, device=device)
-        self.outputs = []
+    def reset(self, rows: int, device: torch.device, sink: "DenseRows | ProjectedRows | None" = None):
+        """Start a pass of `rows` rows; returns its sink (a `DenseRows` unless one is given)."""
+        self.sink = sink if sink is not None else DenseRows(rows, self.num_params, device)
+        self._taps, self._calls = [], {}
+        return self.sink
+
+    @property
+    def grads(self) -> torch.Tensor:
+        """[rows, n_params] of a `DenseRows` pass."""
+        return self.sink.grads
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Fill `self.grads` from `loss` (a sum of per-row losses). The gradient is taken with respect to
-        the hooked layers' outputs, never the parameters: no `.grad` is written (a live training run's
-        accumulators stay untouched) and no data-parallel gradient reduction is triggered."""
-        outputs, self.outputs = self.outputs, []
-        if not outputs:
+        """Run the backward of `loss` (a sum of per-row losses) and fill the sink."""
+        taps, self._taps = self._taps, []
+        if not taps:
             raise UnsupportedParameterError("no hooked layer ran in this forward (is the LoRA adapter active?)")
-        # Our list must not outlive the pass: each output's gradient hook refers back to this object,
-        # a tensor -> hook -> capture -> tensor cycle that Python's gc cannot break, so every pass's
-        # activations would stay on the device (measured: a 7B extraction ran out of 80 GB).
-        torch.autograd.grad(loss, outputs, allow_unused=True)
+        self._remaining, self._pending, self._emitted = dict(self._calls), {}, set()
+        try:
+            torch.autograd.grad(loss, taps, allow_unused=True)
+            # Layers some of whose calls got no gradient (an output that does not reach the loss) are
+            # complete now; layers that got none at all have a zero gradient.
+            for key, (module, rows_grads) in self._pending.items():
+                self._emit(module, rows_grads)
+            for module in self._modules:
+                if id(module) not in self._emitted:
+                    for rng in self._module_slices[id(module)]:
+                        if rng is not None:
+                            self.sink.missing(*rng)
+        finally:
+            self._pending, self._calls = {}, {}
 
-    def _forward_hook(self, module: nn.Linear, inputs, output) -> None:
+    def _forward_hook(self, module: nn.Linear, inputs, output):
         if not (torch.is_grad_enabled() and output.requires_grad):
-            return
-        x = inputs[0].detach()
-        output.register_hook(lambda grad_out, m=module, x=x: self._accumulate(m, x, grad_out))
-        self.outputs.append(output)
+            return None
+        x = inputs[0].detach()  # shares the storage autograd saves for the layer's own weight gradient
+        tap = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+        tapped = output + tap  # equal to output; d(loss)/d(tap) is a scalar, so autograd keeps no per-layer gradient
+        # The hook is kept by the autograd graph, not by us: nothing of this pass outlives its backward.
+        tapped.register_hook(lambda grad_out, m=module, x=x: self._on_gradient(m, x, grad_out))
+        self._taps.append(tap)
+        self._calls[id(module)] = self._calls.get(id(module), 0) + 1
+        return tapped
 
-    def _accumulate(self, module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    def _on_gradient(self, module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         rows = x.shape[0]
         g = grad_out.reshape(rows, -1, grad_out.shape[-1]).float()
         a = x.reshape(rows, -1, x.shape[-1]).float()
         weight, bias = self._module_slices[id(module)]
-        # `+=`: a module called several times in one forward contributes the sum of its calls.
-        if weight is not None:
-            start, n = weight
-            self.grads[:, start : start + n] += torch.einsum("bto,bti->boi", g, a).reshape(rows, n)
-        if bias is not None:
-            start, n = bias
-            self.grads[:, start : start + n] += g.sum(dim=1)
+        # Per-row weight gradient: sum over positions of grad_out[b, t]^T x[b, t].
+        blocks = (torch.bmm(g.transpose(1, 2), a).reshape(rows, -1) if weight is not None else None,
+                  g.sum(dim=1) if bias is not None else None)
+        key = id(module)
+        if key in self._pending:  # a layer called several times: the Adam transform needs the sum of its calls
+            blocks = tuple(b if p is None else p + b for p, b in zip(self._pending.pop(key)[1], blocks))
+        self._remaining[key] -= 1
+        if self._remaining[key] > 0:
+            self._pending[key] = (module, blocks)
+        else:
+            self._emit(module, blocks)
+
+    def _emit(self, module: nn.Linear, blocks) -> None:
+        for rng, block in zip(self._module_slices[id(module)], blocks):
+            if rng is not None:
+                self.sink.add(rng[0], block)
+        self._emitted.add(id(module))
 
 
-def sft_per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's own token-mean next-token cross entropy over its labelled (response) tokens: [B]."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    mask = shift_labels != IGNORE_INDEX
-    counts = mask.sum(dim=1)
+def sft_per_example_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's own token-mean next-token cross entropy over its labelled (response) tokens: [B].
+
+    `positions`: the sequence positions `logits` were computed for (`logits_to_keep`), all when None.
+    The labels are shifted, not the logits: a `logits[:, :-1]` view would make the backward allocate and
+    zero-fill a second logits-sized gradient, and cross entropy over a flat [B*T, V] view runs its
+    contiguous kernel (profiled in docs/performance.md)."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    counts = (shifted != IGNORE_INDEX).sum(dim=1)
     if bool((counts == 0).any()):
         bad = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"batch rows {bad} have no response tokens (all labels are -100): their loss is undefined")
-    return (token_loss * mask).sum(dim=1) / counts
+    if positions is not None:
+        shifted = shifted[:, positions]
+    rows, width, vocab = logits.shape
+    token_loss = F.cross_entropy(logits.reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view(rows, width)
+    return token_loss.sum(dim=1) / counts
 
 
 @dataclass
@@ -177,9 +265,9 @@ class AdamState:
         DeepSpeed ZeRO optimizer; under ZeRO and FSDP2 every rank must call this (the moments are gathered)."""
         if any(is_deepspeed_param(p) for _, p in params):
             # ZeRO keeps flat partitions of m and v in its inner optimizer; DeepSpeed reassembles them per parameter.
-            ms, vs = deepspeed_adam_moments(params)
+            exp_avg, exp_avg_sq = deepspeed_adam_moments(params)
             hyper = {adam_hyperparameters(g) for g in optimizer.param_groups}
-            return cls._build(ms, vs, hyper)
+            return cls.from_named_moments(exp_avg, exp_avg_sq, hyper, params, source="the DeepSpeed optimizer")
         while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer and similar wrappers
             optimizer = optimizer.optimizer
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
@@ -235,7 +323,9 @@ class AdamState:
         ms, vs = [], []
         for name, p in params:
             if name not in exp_avg or name not in exp_avg_sq:
-                raise MissingAdamStateError(f"{source} has no exp_avg/exp_avg_sq for '{name}'")
+                raise MissingAdamStateError(
+                    f"{source} has no Adam state (exp_avg/exp_avg_sq) for '{name}': Adam preconditioning needs an "
+                    "Adam/AdamW optimizer and at least one step; use gradient_type='sgd' otherwise")
             if exp_avg[name].numel() != full_numel(p):
                 raise MissingAdamStateError(
                     f"{source}: '{name}' has {exp_avg[name].numel()} Adam values, the parameter has {full_numel(p)}: "
@@ -256,11 +346,17 @@ class AdamState:
 
     def precondition(self, grads: torch.Tensor) -> torch.Tensor:
         """LESS's Adam update direction, per row: (b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g^2 + eps)."""
-        m = self.exp_avg.to(grads.device)
-        v = self.exp_avg_sq.to(grads.device)
-        numerator = self.beta1 * m + (1 - self.beta1) * grads
-        denominator = torch.sqrt(self.beta2 * v + (1 - self.beta2) * grads.square() + self.eps)
-        return numerator / denominator
+        return self.precondition_(grads.clone())
+
+    def precondition_(self, grads: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """`precondition` in place, for the parameters [start, start + grads.shape[1]): a layer's block
+        of a fused pass. Two row-sized temporaries instead of five; the same operations, so the same
+        numbers as `precondition`."""
+        n = grads.shape[-1]
+        m = self.exp_avg[start : start + n].to(grads.device)
+        v = self.exp_avg_sq[start : start + n].to(grads.device)
+        denominator = grads.square().mul_(1 - self.beta2).add_(self.beta2 * v).add_(self.eps).sqrt_()
+        return grads.mul_(1 - self.beta1).add_(self.beta1 * m).div_(denominator)
 
 
 def trainer_param_index(model: nn.Module) -> dict[str, int]:
@@ -277,17 +373,46 @@ def trainer_param_index(model: nn.Module) -> dict[str, int]:
     return {n: i for i, n in enumerate(ordered)}
 
 
-def _model_inputs(batch: dict) -> dict:
-    """Right-padded rows go in without their padding mask: under the causal mask a real token never
+def model_inputs(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor | None]:
+    """The model's keyword arguments for `batch`, and the positions its logits are computed for.
+
+    Right-padded rows go in without their padding mask: under the causal mask a real token never
     attends to the padding after it, and padded positions carry no loss, so every row's gradient is the
     same (tested against unpadded rows). Without an explicit mask, attention runs its causal
     flash/memory-efficient kernels instead of building masked [rows, heads, T, T] scores, which for a
-    7B model at 2048 tokens is the difference between fitting an 80 GB GPU and not."""
+    7B model at 2048 tokens is the difference between fitting an 80 GB GPU and not.
+
+    Logits are computed only where some row has a label (`logits_to_keep`, where the model takes it):
+    the prompt positions every row shares and the padding carry no loss, and a [rows, T, vocab] logits
+    tensor is the largest activation of a pass (Llama-3's 128k vocabulary: 0.5 MB a token in float32)."""
     mask = batch["attention_mask"]
     right_padded = bool((mask[:, :-1] >= mask[:, 1:]).all()) and bool(mask[:, 0].all())
-    if right_padded:
-        return {"input_ids": batch["input_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": mask, "use_cache": False}
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if not right_padded:
+        inputs["attention_mask"] = mask
+    positions = None
+    labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0)
+    if not bool(labelled.all()) and _takes_logits_to_keep(model):
+        positions = torch.nonzero(labelled).flatten()
+        inputs["logits_to_keep"] = positions
+    return inputs, positions
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _capture_pass(model: nn.Module, batch: dict, make_sink) -> "DenseRows | ProjectedRows":
+    capture = PerExampleGradientCapture(model)
+    device = batch["input_ids"].device
+    with activation_checkpointing_off(model), capture, torch.enable_grad():
+        sink = capture.reset(batch["input_ids"].shape[0], device, make_sink(capture, device))
+        # No name for the logits: held through the backward they would be one more [rows, T, vocab] tensor.
+        inputs, positions = model_inputs(model, batch)
+        loss = sft_per_example_loss(model(**inputs).logits, batch["labels"], positions).sum()
+        capture.backward(loss)
+    return sink
 
 
 def per_example_gradients(
@@ -305,13 +430,19 @@ def per_example_gradients(
     """
     if adam_state is None and optimizer is not None:
         adam_state = AdamState.from_optimizer(optimizer, trainable_parameters(model))
-    capture = PerExampleGradientCapture(model)
-    device = batch["input_ids"].device
-    with activation_checkpointing_off(model), capture, torch.enable_grad():
-        capture.reset(batch["input_ids"].shape[0], device)
-        logits = model(**_model_inputs(batch)).logits
-        capture.backward(sft_per_example_loss(logits, batch["labels"]).sum())
-    grads = capture.grads
+    grads = _capture_pass(model, batch, lambda capture, device: None).grads
     if adam_state is not None:
-        grads = adam_state.precondition(grads)
+        grads = adam_state.precondition_(grads)
     return grads
+
+
+def per_example_projected_gradients(model: nn.Module, batch: dict, projector, adam_state: AdamState | None = None
+                                    ) -> torch.Tensor:
+    """`projector.project(per_example_gradients(model, batch, adam_state=adam_state))`, fused: float32
+    [batch, projector.dim] computed layer by layer inside the backward (`ProjectedRows`), without the
+    [batch, n_params] buffer. The projector must support row slices (`projector.supports_slices`)."""
+    if not projector.supports_slices:
+        raise ValueError(f"{projector.implementation} cannot project a slice of the parameters: use "
+                         "per_example_gradients and project the whole rows")
+    return _capture_pass(model, batch, lambda capture, device: ProjectedRows(
+        batch["input_ids"].shape[0], projector, adam_state, device)).out

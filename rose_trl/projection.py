@@ -36,6 +36,14 @@ class Projector(Protocol):
         """What identifies the matrix: two projectors with equal descriptions project identically."""
 
     @property
+    def supports_slices(self) -> bool:
+        """Whether `add_projection` can project a slice of the input coordinates (the fused gradient path)."""
+
+    def add_projection(self, out: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """out [rows, dim] += projection of `values` [rows, n], the input coordinates [start, start + n):
+        summed over slices that cover the input, equal to `project` of the whole rows."""
+
+    @property
     def implementation(self) -> str:
         """Which code computes it, for the log."""
 
@@ -85,6 +93,27 @@ class SparseJLProjector:
                 # int64 at use: index_add_ with int32 indices is ~12x slower on the CPU.
                 out.index_add_(1, buckets[s].long(), block * signs[s])
         return out.mul_(scale)
+
+    @property
+    def supports_slices(self) -> bool:
+        # Slices read the cached plan; regenerating a whole chunk of it for every layer would cost more
+        # than the fused path saves.
+        return self._cache
+
+    def add_projection(self, out: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        end = start + values.shape[-1]
+        if start < 0 or end > self.input_dim:
+            raise ValueError(f"coordinates [{start}, {end}) are outside the projector's {self.input_dim} inputs")
+        scale = 1 / math.sqrt(self.nnz)
+        values = values.float()
+        for c_start, c_end, buckets, signs in self._plan_on(values.device):
+            lo, hi = max(start, c_start), min(end, c_end)
+            if lo >= hi:
+                continue
+            block = values[:, lo - start : hi - start]
+            for s in range(self.nnz):
+                out.index_add_(1, buckets[s, lo - c_start : hi - c_start].long(), block * signs[s, lo - c_start : hi - c_start],
+                               alpha=scale)
 
     def describe(self) -> dict:
         return {"type": self.name, "dim": self.dim, "seed": self.seed, "nnz": self.nnz, "input_dim": self.input_dim}
@@ -152,6 +181,13 @@ class TrakProjector:
             # float32 in: fast_jl takes it, and half would flush small (SGD) gradients to zero.
             return self._impl.project(grads.contiguous(), model_id=0).float()
         return self._impl.project(grads, model_id=0)
+
+    @property
+    def supports_slices(self) -> bool:
+        return self._matrix is not None  # rows of the cached matrix; trak's own projectors take whole rows
+
+    def add_projection(self, out: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        out.addmm_(values.to(self.device, torch.float32), self._matrix[start : start + values.shape[-1]])
 
     def describe(self) -> dict:
         # BasicProjector and CudaProjector draw different matrices from the same seed.

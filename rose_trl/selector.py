@@ -23,7 +23,7 @@ from datasets import Dataset
 
 from .config import ROSEConfig
 from .distributed import check_supported, gathered
-from .extraction import extract_gradients, rows_for_budget
+from .extraction import extract_gradients, rows_per_pass
 from .gradients import AdamState, num_trainable_parameters, trainable_parameters
 from .projection import build_projector
 from .scoring import CheckpointGradients, score_checkpoints
@@ -160,8 +160,8 @@ class ROSESelector:
         state.wait_for_everyone()
         extract_gradients(model, self._pool_rows, train, projector, self.tokenizer.pad_token_id, missing=missing,
                           adam_state=adam_state if self.config.gradient_type == "adam" else None,
-                          batch_size=rows_for_budget(projector.input_dim, self.config.gradient_batch_size,
-                                                     self.config.gradient_memory_gb),
+                          batch_size=rows_per_pass(model, projector, self.config.gradient_batch_size,
+                                                   self.config.gradient_memory_gb),
                           max_batch_tokens=self.config.max_batch_tokens,
                           shard=(state.process_index, state.num_processes),
                           progress=self.progress and state.is_local_main_process, desc=f"Pool gradients @ {name}")

@@ -133,15 +133,20 @@ def test_rows_without_response_tokens_are_refused():
 
 
 def test_memory_budget_sizes_the_batches():
-    from rose_trl.extraction import plan_batches, rows_for_budget
+    from rose_trl.extraction import gradient_bytes_per_row, plan_batches, rows_for_budget
 
-    # 7B with LoRA r=128 on q,k,v,o: 32 layers x 4 x 128 x (4096 + 4096) = 134M parameters.
-    n = 32 * 4 * 128 * 8192
+    # 7B with LoRA r=128 on q,k,v,o: 32 layers x 4 x 128 x (4096 + 4096) = 134M parameters, the
+    # largest of them a 4096 x 128 matrix.
+    n, layer = 32 * 4 * 128 * 8192, 4096 * 128
     assert n == 134_217_728
-    assert rows_for_budget(n, 16, None) == 16
-    assert rows_for_budget(n, 16, 16.0) == 7  # 7 x 16 B x 134M = 15 GB <= 16 GB, on an 80 GB GPU
+    dense = gradient_bytes_per_row(n, layer, 8192, fused=False)
+    fused = gradient_bytes_per_row(n, layer, 8192, fused=True)
+    assert rows_for_budget(dense, 16, None) == 16
+    assert rows_for_budget(dense, 16, 16.0) == 7  # 7 x 16 B x 134M = 15 GB <= 16 GB, on an 80 GB GPU
     with pytest.raises(ValueError, match="cannot hold one gradient row"):
-        rows_for_budget(n, 16, 1.0)
+        rows_for_budget(dense, 16, 1.0)
+    # Fused, a row costs its largest layer, not the adapter: the budget no longer limits the rows.
+    assert fused < 10e6 and rows_for_budget(fused, 64, 1.0) == 64
     import numpy as np
 
     lengths = np.array([10, 50, 20, 50, 5, 30])
@@ -209,14 +214,14 @@ def test_a_pass_that_runs_out_of_memory_is_split(tmp_path, monkeypatch, caplog):
                                             gradient_type="sgd", pool_fingerprint="p", num_rows=len(pool), dtype="float32")
 
     extraction.extract_gradients(model, pool, small := store("small"), projector, 0, batch_size=2, progress=False)
-    real = extraction.per_example_gradients
+    real = extraction.per_example_projected_gradients
 
-    def tight_memory(model, batch, **kw):
+    def tight_memory(model, batch, *args, **kw):
         if batch["input_ids"].shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, batch, **kw)
+        return real(model, batch, *args, **kw)
 
-    monkeypatch.setattr(extraction, "per_example_gradients", tight_memory)
+    monkeypatch.setattr(extraction, "per_example_projected_gradients", tight_memory)
     with caplog.at_level("WARNING"):
         extraction.extract_gradients(model, pool, split := store("split"), projector, 0, batch_size=7, progress=False)
     assert "ran out of memory: splitting it" in caplog.text
@@ -224,7 +229,7 @@ def test_a_pass_that_runs_out_of_memory_is_split(tmp_path, monkeypatch, caplog):
     np.testing.assert_allclose(split.read_all(), small.read_all(), rtol=1e-4, atol=1e-6)
 
     # One row that does not fit cannot be split: the error reaches the caller.
-    monkeypatch.setattr(extraction, "per_example_gradients",
+    monkeypatch.setattr(extraction, "per_example_projected_gradients",
                         lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
     with pytest.raises(torch.OutOfMemoryError):
         extraction.extract_gradients(model, pool, store("none"), projector, 0, batch_size=7, progress=False)
