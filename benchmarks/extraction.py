@@ -101,7 +101,7 @@ def timed(fn, *a):
     return time.perf_counter() - t, result
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=128)
@@ -114,7 +114,7 @@ def main():
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--skip-less", action="store_true", help="skip (a); speedup_vs_less is then nan")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     model, pool, opt = build(args)
     n_params = sum(p.numel() for _, p in trainable_parameters(model))

@@ -1,0 +1,138 @@
+"""Memory the gradient path adds per row, on top of a plain forward+backward of the same batch (CPU).
+
+    python benchmarks/extraction_memory.py [--layers 1 4 --rows 1 4 16 --seq-len 128 --paths fused dense]
+
+Model: Llama-2-7B's shape (hidden 4096, intermediate 11008, 32 heads, vocab 32000) with random float32
+weights, truncated to L decoder layers, with LESS's adapter: LoRA r=128, alpha 512 on q,k,v,o. For each L
+and rows per pass, at --seq-len tokens a row:
+- plain: the same forward and per-row SFT loss, backward w.r.t. the LoRA weights (what training on that
+  loss does): what is left, extra, is the gradient path's own cost;
+- fused: this engine's pass, per-layer Adam preconditioning and sjlt projection inside the backward
+  (`per_example_projected_gradients`);
+- dense: the whole-row path that the fused one replaced (`per_example_gradients` + `project`).
+Memory is real allocation: every allocation and free of the pass, read from torch's profiler
+(`profile_memory=True`), peak live bytes above what was allocated before the pass. extra = peak(path) -
+peak(plain) of the same batch; extra per row = least-squares slope of extra over the rows settings (the
+Adam state, the projector's plan and the adapter's summed gradient are paid once a pass, not per row).
+The last line is `extra_mb_per_row_L<l>=<MB> ...` for the fused path, for every L.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from llama_shapes import SHAPES, build_model
+from torch.profiler import ProfilerActivity, profile
+
+from rose_trl.gradients import (AdamState, model_inputs, per_example_gradients, per_example_projected_gradients,
+                                sft_per_example_loss, trainable_parameters)
+from rose_trl.projection import build_projector
+
+def batch_of(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (rows, seq_len), generator=g)
+    labels = input_ids.clone()
+    labels[:, : seq_len // 4] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def peak_bytes(fn) -> int:
+    """Peak live bytes that `fn()` allocates above what is allocated when it starts, from the profiler's
+    allocation events (every allocation and free of torch's CPU allocator, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def passes(model, projector, adam: AdamState) -> dict:
+    params = [p for _, p in trainable_parameters(model)]
+
+    def plain(batch):
+        inputs, positions = model_inputs(model, batch)
+        return torch.autograd.grad(sft_per_example_loss(model(**inputs).logits, batch["labels"], positions).sum(), params)
+
+    return {
+        "plain": plain,
+        "fused": lambda b: per_example_projected_gradients(model, b, projector, adam),
+        "dense": lambda b: projector.project(per_example_gradients(model, b, adam_state=adam)),
+    }
+
+
+def measure(shape: str, layers: int, rows_list: list[int], seq_len: int, lora_r: int, dim: int, paths: list[str],
+            log=print) -> dict:
+    """{path: {rows: extra bytes over plain}} for one depth, plus the plain peaks under "plain"."""
+    model = build_model(shape, layers, lora_r)
+    vocab = SHAPES[shape]["vocab_size"]
+    n = sum(p.numel() for _, p in trainable_parameters(model))
+    g = torch.Generator().manual_seed(1)
+    adam = AdamState(torch.randn(n, generator=g) * 1e-4, torch.rand(n, generator=g) * 1e-8, 0.9, 0.999, 1e-8)
+    projector = build_projector("sjlt", n, dim, seed=0)
+    runs = passes(model, projector, adam)
+    warm = batch_of(1, seq_len, vocab)
+    for path in ["plain", *paths]:  # the projector's plan and lazy inits are paid before measuring
+        runs[path](warm)
+    result = {path: {} for path in ["plain", *paths]}
+    for rows in rows_list:
+        batch = batch_of(rows, seq_len, vocab, seed=rows)
+        for path in ["plain", *paths]:
+            start = time.perf_counter()
+            result[path][rows] = peak_bytes(lambda: runs[path](batch))
+            log(f"  L={layers} rows={rows:3d} {path:6s} peak {result[path][rows] / 1e6:10.1f} MB "
+                f"({time.perf_counter() - start:.1f} s)")
+    del model
+    return result
+
+
+def per_row_slope(rows_list: list[int], extra: list[float]) -> float:
+    return float(np.polyfit(np.asarray(rows_list, dtype=float), np.asarray(extra, dtype=float), 1)[0])
+
+
+def run(shape: str, layers_list: list[int], rows_list: list[int], seq_len: int, lora_r: int, dim: int,
+        paths: list[str], log=print) -> dict:
+    """{(path, L): extra MB per row}, with the table printed through `log`."""
+    table, slopes = [], {}
+    for layers in layers_list:
+        result = measure(shape, layers, rows_list, seq_len, lora_r, dim, paths, log)
+        for path in paths:
+            extra = [(result[path][r] - result["plain"][r]) / 1e6 for r in rows_list]
+            slopes[(path, layers)] = per_row_slope(rows_list, extra)
+            for r, e in zip(rows_list, extra):
+                table.append((path, layers, r, result["plain"][r] / 1e6, result[path][r] / 1e6, e))
+    log(f"{'path':6s} {'L':>2s} {'rows':>4s} {'plain MB':>10s} {'path MB':>10s} {'extra MB':>10s}")
+    for path, layers, r, plain, peak, extra in table:
+        log(f"{path:6s} {layers:2d} {r:4d} {plain:10.1f} {peak:10.1f} {extra:10.1f}")
+    for (path, layers), slope in slopes.items():
+        log(f"{path:6s} L={layers}: extra {slope:.2f} MB per row")
+    return slopes
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument("--dim", type=int, default=8192)
+    p.add_argument("--paths", nargs="+", default=["fused"], choices=["fused", "dense"],
+                   help="dense (the whole-row path) costs ~67 MB per layer per row at r=128 and minutes more")
+    p.add_argument("--tiny", action="store_true", help="a small model shape (seconds; what the tests run)")
+    args = p.parse_args()
+    shape = "tiny" if args.tiny else "llama-2-7b"
+    print(f"model: {'tiny' if args.tiny else 'Llama-2-7B'} shape, LoRA r={args.lora_r} on q,k,v,o, {args.seq_len} tokens "
+          f"a row, sjlt -> {args.dim} dims, torch threads {torch.get_num_threads()}", flush=True)
+    slopes = run(shape, args.layers, args.rows, args.seq_len, args.lora_r, args.dim, args.paths,
+                 log=lambda s: print(s, flush=True))
+    print(" ".join(f"extra_mb_per_row_L{layers}={slopes[('fused', layers)]:.2f}" for layers in args.layers
+                   if ("fused", layers) in slopes))
+
+
+if __name__ == "__main__":
+    main()
