@@ -1,6 +1,7 @@
 """Training-gradient extraction at 7B scale on one GPU: LESS-style loop vs this engine vs the floor.
 
     python benchmarks/gpu_extraction.py                       # GPU: Llama-2-7B shape, bf16, LoRA r=128
+    python benchmarks/gpu_extraction.py --model llama-3.1-8b  # Llama-3.1-8B's shape (128k vocabulary)
     python benchmarks/gpu_extraction.py --device cpu --tiny   # the same script in seconds (the test suite runs it)
 
 Model: Llama-2-7B's shape with random bf16 weights (no download), LoRA r=128, alpha 512 on q,k,v,o (134M
@@ -180,6 +181,7 @@ def projector_checks(model, pool, device, dim, check_params, seeds, log):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--model", default="llama-2-7b", choices=[s for s in SHAPES if s != "tiny"])
     p.add_argument("--tiny", action="store_true", help="tiny model, short rows, float32: seconds, any device")
     p.add_argument("--examples", type=int, default=None, help="pool rows for (b) and (c) (default 96; tiny 24)")
     p.add_argument("--less-examples", type=int, default=None, help="rows for the slow (a) (default 32; tiny 8)")
@@ -194,7 +196,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     tiny = args.tiny
-    shape = "tiny" if tiny else "llama-2-7b"
+    shape = "tiny" if tiny else args.model
     dtype = torch.float32 if tiny or device.type == "cpu" else torch.bfloat16
     examples = args.examples or (24 if tiny else 96)
     less_examples = args.less_examples or (8 if tiny else 32)
