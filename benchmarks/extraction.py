@@ -7,6 +7,7 @@
 (b) this engine end to end: batched per-example gradients + Adam preconditioning + projection
     (--projection, sjlt by default) + writes to a memory-mapped store.
 (c) floor: plain batched forward+backward of the same examples (the model's mean loss).
+(b) and (c) are timed --repeats times, alternately, and their medians used.
 The last line is `speedup_vs_less=<a/b> overhead_vs_fwd_bwd=<b/c>`.
 """
 
@@ -114,6 +115,9 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--skip-less", action="store_true", help="skip (a); speedup_vs_less is then nan")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="(b) and (c) are timed this many times, alternately, and their medians reported: the "
+                        "machine's speed drifts more between runs than the engine's overhead is")
     args = p.parse_args(argv)
 
     model, pool, opt = build(args)
@@ -121,10 +125,17 @@ def main(argv=None):
     print(f"workload: {args.examples} examples x {args.seq_len} tokens, {n_params} LoRA params -> {args.dim} dims, "
           f"torch threads {torch.get_num_threads()}")
     floor(model, pool[: args.batch_size], args.batch_size)  # warm-up
-    t_floor, _ = timed(floor, model, pool, args.batch_size)
-    t_engine, _ = timed(engine, model, pool, opt, args.dim, args.projection, args.batch_size)
+    engine(model, pool[: args.batch_size], opt, args.dim, args.projection, args.batch_size)
+    floors, engines = [], []
+    for _ in range(args.repeats):
+        floors.append(timed(floor, model, pool, args.batch_size)[0])
+        engines.append(timed(engine, model, pool, opt, args.dim, args.projection, args.batch_size)[0])
+    t_floor, t_engine = float(np.median(floors)), float(np.median(engines))
     print(f"(c) fwd+bwd floor       {t_floor:8.2f} s  {1000 * t_floor / len(pool):8.1f} ms/example")
     print(f"(b) rose_trl engine     {t_engine:8.2f} s  {1000 * t_engine / len(pool):8.1f} ms/example ({args.projection})")
+    if args.repeats > 1:
+        print(f"    medians of {args.repeats}; per repeat (b)/(c): "
+              + " ".join(f"{e / f:.3f}" for e, f in zip(engines, floors)))
     t_less = float("nan")
     if not args.skip_less:
         t_less, _ = timed(less_style, model, pool, opt, args.dim)

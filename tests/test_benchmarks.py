@@ -31,7 +31,7 @@ def test_extraction_benchmark_runs_tiny(capsys):
     import extraction
 
     extraction.main(["--examples", "32", "--hidden", "64", "--layers", "2", "--vocab", "500", "--dim", "256",
-                     "--seq-len", "32"])
+                     "--seq-len", "32", "--repeats", "2"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     speedup, overhead = (float(part.split("=")[1]) for part in last.split())
     assert last.startswith("speedup_vs_less=") and speedup > 1 and overhead > 0
