@@ -60,6 +60,24 @@ def test_batched_rows_match_loop_on_cuda_bf16_base():
         assert torch.nn.functional.cosine_similarity(fast[i], ref[i], dim=0).item() >= 0.999, i
 
 
+def test_fused_rows_equal_whole_rows_on_cuda_bf16_base():
+    # The fused path (per-layer Adam + projection inside the backward) on the GPU, bf16 base, float32 LoRA.
+    from rose_trl.gradients import per_example_projected_gradients
+
+    model = tiny_lora_model()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    model.cuda()
+    batch = cuda_batch()
+    n = sum(p.numel() for _, p in trainable_parameters(model))
+    adam = AdamState(torch.randn(n) * 1e-3, torch.rand(n) * 1e-5, 0.9, 0.999, 1e-8).to("cuda")
+    projector = build_projector("sjlt", n, 1024, device="cuda")
+    fused = per_example_projected_gradients(model, batch, projector, adam).cpu()
+    whole = projector.project(per_example_gradients(model, batch, adam_state=adam)).cpu()
+    assert_rows_match(fused, whole)
+
+
 def test_sjlt_on_cuda_equals_cpu():
     x = torch.randn(5, 300_000)
     p = SparseJLProjector(300_000, 2048, seed=3, chunk=1 << 16)
