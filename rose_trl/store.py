@@ -294,5 +294,35 @@ class GradientStore:
                     chunk *= _read_rows(self._scale[shard], start, stop)[:, None]
                 yield base + start, chunk
 
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), dim] of the given rows (sorted, distinct): one file read per run of
+        consecutive rows, so a scattered subset costs its own bytes, not a pass over the store."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.num_rows or (np.diff(rows) <= 0).any()):
+            raise ValueError(f"rows must be sorted, distinct and in [0, {self.num_rows})")
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        shards = rows // self.shard_size
+        for shard in np.unique(shards).tolist():
+            data, done = self._shard(shard)
+            at = np.flatnonzero(shards == shard)
+            local = rows[at] - shard * self.shard_size
+            undone = ~np.asarray(done)[local].astype(bool)
+            if undone.any():
+                raise CorruptStoreError(f"gradient store {self.path}: rows {rows[at][undone][:10].tolist()} are not computed")
+            raw = np.empty((len(local), self.dim), dtype=data.dtype)
+            scales = np.empty(len(local), dtype=np.float32) if self.quantized else None
+            first = 0
+            for run in np.split(local, np.flatnonzero(np.diff(local) != 1) + 1):
+                span = slice(first, first + len(run))
+                raw[span] = _read_rows(data, int(run[0]), int(run[-1]) + 1)
+                if scales is not None:
+                    scales[span] = _read_rows(self._scale[shard], int(run[0]), int(run[-1]) + 1)
+                first += len(run)
+            chunk = _to_float32(raw)
+            if scales is not None:
+                chunk *= scales[:, None]
+            out[at] = chunk
+        return out
+
     def read_all(self) -> np.ndarray:
         return np.concatenate([chunk for _, chunk in self.iter_chunks()], axis=0)
