@@ -176,3 +176,47 @@ def test_report_of_a_run_explains_its_rows(run, planted):
                    "usable pairs", "validation loss</td><td>sigmoid"):
         assert needle in page, needle
     assert planted[1][0]["prompt"].split(" .")[0] in page  # a pair's own text next to the rows it pulled in
+
+
+def test_another_validation_loss_gets_its_own_stores_and_switching_back_reuses_both(run, planted, monkeypatch):
+    import rose_trl.selector as selector_module
+    from rose_trl.offline import select_from_checkpoints
+    from rose_trl.validation import ROSEDPOTrainer
+
+    pool, validation, tokenizer, _ = planted
+    pool_passes, dpo_passes = [], []
+    real_extract, real_pairs = selector_module.extract_gradients, ROSEDPOTrainer.pair_gradients
+    monkeypatch.setattr(selector_module, "extract_gradients", lambda *a, **k: pool_passes.append(real_extract(*a, **k)))
+    monkeypatch.setattr(ROSEDPOTrainer, "pair_gradients", lambda self, *a, **k: dpo_passes.append(self.loss_types)
+                        or real_pairs(self, *a, **k))
+
+    def select(folder, **config):
+        selector = ROSESelector(pool, validation, tokenizer, ROSEConfig(**CONFIG, **config), run, max_length=256,
+                                use_cpu=True, progress=False)
+        return select_from_checkpoints(run, build_tiny_llama(tokenizer), selector, folder=folder)
+
+    sel = select("selection_ipo", validation_loss_type="ipo")
+    assert pool_passes == [0, 0] and dpo_passes == [["ipo"], ["ipo"]]  # pool stores reused, new targets only
+    names = [c["name"] for c in json.loads((run / "rose" / "checkpoints.json").read_text())["checkpoints"]]
+    for folder, loss in (("val_dpo_ipo", ["ipo"]), ("val_dpo", ["sigmoid"])):
+        meta = json.loads((run / "rose" / folder / names[0] / "meta.json").read_text())
+        assert meta["validation_loss_type"] == loss and meta["validation_loss_weights"] == [1.0]
+    assert json.loads((sel / "config.json").read_text())["validation_loss_type"] == ["ipo"]
+    select("selection_back")  # back to sigmoid: both targets' stores are there, nothing is recomputed
+    assert pool_passes == [0, 0, 0, 0] and len(dpo_passes) == 2
+    np.testing.assert_allclose(pd.read_parquet(run / "selection_back" / "scores.parquet")["score"],
+                               pd.read_parquet(run / "selection" / "scores.parquet")["score"], atol=1e-5)
+    with pytest.raises(ValueError, match="validation_loss_weights has 1 weights for 2"):
+        ROSEConfig(validation_loss_type=["sigmoid", "sft"], validation_loss_weights=[1.0])
+    with pytest.raises(ValueError, match="exo_pair needs validation_label_smoothing > 0"):
+        ROSEConfig(validation_loss_type="exo_pair")
+
+
+def test_a_store_of_another_target_is_refused(tmp_path):
+    from rose_trl.store import StoreMismatchError
+
+    common = dict(model="m", checkpoint="c", projection={"type": "sjlt", "dim": 4}, gradient_type="validation_dpo",
+                  pool_fingerprint="v", num_rows=2)
+    GradientStore.open_or_create(tmp_path / "s", extra={"validation_loss_type": ["ipo"]}, **common)
+    with pytest.raises(StoreMismatchError, match="validation_loss_type: store has \\['ipo'\\], asked for \\['sigmoid'\\]"):
+        GradientStore.open_or_create(tmp_path / "s", extra={"validation_loss_type": ["sigmoid"]}, **common)
