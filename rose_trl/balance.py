@@ -12,9 +12,13 @@ out of rows only when the pool does: with k <= n every quota is met and no row i
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .selection import selection_size, top_fraction
+
+logger = logging.getLogger(__name__)
 
 
 def largest_remainder_quotas(k: int, weights: list[int]) -> np.ndarray:
@@ -52,21 +56,21 @@ def take_in_turns(columns: np.ndarray, quotas: np.ndarray) -> tuple[np.ndarray, 
 def select_rows(table: dict[str, np.ndarray], subtasks: list[str], fraction: float, balance: str = "max",
                 pair_counts: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(selected pool indices, best overall score first; the subtask each was selected for, or None when
-    the table has no per-subtask scores). Under `max` a row counts for the subtask whose score is its max."""
+    the table has no per-subtask scores). Under `max` a row counts for the subtask whose score is its max.
+    A table without per-subtask scores (random, full) has nothing to balance: its top rows are taken."""
+    if balance not in ("max", "round_robin", "proportional"):
+        raise ValueError(f"unknown subtask_balance {balance!r}; use 'max', 'round_robin' or 'proportional'")
     scores = np.asarray(table["score"], dtype=np.float64)
     columns = [f"score_{name}" for name in subtasks]
-    has_columns = bool(subtasks) and all(c in table for c in columns)
+    if not subtasks or not all(c in table for c in columns):
+        if balance != "max":
+            logger.warning("subtask_balance %r: the score table has no score_<subtask> column for each of %s "
+                           "(columns: %s); taking the top rows by score", balance, subtasks, sorted(table))
+        return top_fraction(scores, fraction), None
     if balance == "max":
         chosen = top_fraction(scores, fraction)
-        if not has_columns:
-            return chosen, None
         per_subtask = np.stack([np.asarray(table[c], dtype=np.float64)[chosen] for c in columns], axis=1)
         return chosen, np.asarray(subtasks, dtype=object)[per_subtask.argmax(axis=1)]
-    if balance not in ("round_robin", "proportional"):
-        raise ValueError(f"unknown subtask_balance {balance!r}; use 'max', 'round_robin' or 'proportional'")
-    if not has_columns:
-        raise ValueError(f"subtask_balance {balance!r} needs a score_<subtask> column per subtask {subtasks}; "
-                         f"this score table has {sorted(table)}")
     values = np.stack([np.asarray(table[c], dtype=np.float64) for c in columns], axis=1)
     if not np.isfinite(values).all():
         bad = np.flatnonzero(~np.isfinite(values).all(axis=1))

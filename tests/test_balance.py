@@ -84,10 +84,13 @@ def test_write_selection_records_the_counts(tmp_path):
         assert scores.loc[scores["selected"], "selected_for"].value_counts().reindex(SUBTASKS, fill_value=0).to_dict() == expected
 
 
-def test_balance_needs_subtask_scores_and_a_known_mode():
-    with pytest.raises(ValueError, match=r"needs a score_<subtask> column per subtask \['a', 'b'\]"):
-        select_rows({"score": np.arange(10.0)}, ["a", "b"], 0.2, "round_robin")
-    chosen, owner = select_rows({"score": np.arange(10.0)}, ["a", "b"], 0.2)
-    assert chosen.tolist() == [9, 8] and owner is None  # random/full baselines: no per-subtask scores
+def test_balance_without_subtask_scores_takes_the_top_rows(caplog):
+    """random/full baselines score no subtask: there is nothing to balance."""
+    for balance in ("max", "round_robin"):
+        chosen, owner = select_rows({"score": np.arange(10.0)}, ["a", "b"], 0.2, balance)
+        assert chosen.tolist() == [9, 8] and owner is None
+    assert "subtask_balance 'round_robin': the score table has no score_<subtask> column" in caplog.text
+    with pytest.raises(ValueError, match="unknown subtask_balance 'fair'"):
+        select_rows({"score": np.arange(10.0)}, ["a"], 0.2, "fair")
     with pytest.raises(ValueError, match="subtask_balance must be one of"):
         ROSEConfig(subtask_balance="fair")
