@@ -108,20 +108,20 @@ def shorten(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def top_pairs(contributions: pd.DataFrame, selected_for: pd.Series, n: int = 3) -> pd.DataFrame:
+def top_pairs(contributions: pd.DataFrame, owners: pd.Series, n: int = 3) -> pd.DataFrame:
     """The `n` largest contributions to each row from the pairs of the subtask it was selected for
-    (`selected_for`: pool_index -> subtask), largest first."""
-    frame = contributions[contributions["subtask"].to_numpy() == selected_for.reindex(contributions["pool_index"]).to_numpy()]
+    (`owners`: pool_index -> subtask, see `selected_for`), largest first."""
+    frame = contributions[contributions["subtask"].to_numpy() == owners.reindex(contributions["pool_index"]).to_numpy()]
     frame = frame.sort_values(["pool_index", "contribution", "pair_index"], ascending=[True, False, True])
     return frame.groupby("pool_index", sort=False).head(n)
 
 
-def top_contributor_counts(contributions: pd.DataFrame, selected_for: pd.Series) -> pd.DataFrame:
-    """Per pair: for how many selected rows it is the top contributor among the pairs of the row's subtask,
-    out of that subtask's picks; `flagged` when it is more than half."""
-    top = top_pairs(contributions, selected_for, n=1)
+def top_contributor_counts(contributions: pd.DataFrame, owners: pd.Series) -> pd.DataFrame:
+    """Per pair: for how many selected rows it is the top contributor among the pairs of the row's subtask
+    (`owners`: pool_index -> subtask), out of that subtask's picks; `flagged` when it is more than half."""
+    top = top_pairs(contributions, owners, n=1)
     pairs = contributions.drop_duplicates("pair_index")[["pair_index", "subtask"]]
-    picks = selected_for.value_counts().reindex(pairs["subtask"], fill_value=0).to_numpy()
+    picks = owners.value_counts().reindex(pairs["subtask"], fill_value=0).to_numpy()
     top_for = top["pair_index"].value_counts().reindex(pairs["pair_index"], fill_value=0).to_numpy()
     out = pd.DataFrame({"pair_index": pairs["pair_index"].to_numpy(), "subtask": pairs["subtask"].to_numpy(),
                         "top_for": top_for, "subtask_picks": picks, "share": top_for / np.maximum(picks, 1)})

@@ -4,10 +4,10 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from rose_trl.gradients import trainable_parameters
+from rose_trl.config import ROSEConfig
 from rose_trl.sft_data import BadRecordError
 from rose_trl.validation import (ROSEDPOTrainer, aggregate_by_subtask, pair_vectors, validation_dpo_config,
-                                 zero_gradient_pairs)
+                                 validation_loss_tag, zero_gradient_pairs)
 from tests.helpers import trained_adapter_model
 
 
@@ -71,3 +71,20 @@ def test_left_out_pairs_and_pair_vectors():
     assert zero_gradient_pairs(g).tolist() == [2]
     with pytest.raises(ValueError, match=r"subtask 'b' has no usable validation pair: every one of its pairs \[3, 4\]"):
         pair_vectors(g, labels, usable=np.array([True, True, True, False, False]))
+
+
+def test_validation_loss_options_fail_at_config_time():
+    assert ROSEConfig(validation_loss_type="ipo").validation_loss_type == ["ipo"]  # one name, as DPOConfig takes
+    with pytest.raises(ValueError, match=r"unknown \['dpo'\]; TRL's DPO loss types are \['sigmoid', 'hinge', 'ipo'"):
+        ROSEConfig(validation_loss_type=["sigmoid", "dpo"])
+    with pytest.raises(ValueError, match="validation_loss_weights has 1 weights for 2"):
+        ROSEConfig(validation_loss_type=["sigmoid", "sft"], validation_loss_weights=[1.0])
+    with pytest.raises(ValueError, match="exo_pair needs validation_label_smoothing > 0"):
+        ROSEConfig(validation_loss_type="exo_pair")
+    with pytest.raises(ValueError, match=r"validation_label_smoothing must be in \[0, 0.5\)"):
+        ROSEConfig(validation_loss_type="robust", validation_label_smoothing=0.5)
+    # store folders: rose/val_dpo/ for the paper's target, rose/val_dpo_<tag>/ for the others
+    assert validation_loss_tag(["sigmoid"]) == ""
+    assert validation_loss_tag(["ipo"]) == "ipo"
+    assert validation_loss_tag(["sigmoid", "sft"], [1.0, 0.2]) == "sigmoid+sft_w1,0.2"
+    assert validation_loss_tag(["exo_pair"], None, 1e-3) == "exo_pair_ls0.001"
