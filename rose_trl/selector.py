@@ -25,7 +25,6 @@ from datasets import Dataset
 
 from .config import ROSEConfig
 from .distributed import check_supported, gathered
-from .explain import write_contributions
 from .extraction import extract_gradients, rows_for_budget
 from .gradients import AdamState, num_trainable_parameters, trainable_parameters
 from .projection import build_projector
@@ -308,6 +307,8 @@ class ROSESelector:
 
     def _explain(self, folder: Path, checkpoints: list[CheckpointGradients], chosen: np.ndarray) -> dict:
         """contributions.parquet and pairs.parquet of the selected rows; summary entries on left-out pairs."""
+        from .explain import write_contributions
+
         write_contributions(folder, checkpoints, chosen, self.validation, self.targets.usable, progress=self.progress)
         return {"left_out_pairs": np.flatnonzero(~self.targets.usable).tolist(),
                 "zero_gradient_pairs": self.targets.zero_gradient_pairs}
