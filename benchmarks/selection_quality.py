@@ -1,13 +1,15 @@
 """Selection quality of ROSE against LESS and the baselines, with a tiny model, on CPU.
 
     python benchmarks/selection_quality.py [--seeds 0 1 2] [--out outputs/bench_quality]
-        [--skip-real] [--skip-planted] [--methods rose less random bm25 dsir rds full]
+        [--skip-real] [--skip-planted] [--methods rose less random bm25 dsir rds full] [--loss-types all]
 
 (a) Planted signal (rose_trl.tiny): pool answers end with a phrase that is preferred or dispreferred
     for one of two subtasks, or with none; the preference pairs differ only in that phrase. Reported:
     the share of the selection carrying a preferred phrase and a dispreferred one. (a2) adds a
     distractor phrase to every preference answer, chosen and rejected alike, and to a sixth of the pool:
-    it resembles the target's answers but carries no preference.
+    it resembles the target's answers but carries no preference. With --loss-types, ROSE is also run
+    with each of TRL's DPO loss types as the validation loss (docs/method.md): overlap of its selection
+    with the sigmoid one, the same shares, and how its per-pair gradients point against sigmoid's.
 (b) The ROSE paper's released data (../shared/data/rose, or ROSE_DATA_DIR): the pool is the SFT view of
     the SHP, SE and HH test sets (prompt + best answer, one `source` per task); the target is one task's
     few-shot preference file (SHP 5-shot, SE 2-shot, HH 1-shot); held-out pairs come from that task's
@@ -33,13 +35,15 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from rose_trl.baselines import BASELINES
-from rose_trl.config import ROSEConfig
+from rose_trl.config import DPO_LOSS_TYPES, ROSEConfig
 from rose_trl.data import load_preferences
 from rose_trl.evaluation.metrics import PreferenceMetricsOptions, preference_metrics
 from rose_trl.offline import select_from_checkpoints
 from rose_trl.pipeline import sft_training_dataset, warmup_indices
 from rose_trl.selection import top_fraction
 from rose_trl.selector import ROSESelector
+from rose_trl.store import GradientStore
+from rose_trl.validation import validation_loss_tag
 from rose_trl.tiny import build_tiny_llama, build_tokenizer, make_planted_task
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -57,16 +61,17 @@ def sft(model, tokenizer, rows: Dataset, out: Path, epochs: int, lr: float, max_
     return trainer.model
 
 
-def gradient_selection(method, pool, validation, tokenizer, base_factory, warm_dir, out, fraction, max_length):
+def gradient_selection(method, pool, validation, tokenizer, base_factory, warm_dir, out, fraction, max_length,
+                       folder=None, **options):
     """rose/less from the shared warm-up's checkpoints; pool stores are shared through a symlink."""
     shared = warm_dir.parent / "rose_train"
     (out / "rose").mkdir(parents=True, exist_ok=True)
     if not (out / "rose" / "train").exists():
         shared.mkdir(exist_ok=True)
         os.symlink(shared.resolve(), out / "rose" / "train")
-    config = ROSEConfig(selection_method=method, selection_fraction=fraction, projection_dim=2048)
+    config = ROSEConfig(selection_method=method, selection_fraction=fraction, projection_dim=2048, **options)
     selector = ROSESelector(pool, validation, tokenizer, config, out, max_length=max_length, use_cpu=True, progress=False)
-    sel = select_from_checkpoints(warm_dir, base_factory(), selector, folder=config.selection_folder)
+    sel = select_from_checkpoints(warm_dir, base_factory(), selector, folder=folder or config.selection_folder)
     import pandas as pd
 
     return np.flatnonzero(pd.read_parquet(sel / "scores.parquet")["selected"].to_numpy())
@@ -86,8 +91,64 @@ def fmt(values) -> str:
     return f"{np.mean(values):.3f} +- {np.std(values):.3f}"
 
 
+# (name, ROSEConfig options): every TRL loss type at its defaults (exo_pair needs a label smoothing: the EXO
+# paper's 1e-3), IPO and hinge with a beta large enough for their margins (1/(2 beta) per token, 1/beta) to be
+# crossed, and one combination.
+def loss_targets(names: list[str]) -> list[tuple[str, dict]]:
+    names = list(DPO_LOSS_TYPES) if names == ["all"] else names
+    out = [(t, {"validation_loss_type": [t], "validation_label_smoothing": 1e-3 if t == "exo_pair" else 0.0})
+           for t in names]
+    if names == list(DPO_LOSS_TYPES):
+        out += [("ipo, beta 10", {"validation_loss_type": ["ipo"], "validation_beta": 10.0}),
+                ("hinge, beta 10", {"validation_loss_type": ["hinge"], "validation_beta": 10.0}),
+                ("sigmoid + sft", {"validation_loss_type": ["sigmoid", "sft"]})]
+    return out
+
+
+def gradient_agreement(sigmoid_run: Path, run: Path, tag: str) -> tuple[float, float, int]:
+    """(mean per-pair cosine with the sigmoid target's gradient, share of pairs pointing against it, pairs with
+    a zero gradient), over the checkpoints. Sigmoid's per-pair direction does not depend on beta."""
+    cosines, zeros = [], 0
+    for ckpt in sorted(p.name for p in (sigmoid_run / "rose" / "val_dpo").iterdir()):
+        ref = GradientStore.open(sigmoid_run / "rose" / "val_dpo" / ckpt).read_all().astype(np.float64)
+        other = GradientStore.open(run / "rose" / (f"val_dpo_{tag}" if tag else "val_dpo") / ckpt).read_all().astype(np.float64)
+        norms = np.linalg.norm(other, axis=1)
+        zeros += int((norms == 0).sum())
+        keep = norms > 0
+        cosines += list((ref[keep] * other[keep]).sum(1) / (np.linalg.norm(ref[keep], axis=1) * norms[keep]))
+    return float(np.mean(cosines)), float(np.mean(np.asarray(cosines) < 0)), zeros
+
+
+def loss_type_selections(args, pool, validation, tokenizer, base, warm_dir, out, seed, features, results) -> None:
+    """ROSE with each validation loss; betas other than 0.1 in their own output dir (beta is in rose/run.json)."""
+    reference = None
+    for name, options in [("sigmoid", {})] + [t for t in loss_targets(args.loss_types) if t[0] != "sigmoid"]:
+        beta = options.get("validation_beta", 0.1)
+        run = out / "rose_losses" / ("" if beta == 0.1 else f"beta{beta:g}")
+        tag = validation_loss_tag(options.get("validation_loss_type", ["sigmoid"]), None,
+                                  options.get("validation_label_smoothing", 0.0))
+        try:
+            chosen = gradient_selection("rose", pool, validation, tokenizer, base, warm_dir, run, 0.05, 256,
+                                        folder=f"selection_{name.replace(' ', '').replace(',', '_')}", **options)
+        except ValueError as e:  # e.g. a subtask whose every pair has a zero gradient
+            print(f"seed {seed} {name}: {e}", flush=True)
+            results.setdefault(name, {}).setdefault("refused", []).append(seed)
+            continue
+        reference = chosen if name == "sigmoid" else reference
+        r = results.setdefault(name, {})
+        for key, value in zip(("overlap", "good", "bad", "distractor"),
+                              (len(set(chosen) & set(reference)) / len(reference),
+                               float(np.mean([f.endswith("_good") for f in features[chosen]])),
+                               float(np.mean([f.endswith("_bad") for f in features[chosen]])),
+                               float(np.mean(features[chosen] == "distractor")))):
+            r.setdefault(key, []).append(value)
+        for key, value in zip(("cos", "against", "zero"), gradient_agreement(out / "rose_losses", run, tag)):
+            r.setdefault(key, []).append(value)
+
+
 def planted(args, distractor: bool) -> dict:
     results = {m: {"good": [], "bad": [], "distractor": []} for m in args.methods if m != "full"}
+    losses = {}
     for seed in args.seeds:
         pool_rows, val_rows = make_planted_task(n_pool=480 if distractor else 400, pairs_per_subtask=4, seed=seed,
                                                 distractor=distractor)
@@ -105,12 +166,29 @@ def planted(args, distractor: bool) -> dict:
             results[method]["good"].append(float(np.mean([f.endswith("_good") for f in features[chosen]])))
             results[method]["bad"].append(float(np.mean([f.endswith("_bad") for f in features[chosen]])))
             results[method]["distractor"].append(float(np.mean(features[chosen] == "distractor")))
+        if args.loss_types:
+            loss_type_selections(args, pool, validation, tokenizer, base, warm_dir, out, seed, features, losses)
     rates = "1/3, 1/3, 1/6" if distractor else "0.4, 0.4, 0"
     print(f"\n(a{'2' if distractor else '1'}) planted signal{' with a shared distractor' if distractor else ''}: share of "
           f"the 5% selection carrying a preferred / dispreferred / distractor phrase (pool rates {rates}; seeds {args.seeds})")
     print("| method | preferred | dispreferred | distractor |\n|---|---|---|---|")
     for method, r in results.items():
         print(f"| {method} | {fmt(r['good'])} | {fmt(r['bad'])} | {fmt(r['distractor'])} |")
+    if losses:
+        print(f"\n(a3{'b' if distractor else 'a'}) ROSE's validation loss on the planted task"
+              f"{' with the distractor' if distractor else ''}: overlap with the sigmoid selection, shares of the "
+              f"selection as above; per-pair validation gradients against sigmoid's: mean cosine, share pointing "
+              f"against it, zero gradients (pairs x checkpoints, summed over seeds {args.seeds})")
+        print("| validation loss | overlap with sigmoid | preferred | dispreferred | distractor | mean cos | against "
+              "| zero |\n|---|---|---|---|---|---|---|---|")
+        for name, r in losses.items():
+            refused = f" (refused for seeds {r['refused']}: a subtask without a usable pair)" if "refused" in r else ""
+            if "overlap" not in r:
+                print(f"| {name}{refused} | - | - | - | - | - | - | - |")
+                continue
+            print(f"| {name}{refused} | {fmt(r['overlap'])} | {fmt(r['good'])} | {fmt(r['bad'])} | {fmt(r['distractor'])} "
+                  f"| {np.mean(r['cos']):.3f} | {np.mean(r['against']):.3f} | {sum(r['zero'])} |")
+        results["loss_types"] = losses
     return results
 
 
@@ -183,6 +261,8 @@ def main():
     p.add_argument("--final-epochs", type=int, default=2)
     p.add_argument("--skip-planted", action="store_true")
     p.add_argument("--skip-real", action="store_true")
+    p.add_argument("--loss-types", nargs="*", default=[],
+                   help="on the planted task, also run ROSE with these validation loss types ('all': every TRL type)")
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     results = {}

@@ -26,6 +26,7 @@ def add_tiny_assets_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .explain import add_explain_parser
     from .hub import add_push_parser
     from .report import add_report_parser
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_tiny_assets_parser(subparsers)
     add_report_parser(subparsers)
+    add_explain_parser(subparsers)
     add_push_parser(subparsers)
     return parser
 

@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field
 from .projection import PROJECTION_TYPES
 
 GRADIENT_METHODS = ("rose", "less")
+# TRL 1.16's DPO loss types (DPOTrainer._compute_loss); tests/test_trl_api.py checks the list against TRL's source.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+SUBTASK_BALANCES = ("max", "round_robin", "proportional")
 BASELINE_METHODS = ("random", "bm25", "rds", "dsir", "full")
 SELECTION_METHODS = GRADIENT_METHODS + BASELINE_METHODS
 
@@ -70,11 +74,28 @@ class ROSEConfig:
                                          "(model, checkpoint, pool, validation set, projection...), delete and "
                                          "recompute them instead of refusing."})
     validation_beta: float = field(default=0.1, metadata={"help": "DPO beta of the validation loss."})
+    validation_loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "TRL DPO loss type(s) whose per-pair gradients define the target (rose only), as "
+                          "DPOConfig.loss_type: sigmoid (the paper's DPO loss), ipo, hinge, robust, bco_pair, ... "
+                          "Several are combined with validation_loss_weights. docs/method.md says which reproduce "
+                          "the sigmoid selection and why.", "choices": list(DPO_LOSS_TYPES)})
+    validation_loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the validation_loss_type losses, as DPOConfig.loss_weights "
+                                        "(default: 1.0 each)."})
+    validation_label_smoothing: float = field(
+        default=0.0, metadata={"help": "DPOConfig.label_smoothing of the validation loss: the flip probability of "
+                                       "robust and aot, EXO's epsilon (exo_pair needs it > 0; the paper uses 1e-3)."})
     validation_batch_size: int = field(default=4, metadata={"help": "Preference pairs per validation gradient pass."})
     validation_aggregation: str = field(
         default="normalized_mean", metadata={"help": "normalized_mean (normalize each pair's gradient, then average: "
                                                      "the released code) or eq6 (average, then normalize: the paper's "
                                                      "Eq. 6 literally).", "choices": ["normalized_mean", "eq6"]})
+    subtask_balance: str = field(
+        default="max", metadata={"help": "How the selection is shared between subtasks: max (score = best subtask's "
+                                         "score, top rows overall: the paper), round_robin (each subtask in turn "
+                                         "takes its best remaining row: equal shares) or proportional (each subtask "
+                                         "takes its share of the validation pairs).", "choices": list(SUBTASK_BALANCES)})
     final_training: bool = field(default=True, metadata={"help": "Train the final model on the selection."})
     pool_max_examples: int | None = field(default=None, metadata={"help": "Use only the first N pool rows (smoke tests)."})
 
@@ -91,6 +112,28 @@ class ROSEConfig:
             raise ValueError(f"gradient_memory_gb must be > 0, got {self.gradient_memory_gb}")
         if self.projection_dim < 1 or self.gradient_batch_size < 1 or self.validation_batch_size < 1:
             raise ValueError("projection_dim, gradient_batch_size and validation_batch_size must be >= 1")
+        if self.subtask_balance not in SUBTASK_BALANCES:
+            raise ValueError(f"subtask_balance must be one of {SUBTASK_BALANCES}, got {self.subtask_balance!r}")
+        self._check_validation_loss()
+
+    def _check_validation_loss(self) -> None:
+        if isinstance(self.validation_loss_type, str):  # DPOConfig.loss_type takes a single name too
+            self.validation_loss_type = [self.validation_loss_type]
+        self.validation_loss_type = list(self.validation_loss_type)
+        unknown = [t for t in self.validation_loss_type if t not in DPO_LOSS_TYPES]
+        if unknown or not self.validation_loss_type:
+            raise ValueError(f"validation_loss_type: unknown {unknown or 'empty list'}; TRL's DPO loss types are "
+                             f"{list(DPO_LOSS_TYPES)}")
+        if self.validation_loss_weights is not None:
+            self.validation_loss_weights = [float(w) for w in self.validation_loss_weights]
+            if len(self.validation_loss_weights) != len(self.validation_loss_type):
+                raise ValueError(f"validation_loss_weights has {len(self.validation_loss_weights)} weights for "
+                                 f"{len(self.validation_loss_type)} validation_loss_type entries")
+        if not 0 <= self.validation_label_smoothing < 0.5:
+            raise ValueError(f"validation_label_smoothing must be in [0, 0.5), got {self.validation_label_smoothing}")
+        if "exo_pair" in self.validation_loss_type and self.validation_label_smoothing == 0:
+            raise ValueError("validation_loss_type exo_pair needs validation_label_smoothing > 0 (EXO's epsilon; "
+                             "the paper recommends 1e-3)")
 
     @property
     def selection_folder(self) -> str:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,8 @@ def select_with_baseline(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConf
         fraction = 1.0 if rose.selection_method == "full" else rose.selection_fraction
         subtasks = list(dict.fromkeys(validation["subtask"]))
         write_selection(out, pool, table, fraction, {**_run_config(rose, model_args, sft), **rose.to_dict()},
-                        rose.selection_method, subtasks, folder=rose.selection_folder)
+                        rose.selection_method, subtasks, folder=rose.selection_folder,
+                        subtask_balance=rose.subtask_balance, pair_counts=Counter(validation["subtask"]))
     state.wait_for_everyone()
     return out / rose.selection_folder
 

@@ -1,8 +1,11 @@
 """A self-contained HTML report of a finished selection run: `rose-trl report <output_dir>`.
 
 Reads `<output_dir>/selection/` and every sibling `<output_dir>/selection_<method>/` (scores.parquet,
-config.json, summary.json, selected/) and writes `<output_dir>/report.html` with the figures embedded
-as base64 PNGs, so the file can be mailed or attached to an issue as is.
+config.json, summary.json, selected/, and for gradient methods contributions.parquet and pairs.parquet)
+and writes `<output_dir>/report.html` with the figures embedded as base64 PNGs, so the file can be
+mailed or attached to an issue as is. Order: summary numbers, plots, why these rows (top examples
+next to the pairs that pulled them in), the pairs that drive the selection, the comparison of
+methods, then the full configuration, folded.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and never touches a display
 
 from .baselines.text import pool_text
+from .explain import load_contributions, load_pairs, selected_for, shorten, top_contributor_counts, top_pairs
 from .sft_data import BadRecordError
 
 CKPT_PREFIX = "score_ckpt"
@@ -46,6 +50,11 @@ class SelectionRun:
     def checkpoint_columns(self) -> list[str]:
         cols = [c for c in self.scores.columns if c.startswith(CKPT_PREFIX) and c[len(CKPT_PREFIX):].isdigit()]
         return sorted(cols, key=lambda c: int(c[len(CKPT_PREFIX):]))
+
+    @property
+    def owners(self) -> pd.Series | None:
+        """pool_index -> the subtask each selected row was selected for (its best subtask under max)."""
+        return selected_for(self.scores) if self.subtask_columns else None
 
     @property
     def threshold(self) -> float | None:
@@ -150,8 +159,8 @@ def composition_figure(run: SelectionRun) -> str | None:
     elif run.selected is not None and "source" in run.selected.column_names:
         panels.append(("source", None, pd.Series(run.selected["source"]).astype(str).value_counts()))
     subtask = best_subtask(run)
-    if subtask is not None:
-        panels.append(("best subtask", subtask.value_counts(), subtask[run.scores["selected"]].value_counts()))
+    if subtask is not None:  # the pool by best subtask, the selection by the subtask each row was taken for
+        panels.append(("subtask", subtask.value_counts(), run.owners.value_counts()))
     if not panels:
         return None
     fig = Figure(figsize=(5 * len(panels), 0.35 * max(len(p[2]) for p in panels) + 2))
@@ -204,20 +213,19 @@ def comparison_table(runs: list[SelectionRun]) -> pd.DataFrame:
 
 
 def top_examples(run: SelectionRun, per_subtask: int = 5, max_chars: int = 400) -> dict[str, list[dict]]:
-    """Highest-scoring selected rows per best subtask (or overall), with text snippets."""
+    """Highest-scoring selected rows per subtask they were selected for (or overall), with text snippets."""
     if run.selected is None or len(run.selected) == 0:
         return {}
     selected = run.selected
     by_index = {int(i): k for k, i in enumerate(selected["pool_index"])}
     scores = run.scores.set_index("pool_index")
-    subtask = best_subtask(run)
+    owners = run.owners
     groups = {}
-    if subtask is None:
+    if owners is None:
         groups["all"] = ("score", list(by_index))
     else:
-        labels = pd.Series(subtask.to_numpy(), index=run.scores["pool_index"].to_numpy())
-        for name in dict.fromkeys(labels.tolist()):
-            groups[name] = (f"score_{name}", [i for i in by_index if labels.get(i) == name])
+        for name in dict.fromkeys(owners.tolist()):
+            groups[name] = (f"score_{name}", [i for i in by_index if owners.get(i) == name])
     out = {}
     for name, (col, indices) in groups.items():
         ranked = sorted(indices, key=lambda i: -float(scores.at[i, col]))[:per_subtask]
@@ -235,6 +243,81 @@ def top_examples(run: SelectionRun, per_subtask: int = 5, max_chars: int = 400) 
     return out
 
 
+def summary_table(run: SelectionRun) -> pd.DataFrame:
+    """The headline numbers of a selection."""
+    n_pool = int(run.summary.get("num_pool", len(run.scores)))
+    n_selected = int(run.scores["selected"].sum())
+    rows = [("method", run.method), ("pool rows", n_pool), ("selected rows", n_selected),
+            ("fraction", n_selected / n_pool if n_pool else float("nan")),
+            ("threshold (lowest selected score)", run.threshold if run.threshold is not None else float("nan")),
+            ("subtask balance", run.summary.get("subtask_balance", "max"))]
+    if run.method == "rose":
+        loss = run.config.get("validation_loss_type", ["sigmoid"])
+        weights = run.config.get("validation_loss_weights")
+        rows.append(("validation loss", " + ".join(f"{w:g} * {t}" for t, w in zip(loss, weights)) if weights
+                     else " + ".join(loss)))
+    if run.config.get("validation_aggregation"):
+        rows.append(("validation aggregation", run.config["validation_aggregation"]))
+    return pd.DataFrame(rows, columns=["", "value"])
+
+
+def score_statistics(run: SelectionRun) -> pd.DataFrame:
+    """Mean, spread and range of `score` and each `score_<subtask>`, over the pool and over the selection."""
+    selected = run.scores["selected"].to_numpy()
+    rows = []
+    for col in ["score"] + run.subtask_columns:
+        values = run.scores[col].to_numpy(dtype=float)
+        picked = values[selected]
+        rows.append({"score": col, "pool mean": values.mean(), "pool std": values.std(), "pool min": values.min(),
+                     "pool max": values.max(), "selected mean": picked.mean() if len(picked) else float("nan"),
+                     "selected min": picked.min() if len(picked) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def subtask_counts(run: SelectionRun, pairs: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Per subtask: its validation pairs (usable ones) and the selected rows it was selected for."""
+    owners = run.owners
+    if owners is None:
+        return None
+    names = [c[len("score_"):] for c in run.subtask_columns]
+    picks = owners.value_counts().reindex(names, fill_value=0)
+    table = pd.DataFrame({"subtask": names, "selected rows": picks.to_numpy(),
+                          "share of selection": picks.to_numpy() / max(len(owners), 1)})
+    if pairs is not None:
+        table.insert(1, "validation pairs", pairs.groupby("subtask").size().reindex(names, fill_value=0).to_numpy())
+        table.insert(2, "usable pairs", pairs[pairs["usable"]].groupby("subtask").size().reindex(names, fill_value=0).to_numpy())
+    return table
+
+
+def why_these_rows(run: SelectionRun, per_subtask: int = 5, n_pairs: int = 3, max_chars: int = 300) -> dict[str, list[dict]]:
+    """`top_examples`, each with the `n_pairs` pairs of its subtask that contribute most to its score."""
+    tops = top_examples(run, per_subtask, max_chars)
+    indices = [r["pool_index"] for rows in tops.values() for r in rows]
+    contributions = load_contributions(run.path, indices) if indices else None
+    pairs = load_pairs(run.path)
+    if contributions is None or pairs is None:
+        return {}
+    best = top_pairs(contributions, run.owners, n_pairs)
+    for rows in tops.values():
+        for r in rows:
+            r["pairs"] = [{"pair_index": int(c.pair_index), "contribution": float(c.contribution),
+                           **{k: shorten(pairs.at[int(c.pair_index), k], max_chars // 2) for k in ("prompt", "chosen", "rejected")}}
+                          for c in best[best["pool_index"] == r["pool_index"]].itertuples()]
+    return tops
+
+
+def driving_pairs(run: SelectionRun, max_chars: int = 120) -> pd.DataFrame | None:
+    """`explain.top_contributor_counts` with the pairs' texts, shortened."""
+    contributions = load_contributions(run.path)
+    pairs = load_pairs(run.path)
+    if contributions is None or pairs is None or run.owners is None:
+        return None
+    counts = top_contributor_counts(contributions, run.owners)
+    for k in ("prompt", "chosen", "rejected"):
+        counts[k] = [shorten(pairs.at[i, k], max_chars) for i in counts["pair_index"]]
+    return counts
+
+
 # ------------------------------------------------------------------------------------ HTML
 
 CSS = """
@@ -242,7 +325,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em a
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;font-size:.9em;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f2f4f7}img{max-width:100%;display:block;margin:.6em 0}.snippet{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85em}
-.muted{color:#777}
+.muted{color:#777}.flag{color:#b02a2a;font-weight:600}ol{margin:0;padding-left:1.2em}details{margin:1em 0}
+summary{cursor:pointer;font-weight:600}
 """
 
 
@@ -276,19 +360,88 @@ def _key_values(d: dict) -> str:
     return _table(pd.DataFrame({"key": list(d), "value": [_fmt(v) for v in d.values()]})) if d else '<p class="muted">none</p>'
 
 
+def _why_html(run: SelectionRun) -> str:
+    why = why_these_rows(run)
+    if not why:
+        return ""
+    parts = ["<h2>Why these rows</h2>",
+             "<p>The highest-scoring selected rows of each subtask, next to the three validation pairs of that subtask "
+             "that contribute most to their score (the score is the mean of the subtask's pairs' contributions; "
+             "<code>rose-trl explain &lt;output_dir&gt; &lt;pool_index&gt;</code> prints one row in full).</p>"]
+    for name, rows in why.items():
+        parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>pool index</th><th>score</th><th>row</th>"
+                     "<th>top pairs: contribution, prompt / chosen / rejected</th></tr>")
+        for r in rows:
+            pairs = "".join(f"<li><b>pair {p['pair_index']}</b> {p['contribution']:+.4g}<br>"
+                            f"<span class='muted'>prompt</span> {html.escape(p['prompt'])}<br>"
+                            f"<span class='muted'>chosen</span> {html.escape(p['chosen'])}<br>"
+                            f"<span class='muted'>rejected</span> {html.escape(p['rejected'])}</li>" for p in r["pairs"])
+            parts.append(f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td>"
+                         f'<td class="snippet">{html.escape(r["text"])}</td><td><ol>{pairs}</ol></td></tr>')
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
+def _driving_pairs_html(run: SelectionRun) -> str:
+    counts = driving_pairs(run)
+    if counts is None:
+        return ""
+    flagged = counts[counts["flagged"]]
+    parts = ["<h2>Pairs that drive the selection</h2>",
+             "<p>Per validation pair: for how many selected rows it is the top contributor among the pairs of the "
+             "subtask the row was selected for. A pair that is the top contributor for more than half of its "
+             "subtask's picks is flagged: check it is not mislabelled or unrepresentative.</p>"]
+    if len(flagged):
+        parts.append('<p class="flag">Flagged: ' + ", ".join(
+            f"pair {r.pair_index} ({html.escape(str(r.subtask))}: {r.top_for} of {r.subtask_picks})" for r in flagged.itertuples())
+            + "</p>")
+    head = ["pair", "subtask", "top contributor for", "of the subtask's picks", "share", "", "prompt", "chosen", "rejected"]
+    rows = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in counts.itertuples():
+        cells = [r.pair_index, html.escape(str(r.subtask)), r.top_for, r.subtask_picks, f"{r.share:.0%}",
+                 '<span class="flag">&gt; half</span>' if r.flagged else "",
+                 html.escape(r.prompt), html.escape(r.chosen), html.escape(r.rejected)]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("<table>" + "".join(rows) + "</table>")
+    return "\n".join(parts)
+
+
+def _top_examples_html(run: SelectionRun) -> str:
+    parts = ["<h2>Top examples per subtask</h2>"]
+    tops = top_examples(run)
+    if not tops:
+        parts.append('<p class="muted">No saved selected/ rows.</p>')
+    for name, rows in tops.items():
+        parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>pool index</th><th>score</th><th>source</th><th>text</th></tr>")
+        for r in rows:
+            parts.append(f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td><td>{html.escape(str(r['source'] or ''))}</td>"
+                         f'<td class="snippet">{html.escape(r["text"])}</td></tr>')
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
 def render_report(runs: list[SelectionRun], title: str = "ROSE selection report") -> str:
     if not runs:
         raise ValueError("no selection folder with scores.parquet to report on")
     main = runs[0]
+    pairs = load_pairs(main.path)
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="muted">{html.escape(str(main.path.parent))} — main selection: <b>{html.escape(main.name)}</b> ({html.escape(main.method)})</p>']
-    parts += ["<h2>Summary</h2>", _key_values(main.summary), "<h3>Configuration</h3>", _key_values(main.config)]
+    parts += ["<h2>Summary</h2>", _table(summary_table(main)), "<h3>Score statistics</h3>", _table(score_statistics(main))]
+    counts = subtask_counts(main, pairs)
+    if counts is not None:
+        parts += ["<h3>Selected rows per subtask</h3>", _table(counts)]
+    if main.summary.get("left_out_pairs"):
+        parts.append(f'<p class="flag">Validation pairs {html.escape(str(main.summary["left_out_pairs"]))} have a zero '
+                     f'gradient (checkpoint: pairs {html.escape(json.dumps(main.summary.get("zero_gradient_pairs")))}) '
+                     "and are left out of their subtask's mean.</p>")
 
     parts += ["<h2>Score distribution</h2>", _img(score_distribution_figure(main), f"{main.name} score distribution and threshold")]
 
     parts.append("<h2>Composition of the selection</h2>")
     comp = composition_figure(main)
-    parts.append(_img(comp, "selection composition by source and best subtask") if comp
+    parts.append(_img(comp, "selection composition by source and subtask (pool: best subtask; selection: the subtask "
+                            "each row was selected for)") if comp
                  else '<p class="muted">No `source` column and no per-subtask scores.</p>')
 
     parts.append("<h2>Agreement between checkpoints</h2>")
@@ -298,21 +451,20 @@ def render_report(runs: list[SelectionRun], title: str = "ROSE selection report"
     else:
         parts += [_img(checkpoint_agreement_figure(corr), "Spearman correlation between checkpoint scores"), _table(corr, index=True)]
 
-    parts.append("<h2>Top examples per subtask</h2>")
-    tops = top_examples(main)
-    if not tops:
-        parts.append('<p class="muted">No saved selected/ rows.</p>')
-    for name, rows in tops.items():
-        parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>pool index</th><th>score</th><th>source</th><th>text</th></tr>")
-        for r in rows:
-            parts.append(f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td><td>{html.escape(str(r['source'] or ''))}</td>"
-                         f'<td class="snippet">{html.escape(r["text"])}</td></tr>')
-        parts.append("</table>")
+    why = _why_html(main)
+    if why:
+        parts += [why, _driving_pairs_html(main)]
+    else:
+        parts += [_top_examples_html(main),
+                  f'<p class="muted">{html.escape(main.name)} has no per-pair contributions ({html.escape(main.method)} '
+                  "is not a gradient method, or the folder predates them).</p>"]
 
     if len(runs) > 1:
         parts += ["<h2>Comparison of selection methods</h2>", _table(comparison_table(runs))]
         parts += [_img(score_distribution_figure(run), f"{run.name} score distribution and threshold") for run in runs[1:]]
 
+    parts += ["<h2>Configuration</h2>", f"<details><summary>Full configuration of {html.escape(main.name)} "
+              f"({len(main.config)} options)</summary>", _key_values(main.config), "</details>"]
     body = "\n".join(parts)
     return f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n'
 

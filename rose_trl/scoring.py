@@ -21,6 +21,8 @@ class CheckpointGradients:
     train: GradientStore
     targets: np.ndarray  # [n_subtasks, dim], from validation.aggregate_by_subtask
     learning_rate: float
+    # [n_pairs, dim] validation.pair_vectors, whose subtask means are `targets`: per-pair contributions (explain.py)
+    pair_vectors: np.ndarray | None = None
 
 
 def normalized_weights(learning_rates: list[float]) -> np.ndarray:

@@ -1,10 +1,13 @@
 """Score table -> top fraction of the pool -> the selection folder, written atomically.
 
     <output_dir>/selection/
-        scores.parquet   pool_index, score, score_<subtask>..., [score_ckpt<i>...], [source], selected
+        scores.parquet   pool_index, score, score_<subtask>..., [score_ckpt<i>...], [source], selected,
+                         [selected_for: the subtask a selected row was taken for]
         selected/        datasets.Dataset.save_to_disk: selected pool rows + pool_index + score, best first
         config.json      the run's configuration
-        summary.json     num_pool, num_selected, selection_method, subtasks, threshold, score stats
+        summary.json     num_pool, num_selected, selection_method, subtasks, threshold, score stats,
+                         subtask_balance, subtask_counts
+        ...              what `before_publish` adds (gradient methods: contributions.parquet, pairs.parquet)
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,19 +28,25 @@ def check_fraction(fraction: float, name: str = "selection_fraction") -> float:
     return float(fraction)
 
 
+def selection_size(n: int, fraction: float) -> int:
+    """k = ceil(fraction * n), at least 1: how many of n pool rows a selection takes."""
+    check_fraction(fraction)
+    if n == 0:
+        raise ValueError("cannot select from an empty pool")
+    k = max(1, math.ceil(fraction * n - 1e-9))
+    if k == n and fraction < 1:
+        # Rounding up made a strict fraction take everything: the pool is too small to select from.
+        raise ValueError(f"a pool of {n} rows is too small for selection_fraction={fraction}: "
+                         f"ceil({fraction} * {n}) = {k} selects the whole pool")
+    return k
+
+
 def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     """Indices of the best ceil(fraction * n) rows, highest score first, ties broken by lower index."""
-    check_fraction(fraction)
     scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) == 0:
-        raise ValueError("cannot select from an empty pool")
+    k = selection_size(len(scores), fraction)
     if not np.isfinite(scores).all():
         raise FloatingPointError(f"non-finite scores at pool indices {np.flatnonzero(~np.isfinite(scores))[:10].tolist()}")
-    k = max(1, math.ceil(fraction * len(scores) - 1e-9))
-    if k == len(scores) and fraction < 1:
-        # Rounding up made a strict fraction take everything: the pool is too small to select from.
-        raise ValueError(f"a pool of {len(scores)} rows is too small for selection_fraction={fraction}: "
-                         f"ceil({fraction} * {len(scores)}) = {k} selects the whole pool")
     order = np.lexsort((np.arange(len(scores)), -scores))
     return order[:k]
 
@@ -61,14 +71,21 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], fraction: float, config: dict,
-                    method: str, subtasks: list[str], folder: str = "selection") -> Path:
-    """Select the top `fraction` of `pool` (a datasets.Dataset of original rows) by `table["score"]`."""
+                    method: str, subtasks: list[str], folder: str = "selection", subtask_balance: str = "max",
+                    pair_counts: dict[str, int] | None = None,
+                    before_publish: Callable[[Path, np.ndarray], dict] | None = None) -> Path:
+    """Select `fraction` of `pool` (a datasets.Dataset of original rows): the top rows by `table["score"]`,
+    or shared between subtasks by `subtask_balance` (balance.py; `pair_counts`: validation pairs per
+    subtask). `before_publish(folder, selected indices)` writes more files into the unpublished folder
+    and returns entries for summary.json."""
     import pandas as pd
+
+    from .balance import select_rows
 
     scores = np.asarray(table["score"], dtype=np.float64)
     if len(scores) != len(pool):
         raise ValueError(f"{len(scores)} scores for a pool of {len(pool)} rows")
-    chosen = top_fraction(scores, fraction)
+    chosen, selected_for = select_rows(table, subtasks, fraction, subtask_balance, pair_counts)
     final = Path(output_dir) / folder
     tmp = _atomic_dir(final)
     frame = pd.DataFrame({"pool_index": np.arange(len(scores)), **{k: np.asarray(v) for k, v in table.items()}})
@@ -76,6 +93,9 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
         frame["source"] = pd.Series(pool["source"], dtype="string")
     frame["selected"] = False
     frame.loc[chosen, "selected"] = True
+    if selected_for is not None:
+        frame["selected_for"] = pd.Series(pd.NA, index=frame.index, dtype="string")
+        frame.loc[chosen, "selected_for"] = selected_for
     frame.to_parquet(tmp / "scores.parquet", index=False)
     drop = [c for c in ("input_ids", "completion_mask", "pool_index", "score") if c in pool.column_names]
     selected = pool.remove_columns(drop).select(chosen.tolist())
@@ -88,7 +108,11 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
         "selection_fraction": fraction, "subtasks": list(subtasks), "threshold": float(picked.min()),
         "score_stats": {"pool_mean": float(scores.mean()), "pool_min": float(scores.min()), "pool_max": float(scores.max()),
                         "selected_mean": float(picked.mean())},
+        "subtask_balance": subtask_balance,
+        "subtask_counts": None if selected_for is None else {name: int((selected_for == name).sum()) for name in subtasks},
     }
+    if before_publish is not None:
+        summary.update(before_publish(tmp, chosen) or {})
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     _publish(tmp, final)
     return final

@@ -5,7 +5,8 @@
     selector.finalize()                                                           # scores + selection
 
 On disk, under `<output_dir>/rose/`: `train/<checkpoint>/` (pool gradient store), `val_<dpo|sft>/<checkpoint>/`
-(validation gradient store), `checkpoints.json` (name, learning rate, order). Every store is resumed
+(validation gradient store; `val_dpo_<loss tag>/` for a validation loss other than sigmoid),
+`checkpoints.json` (name, learning rate, order). Every store is resumed
 when it matches and refused when it does not.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,8 @@ from .selection import write_selection
 from .sft_data import fingerprint_tokenized, tokenize_pool
 from .store import GradientStore, StoreMismatchError, _atomic_write_json, describe_mismatch, remove_tree
 from .data.preferences import DEFAULT_SUBTASK, validate_preferences
-from .validation import ROSEDPOTrainer, aggregate_by_subtask, sft_validation_gradients, validation_dpo_config
+from .validation import (ROSEDPOTrainer, sft_validation_gradients, validation_dpo_config, validation_loss_tag,
+                         validation_targets)
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +136,22 @@ class ROSESelector:
     def _val_kind(self) -> str:
         return "dpo" if self.config.selection_method == "rose" else "sft"
 
+    def _val_dir(self) -> Path:
+        """val_dpo/ for the paper's sigmoid target, val_dpo_<tag>/ for another loss (switching back and forth
+        reuses both), val_sft/ for LESS."""
+        kind = self._val_kind()
+        c = self.config
+        tag = validation_loss_tag(c.validation_loss_type, c.validation_loss_weights, c.validation_label_smoothing) \
+            if kind == "dpo" else ""
+        return self.rose_dir / (f"val_{kind}_{tag}" if tag else f"val_{kind}")
+
+    def _validation_loss(self) -> dict:
+        """What the DPO validation gradients depend on besides the model: recorded in their stores' meta."""
+        c = self.config
+        return {"validation_beta": c.validation_beta, "validation_loss_type": list(c.validation_loss_type),
+                "validation_loss_weights": c.validation_loss_weights or [1.0] * len(c.validation_loss_type),
+                "validation_label_smoothing": c.validation_label_smoothing}
+
     def add_checkpoint(self, model, name: str, learning_rate: float, adam_state: AdamState | None = None) -> None:
         """Extract (or resume) this checkpoint's pool and validation gradients and record its LR.
 
@@ -177,11 +196,11 @@ class ROSESelector:
         """The validation set is small: every process computes it (TRL's loss gathers metrics across
         processes, so all must run it), the main process writes it."""
         kind = self._val_kind()
-        extra = {"validation_beta": self.config.validation_beta} if kind == "dpo" else {}
+        extra = self._validation_loss() if kind == "dpo" else {}
         state = PartialState()
         with state.main_process_first():
             store = GradientStore.open_or_create(
-                self.rose_dir / f"val_{kind}" / name, gradient_type=f"validation_{kind}",
+                self._val_dir() / name, gradient_type=f"validation_{kind}",
                 pool_fingerprint=self.validation_fingerprint, num_rows=len(self.validation), extra=extra,
                 overwrite=self.config.overwrite_stores and state.is_main_process, **common)
         # Every process must agree before running collectives.
@@ -198,9 +217,12 @@ class ROSESelector:
 
     def _dpo_trainer(self, model) -> ROSEDPOTrainer:
         if id(model) not in self._dpo_trainers:
-            args = validation_dpo_config(str(self.rose_dir / "dpo"), beta=self.config.validation_beta,
-                                         batch_size=self.config.validation_batch_size, max_length=self.max_length,
-                                         use_cpu=self.use_cpu, ddp_backend=self.ddp_backend)
+            c = self.config
+            args = validation_dpo_config(str(self.rose_dir / "dpo"), beta=c.validation_beta,
+                                         batch_size=c.validation_batch_size, max_length=self.max_length,
+                                         use_cpu=self.use_cpu, ddp_backend=self.ddp_backend,
+                                         loss_type=c.validation_loss_type, loss_weights=c.validation_loss_weights,
+                                         label_smoothing=c.validation_label_smoothing)
             columns = [c for c in ("prompt", "chosen", "rejected") if c in self.validation.column_names]
             self._dpo_trainers[id(model)] = ROSEDPOTrainer(model, args, self.validation.select_columns(columns),
                                                            self.tokenizer)
@@ -247,17 +269,18 @@ class ROSESelector:
         manifest = self._manifest()["checkpoints"]
         if not manifest:
             raise ValueError(f"no warm-up checkpoint was recorded under {self.rose_dir}: did the warm-up save any?")
-        out = []
+        trains, vals = [], {}
         for c in manifest:
-            train = GradientStore.open(self.rose_dir / "train" / c["name"])
-            val = GradientStore.open(self.rose_dir / f"val_{self._val_kind()}" / c["name"])
-            if val.meta["projection"] != train.meta["projection"]:
+            trains.append(GradientStore.open(self.rose_dir / "train" / c["name"]))
+            val = GradientStore.open(self._val_dir() / c["name"])
+            if val.meta["projection"] != trains[-1].meta["projection"]:
                 raise ValueError(f"{c['name']}: validation and pool gradients were projected differently")
-            names, targets = aggregate_by_subtask(val.read_all(), self.subtasks_per_pair,
-                                                  self.config.validation_aggregation)
-            out.append(CheckpointGradients(c["name"], train, targets, c["learning_rate"]))
-        self.subtasks = names
-        return out
+            vals[c["name"]] = val.read_all()
+        self.targets = validation_targets(vals, self.subtasks_per_pair, self.config.validation_aggregation)
+        self.subtasks = self.targets.subtasks
+        return [CheckpointGradients(c["name"], train, self.targets.targets[i], c["learning_rate"],
+                                    pair_vectors=self.targets.vectors[i])
+                for i, (c, train) in enumerate(zip(manifest, trains))]
 
     def finalize(self, folder: str = "selection") -> Path:
         """Score every recorded checkpoint and write `<output_dir>/<folder>/` (main process only; the
@@ -277,7 +300,18 @@ class ROSESelector:
                   "pool_fingerprint": self.pool_fingerprint, "validation_fingerprint": self.validation_fingerprint,
                   "projection": checkpoints[0].train.meta["projection"]}
         return write_selection(self.output_dir, self.pool, table, self.config.selection_fraction, config,
-                               self.config.selection_method, self.subtasks, folder=folder)
+                               self.config.selection_method, self.subtasks, folder=folder,
+                               subtask_balance=self.config.subtask_balance,
+                               pair_counts=Counter(self.subtasks_per_pair),
+                               before_publish=lambda tmp, chosen: self._explain(tmp, checkpoints, chosen))
+
+    def _explain(self, folder: Path, checkpoints: list[CheckpointGradients], chosen: np.ndarray) -> dict:
+        """contributions.parquet and pairs.parquet of the selected rows; summary entries on left-out pairs."""
+        from .explain import write_contributions
+
+        write_contributions(folder, checkpoints, chosen, self.validation, self.targets.usable, progress=self.progress)
+        return {"left_out_pairs": np.flatnonzero(~self.targets.usable).tolist(),
+                "zero_gradient_pairs": self.targets.zero_gradient_pairs}
 
 
 def _all_true(flag: bool) -> bool:

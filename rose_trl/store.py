@@ -84,11 +84,32 @@ def _read_rows(arr: np.memmap, start: int, stop: int) -> np.ndarray:
     return out
 
 
-def _to_float32(raw: np.ndarray) -> np.ndarray:
+def _read_row_runs(arr: np.memmap, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Rows [starts[r], stops[r]) of a memory-mapped .npy, run after run, from one open file (as _read_rows)."""
+    out = np.empty((int((stops - starts).sum()), *arr.shape[1:]), dtype=arr.dtype)
+    row_bytes = out.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+    view = memoryview(out).cast("B")
+    at = 0
+    with open(arr.filename, "rb", buffering=0) as f:
+        for start, stop in zip(starts.tolist(), stops.tolist()):
+            f.seek(arr.offset + start * row_bytes)
+            end = at + (stop - start) * row_bytes
+            while at < end:  # a single read returns at most ~2 GB
+                got = f.readinto(view[at:end])
+                if not got:
+                    raise CorruptStoreError(f"{arr.filename} is truncated: rows {start}..{stop} are not all there")
+                at += got
+    return out
+
+
+def _to_float32(raw: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
     # torch converts float16/int8 to float32 about 3x faster than numpy's astype on CPU.
     import torch
 
-    return torch.from_numpy(raw).float().numpy()
+    if into is None:
+        return torch.from_numpy(raw).float().numpy()
+    torch.from_numpy(into).copy_(torch.from_numpy(raw))
+    return into
 
 
 def describe_mismatch(found: dict, wanted: dict, keys=IDENTITY_KEYS) -> list[str]:
@@ -293,6 +314,32 @@ class GradientStore:
                 if self.quantized:
                     chunk *= _read_rows(self._scale[shard], start, stop)[:, None]
                 yield base + start, chunk
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), dim] of the given rows (sorted, distinct): one file read per run of
+        consecutive rows, so a scattered subset costs its own bytes, not a pass over the store."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.num_rows or (np.diff(rows) <= 0).any()):
+            raise ValueError(f"rows must be sorted, distinct and in [0, {self.num_rows})")
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        bounds = np.searchsorted(rows, np.arange(self.num_shards + 1) * self.shard_size)
+        for shard in range(self.num_shards):
+            first, last = bounds[shard], bounds[shard + 1]
+            if first == last:
+                continue
+            data, done = self._shard(shard)
+            local = rows[first:last] - shard * self.shard_size
+            undone = ~np.asarray(done)[local].astype(bool)
+            if undone.any():
+                raise CorruptStoreError(f"gradient store {self.path}: rows {rows[first:last][undone][:10].tolist()} "
+                                        "are not computed")
+            breaks = np.flatnonzero(np.diff(local) != 1) + 1
+            starts, stops = local[np.r_[0, breaks]], local[np.r_[breaks - 1, len(local) - 1]] + 1
+            chunk = out[first:last]
+            _to_float32(_read_row_runs(data, starts, stops), into=chunk)
+            if self.quantized:
+                chunk *= _read_row_runs(self._scale[shard], starts, stops)[:, None]
+        return out
 
     def read_all(self) -> np.ndarray:
         return np.concatenate([chunk for _, chunk in self.iter_chunks()], axis=0)

@@ -45,3 +45,13 @@ def row(batch, i):
     """Row i alone, unpadded."""
     n = int(batch["attention_mask"][i].sum())
     return {k: v[i : i + 1, :n] for k, v in batch.items()}
+
+
+def trained_adapter_model(base, r: int = 4):
+    """`base` with a LoRA adapter far from zero, as at a warm-up checkpoint."""
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    return model

@@ -37,6 +37,21 @@ def write_selection(folder: Path, pool, table: dict, fraction: float, method: st
                                                      "subtasks": subtasks, "threshold": float(scores["score"].to_numpy()[order].min())}))
 
 
+def add_contributions(folder: Path, val, dominant: int = 0) -> None:
+    """contributions.parquet and pairs.parquet as a gradient method writes them, with one pair planted to
+    top every row of its subtask."""
+    scores = pd.read_parquet(folder / "scores.parquet")
+    chosen = scores.loc[scores["selected"], "pool_index"].to_numpy()
+    rng = np.random.default_rng(0)
+    n = len(val)
+    pd.DataFrame({"pool_index": np.repeat(chosen, n), "pair_index": np.tile(np.arange(n), len(chosen)),
+                  "subtask": np.tile(val["subtask"], len(chosen)),
+                  "contribution": rng.normal(0, 0.1, n * len(chosen)) + np.tile(np.arange(n) == dominant, len(chosen))},
+                 ).to_parquet(folder / "contributions.parquet")
+    pd.DataFrame({"pair_index": np.arange(n), "subtask": val["subtask"], "prompt": val["prompt"], "chosen": val["chosen"],
+                  "rejected": val["rejected"], "usable": True}).to_parquet(folder / "pairs.parquet")
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -50,6 +65,7 @@ def run_dir(tmp_path_factory):
     table["score"] = np.maximum(table["score_space"], table["score_math"])
     table.update({f"score_ckpt{i}": c for i, c in enumerate(ckpts)})
     write_selection(out / "selection", pool, table, 0.25, "rose")
+    add_contributions(out / "selection", val)
     write_selection(out / "selection_bm25", pool, BASELINES["bm25"](pool, val), 0.25, "bm25")
     write_selection(out / "selection_random", pool, BASELINES["random"](pool, val, seed=1), 0.25, "random")
     return out
@@ -91,10 +107,36 @@ def test_cli_writes_report(run_dir, capsys):
     imgs = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
     assert len(imgs) == 5  # distribution, composition, checkpoint agreement, two sibling distributions
     assert all(base64.b64decode(b).startswith(PNG_MAGIC) for b in imgs)
-    for needle in ("Comparison of selection methods", "selection_bm25", "Top examples per subtask", "threshold"):
+    for needle in ("Comparison of selection methods", "selection_bm25", "Why these rows", "threshold"):
         assert needle in page
+    # what a reader wants first: numbers and plots; the configuration last, folded
+    order = [page.index(h) for h in ("<h2>Summary</h2>", "Score statistics", "<h2>Score distribution</h2>",
+                                     "<h2>Why these rows</h2>", "<h2>Pairs that drive the selection</h2>",
+                                     "<h2>Configuration</h2>")]
+    assert order == sorted(order)
+    assert re.search(r"<h2>Configuration</h2>\s*<details><summary>Full configuration", page)
+    assert "pool_mean" not in page  # score statistics are a table of numbers, not a JSON string
     with pytest.raises(FileNotFoundError):
         write_report(run_dir / "selection")  # not an output dir: it has no selection folders inside
+
+
+def test_why_these_rows_and_driving_pairs(run_dir):
+    from rose_trl.report import driving_pairs, why_these_rows
+
+    main_run = find_selections(run_dir)[0]
+    _, val = topic_task()
+    why = why_these_rows(main_run)
+    assert why and all(len(r["pairs"]) == min(3, list(val["subtask"]).count(name)) for name, rows in why.items() for r in rows)
+    first = next(iter(why.values()))[0]["pairs"][0]
+    assert set(first) == {"pair_index", "contribution", "prompt", "chosen", "rejected"}
+    counts = driving_pairs(main_run)
+    dominant = val[0]["subtask"]
+    picks = int((main_run.owners == dominant).sum())
+    assert counts.set_index("pair_index").loc[0, ["top_for", "subtask_picks"]].tolist() == [picks, picks]
+    same = counts[counts["subtask"] == dominant]
+    assert same["flagged"].tolist() == (same["pair_index"] == 0).tolist()  # the planted pair, alone in its subtask
+    page = render_report(find_selections(run_dir))
+    assert re.search(rf'<p class="flag">Flagged: [^<]*pair 0 \({dominant}: {picks} of {picks}\)', page)
 
 
 def _chromium(tmp_path, *args):

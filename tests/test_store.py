@@ -106,3 +106,20 @@ def test_int8_store_halves_disk_and_keeps_the_ranking(tmp_path, planted):
     assert spearmanr(scores["float16"], scores["int8"]).statistic >= 0.99
     size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.npy")) for d in stores}
     assert size["int8"] < 0.52 * size["float16"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_read_rows_equals_the_whole_store_rows(tmp_path, dtype):
+    """Scattered rows across shards (shard_size 4), runs of consecutive rows read together."""
+    s = GradientStore.open_or_create(tmp_path / "s", **{**META, "dtype": dtype})
+    vals = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    s.write(np.arange(10), vals)
+    rows = np.array([0, 2, 3, 4, 5, 9])
+    np.testing.assert_array_equal(s.read_rows(rows), s.read_all()[rows])
+    assert s.read_rows(np.array([], dtype=np.int64)).shape == (0, 8)
+    with pytest.raises(ValueError, match="sorted, distinct"):
+        s.read_rows(np.array([3, 2]))
+    partial = GradientStore.open_or_create(tmp_path / "p", **META)
+    partial.write(np.array([0]), vals[:1])
+    with pytest.raises(CorruptStoreError, match=r"rows \[1\] are not computed"):
+        partial.read_rows(np.array([0, 1]))

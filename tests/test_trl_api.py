@@ -5,9 +5,18 @@ pins a narrow range, and this test says exactly what broke when that range is wi
 """
 
 import inspect
+import re
 
+import pytest
+import torch
 import trl
+from torch.utils.data import DataLoader
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+
+from rose_trl.config import DPO_LOSS_TYPES
+from rose_trl.gradients import trainable_parameters
+from rose_trl.validation import ROSEDPOTrainer, validation_dpo_config
+from tests.helpers import trained_adapter_model
 
 
 def test_trl_version_in_pinned_range():
@@ -26,6 +35,57 @@ def test_dpo_trainer_internals_used_by_rose_dpo_trainer():
         assert f"self.{attr} =" in source, attr
     fields = DataCollatorForPreference.__dataclass_fields__
     assert {"pad_token_id", "max_length", "truncation_mode"} <= set(fields)
+
+
+def test_dpo_loss_types_are_trls():
+    """validation_loss_type accepts exactly the loss types TRL's _compute_loss implements."""
+    source = inspect.getsource(DPOTrainer._compute_loss)
+    assert sorted(re.findall(r'loss_type == "(\w+)"', source)) == sorted(DPO_LOSS_TYPES)
+    for name in ("label_smoothing", "loss_weights", "discopop_tau"):
+        assert name in trl.DPOConfig.__dataclass_fields__, name
+
+
+def one_pair_gradients(trainer, model):
+    """Reference: TRL's loss on one pair at a time, differentiated by autograd."""
+    params = [p for _, p in trainable_parameters(model)]
+    rows = []
+    for inputs in DataLoader(trainer.train_dataset, batch_size=1, collate_fn=trainer.data_collator):
+        loss = trainer.compute_loss(model, inputs)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, allow_unused=True)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_every_dpo_loss_type_gives_each_pair_its_own_gradient(loss_type, planted, tiny_base, tmp_path):
+    """Batched (3 pairs a pass, or one for the losses that couple pairs) = TRL's loss on each pair alone."""
+    _, validation, tokenizer, _ = planted
+    model = trained_adapter_model(tiny_base)
+    smoothing = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}.get(loss_type, 0.0)
+    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), batch_size=3, use_cpu=True, loss_type=loss_type,
+                                                          label_smoothing=smoothing), validation, tokenizer)
+    assert trainer.loss_types == [loss_type]
+    model.eval()
+    grads = trainer.pair_gradients()
+    n_params = sum(p.numel() for _, p in trainable_parameters(model))
+    assert grads.shape == (len(validation), n_params) and torch.isfinite(grads).all()
+    ref = one_pair_gradients(trainer, model)
+    assert (grads.norm(dim=1) > 0).all() and (ref.norm(dim=1) > 0).all(), loss_type  # hinge's zero: test below
+    torch.testing.assert_close(grads, ref, rtol=1e-4, atol=1e-6 * ref.norm(dim=1).max().item())
+
+
+def test_hinge_gives_an_exact_zero_once_the_margin_is_met(planted, tiny_base, tmp_path):
+    _, validation, tokenizer, _ = planted
+    model = trained_adapter_model(tiny_base)
+    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), beta=20.0, batch_size=3, use_cpu=True,
+                                                          loss_type="hinge"), validation, tokenizer)
+    model.eval()
+    grads = trainer.pair_gradients()
+    with torch.no_grad():
+        losses = torch.stack([trainer.compute_loss(model, inputs) for inputs in
+                              DataLoader(trainer.train_dataset, batch_size=1, collate_fn=trainer.data_collator)])
+    met = losses == 0  # relu(1 - beta * delta): beta * delta >= 1
+    assert 0 < met.sum() < len(validation), losses
+    assert (grads[met] == 0).all() and (grads[~met].norm(dim=1) > 0).all()
 
 
 def test_configs_and_helpers_used_by_the_recipe():

@@ -2,21 +2,13 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 
-from rose_trl.gradients import trainable_parameters
+from rose_trl.config import ROSEConfig
 from rose_trl.sft_data import BadRecordError
-from rose_trl.validation import ROSEDPOTrainer, aggregate_by_subtask, validation_dpo_config
-
-
-def trained_adapter_model(base):
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():  # a warm-up checkpoint: the adapter is far from zero
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.1)
-    return model
+from rose_trl.validation import (ROSEDPOTrainer, aggregate_by_subtask, pair_vectors, validation_dpo_config,
+                                 validation_loss_tag, zero_gradient_pairs)
+from tests.helpers import trained_adapter_model
 
 
 def summed_logps(model, input_ids, completion_mask):
@@ -41,19 +33,6 @@ def test_reference_is_the_base_model_not_a_copy_of_the_adapter(planted, tiny_bas
     assert not torch.allclose(ref, policy, atol=1e-2)  # and it is not the warm-up policy
 
 
-def test_pair_gradients_match_a_one_pair_loop_over_trls_loss(planted, tiny_base, tmp_path):
-    _, validation, tokenizer, _ = planted
-    model = trained_adapter_model(tiny_base)
-    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), batch_size=3, use_cpu=True), validation, tokenizer)
-    fast = trainer.pair_gradients()
-    params = [p for _, p in trainable_parameters(model)]
-    model.eval()
-    for i, inputs in enumerate(DataLoader(trainer.train_dataset, batch_size=1, collate_fn=trainer.data_collator)):
-        ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(trainer.compute_loss(model, inputs), params)])
-        assert torch.nn.functional.cosine_similarity(ref, fast[i], dim=0) > 0.99999
-        assert (ref - fast[i]).norm() / ref.norm() < 1e-4
-
-
 def test_bad_pairs_are_named(planted, tiny_base, tmp_path):
     _, validation, tokenizer, _ = planted
     rows = validation.to_list()
@@ -75,3 +54,37 @@ def test_subtask_aggregation_modes():
     np.testing.assert_allclose(eq6[1], np.array([1.0, 1.0]) / np.sqrt(2), rtol=1e-6)
     with pytest.raises(ValueError, match="unknown validation aggregation"):
         aggregate_by_subtask(g, ["a", "a", "b"], mode="sum")
+
+
+def test_left_out_pairs_and_pair_vectors():
+    g = np.array([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    labels = ["a", "a", "a", "b", "b"]
+    usable = np.array([True, True, False, True, True])
+    for mode in ("normalized_mean", "eq6"):
+        names, vectors = pair_vectors(g, labels, mode, usable)
+        _, targets = aggregate_by_subtask(g, labels, mode, usable)
+        # each target is the mean of its usable pairs' vectors: the identity behind the contributions
+        np.testing.assert_allclose(targets, [vectors[:2].mean(0), vectors[3:].mean(0)], rtol=1e-6)
+        assert not vectors[2].any()
+    np.testing.assert_allclose(aggregate_by_subtask(g, labels, usable=usable)[1][0], [0.5, 0.5])  # not diluted by pair 2
+    np.testing.assert_allclose(pair_vectors(g, labels, "eq6", usable)[1][0], np.array([3.0, 0.0]) / np.linalg.norm([1.5, 0.5]))
+    assert zero_gradient_pairs(g).tolist() == [2]
+    with pytest.raises(ValueError, match=r"subtask 'b' has no usable validation pair: every one of its pairs \[3, 4\]"):
+        pair_vectors(g, labels, usable=np.array([True, True, True, False, False]))
+
+
+def test_validation_loss_options_fail_at_config_time():
+    assert ROSEConfig(validation_loss_type="ipo").validation_loss_type == ["ipo"]  # one name, as DPOConfig takes
+    with pytest.raises(ValueError, match=r"unknown \['dpo'\]; TRL's DPO loss types are \['sigmoid', 'hinge', 'ipo'"):
+        ROSEConfig(validation_loss_type=["sigmoid", "dpo"])
+    with pytest.raises(ValueError, match="validation_loss_weights has 1 weights for 2"):
+        ROSEConfig(validation_loss_type=["sigmoid", "sft"], validation_loss_weights=[1.0])
+    with pytest.raises(ValueError, match="exo_pair needs validation_label_smoothing > 0"):
+        ROSEConfig(validation_loss_type="exo_pair")
+    with pytest.raises(ValueError, match=r"validation_label_smoothing must be in \[0, 0.5\)"):
+        ROSEConfig(validation_loss_type="robust", validation_label_smoothing=0.5)
+    # store folders: rose/val_dpo/ for the paper's target, rose/val_dpo_<tag>/ for the others
+    assert validation_loss_tag(["sigmoid"]) == ""
+    assert validation_loss_tag(["ipo"]) == "ipo"
+    assert validation_loss_tag(["sigmoid", "sft"], [1.0, 0.2]) == "sigmoid+sft_w1,0.2"
+    assert validation_loss_tag(["exo_pair"], None, 1e-3) == "exo_pair_ls0.001"
