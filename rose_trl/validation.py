@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from .distributed import gathered, release_gathered
-from .extraction import eval_mode
-from .gradients import PerExampleGradientCapture, activation_checkpointing_off, per_example_gradients, trainable_parameters
+from .extraction import eval_mode, fusion_unavailable
+from .gradients import (PerExampleGradientCapture, ProjectedRows, activation_checkpointing_off, per_example_gradients,
+                        per_example_projected_gradients, trainable_parameters)
 from .projection import Projector
 from .data.preferences import DEFAULT_SUBTASK, validate_preferences
 from .sft_data import collate, tokenize_sft_example
@@ -118,19 +119,24 @@ class ROSEDPOTrainer(DPOTrainer):
         loader = DataLoader(self.train_dataset, batch_size=self.pairs_per_pass, shuffle=False,
                             collate_fn=self.data_collator)
         device = params[0].device
+        # Projected rows come from the fused path (each layer projected inside the backward) when the
+        # projector takes slices: no [rows, n_params] buffer, as for the pool. Projection is linear, so
+        # projecting the chosen and rejected rows and adding them equals projecting their sum.
+        fused = projector is not None and fusion_unavailable(projector) is None
         out = []
         capture = PerExampleGradientCapture(model)
         with eval_mode(model), activation_checkpointing_off(model), capture, torch.enable_grad():
             for inputs in loader:
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 pairs = inputs["input_ids"].shape[0] // 2
-                capture.reset(2 * pairs, device)
+                sink = capture.reset(2 * pairs, device, ProjectedRows(2 * pairs, projector, None, device) if fused else None)
                 loss = self.compute_loss(self.model, inputs)
                 # TRL averages each loss over the pairs; the sum gives each pair its own full gradient.
                 capture.backward(loss * pairs)
                 release_gathered(model)
-                grads = capture.grads[:pairs] + capture.grads[pairs:]  # rows are [chosen..., rejected...]
-                out.append(projector.project(grads) if projector is not None else grads.clone())
+                rows = sink.out if fused else sink.grads
+                grads = rows[:pairs] + rows[pairs:]  # rows are [chosen..., rejected...]
+                out.append(projector.project(grads) if projector is not None and not fused else grads)
         return torch.cat(out)
 
     def reference_logps(self) -> torch.Tensor:
@@ -161,9 +167,12 @@ def sft_validation_gradients(model, validation, tokenizer, projector: Projector 
     with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad).items()}
-            grads = per_example_gradients(model, batch)
+            if projector is not None and fusion_unavailable(projector) is None:
+                out.append(per_example_projected_gradients(model, batch, projector))
+            else:
+                grads = per_example_gradients(model, batch)
+                out.append(projector.project(grads) if projector is not None else grads)
             release_gathered(model)
-            out.append(projector.project(grads) if projector is not None else grads)
     return torch.cat(out)
 
 

@@ -142,3 +142,27 @@ def test_fused_path_memory_per_row_does_not_grow_with_depth():
     # 128 x 16 parameters x 4 bytes = 0.197 MB more per row at the peak.
     assert slopes[("dense", 4)] - slopes[("dense", 1)] > 0.15, slopes
     assert abs(slopes[("fused", 4)] - slopes[("fused", 1)]) < 0.02, slopes
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_validation_pair_gradients_fused_equal_whole_rows(loss_type, planted, tiny_base, tmp_path):
+    # ROSE's validation rows (TRL's DPO loss per pair) take the fused path too; hinge keeps its exact zeros.
+    from rose_trl.validation import ROSEDPOTrainer, sft_validation_gradients, validation_dpo_config
+    from tests.helpers import trained_adapter_model
+
+    _, validation, tokenizer, _ = planted
+    model = trained_adapter_model(tiny_base)
+    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), beta=20.0 if loss_type == "hinge" else 0.1,
+                                                          batch_size=3, use_cpu=True, loss_type=loss_type),
+                             validation, tokenizer)
+    model.eval()
+    n = sum(p.numel() for _, p in trainable_parameters(model))
+    projector = build_projector("sjlt", n, 512, seed=0)
+    whole = projector.project(trainer.pair_gradients())
+    fused = trainer.pair_gradients(projector)
+    zero = whole.norm(dim=1) == 0
+    assert torch.equal(fused.norm(dim=1) == 0, zero)
+    assert_rows_match(fused[~zero], whole[~zero])
+    if loss_type == "sigmoid":
+        assert_rows_match(sft_validation_gradients(model, validation, tokenizer, projector),
+                          projector.project(sft_validation_gradients(model, validation, tokenizer)))
