@@ -207,7 +207,9 @@ def train_final_model(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig,
     state = PartialState()
     suffix = "" if rose.selection_method == "rose" else f"_{rose.selection_method}"
     out = Path(sft.output_dir) / f"final{suffix}"
-    tokens = tokenize_pool(load_from_disk(str(selection / "selected")), tokenizer, sft.max_length, source="selection")
+    # In memory: tokenizing a dataset read from disk would write a cache file into the selection folder.
+    selected = load_from_disk(str(selection / "selected"), keep_in_memory=True)
+    tokens = tokenize_pool(selected, tokenizer, sft.max_length, source="selection")
     fingerprint = final_training_fingerprint(tokens, sft, model_args)
     finished = {"fingerprint": fingerprint, "finished": True}
     record = out / FINAL_RECORD
