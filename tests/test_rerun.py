@@ -100,7 +100,8 @@ def test_every_method_with_and_without_final_training_runs_again_unchanged(workd
         scores = None
         for final_training in ("false", "true"):
             args = ["--output_dir", str(out), "--selection_method", method, "--final_training", final_training,
-                    "--num_train_epochs", "2", "--projection_dim", "1024", "--save_strategy", "epoch"]
+                    "--num_train_epochs", "2", "--projection_dim", "512", "--save_strategy", "epoch",
+                    "--pool_max_examples", "160", "--warmup_fraction", "0.25"]
             first = recipe(workdir, monkeypatch, *args)
             # final_training is part of the recorded configuration; the scores do not depend on it
             assert scores is None or (folder / "scores.parquet").read_bytes() == scores, method
