@@ -96,6 +96,11 @@ class ROSEConfig:
                                          "score, top rows overall: the paper), round_robin (each subtask in turn "
                                          "takes its best remaining row: equal shares) or proportional (each subtask "
                                          "takes its share of the validation pairs).", "choices": list(SUBTASK_BALANCES)})
+    checkpoint_learning_rates: list[float] | None = field(
+        default=None, metadata={"help": "Each warm-up checkpoint's learning rate eta_i (the mean LR of its epoch), one "
+                                        "per checkpoint in step order. Overrides the recorded and recovered rates; "
+                                        "needed only when a warm-up's checkpoints do not determine them (the error "
+                                        "says so)."})
     final_training: bool = field(default=True, metadata={"help": "Train the final model on the selection."})
     pool_max_examples: int | None = field(default=None, metadata={"help": "Use only the first N pool rows (smoke tests)."})
 
@@ -110,6 +115,9 @@ class ROSEConfig:
             raise ValueError(f"projection_type must be one of {PROJECTION_TYPES + ('auto',)}, got {self.projection_type!r}")
         if self.gradient_memory_gb is not None and self.gradient_memory_gb <= 0:
             raise ValueError(f"gradient_memory_gb must be > 0, got {self.gradient_memory_gb}")
+        if self.checkpoint_learning_rates is not None and not all(
+                isinstance(lr, (int, float)) and lr >= 0 for lr in self.checkpoint_learning_rates):
+            raise ValueError(f"checkpoint_learning_rates must be non-negative numbers, got {self.checkpoint_learning_rates!r}")
         if self.projection_dim < 1 or self.gradient_batch_size < 1 or self.validation_batch_size < 1:
             raise ValueError("projection_dim, gradient_batch_size and validation_batch_size must be >= 1")
         if self.subtask_balance not in SUBTASK_BALANCES:

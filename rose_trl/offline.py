@@ -7,13 +7,13 @@ of the layouts the Trainer writes:
 - FSDP2, FULL_STATE_DICT: adapter_model.safetensors and optimizer.bin (fsdp_checkpoint.py);
 - FSDP2, SHARDED_STATE_DICT: pytorch_model_fsdp_0/ and optimizer_0/, with no adapter_config.json, so the
   warm-up's LoRA config is passed as `peft_config`.
-Learning rates come from trainer_state.json's log history (mean of the logged LRs since the previous
-checkpoint).
+Each checkpoint's learning rate (the mean LR of the optimizer steps since the previous checkpoint) is
+resolved for every checkpoint before any gradient work (`resolve_learning_rates`).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 from pathlib import Path
 
@@ -24,8 +24,11 @@ from safetensors.torch import load_file
 from .fsdp_checkpoint import (FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, FSDP_OPTIMIZER_FILE, read_fsdp_adam_moments,
                               read_fsdp_adapter)
 from .gradients import AdamState, trainable_parameters, trainer_param_index
-from .selector import ROSESelector, mean_lr_since
+from .schedules import ScheduleError, mean_over_steps, read_warmup_record, recover_learning_rates
+from .selector import ROSESelector
 from .zero_checkpoint import read_zero_adam_moments, zero_checkpoint_dir
+
+logger = logging.getLogger(__name__)
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -80,22 +83,68 @@ def warmup_model(checkpoint: Path, base_model, peft_config: PeftConfig | None = 
     return get_peft_model(base_model, peft_config)
 
 
+def resolve_learning_rates(checkpoints: list[Path], model, selector: ROSESelector) -> list[float | None]:
+    """Each checkpoint's learning rate, from the first source that has it:
+    1. rose/checkpoints.json, when it records the checkpoint for the same weights (the callback's measure, or
+       an earlier run's);
+    2. rose/step_lrs.json (the callback's per-step record), when it covers every step since the previous
+       checkpoint;
+    3. trainer_state.json's log history, when it logs every one of those steps;
+    4. the warm-up's schedule, rebuilt from the checkpoint folders (schedules.py).
+    Raises, naming the checkpoint, what is missing and the option, when none has it. With
+    checkpoint_learning_rates (which scoring uses instead) an unknown rate is returned as None.
+    `model` is the warm-up model; its adapter weights are replaced."""
+    names = [c.name for c in checkpoints]
+    explicit = selector.config.checkpoint_learning_rates
+    if explicit is not None and len(explicit) != len(checkpoints):
+        raise ValueError(f"checkpoint_learning_rates has {len(explicit)} values but {len(checkpoints)} checkpoints were "
+                         f"found ({names})")
+    step_lrs = selector.step_learning_rates()
+    record = read_warmup_record(checkpoints)
+    lrs, previous = [], 0
+    for ckpt, step in zip(checkpoints, record.steps):
+        lr = None
+        if selector.is_recorded(ckpt.name):  # only then are its weights needed
+            set_peft_model_state_dict(model, load_checkpoint_adapter(ckpt, model))
+            lr = selector.recorded_learning_rate(ckpt.name, model)
+        if lr is None:
+            lr = mean_over_steps(step_lrs, previous, step)
+        if lr is None:
+            lr = mean_over_steps(record.logged, previous, step)
+        lrs.append(lr)
+        previous = step
+    if None in lrs:
+        try:
+            recovered, schedule = recover_learning_rates(record)
+            logger.info("learning rates of %s from the rebuilt schedule %s", names, schedule.describe())
+            lrs = [recovered[i] if lr is None else lr for i, lr in enumerate(lrs)]
+        except ScheduleError as e:
+            if explicit is None:
+                i = lrs.index(None)
+                previous = record.steps[i - 1] if i else 0
+                logged = sum(previous < s <= record.steps[i] for s in record.logged)
+                raise ValueError(
+                    f"{names[i]}: cannot tell its learning rate (the mean over optimizer steps {previous + 1}-"
+                    f"{record.steps[i]}): {selector.rose_dir / 'checkpoints.json'} does not record it, trainer_state.json "
+                    f"logs the learning rate of {logged} of those {record.steps[i] - previous} steps, and the "
+                    f"warm-up's schedule cannot be rebuilt: {e}. Set checkpoint_learning_rates: one learning rate per "
+                    f"checkpoint, in step order ({len(names)} here: {', '.join(names)})") from None
+    return lrs
+
+
 def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelector, folder: str = "selection",
                             peft_config: PeftConfig | None = None) -> Path:
     """Run `selector` over every checkpoint of `run_dir` (a PEFT warm-up), then write `<output_dir>/<folder>/`.
-    `peft_config` (the warm-up's LoRA config) is needed only for checkpoints without adapter_config.json."""
+    `peft_config` (the warm-up's LoRA config) is needed only for checkpoints without adapter_config.json.
+    Every checkpoint's learning rate is resolved first: an unknown one stops the run before any gradient."""
     checkpoints = find_checkpoints(run_dir)
-    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text()).get("log_history", [])
+    for ckpt in checkpoints:  # the Trainer's last write: without it a checkpoint is a save killed part-way
+        if not (ckpt / "trainer_state.json").exists():
+            raise FileNotFoundError(f"{ckpt / 'trainer_state.json'} is missing: an incomplete checkpoint (remove it)")
     model = warmup_model(checkpoints[0], base_model, peft_config)
-    previous = 0
-    for ckpt in checkpoints:
-        step = int(ckpt.name.split("-")[1])
+    learning_rates = resolve_learning_rates(checkpoints, model, selector)
+    for ckpt, lr in zip(checkpoints, learning_rates):
         set_peft_model_state_dict(model, load_checkpoint_adapter(ckpt, model))
-        lr = mean_lr_since(history, previous, step)
-        if lr is None:
-            raise ValueError(f"{ckpt.name}: trainer_state.json logs no learning rate for steps ({previous}, {step}]; "
-                             "warm up with logging_steps smaller than an epoch")
         adam = load_checkpoint_adam(ckpt, model) if selector.config.gradient_type == "adam" else None
         selector.add_checkpoint(model, ckpt.name, lr, adam)
-        previous = step
     return selector.finalize(folder)

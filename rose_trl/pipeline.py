@@ -2,12 +2,14 @@
 
 Baseline methods (random, bm25, rds, dsir, full) skip the warm-up and write the same layout under
 `selection_<method>/`. A warm-up that already finished is not re-run: its saved checkpoints are read
-(offline mode), so another gradient method on the same output_dir reuses the pool gradient stores.
+(offline mode), so another gradient method on the same output_dir reuses the pool gradient stores. A
+final model is trained again only when what it would be trained on changed (`FINAL_RECORD`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -28,7 +30,8 @@ from .data import load_pool, load_preferences
 from .offline import select_from_checkpoints
 from .selection import write_selection
 from .selector import ROSESelector
-from .sft_data import BadRecordError, tokenize_pool
+from .sft_data import BadRecordError, fingerprint_tokenized, tokenize_pool
+from .store import _atomic_write_json
 
 
 def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -180,6 +183,61 @@ def select_with_baseline(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConf
     return out / rose.selection_folder
 
 
+FINAL_RECORD = "rose_final.json"
+# Options that only say where to write, log or push: they do not change the weights a training produces.
+_NOT_TRAINING = {"output_dir", "run_name", "project", "report_to", "disable_tqdm", "logging_steps", "logging_strategy",
+                 "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node",
+                 "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node",
+                 "resume_from_checkpoint", "skip_memory_metrics", "local_rank", "push_to_hub", "hub_model_id",
+                 "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
+                 "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"}
+
+
+def final_training_fingerprint(tokens: Dataset, sft: SFTConfig, model_args: ModelConfig) -> str:
+    """What a final model is made from: its tokenized training rows, the model and LoRA settings and every
+    training option that can change the weights."""
+    options = {k: v for k, v in sft.to_dict().items() if k not in _NOT_TRAINING}
+    described = json.dumps([options, dataclasses.asdict(model_args)], sort_keys=True, default=str)
+    return hashlib.sha256(f"{fingerprint_tokenized(tokens)}|{described}".encode()).hexdigest()
+
+
+def train_final_model(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig, selection: Path, tokenizer) -> Path:
+    """SFT on the selection into final[_<method>]/. Its FINAL_RECORD (written before training, and again,
+    finished, after the weights) says what it was trained on: a finished model of the same fingerprint is
+    reused, an unfinished one resumes from its last complete checkpoint, any other is cleared and trained
+    from scratch."""
+    state = PartialState()
+    suffix = "" if rose.selection_method == "rose" else f"_{rose.selection_method}"
+    out = Path(sft.output_dir) / f"final{suffix}"
+    # In memory: tokenizing a dataset read from disk would write a cache file into the selection folder.
+    selected = load_from_disk(str(selection / "selected"), keep_in_memory=True)
+    tokens = tokenize_pool(selected, tokenizer, sft.max_length, source="selection")
+    fingerprint = final_training_fingerprint(tokens, sft, model_args)
+    finished = {"fingerprint": fingerprint, "finished": True}
+    record = out / FINAL_RECORD
+    with state.main_process_first():  # the main process decides (and clears); the others read its decision
+        found = json.loads(record.read_text()) if record.exists() else None
+        if state.is_main_process and found != finished:
+            if found is None or found["fingerprint"] != fingerprint:
+                shutil.rmtree(out, ignore_errors=True)  # another selection or configuration (or unknown)
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_write_json(record, {"fingerprint": fingerprint, "finished": False})
+    if found == finished:
+        if state.is_main_process:
+            print(f"{out} already holds the model trained on this selection: not trained again")
+        return out
+    model, _ = load_model_and_tokenizer(model_args, sft.trust_remote_code)
+    trainer = SFTTrainer(model, args=dataclasses.replace(sft, output_dir=str(out)),
+                         train_dataset=with_labels(tokens, "selection"),
+                         processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
+    save_model_atomically(trainer, out)
+    if state.is_main_process:
+        _atomic_write_json(record, finished)  # last: the record says the weights are complete
+    state.wait_for_everyone()
+    return out
+
+
 def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     """Returns {"selection": path, "final_model": path or None, "hub_url": url or None}."""
     if not model_args.use_peft:
@@ -208,16 +266,7 @@ def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
         result["hub_url"] = push_selection(out, rose.hub_dataset_id, private=rose.hub_private,
                                            token=sft.hub_token, folder=rose.selection_folder)
     if rose.final_training:
-        final_model, _ = load_model_and_tokenizer(model_args, sft.trust_remote_code)
-        suffix = "" if rose.selection_method == "rose" else f"_{rose.selection_method}"
-        final_args = dataclasses.replace(sft, output_dir=str(out / f"final{suffix}"))
-        selected = load_from_disk(str(selection / "selected"))
-        final = SFTTrainer(final_model, args=final_args,
-                           train_dataset=sft_training_dataset(selected, tokenizer, sft.max_length, "selection"),
-                           processing_class=tokenizer, peft_config=get_peft_config(model_args))
-        final.train(resume_from_checkpoint=last_complete_checkpoint(final_args.output_dir))
-        save_model_atomically(final, final_args.output_dir)
-        result["final_model"] = final_args.output_dir
+        result["final_model"] = str(train_final_model(rose, sft, model_args, selection, tokenizer))
     return result
 
 

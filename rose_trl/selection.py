@@ -8,10 +8,12 @@
         summary.json     num_pool, num_selected, selection_method, subtasks, threshold, score stats,
                          subtask_balance, subtask_counts
         ...              what `before_publish` adds (gradient methods: contributions.parquet, pairs.parquet)
+        fingerprint.json sha256 of all of the above: a re-run that would write the same folder leaves it as it is
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -70,6 +72,33 @@ def _publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def selection_fingerprint(pool, table: dict[str, np.ndarray], chosen: np.ndarray, fraction: float, config: dict,
+                          method: str, subtasks: list[str], balance: tuple = ()) -> str:
+    """sha256 of everything a selection folder is made of: the score table, the selected rows, the pool's
+    `source` column, the configuration and how the rows were shared between subtasks (`balance`). The
+    contributions derive from the same stores and learning rates as the score table."""
+    h = hashlib.sha256()
+    for name, values in table.items():
+        values = np.ascontiguousarray(values)
+        h.update(f"{name}|{values.dtype.str}|{values.shape}|".encode())
+        h.update(values.tobytes())
+    h.update(np.asarray(chosen, dtype=np.int64).tobytes())
+    parts = [pool.select(chosen.tolist())] + ([pool.select_columns(["source"])] if "source" in pool.column_names else [])
+    for part in parts:
+        for batch in part.iter(batch_size=1024):
+            h.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    h.update(json.dumps([fraction, config, method, list(subtasks), balance], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _holds(folder: Path, fingerprint: str) -> bool:
+    path = folder / FINGERPRINT_FILE
+    return path.exists() and json.loads(path.read_text()).get("sha256") == fingerprint
+
+
 def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], fraction: float, config: dict,
                     method: str, subtasks: list[str], folder: str = "selection", subtask_balance: str = "max",
                     pair_counts: dict[str, int] | None = None,
@@ -87,6 +116,11 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
         raise ValueError(f"{len(scores)} scores for a pool of {len(pool)} rows")
     chosen, selected_for = select_rows(table, subtasks, fraction, subtask_balance, pair_counts)
     final = Path(output_dir) / folder
+    fingerprint = selection_fingerprint(pool, table, chosen, fraction, config, method, subtasks,
+                                        balance=(subtask_balance, dict(pair_counts or {}),
+                                                 None if selected_for is None else list(selected_for)))
+    if _holds(final, fingerprint):
+        return final  # a re-run: the folder already holds exactly this selection, left untouched
     tmp = _atomic_dir(final)
     frame = pd.DataFrame({"pool_index": np.arange(len(scores)), **{k: np.asarray(v) for k, v in table.items()}})
     if "source" in pool.column_names:  # lets reports compare the selection's composition with the pool's
@@ -114,5 +148,6 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
     if before_publish is not None:
         summary.update(before_publish(tmp, chosen) or {})
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    (tmp / FINGERPRINT_FILE).write_text(json.dumps({"sha256": fingerprint}))
     _publish(tmp, final)
     return final

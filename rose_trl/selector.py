@@ -189,7 +189,7 @@ class ROSESelector:
         if state.is_main_process:
             if not train.is_complete:
                 raise RuntimeError(f"{name}: {len(train.missing_rows())} pool rows are still missing after extraction")
-            self._record_checkpoint(name, learning_rate)
+            self._record_checkpoint(name, learning_rate, checkpoint)
         state.wait_for_everyone()
 
     def _validation_store(self, model, name: str, common: dict, write: bool = True) -> GradientStore:
@@ -232,12 +232,30 @@ class ROSESelector:
         path = self.rose_dir / "checkpoints.json"
         return json.loads(path.read_text()) if path.exists() else {"checkpoints": []}
 
-    def _record_checkpoint(self, name: str, learning_rate: float) -> None:
+    def _record_checkpoint(self, name: str, learning_rate: float | None, checkpoint: str) -> None:
+        """`checkpoint`: name@adapter-hash, so that a recorded rate is reused only for the same weights. A rate
+        of None (given only by checkpoint_learning_rates) is recorded as unknown."""
         manifest = self._manifest()
-        manifest["checkpoints"] = [c for c in manifest["checkpoints"] if c["name"] != name]
-        manifest["checkpoints"].append({"name": name, "learning_rate": float(learning_rate)})
+        entry = {"name": name, "learning_rate": None if learning_rate is None else float(learning_rate),
+                 "checkpoint": checkpoint}
+        if entry in manifest["checkpoints"]:
+            return  # a re-run: nothing to rewrite
+        names = [c["name"] for c in manifest["checkpoints"]]
+        if name in names:  # in place: the manifest's order is the checkpoints' (step) order
+            manifest["checkpoints"][names.index(name)] = entry
+        else:
+            manifest["checkpoints"].append(entry)
         self.rose_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_json(self.rose_dir / "checkpoints.json", manifest)
+
+    def recorded_learning_rate(self, name: str, model) -> float | None:
+        """The learning rate rose/checkpoints.json records for `name`, if recorded for the weights `model` holds."""
+        entry = next((c for c in self._manifest()["checkpoints"] if c["name"] == name), None)
+        if entry is None or entry.get("learning_rate") is None:
+            return None
+        if "checkpoint" in entry and entry["checkpoint"] != f"{name}@{adapter_fingerprint(model)}":
+            return None  # recorded for other weights under the same name
+        return entry["learning_rate"]
 
     def is_recorded(self, name: str) -> bool:
         return any(c["name"] == name for c in self._manifest()["checkpoints"])
@@ -249,6 +267,11 @@ class ROSESelector:
         lrs = json.loads(path.read_text()) if path.exists() else {}
         lrs[str(step)] = float(learning_rate)
         _atomic_write_json(path, lrs)
+
+    def step_learning_rates(self) -> dict[int, float]:
+        """rose/step_lrs.json: optimizer step -> the LR it applied."""
+        path = self.rose_dir / "step_lrs.json"
+        return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
 
     def logged_mean_lr(self, name: str, step: int) -> float:
         """Mean logged LR of the steps since the previous recorded checkpoint, up to `step`."""
@@ -269,6 +292,7 @@ class ROSESelector:
         manifest = self._manifest()["checkpoints"]
         if not manifest:
             raise ValueError(f"no warm-up checkpoint was recorded under {self.rose_dir}: did the warm-up save any?")
+        learning_rates = self._scoring_learning_rates(manifest)
         trains, vals = [], {}
         for c in manifest:
             trains.append(GradientStore.open(self.rose_dir / "train" / c["name"]))
@@ -278,9 +302,27 @@ class ROSESelector:
             vals[c["name"]] = val.read_all()
         self.targets = validation_targets(vals, self.subtasks_per_pair, self.config.validation_aggregation)
         self.subtasks = self.targets.subtasks
-        return [CheckpointGradients(c["name"], train, self.targets.targets[i], c["learning_rate"],
+        return [CheckpointGradients(c["name"], train, self.targets.targets[i], learning_rate,
                                     pair_vectors=self.targets.vectors[i])
-                for i, (c, train) in enumerate(zip(manifest, trains))]
+                for i, (c, train, learning_rate) in enumerate(zip(manifest, trains, learning_rates))]
+
+    def _scoring_learning_rates(self, manifest: list[dict]) -> list[float]:
+        """The recorded rates, or checkpoint_learning_rates (which override them) when given."""
+        names = [c["name"] for c in manifest]
+        explicit = self.config.checkpoint_learning_rates
+        if explicit is None:
+            unknown = [c["name"] for c in manifest if c.get("learning_rate") is None]
+            if unknown:
+                raise ValueError(f"{self.rose_dir / 'checkpoints.json'} records no learning rate for {unknown}: set "
+                                 f"checkpoint_learning_rates (one per checkpoint, in step order: {names})")
+            return [c["learning_rate"] for c in manifest]
+        if len(explicit) != len(manifest):
+            raise ValueError(f"checkpoint_learning_rates has {len(explicit)} values but {len(manifest)} checkpoints were "
+                             f"recorded ({names})")
+        if PartialState().is_main_process:
+            logger.warning("checkpoint_learning_rates given: %s used for %s, overriding the recorded learning rates",
+                           list(explicit), names)
+        return [float(lr) for lr in explicit]
 
     def finalize(self, folder: str = "selection") -> Path:
         """Score every recorded checkpoint and write `<output_dir>/<folder>/` (main process only; the
@@ -325,9 +367,3 @@ def _all_true(flag: bool) -> bool:
     dist.all_reduce(t)
     return int(t.item()) == 0
 
-
-def mean_lr_since(log_history: list[dict], after_step: int, upto_step: int) -> float | None:
-    """Mean of the logged learning rates with after_step < step <= upto_step (Trainer log history)."""
-    lrs = [e["learning_rate"] for e in log_history
-           if "learning_rate" in e and after_step < e.get("step", -1) <= upto_step]
-    return float(np.mean(lrs)) if lrs else None

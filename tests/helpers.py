@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -55,3 +57,25 @@ def trained_adapter_model(base, r: int = 4):
             if "lora_" in name:
                 p.normal_(0, 0.1)
     return model
+
+
+@contextlib.contextmanager
+def counting_gradient_passes():
+    """Counts every gradient computation while active: torch.autograd.grad and torch.autograd.backward
+    (what Tensor.backward calls), so training steps and per-example gradient passes alike."""
+    counter = {"passes": 0}
+    real = {name: getattr(torch.autograd, name) for name in ("grad", "backward")}
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            counter["passes"] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name, fn in real.items():
+        setattr(torch.autograd, name, counted(fn))
+    try:
+        yield counter
+    finally:
+        for name, fn in real.items():
+            setattr(torch.autograd, name, fn)

@@ -145,3 +145,26 @@ def test_deepspeed_and_fsdp_names():
         "world_size", "fp32_flat_groups", "zero_model_states", "exclude_frozen_parameters", "param_alignment_paddings"]
     assert list(inspect.signature(zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint).parameters)[:4] == [
         "world_size", "fp32_flat_groups", "zero_model_states", "exclude_frozen_parameters"]
+
+
+def test_trainer_schedule_names_used_to_recover_learning_rates():
+    """rose_trl.schedules rebuilds the warm-up's schedule as the Trainer does, and reads its saved state."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+    from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+
+    from rose_trl.schedules import SCHEDULER_FILE, TRAINING_ARGS_FILE
+
+    assert (SCHEDULER_NAME, TRAINING_ARGS_NAME) == (SCHEDULER_FILE, TRAINING_ARGS_FILE)
+    assert list(inspect.signature(get_scheduler).parameters) == [
+        "name", "optimizer", "num_warmup_steps", "num_training_steps", "scheduler_specific_kwargs"]
+    assert list(inspect.signature(TrainingArguments.get_warmup_steps).parameters) == ["self", "num_training_steps"]
+    # the Trainer builds its scheduler from these arguments, and logs the LR before stepping the scheduler
+    from transformers import Trainer
+
+    create = inspect.getsource(Trainer.create_scheduler)
+    assert "self.args.get_warmup_steps(num_training_steps)" in create and "self.args.lr_scheduler_kwargs" in create
+    loop = inspect.getsource(Trainer._run_epoch)
+    assert loop.index("learning_rate = self._get_learning_rate()") < loop.index("self.lr_scheduler.step()")
+    state = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), lambda k: 1.0).state_dict()
+    assert {"base_lrs", "last_epoch", "_last_lr"} <= set(state)
