@@ -46,13 +46,17 @@ def test_batched_rows_match_loop_on_cuda_fp32():
                       loop_reference(model, batch, (m, v, 0.9, 0.999, 1e-8)).cpu())
 
 
-def test_batched_rows_match_loop_on_cuda_bf16_base():
-    # The usual GPU setting: a bf16 base model with float32 LoRA weights (peft's default autocast).
+def bf16_base_model():
+    """The usual GPU setting: a bf16 base model with float32 LoRA weights (peft's default autocast)."""
     model = tiny_lora_model()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
-    model.cuda()
+    return model.cuda()
+
+
+def test_batched_rows_match_loop_on_cuda_bf16_base():
+    model = bf16_base_model()
     batch = cuda_batch()
     fast, ref = per_example_gradients(model, batch).cpu(), loop_reference(model, batch).cpu()
     for i in range(ref.shape[0]):
@@ -64,11 +68,7 @@ def test_fused_rows_equal_whole_rows_on_cuda_bf16_base():
     # The fused path (per-layer Adam + projection inside the backward) on the GPU, bf16 base, float32 LoRA.
     from rose_trl.gradients import per_example_projected_gradients
 
-    model = tiny_lora_model()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-    model.cuda()
+    model = bf16_base_model()
     batch = cuda_batch()
     n = sum(p.numel() for _, p in trainable_parameters(model))
     adam = AdamState(torch.randn(n) * 1e-3, torch.rand(n) * 1e-5, 0.9, 0.999, 1e-8).to("cuda")
