@@ -32,9 +32,9 @@ def zero_checkpoint_dir(checkpoint: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _load_optim_file(path) -> dict:
+def _load_deepspeed_file(path, what: str) -> dict:
     """torch.load with weights_only (a checkpoint must not run code when read), allowing the few
-    DeepSpeed objects its optimizer files hold besides tensors."""
+    DeepSpeed objects its files hold besides tensors."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -43,8 +43,26 @@ def _load_optim_file(path) -> dict:
         with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises an UnpicklingError for a disallowed object, others for a damaged file
-        raise ZeroCheckpointError(f"{path} cannot be read as a ZeRO optimizer file; objects outside the allowed "
+        raise ZeroCheckpointError(f"{path} cannot be read as a ZeRO {what}; objects outside the allowed "
                                   f"DeepSpeed types are refused rather than run as code ({str(e).strip().splitlines()[-1][:200]})") from e
+
+
+def _model_states(ds_dir: str) -> list:
+    """What DeepSpeed's `zero_to_fp32.parse_model_states` returns, read with weights_only: its own reader
+    unpickles the model-state files with weights_only=False, which would run whatever a planted file holds."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    states = []
+    for path in z.get_model_state_files(ds_dir):
+        sd = _load_deepspeed_file(path, "model-state file")
+        if "buffer_names" not in sd or "param_shapes" not in sd:
+            raise ZeroCheckpointError(f"{path} is not a ZeRO model-state file (no buffer_names/param_shapes)")
+        buffers = {k: v.float() if v.is_floating_point() else v for k, v in sd["module"].items() if k in sd["buffer_names"]}
+        states.append(z.zero_model_state(buffers=buffers, param_shapes=sd["param_shapes"],
+                                         shared_params=[[k, v] for k, v in sd["shared_params"].items()],
+                                         ds_version=sd.get("ds_version"), frozen_param_shapes=sd.get("frozen_param_shapes"),
+                                         frozen_param_fragments=sd.get("frozen_param_fragments")))
+    return states
 
 
 def read_zero_adam_moments(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set]:
@@ -52,9 +70,9 @@ def read_zero_adam_moments(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor],
     from deepspeed.utils import zero_to_fp32 as z
 
     ds_dir = str(ds_dir)
-    model_states = z.parse_model_states(z.get_model_state_files(ds_dir))
+    model_states = _model_states(ds_dir)
     files = z.get_optim_files(ds_dir)
-    states = [_load_optim_file(f)["optimizer_state_dict"] for f in files]
+    states = [_load_deepspeed_file(f, "optimizer file")["optimizer_state_dict"] for f in files]
     stage = int(states[0]["zero_stage"])
     world = states[0]["partition_count"]
     world = max(world) if isinstance(world, list) else int(world)

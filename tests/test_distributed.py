@@ -77,9 +77,32 @@ def test_deepspeed_optimizer_files_are_read_without_running_code(tmp_path):
     # DeepSpeed checkpoints themselves are read in tests/test_deepspeed.py (slow); here: a file holding
     # an object outside the allow-list is refused, not unpickled.
     pytest.importorskip("deepspeed")
-    from rose_trl.zero_checkpoint import ZeroCheckpointError, _load_optim_file
+    from rose_trl.zero_checkpoint import ZeroCheckpointError, _load_deepspeed_file
 
     path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": {"x": _NotAllowed()}}, path)
     with pytest.raises(ZeroCheckpointError, match="outside the allowed DeepSpeed types"):
-        _load_optim_file(path)
+        _load_deepspeed_file(path, "optimizer file")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_deepspeed_model_state_files_cannot_run_code(tmp_path):
+    # DeepSpeed's own zero_to_fp32.parse_model_states unpickles these with weights_only=False; ours does not.
+    pytest.importorskip("deepspeed")
+    from rose_trl.zero_checkpoint import ZeroCheckpointError, read_zero_adam_moments
+
+    marker = tmp_path / "ran"
+    ds_dir = tmp_path / "global_step4"
+    ds_dir.mkdir()
+    torch.save({"buffer_names": [], "param_shapes": [], "module": {}, "x": _RunsCode(marker)},
+               ds_dir / "mp_rank_00_model_states.pt")
+    with pytest.raises(ZeroCheckpointError, match="model-state file"):
+        read_zero_adam_moments(ds_dir)
+    assert not marker.exists()

@@ -139,8 +139,10 @@ def test_deepspeed_and_fsdp_names():
 
     assert deepspeed.__version__.startswith("0.19."), deepspeed.__version__
     # rose_trl.zero_checkpoint hands Adam's partitions to these private zero_to_fp32 helpers.
-    for name in ("get_model_state_files", "get_optim_files", "parse_model_states", "to_torch_tensor"):
+    for name in ("get_model_state_files", "get_optim_files", "zero_model_state", "to_torch_tensor"):
         assert hasattr(zero_to_fp32, name), name
+    assert {"buffers", "param_shapes", "shared_params", "ds_version", "frozen_param_shapes",
+            "frozen_param_fragments"} <= set(inspect.signature(zero_to_fp32.zero_model_state).parameters)
     assert list(inspect.signature(zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint).parameters)[:5] == [
         "world_size", "fp32_flat_groups", "zero_model_states", "exclude_frozen_parameters", "param_alignment_paddings"]
     assert list(inspect.signature(zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint).parameters)[:4] == [
