@@ -146,7 +146,6 @@ class PerExampleGradientCapture:
                 f"per-example hooks cover nn.Linear layers only; these trainable parameters are not: {uncovered[:5]}"
                 + (" ..." if len(uncovered) > 5 else "")
             )
-        self.largest_range = max(n for _, n in slices.values())
         self.sink: DenseRows | ProjectedRows | None = None
         self._taps: list[torch.Tensor] = []
         self._calls: dict[int, int] = {}
@@ -403,11 +402,11 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def _capture_pass(model: nn.Module, batch: dict, make_sink) -> "DenseRows | ProjectedRows":
+def _capture_pass(model: nn.Module, batch: dict, sink: "DenseRows | ProjectedRows | None" = None
+                  ) -> "DenseRows | ProjectedRows":
     capture = PerExampleGradientCapture(model)
-    device = batch["input_ids"].device
     with activation_checkpointing_off(model), capture, torch.enable_grad():
-        sink = capture.reset(batch["input_ids"].shape[0], device, make_sink(capture, device))
+        sink = capture.reset(batch["input_ids"].shape[0], batch["input_ids"].device, sink)
         # No name for the logits: held through the backward they would be one more [rows, T, vocab] tensor.
         inputs, positions = model_inputs(model, batch)
         loss = sft_per_example_loss(model(**inputs).logits, batch["labels"], positions).sum()
@@ -430,7 +429,7 @@ def per_example_gradients(
     """
     if adam_state is None and optimizer is not None:
         adam_state = AdamState.from_optimizer(optimizer, trainable_parameters(model))
-    grads = _capture_pass(model, batch, lambda capture, device: None).grads
+    grads = _capture_pass(model, batch).grads
     if adam_state is not None:
         grads = adam_state.precondition_(grads)
     return grads
@@ -444,5 +443,5 @@ def per_example_projected_gradients(model: nn.Module, batch: dict, projector, ad
     if not projector.supports_slices:
         raise ValueError(f"{projector.implementation} cannot project a slice of the parameters: use "
                          "per_example_gradients and project the whole rows")
-    return _capture_pass(model, batch, lambda capture, device: ProjectedRows(
-        batch["input_ids"].shape[0], projector, adam_state, device)).out
+    sink = ProjectedRows(batch["input_ids"].shape[0], projector, adam_state, batch["input_ids"].device)
+    return _capture_pass(model, batch, sink).out

@@ -28,6 +28,7 @@ from .distributed import check_supported, gathered
 from .extraction import extract_gradients, rows_per_pass
 from .gradients import AdamState, num_trainable_parameters, trainable_parameters
 from .projection import build_projector
+from .schedules import mean_over_steps
 from .scoring import CheckpointGradients, score_checkpoints
 from .selection import write_selection
 from .sft_data import fingerprint_tokenized, tokenize_pool
@@ -275,17 +276,15 @@ class ROSESelector:
 
     def logged_mean_lr(self, name: str, step: int) -> float:
         """Mean logged LR of the steps since the previous recorded checkpoint, up to `step`."""
-        path = self.rose_dir / "step_lrs.json"
-        lrs = json.loads(path.read_text()) if path.exists() else {}
         done = [int(c["name"].rsplit("-", 1)[-1]) for c in self._manifest()["checkpoints"]
                 if c["name"].rsplit("-", 1)[-1].isdigit()]
         after = max([s for s in done if s < step], default=0)
-        wanted = range(after + 1, step + 1)
-        missing = [s for s in wanted if str(s) not in lrs]
-        if missing:
-            raise ValueError(f"{name} was saved but its gradients were never extracted, and the learning rates of "
-                             f"steps {missing[:5]}... were not logged in {path}: cannot weight it; start a new output_dir")
-        return float(np.mean([lrs[str(s)] for s in wanted]))
+        lr = mean_over_steps(self.step_learning_rates(), after, step)
+        if lr is None:
+            raise ValueError(f"{name} was saved but its gradients were never extracted, and the learning rates of steps "
+                             f"{after + 1}-{step} were not all logged in {self.rose_dir / 'step_lrs.json'}: cannot "
+                             "weight it; start a new output_dir or set checkpoint_learning_rates")
+        return lr
 
     # ---- end -------------------------------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointGradients]:
