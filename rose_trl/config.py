@@ -20,6 +20,12 @@ class ROSEConfig:
     """Data selection options. The warm-up's own training options (epochs = checkpoints, learning
     rate, batch size, LoRA) come from `SFTConfig` and `ModelConfig`."""
 
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "A GGUF file inside the folder or Hub repo `model_name_or_path` names (or set "
+                                        "model_name_or_path to the .gguf file itself). It is converted once to a "
+                                        "safetensors folder cached under its content hash ($ROSE_TRL_CACHE, default "
+                                        "~/.cache/rose_trl), which every stage loads; needs `pip install "
+                                        "rose_trl[gguf]`."})
     pool_dataset: str | None = field(
         default=None, metadata={"help": "Training pool: Hub dataset id or local .jsonl/.json/.parquet file. Rows are "
                                         "`messages` (chat) or `prompt`/`completion`."})
