@@ -50,7 +50,8 @@ def _evaluate(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..data import load_preferences
+    from ..data.io import load_table
+    from ..data.preferences import validate_preferences
     from ..model_source import resolve_model_source
 
     source = resolve_model_source(args.model, args.gguf_file)
@@ -58,9 +59,12 @@ def _evaluate(args) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
-    pairs = load_preferences(args.pairs)
+    pairs = load_table(args.pairs)  # every column kept: `half` splits dev from test
     if args.half:
+        if "half" not in pairs.column_names:
+            raise SystemExit(f"--half {args.half}: {args.pairs} has no `half` column")
         pairs = pairs.filter(lambda r: r["half"] == args.half)
+    validate_preferences(pairs, args.pairs)
     adapters = dict(a.split("=", 1) if "=" in a else (Path(a).name, a) for a in args.adapter)
     options = PreferenceMetricsOptions(beta=args.beta, batch_size=args.batch_size, max_length=args.max_length)
     results = evaluate_adapters(model, tokenizer, pairs, adapters, options)
