@@ -1,6 +1,7 @@
 """Memory the gradient path adds per row, on top of a plain forward+backward of the same batch (CPU).
 
     python benchmarks/extraction_memory.py [--layers 1 4 --rows 1 4 16 --seq-len 128 --paths fused dense]
+    python benchmarks/extraction_memory.py --model smollm2-135m --paths fused fused_plain_loss backbone
 
 Model: Llama-2-7B's shape (hidden 4096, intermediate 11008, 32 heads, vocab 32000) with random float32
 weights, truncated to L decoder layers, with LESS's adapter: LoRA r=128, alpha 512 on q,k,v,o. For each L
@@ -14,6 +15,12 @@ Memory is real allocation: every allocation and free of the pass, read from torc
 (`profile_memory=True`), peak live bytes above what was allocated before the pass. extra = peak(path) -
 peak(plain) of the same batch; extra per row = least-squares slope of extra over the rows settings (the
 Adam state, the projector's plan and the adapter's summed gradient are paid once a pass, not per row).
+- fused_plain_loss: the fused pass with the loss's logits unbounded (`LOSS_CHUNK_ELEMENTS` off): what the
+  fused path cost before the chunked loss, where the chunked loss applies (49k words at 4 rows of 256 tokens);
+- backbone: the decoder's forward and backward alone (the sum of the final hidden states at the labelled
+  positions as the loss, no LM head): what the activations cost without any logits.
+--model smollm2-135m: SmolLM2-135M's shape (30 layers, hidden 576, vocab 49152, tied embeddings), LoRA r=8
+(alpha 4r) on q,k,v,o, 256 tokens, rows 1 2 4 by default.
 The last line is `extra_mb_per_row_L<l>=<MB> ...` for the fused path, for every L.
 """
 
@@ -27,6 +34,7 @@ import torch
 from llama_shapes import SHAPES, build_model
 from torch.profiler import ProfilerActivity, profile
 
+from rose_trl import gradients
 from rose_trl.gradients import (AdamState, model_inputs, per_example_gradients, per_example_projected_gradients,
                                 sft_per_example_loss, trainable_parameters)
 from rose_trl.projection import build_projector
@@ -59,10 +67,25 @@ def passes(model, projector, adam: AdamState) -> dict:
         inputs, positions = model_inputs(model, batch)
         return torch.autograd.grad(sft_per_example_loss(model(**inputs).logits, batch["labels"], positions).sum(), params)
 
+    def fused_plain_loss(batch):
+        bound, gradients.LOSS_CHUNK_ELEMENTS = gradients.LOSS_CHUNK_ELEMENTS, 2**62
+        try:
+            return per_example_projected_gradients(model, batch, projector, adam)
+        finally:
+            gradients.LOSS_CHUNK_ELEMENTS = bound
+
+    def backbone(batch):
+        inputs, positions = model_inputs(model, batch)
+        inputs.pop("logits_to_keep", None)
+        hidden = gradients._chunkable_head(model)[0](**inputs).last_hidden_state
+        return torch.autograd.grad(hidden[:, positions].sum() if positions is not None else hidden.sum(), params)
+
     return {
         "plain": plain,
         "fused": lambda b: per_example_projected_gradients(model, b, projector, adam),
         "dense": lambda b: projector.project(per_example_gradients(model, b, adam_state=adam)),
+        "fused_plain_loss": fused_plain_loss,
+        "backbone": backbone,
     }
 
 
@@ -98,9 +121,11 @@ def per_row_slope(rows_list: list[int], extra: list[float]) -> float:
 def run(shape: str, layers_list: list[int], rows_list: list[int], seq_len: int, lora_r: int, dim: int,
         paths: list[str], log=print) -> dict:
     """{(path, L): extra MB per row}, with the table printed through `log`."""
-    table, slopes = [], {}
+    table, slopes, peaks = [], {}, {}
     for layers in layers_list:
         result = measure(shape, layers, rows_list, seq_len, lora_r, dim, paths, log)
+        for path in ["plain", *paths]:
+            peaks[(path, layers)] = per_row_slope(rows_list, [result[path][r] / 1e6 for r in rows_list])
         for path in paths:
             extra = [(result[path][r] - result["plain"][r]) / 1e6 for r in rows_list]
             slopes[(path, layers)] = per_row_slope(rows_list, extra)
@@ -109,24 +134,34 @@ def run(shape: str, layers_list: list[int], rows_list: list[int], seq_len: int, 
     log(f"{'path':6s} {'L':>2s} {'rows':>4s} {'plain MB':>10s} {'path MB':>10s} {'extra MB':>10s}")
     for path, layers, r, plain, peak, extra in table:
         log(f"{path:6s} {layers:2d} {r:4d} {plain:10.1f} {peak:10.1f} {extra:10.1f}")
-    for (path, layers), slope in slopes.items():
-        log(f"{path:6s} L={layers}: extra {slope:.2f} MB per row")
+    for (path, layers), slope in peaks.items():
+        log(f"{path:6s} L={layers}: peak {slope:.2f} MB per row" + (f", extra {slopes[(path, layers)]:.2f} MB per row"
+                                                                  if (path, layers) in slopes else ""))
     return slopes
+
+
+MODEL_DEFAULTS = {"llama-2-7b": dict(layers=[1, 4], rows=[1, 4, 16], seq_len=128, lora_r=128),
+                  "smollm2-135m": dict(layers=[30], rows=[1, 2, 4], seq_len=256, lora_r=8)}
+NAMES = {"llama-2-7b": "Llama-2-7B", "smollm2-135m": "SmolLM2-135M", "tiny": "tiny"}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument("--model", default="llama-2-7b", choices=list(MODEL_DEFAULTS))
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="default 1 4 (llama-2-7b), 30 (smollm2-135m)")
+    p.add_argument("--rows", type=int, nargs="+", default=None, help="default 1 4 16 (llama-2-7b), 1 2 4 (smollm2-135m)")
+    p.add_argument("--seq-len", type=int, default=None, help="default 128 (llama-2-7b), 256 (smollm2-135m)")
+    p.add_argument("--lora-r", type=int, default=None, help="default 128 (llama-2-7b), 8 (smollm2-135m)")
     p.add_argument("--dim", type=int, default=8192)
-    p.add_argument("--paths", nargs="+", default=["fused"], choices=["fused", "dense"],
+    p.add_argument("--paths", nargs="+", default=["fused"], choices=["fused", "dense", "fused_plain_loss", "backbone"],
                    help="dense (the whole-row path) costs ~67 MB per layer per row at r=128 and minutes more")
     p.add_argument("--tiny", action="store_true", help="a small model shape (seconds; what the tests run)")
     args = p.parse_args()
-    shape = "tiny" if args.tiny else "llama-2-7b"
-    print(f"model: {'tiny' if args.tiny else 'Llama-2-7B'} shape, LoRA r={args.lora_r} on q,k,v,o, {args.seq_len} tokens "
+    for name, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    shape = "tiny" if args.tiny else args.model
+    print(f"model: {NAMES[shape]} shape, LoRA r={args.lora_r} on q,k,v,o, {args.seq_len} tokens "
           f"a row, sjlt -> {args.dim} dims, torch threads {torch.get_num_threads()}", flush=True)
     slopes = run(shape, args.layers, args.rows, args.seq_len, args.lora_r, args.dim, args.paths,
                  log=lambda s: print(s, flush=True))

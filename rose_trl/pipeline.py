@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -274,6 +275,10 @@ def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
     select = select_with_baseline if rose.selection_method in BASELINE_METHODS else select_with_gradients
     selection = select(rose, sft, model_args, pool, validation, model, tokenizer)
+    # The final training loads a fresh model: the warm-up's (held by its trainer's reference cycles until a
+    # collection) would stay alive beside it, 538 MB for SmolLM2-135M (docs/performance.md).
+    del model
+    gc.collect()
     result = {"selection": str(selection), "final_model": None, "hub_url": None}
 
     if sft.push_to_hub and rose.hub_dataset_id and PartialState().is_main_process:

@@ -35,3 +35,25 @@ def test_extraction_benchmark_runs_tiny(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     speedup, overhead = (float(part.split("=")[1]) for part in last.split())
     assert last.startswith("speedup_vs_less=") and speedup > 1 and overhead > 0
+
+
+def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatch):
+    """--model smollm2-135m at a cut-down size: SmolLM2's shape with 2 layers and a small vocabulary (its
+    30 layers and 49k words take minutes); the chunked loss forced on, as at the real size."""
+    import extraction
+    from rose_trl import gradients
+
+    shape = dict(extraction.SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512)
+    monkeypatch.setitem(extraction.SHAPES, "smollm2-135m", shape)
+    monkeypatch.setattr(gradients, "LOSS_CHUNK_ELEMENTS", 1000)
+    chunked = []
+    original = gradients.chunked_sft_per_example_loss
+    monkeypatch.setattr(gradients, "chunked_sft_per_example_loss", lambda *a: chunked.append(1) or original(*a))
+    extraction.main(["--model", "smollm2-135m", "--examples", "12", "--less-examples", "2", "--seq-len", "32",
+                     "--dim", "256", "--repeats", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert chunked
+    assert any(line.startswith("(c') floor, labelled") for line in out)
+    assert any("(first 2 examples)" in line for line in out)
+    speedup, overhead = (float(part.split("=")[1]) for part in out[-1].split())
+    assert out[-1].startswith("speedup_vs_less=") and speedup > 0 and overhead > 0
