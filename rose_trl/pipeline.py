@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -274,6 +275,10 @@ def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
     select = select_with_baseline if rose.selection_method in BASELINE_METHODS else select_with_gradients
     selection = select(rose, sft, model_args, pool, validation, model, tokenizer)
+    # The final model is trained from a fresh copy of the base: free the warm-up's (LoRA-wrapped) one first, or
+    # final training holds two models (SmolLM2 in float32: 0.54 GB each).
+    del model
+    gc.collect()
     result = {"selection": str(selection), "final_model": None, "hub_url": None}
 
     if sft.push_to_hub and rose.hub_dataset_id and PartialState().is_main_process:
