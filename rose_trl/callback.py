@@ -2,8 +2,12 @@
 
     trainer = SFTTrainer(model, args=SFTConfig(..., save_strategy="epoch"), train_dataset=warmup,
                          peft_config=LoraConfig(...),
-                         callbacks=[ROSECallback(pool, validation, tokenizer, ROSEConfig(...))])
+                         callbacks=[ROSECallback(pool, validation, config=ROSEConfig(...))])
     trainer.train()   # -> <output_dir>/selection/
+
+The tokenizer defaults to the trainer's `processing_class` and `max_length` to the training arguments'
+(SFTConfig.max_length), so that the callback is all an existing SFT script needs (recipes/trl_sft_with_rose.py
+is TRL's own scripts/sft.py with it).
 
 At every checkpoint save it extracts the pool's Adam-preconditioned gradients with the live model and
 optimizer, and the validation gradients; its learning rate is the mean LR of the optimizer steps since
@@ -37,9 +41,14 @@ def preserved_rng():
     np.random.set_state(states[1])
 
 
+# `max_length` default: the training arguments' own (SFTConfig.max_length), or this without one.
+_FROM_ARGS = "from training arguments"
+DEFAULT_MAX_LENGTH = 1024
+
+
 class ROSECallback(TrainerCallback):
-    def __init__(self, pool, validation, tokenizer, config: ROSEConfig | None = None, output_dir: str | None = None,
-                 max_length: int | None = 1024, run_config: dict | None = None):
+    def __init__(self, pool, validation, tokenizer=None, config: ROSEConfig | None = None, output_dir: str | None = None,
+                 max_length: int | None = _FROM_ARGS, run_config: dict | None = None):
         self.pool, self.validation, self.tokenizer = pool, validation, tokenizer
         self.config = config or ROSEConfig()
         self.output_dir, self.max_length, self.run_config = output_dir, max_length, run_config
@@ -47,16 +56,28 @@ class ROSECallback(TrainerCallback):
         self._step_lrs: list[float] = []
         self.selection_dir = None
 
-    def ensure_selector(self, args) -> ROSESelector:
+    def ensure_selector(self, args, processing_class=None) -> ROSESelector:
         if self.selector is None:
-            self.selector = ROSESelector(self.pool, self.validation, self.tokenizer, self.config,
-                                         self.output_dir or args.output_dir, max_length=self.max_length,
+            # A multimodal processor holds its tokenizer; the pool and the preference pairs are text.
+            tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
+            if tokenizer is None:
+                raise ValueError("ROSECallback needs a tokenizer: pass one, or train with a trainer that has a "
+                                 "processing_class")
+            max_length = self.max_length
+            if max_length == _FROM_ARGS:
+                max_length = getattr(args, "max_length", DEFAULT_MAX_LENGTH)
+            self.selector = ROSESelector(self.pool, self.validation, tokenizer, self.config,
+                                         self.output_dir or args.output_dir, max_length=max_length,
                                          use_cpu=args.use_cpu, run_config=self.run_config,
                                          progress=not args.disable_tqdm, ddp_backend=args.ddp_backend)
         return self.selector
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        selector = self.ensure_selector(args)  # tokenize the pool and check both datasets before spending compute
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
+        if args.save_strategy == "no":
+            raise ValueError("ROSECallback extracts gradients at each checkpoint save, and save_strategy is 'no': "
+                             "set save_strategy='epoch' (one checkpoint per epoch, as the paper)")
+        # Tokenize the pool and check both datasets before spending compute.
+        selector = self.ensure_selector(args, processing_class)
         name = f"checkpoint-{state.global_step}"
         if state.global_step > 0 and model is not None and not selector.is_recorded(name):
             # Resumed from a checkpoint whose extraction was killed: on_save will not come again for it,

@@ -275,8 +275,8 @@ def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
     select = select_with_baseline if rose.selection_method in BASELINE_METHODS else select_with_gradients
     selection = select(rose, sft, model_args, pool, validation, model, tokenizer)
-    # The final training loads a fresh model: the warm-up's (held by its trainer's reference cycles until a
-    # collection) would stay alive beside it, 538 MB for SmolLM2-135M (docs/performance.md).
+    # The final model is trained from a fresh copy of the base: free the warm-up's (LoRA-wrapped) one first, or
+    # final training holds two models (SmolLM2 in float32: 0.54 GB each).
     del model
     gc.collect()
     result = {"selection": str(selection), "final_model": None, "hub_url": None}

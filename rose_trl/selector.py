@@ -336,7 +336,8 @@ class ROSESelector:
     def _finalize(self, folder: str) -> Path:
         checkpoints = self.checkpoints()
         table = score_checkpoints(checkpoints, self.subtasks)
-        config = {**self.run_config, **self.config.to_dict(),
+        # The run's record last: its gguf_file is the resolved file (with gguf_sha256), ROSEConfig's only the option.
+        config = {**self.config.to_dict(), **self.run_config,
                   "checkpoints": [{"name": c.name, "learning_rate": c.learning_rate} for c in checkpoints],
                   "pool_fingerprint": self.pool_fingerprint, "validation_fingerprint": self.validation_fingerprint,
                   "projection": checkpoints[0].train.meta["projection"]}

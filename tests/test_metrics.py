@@ -90,6 +90,21 @@ def test_reference_nll_and_batched_logps():
     assert abs(reference_nll(model, tok, prompts, refs) - math.log(len(tok))) < 1.0
 
 
+def test_logps_computed_only_at_response_positions():
+    """The forward asks for the logits of the labelled positions only, and the log-probs equal the loop's."""
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(tok, seed=4)
+    kept = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: kept.append((kwargs["input_ids"].shape[1], kwargs.get("logits_to_keep"))), with_kwargs=True)
+    prompts, refs = ["star moon comet galaxy nebula"] * 2, ["orbit", "planet light"]
+    logps, _ = sequence_logps(model, tok, prompts, refs, batch_size=2)
+    hook.remove()
+    (width, positions), = kept
+    assert positions is not None and 0 < len(positions) < width - 1
+    np.testing.assert_allclose(logps, [loop_logp(model, tok, p, r)[0] for p, r in zip(prompts, refs)], rtol=1e-4)
+
+
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_n():
     from rose_trl.evaluation.metrics import bootstrap_interval
 

@@ -53,3 +53,31 @@ def test_rose_without_lora_is_refused(assets, tmp_path):
     model.use_peft = False
     with pytest.raises(ValueError, match="use_peft"):
         run(rose, sft, model)
+
+
+def test_final_training_does_not_hold_the_warm_up_model(assets, tmp_path, monkeypatch):
+    """The warm-up's model (wrapped in LoRA by its trainer) is freed before final training loads a fresh base."""
+    import gc
+    import weakref
+
+    import rose_trl.pipeline as pipeline
+
+    loaded, alive_at_final = [], []
+    load = pipeline.load_model_and_tokenizer
+
+    def recording_load(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model, tokenizer
+
+    def final(*args):
+        gc.collect()
+        alive_at_final.append(loaded[0]() is not None)
+        return tmp_path / "final"
+
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", recording_load)
+    monkeypatch.setattr(pipeline, "train_final_model", final)
+    rose, sft, model = configs(assets, tmp_path, projection_dim=512, selection_fraction=0.1)
+    rose.final_training, sft.num_train_epochs = True, 1
+    run(rose, sft, model)
+    assert alive_at_final == [False]

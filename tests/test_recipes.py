@@ -12,7 +12,9 @@ from rose_trl.config import ROSEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("config_*.yaml"))
-PAPER = [p for p in RECIPES if "tiny" not in p.parts]
+# The paper's settings; tiny and SmolLM2 are CPU-sized recipes.
+PAPER = [p for p in RECIPES if not {"tiny", "smollm2-135m"} & set(p.parts)]
+SMOLLM2 = [p for p in RECIPES if "smollm2-135m" in p.parts]
 
 
 def parse(path):
@@ -49,6 +51,19 @@ def test_paper_settings(path):
     assert sft.per_device_train_batch_size * sft.gradient_accumulation_steps * 4 == 128  # on 4 GPUs
     assert (rose.projection_dim, rose.validation_beta, rose.selection_fraction, rose.warmup_fraction) == (8192, 0.1, 0.05, 0.05)
     assert rose.selection_method == "rose"
+
+
+@pytest.mark.parametrize("path", SMOLLM2, ids=lambda p: p.name)
+def test_smollm2_recipes_are_the_cpu_quickstart_settings(path):
+    """LoRA r=8 on q,k,v,o, float32 on the CPU, up to 256 tokens, the real-text task written by smollm2-assets."""
+    rose, sft, model = parse(path)
+    task = path.stem.split("_")[1]
+    assert (model.lora_r, model.dtype, sft.max_length, sft.use_cpu, sft.bf16) == (8, "float32", 256, True, False)
+    assert sorted(model.lora_target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert model.model_name_or_path == "outputs/smollm2/model"
+    assert (rose.pool_dataset, rose.validation_dataset) == (f"outputs/smollm2/{task}/pool.jsonl",
+                                                          f"outputs/smollm2/{task}/validation.jsonl")
+    assert sft.output_dir == f"outputs/smollm2/run_{task}"
 
 
 SHARED = Path(os.environ.get("ROSE_DATA_DIR", ROOT.parent / "shared" / "data" / "rose"))

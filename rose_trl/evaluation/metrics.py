@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..extraction import eval_mode
+from ..gradients import model_inputs
 from ..sft_data import IGNORE_INDEX, collate, tokenize_sft_example
 
 
@@ -36,7 +37,11 @@ class PreferenceMetricsOptions:
 @torch.no_grad()
 def sequence_logps(model, tokenizer, prompts: Sequence, responses: Sequence, batch_size: int = 8,
                    max_length: int | None = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of response-token log-probs, number of response tokens) per (prompt, response)."""
+    """(sum of response-token log-probs, number of response tokens) per (prompt, response).
+
+    Logits are computed only at the positions where some row of a pass has a response token (the model
+    inputs of the gradient passes, `gradients.model_inputs`): a [rows, T, vocab] tensor is the largest of
+    a forward (SmolLM2's 49k words: 0.2 MB a token in float32)."""
     rows = [tokenize_sft_example({"prompt": p, "completion": r}, tokenizer, max_length, "evaluation", i)
             for i, (p, r) in enumerate(zip(prompts, responses))]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -47,8 +52,13 @@ def sequence_logps(model, tokenizer, prompts: Sequence, responses: Sequence, bat
         for start in range(0, len(rows), batch_size):
             idx = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            inputs, positions = model_inputs(model, batch)
             labels = batch["labels"][:, 1:]
+            logits = model(**inputs).logits.float()
+            if positions is None:
+                logits = logits[:, :-1]
+            else:
+                labels = labels[:, positions]
             nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
             logps[idx] = (-nll.sum(-1)).cpu().numpy()
             counts[idx] = (labels != IGNORE_INDEX).sum(-1).cpu().numpy()
