@@ -33,6 +33,8 @@ EXTRAS = {
     # trak's CUDA projector (projection_type: trak_cuda); GPU machines only. fast_jl 0.1.3's setup.py asks
     # nvcc for compute_70, which CUDA 13 dropped: build it with its TORCH_CUDA_ARCH_LIST edited (docs/distributed.md).
     "fast": ["fast_jl"],
+    # GGUF model files as a model source (rose_trl.model_source): transformers' GGUF reader needs it.
+    "gguf": ["gguf>=0.17,<0.20"],
 }
 
 setup(
@@ -44,6 +46,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rose_trl", "rose_trl.*"]),
+    # The real-text slice (SE: CC BY-SA 4.0, HH-RLHF: MIT; see rose_trl/data/real/README.md).
+    package_data={"rose_trl.data": ["real/*.jsonl", "real/README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["rose-trl=rose_trl.cli:main"]},

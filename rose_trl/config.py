@@ -21,6 +21,11 @@ class ROSEConfig:
     training options (epochs = checkpoints, learning rate, batch size, LoRA) come from those two.
 
     Parameters (each field's `help` says more):
+        > Parameters that control the model
+
+        gguf_file (`str`, *optional*):
+            A GGUF file to load the model from (converted once to a cached safetensors folder, model_source.py).
+
         > Parameters that control the data
 
         pool_dataset, pool_split, pool_sources, pool_max_examples:
@@ -63,6 +68,14 @@ class ROSEConfig:
         hub_dataset_id, hub_private:
             The Hub dataset repo the selected subset is pushed to, and whether it is private.
     """
+
+    # Parameters that control the model
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "A GGUF file inside the folder or Hub repo `model_name_or_path` names (or set "
+                                        "model_name_or_path to the .gguf file itself). It is converted once to a "
+                                        "safetensors folder cached under its content hash ($ROSE_TRL_CACHE, default "
+                                        "~/.cache/rose_trl), which every stage loads; needs `pip install "
+                                        "rose_trl[gguf]`."})
 
     # Parameters that control the data
     pool_dataset: str | None = field(

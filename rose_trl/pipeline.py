@@ -9,6 +9,7 @@ final model is trained again only when what it would be trained on changed (`FIN
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -28,6 +29,7 @@ from .callback import ROSECallback
 from .config import BASELINE_METHODS, ROSEConfig, SelectConfig
 from .data import load_pool, load_preferences
 from .files import atomic_write_json, checkpoint_dirs
+from .model_source import ModelSource, resolve_model_source
 from .offline import select_from_checkpoints
 from .selection import write_selection
 from .selector import ROSESelector
@@ -56,15 +58,28 @@ def sft_training_dataset(pool: Dataset, tokenizer, max_length: int | None, sourc
     return with_labels(tokenize_pool(pool, tokenizer, max_length, source=source), source)
 
 
-def load_model_and_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                              trust_remote_code=trust_remote_code)
+@functools.lru_cache(maxsize=8)
+def _model_source(name_or_path: str, gguf_file: str | None, revision: str | None) -> ModelSource:
+    # The main process converts a GGUF file (once: it is cached under its hash); the others read its folder.
+    with PartialState().main_process_first():
+        return resolve_model_source(name_or_path, gguf_file, revision)
+
+
+def model_source(model_args: ModelConfig, gguf_file: str | None = None) -> ModelSource:
+    """What from_pretrained loads for `model_args`: the model itself, or the converted GGUF folder."""
+    return _model_source(model_args.model_name_or_path, gguf_file, model_args.model_revision)
+
+
+def load_model_and_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False, gguf_file: str | None = None):
+    source = model_source(model_args, gguf_file)
+    revision = None if source.record else model_args.model_revision
+    tokenizer = AutoTokenizer.from_pretrained(source.path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {model_args.model_name_or_path} has no pad and no eos token")
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, dtype=model_args.dtype,
+        source.path, revision=revision, dtype=model_args.dtype,
         trust_remote_code=trust_remote_code, attn_implementation=model_args.attn_implementation)
     return model, tokenizer
 
@@ -112,7 +127,8 @@ def save_model_atomically(trainer, output_dir: str | Path) -> None:
 
 def _run_config(rose: ROSEConfig, model_args: ModelConfig, sft: SFTConfig | None = None, **extra) -> dict:
     """Everything the warm-up checkpoints depend on: a resumed warm-up must be the same warm-up."""
-    config = {"model_name_or_path": model_args.model_name_or_path, "lora_r": model_args.lora_r,
+    config = {"model_name_or_path": model_args.model_name_or_path, **model_source(model_args, rose.gguf_file).record,
+              "lora_r": model_args.lora_r,
               "lora_alpha": model_args.lora_alpha, "lora_target_modules": model_args.lora_target_modules,
               "lora_dropout": model_args.lora_dropout, "warmup_fraction": rose.warmup_fraction, **extra}
     if sft is not None:
@@ -225,7 +241,7 @@ def train_final_model(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig,
     if found == finished:
         logger.info("%s already holds the model trained on this selection: not trained again", out)
         return out
-    model, _ = load_model_and_tokenizer(model_args, sft.trust_remote_code)
+    model, _ = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
     trainer = SFTTrainer(model, args=dataclasses.replace(sft, output_dir=str(out)),
                          train_dataset=with_labels(tokens, "selection"),
                          processing_class=tokenizer, peft_config=get_peft_config(model_args))
@@ -254,7 +270,7 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
 def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     out = Path(sft.output_dir)
     pool, validation = load_datasets(rose, sft.seed)
-    model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
     select = select_with_baseline if rose.selection_method in BASELINE_METHODS else select_with_gradients
     selection = select(rose, sft, model_args, pool, validation, model, tokenizer)
     result = {"selection": str(selection), "final_model": None, "hub_url": None}
@@ -273,7 +289,7 @@ def run_offline(rose: ROSEConfig, model_args: ModelConfig, select: SelectConfig)
     """Selection from a finished warm-up's checkpoints, sharded over however many processes run it."""
     state = PartialState(cpu=select.use_cpu)
     pool, validation = load_datasets(rose)
-    base, tokenizer = load_model_and_tokenizer(model_args, select.trust_remote_code)
+    base, tokenizer = load_model_and_tokenizer(model_args, select.trust_remote_code, rose.gguf_file)
     base.to(state.device)
     selector = ROSESelector(pool, validation, tokenizer, rose, select.output_dir, max_length=select.max_length,
                             use_cpu=select.use_cpu,

@@ -88,3 +88,47 @@ def test_reference_nll_and_batched_logps():
     assert reference_nll(model, tok, prompts, refs, batch_size=2) == pytest.approx(expected, rel=1e-4)
     # A random 100-word model is near uniform: NLL close to log(vocab).
     assert abs(reference_nll(model, tok, prompts, refs) - math.log(len(tok))) < 1.0
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_n():
+    from rose_trl.evaluation.metrics import bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    small, large = rng.integers(0, 2, 40).astype(float), rng.integers(0, 2, 4000).astype(float)
+    lo, hi = bootstrap_interval(small)
+    assert lo <= small.mean() <= hi and 0.15 < hi - lo < 0.45  # ~ 2 * 1.96 * sqrt(.25 / 40) = 0.31
+    lo2, hi2 = bootstrap_interval(large)
+    assert hi2 - lo2 < (hi - lo) / 5
+    assert bootstrap_interval(small) == (lo, hi)  # seeded
+    assert all(math.isnan(x) for x in bootstrap_interval(small[:1]))
+
+
+def test_summary_carries_intervals_and_likelihood_accuracy():
+    tok = tiny_tokenizer()
+    model = lora(tok, perturb=True)
+    m = preference_metrics(model, tok, PAIRS)
+    lo, hi = m["accuracy_ci"]
+    assert lo <= m["accuracy"] <= hi
+    lo, hi = m["reward_margin_ci"]
+    assert lo <= m["reward_margin"] <= hi
+    # Likelihood accuracy by hand: mean per-token log-prob of chosen vs rejected under the policy.
+    wins = []
+    for r in PAIRS:
+        (c, nc), (j, nj) = loop_logp(model, tok, r["prompt"], r["chosen"]), loop_logp(model, tok, r["prompt"], r["rejected"])
+        wins.append(float(c / nc > j / nj))
+    assert m["likelihood_accuracy"] == pytest.approx(np.mean(wins))
+
+
+def test_evaluate_adapters_matches_preference_metrics(tmp_path):
+    from rose_trl.evaluation.heldout import evaluate_adapters, format_results
+
+    tok = tiny_tokenizer()
+    model = lora(tok, perturb=True)
+    expected = preference_metrics(model, tok, PAIRS)
+    model.save_pretrained(tmp_path / "adapter")
+    results = evaluate_adapters(tiny_causal_lm(tok, seed=2).eval(), tok, PAIRS, {"tuned": str(tmp_path / "adapter")})
+    assert results["base"]["accuracy"] == 0.5 and results["base"]["reward_margin"] == 0.0
+    for key in ("accuracy", "reward_margin", "dpo_loss", "likelihood_accuracy"):
+        assert results["tuned"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7)
+    text = format_results(results)
+    assert "tuned" in text and "base" in text and "[" in text

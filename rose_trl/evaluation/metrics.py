@@ -69,35 +69,77 @@ def _disabled(model):
         yield model
 
 
-def _summary(chosen_r: np.ndarray, rejected_r: np.ndarray, opts: PreferenceMetricsOptions) -> dict:
+def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0
+                       ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (pairs resampled with replacement)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    means = values[idx].mean(axis=1)
+    tail = (1 - level) / 2
+    return (float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)))
+
+
+def _wins(margin: np.ndarray, tolerance: float) -> np.ndarray:
+    return np.where(np.abs(margin) <= tolerance, 0.5, (margin > 0).astype(np.float64))
+
+
+def _summary(chosen_r: np.ndarray, rejected_r: np.ndarray, opts: PreferenceMetricsOptions,
+             likelihood_margin: np.ndarray) -> dict:
     margin = chosen_r - rejected_r
-    wins = np.where(np.abs(margin) <= opts.tie_tolerance, 0.5, (margin > 0).astype(np.float64))
+    wins = _wins(margin, opts.tie_tolerance)
+    likelihood_wins = _wins(likelihood_margin, opts.tie_tolerance)
     # -log sigmoid(z) = softplus(-z), stable for large |z|.
     loss = np.logaddexp(0.0, -opts.beta * margin)
-    return {"n": int(len(margin)), "accuracy": float(wins.mean()), "dpo_loss": float(loss.mean()),
-            "reward_margin": float(opts.beta * margin.mean()), "chosen_reward": float(opts.beta * chosen_r.mean()),
-            "rejected_reward": float(opts.beta * rejected_r.mean())}
+    return {"n": int(len(margin)), "accuracy": float(wins.mean()), "accuracy_ci": bootstrap_interval(wins),
+            "dpo_loss": float(loss.mean()), "reward_margin": float(opts.beta * margin.mean()),
+            "reward_margin_ci": bootstrap_interval(opts.beta * margin),
+            "chosen_reward": float(opts.beta * chosen_r.mean()), "rejected_reward": float(opts.beta * rejected_r.mean()),
+            "likelihood_accuracy": float(likelihood_wins.mean()),
+            "likelihood_accuracy_ci": bootstrap_interval(likelihood_wins)}
+
+
+def pair_logps(model, tokenizer, dataset, options: PreferenceMetricsOptions | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Response log-probs and token counts of every chosen row, then every rejected row ([2n] each)."""
+    opts = options or PreferenceMetricsOptions()
+    prompts = list(dataset["prompt"])
+    return sequence_logps(model, tokenizer, prompts + prompts, list(dataset["chosen"]) + list(dataset["rejected"]),
+                          opts.batch_size, opts.max_length)
+
+
+def summarize_pairs(policy: np.ndarray, counts: np.ndarray, reference: np.ndarray, dataset,
+                    options: PreferenceMetricsOptions | None = None) -> dict:
+    """preference_metrics' numbers from `pair_logps` of the policy and of the reference."""
+    opts = options or PreferenceMetricsOptions()
+    n = len(dataset)
+    rewards = policy - reference
+    chosen_r, rejected_r = rewards[:n], rewards[n:]
+    per_token = policy / np.maximum(counts, 1)
+    likelihood_margin = per_token[:n] - per_token[n:]
+    out = _summary(chosen_r, rejected_r, opts, likelihood_margin)
+    if "subtask" in dataset.column_names:
+        subtasks = np.asarray([str(s) for s in dataset["subtask"]])
+        out["per_subtask"] = {s: _summary(chosen_r[subtasks == s], rejected_r[subtasks == s], opts,
+                                          likelihood_margin[subtasks == s])
+                              for s in dict.fromkeys(subtasks.tolist())}
+    return out
 
 
 def preference_metrics(model, tokenizer, dataset, options: PreferenceMetricsOptions | None = None,
                        ref_model=None) -> dict:
     """Accuracy, mean DPO loss and mean rewards (scaled by beta, as TRL logs them) on prompt/chosen/
-    rejected rows; `per_subtask` holds the same numbers per `subtask` when the column exists."""
-    opts = options or PreferenceMetricsOptions()
-    prompts = list(dataset["prompt"])
-    texts = prompts + prompts, list(dataset["chosen"]) + list(dataset["rejected"])
-    policy, _ = sequence_logps(model, tokenizer, *texts, opts.batch_size, opts.max_length)
+    rejected rows, with 95% bootstrap intervals of the accuracy and of the mean margin (`*_ci`);
+    `per_subtask` holds the same numbers per `subtask` when the column exists.
+
+    The implicit reward is relative to the reference: a model evaluated against itself scores 0.5 by
+    construction. `likelihood_accuracy` needs no reference: how often the policy's mean per-token
+    log-prob of the chosen response beats the rejected one's (what a base model can be compared on)."""
+    policy, counts = pair_logps(model, tokenizer, dataset, options)
     with _reference_context(model, ref_model) as ref:
-        reference, _ = sequence_logps(ref, tokenizer, *texts, opts.batch_size, opts.max_length)
-    n = len(prompts)
-    rewards = policy - reference
-    chosen_r, rejected_r = rewards[:n], rewards[n:]
-    out = _summary(chosen_r, rejected_r, opts)
-    if "subtask" in dataset.column_names:
-        subtasks = np.asarray([str(s) for s in dataset["subtask"]])
-        out["per_subtask"] = {s: _summary(chosen_r[subtasks == s], rejected_r[subtasks == s], opts)
-                              for s in dict.fromkeys(subtasks.tolist())}
-    return out
+        reference, _ = pair_logps(ref, tokenizer, dataset, options)
+    return summarize_pairs(policy, counts, reference, dataset, options)
 
 
 def reference_nll(model, tokenizer, prompts: Sequence, references: Sequence, batch_size: int = 8,
