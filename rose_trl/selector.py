@@ -32,7 +32,7 @@ from .gradients import AdamState, num_trainable_parameters
 from .ledger import RunLedger, checkpoint_identity
 from .model_utils import model_id
 from .projection import build_projector
-from .scoring import CheckpointGradients, score_checkpoints, validation_targets
+from .scoring import CheckpointGradients, ValidationTargets, score_checkpoints, validation_targets
 from .selection import write_selection
 from .sft_data import fingerprint_tokenized, tokenize_pool
 from .store import GradientStore
@@ -119,7 +119,7 @@ class ROSESelector:
             self.ledger.record_checkpoint(name, learning_rate, identity)
         state.wait_for_everyone()
 
-    def checkpoints(self) -> tuple[list[CheckpointGradients], object]:
+    def checkpoints(self) -> tuple[list[CheckpointGradients], ValidationTargets]:
         """Every recorded checkpoint's stores, targets and eta_i, and the validation targets they share."""
         names, learning_rates = self.ledger.scoring_learning_rates(self.config.checkpoint_learning_rates)
         trains = [GradientStore.open(self.rose_dir / "train" / name) for name in names]
