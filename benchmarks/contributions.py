@@ -33,9 +33,8 @@ def child(root: Path, args) -> None:
     from datasets import Dataset
 
     from rose_trl.explain import write_contributions
-    from rose_trl.scoring import CheckpointGradients, score_checkpoints
+    from rose_trl.scoring import CheckpointGradients, ValidationTargets, score_checkpoints, validation_targets
     from rose_trl.store import GradientStore
-    from rose_trl.validation import ValidationTargets, validation_targets
 
     rng = np.random.default_rng(1)
     subtasks = [f"subtask{j % args.subtasks}" for j in range(args.pairs)]

@@ -40,7 +40,7 @@ from rose_trl.data import load_preferences
 from rose_trl.evaluation.metrics import PreferenceMetricsOptions, preference_metrics
 from rose_trl.offline import select_from_checkpoints
 from rose_trl.pipeline import sft_training_dataset, warmup_indices
-from rose_trl.selection import top_fraction
+from rose_trl.scoring import top_fraction
 from rose_trl.selector import ROSESelector
 from rose_trl.store import GradientStore
 from rose_trl.validation import validation_loss_tag

@@ -11,8 +11,8 @@ is TRL's own scripts/sft.py with it).
 
 At every checkpoint save it extracts the pool's Adam-preconditioned gradients with the live model and
 optimizer, and the validation gradients; its learning rate is the mean LR of the optimizer steps since
-the previous save (one epoch with save_strategy="epoch", as the paper). At the end of training it
-scores and writes the selection.
+the previous save (one epoch with save_strategy="epoch", as the paper), kept by the run ledger
+(ledger.py). At the end of training it scores and writes the selection.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import ROSEConfig
+from .files import checkpoint_name
 from .gradients import AdamState, trainable_parameters
 from .selector import ROSESelector
 
@@ -53,7 +54,6 @@ class ROSECallback(TrainerCallback):
         self.config = config or ROSEConfig()
         self.output_dir, self.max_length, self.run_config = output_dir, max_length, run_config
         self.selector: ROSESelector | None = None
-        self._step_lrs: list[float] = []
         self.selection_dir = None
 
     def ensure_selector(self, args, processing_class=None) -> ROSESelector:
@@ -78,24 +78,24 @@ class ROSECallback(TrainerCallback):
                              "set save_strategy='epoch' (one checkpoint per epoch, as the paper)")
         # Tokenize the pool and check both datasets before spending compute.
         selector = self.ensure_selector(args, processing_class)
-        name = f"checkpoint-{state.global_step}"
-        if state.global_step > 0 and model is not None and not selector.is_recorded(name):
+        name = checkpoint_name(state.global_step)
+        if state.global_step > 0 and model is not None and not selector.ledger.is_recorded(name):
             # Resumed from a checkpoint whose extraction was killed: on_save will not come again for it,
             # and the live model and optimizer hold exactly its weights and Adam state, so finish it now.
-            self._add_checkpoint(selector, model, optimizer, name, selector.logged_mean_lr(name, state.global_step))
+            self._add_checkpoint(selector, model, optimizer, name,
+                                 selector.ledger.logged_mean_lr(name, state.global_step))
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        if optimizer is not None:
-            lr = float(optimizer.param_groups[0]["lr"])  # the LR this step will apply
-            self._step_lrs.append(lr)
-            if state.is_world_process_zero:
-                self.ensure_selector(args).log_step_lr(state.global_step + 1, lr)
+        if optimizer is not None:  # the LR this step will apply
+            self.ensure_selector(args).ledger.step_began(state.global_step + 1, float(optimizer.param_groups[0]["lr"]),
+                                                         write=state.is_world_process_zero)
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         selector = self.ensure_selector(args)
-        lr = float(np.mean(self._step_lrs)) if self._step_lrs else float(optimizer.param_groups[0]["lr"])
-        self._step_lrs = []
-        self._add_checkpoint(selector, model, optimizer, f"checkpoint-{state.global_step}", lr)
+        lr = selector.ledger.live_learning_rate()
+        if lr is None:  # no step since the previous save: the LR the optimizer holds
+            lr = float(optimizer.param_groups[0]["lr"])
+        self._add_checkpoint(selector, model, optimizer, checkpoint_name(state.global_step), lr)
 
     def _add_checkpoint(self, selector, model, optimizer, name: str, lr: float) -> None:
         adam = None
@@ -105,5 +105,5 @@ class ROSECallback(TrainerCallback):
             selector.add_checkpoint(model, name, lr, adam)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.selector is not None and self.selector._manifest()["checkpoints"]:
+        if self.selector is not None and self.selector.ledger.checkpoints():
             self.selection_dir = self.selector.finalize(self.config.selection_folder)

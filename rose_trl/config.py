@@ -17,40 +17,101 @@ SELECTION_METHODS = GRADIENT_METHODS + BASELINE_METHODS
 
 @dataclass
 class ROSEConfig:
-    """Data selection options. The warm-up's own training options (epochs = checkpoints, learning
-    rate, batch size, LoRA) come from `SFTConfig` and `ModelConfig`."""
+    """Data selection options, parsed next to `SFTConfig` and `ModelConfig` (`TrlParser`). The warm-up's own
+    training options (epochs = checkpoints, learning rate, batch size, LoRA) come from those two.
 
+    Parameters (each field's `help` says more):
+        > Parameters that control the model
+
+        gguf_file (`str`, *optional*):
+            A GGUF file to load the model from (converted once to a cached safetensors folder, model_source.py).
+
+        > Parameters that control the data
+
+        pool_dataset, pool_split, pool_sources, pool_max_examples:
+            The training pool to select from (Hub id or local file), its split, sources kept, first N rows.
+        validation_dataset, validation_split, validation_k:
+            The few-shot preference set (prompt/chosen/rejected, optional subtask), its split and shots.
+
+        > Parameters that control the selection
+
+        selection_method (`str`, defaults to `"rose"`):
+            rose, less, or a baseline (random, bm25, rds, dsir, full).
+        selection_fraction, subtask_balance:
+            How much of the pool is selected, and how it is shared between subtasks.
+        warmup_fraction, final_training:
+            The random share of the pool the warm-up trains on; whether a final model is trained.
+
+        > Parameters that control the gradient features and their stores
+
+        gradient_type, projection_type, projection_dim, projection_seed:
+            Adam or SGD features, and their random projection.
+        gradient_batch_size, gradient_memory_gb, max_batch_tokens:
+            How many rows a gradient pass takes.
+        store_dtype, overwrite_stores:
+            The stores' dtype; whether stores made for other inputs are recomputed instead of refused.
+
+        > Parameters that control the validation target
+
+        validation_beta, validation_loss_type, validation_loss_weights, validation_label_smoothing:
+            TRL's DPO loss whose per-pair gradients are the target (rose).
+        validation_batch_size, validation_aggregation:
+            Pairs per validation pass; how pair gradients make a subtask's target.
+
+        > Parameters that control the checkpoints' learning rates
+
+        checkpoint_learning_rates (`list[float]`, *optional*):
+            eta_i of each warm-up checkpoint, overriding the recorded and recovered ones (ledger.py).
+
+        > Parameters that control the Hub push
+
+        hub_dataset_id, hub_private:
+            The Hub dataset repo the selected subset is pushed to, and whether it is private.
+    """
+
+    # Parameters that control the model
     gguf_file: str | None = field(
         default=None, metadata={"help": "A GGUF file inside the folder or Hub repo `model_name_or_path` names (or set "
                                         "model_name_or_path to the .gguf file itself). It is converted once to a "
                                         "safetensors folder cached under its content hash ($ROSE_TRL_CACHE, default "
                                         "~/.cache/rose_trl), which every stage loads; needs `pip install "
                                         "rose_trl[gguf]`."})
+
+    # Parameters that control the data
     pool_dataset: str | None = field(
         default=None, metadata={"help": "Training pool: Hub dataset id or local .jsonl/.json/.parquet file. Rows are "
                                         "`messages` (chat) or `prompt`/`completion`."})
-    validation_dataset: str | None = field(
-        default=None, metadata={"help": "Few-shot preference set: Hub id or local file with prompt/chosen/rejected and "
-                                        "an optional `subtask` column."})
     pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
     pool_sources: list[str] | None = field(
         default=None, metadata={"help": "Keep only pool rows whose `source` (or Tulu's `dataset`) field is one of "
                                         "these, e.g. [flan_v2, cot, oasst1] of allenai/tulu-v2-sft-mixture."})
+    pool_max_examples: int | None = field(default=None, metadata={"help": "Use only the first N pool rows (smoke tests)."})
+    validation_dataset: str | None = field(
+        default=None, metadata={"help": "Few-shot preference set: Hub id or local file with prompt/chosen/rejected and "
+                                        "an optional `subtask` column."})
     validation_split: str = field(default="train", metadata={"help": "Split of a Hub validation dataset."})
     validation_k: int | None = field(
         default=None, metadata={"help": "Shots per subtask: for rose:<task> builders the number to build, for a "
                                         "released preference file its group size (default: from the file name)."})
-    hub_dataset_id: str | None = field(
-        default=None, metadata={"help": "With push_to_hub: true, push the selected subset (and a dataset card) to "
-                                        "this Hub dataset repo."})
-    hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset repo as private."})
+
+    # Parameters that control the selection
     selection_method: str = field(
         default="rose", metadata={"help": "rose (DPO validation gradients), less (SFT-loss validation gradients, "
                                           "LESS), or a baseline: random, bm25, rds, dsir, full (no selection). "
                                           "Methods other than rose write selection_<method>/.",
                                   "choices": list(SELECTION_METHODS)})
     selection_fraction: float = field(default=0.05, metadata={"help": "Fraction of the pool to select, in (0, 1]."})
+    subtask_balance: str = field(
+        default="max", metadata={"help": "How the selection is shared between subtasks: max (score = best subtask's "
+                                         "score, top rows overall: the paper), round_robin (each subtask in turn "
+                                         "takes its best remaining row: equal shares) or proportional (each subtask "
+                                         "takes its share of the validation pairs).", "choices": list(SUBTASK_BALANCES)})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Random fraction of the pool for the warm-up run."})
+    final_training: bool = field(default=True, metadata={"help": "Train the final model on the selection."})
+
+    # Parameters that control the gradient features and their stores
+    gradient_type: str = field(default="adam", metadata={"help": "Training-gradient features: adam (LESS "
+                                                                  "preconditioning) or sgd.", "choices": ["adam", "sgd"]})
     projection_type: str = field(
         default="auto", metadata={"help": "sjlt (fast sparse JL), trak (trak's BasicProjector, TRAK Rademacher), "
                                           "trak_cuda (trak's CudaProjector with fast_jl, LESS's GPU projector) or "
@@ -58,8 +119,6 @@ class ROSEConfig:
                                   "choices": list(PROJECTION_TYPES) + ["auto"]})
     projection_dim: int = field(default=8192, metadata={"help": "Dimension of the projected gradients."})
     projection_seed: int = field(default=0, metadata={"help": "Seed of the projection matrix."})
-    gradient_type: str = field(default="adam", metadata={"help": "Training-gradient features: adam (LESS "
-                                                                  "preconditioning) or sgd.", "choices": ["adam", "sgd"]})
     gradient_batch_size: int = field(default=16, metadata={"help": "Pool examples per batched gradient pass (at most; "
                                                                     "max_batch_tokens and gradient_memory_gb may lower it)."})
     gradient_memory_gb: float | None = field(
@@ -79,6 +138,8 @@ class ROSEConfig:
         default=False, metadata={"help": "When output_dir holds gradient stores (or a run) made for other inputs "
                                          "(model, checkpoint, pool, validation set, projection...), delete and "
                                          "recompute them instead of refusing."})
+
+    # Parameters that control the validation target
     validation_beta: float = field(default=0.1, metadata={"help": "DPO beta of the validation loss."})
     validation_loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
@@ -97,18 +158,19 @@ class ROSEConfig:
         default="normalized_mean", metadata={"help": "normalized_mean (normalize each pair's gradient, then average: "
                                                      "the released code) or eq6 (average, then normalize: the paper's "
                                                      "Eq. 6 literally).", "choices": ["normalized_mean", "eq6"]})
-    subtask_balance: str = field(
-        default="max", metadata={"help": "How the selection is shared between subtasks: max (score = best subtask's "
-                                         "score, top rows overall: the paper), round_robin (each subtask in turn "
-                                         "takes its best remaining row: equal shares) or proportional (each subtask "
-                                         "takes its share of the validation pairs).", "choices": list(SUBTASK_BALANCES)})
+
+    # Parameters that control the checkpoints' learning rates
     checkpoint_learning_rates: list[float] | None = field(
         default=None, metadata={"help": "Each warm-up checkpoint's learning rate eta_i (the mean LR of its epoch), one "
                                         "per checkpoint in step order. Overrides the recorded and recovered rates; "
                                         "needed only when a warm-up's checkpoints do not determine them (the error "
                                         "says so)."})
-    final_training: bool = field(default=True, metadata={"help": "Train the final model on the selection."})
-    pool_max_examples: int | None = field(default=None, metadata={"help": "Use only the first N pool rows (smoke tests)."})
+
+    # Parameters that control the Hub push
+    hub_dataset_id: str | None = field(
+        default=None, metadata={"help": "With push_to_hub: true, push the selected subset (and a dataset card) to "
+                                        "this Hub dataset repo."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset repo as private."})
 
     def __post_init__(self):
         for name in ("selection_fraction", "warmup_fraction"):

@@ -127,3 +127,14 @@ def check_supported(model: nn.Module) -> None:
             "ROSE gradient extraction does not support FSDP1-wrapped models (flattened parameters); use FSDP2 "
             "(fsdp_version: 2, accelerate_configs/fsdp.yaml), DeepSpeed ZeRO-2/3 or plain data parallelism, "
             "see docs/distributed.md")
+
+
+def all_true(flag: bool) -> bool:
+    """AND of a flag over all processes."""
+    import torch.distributed as dist
+
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item()) == 0

@@ -4,9 +4,9 @@ For a selected pool row z and a validation pair p of subtask j,
 
     c(z, p) = sum_i eta_i * <v_{i,p}, unit(train_{i,z})>
 
-with eta the renormalized checkpoint weights of the scoring and v_{i,p} = validation.pair_vectors at
-checkpoint i, whose mean over the usable pairs of j is the subtask's target. So, exactly,
-score_j(z) = mean over the usable pairs p of j of c(z, p):
+with eta the renormalized checkpoint weights of the scoring and v_{i,p} = scoring.pair_vectors at
+checkpoint i, whose mean over the usable pairs of j is the subtask's target. So, exactly (by construction:
+scoring.py computes both with one formula), score_j(z) = mean over the usable pairs p of j of c(z, p):
 - under `normalized_mean`, v = unit(g_p) and c(z, p) is the checkpoint-weighted cosine between the
   pair's validation gradient and the row's training gradient;
 - under `eq6`, v = g_p / |mean_{p' in j} g_p'| and c(z, p) is the pair's raw gradient along the row's
@@ -17,7 +17,7 @@ Written into the selection folder before it is published (selection.write_select
     contributions.parquet   pool_index, pair_index, subtask, contribution: selected rows x usable pairs
     pairs.parquet           pair_index, subtask, prompt, chosen, rejected (text), usable
 Only the selected rows are read back from the stores, sorted, in bounded chunks, all checkpoints in
-lockstep (benchmarks/contributions.py measures the cost).
+lockstep (scoring.contribution_chunks; benchmarks/contributions.py measures the cost).
 """
 
 from __future__ import annotations
@@ -29,27 +29,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .scoring import CHUNK_BYTES, CheckpointGradients, normalized_weights
+from .columns import ScoreColumns
+from .scoring import CheckpointGradients, contribution_chunks
 
 CONTRIBUTIONS = "contributions.parquet"
 PAIRS = "pairs.parquet"
-
-
-def contribution_chunks(checkpoints: list[CheckpointGradients], rows: np.ndarray, pairs: np.ndarray,
-                        chunk_rows: int | None = None):
-    """Yields (pool indices, float64 [chunk, len(pairs)] contributions) for the sorted `rows`."""
-    eta = normalized_weights([c.learning_rate for c in checkpoints])
-    vectors = [np.ascontiguousarray(c.pair_vectors[pairs].T, dtype=np.float32) for c in checkpoints]  # [dim, P]
-    chunk_rows = chunk_rows or max(64, CHUNK_BYTES // (4 * checkpoints[0].train.dim))
-    rows = np.sort(np.asarray(rows, dtype=np.int64))
-    for start in range(0, len(rows), chunk_rows):
-        chunk = rows[start : start + chunk_rows]
-        total = np.zeros((len(chunk), len(pairs)), dtype=np.float64)
-        for i, c in enumerate(checkpoints):
-            train = c.train.read_rows(chunk)
-            norms = np.sqrt(np.einsum("ij,ij->i", train, train)).clip(min=1e-30)
-            total += eta[i] * ((train @ vectors[i]) / norms[:, None])
-        yield chunk, total
 
 
 def _text(value) -> str:
@@ -129,17 +113,17 @@ def top_contributor_counts(contributions: pd.DataFrame, owners: pd.Series) -> pd
     return out.sort_values(["subtask", "top_for", "pair_index"], ascending=[True, False, True], ignore_index=True)
 
 
-def selected_for(scores: pd.DataFrame) -> pd.Series | None:
+def selected_for(scores: pd.DataFrame, subtasks: list[str] | None = None) -> pd.Series | None:
     """pool_index -> the subtask each selected row was taken for (older folders: its best subtask); None
-    without per-subtask scores."""
+    without per-subtask scores. `subtasks`: summary.json's (columns.ScoreColumns.read)."""
     chosen = scores[scores["selected"]]
     if "selected_for" in chosen.columns:
         return pd.Series(chosen["selected_for"].astype(str).to_numpy(), index=chosen["pool_index"].to_numpy())
-    cols = [c for c in chosen.columns if c.startswith("score_") and not c.startswith("score_ckpt")]
-    if not cols:
+    columns = ScoreColumns.read(scores.columns, subtasks)
+    if not columns.subtasks:
         return None
-    best = chosen[cols].to_numpy(dtype=float).argmax(axis=1)
-    return pd.Series(np.asarray(cols)[best], index=chosen["pool_index"].to_numpy()).str[len("score_"):]
+    best = chosen[columns.subtask_columns].to_numpy(dtype=float).argmax(axis=1)
+    return pd.Series(np.asarray(columns.subtasks, dtype=object)[best], index=chosen["pool_index"].to_numpy())
 
 
 # ---------------------------------------------------------------------------------- rose-trl explain
@@ -164,18 +148,18 @@ def explain_row(output_dir: str | Path, pool_index: int, folder: str = "selectio
                            f"(0..{len(scores) - 1})")
     row = hit.iloc[0]
     method = summary.get("selection_method", "?")
-    subtask_cols = [c for c in scores.columns if c.startswith("score_") and not c.startswith("score_ckpt")]
+    columns = ScoreColumns.read(scores.columns, summary.get("subtasks"))
     lines = [f"pool row {pool_index} in {path} ({method}, subtask_balance {summary.get('subtask_balance', 'max')})"]
     rank = int((scores["score"] > row["score"]).sum()) + 1
     lines.append(f"  score {row['score']:.6g} (rank {rank} of {len(scores)}; selection threshold "
                  f"{summary.get('threshold', float('nan')):.6g})")
-    if subtask_cols:
-        lines.append("  per-subtask scores: " + ", ".join(f"{c[len('score_'):]} {row[c]:.6g}" for c in subtask_cols))
+    if columns.subtasks:
+        lines.append("  per-subtask scores: " + ", ".join(f"{s} {row[columns.subtask(s)]:.6g}" for s in columns.subtasks))
     if not bool(row["selected"]):
         lines.append("  not selected")
         return "\n".join(lines), (f"row {pool_index} was not selected, so it has no contributions: only selected "
                                   "rows are explained")
-    owners = selected_for(scores)
+    owners = selected_for(scores, summary.get("subtasks"))
     owner = None if owners is None else owners.get(pool_index)
     lines.append("  selected" + (f", for subtask {owner!r}" if owner is not None else ""))
     if (path / "selected").exists():
@@ -192,7 +176,7 @@ def explain_row(output_dir: str | Path, pool_index: int, folder: str = "selectio
                                   "less selections are explained pair by pair")
     pairs = load_pairs(path)
     mine = contributions[contributions["subtask"] == owner]
-    lines.append(f"  score_{owner} = mean of the contributions of its {len(mine)} pairs = {mine['contribution'].mean():.6g}")
+    lines.append(f"  {columns.subtask(owner)} = mean of the contributions of its {len(mine)} pairs = {mine['contribution'].mean():.6g}")
     lines.append(f"  top {min(top, len(mine))} pairs of {owner!r}:")
     for _, c in top_pairs(contributions, pd.Series({pool_index: owner}), top).iterrows():
         pair = pairs.loc[int(c["pair_index"])]

@@ -1,35 +1,25 @@
-"""Pool -> gradient store: batched per-example gradients, Adam preconditioning, projection, resumable writes."""
+"""Pool -> gradient store: length-sorted batches, the run's featurizer, resumable sharded writes."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from .config import ROSEConfig
 from .distributed import full_numel, max_over_ranks, partitioned, release_gathered
-from .gradients import (AdamState, UnsupportedParameterError, per_example_gradients,
-                        per_example_projected_gradients, trainable_parameters)
+from .featurizer import Featurizer
+from .gradients import AdamState, UnsupportedParameterError, trainable_parameters
+from .model_utils import eval_mode
 from .projection import Projector
 from .sft_data import collate
 from .store import GradientStore
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Gradients are features: no dropout noise in them. The model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
 
 # float32 bytes one row costs in a pass's gradient path, beyond the forward/backward's own activations:
 # - dense (unfused) path: 16 per trainable parameter: the captured row, the Adam denominator, the
@@ -58,19 +48,11 @@ def rows_for_budget(bytes_per_row: int, batch_size: int, memory_gb: float | None
     return min(batch_size, fits)
 
 
-def rows_per_pass(model: torch.nn.Module, projector: Projector, batch_size: int, memory_gb: float | None) -> int:
-    """`rows_for_budget` for this model's adapter on the path extraction will take with `projector`."""
+def rows_per_pass(model: torch.nn.Module, featurizer: Featurizer, batch_size: int, memory_gb: float | None) -> int:
+    """`rows_for_budget` for this model's adapter on the path `featurizer` takes."""
     sizes = [full_numel(p) for _, p in trainable_parameters(model)]
-    per_row = gradient_bytes_per_row(sum(sizes), max(sizes), projector.dim, fused=fusion_unavailable(projector) is None)
+    per_row = gradient_bytes_per_row(sum(sizes), max(sizes), featurizer.dim, fused=featurizer.fused)
     return rows_for_budget(per_row, batch_size, memory_gb)
-
-
-def fusion_unavailable(projector: Projector) -> str | None:
-    """Why the fused path (per-layer Adam + projection inside the backward) cannot run, or None."""
-    if not getattr(projector, "supports_slices", False):
-        return (f"the projector ({projector.implementation}) cannot project a slice of the parameters; "
-                "sjlt, or trak with its matrix cached, can")
-    return None
 
 
 def plan_batches(lengths: np.ndarray, rows: np.ndarray, batch_size: int, max_batch_tokens: int | None) -> list[np.ndarray]:
@@ -90,16 +72,13 @@ def plan_batches(lengths: np.ndarray, rows: np.ndarray, batch_size: int, max_bat
     return batches
 
 
-def _project_rows(model, pool, rows: np.ndarray, projector: Projector, pad_token_id: int, adam: AdamState | None,
-                  device: torch.device, splittable: bool, fused: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+def _project_rows(model, pool, rows: np.ndarray, featurizer: Featurizer, pad_token_id: int, adam: AdamState | None,
+                  device: torch.device, splittable: bool) -> list[tuple[np.ndarray, np.ndarray]]:
     """Projected gradients of `rows` from one pass, or, when that pass runs out of device memory, from
     its two halves (recursively, down to one row)."""
     try:
         batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in rows], pad_token_id).items()}
-        if fused:
-            projected = per_example_projected_gradients(model, batch, projector, adam)
-        else:
-            projected = projector.project(per_example_gradients(model, batch, adam_state=adam))
+        projected = featurizer(model, batch, adam)
         release_gathered(model)
         return [(rows, projected.cpu().numpy())]
     except torch.OutOfMemoryError:
@@ -111,15 +90,15 @@ def _project_rows(model, pool, rows: np.ndarray, projector: Projector, pad_token
     half = len(rows) // 2
     logger.warning("gradient pass of %d rows ran out of memory: splitting it (lower max_batch_tokens or "
                    "gradient_memory_gb to avoid the retry)", len(rows))
-    return (_project_rows(model, pool, rows[:half], projector, pad_token_id, adam, device, splittable, fused)
-            + _project_rows(model, pool, rows[half:], projector, pad_token_id, adam, device, splittable, fused))
+    return (_project_rows(model, pool, rows[:half], featurizer, pad_token_id, adam, device, splittable)
+            + _project_rows(model, pool, rows[half:], featurizer, pad_token_id, adam, device, splittable))
 
 
 def extract_gradients(
     model: torch.nn.Module,
     pool: Sequence[dict],
     store: GradientStore,
-    projector: Projector,
+    projector: Featurizer | Projector,
     pad_token_id: int,
     adam_state: AdamState | None = None,
     batch_size: int = 16,
@@ -131,7 +110,8 @@ def extract_gradients(
 ) -> int:
     """Compute, project and store the rows of `pool` that `store` does not hold yet.
 
-    `pool` items carry `input_ids` and `completion_mask` (see `sft_data.tokenize_pool`).
+    `pool` items carry `input_ids` and `completion_mask` (see `sft_data.tokenize_pool`). `projector`: the
+    run's `Featurizer` (a bare projector gets one of its own, which says which path it takes).
     `shard=(rank, world_size)`: batches are planned over all missing rows, then dealt out round-robin,
     so a row lands in the same batch (and gets bit-identical numbers) whatever the number of
     processes; `missing` (default: the store's missing rows now) must then be the same on every rank.
@@ -140,6 +120,7 @@ def extract_gradients(
     wanted = store.missing_rows() if missing is None else np.asarray(missing, dtype=np.int64)
     if len(wanted) == 0:
         return 0
+    featurizer = projector if isinstance(projector, Featurizer) else Featurizer(projector)
     rank, world = shard
     lengths = np.zeros(store.num_rows, dtype=np.int64)
     lengths[wanted] = [len(ids) for ids in pool.select(wanted.tolist())["input_ids"]] if hasattr(pool, "select") \
@@ -157,19 +138,37 @@ def extract_gradients(
     # Rows are independent, so a pass that runs out of memory can be split. Not under ZeRO-3/FSDP:
     # there every rank must run the same number of passes (collectives), so the error is raised.
     splittable = not (world > 1 and partitioned(model))
-    why_not = fusion_unavailable(projector)
-    if why_not is not None and rank == 0:
-        logger.warning("per-layer fused gradient path off: %s; whole gradient rows are built and projected "
-                       "(memory per row grows with the adapter: see gradient_memory_gb)", why_not)
     with eval_mode(model):
         for batch_rows in batches:
-            for rows, projected in _project_rows(model, pool, batch_rows, projector, pad_token_id, adam, device,
-                                                 splittable, fused=why_not is None):
+            for rows, projected in _project_rows(model, pool, batch_rows, featurizer, pad_token_id, adam, device,
+                                                 splittable):
                 store.write(rows, projected)
                 bar.update(len(rows))
         # ZeRO-3 forwards and backwards are collectives: a rank dealt fewer batches runs discarded
         # passes so that every rank runs as many as the busiest one.
         for _ in range(lockstep_passes - len(batches)):
-            _project_rows(model, pool, plan[0], projector, pad_token_id, adam, device, False, fused=why_not is None)
+            _project_rows(model, pool, plan[0], featurizer, pad_token_id, adam, device, False)
     bar.close()
     return len(wanted)
+
+
+def extract_pool_store(model: torch.nn.Module, pool: Sequence[dict], path, featurizer: Featurizer, config: ROSEConfig,
+                       pool_fingerprint: str, pad_token_id: int, identity: dict, adam_state: AdamState | None = None,
+                       progress: bool = True, desc: str = "Pool gradients") -> GradientStore:
+    """A checkpoint's pool store at `path`, opened (resumed) or created, with its missing rows computed.
+    `identity`: the store's model, checkpoint, projection and dtype. Under several processes every one
+    calls this: the main process creates the store, then each computes its share of the rows into it."""
+    state = PartialState()
+    with state.main_process_first():  # the main process creates; the others then open the same files
+        store = GradientStore.open_or_create(
+            path, gradient_type=config.gradient_type, pool_fingerprint=pool_fingerprint, num_rows=len(pool),
+            # only the main process may delete a mismatched store; the others open what it made
+            overwrite=config.overwrite_stores and state.is_main_process, **identity)
+    # Every rank plans its batches from the same missing rows: read them before any rank writes.
+    missing = store.missing_rows()
+    state.wait_for_everyone()
+    extract_gradients(model, pool, store, featurizer, pad_token_id, missing=missing, adam_state=adam_state,
+                      batch_size=rows_per_pass(model, featurizer, config.gradient_batch_size, config.gradient_memory_gb),
+                      max_batch_tokens=config.max_batch_tokens, shard=(state.process_index, state.num_processes),
+                      progress=progress and state.is_local_main_process, desc=desc)
+    return store

@@ -60,13 +60,13 @@ def activation_checkpointing_off(model: nn.Module) -> Iterator[None]:
 
 class DenseRows:
     """Sink of a capture pass: every parameter's per-row gradient in one [rows, n_params] float32 buffer
-    (parameters in `named_parameters()` order). What `per_example_gradients` returns."""
+    (parameters in `named_parameters()` order), `rows`. What `per_example_gradients` returns."""
 
     def __init__(self, rows: int, num_params: int, device: torch.device):
-        self.grads = torch.zeros(rows, num_params, dtype=torch.float32, device=device)
+        self.rows = torch.zeros(rows, num_params, dtype=torch.float32, device=device)
 
     def add(self, start: int, block: torch.Tensor) -> None:
-        self.grads[:, start : start + block.shape[1]] = block
+        self.rows[:, start : start + block.shape[1]] = block
 
     def missing(self, start: int, n: int) -> None:
         """Parameters [start, start + n) got no gradient in this pass: they stay zero."""
@@ -75,7 +75,7 @@ class DenseRows:
 class ProjectedRows:
     """Fused sink: each layer's per-row gradient block is Adam-preconditioned with that layer's slice of m
     and v and projected with that layer's slice of the projection, then added into a [rows, dim]
-    accumulator as soon as the backward reaches the layer. The [rows, n_params] buffer never exists: the
+    accumulator, `rows`, as soon as the backward reaches the layer. The [rows, n_params] buffer never exists: the
     memory of a pass's gradient path per row is O(dim + largest layer), whatever the adapter's depth.
 
     Equal to preconditioning then projecting the whole row (the Adam transform is elementwise and the
@@ -84,21 +84,21 @@ class ProjectedRows:
 
     def __init__(self, rows: int, projector, adam_state: "AdamState | None", device: torch.device):
         self.projector, self.adam = projector, adam_state
-        self.out = torch.zeros(rows, projector.dim, dtype=torch.float32, device=device)
+        self.rows = torch.zeros(rows, projector.dim, dtype=torch.float32, device=device)
 
     def add(self, start: int, block: torch.Tensor) -> None:
         if self.adam is not None:
             block = self.adam.precondition_(block, start)
-        self.projector.add_projection(self.out, block, start)
+        self.projector.add_projection(self.rows, block, start)
 
     def missing(self, start: int, n: int) -> None:
         # A zero gradient is not a zero Adam feature: b1*m / sqrt(b2*v + eps), the same for every row.
         if self.adam is None:
             return
-        row = self.adam.precondition_(torch.zeros(1, n, dtype=torch.float32, device=self.out.device), start)
-        shared = torch.zeros(1, self.out.shape[1], dtype=torch.float32, device=self.out.device)
+        row = self.adam.precondition_(torch.zeros(1, n, dtype=torch.float32, device=self.rows.device), start)
+        shared = torch.zeros(1, self.rows.shape[1], dtype=torch.float32, device=self.rows.device)
         self.projector.add_projection(shared, row, start)
-        self.out += shared
+        self.rows += shared
 
 
 class PerExampleGradientCapture:
@@ -166,11 +166,6 @@ class PerExampleGradientCapture:
         self.sink = sink if sink is not None else DenseRows(rows, self.num_params, device)
         self._taps, self._calls = [], {}
         return self.sink
-
-    @property
-    def grads(self) -> torch.Tensor:
-        """[rows, n_params] of a `DenseRows` pass."""
-        return self.sink.grads
 
     def backward(self, loss: torch.Tensor) -> None:
         """Run the backward of `loss` (a sum of per-row losses) and fill the sink."""
@@ -437,14 +432,10 @@ class AdamState:
     def to(self, device: torch.device) -> "AdamState":
         return AdamState(self.exp_avg.to(device), self.exp_avg_sq.to(device), self.beta1, self.beta2, self.eps)
 
-    def precondition(self, grads: torch.Tensor) -> torch.Tensor:
-        """LESS's Adam update direction, per row: (b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g^2 + eps)."""
-        return self.precondition_(grads.clone())
-
     def precondition_(self, grads: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """`precondition` in place, for the parameters [start, start + grads.shape[1]): a layer's block
-        of a fused pass. Two row-sized temporaries instead of five; the same operations, so the same
-        numbers as `precondition`."""
+        """LESS's Adam update direction, per row, in place: (b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g^2 + eps),
+        for the parameters [start, start + grads.shape[1]) (a layer's block of a fused pass). Two row-sized
+        temporaries (tests/test_fused.py checks it against the formula written out)."""
         n = grads.shape[-1]
         m = self.exp_avg[start : start + n].to(grads.device)
         v = self.exp_avg_sq[start : start + n].to(grads.device)
@@ -505,22 +496,15 @@ def _capture_pass(model: nn.Module, batch: dict, sink: "DenseRows | ProjectedRow
     return sink
 
 
-def per_example_gradients(
-    model: nn.Module,
-    batch: dict,
-    optimizer: torch.optim.Optimizer | None = None,
-    adam_state: AdamState | None = None,
-) -> torch.Tensor:
+def per_example_gradients(model: nn.Module, batch: dict, adam_state: AdamState | None = None) -> torch.Tensor:
     """Gradient of each row's own SFT loss w.r.t. the trainable parameters: float32 [batch, n_params].
 
     `batch` holds `input_ids`, `attention_mask` and `labels` (-100 outside the response). One forward
-    and one backward for the whole batch. With an Adam/AdamW `optimizer` that has state (or an
-    explicit `adam_state`), rows are Adam-preconditioned as in LESS; otherwise they are plain (SGD)
+    and one backward for the whole batch. With `adam_state` (`AdamState.from_optimizer` of a live
+    optimizer, or a checkpoint's), rows are Adam-preconditioned as in LESS; otherwise they are plain (SGD)
     gradients. The model's train/eval mode is left as the caller set it.
     """
-    if adam_state is None and optimizer is not None:
-        adam_state = AdamState.from_optimizer(optimizer, trainable_parameters(model))
-    grads = _capture_pass(model, batch).grads
+    grads = _capture_pass(model, batch).rows
     if adam_state is not None:
         grads = adam_state.precondition_(grads)
     return grads
@@ -535,4 +519,4 @@ def per_example_projected_gradients(model: nn.Module, batch: dict, projector, ad
         raise ValueError(f"{projector.implementation} cannot project a slice of the parameters: use "
                          "per_example_gradients and project the whole rows")
     sink = ProjectedRows(batch["input_ids"].shape[0], projector, adam_state, batch["input_ids"].device)
-    return _capture_pass(model, batch, sink).out
+    return _capture_pass(model, batch, sink).rows

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 from pathlib import Path
 
 import datasets
@@ -46,8 +45,6 @@ def _score_stats(scores_path: Path) -> dict:
     if chosen.size:
         stats.update(selected_min=float(chosen.min()), selected_mean=float(chosen.mean()),
                      selected_max=float(chosen.max()))
-    stats["subtask_columns"] = [c for c in table.column_names
-                                if c.startswith("score_") and not re.fullmatch(r"score_ckpt\d+", c)]
     return stats
 
 

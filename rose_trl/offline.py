@@ -8,33 +8,28 @@ of the layouts the Trainer writes:
 - FSDP2, SHARDED_STATE_DICT: pytorch_model_fsdp_0/ and optimizer_0/, with no adapter_config.json, so the
   warm-up's LoRA config is passed as `peft_config`.
 Each checkpoint's learning rate (the mean LR of the optimizer steps since the previous checkpoint) is
-resolved for every checkpoint before any gradient work (`resolve_learning_rates`).
+resolved for every checkpoint before any gradient work, by the run ledger (ledger.py).
 """
 
 from __future__ import annotations
 
-import logging
-import re
 from pathlib import Path
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .files import checkpoint_dirs
 from .fsdp_checkpoint import (FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, FSDP_OPTIMIZER_FILE, read_fsdp_adam_moments,
                               read_fsdp_adapter)
 from .gradients import AdamState, trainable_parameters, trainer_param_index
-from .schedules import ScheduleError, mean_over_steps, read_warmup_record, recover_learning_rates
+from .ledger import checkpoint_identity
 from .selector import ROSESelector
 from .zero_checkpoint import read_zero_adam_moments, zero_checkpoint_dir
 
-logger = logging.getLogger(__name__)
-
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
-    run_dir = Path(run_dir)
-    found = sorted((p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
-                   key=lambda p: int(p.name.split("-")[1]))
+    found = checkpoint_dirs(run_dir)
     if not found:
         raise FileNotFoundError(f"no checkpoint-<step> folders under {run_dir}")
     return found
@@ -84,52 +79,14 @@ def warmup_model(checkpoint: Path, base_model, peft_config: PeftConfig | None = 
 
 
 def resolve_learning_rates(checkpoints: list[Path], model, selector: ROSESelector) -> list[float | None]:
-    """Each checkpoint's learning rate, from the first source that has it:
-    1. rose/checkpoints.json, when it records the checkpoint for the same weights (the callback's measure, or
-       an earlier run's);
-    2. rose/step_lrs.json (the callback's per-step record), when it covers every step since the previous
-       checkpoint;
-    3. trainer_state.json's log history, when it logs every one of those steps;
-    4. the warm-up's schedule, rebuilt from the checkpoint folders (schedules.py).
-    Raises, naming the checkpoint, what is missing and the option, when none has it. With
-    checkpoint_learning_rates (which scoring uses instead) an unknown rate is returned as None.
-    `model` is the warm-up model; its adapter weights are replaced."""
-    names = [c.name for c in checkpoints]
-    explicit = selector.config.checkpoint_learning_rates
-    if explicit is not None and len(explicit) != len(checkpoints):
-        raise ValueError(f"checkpoint_learning_rates has {len(explicit)} values but {len(checkpoints)} checkpoints were "
-                         f"found ({names})")
-    step_lrs = selector.step_learning_rates()
-    record = read_warmup_record(checkpoints)
-    lrs, previous = [], 0
-    for ckpt, step in zip(checkpoints, record.steps):
-        lr = None
-        if selector.is_recorded(ckpt.name):  # only then are its weights needed
-            set_peft_model_state_dict(model, load_checkpoint_adapter(ckpt, model))
-            lr = selector.recorded_learning_rate(ckpt.name, model)
-        if lr is None:
-            lr = mean_over_steps(step_lrs, previous, step)
-        if lr is None:
-            lr = mean_over_steps(record.logged, previous, step)
-        lrs.append(lr)
-        previous = step
-    if None in lrs:
-        try:
-            recovered, schedule = recover_learning_rates(record)
-            logger.info("learning rates of %s from the rebuilt schedule %s", names, schedule.describe())
-            lrs = [recovered[i] if lr is None else lr for i, lr in enumerate(lrs)]
-        except ScheduleError as e:
-            if explicit is None:
-                i = lrs.index(None)
-                previous = record.steps[i - 1] if i else 0
-                logged = sum(previous < s <= record.steps[i] for s in record.logged)
-                raise ValueError(
-                    f"{names[i]}: cannot tell its learning rate (the mean over optimizer steps {previous + 1}-"
-                    f"{record.steps[i]}): {selector.rose_dir / 'checkpoints.json'} does not record it, trainer_state.json "
-                    f"logs the learning rate of {logged} of those {record.steps[i] - previous} steps, and the "
-                    f"warm-up's schedule cannot be rebuilt: {e}. Set checkpoint_learning_rates: one learning rate per "
-                    f"checkpoint, in step order ({len(names)} here: {', '.join(names)})") from None
-    return lrs
+    """Each checkpoint's learning rate, from the first of the run ledger's sources that has it
+    (`RunLedger.resolve`). `model` is the warm-up model; its adapter weights are replaced."""
+
+    def identity(checkpoint: Path) -> str:
+        set_peft_model_state_dict(model, load_checkpoint_adapter(checkpoint, model))
+        return checkpoint_identity(checkpoint.name, model)
+
+    return selector.ledger.resolve(checkpoints, identity, selector.config.checkpoint_learning_rates)
 
 
 def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelector, folder: str = "selection",

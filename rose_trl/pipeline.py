@@ -21,20 +21,22 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import PartialState
+from accelerate.logging import get_logger
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from .callback import ROSECallback
 from .config import BASELINE_METHODS, ROSEConfig, SelectConfig
 from .data import load_pool, load_preferences
+from .files import atomic_write_json, checkpoint_dirs
 from .model_source import ModelSource, resolve_model_source
 from .offline import select_from_checkpoints
 from .selection import write_selection
 from .selector import ROSESelector
 from .sft_data import BadRecordError, fingerprint_tokenized, tokenize_pool
-from .store import _atomic_write_json
+
+logger = get_logger(__name__)
 
 
 def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -94,14 +96,12 @@ def last_complete_checkpoint(folder: str | Path) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                   if p.is_dir() and p.name.split("-")[1].isdigit())
-    for _, path in reversed(steps):
+    for path in reversed([p for p in checkpoint_dirs(folder) if p.is_dir()]):
         try:
             json.loads((path / "trainer_state.json").read_text())
             return str(path)
         except (FileNotFoundError, json.JSONDecodeError):
-            print(f"removing incomplete checkpoint {path} (killed while saving)")
+            logger.warning("removing incomplete checkpoint %s (killed while saving)", path)
             shutil.rmtree(path, ignore_errors=True)  # every process of a launch may get here
     return None
 
@@ -238,10 +238,9 @@ def train_final_model(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig,
             if found is None or found["fingerprint"] != fingerprint:
                 shutil.rmtree(out, ignore_errors=True)  # another selection or configuration (or unknown)
             out.mkdir(parents=True, exist_ok=True)
-            _atomic_write_json(record, {"fingerprint": fingerprint, "finished": False})
+            atomic_write_json(record, {"fingerprint": fingerprint, "finished": False})
     if found == finished:
-        if state.is_main_process:
-            print(f"{out} already holds the model trained on this selection: not trained again")
+        logger.info("%s already holds the model trained on this selection: not trained again", out)
         return out
     model, _ = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
     trainer = SFTTrainer(model, args=dataclasses.replace(sft, output_dir=str(out)),
@@ -250,7 +249,7 @@ def train_final_model(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig,
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
     save_model_atomically(trainer, out)
     if state.is_main_process:
-        _atomic_write_json(record, finished)  # last: the record says the weights are complete
+        atomic_write_json(record, finished)  # last: the record says the weights are complete
     state.wait_for_everyone()
     return out
 

@@ -10,24 +10,19 @@ methods, then the full configuration, folded.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure  # a bare Figure renders with Agg and never touches a display
 
 from .baselines.text import pool_text
+from .columns import SCORE, ScoreColumns
 from .explain import load_contributions, load_pairs, selected_for, shorten, top_contributor_counts, top_pairs
+from .report_figures import checkpoint_agreement_figure, composition_figure, score_distribution_figure
 from .sft_data import BadRecordError
-
-CKPT_PREFIX = "score_ckpt"
-
 
 @dataclass
 class SelectionRun:
@@ -43,18 +38,21 @@ class SelectionRun:
         return str(self.summary.get("selection_method") or self.config.get("selection_method") or self.name)
 
     @property
+    def columns(self) -> ScoreColumns:
+        return ScoreColumns.read(self.scores.columns, self.summary.get("subtasks"))
+
+    @property
     def subtask_columns(self) -> list[str]:
-        return [c for c in self.scores.columns if c.startswith("score_") and not c.startswith(CKPT_PREFIX)]
+        return self.columns.subtask_columns
 
     @property
     def checkpoint_columns(self) -> list[str]:
-        cols = [c for c in self.scores.columns if c.startswith(CKPT_PREFIX) and c[len(CKPT_PREFIX):].isdigit()]
-        return sorted(cols, key=lambda c: int(c[len(CKPT_PREFIX):]))
+        return list(self.columns.checkpoints)
 
     @property
     def owners(self) -> pd.Series | None:
         """pool_index -> the subtask each selected row was selected for (its best subtask under max)."""
-        return selected_for(self.scores) if self.subtask_columns else None
+        return selected_for(self.scores, self.summary.get("subtasks")) if self.subtask_columns else None
 
     @property
     def threshold(self) -> float | None:
@@ -96,101 +94,11 @@ def find_selections(output_dir: str | Path) -> list[SelectionRun]:
     return [load_selection(d) for d in dirs]
 
 
-# ------------------------------------------------------------------------------------ figures
-
-
-def _png(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def score_distribution_figure(run: SelectionRun) -> str:
-    fig = Figure(figsize=(7, 3.4))
-    ax = fig.subplots()
-    scores = run.scores["score"].to_numpy(dtype=float)
-    selected = run.scores["selected"].to_numpy()
-    finite = np.isfinite(scores)
-    # Shared bin edges, stacked: the selected tail sits on the same axis as the rest of the pool.
-    edges = np.histogram_bin_edges(scores[finite], bins=50 if np.ptp(scores[finite]) > 0 else 1)
-    ax.hist([scores[finite & ~selected], scores[finite & selected]], bins=edges, stacked=True,
-            color=["#9aa7b8", "#d9534f"], label=["not selected", "selected"])
-    if run.threshold is not None and math.isfinite(run.threshold):
-        ax.axvline(run.threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {run.threshold:.4g}")
-    ax.set_xlabel("score")
-    ax.set_ylabel("pool rows")
-    ax.set_title(f"{run.name}: score distribution ({run.method})")
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def best_subtask(run: SelectionRun) -> pd.Series | None:
-    cols = run.subtask_columns
-    if not cols:
-        return None
-    values = run.scores[cols].to_numpy(dtype=float)
-    values = np.where(np.isnan(values), -np.inf, values)  # a missing subtask score never wins
-    return pd.Series(np.asarray(cols)[np.argmax(values, axis=1)], index=run.scores.index).str[len("score_"):]
-
-
-def _share_bars(ax, pool_counts: pd.Series | None, selected_counts: pd.Series, title: str) -> None:
-    labels = list(selected_counts.index if pool_counts is None else pool_counts.index.union(selected_counts.index))
-    y = np.arange(len(labels))
-    sel = selected_counts.reindex(labels, fill_value=0)
-    if pool_counts is not None:
-        pool = pool_counts.reindex(labels, fill_value=0)
-        ax.barh(y + 0.2, pool / max(pool.sum(), 1), height=0.4, color="#9aa7b8", label="pool")
-        ax.barh(y - 0.2, sel / max(sel.sum(), 1), height=0.4, color="#d9534f", label="selected")
-        ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.06), ncol=2, frameon=False)
-    else:
-        ax.barh(y, sel / max(sel.sum(), 1), height=0.6, color="#d9534f")
-    ax.set_yticks(y, [str(l) for l in labels], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("share of rows")
-    ax.set_title(title, fontsize=10)
-
-
-def composition_figure(run: SelectionRun) -> str | None:
-    """Pool vs selected rows by `source` (selected/ alone in older layouts) and by best subtask."""
-    panels = []
-    if "source" in run.scores.columns:
-        source = run.scores["source"].astype(str)
-        panels.append(("source", source.value_counts(), source[run.scores["selected"]].value_counts()))
-    elif run.selected is not None and "source" in run.selected.column_names:
-        panels.append(("source", None, pd.Series(run.selected["source"]).astype(str).value_counts()))
-    subtask = best_subtask(run)
-    if subtask is not None:  # the pool by best subtask, the selection by the subtask each row was taken for
-        panels.append(("subtask", subtask.value_counts(), run.owners.value_counts()))
-    if not panels:
-        return None
-    fig = Figure(figsize=(5 * len(panels), 0.35 * max(len(p[2]) for p in panels) + 2))
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (what, pool, sel) in zip(axes, panels):
-        _share_bars(ax, pool, sel, f"selection by {what}")
-    return _png(fig)
-
-
 def checkpoint_agreement(run: SelectionRun) -> pd.DataFrame | None:
     cols = run.checkpoint_columns
     if len(cols) < 2:
         return None
     return run.scores[cols].corr(method="spearman")
-
-
-def checkpoint_agreement_figure(corr: pd.DataFrame) -> str:
-    fig = Figure(figsize=(1.1 * len(corr) + 2, 1.0 * len(corr) + 1.2))
-    ax = fig.subplots()
-    im = ax.imshow(corr.to_numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
-    labels = [c[len("score_"):] for c in corr.columns]
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(len(corr)):
-        for j in range(len(corr)):
-            value = corr.iat[i, j]
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if abs(value) > 0.6 else "black")
-    ax.set_title("Spearman correlation of checkpoint scores", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    return _png(fig)
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -225,7 +133,7 @@ def top_examples(run: SelectionRun, per_subtask: int = 5, max_chars: int = 400) 
         groups["all"] = ("score", list(by_index))
     else:
         for name in dict.fromkeys(owners.tolist()):
-            groups[name] = (f"score_{name}", [i for i in by_index if owners.get(i) == name])
+            groups[name] = (run.columns.subtask(name), [i for i in by_index if owners.get(i) == name])
     out = {}
     for name, (col, indices) in groups.items():
         ranked = sorted(indices, key=lambda i: -float(scores.at[i, col]))[:per_subtask]
@@ -265,7 +173,7 @@ def score_statistics(run: SelectionRun) -> pd.DataFrame:
     """Mean, spread and range of `score` and each `score_<subtask>`, over the pool and over the selection."""
     selected = run.scores["selected"].to_numpy()
     rows = []
-    for col in ["score"] + run.subtask_columns:
+    for col in [SCORE] + run.subtask_columns:
         values = run.scores[col].to_numpy(dtype=float)
         picked = values[selected]
         rows.append({"score": col, "pool mean": values.mean(), "pool std": values.std(), "pool min": values.min(),
@@ -279,7 +187,7 @@ def subtask_counts(run: SelectionRun, pairs: pd.DataFrame | None) -> pd.DataFram
     owners = run.owners
     if owners is None:
         return None
-    names = [c[len("score_"):] for c in run.subtask_columns]
+    names = list(run.columns.subtasks)
     picks = owners.value_counts().reindex(names, fill_value=0)
     table = pd.DataFrame({"subtask": names, "selected rows": picks.to_numpy(),
                           "share of selection": picks.to_numpy() / max(len(owners), 1)})

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import checkpoint_step
+
 SCHEDULER_FILE = "scheduler.pt"
 TRAINING_ARGS_FILE = "training_args.bin"
 FITTED_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -119,7 +121,7 @@ class WarmupRecord:
 
 
 def read_warmup_record(checkpoints: list[Path]) -> WarmupRecord:
-    record = WarmupRecord([c.name for c in checkpoints], [int(c.name.rsplit("-", 1)[1]) for c in checkpoints])
+    record = WarmupRecord([c.name for c in checkpoints], [checkpoint_step(c.name) for c in checkpoints])
     for ckpt in checkpoints:
         state_path = ckpt / "trainer_state.json"
         if state_path.exists():

@@ -15,61 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-
-def check_fraction(fraction: float, name: str = "selection_fraction") -> float:
-    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-        raise ValueError(f"{name} must be in (0, 1], got {fraction!r}")
-    return float(fraction)
-
-
-def selection_size(n: int, fraction: float) -> int:
-    """k = ceil(fraction * n), at least 1: how many of n pool rows a selection takes."""
-    check_fraction(fraction)
-    if n == 0:
-        raise ValueError("cannot select from an empty pool")
-    k = max(1, math.ceil(fraction * n - 1e-9))
-    if k == n and fraction < 1:
-        # Rounding up made a strict fraction take everything: the pool is too small to select from.
-        raise ValueError(f"a pool of {n} rows is too small for selection_fraction={fraction}: "
-                         f"ceil({fraction} * {n}) = {k} selects the whole pool")
-    return k
-
-
-def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
-    """Indices of the best ceil(fraction * n) rows, highest score first, ties broken by lower index."""
-    scores = np.asarray(scores, dtype=np.float64)
-    k = selection_size(len(scores), fraction)
-    if not np.isfinite(scores).all():
-        raise FloatingPointError(f"non-finite scores at pool indices {np.flatnonzero(~np.isfinite(scores))[:10].tolist()}")
-    order = np.lexsort((np.arange(len(scores)), -scores))
-    return order[:k]
-
-
-def _atomic_dir(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Swap the finished folder in; a reader sees the old complete folder or the new one, never half."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+from .columns import SCORE
+from .files import atomic_dir, publish
+from .scoring import select_rows
 
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -109,9 +62,7 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
     and returns entries for summary.json."""
     import pandas as pd
 
-    from .balance import select_rows
-
-    scores = np.asarray(table["score"], dtype=np.float64)
+    scores = np.asarray(table[SCORE], dtype=np.float64)
     if len(scores) != len(pool):
         raise ValueError(f"{len(scores)} scores for a pool of {len(pool)} rows")
     chosen, selected_for = select_rows(table, subtasks, fraction, subtask_balance, pair_counts)
@@ -121,7 +72,7 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
                                                  None if selected_for is None else list(selected_for)))
     if _holds(final, fingerprint):
         return final  # a re-run: the folder already holds exactly this selection, left untouched
-    tmp = _atomic_dir(final)
+    tmp = atomic_dir(final)
     frame = pd.DataFrame({"pool_index": np.arange(len(scores)), **{k: np.asarray(v) for k, v in table.items()}})
     if "source" in pool.column_names:  # lets reports compare the selection's composition with the pool's
         frame["source"] = pd.Series(pool["source"], dtype="string")
@@ -149,5 +100,5 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
         summary.update(before_publish(tmp, chosen) or {})
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     (tmp / FINGERPRINT_FILE).write_text(json.dumps({"sha256": fingerprint}))
-    _publish(tmp, final)
+    publish(tmp, final)
     return final

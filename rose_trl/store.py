@@ -23,6 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .files import atomic_write_json, remove_tree
+
 FORMAT_VERSION = 1
 # int8 rows carry a float32 scale each: half the disk of float16, scores nearly unchanged (docs/scale.md).
 DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
@@ -36,12 +38,6 @@ class StoreMismatchError(ValueError):
 
 class CorruptStoreError(ValueError):
     """A store's files are missing, truncated or inconsistent with its metadata."""
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -60,15 +56,6 @@ def _remove_dead_temporaries(path: Path) -> None:
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a folder so that no half-deleted copy stays at its name: rename first, then remove."""
-    path = Path(path)
-    if path.exists():
-        trash = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, trash)
-        shutil.rmtree(trash)
 
 
 def _read_rows(arr: np.memmap, start: int, stop: int) -> np.ndarray:
@@ -181,7 +168,7 @@ class GradientStore:
             rows = blank._rows_in(shard)
             for kind, dtype, shape in blank._files(rows):
                 np.lib.format.open_memmap(tmp / f"{kind}_{shard:05d}.npy", mode="w+", dtype=dtype, shape=shape).flush()
-        _atomic_write_json(tmp / "meta.json", wanted)
+        atomic_write_json(tmp / "meta.json", wanted)
         if path.exists() and not any(path.iterdir()):
             path.rmdir()
         try:

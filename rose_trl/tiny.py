@@ -125,7 +125,7 @@ def write_tiny_assets(out_dir: str | Path, n_pool: int = 400, pairs_per_subtask:
     """Write model/ (tiny Llama + tokenizer), pool.jsonl and validation.jsonl under `out_dir`."""
     import os
 
-    from .selection import _publish
+    from .files import publish
 
     out = Path(out_dir)
     # Written under a temporary name and renamed: a model/ folder is always a whole model.
@@ -135,7 +135,7 @@ def write_tiny_assets(out_dir: str | Path, n_pool: int = 400, pairs_per_subtask:
     tokenizer = build_tokenizer(_texts(pool, validation))
     build_tiny_llama(tokenizer, hidden=hidden, layers=layers, seed=seed).save_pretrained(tmp_model)
     tokenizer.save_pretrained(tmp_model)
-    _publish(tmp_model, out / "model")
+    publish(tmp_model, out / "model")
     for name, rows in (("pool.jsonl", pool), ("validation.jsonl", validation)):
         tmp = out / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -8,27 +8,30 @@ so each pair's gradient comes out of one forward/backward.
 Reference model: the pretrained model, i.e. the policy with its LoRA adapters disabled. TRL copies an
 existing adapter into a frozen "ref" adapter when it is handed a PEFT model, which would make the
 reference the *warm-up checkpoint*; we remove that copy so TRL falls back to disabling adapters.
+
+`ValidationGradients` keeps a run's validation stores (rose/val_dpo[_<loss tag>]/ or rose/val_sft/, one per
+checkpoint); the rows come from the run's `Featurizer`, like the pool's.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
-from .distributed import gathered, release_gathered
-from .extraction import eval_mode, fusion_unavailable
-from .gradients import (PerExampleGradientCapture, ProjectedRows, activation_checkpointing_off, per_example_gradients,
-                        per_example_projected_gradients, trainable_parameters)
-from .projection import Projector
+from .config import ROSEConfig
 from .data.preferences import DEFAULT_SUBTASK, validate_preferences
+from .distributed import all_true, gathered, release_gathered
+from .featurizer import Featurizer
+from .gradients import trainable_parameters
+from .model_utils import eval_mode
 from .sft_data import collate, tokenize_sft_example
-
-logger = logging.getLogger(__name__)
+from .store import GradientStore
 
 
 # Losses that couple the pairs of a batch: aot/aot_unpaired sort the batch's log-ratios (a pair's loss term
@@ -51,13 +54,46 @@ def validation_loss_tag(loss_type: list[str], loss_weights: list[float] | None =
     return tag
 
 
+@dataclass
+class ValidationDPOConfig(DPOConfig):
+    """A DPOConfig whose sequences this package truncates, keeping their end (`KeepLastTokens`)."""
+
+    keep_last_tokens: int | None = field(
+        default=None, metadata={"help": "Cut each preference sequence (prompt + answer) to its last N tokens: long "
+                                        "prompts lose their start, no pair is dropped. TRL's own max_length is None."})
+
+
+class KeepLastTokens:
+    """TRL's preference collator, then each sequence cut to its last `max_length` tokens: what TRL's
+    truncation_mode="keep_end" did before its deprecation (it goes in TRL 2.0). TRL's keep_start would drop
+    the pairs whose prompt fills max_length, and every gradient row must line up with its subtask label."""
+
+    def __init__(self, collate_fn, max_length: int, pad_token_id: int):
+        self.collate_fn, self.max_length, self.pad_token_id = collate_fn, max_length, pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate_fn(examples)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()  # right-padded rows
+        if max(lengths) <= self.max_length:
+            return batch
+        width = min(max(lengths), self.max_length)
+        for key, fill in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("completion_mask", 0)):
+            rows = batch[key]
+            cut = rows.new_full((rows.shape[0], width), fill)
+            for r, n in enumerate(lengths):
+                kept = rows[r, max(0, n - self.max_length) : n]
+                cut[r, : len(kept)] = kept
+            batch[key] = cut
+        return batch
+
+
 def validation_dpo_config(output_dir: str, beta: float = 0.1, batch_size: int = 4, max_length: int | None = 1024,
                           use_cpu: bool = False, bf16: bool = False, ddp_backend: str | None = None,
                           loss_type: list[str] | str = "sigmoid", loss_weights: list[float] | None = None,
-                          label_smoothing: float = 0.0) -> DPOConfig:
+                          label_smoothing: float = 0.0) -> ValidationDPOConfig:
     """A DPOConfig for gradient extraction only: TRL's loss of `loss_type` (the paper's sigmoid by
-    default), no dropout changes, no checkpointing."""
-    return DPOConfig(
+    default), no dropout changes, no checkpointing, sequences cut to their last `max_length` tokens."""
+    return ValidationDPOConfig(
         output_dir=output_dir,
         beta=beta,
         loss_type=[loss_type] if isinstance(loss_type, str) else list(loss_type),
@@ -73,10 +109,9 @@ def validation_dpo_config(output_dir: str, beta: float = 0.1, batch_size: int = 
         # backend as the run it lives in (gloo for DeepSpeed on a CPU machine, see docs/distributed.md).
         ddp_backend=ddp_backend,
         per_device_train_batch_size=batch_size,
-        max_length=max_length,
-        # keep_end never drops a pair (keep_start drops prompts longer than max_length), so every
-        # gradient row still lines up with its subtask label: long prompts lose their start.
-        truncation_mode="keep_end",
+        # Truncation is ours (KeepLastTokens): with a max_length, TRL would drop the pairs whose prompt fills it.
+        max_length=None,
+        keep_last_tokens=max_length,
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
@@ -106,56 +141,37 @@ class ROSEDPOTrainer(DPOTrainer):
             raise RuntimeError("building the DPO trainer changed the model's trainable parameters")
         if len(self.train_dataset) != len(train_dataset):
             raise RuntimeError(f"TRL kept {len(self.train_dataset)} of {len(train_dataset)} preference pairs")
+        if getattr(args, "keep_last_tokens", None) is not None:  # a plain DPOConfig truncates as TRL does
+            self.data_collator = KeepLastTokens(self.data_collator, args.keep_last_tokens,
+                                                self.data_collator.pad_token_id)
 
     @property
     def pairs_per_pass(self) -> int:
         """One pair per pass for losses that couple the pairs of a batch (PAIR_COUPLED_LOSSES)."""
         return 1 if PAIR_COUPLED_LOSSES & set(self.loss_types) else self.args.per_device_train_batch_size
 
-    def pair_gradients(self, projector: Projector | None = None, progress: bool = False) -> torch.Tensor:
-        """[n_pairs, n_params] gradients (or [n_pairs, dim] when `projector` is given), in dataset order."""
+    def pair_gradients(self, featurizer: Featurizer) -> torch.Tensor:
+        """[n_pairs, dim] features of each pair's gradient (its chosen row's plus its rejected row's), in
+        dataset order."""
         model = self.accelerator.unwrap_model(self.model)
-        params = [p for _, p in trainable_parameters(model)]
         loader = DataLoader(self.train_dataset, batch_size=self.pairs_per_pass, shuffle=False,
                             collate_fn=self.data_collator)
-        device = params[0].device
-        # Projected rows come from the fused path (each layer projected inside the backward) when the
-        # projector takes slices: no [rows, n_params] buffer, as for the pool. Projection is linear, so
-        # projecting the chosen and rejected rows and adding them equals projecting their sum.
-        fused = projector is not None and fusion_unavailable(projector) is None
+        device = next(p for _, p in trainable_parameters(model)).device
         out = []
-        capture = PerExampleGradientCapture(model)
-        with eval_mode(model), activation_checkpointing_off(model), capture, torch.enable_grad():
+        with eval_mode(model):
             for inputs in loader:
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 pairs = inputs["input_ids"].shape[0] // 2
-                sink = capture.reset(2 * pairs, device, ProjectedRows(2 * pairs, projector, None, device) if fused else None)
-                loss = self.compute_loss(self.model, inputs)
                 # TRL averages each loss over the pairs; the sum gives each pair its own full gradient.
-                capture.backward(loss * pairs)
+                out.append(featurizer(model, inputs, loss=lambda batch, n=pairs: self.compute_loss(self.model, batch) * n,
+                                      combine=lambda rows, n=pairs: rows[:n] + rows[n:]))  # [chosen..., rejected...]
                 release_gathered(model)
-                rows = sink.out if fused else sink.grads
-                grads = rows[:pairs] + rows[pairs:]  # rows are [chosen..., rejected...]
-                out.append(projector.project(grads) if projector is not None and not fused else grads)
         return torch.cat(out)
 
-    def reference_logps(self) -> torch.Tensor:
-        """[n_pairs, 2] summed completion log-probs (chosen, rejected) under TRL's reference."""
-        loader = DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
-                            shuffle=False, collate_fn=self.data_collator)
-        device = next(self.model.parameters()).device
-        rows = []
-        with eval_mode(self.model):
-            for inputs in loader:
-                inputs = {k: v.to(device) for k, v in inputs.items()}
-                chosen, rejected = self.compute_ref_log_probs(self.model, inputs)
-                rows.append(torch.stack([chosen, rejected], dim=1).float())
-        return torch.cat(rows)
 
-
-def sft_validation_gradients(model, validation, tokenizer, projector: Projector | None = None,
-                             max_length: int | None = 1024, batch_size: int = 8) -> torch.Tensor:
-    """LESS's validation gradients: plain SFT-loss gradients on prompt + chosen, one row per pair."""
+def sft_validation_gradients(model, validation, tokenizer, featurizer: Featurizer, max_length: int | None = 1024,
+                             batch_size: int = 8) -> torch.Tensor:
+    """LESS's validation features: plain SFT-loss gradients on prompt + chosen, one row per pair."""
     rows = []
     for i, ex in enumerate(validation):
         rows.append(tokenize_sft_example({"prompt": ex["prompt"], "completion": ex["chosen"]} if isinstance(ex["prompt"], str)
@@ -167,101 +183,70 @@ def sft_validation_gradients(model, validation, tokenizer, projector: Projector 
     with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad).items()}
-            if projector is not None and fusion_unavailable(projector) is None:
-                out.append(per_example_projected_gradients(model, batch, projector))
-            else:
-                grads = per_example_gradients(model, batch)
-                out.append(projector.project(grads) if projector is not None else grads)
+            out.append(featurizer(model, batch))
             release_gathered(model)
     return torch.cat(out)
 
 
-def zero_gradient_pairs(grads: np.ndarray) -> np.ndarray:
-    """Indices of the pairs whose gradient is exactly zero (e.g. hinge with the margin already met)."""
-    return np.flatnonzero(~np.asarray(grads).any(axis=1))
+def validation_loss(config: ROSEConfig) -> dict:
+    """What the DPO validation gradients depend on besides the model: recorded in their stores' meta."""
+    return {"validation_beta": config.validation_beta, "validation_loss_type": list(config.validation_loss_type),
+            "validation_loss_weights": config.validation_loss_weights or [1.0] * len(config.validation_loss_type),
+            "validation_label_smoothing": config.validation_label_smoothing}
 
 
-def pair_vectors(grads: np.ndarray, subtasks: list[str], mode: str = "normalized_mean",
-                 usable: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
-    """(subtask names in first-appearance order, [n_pairs, dim] vectors v_p) such that each subtask's
-    target is the mean of v_p over its usable pairs (rows of left-out pairs are zero):
+class ValidationGradients:
+    """A run's validation gradient stores, one per checkpoint: rose/val_dpo/ for the paper's sigmoid target,
+    rose/val_dpo_<tag>/ for another loss (switching back and forth reuses both), rose/val_sft/ for LESS."""
 
-    - "normalized_mean" (default; what ROSE/LESS's released code computes): v_p = g_p / |g_p|, the target
-      is the mean unit gradient, and scoring against it gives the mean cosine over the subtask's pairs.
-    - "eq6" (the paper's Eq. 6 read literally: average the raw gradients, then normalize):
-      v_p = g_p / |mean_{p' in j} g_p'|, so the target mean_p v_p is the unit mean gradient. Pairs with
-      large gradients (e.g. where the policy already strongly prefers the rejected answer, or long
-      responses) then weigh more, and the reference model's log-probs matter through the DPO weight
-      sigma(r_l - r_w), which cancels in the default mode.
+    def __init__(self, validation, tokenizer, config: ROSEConfig, rose_dir: Path, fingerprint: str,
+                 max_length: int | None, use_cpu: bool = False, ddp_backend: str | None = None):
+        self.validation, self.tokenizer, self.config = validation, tokenizer, config
+        self.rose_dir, self.fingerprint, self.max_length = rose_dir, fingerprint, max_length
+        self.use_cpu, self.ddp_backend = use_cpu, ddp_backend
+        self.kind = "dpo" if config.selection_method == "rose" else "sft"
+        tag = validation_loss_tag(config.validation_loss_type, config.validation_loss_weights,
+                                  config.validation_label_smoothing) if self.kind == "dpo" else ""
+        self.folder = rose_dir / (f"val_{self.kind}_{tag}" if tag else f"val_{self.kind}")
+        self._dpo_trainers: dict[int, ROSEDPOTrainer] = {}
 
-    `usable` (bool per pair, default all) leaves pairs out of their subtask's mean; a subtask left with
-    no usable pair is an error naming it.
-    """
-    if mode not in ("normalized_mean", "eq6"):
-        raise ValueError(f"unknown validation aggregation {mode!r}; use 'normalized_mean' or 'eq6'")
-    names = list(dict.fromkeys(subtasks))
-    labels = np.asarray(subtasks)
-    grads = np.asarray(grads, dtype=np.float64)
-    usable = np.ones(len(grads), dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
-    vectors = np.zeros_like(grads)
-    for name in names:
-        rows = np.flatnonzero((labels == name) & usable)
-        if len(rows) == 0:
-            raise ValueError(f"subtask {name!r} has no usable validation pair: every one of its pairs "
-                             f"{np.flatnonzero(labels == name).tolist()} has a zero gradient (the loss gives it no "
-                             "direction, e.g. hinge with every margin met)")
-        g = grads[rows]
-        if mode == "normalized_mean":
-            vectors[rows] = g / np.linalg.norm(g, axis=1, keepdims=True).clip(min=1e-30)
-        else:
-            vectors[rows] = g / max(np.linalg.norm(g.mean(axis=0)), 1e-30)
-    return names, vectors
+    def store(self, model, name: str, featurizer: Featurizer, identity: dict, write: bool = True) -> GradientStore:
+        """The checkpoint's store, computed when incomplete. The validation set is small: every process
+        computes it (TRL's loss gathers metrics across processes, so all must run it), `write` (the main
+        process) writes it. `identity`: what the pool store of the checkpoint records (model, checkpoint,
+        projection, dtype)."""
+        state = PartialState()
+        with state.main_process_first():
+            store = GradientStore.open_or_create(
+                self.folder / name, gradient_type=f"validation_{self.kind}", pool_fingerprint=self.fingerprint,
+                num_rows=len(self.validation), extra=validation_loss(self.config) if self.kind == "dpo" else {},
+                overwrite=self.config.overwrite_stores and state.is_main_process, **identity)
+        # Every process must agree before running collectives.
+        if not (all_true(store.is_complete) if state.num_processes > 1 else store.is_complete):
+            if self.kind == "dpo":
+                grads = self._dpo_trainer(model).pair_gradients(featurizer)
+            else:
+                grads = sft_validation_gradients(model, self.validation, self.tokenizer, featurizer, self.max_length)
+            if write:
+                store.write(np.arange(len(self.validation)), grads.cpu().numpy())
+        return store
 
+    def read(self, name: str, projection: dict) -> np.ndarray:
+        """The checkpoint's [n_pairs, dim] rows, checked against the pool store's `projection`."""
+        store = GradientStore.open(self.folder / name)
+        if store.meta["projection"] != projection:
+            raise ValueError(f"{name}: validation and pool gradients were projected differently")
+        return store.read_all()
 
-def subtask_means(vectors: np.ndarray, subtasks: list[str], names: list[str], usable: np.ndarray | None = None) -> np.ndarray:
-    """[n_subtasks, dim] mean of the usable pairs' vectors per subtask."""
-    labels = np.asarray(subtasks)
-    usable = np.ones(len(labels), dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
-    return np.stack([vectors[(labels == name) & usable].mean(axis=0) for name in names])
-
-
-def aggregate_by_subtask(grads: np.ndarray, subtasks: list[str], mode: str = "normalized_mean",
-                         usable: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
-    """One target direction per subtask, [n_subtasks, dim] float32: the mean of `pair_vectors` over each
-    subtask's usable pairs (see there for the two modes)."""
-    names, vectors = pair_vectors(grads, subtasks, mode, usable)
-    return names, subtask_means(vectors, subtasks, names, usable).astype(np.float32)
-
-
-@dataclass
-class ValidationTargets:
-    """Every checkpoint's pair vectors and subtask targets, over one fixed set of usable pairs."""
-
-    subtasks: list[str]
-    vectors: list[np.ndarray]  # per checkpoint, [n_pairs, dim] (pair_vectors; zero rows for left-out pairs)
-    targets: list[np.ndarray]  # per checkpoint, [n_subtasks, dim] float32
-    usable: np.ndarray  # [n_pairs] bool
-    zero_gradient_pairs: dict[str, list[int]]  # checkpoint -> pairs whose gradient is zero there
-
-
-def validation_targets(grads: dict[str, np.ndarray], subtasks: list[str], mode: str = "normalized_mean") -> ValidationTargets:
-    """Targets of every checkpoint (name -> [n_pairs, dim] validation gradients). A pair whose gradient is
-    zero at any checkpoint is left out at all of them (with a warning), so that every subtask score is
-    the mean of one fixed set of pairs' contributions (explain.py)."""
-    zero = {name: zero_gradient_pairs(g).tolist() for name, g in grads.items()}
-    zero = {name: rows for name, rows in zero.items() if rows}
-    usable = np.ones(len(subtasks), dtype=bool)
-    for rows in zero.values():
-        usable[rows] = False
-    if zero:
-        logger.warning("validation pairs %s have a zero gradient (checkpoint: pairs %s) and are left out of their "
-                       "subtask's mean", np.flatnonzero(~usable).tolist(), zero)
-    vectors, targets = [], []
-    for name, g in grads.items():
-        try:
-            names, v = pair_vectors(g, subtasks, mode, usable)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-        vectors.append(v)
-        targets.append(subtask_means(v, subtasks, names, usable).astype(np.float32))
-    return ValidationTargets(names, vectors, targets, usable, zero)
+    def _dpo_trainer(self, model) -> ROSEDPOTrainer:
+        if id(model) not in self._dpo_trainers:
+            c = self.config
+            args = validation_dpo_config(str(self.rose_dir / "dpo"), beta=c.validation_beta,
+                                         batch_size=c.validation_batch_size, max_length=self.max_length,
+                                         use_cpu=self.use_cpu, ddp_backend=self.ddp_backend,
+                                         loss_type=c.validation_loss_type, loss_weights=c.validation_loss_weights,
+                                         label_smoothing=c.validation_label_smoothing)
+            columns = [c for c in ("prompt", "chosen", "rejected") if c in self.validation.column_names]
+            self._dpo_trainers[id(model)] = ROSEDPOTrainer(model, args, self.validation.select_columns(columns),
+                                                           self.tokenizer)
+        return self._dpo_trainers[id(model)]

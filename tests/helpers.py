@@ -79,3 +79,31 @@ def counting_gradient_passes():
     finally:
         for name, fn in real.items():
             setattr(torch.autograd, name, fn)
+
+
+class WholeRows:
+    """`projector` without its slices: a `Featurizer` of it takes the whole-row path with the same matrix."""
+
+    supports_slices = False
+
+    def __init__(self, projector):
+        self.projector, self.dim, self.implementation = projector, projector.dim, projector.implementation
+
+    def project(self, rows):
+        return self.projector.project(rows)
+
+    def describe(self):
+        return self.projector.describe()
+
+
+class Unprojected:
+    """No projection: a `Featurizer` of it gives the raw per-row gradients, [rows, n_params]."""
+
+    supports_slices = False
+    implementation = "none"
+
+    def __init__(self, num_params: int):
+        self.dim = num_params
+
+    def project(self, rows):
+        return rows

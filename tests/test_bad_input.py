@@ -21,7 +21,7 @@ from rose_trl.extraction import extract_gradients
 from rose_trl.gradients import AdamState, MissingAdamStateError, UnsupportedParameterError, trainable_parameters
 from rose_trl.offline import find_checkpoints, load_checkpoint_adam, select_from_checkpoints
 from rose_trl.projection import build_projector
-from rose_trl.selection import top_fraction
+from rose_trl.scoring import top_fraction
 from rose_trl.selector import ROSESelector, with_subtasks
 from rose_trl.sft_data import BadRecordError, tokenize_pool, tokenize_sft_example
 from rose_trl.store import CorruptStoreError, GradientStore

@@ -13,7 +13,8 @@ from trl import SFTTrainer
 from rose_trl.callback import ROSECallback
 from rose_trl.cli import main
 from rose_trl.config import ROSEConfig
-from rose_trl.explain import contribution_chunks, top_contributor_counts, top_pairs
+from rose_trl.explain import top_contributor_counts, top_pairs
+from rose_trl.scoring import contribution_chunks
 from rose_trl.pipeline import sft_training_dataset, warmup_indices
 from rose_trl.selection import write_selection
 from rose_trl.selector import ROSESelector
@@ -88,7 +89,7 @@ def test_contributions_stream_in_bounded_chunks(run, planted):
     pool, validation, tokenizer, _ = planted
     selector = ROSESelector(pool, validation, tokenizer, ROSEConfig(**CONFIG), run, max_length=256, use_cpu=True,
                             progress=False)
-    checkpoints = selector.checkpoints()
+    checkpoints, _ = selector.checkpoints()
     rows = np.array([3, 4, 5, 17, 100, 101, 299])
     pairs = np.arange(len(validation))
     whole = np.concatenate([v for _, v in contribution_chunks(checkpoints, rows, pairs)])
@@ -179,14 +180,14 @@ def test_report_of_a_run_explains_its_rows(run, planted):
 
 
 def test_another_validation_loss_gets_its_own_stores_and_switching_back_reuses_both(run, planted, monkeypatch):
-    import rose_trl.selector as selector_module
+    import rose_trl.extraction as extraction
     from rose_trl.offline import select_from_checkpoints
     from rose_trl.validation import ROSEDPOTrainer
 
     pool, validation, tokenizer, _ = planted
     pool_passes, dpo_passes = [], []
-    real_extract, real_pairs = selector_module.extract_gradients, ROSEDPOTrainer.pair_gradients
-    monkeypatch.setattr(selector_module, "extract_gradients", lambda *a, **k: pool_passes.append(real_extract(*a, **k)))
+    real_extract, real_pairs = extraction.extract_gradients, ROSEDPOTrainer.pair_gradients
+    monkeypatch.setattr(extraction, "extract_gradients", lambda *a, **k: pool_passes.append(real_extract(*a, **k)))
     monkeypatch.setattr(ROSEDPOTrainer, "pair_gradients", lambda self, *a, **k: dpo_passes.append(self.loss_types)
                         or real_pairs(self, *a, **k))
 

@@ -27,6 +27,12 @@ def random_adam(n: int, seed: int = 0) -> AdamState:
     return AdamState(torch.randn(n, generator=g) * 1e-3, torch.rand(n, generator=g) * 1e-6, 0.9, 0.999, 1e-8)
 
 
+def adam_direction(grads: torch.Tensor, adam: AdamState) -> torch.Tensor:
+    """LESS's Adam update direction written out: (b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g^2 + eps)."""
+    m, v, b1, b2, eps = as_tuple(adam)
+    return (b1 * m + (1 - b1) * grads) / torch.sqrt(b2 * v + (1 - b2) * grads**2 + eps)
+
+
 def as_tuple(adam: AdamState | None):
     return None if adam is None else (adam.exp_avg, adam.exp_avg_sq, adam.beta1, adam.beta2, adam.eps)
 
@@ -83,7 +89,7 @@ def test_layer_called_twice_and_layers_without_gradient():
         loop.append(g)
     loop = torch.stack(loop)
     for a in (None, adam):
-        reference = loop if a is None else a.precondition(loop)
+        reference = loop if a is None else adam_direction(loop, a)
         fused = per_example_projected_gradients(model, batch, projector, a)
         assert_rows_match(fused, projector.project(reference))
         assert_rows_match(fused, projector.project(per_example_gradients(model, batch, adam_state=a)))
@@ -116,7 +122,7 @@ def test_projector_without_slices_falls_back_and_a_resume_mixes_both_paths(tmp_p
     assert not whole_rows.supports_slices and sliced.supports_slices
     assert whole_rows.describe() == sliced.describe()  # the same matrix: stores are shared
 
-    with caplog.at_level(logging.WARNING, logger="rose_trl.extraction"):
+    with caplog.at_level(logging.WARNING, logger="rose_trl.featurizer"):
         extract_gradients(model, pool, reference := store_for(tmp_path / "ref", whole_rows, len(pool)), whole_rows, 0,
                           adam_state=adam, batch_size=4, progress=False)
     assert "fused gradient path off" in caplog.text and "cannot project a slice" in caplog.text
@@ -126,7 +132,7 @@ def test_projector_without_slices_falls_back_and_a_resume_mixes_both_paths(tmp_p
                       progress=False)
     assert int(mixed.done_mask().sum()) == 4
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rose_trl.extraction"):
+    with caplog.at_level(logging.WARNING, logger="rose_trl.featurizer"):
         assert extract_gradients(model, pool, mixed, sliced, 0, adam_state=adam, batch_size=4, progress=False) == 6
     assert "fused gradient path off" not in caplog.text
     assert_rows_match(torch.from_numpy(mixed.read_all()), torch.from_numpy(reference.read_all()))
@@ -147,8 +153,9 @@ def test_fused_path_memory_per_row_does_not_grow_with_depth():
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
 def test_validation_pair_gradients_fused_equal_whole_rows(loss_type, planted, tiny_base, tmp_path):
     # ROSE's validation rows (TRL's DPO loss per pair) take the fused path too; hinge keeps its exact zeros.
+    from rose_trl.featurizer import Featurizer
     from rose_trl.validation import ROSEDPOTrainer, sft_validation_gradients, validation_dpo_config
-    from tests.helpers import trained_adapter_model
+    from tests.helpers import WholeRows, trained_adapter_model
 
     _, validation, tokenizer, _ = planted
     model = trained_adapter_model(tiny_base)
@@ -158,11 +165,40 @@ def test_validation_pair_gradients_fused_equal_whole_rows(loss_type, planted, ti
     model.eval()
     n = sum(p.numel() for _, p in trainable_parameters(model))
     projector = build_projector("sjlt", n, 512, seed=0)
-    whole = projector.project(trainer.pair_gradients())
-    fused = trainer.pair_gradients(projector)
+    fused_path, whole_path = Featurizer(projector), Featurizer(WholeRows(projector))
+    assert fused_path.fused and not whole_path.fused
+    whole = trainer.pair_gradients(whole_path)
+    fused = trainer.pair_gradients(fused_path)
     zero = whole.norm(dim=1) == 0
     assert torch.equal(fused.norm(dim=1) == 0, zero)
     assert_rows_match(fused[~zero], whole[~zero])
     if loss_type == "sigmoid":
-        assert_rows_match(sft_validation_gradients(model, validation, tokenizer, projector),
-                          projector.project(sft_validation_gradients(model, validation, tokenizer)))
+        assert_rows_match(sft_validation_gradients(model, validation, tokenizer, fused_path),
+                          sft_validation_gradients(model, validation, tokenizer, whole_path))
+
+
+@pytest.mark.parametrize("whole_rows", [False, True])
+def test_the_path_is_decided_and_logged_once_per_run(tmp_path, caplog, whole_rows):
+    """Two checkpoints, each with pool and DPO validation gradients: one featurizer, one message saying which
+    path and why (a whole-row run's warning included, which used to come once per checkpoint, never for the
+    validation gradients)."""
+    from datasets import Dataset
+
+    from rose_trl.tiny import _texts, build_tokenizer, make_planted_task
+    from tests.reference_selector import select, whole_row_projectors
+
+    pool, validation = make_planted_task(n_pool=30, pairs_per_subtask=2, seed=0)
+    tokenizer = build_tokenizer(_texts(pool, validation))
+    restore = whole_row_projectors() if whole_rows else (lambda: None)
+    try:
+        with caplog.at_level(logging.INFO, logger="rose_trl.featurizer"):
+            select(Dataset.from_list(pool), Dataset.from_list(validation), tokenizer, tmp_path, "selection",
+                   projection_type="trak" if whole_rows else "sjlt")
+    finally:
+        restore()
+    said = [r.getMessage() for r in caplog.records if r.name == "rose_trl.featurizer"]
+    assert len(said) == 1, said
+    expected = "per-layer fused gradient path off: the projector (trak BasicProjector) cannot project a slice" \
+        if whole_rows else "per-layer fused gradient path: the projector (sparse JL"
+    assert expected in said[0], said
+    assert len(list((tmp_path / "rose" / "val_dpo").iterdir())) == 2

@@ -60,7 +60,7 @@ def test_batched_matches_loop_with_live_adamw_state():
     batch = mixed_length_batch(LENGTHS, PROMPTS, seed=1)
     m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params])
     v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params])
-    fast = per_example_gradients(model, batch, optimizer=opt)
+    fast = per_example_gradients(model, batch, adam_state=AdamState.from_optimizer(opt, trainable_parameters(model)))
     assert_rows_match(fast, loop_reference(model, batch, adam=(m, v, 0.8, 0.95, 1e-6)))
     # The live run's .grad buffers are left alone.
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
@@ -101,7 +101,7 @@ def test_adam_without_state_is_refused():
     model = tiny_lora_model()
     opt = torch.optim.AdamW([p for _, p in model.named_parameters() if p.requires_grad])
     with pytest.raises(MissingAdamStateError, match="no Adam state"):
-        per_example_gradients(model, mixed_length_batch([4], [1]), optimizer=opt)
+        AdamState.from_optimizer(opt, trainable_parameters(model))
 
 
 def test_saved_state_dict_gives_same_preconditioning_as_live():
@@ -198,6 +198,7 @@ def test_a_pass_that_runs_out_of_memory_is_split(tmp_path, monkeypatch, caplog):
     import numpy as np
 
     import rose_trl.extraction as extraction
+    import rose_trl.featurizer as featurizer
     from rose_trl.projection import build_projector
     from rose_trl.store import GradientStore
 
@@ -214,14 +215,14 @@ def test_a_pass_that_runs_out_of_memory_is_split(tmp_path, monkeypatch, caplog):
                                             gradient_type="sgd", pool_fingerprint="p", num_rows=len(pool), dtype="float32")
 
     extraction.extract_gradients(model, pool, small := store("small"), projector, 0, batch_size=2, progress=False)
-    real = extraction.per_example_projected_gradients
+    real = featurizer.per_example_projected_gradients
 
     def tight_memory(model, batch, *args, **kw):
         if batch["input_ids"].shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, batch, *args, **kw)
 
-    monkeypatch.setattr(extraction, "per_example_projected_gradients", tight_memory)
+    monkeypatch.setattr(featurizer, "per_example_projected_gradients", tight_memory)
     with caplog.at_level("WARNING"):
         extraction.extract_gradients(model, pool, split := store("split"), projector, 0, batch_size=7, progress=False)
     assert "ran out of memory: splitting it" in caplog.text
@@ -229,7 +230,7 @@ def test_a_pass_that_runs_out_of_memory_is_split(tmp_path, monkeypatch, caplog):
     np.testing.assert_allclose(split.read_all(), small.read_all(), rtol=1e-4, atol=1e-6)
 
     # One row that does not fit cannot be split: the error reaches the caller.
-    monkeypatch.setattr(extraction, "per_example_projected_gradients",
+    monkeypatch.setattr(featurizer, "per_example_projected_gradients",
                         lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
     with pytest.raises(torch.OutOfMemoryError):
         extraction.extract_gradients(model, pool, store("none"), projector, 0, batch_size=7, progress=False)

@@ -112,10 +112,10 @@ def test_offline_mode_from_saved_checkpoints_matches_callback(callback_run, plan
 def test_rerun_reuses_finished_stores(callback_run, planted, monkeypatch):
     out, _ = callback_run
     pool, validation, tokenizer, _ = planted
-    import rose_trl.selector as selector_module
+    import rose_trl.extraction as extraction
 
     calls = []
-    monkeypatch.setattr(selector_module, "extract_gradients", lambda *a, **k: calls.append(1) or 0)
+    monkeypatch.setattr(extraction, "extract_gradients", lambda *a, **k: calls.append(1) or 0)
     selector = ROSESelector(pool, validation, tokenizer, ROSEConfig(projection_dim=2048, selection_fraction=0.1),
                             out, max_length=256, use_cpu=True, progress=False)
     before = pd.read_parquet(out / "selection" / "scores.parquet")
@@ -128,11 +128,11 @@ def test_less_method_reuses_training_gradients(callback_run, planted, monkeypatc
     """Another gradient method on the same run computes validation gradients only."""
     out, _ = callback_run
     pool, validation, tokenizer, _ = planted
-    import rose_trl.selector as selector_module
+    import rose_trl.extraction as extraction
 
     computed = []
-    real = selector_module.extract_gradients
-    monkeypatch.setattr(selector_module, "extract_gradients", lambda *a, **k: computed.append(real(*a, **k)))
+    real = extraction.extract_gradients
+    monkeypatch.setattr(extraction, "extract_gradients", lambda *a, **k: computed.append(real(*a, **k)))
     selector = ROSESelector(pool, validation, tokenizer,
                             ROSEConfig(projection_dim=2048, selection_fraction=0.1, selection_method="less"),
                             out, max_length=256, use_cpu=True, progress=False)

@@ -14,9 +14,14 @@ from torch.utils.data import DataLoader
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
 from rose_trl.config import DPO_LOSS_TYPES
+from rose_trl.featurizer import Featurizer
 from rose_trl.gradients import trainable_parameters
 from rose_trl.validation import ROSEDPOTrainer, validation_dpo_config
-from tests.helpers import trained_adapter_model
+from tests.helpers import Unprojected, trained_adapter_model
+
+
+def raw_pair_gradients(trainer, model):
+    return trainer.pair_gradients(Featurizer(Unprojected(sum(p.numel() for _, p in trainable_parameters(model)))))
 
 
 def test_trl_version_in_pinned_range():
@@ -65,7 +70,7 @@ def test_every_dpo_loss_type_gives_each_pair_its_own_gradient(loss_type, planted
                                                           label_smoothing=smoothing), validation, tokenizer)
     assert trainer.loss_types == [loss_type]
     model.eval()
-    grads = trainer.pair_gradients()
+    grads = raw_pair_gradients(trainer, model)
     n_params = sum(p.numel() for _, p in trainable_parameters(model))
     assert grads.shape == (len(validation), n_params) and torch.isfinite(grads).all()
     ref = one_pair_gradients(trainer, model)
@@ -79,7 +84,7 @@ def test_hinge_gives_an_exact_zero_once_the_margin_is_met(planted, tiny_base, tm
     trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), beta=20.0, batch_size=3, use_cpu=True,
                                                           loss_type="hinge"), validation, tokenizer)
     model.eval()
-    grads = trainer.pair_gradients()
+    grads = raw_pair_gradients(trainer, model)
     with torch.no_grad():
         losses = torch.stack([trainer.compute_loss(model, inputs) for inputs in
                               DataLoader(trainer.train_dataset, batch_size=1, collate_fn=trainer.data_collator)])
@@ -90,6 +95,11 @@ def test_hinge_gives_an_exact_zero_once_the_margin_is_met(planted, tiny_base, tm
 
 def test_configs_and_helpers_used_by_the_recipe():
     from trl import DPOConfig, ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config  # noqa: F401
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from rose_trl import files
+
+    assert files.PREFIX_CHECKPOINT_DIR == PREFIX_CHECKPOINT_DIR  # the Trainer's checkpoint-<step> folders
 
     dpo = DPOConfig.__dataclass_fields__
     for name in ("beta", "loss_type", "disable_dropout", "truncation_mode", "precompute_ref_log_probs", "max_length"):

@@ -5,10 +5,16 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from rose_trl.config import ROSEConfig
+from rose_trl.scoring import pair_vectors, subtask_means, zero_gradient_pairs
 from rose_trl.sft_data import BadRecordError
-from rose_trl.validation import (ROSEDPOTrainer, aggregate_by_subtask, pair_vectors, validation_dpo_config,
-                                 validation_loss_tag, zero_gradient_pairs)
+from rose_trl.validation import KeepLastTokens, ROSEDPOTrainer, validation_dpo_config, validation_loss_tag
 from tests.helpers import trained_adapter_model
+
+
+def aggregate_by_subtask(grads, subtasks, mode="normalized_mean", usable=None):
+    """Each subtask's target: the mean of its usable pairs' vectors."""
+    names, vectors = pair_vectors(grads, subtasks, mode, usable)
+    return names, subtask_means(vectors, subtasks, names, usable)
 
 
 def summed_logps(model, input_ids, completion_mask):
@@ -23,8 +29,10 @@ def test_reference_is_the_base_model_not_a_copy_of_the_adapter(planted, tiny_bas
     trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), batch_size=1, use_cpu=True),
                              validation.select(range(3)), tokenizer)
     assert list(model.peft_config) == ["default"]  # TRL's frozen "ref" adapter copy is gone
-    ref = trainer.reference_logps()
+    model.eval()
     batches = list(DataLoader(trainer.train_dataset, batch_size=1, collate_fn=trainer.data_collator))
+    with torch.no_grad():  # TRL's reference log-probs (chosen, rejected) of each pair
+        ref = torch.stack([torch.stack(trainer.compute_ref_log_probs(model, b)).reshape(-1).float() for b in batches])
     with torch.no_grad(), model.disable_adapter():
         base = torch.stack([summed_logps(model, b["input_ids"], b["completion_mask"]) for b in batches])
     with torch.no_grad():
@@ -88,3 +96,21 @@ def test_validation_loss_options_fail_at_config_time():
     assert validation_loss_tag(["ipo"]) == "ipo"
     assert validation_loss_tag(["sigmoid", "sft"], [1.0, 0.2]) == "sigmoid+sft_w1,0.2"
     assert validation_loss_tag(["exo_pair"], None, 1e-3) == "exo_pair_ls0.001"
+
+
+def test_sequences_keep_their_last_tokens_as_trls_keep_end_did(planted, tiny_base, tmp_path):
+    """TRL 2.0 drops truncation_mode="keep_end": KeepLastTokens cuts the same tokens (compared with TRL 1.16's
+    collator while it still has the mode), and no pair is dropped however long its prompt."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    _, validation, tokenizer, _ = planted
+    trainer = ROSEDPOTrainer(trained_adapter_model(tiny_base), validation_dpo_config(str(tmp_path), max_length=6,
+                                                                                     use_cpu=True), validation, tokenizer)
+    assert len(trainer.train_dataset) == len(validation) and trainer.args.max_length is None
+    assert isinstance(trainer.data_collator, KeepLastTokens)
+    examples = [trainer.train_dataset[i] for i in range(4)]
+    assert max(len(e["prompt_ids"]) for e in examples) >= 6  # prompts alone fill max_length
+    ours = trainer.data_collator(examples)
+    trls = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=6, truncation_mode="keep_end")(examples)
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(ours[key], trls[key]), key

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..extraction import eval_mode
+from ..model_utils import eval_mode
 from .text import max_over_subtasks, pool_texts, subtask_groups, validation_texts
 
 

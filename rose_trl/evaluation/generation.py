@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..extraction import eval_mode
+from ..model_utils import eval_mode
 
 
 @dataclass

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..extraction import eval_mode
 from ..gradients import model_inputs
+from ..model_utils import eval_mode
 from ..sft_data import IGNORE_INDEX, collate, tokenize_sft_example
 
 
