@@ -32,7 +32,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rose_trl.extraction import extract_gradients
-from rose_trl.gradients import AdamState, model_inputs, trainable_parameters
+from rose_trl.gradients import AdamState, trainable_parameters
+from rose_trl.sft_loss import model_inputs
 from rose_trl.projection import build_projector
 from rose_trl.sft_data import collate
 from rose_trl.store import GradientStore

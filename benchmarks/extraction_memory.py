@@ -34,9 +34,9 @@ import torch
 from llama_shapes import SHAPES, build_model
 from torch.profiler import ProfilerActivity, profile
 
-from rose_trl import gradients
-from rose_trl.gradients import (AdamState, model_inputs, per_example_gradients, per_example_projected_gradients,
-                                sft_per_example_loss, trainable_parameters)
+from rose_trl import sft_loss
+from rose_trl.gradients import AdamState, per_example_gradients, per_example_projected_gradients, trainable_parameters
+from rose_trl.sft_loss import model_inputs, sft_per_example_loss
 from rose_trl.projection import build_projector
 
 def batch_of(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
@@ -68,16 +68,16 @@ def passes(model, projector, adam: AdamState) -> dict:
         return torch.autograd.grad(sft_per_example_loss(model(**inputs).logits, batch["labels"], positions).sum(), params)
 
     def fused_plain_loss(batch):
-        bound, gradients.LOSS_CHUNK_ELEMENTS = gradients.LOSS_CHUNK_ELEMENTS, 2**62
+        bound, sft_loss.LOSS_CHUNK_ELEMENTS = sft_loss.LOSS_CHUNK_ELEMENTS, 2**62
         try:
             return per_example_projected_gradients(model, batch, projector, adam)
         finally:
-            gradients.LOSS_CHUNK_ELEMENTS = bound
+            sft_loss.LOSS_CHUNK_ELEMENTS = bound
 
     def backbone(batch):
         inputs, positions = model_inputs(model, batch)
         inputs.pop("logits_to_keep", None)
-        hidden = gradients._chunkable_head(model)[0](**inputs).last_hidden_state
+        hidden = sft_loss._chunkable_head(model)[0](**inputs).last_hidden_state
         return torch.autograd.grad(hidden[:, positions].sum() if positions is not None else hidden.sum(), params)
 
     return {

@@ -41,14 +41,14 @@ def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatc
     """--model smollm2-135m at a cut-down size: SmolLM2's shape with 2 layers and a small vocabulary (its
     30 layers and 49k words take minutes); the chunked loss forced on, as at the real size."""
     import extraction
-    from rose_trl import gradients
+    from rose_trl import sft_loss
 
     shape = dict(extraction.SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512)
     monkeypatch.setitem(extraction.SHAPES, "smollm2-135m", shape)
-    monkeypatch.setattr(gradients, "LOSS_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(sft_loss, "LOSS_CHUNK_ELEMENTS", 1000)
     chunked = []
-    original = gradients.chunked_sft_per_example_loss
-    monkeypatch.setattr(gradients, "chunked_sft_per_example_loss", lambda *a: chunked.append(1) or original(*a))
+    original = sft_loss.chunked_sft_per_example_loss
+    monkeypatch.setattr(sft_loss, "chunked_sft_per_example_loss", lambda *a: chunked.append(1) or original(*a))
     extraction.main(["--model", "smollm2-135m", "--examples", "12", "--less-examples", "2", "--seq-len", "32",
                      "--dim", "256", "--repeats", "1"])
     out = capsys.readouterr().out.strip().splitlines()

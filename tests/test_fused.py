@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from rose_trl.extraction import extract_gradients
-from rose_trl.gradients import (AdamState, per_example_gradients, per_example_projected_gradients, sft_per_example_loss,
+from rose_trl.sft_loss import sft_per_example_loss
+from rose_trl.gradients import (AdamState, per_example_gradients, per_example_projected_gradients,
                                 trainable_parameters)
 from rose_trl.projection import build_projector
 from rose_trl.store import GradientStore

@@ -240,23 +240,23 @@ def test_a_pass_that_runs_out_of_memory_is_split(tmp_path, monkeypatch, caplog):
 def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, chunk_elements):
     """The bounded loss (chunks of 1 token, 3 tokens, or all tokens at once) against the plain one, forced on
     at a small vocabulary: same per-row losses, same per-row gradients."""
-    from rose_trl import gradients
+    from rose_trl import sft_loss
 
     model = tiny_lora_model()
     batch = mixed_length_batch(LENGTHS, PROMPTS, seed=4)
     plain_rows = per_example_gradients(model, batch)
-    inputs, positions = gradients.model_inputs(model, batch)
-    plain_loss = gradients.sft_per_example_loss(model(**inputs).logits, batch["labels"], positions)
-    backbone, head = gradients._chunkable_head(model)
+    inputs, positions = sft_loss.model_inputs(model, batch)
+    plain_loss = sft_loss.sft_per_example_loss(model(**inputs).logits, batch["labels"], positions)
+    backbone, head = sft_loss._chunkable_head(model)
     inputs.pop("logits_to_keep", None)
     hidden = backbone(**inputs).last_hidden_state
-    chunked_loss = gradients.chunked_sft_per_example_loss(hidden, head, batch["labels"], chunk_elements)
+    chunked_loss = sft_loss.chunked_sft_per_example_loss(hidden, head, batch["labels"], chunk_elements)
     assert torch.allclose(chunked_loss, plain_loss, rtol=1e-6, atol=1e-6)
 
-    monkeypatch.setattr(gradients, "LOSS_CHUNK_ELEMENTS", 0)  # every pass takes the chunked loss
+    monkeypatch.setattr(sft_loss, "LOSS_CHUNK_ELEMENTS", 0)  # every pass takes the chunked loss
     calls = []
-    original = gradients.chunked_sft_per_example_loss
-    monkeypatch.setattr(gradients, "chunked_sft_per_example_loss",
+    original = sft_loss.chunked_sft_per_example_loss
+    monkeypatch.setattr(sft_loss, "chunked_sft_per_example_loss",
                         lambda *a: calls.append(1) or original(*a[:3], chunk_elements))
     chunked_rows = per_example_gradients(model, batch)
     assert calls, "the chunked loss did not run"
@@ -265,20 +265,20 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, chunk
 
 
 def test_chunked_loss_only_where_the_logits_exceed_the_budget(monkeypatch):
-    from rose_trl import gradients
+    from rose_trl import sft_loss
 
     model = tiny_lora_model()
     batch = mixed_length_batch([10, 10], [2, 2])
     seen = []
-    original = gradients.chunked_sft_per_example_loss
-    monkeypatch.setattr(gradients, "chunked_sft_per_example_loss", lambda *a: seen.append(1) or original(*a))
+    original = sft_loss.chunked_sft_per_example_loss
+    monkeypatch.setattr(sft_loss, "chunked_sft_per_example_loss", lambda *a: seen.append(1) or original(*a))
     # 2 rows x 8 labelled positions x 128 words = 2048 logits: the plain loss at the default budget and at 2048,
     # chunked below.
-    assert len(gradients.model_inputs(model, batch)[1]) == 8
+    assert len(sft_loss.model_inputs(model, batch)[1]) == 8
     for budget, chunked in ((None, False), (2048, False), (2047, True)):
         seen.clear()
-        gradients.pass_loss(model, batch, budget)
+        sft_loss.pass_loss(model, batch, budget)
         assert bool(seen) == chunked, budget
     # A trainable LM head keeps the plain loss (the chunked one gives the head no gradient).
     model.get_base_model().lm_head.weight.requires_grad_(True)
-    assert gradients._chunkable_head(model) is None
+    assert sft_loss._chunkable_head(model) is None

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..gradients import model_inputs
+from ..sft_loss import model_inputs
 from ..model_utils import eval_mode
 from ..sft_data import IGNORE_INDEX, collate, tokenize_sft_example
 
@@ -40,7 +40,7 @@ def sequence_logps(model, tokenizer, prompts: Sequence, responses: Sequence, bat
     """(sum of response-token log-probs, number of response tokens) per (prompt, response).
 
     Logits are computed only at the positions where some row of a pass has a response token (the model
-    inputs of the gradient passes, `gradients.model_inputs`): a [rows, T, vocab] tensor is the largest of
+    inputs of the gradient passes, `sft_loss.model_inputs`): a [rows, T, vocab] tensor is the largest of
     a forward (SmolLM2's 49k words: 0.2 MB a token in float32)."""
     rows = [tokenize_sft_example({"prompt": p, "completion": r}, tokenizer, max_length, "evaluation", i)
             for i, (p, r) in enumerate(zip(prompts, responses))]
