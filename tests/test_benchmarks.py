@@ -57,3 +57,18 @@ def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatc
     assert any("(first 2 examples)" in line for line in out)
     speedup, overhead = (float(part.split("=")[1]) for part in out[-1].split())
     assert out[-1].startswith("speedup_vs_less=") and speedup > 0 and overhead > 0
+
+
+def test_extraction_memory_paths_of_the_real_shape_at_tiny_scale(monkeypatch):
+    """extraction_memory's fused_plain_loss and backbone paths (what docs/performance.md's SmolLM2 table
+    reads), at the tiny shape with the chunked loss forced on: the chunked pass and the decoder alone hold
+    less per row than the pass with the plain loss."""
+    from extraction_memory import run
+
+    from rose_trl import gradients
+
+    monkeypatch.setattr(gradients, "LOSS_CHUNK_ELEMENTS", 512 * 4)
+    slopes = run("tiny", [1], [1, 2], seq_len=48, lora_r=4, dim=256,
+                 paths=["fused", "fused_plain_loss", "backbone"], log=lambda s: None)
+    assert slopes[("fused", 1)] < slopes[("fused_plain_loss", 1)], slopes
+    assert slopes[("backbone", 1)] < slopes[("fused_plain_loss", 1)], slopes
