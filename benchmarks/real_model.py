@@ -52,11 +52,14 @@ from rose_trl.selection import top_fraction
 from rose_trl.selector import ROSESelector
 
 ANSWERS = ("chosen", "rejected", "other")
-# The full grid and --quick (which must finish within 20 minutes on 2 cores). Larger k: the next released file.
+# The full grid and --quick (sized for 20 minutes on 2 unshared cores: one warm-up checkpoint, one budget, no
+# rds/full). Larger k: the next released file.
 FULL = dict(pool_target=150, pool_other=50, heldout=80, budgets=[0.05, 0.1, 0.2], seeds=[0, 1, 2, 3, 4],
-            methods=["rose", "less", "random", "bm25", "dsir", "rds", "full"], ks="both", halves=["dev", "test"])
-QUICK = dict(pool_target=60, pool_other=20, heldout=40, budgets=[0.1], seeds=[0, 1],
-             methods=["rose", "less", "random", "bm25", "dsir", "rds"], ks="default", halves=["test"])
+            methods=["rose", "less", "random", "bm25", "dsir", "rds", "full"], ks="both", halves=["dev", "test"],
+            warmup_epochs=2, final_epochs=2)
+QUICK = dict(pool_target=36, pool_other=12, heldout=32, budgets=[0.2], seeds=[0, 1],
+             methods=["rose", "less", "random", "bm25", "dsir"], ks="default", halves=["test"],
+             warmup_epochs=1, final_epochs=1)
 LARGER_K = {"se": 5, "hh": 10}
 # ROSE's options studied at the selection level, from the same stores: (name, ROSEConfig options, checkpoints).
 # "rescoring" ones cost no gradient pass; "all" adds those that need new validation gradients.
@@ -356,6 +359,8 @@ def run_variants(bench: Bench, target: str, k_default: int, results: dict, varia
     a = bench.args
     out = results.setdefault(f"{target}_variants", {})
     for name, options, checkpoints in variants:
+        if checkpoints != "all" and a.warmup_epochs < 2:
+            continue  # one checkpoint: nothing to leave out
         options = dict(options)
         k = options.pop("k", k_default)
         task, task_key = bench.task(target, k)
@@ -452,7 +457,8 @@ def main(argv=None) -> dict:
     p.add_argument("--model", type=Path, default=Path("outputs/smollm2/model"),
                    help="model folder (`rose-trl smollm2-assets OUT` writes OUT/model)")
     p.add_argument("--out", type=Path, default=Path("outputs/bench_real_model"))
-    p.add_argument("--quick", action="store_true", help="default k only, 10%% budget, 2 random seeds, no full pool")
+    p.add_argument("--quick", action="store_true", help="a 48-row pool, default k, 20%% budget, 2 random seeds, one "
+                                                        "warm-up checkpoint, 1 final epoch, no rds and full pool")
     p.add_argument("--targets", nargs="+", default=["se", "hh"], choices=["se", "hh"])
     p.add_argument("--ks", choices=["default", "larger", "both"], default=None)
     p.add_argument("--methods", nargs="+", default=None)
@@ -468,8 +474,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--warmup-fraction", type=float, default=0.1)
-    p.add_argument("--warmup-epochs", type=int, default=2, help="= checkpoints")
-    p.add_argument("--final-epochs", type=int, default=2)
+    p.add_argument("--warmup-epochs", type=int, default=None, help="= checkpoints")
+    p.add_argument("--final-epochs", type=int, default=None)
     p.add_argument("--projection-dim", type=int, default=8192)
     p.add_argument("--variants", choices=["rescoring", "all"], default=None,
                    help="also ROSE's options at the selection level: those that only re-score the stores, or all "
@@ -501,7 +507,7 @@ def main(argv=None) -> dict:
                 for k in ks[target]:
                     run_target(bench, target, k, results, train=what)
         log(f"stage {stage} done")
-    write_json(args.out / f"results_{'quick' if args.quick else 'full'}.json", results)
+    write_json(args.out / f"results_{'quick' if args.quick else 'full'}_{'_'.join(args.targets)}.json", results)
     print(f"\nreal_model.py {'--quick' if args.quick else ''}: model {args.model}, max_length {args.max_length}, LoRA r "
           f"{args.lora_r}, lr {args.lr}, warm-up {args.warmup_fraction:g} x {args.warmup_epochs} epochs, final "
           f"{args.final_epochs} epochs; this invocation trained {bench.counts['trained']} adapters, evaluated "

@@ -66,6 +66,16 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     res = results["hh_k1"]
     assert res["heldout"] == {"test": 4} and res["pool"]["rows"] == 16
     assert res["base"]["test"]["accuracy"] == 0.5  # the base is its own reference
+    # chosen_nll comes from the evaluation's own forward pass: it must equal reference_nll's
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rose_trl.data.realtext import build_real_task
+    from rose_trl.evaluation.metrics import reference_nll
+
+    test = build_real_task("hh", pool_target=12, pool_other=4, heldout=8).heldout.filter(lambda r: r["half"] == "test")
+    nll = reference_nll(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model),
+                        test["prompt"], test["chosen"], max_length=48)
+    assert math.isclose(res["base"]["test"]["chosen_nll"], nll, rel_tol=1e-5)
     for method, by_budget in res["methods"].items():
         assert set(by_budget) == {"0.25", "0.5"}
         for budget, rows in by_budget.items():
