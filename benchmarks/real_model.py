@@ -52,13 +52,15 @@ from rose_trl.selection import top_fraction
 from rose_trl.selector import ROSESelector
 
 ANSWERS = ("chosen", "rejected", "other")
-# The full grid and --quick (sized for 20 minutes on 2 unshared cores: one warm-up checkpoint, one budget, no
-# rds/full). Larger k: the next released file.
+# The full grid and --quick (one warm-up checkpoint, one budget, rose/less/random trained; measured: docs/
+# selection_quality.md (c)). Larger k: the next released file.
 FULL = dict(pool_target=150, pool_other=50, heldout=80, budgets=[0.05, 0.1, 0.2], seeds=[0, 1, 2, 3, 4],
-            methods=["rose", "less", "random", "bm25", "dsir", "rds", "full"], ks="both", halves=["dev", "test"],
+            methods=["rose", "less", "random", "bm25", "dsir", "rds", "full"], train_methods=None, ks="both",
+            halves=["dev", "test"],
             warmup_epochs=2, final_epochs=2)
 QUICK = dict(pool_target=36, pool_other=12, heldout=32, budgets=[0.2], seeds=[0, 1],
-             methods=["rose", "less", "random", "bm25", "dsir"], ks="default", halves=["test"],
+             methods=["rose", "less", "random", "bm25", "dsir"], train_methods=["rose", "less", "random"],
+             ks="default", halves=["test"],
              warmup_epochs=1, final_epochs=1)
 LARGER_K = {"se": 5, "hh": 10}
 # ROSE's options studied at the selection level, from the same stores: (name, ROSEConfig options, checkpoints).
@@ -344,8 +346,8 @@ def run_target(bench: Bench, target: str, k: int, results: dict, train: bool) ->
                 entry = picks[budget]
                 row = {"composition": composition(pool, entry["picks"], entry["scores"])}
                 res["methods"].setdefault(method, {}).setdefault(str(budget), []).append(row)
-                if not train:
-                    continue
+                if not train or method not in a.train_methods:
+                    continue  # its selection only
                 folder = bench.adapter(target, task_key, pool, entry["picks"])
                 for h, pairs in halves.items():
                     row[h] = bench.evaluate(target, task_key, pairs, h, folder)
@@ -406,6 +408,9 @@ def print_tables(results: dict, args) -> None:
                         auc_text = fmt_ci(aucs[0], rows[0]["composition"]["auc_chosen_rejected_ci"], 2)
                     else:
                         auc_text = f"{np.mean(aucs):.2f} +- {np.std(aucs):.2f}"
+                    if h not in rows[0]:
+                        print(f"| {budget:.0%} | {method} | {comp} | {auc_text} | not trained | | |")
+                        continue
                     acc = [r[h]["accuracy"] for r in rows]
                     margin = [r[h]["reward_margin"] for r in rows]
                     nll = [r[h]["chosen_nll"] for r in rows]
@@ -444,7 +449,7 @@ def summary_line(results: dict, args) -> str:
         for budget in args.budgets:
             for method in ("rose", "less", "random"):
                 rows = res["methods"].get(method, {}).get(str(budget))
-                if rows:
+                if rows and h in rows[0]:
                     parts.append(f"{name}@{round(budget * 100)}%.{method}={np.mean([r[h]['accuracy'] for r in rows]):.3f}")
             rows = res["methods"].get("rose", {}).get(str(budget))
             if rows:
@@ -458,10 +463,14 @@ def main(argv=None) -> dict:
                    help="model folder (`rose-trl smollm2-assets OUT` writes OUT/model)")
     p.add_argument("--out", type=Path, default=Path("outputs/bench_real_model"))
     p.add_argument("--quick", action="store_true", help="a 48-row pool, default k, 20%% budget, 2 random seeds, one "
-                                                        "warm-up checkpoint, 1 final epoch, no rds and full pool")
+                                                        "warm-up checkpoint, 1 final epoch, no rds and full pool; bm25 "
+                                                        "and dsir selected but not trained")
     p.add_argument("--targets", nargs="+", default=["se", "hh"], choices=["se", "hh"])
     p.add_argument("--ks", choices=["default", "larger", "both"], default=None)
     p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--train-methods", nargs="+", default=None,
+                   help="methods whose selections are trained and evaluated (default: all of --methods; the others "
+                        "report their pick composition only)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="random's seeds")
     p.add_argument("--budgets", type=float, nargs="+", default=None)
     p.add_argument("--halves", nargs="+", choices=["dev", "test"], default=None)
@@ -487,6 +496,7 @@ def main(argv=None) -> dict:
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.train_methods = args.train_methods or args.methods
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.time()
     bench = Bench(args)

@@ -61,7 +61,8 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--targets", "hh", "--pool-target", "12",
             "--pool-other", "4", "--heldout", "8", "--budgets", "0.25", "0.5", "--seeds", "0", "1", "--max-length", "48",
             "--projection-dim", "256", "--warmup-fraction", "0.25", "--final-epochs", "1", "--halves", "test",
-            "--methods", "rose", "less", "random", "bm25", "dsir", "rds", "full", "--ks", "default", "--variants", "all"]
+            "--methods", "rose", "less", "random", "bm25", "dsir", "rds", "full", "--ks", "default", "--variants", "all",
+            "--train-methods", "rose", "less", "random", "bm25", "rds", "full"]  # dsir: its selection only
     results = real_model.main(argv)
     res = results["hh_k1"]
     assert res["heldout"] == {"test": 4} and res["pool"]["rows"] == 16
@@ -83,6 +84,9 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
             for row in rows:
                 c = row["composition"]
                 assert abs(c["chosen"] + c["rejected"] + c["other"] - 1) < 1e-9
+                if method == "dsir":
+                    assert "test" not in row
+                    continue
                 assert 0 <= row["test"]["accuracy"] <= 1 and row["test"]["chosen_nll"] > 0
     assert res["methods"]["full"]["0.5"][0]["composition"]["other"] == 0.25  # the pool's own share
     assert {"rose", "less", "bm25", "dsir", "rds"} <= {m for m, b in res["methods"].items()
@@ -94,7 +98,7 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
                              "less: shots per subtask k=10"}
     assert all("refused" in v or set(v) == {"0.25", "0.5"} for v in variants.values())
     first = capsys.readouterr().out
-    assert "trained 0 adapters" not in first
+    assert "trained 0 adapters" not in first and "| 25% | dsir |" in first and "not trained" in first
 
     again = real_model.main(argv)  # every unit is cached: nothing trained, selected or evaluated again
     out = capsys.readouterr().out
