@@ -429,7 +429,7 @@ def print_tables(results: dict, args) -> None:
         print(f"\n### {name.replace('_variants', '')}: ROSE's options at the selection level (no training; "
               f"composition of the picks)")
         print("| variant | budget | chosen / rejected / other | chosen of target picks [95% CI] | AUC chosen>rejected "
-              "[95% CI] | subtasks |\n|---|---|---|---|---|---|")
+              "[95% CI] | own subtasks of the target picks |\n|---|---|---|---|---|---|")
         for variant, by_budget in res.items():
             if "refused" in by_budget:
                 print(f"| {variant} | - | refused: {by_budget['refused'][:80]} | | | |")
