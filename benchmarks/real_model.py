@@ -249,7 +249,7 @@ class Bench:
             np.savez(tmp, logps=logps, counts=counts)
             tmp.replace(path)
             log(f"base log-probs of {len(pairs)} {target} {half} pairs ({time.time() - t0:.0f}s)")
-        data = np.load(path)
+        data = np.load(path, allow_pickle=False)
         return data["logps"], data["counts"]
 
     def evaluate(self, target: str, task_key: str, pairs: Dataset, half: str, folder: Path | None) -> dict:
