@@ -65,10 +65,81 @@ def test_extraction_memory_paths_of_the_real_shape_at_tiny_scale(monkeypatch):
     less per row than the pass with the plain loss."""
     from extraction_memory import run
 
-    from rose_trl import gradients
+    from rose_trl import sft_loss
 
-    monkeypatch.setattr(gradients, "LOSS_CHUNK_ELEMENTS", 512 * 4)
+    monkeypatch.setattr(sft_loss, "LOSS_CHUNK_ELEMENTS", 512 * 4)
     slopes = run("tiny", [1], [1, 2], seq_len=48, lora_r=4, dim=256,
                  paths=["fused", "fused_plain_loss", "backbone"], log=lambda s: None)
     assert slopes[("fused", 1)] < slopes[("fused_plain_loss", 1)], slopes
     assert slopes[("backbone", 1)] < slopes[("fused_plain_loss", 1)], slopes
+
+
+def _tiny_model_folder(folder):
+    """A tiny Llama and a byte-level tokenizer trained on the shipped real-text slice, saved as a model folder."""
+    from rose_trl.data.realtext import load_slice
+    from rose_trl.tiny import build_tiny_llama, build_tokenizer
+
+    texts = [r["prompt"] + r["chosen"] + r["rejected"] for task in ("se", "hh") for r in load_slice(task)[:200]]
+    tokenizer = build_tokenizer(texts, vocab_size=600)
+    build_tiny_llama(tokenizer, hidden=32, layers=2, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatch):
+    """benchmarks/real_model.py's whole path (warm-up, rose/less stores shared across budgets, baselines, LoRA
+    SFT per selection, held-out metrics, the variants) on a tiny model; a second run finds every unit cached."""
+    import real_model
+
+    model = _tiny_model_folder(tmp_path / "model")
+    monkeypatch.setattr(real_model, "VARIANTS", [v for v in real_model.VARIANTS if v[0].startswith(("default", "last",
+                                                                                                   "subtask_balance r"))])
+    monkeypatch.setattr(real_model, "GRADIENT_VARIANTS", [])  # the larger k alone
+    argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--targets", "hh", "--pool-target", "12",
+            "--pool-other", "4", "--heldout", "8", "--budgets", "0.25", "0.5", "--seeds", "0", "1", "--max-length", "48",
+            "--projection-dim", "256", "--warmup-fraction", "0.25", "--final-epochs", "1", "--halves", "test",
+            "--methods", "rose", "less", "random", "bm25", "dsir", "rds", "full", "--ks", "default", "--variants", "all",
+            "--train-methods", "rose", "less", "random", "bm25", "rds", "full"]  # dsir: its selection only
+    results = real_model.main(argv)
+    res = results["hh_k1"]
+    assert res["heldout"] == {"test": 4} and res["pool"]["rows"] == 16
+    assert res["base"]["test"]["accuracy"] == 0.5  # the base is its own reference
+    # chosen_nll comes from the evaluation's own forward pass: it must equal reference_nll's
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rose_trl.data.realtext import build_real_task
+    from rose_trl.evaluation.metrics import reference_nll
+
+    test = build_real_task("hh", pool_target=12, pool_other=4, heldout=8).heldout.filter(lambda r: r["half"] == "test")
+    nll = reference_nll(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model),
+                        test["prompt"], test["chosen"], max_length=48)
+    assert math.isclose(res["base"]["test"]["chosen_nll"], nll, rel_tol=1e-5)
+    for method, by_budget in res["methods"].items():
+        assert set(by_budget) == {"0.25", "0.5"}
+        for budget, rows in by_budget.items():
+            assert len(rows) == (2 if method == "random" else 1)
+            for row in rows:
+                c = row["composition"]
+                assert abs(c["chosen"] + c["rejected"] + c["other"] - 1) < 1e-9
+                if method == "dsir":
+                    assert "test" not in row
+                    continue
+                assert 0 <= row["test"]["accuracy"] <= 1 and row["test"]["chosen_nll"] > 0
+    assert res["methods"]["full"]["0.5"][0]["composition"]["other"] == 0.25  # the pool's own share
+    assert {"rose", "less", "bm25", "dsir", "rds"} <= {m for m, b in res["methods"].items()
+                                                     if "auc_chosen_rejected" in b["0.25"][0]["composition"]}
+    variants = results["hh_variants"]
+    assert set(variants) == {"rose: default (sigmoid, beta 0.1, normalized_mean, max)", "less: default (sigmoid, beta 0.1, "
+                             "normalized_mean, max)", "rose: last checkpoint only", "rose: subtask_balance round_robin",
+                             "rose: shots per subtask k=10",
+                             "less: shots per subtask k=10"}
+    assert all("refused" in v or set(v) == {"0.25", "0.5"} for v in variants.values())
+    first = capsys.readouterr().out
+    assert "trained 0 adapters" not in first and "| 25% | dsir |" in first and "not trained" in first
+
+    again = real_model.main(argv)  # every unit is cached: nothing trained, selected or evaluated again
+    out = capsys.readouterr().out
+    assert "trained 0 adapters, evaluated 0, made 0 selections" in out
+    assert again["hh_k1"]["methods"]["rose"] == res["methods"]["rose"]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("mode=full hh_k1@25%.rose=") and "hh_k1@50%.random=" in last
