@@ -48,7 +48,7 @@ from rose_trl.data.realtext import SLICE_FILES, build_real_task
 from rose_trl.evaluation.metrics import PreferenceMetricsOptions, bootstrap_interval, pair_logps, summarize_pairs
 from rose_trl.offline import select_from_checkpoints
 from rose_trl.pipeline import last_complete_checkpoint, sft_training_dataset, warmup_indices
-from rose_trl.selection import top_fraction
+from rose_trl.scoring import top_fraction
 from rose_trl.selector import ROSESelector
 
 ANSWERS = ("chosen", "rejected", "other")
