@@ -1,24 +1,27 @@
 """Does a ROSE selection make a real model better? SmolLM2-135M-Instruct, real text, held-out intervals.
 
-    rose-trl smollm2-assets outputs/smollm2                           # once: the model folder (model/)
-    python benchmarks/real_model.py --model outputs/smollm2/model --quick          # < 20 min on 2 cores
-    python benchmarks/real_model.py --model outputs/smollm2/model                  # the full grid
-    python benchmarks/real_model.py --model outputs/smollm2/model --quick --variants   # dev study of ROSE's options
+    rose-trl smollm2-assets outputs/smollm2                                   # once: the model folder (model/)
+    python benchmarks/real_model.py --model outputs/smollm2/model --quick      # a few minutes on 2 cores
+    python benchmarks/real_model.py --model outputs/smollm2/model              # dev study + test grid
 
 For each target (SE, HH) `rose_trl.data.realtext.build_real_task` makes the task: a pool of target prompts
 answered with their chosen or their rejected answer (a coin flip, recorded in `answer`) plus other-task rows,
 the released k-shot preference file as the validation set, and held-out pairs (prompts in neither) split into
-a dev and a test half. Every method's selection (rose, less, random over seeds, bm25, dsir, rds; full = the
-whole pool) gets the same LoRA SFT; the base model (no training) is the reference of every implicit reward.
-Reported per method and budget:
+a dev and a test half. Every selection gets the same LoRA SFT; the base model (no training) is the reference
+of every implicit reward. Methods: rose, less, random (over seeds), bm25, dsir, rds, full (the whole pool),
+and two that read the answer column, target_chosen and target_rejected: the right and the wrong selection,
+which show how far a selection can move the held-out numbers at all.
+Reported per method and budget, on the test half:
 - the selection itself: its share of target-chosen / target-rejected / other rows (random's expected shares
   are the pool's), and for scored methods the AUC of the score for target-chosen over target-rejected rows;
 - held-out accuracy of the implicit reward (log pi/ref, chosen > rejected) and its mean margin (beta 0.1),
-  each with a 95% bootstrap interval over pairs; random as mean +- std over its seeds;
+  each with a 95% bootstrap interval over pairs; random as mean +- std over its seeds; and the paired
+  difference to random's mean on the same pairs, with its interval;
 - the NLL of the held-out chosen answers (LESS's objective, for contrast).
-rose and less share one warm-up (checkpoint per epoch) and its pool gradient stores; every budget is scored
-from the same stores. --variants runs ROSE's options on the same stores and reports what each selects (no
-final training): checkpoints, shots per subtask, subtask_balance, validation_aggregation, loss type and beta.
+rose and less share one warm-up (a checkpoint per epoch) and its pool gradient stores; every budget is scored
+from the same stores. Before the test grid, `--variants` selects with ROSE's options (checkpoints, balance,
+aggregation, k, beta, loss type, warm-up fraction, warm-up rank, projection dim), trains each selection and
+evaluates it on the dev half against random's seeds there.
 
 Every finished unit (warm-up, selection, trained adapter, evaluation) is a file or folder under --out keyed
 by its settings and written atomically: a killed run continues where it stopped.
@@ -27,6 +30,7 @@ by its settings and written atomically: a killed run continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -45,39 +49,63 @@ from trl import SFTConfig, SFTTrainer
 from rose_trl.baselines import BASELINES
 from rose_trl.config import ROSEConfig
 from rose_trl.data.realtext import SLICE_FILES, build_real_task
-from rose_trl.evaluation.metrics import PreferenceMetricsOptions, bootstrap_interval, pair_logps, summarize_pairs
+from rose_trl.evaluation.metrics import PreferenceMetricsOptions, pair_logps, summarize_pairs
 from rose_trl.offline import select_from_checkpoints
 from rose_trl.pipeline import last_complete_checkpoint, sft_training_dataset, warmup_indices
-from rose_trl.scoring import top_fraction
+from rose_trl.scoring import selection_size, top_fraction
 from rose_trl.selector import ROSESelector
 
-ANSWERS = ("chosen", "rejected", "other")
-# The full grid and --quick (one warm-up checkpoint, one budget, rose/less/random trained; measured: docs/
-# selection_quality.md (c)). Larger k: the next released file.
-FULL = dict(pool_target=150, pool_other=50, heldout=80, budgets=[0.05, 0.1, 0.2], seeds=[0, 1, 2, 3, 4],
-            methods=["rose", "less", "random", "bm25", "dsir", "rds", "full"], train_methods=None, ks="both",
-            halves=["dev", "test"],
-            warmup_epochs=2, final_epochs=2)
-QUICK = dict(pool_target=36, pool_other=12, heldout=32, budgets=[0.2], seeds=[0, 1],
-             methods=["rose", "less", "random", "bm25", "dsir"], train_methods=["rose", "less", "random"],
-             ks="default", halves=["test"],
-             warmup_epochs=1, final_epochs=1)
+from real_model_report import composition, pool_shares, print_tables, summary_line
+
+# Pool and held-out sizes per target: HH's slice has 276 prompts beyond its shipped few-shot files, SE's 585.
+SIZES = {"se": dict(pool_target=240, pool_other=80, heldout=240),
+         "hh": dict(pool_target=150, pool_other=80, heldout=126)}
+# The full grid: the paper's warm-up (5% of the pool, 4 epochs = 4 checkpoints), three budgets from the same
+# stores, 5 random seeds, every method trained, the larger k for the methods that read the validation set.
+FULL = dict(budgets=[0.05, 0.1, 0.2], seeds=[0, 1, 2, 3, 4],
+            methods=["rose", "less", "random", "bm25", "dsir", "rds", "target_chosen", "target_rejected", "full"],
+            train_methods=None, larger_k_methods=["rose", "less"], ks="both", warmup_fraction=0.05, warmup_epochs=4,
+            final_epochs=2, variants="all", variant_budget=0.1)
+QUICK = dict(pool_target=36, pool_other=12, heldout=32, budgets=[0.2], seeds=[0, 1, 2],
+             methods=["rose", "less", "random", "bm25", "dsir", "target_chosen"],
+             train_methods=["rose", "less", "random", "target_chosen"], larger_k_methods=[], ks="default",
+             warmup_fraction=0.1, warmup_epochs=1, final_epochs=1, variants="none", variant_budget=0.2)
 LARGER_K = {"se": 5, "hh": 10}
-# ROSE's options studied at the selection level, from the same stores: (name, ROSEConfig options, checkpoints).
-# "rescoring" ones cost no gradient pass; "all" adds those that need new validation gradients.
-VARIANTS = [
-    ("default (sigmoid, beta 0.1, normalized_mean, max)", {}, "all"),
-    ("last checkpoint only", {}, "last"),
-    ("first checkpoint only", {}, "first"),
-    ("subtask_balance round_robin", {"subtask_balance": "round_robin"}, "all"),
-    ("subtask_balance proportional", {"subtask_balance": "proportional"}, "all"),
-    ("validation_aggregation eq6", {"validation_aggregation": "eq6"}, "all"),
-]
-GRADIENT_VARIANTS = [
-    ("validation beta 1.0, eq6", {"validation_beta": 1.0, "validation_aggregation": "eq6"}, "all"),
-    ("loss ipo", {"validation_loss_type": ["ipo"]}, "all"),
-    ("loss sigmoid + sft", {"validation_loss_type": ["sigmoid", "sft"]}, "all"),
-]
+# ROSE's options, each selected, trained at --variant-budget and evaluated on the dev half against random's
+# seeds on the same pairs: (name, ROSEConfig options (k: shots per subtask), checkpoints, bench overrides).
+# "rescoring" ones re-score the same stores; "gradient" ones need new validation gradients; "warmup" ones a
+# new warm-up and new pool gradients.
+VARIANTS = {
+    "rescoring": [
+        ("rose: default (sigmoid, beta 0.1, normalized_mean, max)", {}, "all", {}),
+        ("less: default", {"method": "less"}, "all", {}),
+        ("rose: last checkpoint only", {}, "last", {}),
+        ("rose: first checkpoint only", {}, "first", {}),
+        ("rose: subtask_balance round_robin", {"subtask_balance": "round_robin"}, "all", {}),
+        ("rose: subtask_balance proportional", {"subtask_balance": "proportional"}, "all", {}),
+        ("rose: validation_aggregation eq6", {"validation_aggregation": "eq6"}, "all", {}),
+    ],
+    "gradient": [
+        ("rose: larger k", {"k": "larger"}, "all", {}),
+        ("rose: validation beta 1.0", {"validation_beta": 1.0}, "all", {}),
+        ("rose: loss ipo", {"validation_loss_type": ["ipo"]}, "all", {}),
+        ("rose: loss sigmoid + sft", {"validation_loss_type": ["sigmoid", "sft"]}, "all", {}),
+    ],
+    "warmup": [
+        ("rose: warm-up 20% of the pool", {}, "all", {"warmup_fraction": 0.2}),
+        ("rose: warm-up LoRA r 32", {}, "all", {"warmup_lora_r": 32}),
+        ("rose: projection dim 2048", {}, "all", {"projection_dim": 2048}),
+    ],
+}
+VARIANT_LEVELS = {"none": [], "rescoring": ["rescoring"], "gradient": ["rescoring", "gradient"],
+                  "all": ["rescoring", "gradient", "warmup"]}
+
+
+SEEDED = ("random", "target_chosen", "target_rejected")
+
+
+def lora_settings(r: int) -> dict:
+    return dict(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 def log(msg: str) -> None:
@@ -107,12 +135,17 @@ class Bench:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model_key = key_of(sorted((p.name, p.stat().st_size) for p in Path(args.model).iterdir() if p.is_file()))
-        self.lora = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.1,
-                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        self.lora = lora_settings(args.lora_r)  # the final SFT's; the warm-up's rank is args.warmup_lora_r
         self.train_settings = dict(model=self.model_key, lora=self.lora, lr=args.lr, epochs=args.final_epochs,
                                    batch=args.batch_size, max_length=args.max_length)
         self.eval_options = PreferenceMetricsOptions(max_length=args.max_length, batch_size=8)
         self.counts = {"trained": 0, "evaluated": 0, "selected": 0}
+
+    def with_args(self, **overrides) -> "Bench":
+        """The same bench (cache, tokenizer, counters, final SFT) with other warm-up/selection settings."""
+        other = copy.copy(self)
+        other.args = argparse.Namespace(**{**vars(self.args), **overrides})
+        return other
 
     def base(self):
         return AutoModelForCausalLM.from_pretrained(self.args.model, dtype=torch.float32)
@@ -123,20 +156,25 @@ class Bench:
                          logging_steps=1, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
                          max_length=self.args.max_length, disable_tqdm=True, seed=0)
 
-    def train(self, rows: Dataset, out: Path, epochs: int, save: bool, resume: bool = False):
+    def train(self, rows: Dataset, out: Path, epochs: int, save: bool, resume: bool = False, lora: dict | None = None):
         trainer = SFTTrainer(self.base(), args=self.sft_args(out, epochs, save), processing_class=self.tokenizer,
                              train_dataset=sft_training_dataset(rows, self.tokenizer, self.args.max_length, "bench"),
-                             peft_config=LoraConfig(**self.lora))
+                             peft_config=LoraConfig(**(lora or self.lora)))
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
         return trainer
 
     # ---- per target ------------------------------------------------------------------------------
     def task(self, target: str, k: int):
         a = self.args
-        task = build_real_task(target, k=k, pool_target=a.pool_target, pool_other=a.pool_other, heldout=a.heldout,
-                               seed=a.task_seed)
-        task_key = key_of(target, a.pool_target, a.pool_other, a.heldout, a.task_seed)
+        sizes = {n: getattr(a, n) or SIZES[target][n] for n in ("pool_target", "pool_other", "heldout")}
+        task = build_real_task(target, k=k, seed=a.task_seed, **sizes)
+        task_key = key_of(target, sizes["pool_target"], sizes["pool_other"], sizes["heldout"], a.task_seed)
         return task, task_key
+
+    def target_dir(self, target: str, task_key: str) -> Path:
+        """Where one warm-up and its pool gradient stores live."""
+        a = self.args
+        return self.out / f"{target}_{task_key}" / f"r{a.warmup_lora_r}_w{a.warmup_fraction:g}_e{a.warmup_epochs}"
 
     def warmup(self, pool: Dataset, folder: Path) -> Path:
         """LoRA SFT on warmup_fraction of the pool, a checkpoint (with its Adam state) per epoch."""
@@ -145,7 +183,8 @@ class Bench:
             log(f"warm-up: {folder}")
             t0 = time.time()
             rows = pool.select(warmup_indices(len(pool), self.args.warmup_fraction, 0))
-            self.train(rows, folder, self.args.warmup_epochs, save=True, resume=True)
+            self.train(rows, folder, self.args.warmup_epochs, save=True, resume=True,
+                       lora=lora_settings(self.args.warmup_lora_r))
             write_json(done, {"seconds": time.time() - t0})
         return folder
 
@@ -190,36 +229,41 @@ class Bench:
         return picks
 
     def select(self, method: str, seed: int, target: str, k: int, task, task_key: str, warm: Path | None,
-               options: dict | None = None, checkpoints: str = "all") -> dict[float, dict]:
+               options: dict | None = None, checkpoints: str = "all", budgets: list[float] | None = None
+               ) -> dict[float, dict]:
         """{budget: {"picks": [...], "scores": [...] or None}}, cached per settings."""
         a = self.args
         options = options or {}
+        budgets = budgets or a.budgets
         common = (method, target, k, task_key, self.model_key, a.max_length)
-        grad = (a.lora_r, a.warmup_fraction, a.warmup_epochs, a.lr, a.projection_dim, options, checkpoints) \
+        grad = (a.warmup_lora_r, a.warmup_fraction, a.warmup_epochs, a.lr, a.projection_dim, options, checkpoints) \
             if method in ("rose", "less") else ()
         paths = {b: self.out / "selections" / f"{method}_{target}_k{k}_{round(b * 100)}_s{seed}_"
-                 f"{key_of(common, grad, seed if method == 'random' else 0, b)}.json" for b in a.budgets}
+                 f"{key_of(common, grad, seed if method in SEEDED else 0, b)}.json" for b in budgets}
         if all(p.exists() for p in paths.values()):
             return {b: read_json(p) for b, p in paths.items()}
         t0 = time.time()
         pool, validation = task.pool, task.validation
         if method in ("rose", "less"):
-            target_dir = self.out / f"{target}_{task_key}" / f"r{a.lora_r}_w{a.warmup_fraction:g}_e{a.warmup_epochs}"
-            picks = self.gradient_selection(method, target_dir, warm, pool, validation, k, options, checkpoints,
-                                            a.budgets)
+            picks = self.gradient_selection(method, self.target_dir(target, task_key), warm, pool, validation, k,
+                                            options, checkpoints, budgets)
         elif method == "full":
-            picks = {b: (np.arange(len(pool)), None) for b in a.budgets}
+            picks = {b: (np.arange(len(pool)), None) for b in budgets}
+        elif method in ("target_chosen", "target_rejected"):  # the right (or wrong) answer, known to the pool
+            rows = np.flatnonzero(np.asarray(pool["answer"]) == method.split("_")[1])
+            rows = np.random.default_rng(seed).permutation(rows)
+            picks = {b: (rows[:selection_size(len(pool), b)], None) for b in budgets}
         else:
             model = self.base() if method == "rds" else None
             extra = {"max_length": a.max_length} if method == "rds" else {}
             table = BASELINES[method](pool, validation, seed=seed, model=model, tokenizer=self.tokenizer, **extra)
-            picks = {b: (top_fraction(table["score"], b), np.asarray(table["score"])) for b in a.budgets}
+            picks = {b: (top_fraction(table["score"], b), np.asarray(table["score"])) for b in budgets}
         self.counts["selected"] += 1
         result = {}
         for b, (chosen, scores) in picks.items():
             result[b] = {"picks": [int(i) for i in chosen], "scores": None if scores is None else scores.tolist()}
             write_json(paths[b], result[b])
-        log(f"selected {target} k={k} {method}{'' if method != 'random' else f' seed {seed}'}"
+        log(f"selected {target} k={k} {method}{f' seed {seed}' if method in SEEDED else ''}"
             f"{' ' + json.dumps(options) if options else ''}{'' if checkpoints == 'all' else ' ckpt ' + checkpoints}"
             f" ({time.time() - t0:.0f}s)")
         return result
@@ -255,7 +299,7 @@ class Bench:
     def evaluate(self, target: str, task_key: str, pairs: Dataset, half: str, folder: Path | None) -> dict:
         """Implicit-reward summary (base = reference) and the NLL of the chosen answers; folder None = base."""
         name = "base" if folder is None else folder.name
-        path = self.out / "evals" / f"{name}_{half}_{key_of(task_key, self.args.max_length)}.json"
+        path = self.out / "evals" / f"{name}_{half}_{key_of(task_key, self.args.max_length, 'per-pair')}.json"
         if path.exists():
             return read_json(path)
         reference, counts = self.reference(target, task_key, pairs, half)
@@ -270,6 +314,11 @@ class Bench:
         summary.pop("per_subtask", None)
         n = len(pairs)
         summary["chosen_nll"] = float(-policy[:n].sum() / counts[:n].sum())  # = reference_nll of the chosen answers
+        # Per pair, for paired comparisons on the same pairs: the win (ties 1/2) and the beta-scaled margin.
+        raw = (policy[:n] - reference[:n]) - (policy[n:] - reference[n:])
+        opts = self.eval_options
+        summary["wins"] = np.where(np.abs(raw) <= opts.tie_tolerance, 0.5, (raw > 0).astype(float)).tolist()
+        summary["margins"] = (opts.beta * raw).tolist()
         write_json(path, summary)
         return read_json(path)  # as a cached run reads it
 
@@ -284,62 +333,20 @@ def selected_from(selection: Path) -> tuple[np.ndarray, np.ndarray]:
     return chosen[np.argsort(-scores[chosen], kind="stable")], scores
 
 
-def auc(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(score of a positive row > score of a negative row), ties 1/2."""
-    diff = scores[positive][:, None] - scores[negative][None, :]
-    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
-
-
-def auc_interval(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray, resamples: int = 1000,
-                 seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of `auc`, rows resampled within each class."""
-    rng = np.random.default_rng(seed)
-    values = [auc(scores, rng.choice(positive, len(positive)), rng.choice(negative, len(negative)))
-              for _ in range(resamples)]
-    return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
-
-
-def composition(pool: Dataset, picks: list[int], scores) -> dict:
-    answers = np.asarray(pool["answer"])
-    subtasks = np.asarray(pool["subtask"])
-    picked = answers[np.asarray(picks, dtype=np.int64)]
-    out = {a: float(np.mean(picked == a)) for a in ANSWERS}
-    target_picks = picked[picked != "other"]
-    out["chosen_of_target"] = float(np.mean(target_picks == "chosen")) if len(target_picks) else float("nan")
-    out["chosen_of_target_ci"] = bootstrap_interval((target_picks == "chosen").astype(float))
-    out["subtasks"] = len(set(subtasks[np.asarray(picks, dtype=np.int64)][picked != "other"].tolist()))
-    if scores is not None:
-        scores = np.asarray(scores, dtype=np.float64)
-        pos, neg = np.flatnonzero(answers == "chosen"), np.flatnonzero(answers == "rejected")
-        out["auc_chosen_rejected"] = auc(scores, pos, neg)
-        out["auc_chosen_rejected_ci"] = auc_interval(scores, pos, neg)
-    return out
-
-
-def fmt_ci(value, ci, digits=3) -> str:
-    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
-
-
-def pool_shares(pool: Dataset) -> dict:
-    answers = np.asarray(pool["answer"])
-    return {a: float(np.mean(answers == a)) for a in ANSWERS}
-
-
-def run_target(bench: Bench, target: str, k: int, results: dict, train: bool) -> None:
-    """Every method's selection and its composition; with `train`, its adapter and held-out metrics too."""
+def run_target(bench: Bench, target: str, k: int, results: dict, train: bool, methods: list[str]) -> None:
+    """Every method's selection and its composition; with `train`, its adapter and test-half metrics too."""
     a = bench.args
     task, task_key = bench.task(target, k)
     pool = task.pool
-    target_dir = bench.out / f"{target}_{task_key}" / f"r{a.lora_r}_w{a.warmup_fraction:g}_e{a.warmup_epochs}"
-    warm = bench.warmup(pool, target_dir / "warmup") if {"rose", "less"} & set(a.methods) else None
+    warm = bench.warmup(pool, bench.target_dir(target, task_key) / "warmup") if {"rose", "less"} & set(methods) else None
     name = f"{target}_k{k}"
     res = results[name] = {"pool": {"rows": len(pool), **pool_shares(pool)}, "validation_pairs": len(task.validation),
                            "methods": {}}
-    halves = {h: task.heldout.filter(lambda r, h=h: r["half"] == h) for h in a.halves} if train else {}
+    halves = {"test": task.heldout.filter(lambda r: r["half"] == "test")} if train else {}
     res["heldout"] = {h: len(p) for h, p in halves.items()}
     for h, pairs in halves.items():
         res.setdefault("base", {})[h] = bench.evaluate(target, task_key, pairs, h, None)
-    for method in a.methods:
+    for method in methods:
         for seed in (a.seeds if method == "random" else [0]):
             picks = bench.select(method, seed, target, k, task, task_key, warm)
             for budget in a.budgets:
@@ -352,109 +359,50 @@ def run_target(bench: Bench, target: str, k: int, results: dict, train: bool) ->
                 for h, pairs in halves.items():
                     row[h] = bench.evaluate(target, task_key, pairs, h, folder)
                 log(f"{name} {method} {budget:.0%}{f' seed {seed}' if method == 'random' else ''}: picks "
-                    + " / ".join(f"{x} {row['composition'][x]:.2f}" for x in ANSWERS) + "; "
+                    + " / ".join(f"{x} {row['composition'][x]:.2f}" for x in ("chosen", "rejected", "other")) + "; "
                     + "; ".join(f"{h} acc {row[h]['accuracy']:.3f}" for h in halves))
 
 
-def run_variants(bench: Bench, target: str, k_default: int, results: dict, variants: list) -> None:
-    """ROSE's options at the selection level: what each picks, from the same warm-up and pool stores."""
+def run_variants(bench: Bench, target: str, results: dict, variants: list) -> None:
+    """ROSE's options on the dev half: each variant's selection at --variant-budget, trained and evaluated on the
+    same dev pairs as random's seeds (paired differences). The larger k and the warm-up settings select from
+    their own stores; the others re-score the default warm-up's."""
     a = bench.args
-    out = results.setdefault(f"{target}_variants", {})
-    for name, options, checkpoints in variants:
+    budget = a.variant_budget
+    k_default = SLICE_FILES[target][0]
+    task, task_key = bench.task(target, k_default)
+    dev = task.heldout.filter(lambda r: r["half"] == "dev")
+    out = results.setdefault(f"{target}_variants", {"budget": budget, "half": "dev", "pairs": len(dev),
+                                                   "random": [], "variants": {}})
+    base = bench.evaluate(target, task_key, dev, "dev", None)
+    out["base"] = {k: v for k, v in base.items() if k not in ("wins", "margins")}
+    if not out["random"]:
+        for seed in a.seeds:
+            picks = bench.select("random", seed, target, k_default, task, task_key, None, budgets=[budget])[budget]
+            folder = bench.adapter(target, task_key, task.pool, picks["picks"])
+            out["random"].append({"composition": composition(task.pool, picks["picks"], None),
+                                  "dev": bench.evaluate(target, task_key, dev, "dev", folder)})
+    for name, options, checkpoints, overrides in variants:
         if checkpoints != "all" and a.warmup_epochs < 2:
             continue  # one checkpoint: nothing to leave out
+        if name in out["variants"]:
+            continue
         options = dict(options)
-        k = options.pop("k", k_default)
-        task, task_key = bench.task(target, k)
-        target_dir = bench.out / f"{target}_{task_key}" / f"r{a.lora_r}_w{a.warmup_fraction:g}_e{a.warmup_epochs}"
-        warm = bench.warmup(task.pool, target_dir / "warmup")
-        methods = ["rose", "less"] if not options and checkpoints == "all" else ["rose"]
-        for method in methods:
-            try:
-                picks = bench.select(method, 0, target, k, task, task_key, warm, options, checkpoints)
-            except ValueError as e:  # e.g. every pair of a subtask with a zero gradient
-                out[f"{method}: {name}"] = {"refused": str(e)}
-                continue
-            out[f"{method}: {name}"] = {str(b): composition(task.pool, picks[b]["picks"], picks[b]["scores"])
-                                        for b in a.budgets}
-
-
-def print_tables(results: dict, args) -> None:
-    mode = "quick" if args.quick else "full"
-    for name, res in results.items():
-        if name.endswith("_variants"):
+        method = options.pop("method", "rose")
+        k = LARGER_K[target] if options.pop("k", None) == "larger" else k_default
+        vbench = bench.with_args(**overrides)
+        vtask, _ = vbench.task(target, k)  # the same pool and held-out pairs; k changes the validation set
+        warm = vbench.warmup(vtask.pool, vbench.target_dir(target, task_key) / "warmup")
+        t0 = time.time()
+        try:
+            picks = vbench.select(method, 0, target, k, vtask, task_key, warm, options, checkpoints, [budget])[budget]
+        except ValueError as e:  # e.g. every pair of a subtask with a zero gradient
+            out["variants"][name] = {"refused": str(e)}
             continue
-        shares = res["pool"]
-        print(f"\n### {name} ({mode}): pool {shares['rows']} rows (chosen {shares['chosen']:.2f} / rejected "
-              f"{shares['rejected']:.2f} / other {shares['other']:.2f}: random's expected shares), "
-              f"{res['validation_pairs']} validation pairs, held-out pairs {res['heldout']}")
-        for h in args.halves:
-            base = res["base"][h]
-            print(f"\n{h} half ({res['heldout'][h]} pairs). base: likelihood accuracy "
-                  f"{fmt_ci(base['likelihood_accuracy'], base['likelihood_accuracy_ci'])}, chosen NLL "
-                  f"{base['chosen_nll']:.3f}")
-            print("| budget | method | picks chosen / rejected / other | AUC chosen>rejected | accuracy [95% CI] "
-                  "| mean margin [95% CI] | chosen NLL |\n|---|---|---|---|---|---|---|")
-            for budget in args.budgets:
-                for method, by_budget in res["methods"].items():
-                    rows = by_budget.get(str(budget))
-                    if not rows:
-                        continue
-                    comp = " / ".join(f"{np.mean([r['composition'][x] for r in rows]):.2f}" for x in ANSWERS)
-                    aucs = [r["composition"].get("auc_chosen_rejected") for r in rows]
-                    if aucs[0] is None:
-                        auc_text = "-"
-                    elif len(rows) == 1:
-                        auc_text = fmt_ci(aucs[0], rows[0]["composition"]["auc_chosen_rejected_ci"], 2)
-                    else:
-                        auc_text = f"{np.mean(aucs):.2f} +- {np.std(aucs):.2f}"
-                    if h not in rows[0]:
-                        print(f"| {budget:.0%} | {method} | {comp} | {auc_text} | not trained | | |")
-                        continue
-                    acc = [r[h]["accuracy"] for r in rows]
-                    margin = [r[h]["reward_margin"] for r in rows]
-                    nll = [r[h]["chosen_nll"] for r in rows]
-                    if len(rows) == 1:
-                        r = rows[0][h]
-                        acc_text, margin_text = fmt_ci(r["accuracy"], r["accuracy_ci"]), \
-                            fmt_ci(r["reward_margin"], r["reward_margin_ci"], 4)
-                    else:
-                        acc_text = f"{np.mean(acc):.3f} +- {np.std(acc):.3f} (seeds {args.seeds})"
-                        margin_text = f"{np.mean(margin):.4f} +- {np.std(margin):.4f}"
-                    print(f"| {budget:.0%} | {method} | {comp} | {auc_text} | {acc_text} | {margin_text} "
-                          f"| {np.mean(nll):.3f} |")
-    for name, res in results.items():
-        if not name.endswith("_variants"):
-            continue
-        print(f"\n### {name.replace('_variants', '')}: ROSE's options at the selection level (no training; "
-              f"composition of the picks)")
-        print("| variant | budget | chosen / rejected / other | chosen of target picks [95% CI] | AUC chosen>rejected "
-              "[95% CI] | own subtasks of the target picks |\n|---|---|---|---|---|---|")
-        for variant, by_budget in res.items():
-            if "refused" in by_budget:
-                print(f"| {variant} | - | refused: {by_budget['refused'][:80]} | | | |")
-                continue
-            for budget, c in by_budget.items():
-                print(f"| {variant} | {float(budget):.0%} | {c['chosen']:.2f} / {c['rejected']:.2f} / {c['other']:.2f} "
-                      f"| {fmt_ci(c['chosen_of_target'], c['chosen_of_target_ci'], 2)} "
-                      f"| {fmt_ci(c['auc_chosen_rejected'], c['auc_chosen_rejected_ci'], 2)} | {c['subtasks']} |")
-
-
-def summary_line(results: dict, args) -> str:
-    parts = [f"mode={'quick' if args.quick else 'full'}"]
-    h = "test" if "test" in args.halves else args.halves[0]
-    for name, res in results.items():
-        if name.endswith("_variants"):
-            continue
-        for budget in args.budgets:
-            for method in ("rose", "less", "random"):
-                rows = res["methods"].get(method, {}).get(str(budget))
-                if rows and h in rows[0]:
-                    parts.append(f"{name}@{round(budget * 100)}%.{method}={np.mean([r[h]['accuracy'] for r in rows]):.3f}")
-            rows = res["methods"].get("rose", {}).get(str(budget))
-            if rows:
-                parts.append(f"{name}@{round(budget * 100)}%.rose_chosen_share={rows[0]['composition']['chosen']:.2f}")
-    return " ".join(parts)
+        folder = vbench.adapter(target, task_key, vtask.pool, picks["picks"])
+        row = out["variants"][name] = {"composition": composition(vtask.pool, picks["picks"], picks["scores"]),
+                                       "dev": vbench.evaluate(target, task_key, dev, "dev", folder)}
+        log(f"variant {target} {name}: dev acc {row['dev']['accuracy']:.3f} ({time.time() - t0:.0f}s)")
 
 
 def main(argv=None) -> dict:
@@ -462,61 +410,64 @@ def main(argv=None) -> dict:
     p.add_argument("--model", type=Path, default=Path("outputs/smollm2/model"),
                    help="model folder (`rose-trl smollm2-assets OUT` writes OUT/model)")
     p.add_argument("--out", type=Path, default=Path("outputs/bench_real_model"))
-    p.add_argument("--quick", action="store_true", help="a 48-row pool, default k, 20%% budget, 2 random seeds, one "
-                                                        "warm-up checkpoint, 1 final epoch, no rds and full pool; bm25 "
-                                                        "and dsir selected but not trained")
+    p.add_argument("--quick", action="store_true", help="a 48-row pool, default k, a 20%% budget, 3 random seeds, "
+                                                        "one warm-up checkpoint, 1 final epoch, no variants; bm25 and "
+                                                        "dsir selected but not trained")
     p.add_argument("--targets", nargs="+", default=["se", "hh"], choices=["se", "hh"])
-    p.add_argument("--ks", choices=["default", "larger", "both"], default=None)
+    p.add_argument("--ks", choices=["default", "larger", "both"], default=None,
+                   help="the released file(s) used as the validation set: the paper's k, a larger one, or both")
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--train-methods", nargs="+", default=None,
                    help="methods whose selections are trained and evaluated (default: all of --methods; the others "
                         "report their pick composition only)")
+    p.add_argument("--larger-k-methods", nargs="+", default=None, help="methods run again with the larger k")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="random's seeds")
     p.add_argument("--budgets", type=float, nargs="+", default=None)
-    p.add_argument("--halves", nargs="+", choices=["dev", "test"], default=None)
-    p.add_argument("--pool-target", type=int, default=None)
+    p.add_argument("--pool-target", type=int, default=None, help=f"default per target: {SIZES}")
     p.add_argument("--pool-other", type=int, default=None)
-    p.add_argument("--heldout", type=int, default=None)
+    p.add_argument("--heldout", type=int, default=None, help="held-out pairs, half dev and half test")
     p.add_argument("--task-seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-r", type=int, default=8, help="the final SFT's LoRA rank (and the warm-up's by default)")
+    p.add_argument("--warmup-lora-r", type=int, default=None)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--warmup-fraction", type=float, default=0.1)
+    p.add_argument("--warmup-fraction", type=float, default=None)
     p.add_argument("--warmup-epochs", type=int, default=None, help="= checkpoints")
     p.add_argument("--final-epochs", type=int, default=None)
     p.add_argument("--projection-dim", type=int, default=8192)
-    p.add_argument("--variants", choices=["rescoring", "all"], default=None,
-                   help="also ROSE's options at the selection level: those that only re-score the stores, or all "
-                        "(new validation gradients: beta, loss types, the larger k)")
+    p.add_argument("--variants", choices=list(VARIANT_LEVELS), default=None,
+                   help="ROSE's options studied on the dev half: none, those that re-score the stores, + those that "
+                        "need new validation gradients (beta, loss types, the larger k), or all (+ new warm-ups)")
+    p.add_argument("--variant-budget", type=float, default=None)
     p.add_argument("--skip-methods", action="store_true", help="only the variants")
     p.add_argument("--progress", action="store_true", help="progress bars of the gradient passes")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, name) is None:
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
     args.train_methods = args.train_methods or args.methods
+    args.warmup_lora_r = args.warmup_lora_r or args.lora_r
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.time()
     bench = Bench(args)
     results = {}
-    ks = {t: {"default": [SLICE_FILES[t][0]], "larger": [LARGER_K[t]], "both": [SLICE_FILES[t][0], LARGER_K[t]]}[args.ks]
-          for t in args.targets}
-    larger_k = [(f"shots per subtask k={LARGER_K[t]}", {"k": LARGER_K[t]}, "all") for t in args.targets]
-    # Selections first (the cheapest evidence, before any training), then training and evaluation.
-    stages = [("select", False), ("variants", VARIANTS), ("train", True)]
-    if args.variants == "all":
-        stages.append(("variants", GRADIENT_VARIANTS))
-    for stage, what in stages:
-        for i, target in enumerate(args.targets):
-            if stage == "variants" and args.variants:
-                extra = [larger_k[i]] if what is GRADIENT_VARIANTS else []
-                run_variants(bench, target, SLICE_FILES[target][0], results, what + extra)
-            elif stage != "variants" and not args.skip_methods:
-                for k in ks[target]:
-                    run_target(bench, target, k, results, train=what)
-        log(f"stage {stage} done")
+    variants = [v for level in VARIANT_LEVELS[args.variants] for v in VARIANTS[level]]
+    # Per target: every selection first (the cheapest evidence), then the dev-half study of ROSE's options, then
+    # the test-half grid, so that settings are chosen on dev before anything is read off test.
+    for target in args.targets:
+        ks = {"default": [SLICE_FILES[target][0]], "larger": [LARGER_K[target]],
+              "both": [SLICE_FILES[target][0], LARGER_K[target]]}[args.ks]
+        plan = [(k, args.methods if i == 0 and args.ks != "larger" else args.larger_k_methods) for i, k in enumerate(ks)]
+        for train in (False, True):
+            if train and variants:
+                run_variants(bench, target, results, variants)
+                log(f"{target}: dev study done")
+            for k, methods in plan:
+                if methods and not args.skip_methods:
+                    run_target(bench, target, k, results, train=train, methods=methods)
+            log(f"{target}: {'test grid' if train else 'selections'} done")
     write_json(args.out / f"results_{'quick' if args.quick else 'full'}_{'_'.join(args.targets)}.json", results)
     print(f"\nreal_model.py {'--quick' if args.quick else ''}: model {args.model}, max_length {args.max_length}, LoRA r "
           f"{args.lora_r}, lr {args.lr}, warm-up {args.warmup_fraction:g} x {args.warmup_epochs} epochs, final "

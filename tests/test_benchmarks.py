@@ -4,6 +4,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -88,29 +90,37 @@ def _tiny_model_folder(folder):
 
 def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatch):
     """benchmarks/real_model.py's whole path (warm-up, rose/less stores shared across budgets, baselines, LoRA
-    SFT per selection, held-out metrics, the variants) on a tiny model; a second run finds every unit cached."""
+    SFT per selection, held-out metrics with paired differences, the dev-half variants) on a tiny model; a
+    second run finds every unit cached."""
     import real_model
+    from real_model_report import paired_difference
 
     model = _tiny_model_folder(tmp_path / "model")
-    monkeypatch.setattr(real_model, "VARIANTS", [v for v in real_model.VARIANTS if v[0].startswith(("default", "last",
-                                                                                                   "subtask_balance r"))])
-    monkeypatch.setattr(real_model, "GRADIENT_VARIANTS", [])  # the larger k alone
+    variants = dict(real_model.VARIANTS)
+    variants["rescoring"] = [v for v in variants["rescoring"] if v[0].startswith(("rose: default", "less", "rose: last",
+                                                                                   "rose: subtask_balance r"))]
+    variants["gradient"] = variants["gradient"][:1]  # the larger k
+    variants["warmup"] = [v for v in variants["warmup"] if "projection" in v[0]]
+    monkeypatch.setattr(real_model, "VARIANTS", variants)
     argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--targets", "hh", "--pool-target", "12",
             "--pool-other", "4", "--heldout", "8", "--budgets", "0.25", "0.5", "--seeds", "0", "1", "--max-length", "48",
-            "--projection-dim", "256", "--warmup-fraction", "0.25", "--final-epochs", "1", "--halves", "test",
-            "--methods", "rose", "less", "random", "bm25", "dsir", "rds", "full", "--ks", "default", "--variants", "all",
-            "--train-methods", "rose", "less", "random", "bm25", "rds", "full"]  # dsir: its selection only
+            "--projection-dim", "256", "--warmup-fraction", "0.25", "--warmup-epochs", "2", "--final-epochs", "1",
+            "--methods", "rose", "less", "random", "bm25", "dsir", "rds", "target_chosen", "full", "--ks", "both",
+            "--larger-k-methods", "rose", "--variants", "all", "--variant-budget", "0.25",
+            "--train-methods", "rose", "less", "random", "bm25", "rds", "target_chosen", "full"]  # dsir: selection only
     results = real_model.main(argv)
     res = results["hh_k1"]
     assert res["heldout"] == {"test": 4} and res["pool"]["rows"] == 16
     assert res["base"]["test"]["accuracy"] == 0.5  # the base is its own reference
+    assert res["base"]["test"]["wins"] == [0.5] * 4 and res["base"]["test"]["margins"] == [0.0] * 4
     # chosen_nll comes from the evaluation's own forward pass: it must equal reference_nll's
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rose_trl.data.realtext import build_real_task
     from rose_trl.evaluation.metrics import reference_nll
 
-    test = build_real_task("hh", pool_target=12, pool_other=4, heldout=8).heldout.filter(lambda r: r["half"] == "test")
+    task = build_real_task("hh", pool_target=12, pool_other=4, heldout=8)
+    test = task.heldout.filter(lambda r: r["half"] == "test")
     nll = reference_nll(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model),
                         test["prompt"], test["chosen"], max_length=48)
     assert math.isclose(res["base"]["test"]["chosen_nll"], nll, rel_tol=1e-5)
@@ -125,21 +135,35 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
                     assert "test" not in row
                     continue
                 assert 0 <= row["test"]["accuracy"] <= 1 and row["test"]["chosen_nll"] > 0
+                # the per-pair wins are what the accuracy averages
+                assert math.isclose(np.mean(row["test"]["wins"]), row["test"]["accuracy"])
     assert res["methods"]["full"]["0.5"][0]["composition"]["other"] == 0.25  # the pool's own share
+    assert res["methods"]["target_chosen"]["0.25"][0]["composition"]["chosen"] == 1.0
     assert {"rose", "less", "bm25", "dsir", "rds"} <= {m for m, b in res["methods"].items()
                                                      if "auc_chosen_rejected" in b["0.25"][0]["composition"]}
-    variants = results["hh_variants"]
-    assert set(variants) == {"rose: default (sigmoid, beta 0.1, normalized_mean, max)", "less: default (sigmoid, beta 0.1, "
-                             "normalized_mean, max)", "rose: last checkpoint only", "rose: subtask_balance round_robin",
-                             "rose: shots per subtask k=10",
-                             "less: shots per subtask k=10"}
-    assert all("refused" in v or set(v) == {"0.25", "0.5"} for v in variants.values())
+    assert set(results["hh_k10"]["methods"]) == {"rose"}
+    # a paired difference against itself is exactly zero; against random it is the mean of per-pair differences
+    rose, rnd = res["methods"]["rose"]["0.25"], res["methods"]["random"]["0.25"]
+    assert paired_difference(rose, rose, "test", "wins")["mean"] == 0.0
+    expected = np.mean(np.asarray(rose[0]["test"]["wins"]) - np.mean([r["test"]["wins"] for r in rnd], axis=0))
+    assert math.isclose(paired_difference(rose, rnd, "test", "wins")["mean"], expected)
+    study = results["hh_variants"]
+    assert study["half"] == "dev" and study["pairs"] == 4 and len(study["random"]) == 2
+    assert set(study["variants"]) == {"rose: default (sigmoid, beta 0.1, normalized_mean, max)", "less: default",
+                                      "rose: last checkpoint only", "rose: subtask_balance round_robin",
+                                      "rose: larger k", "rose: projection dim 2048"}
+    for row in study["variants"].values():
+        assert "refused" in row or (0 <= row["dev"]["accuracy"] <= 1 and len(row["dev"]["wins"]) == 4)
+    # the default variant is the main grid's rose selection at that budget: the same picks, the same adapter
+    default = study["variants"]["rose: default (sigmoid, beta 0.1, normalized_mean, max)"]
+    assert default["composition"] == rose[0]["composition"]
     first = capsys.readouterr().out
     assert "trained 0 adapters" not in first and "| 25% | dsir |" in first and "not trained" in first
+    assert "ROSE's options on the dev half" in first
 
     again = real_model.main(argv)  # every unit is cached: nothing trained, selected or evaluated again
     out = capsys.readouterr().out
     assert "trained 0 adapters, evaluated 0, made 0 selections" in out
     assert again["hh_k1"]["methods"]["rose"] == res["methods"]["rose"]
     last = out.strip().splitlines()[-1]
-    assert last.startswith("mode=full hh_k1@25%.rose=") and "hh_k1@50%.random=" in last
+    assert last.startswith("mode=full hh_k1@25%.rose=") and "hh_k1@50%.random=" in last and "rose-random=" in last
