@@ -57,6 +57,17 @@ def publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def publish_first(tmp: Path, final: Path) -> bool:
+    """Rename the finished folder into place unless another writer of the same content got there first;
+    then theirs stays (a reader may be using it) and ours is removed. True when ours was published."""
+    try:
+        os.replace(tmp, final)
+        return True
+    except OSError:  # `final` exists and is not empty
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+
+
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX_CHECKPOINT_DIR}-{step}"
 

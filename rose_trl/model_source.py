@@ -15,11 +15,12 @@ file and its hash), and every stage loads that folder.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .files import atomic_dir, atomic_write_json, publish_first, remove_tree
 
 GGUF_INSTALL = 'pip install "rose_trl[gguf]"  (in a checkout: pip install -e ".[gguf]")'
 GGUF_RECORD = "rose_gguf.json"
@@ -93,14 +94,13 @@ def convert_gguf(path: Path, folder: Path, record: dict) -> Path:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic_dir(folder)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / GGUF_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
-    shutil.rmtree(folder, ignore_errors=True)  # a conversion killed before its record: redo it whole
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process published the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_json(tmp / GGUF_RECORD, record)
+    if (folder / GGUF_RECORD).is_file():
+        shutil.rmtree(tmp)  # another process published the same conversion meanwhile
+        return folder
+    remove_tree(folder)  # a conversion killed before its record: redo it whole
+    publish_first(tmp, folder)
     return folder

@@ -50,6 +50,27 @@ def test_conversion_is_cached_and_folder_form_resolves_to_it(tiny_gguf, tmp_path
     assert resolve_model_source("some/hub-model").path == "some/hub-model"  # no GGUF: untouched
 
 
+def test_a_conversion_killed_before_its_record_is_redone_whole(tiny_gguf, tmp_path):
+    path, _, _ = tiny_gguf
+    folder = tmp_path / "gguf" / file_sha256(path)[:16]
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"half a file")  # what a killed conversion leaves
+    source = resolve_model_source(str(path), cache_dir=tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(source.path) is not None and (folder / GGUF_RECORD).is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left beside it
+
+
+def test_publish_first_keeps_the_copy_already_published(tmp_path):
+    from rose_trl.files import publish_first
+
+    final, ours, theirs = tmp_path / "final", tmp_path / ".ours", tmp_path / ".theirs"
+    for folder, text in ((theirs, "theirs"), (ours, "ours")):
+        folder.mkdir()
+        (folder / "f").write_text(text)
+    assert publish_first(theirs, final) and not publish_first(ours, final)
+    assert (final / "f").read_text() == "theirs" and not ours.exists()
+
+
 def test_missing_gguf_package_names_the_install_line(tiny_gguf, tmp_path, monkeypatch):
     path, _, _ = tiny_gguf
     monkeypatch.setitem(sys.modules, "gguf", None)
