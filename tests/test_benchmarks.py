@@ -161,6 +161,21 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     assert "trained 0 adapters" not in first and "| 25% | dsir |" in first and "not trained" in first
     assert "ROSE's options on the dev half" in first
 
+    import real_model_probe  # reads the stores just written: collinearity against a brute-force mean cosine
+
+    probe = real_model_probe.main(["--out", str(tmp_path / "out"), "--targets", "hh", "--ks", "1", "10",
+                                   "--pool-target", "12", "--pool-other", "4", "--heldout", "8",
+                                   "--warmup-fraction", "0.25", "--warmup-epochs", "2", "--projection-dim", "256"])
+    assert set(probe) == {"hh_k1", "hh_k10"} and len(probe["hh_k1"]["checkpoints"]) == 2
+    assert sum(probe["hh_k10"]["picked_for"]) == 16
+    # ROSE's AUC as the probe recomputes it from the stores = the selection's own AUC
+    assert math.isclose(probe["hh_k1"]["auc"]["as stored, max"][0],
+                        rose[0]["composition"]["auc_chosen_rejected"], abs_tol=0.02)
+    rows = real_model_probe.unit(np.random.default_rng(0).normal(size=(5, 7)))
+    brute = np.mean([rows[i] @ rows[j] for i in range(5) for j in range(5) if i != j])
+    assert math.isclose(real_model_probe.collinearity(rows), brute)
+    capsys.readouterr()
+
     again = real_model.main(argv)  # every unit is cached: nothing trained, selected or evaluated again
     out = capsys.readouterr().out
     assert "trained 0 adapters, evaluated 0, made 0 selections" in out
