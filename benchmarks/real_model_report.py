@@ -97,10 +97,12 @@ HEADER = ("| budget | method | picks chosen / rejected / other | AUC chosen>reje
           "|---|---|---|---|---|---|---|---|---|")
 
 
-def method_rows(by_method: dict, budgets, half: str) -> list[str]:
+def method_rows(by_method: dict, budgets, half: str, random_runs: dict | None = None) -> list[str]:
+    """Table rows; `random_runs` (random's {budget: rows}) when this table has no random of its own (a larger
+    k: the pool, the held-out pairs and random's picks are the default k's)."""
     lines = []
     for budget in budgets:
-        random_rows = by_method.get("random", {}).get(str(budget), [])
+        random_rows = (by_method.get("random") or random_runs or {}).get(str(budget), [])
         for method, by_budget in by_method.items():
             rows = by_budget.get(str(budget))
             if not rows:
@@ -132,10 +134,19 @@ def print_tables(results: dict, args) -> None:
                   f"{fmt_ci(base['likelihood_accuracy'], base['likelihood_accuracy_ci'])}, chosen NLL "
                   f"{base['chosen_nll']:.3f}")
             print(HEADER)
-            print("\n".join(method_rows(res["methods"], args.budgets, h)))
+            print("\n".join(method_rows(res["methods"], args.budgets, h, random_runs(results, name))))
     for name, res in results.items():
         if name.endswith("_variants"):
             print_variants(name.replace("_variants", ""), res)
+
+
+def random_runs(results: dict, name: str) -> dict | None:
+    """random's runs for the table `name` (<target>_k<k>): its own, or those of another k of the same target."""
+    target = name.rsplit("_k", 1)[0]
+    for other, res in results.items():
+        if other.rsplit("_k", 1)[0] == target and "random" in res.get("methods", {}):
+            return res["methods"]["random"]
+    return None
 
 
 def print_variants(target: str, res: dict) -> None:
@@ -168,7 +179,8 @@ def summary_line(results: dict, args) -> str:
             for method, rows in by.items():
                 if rows and "test" in rows[0]:
                     parts.append(f"{name}@{round(budget * 100)}%.{method}={np.mean([r['test']['accuracy'] for r in rows]):.3f}")
-            d = paired_difference(by["rose"], by["random"], "test", "wins")
+            d = paired_difference(by["rose"], by["random"] or (random_runs(results, name) or {}).get(str(budget)),
+                                  "test", "wins")
             if d:
                 parts.append(f"{name}@{round(budget * 100)}%.rose-random={d['mean']:+.3f}")
     return " ".join(parts)

@@ -182,3 +182,4 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     assert again["hh_k1"]["methods"]["rose"] == res["methods"]["rose"]
     last = out.strip().splitlines()[-1]
     assert last.startswith("mode=full hh_k1@25%.rose=") and "hh_k1@50%.random=" in last and "rose-random=" in last
+    assert "hh_k10@25%.rose-random=" in last  # the larger k is compared with the default k's random runs
