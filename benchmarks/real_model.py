@@ -97,6 +97,7 @@ VARIANTS = {
         ("rose: projection dim 2048", {}, "all", {"projection_dim": 2048}),
     ],
 }
+VARIANT_BY_NAME = {v[0]: v for level in VARIANTS.values() for v in level}
 VARIANT_LEVELS = {"none": [], "rescoring": ["rescoring"], "gradient": ["rescoring", "gradient"],
                   "all": ["rescoring", "gradient", "warmup"]}
 
@@ -346,14 +347,17 @@ def run_target(bench: Bench, target: str, k: int, results: dict, train: bool, me
     res["heldout"] = {h: len(p) for h, p in halves.items()}
     for h, pairs in halves.items():
         res.setdefault("base", {})[h] = bench.evaluate(target, task_key, pairs, h, None)
-    for method in methods:
+    for method in methods + (a.test_variants if k == SLICE_FILES[target][0] else []):
         for seed in (a.seeds if method == "random" else [0]):
-            picks = bench.select(method, seed, target, k, task, task_key, warm)
+            if method in VARIANT_BY_NAME:  # a variant chosen on dev, reported on test beside the default
+                picks = select_variant(bench, target, VARIANT_BY_NAME[method], a.budgets)
+            else:
+                picks = bench.select(method, seed, target, k, task, task_key, warm)
             for budget in a.budgets:
                 entry = picks[budget]
                 row = {"composition": composition(pool, entry["picks"], entry["scores"])}
                 res["methods"].setdefault(method, {}).setdefault(str(budget), []).append(row)
-                if not train or method not in a.train_methods:
+                if not train or method not in a.train_methods + a.test_variants:
                     continue  # its selection only
                 folder = bench.adapter(target, task_key, pool, entry["picks"])
                 for h, pairs in halves.items():
@@ -361,6 +365,18 @@ def run_target(bench: Bench, target: str, k: int, results: dict, train: bool, me
                 log(f"{name} {method} {budget:.0%}{f' seed {seed}' if method == 'random' else ''}: picks "
                     + " / ".join(f"{x} {row['composition'][x]:.2f}" for x in ("chosen", "rejected", "other")) + "; "
                     + "; ".join(f"{h} acc {row[h]['accuracy']:.3f}" for h in halves))
+
+
+def select_variant(bench: Bench, target: str, variant: tuple, budgets: list[float]) -> dict[float, dict]:
+    """A variant's picks at `budgets` (the default k's pool; the variant's own k, options and warm-up)."""
+    name, options, checkpoints, overrides = variant
+    options = dict(options)
+    method = options.pop("method", "rose")
+    k = LARGER_K[target] if options.pop("k", None) == "larger" else SLICE_FILES[target][0]
+    vbench = bench.with_args(**overrides)
+    vtask, task_key = vbench.task(target, k)  # the same pool and held-out pairs; k changes the validation set
+    warm = vbench.warmup(vtask.pool, vbench.target_dir(target, task_key) / "warmup")
+    return vbench.select(method, 0, target, k, vtask, task_key, warm, options, checkpoints, budgets)
 
 
 def run_variants(bench: Bench, target: str, results: dict, variants: list) -> None:
@@ -387,21 +403,15 @@ def run_variants(bench: Bench, target: str, results: dict, variants: list) -> No
             continue  # one checkpoint: nothing to leave out
         if name in out["variants"]:
             continue
-        options = dict(options)
-        method = options.pop("method", "rose")
-        k = LARGER_K[target] if options.pop("k", None) == "larger" else k_default
-        vbench = bench.with_args(**overrides)
-        vtask, _ = vbench.task(target, k)  # the same pool and held-out pairs; k changes the validation set
-        warm = vbench.warmup(vtask.pool, vbench.target_dir(target, task_key) / "warmup")
         t0 = time.time()
         try:
-            picks = vbench.select(method, 0, target, k, vtask, task_key, warm, options, checkpoints, [budget])[budget]
+            picks = select_variant(bench, target, (name, options, checkpoints, overrides), [budget])[budget]
         except ValueError as e:  # e.g. every pair of a subtask with a zero gradient
             out["variants"][name] = {"refused": str(e)}
             continue
-        folder = vbench.adapter(target, task_key, vtask.pool, picks["picks"])
-        row = out["variants"][name] = {"composition": composition(vtask.pool, picks["picks"], picks["scores"]),
-                                       "dev": vbench.evaluate(target, task_key, dev, "dev", folder)}
+        folder = bench.adapter(target, task_key, task.pool, picks["picks"])
+        row = out["variants"][name] = {"composition": composition(task.pool, picks["picks"], picks["scores"]),
+                                       "dev": bench.evaluate(target, task_key, dev, "dev", folder)}
         log(f"variant {target} {name}: dev acc {row['dev']['accuracy']:.3f} ({time.time() - t0:.0f}s)")
 
 
@@ -440,6 +450,9 @@ def main(argv=None) -> dict:
                    help="ROSE's options studied on the dev half: none, those that re-score the stores, + those that "
                         "need new validation gradients (beta, loss types, the larger k), or all (+ new warm-ups)")
     p.add_argument("--variant-budget", type=float, default=None)
+    p.add_argument("--test-variants", nargs="+", default=[], choices=list(VARIANT_BY_NAME), metavar="VARIANT",
+                   help="variants chosen on dev, also run through the test grid (their full names, as the dev "
+                        "table prints them)")
     p.add_argument("--skip-methods", action="store_true", help="only the variants")
     p.add_argument("--progress", action="store_true", help="progress bars of the gradient passes")
     p.add_argument("--threads", type=int, default=None)

@@ -107,6 +107,7 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
             "--projection-dim", "256", "--warmup-fraction", "0.25", "--warmup-epochs", "2", "--final-epochs", "1",
             "--methods", "rose", "less", "random", "bm25", "dsir", "rds", "target_chosen", "full", "--ks", "both",
             "--larger-k-methods", "rose", "--variants", "all", "--variant-budget", "0.25",
+            "--test-variants", "rose: last checkpoint only",
             "--train-methods", "rose", "less", "random", "bm25", "rds", "target_chosen", "full"]  # dsir: selection only
     results = real_model.main(argv)
     res = results["hh_k1"]
@@ -142,6 +143,10 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     assert {"rose", "less", "bm25", "dsir", "rds"} <= {m for m, b in res["methods"].items()
                                                      if "auc_chosen_rejected" in b["0.25"][0]["composition"]}
     assert set(results["hh_k10"]["methods"]) == {"rose"}
+    # a variant chosen on dev runs through the test grid too; at the dev budget it is the dev study's selection
+    chosen = res["methods"]["rose: last checkpoint only"]
+    assert set(chosen) == {"0.25", "0.5"} and all("test" in rows[0] for rows in chosen.values())
+    assert chosen["0.25"][0]["composition"] == results["hh_variants"]["variants"]["rose: last checkpoint only"]["composition"]
     # a paired difference against itself is exactly zero; against random it is the mean of per-pair differences
     rose, rnd = res["methods"]["rose"]["0.25"], res["methods"]["random"]["0.25"]
     assert paired_difference(rose, rose, "test", "wins")["mean"] == 0.0
