@@ -1,8 +1,8 @@
 """Does a ROSE selection make a real model better? SmolLM2-135M-Instruct, real text, held-out intervals.
 
     rose-trl smollm2-assets outputs/smollm2                                   # once: the model folder (model/)
-    python benchmarks/real_model.py --model outputs/smollm2/model --quick      # a few minutes on 2 cores
-    python benchmarks/real_model.py --model outputs/smollm2/model              # dev study + test grid
+    python benchmarks/real_model.py --model outputs/smollm2/model --quick      # ~3 min on 2 cores
+    python benchmarks/real_model.py --model outputs/smollm2/model --variants gradient   # ~2 h: dev study + test grid
 
 For each target (SE, HH) `rose_trl.data.realtext.build_real_task` makes the task: a pool of target prompts
 answered with their chosen or their rejected answer (a coin flip, recorded in `answer`) plus other-task rows,
@@ -65,7 +65,7 @@ SIZES = {"se": dict(pool_target=240, pool_other=80, heldout=240),
 FULL = dict(budgets=[0.05, 0.1, 0.2], seeds=[0, 1, 2, 3, 4],
             methods=["rose", "less", "random", "bm25", "dsir", "rds", "target_chosen", "target_rejected", "full"],
             train_methods=None, larger_k_methods=["rose", "less"], ks="both", warmup_fraction=0.05, warmup_epochs=4,
-            final_epochs=2, variants="all", variant_budget=0.1)
+            final_epochs=2, variants="gradient", variant_budget=0.1)  # "all" adds the warm-up variants (~+50 min)
 QUICK = dict(pool_target=36, pool_other=12, heldout=32, budgets=[0.2], seeds=[0, 1, 2],
              methods=["rose", "less", "random", "bm25", "dsir", "target_chosen"],
              train_methods=["rose", "less", "random", "target_chosen"], larger_k_methods=[], ks="default",
