@@ -105,6 +105,17 @@ VARIANT_LEVELS = {"none": [], "rescoring": ["rescoring"], "gradient": ["rescorin
 SEEDED = ("random", "target_chosen", "target_rejected")
 
 
+def task_sizes_and_key(target: str, args) -> tuple[dict, str]:
+    """The task's pool / held-out sizes (args, else SIZES) and the key its files live under."""
+    sizes = {n: getattr(args, n) or SIZES[target][n] for n in ("pool_target", "pool_other", "heldout")}
+    return sizes, key_of(target, sizes["pool_target"], sizes["pool_other"], sizes["heldout"], args.task_seed)
+
+
+def warmup_folder(out: Path, target: str, task_key: str, lora_r: int, fraction: float, epochs: int) -> Path:
+    """Where one warm-up and its pool gradient stores live."""
+    return out / f"{target}_{task_key}" / f"r{lora_r}_w{fraction:g}_e{epochs}"
+
+
 def lora_settings(r: int) -> dict:
     return dict(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
@@ -167,15 +178,13 @@ class Bench:
     # ---- per target ------------------------------------------------------------------------------
     def task(self, target: str, k: int):
         a = self.args
-        sizes = {n: getattr(a, n) or SIZES[target][n] for n in ("pool_target", "pool_other", "heldout")}
-        task = build_real_task(target, k=k, seed=a.task_seed, **sizes)
-        task_key = key_of(target, sizes["pool_target"], sizes["pool_other"], sizes["heldout"], a.task_seed)
-        return task, task_key
+        sizes, task_key = task_sizes_and_key(target, a)
+        return build_real_task(target, k=k, seed=a.task_seed, **sizes), task_key
 
     def target_dir(self, target: str, task_key: str) -> Path:
         """Where one warm-up and its pool gradient stores live."""
         a = self.args
-        return self.out / f"{target}_{task_key}" / f"r{a.warmup_lora_r}_w{a.warmup_fraction:g}_e{a.warmup_epochs}"
+        return warmup_folder(self.out, target, task_key, a.warmup_lora_r, a.warmup_fraction, a.warmup_epochs)
 
     def warmup(self, pool: Dataset, folder: Path) -> Path:
         """LoRA SFT on warmup_fraction of the pool, a checkpoint (with its Adam state) per epoch."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from real_model import SIZES, key_of
+from real_model import task_sizes_and_key, warmup_folder
 from real_model_report import auc, auc_interval
 from rose_trl.data.realtext import SLICE_FILES, build_real_task
 from rose_trl.store import GradientStore
@@ -105,9 +105,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     results = {}
     for target in args.targets:
-        sizes = {n: getattr(args, n) or SIZES[target][n] for n in ("pool_target", "pool_other", "heldout")}
-        task_key = key_of(target, sizes["pool_target"], sizes["pool_other"], sizes["heldout"], args.task_seed)
-        run_dir = args.out / f"{target}_{task_key}" / f"r{args.lora_r}_w{args.warmup_fraction:g}_e{args.warmup_epochs}"
+        sizes, task_key = task_sizes_and_key(target, args)
+        run_dir = warmup_folder(args.out, target, task_key, args.lora_r, args.warmup_fraction, args.warmup_epochs)
         for k in args.ks or [SLICE_FILES[target][0]]:
             task = build_real_task(target, k=k, seed=args.task_seed, **sizes)
             res = results[f"{target}_k{k}"] = probe(run_dir, task, args.projection_dim, k)
