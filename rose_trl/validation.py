@@ -7,7 +7,10 @@ so each pair's gradient comes out of one forward/backward.
 
 Reference model: the pretrained model, i.e. the policy with its LoRA adapters disabled. TRL copies an
 existing adapter into a frozen "ref" adapter when it is handed a PEFT model, which would make the
-reference the *warm-up checkpoint*; we remove that copy so TRL falls back to disabling adapters.
+reference the *warm-up checkpoint*; we remove that copy so TRL falls back to disabling adapters. The
+reference's log-probs of the pairs do not change from one checkpoint to the next: they are computed once
+per run (`ROSEDPOTrainer.reference_logps`, kept by `ValidationGradients`) and handed to TRL's loss as
+precomputed ones, instead of a reference forward in every pass of every checkpoint.
 
 `ValidationGradients` keeps a run's validation stores (rose/val_dpo[_<loss tag>]/ or rose/val_sft/, one per
 checkpoint); the rows come from the run's `Featurizer`, like the pool's.
@@ -144,28 +147,65 @@ class ROSEDPOTrainer(DPOTrainer):
         if getattr(args, "keep_last_tokens", None) is not None:  # a plain DPOConfig truncates as TRL does
             self.data_collator = KeepLastTokens(self.data_collator, args.keep_last_tokens,
                                                 self.data_collator.pad_token_id)
+        # The reference's (chosen, rejected) log-probs of every pair: computed on first use, or handed over by
+        # the run (ValidationGradients) when an earlier trainer of the same run computed them.
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def pairs_per_pass(self) -> int:
         """One pair per pass for losses that couple the pairs of a batch (PAIR_COUPLED_LOSSES)."""
         return 1 if PAIR_COUPLED_LOSSES & set(self.loss_types) else self.args.per_device_train_batch_size
 
-    def pair_gradients(self, featurizer: Featurizer) -> torch.Tensor:
-        """[n_pairs, dim] features of each pair's gradient (its chosen row's plus its rejected row's), in
-        dataset order."""
+    def _passes(self):
+        """The validation passes, in dataset order: `pairs_per_pass` pairs each, on the adapter's device."""
         model = self.accelerator.unwrap_model(self.model)
+        device = next(p for _, p in trainable_parameters(model)).device
         loader = DataLoader(self.train_dataset, batch_size=self.pairs_per_pass, shuffle=False,
                             collate_fn=self.data_collator)
-        device = next(p for _, p in trainable_parameters(model)).device
-        out = []
-        with eval_mode(model):
-            for inputs in loader:
-                inputs = {k: v.to(device) for k, v in inputs.items()}
-                pairs = inputs["input_ids"].shape[0] // 2
-                # TRL averages each loss over the pairs; the sum gives each pair its own full gradient.
-                out.append(featurizer(model, inputs, loss=lambda batch, n=pairs: self.compute_loss(self.model, batch) * n,
-                                      combine=lambda rows, n=pairs: rows[:n] + rows[n:]))  # [chosen..., rejected...]
-                release_gathered(model)
+        for inputs in loader:
+            yield {k: v.to(device) for k, v in inputs.items()}
+
+    def reference_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's (the base model: adapters disabled) summed response log-probs of every pair's chosen
+        and of its rejected answer, [n_pairs] each, by TRL's own `compute_ref_log_probs` over the same passes
+        `pair_gradients` runs (so the same numbers TRL's loss would compute inside each pass). Computed once,
+        then kept (`self.reference`)."""
+        if self.reference is None:
+            model = self.accelerator.unwrap_model(self.model)
+            chosen, rejected = [], []
+            with eval_mode(model):
+                for inputs in self._passes():
+                    c, r = self.compute_ref_log_probs(self.model, inputs)
+                    chosen.append(c.detach())
+                    rejected.append(r.detach())
+                    release_gathered(model)
+            self.reference = (torch.cat(chosen), torch.cat(rejected))
+        return self.reference
+
+    def pair_gradients(self, featurizer: Featurizer, reuse_reference: bool = True) -> torch.Tensor:
+        """[n_pairs, dim] features of each pair's gradient (its chosen row's plus its rejected row's), in
+        dataset order. The reference log-probs come from `reference_logps` (computed at most once per trainer,
+        or handed over); `reuse_reference=False` lets TRL's loss run the reference forward in every pass."""
+        model = self.accelerator.unwrap_model(self.model)
+        reference = self.reference_logps() if reuse_reference else None
+        out, start, precomputed = [], 0, self.precompute_ref_logps
+        self.precompute_ref_logps = reference is not None  # TRL's loss then reads ref_*_logps from the batch
+        try:
+            with eval_mode(model):
+                for inputs in self._passes():
+                    pairs = inputs["input_ids"].shape[0] // 2
+                    if reference is not None:
+                        device = inputs["input_ids"].device
+                        inputs["ref_chosen_logps"] = reference[0][start : start + pairs].to(device)
+                        inputs["ref_rejected_logps"] = reference[1][start : start + pairs].to(device)
+                    start += pairs
+                    # TRL averages each loss over the pairs; the sum gives each pair its own full gradient.
+                    out.append(featurizer(model, inputs,
+                                          loss=lambda batch, n=pairs: self.compute_loss(self.model, batch) * n,
+                                          combine=lambda rows, n=pairs: rows[:n] + rows[n:]))  # [chosen..., rejected...]
+                    release_gathered(model)
+        finally:
+            self.precompute_ref_logps = precomputed
         return torch.cat(out)
 
 
@@ -209,6 +249,8 @@ class ValidationGradients:
                                   config.validation_label_smoothing) if self.kind == "dpo" else ""
         self.folder = rose_dir / (f"val_{self.kind}_{tag}" if tag else f"val_{self.kind}")
         self._dpo_trainers: dict[int, ROSEDPOTrainer] = {}
+        # The reference's log-probs of the pairs (ROSEDPOTrainer.reference_logps): the same at every checkpoint.
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def store(self, model, name: str, featurizer: Featurizer, identity: dict, write: bool = True) -> GradientStore:
         """The checkpoint's store, computed when incomplete. The validation set is small: every process
@@ -224,7 +266,11 @@ class ValidationGradients:
         # Every process must agree before running collectives.
         if not (all_true(store.is_complete) if state.num_processes > 1 else store.is_complete):
             if self.kind == "dpo":
-                grads = self._dpo_trainer(model).pair_gradients(featurizer)
+                trainer = self._dpo_trainer(model)
+                if trainer.reference is None:
+                    trainer.reference = self.reference  # computed once per run, not per checkpoint
+                grads = trainer.pair_gradients(featurizer)
+                self.reference = trainer.reference
             else:
                 grads = sft_validation_gradients(model, self.validation, self.tokenizer, featurizer, self.max_length)
             if write:

@@ -62,6 +62,11 @@ def test_batched_matches_loop_with_live_adamw_state():
     v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params])
     fast = per_example_gradients(model, batch, adam_state=AdamState.from_optimizer(opt, trainable_parameters(model)))
     assert_rows_match(fast, loop_reference(model, batch, adam=(m, v, 0.8, 0.95, 1e-6)))
+    # The public signature since the first release: the live optimizer itself (keyword or third positional).
+    assert torch.equal(per_example_gradients(model, batch, optimizer=opt), fast)
+    assert torch.equal(per_example_gradients(model, batch, opt), fast)
+    with pytest.raises(TypeError, match="not both"):
+        per_example_gradients(model, batch, optimizer=opt, adam_state=AdamState.from_optimizer(opt, trainable_parameters(model)))
     # The live run's .grad buffers are left alone.
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
 
