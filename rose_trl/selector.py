@@ -24,6 +24,7 @@ from datasets import Dataset
 
 from .config import ROSEConfig
 from .data.preferences import DEFAULT_SUBTASK, validate_preferences
+from .disk import require_free_space
 from .distributed import check_supported
 from .explain import write_contributions
 from .extraction import extract_pool_store
@@ -35,7 +36,7 @@ from .projection import build_projector
 from .scoring import CheckpointGradients, ValidationTargets, score_checkpoints, validation_targets
 from .selection import write_selection
 from .sft_data import fingerprint_tokenized, tokenize_pool
-from .store import GradientStore
+from .store import GradientStore, store_bytes
 from .validation import ValidationGradients
 
 logger = get_logger(__name__)
@@ -91,6 +92,29 @@ class ROSESelector:
             logger.warning("projection in use: %s, %s", projector.implementation, projector.describe())
             self._featurizer = Featurizer(projector)
         return self._featurizer
+
+    def store_bytes(self, checkpoints: int | list[str]) -> int:
+        """Disk bytes the stores of `checkpoints` (names, or a number of checkpoints still to be saved) need: rows x
+        dim x dtype for the pool store and the validation store of each, those already on disk excepted."""
+        dim, dtype = self.config.projection_dim, self.config.store_dtype
+        if isinstance(checkpoints, int):
+            return checkpoints * (store_bytes(len(self.pool_tokens), dim, dtype)
+                                  + store_bytes(len(self.validation), dim, dtype))
+        return sum(store_bytes(len(self.pool_tokens), dim, dtype) * (not (self.rose_dir / "train" / name).exists())
+                   + store_bytes(len(self.validation), dim, dtype)
+                   * (not (self.validation_stores.folder / name).exists()) for name in checkpoints)
+
+    def check_disk_space(self, checkpoints: int | list[str], extra: int = 0, extra_what: str = "") -> int:
+        """Before any gradient work: refuse (DiskSpaceError: the path, the bytes needed, the bytes free) when the
+        stores of `checkpoints` (and `extra` bytes of `extra_what`) do not fit on output_dir's disk."""
+        needed = self.store_bytes(checkpoints)
+        count = checkpoints if isinstance(checkpoints, int) else len(checkpoints)
+        what = (f"the gradient stores of {count} checkpoint(s) ({len(self.pool_tokens)} pool rows and "
+                f"{len(self.validation)} validation pairs x {self.config.projection_dim} dims, "
+                f"{self.config.store_dtype})" + (f" and {extra_what}" if extra else ""))
+        require_free_space(self.output_dir, needed + extra, what)
+        logger.info("disk: %s need %d bytes under %s", what, needed + extra, self.output_dir)
+        return needed + extra
 
     def add_checkpoint(self, model, name: str, learning_rate: float | None, adam_state: AdamState | None = None) -> None:
         """Extract (or resume) this checkpoint's pool and validation gradients and record its learning rate.
