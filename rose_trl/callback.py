@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from .budget import MemoryBudget, check_training
 from .config import ROSEConfig
 from .files import checkpoint_name
 from .gradients import AdamState, num_trainable_parameters, trainable_parameters
@@ -54,6 +55,16 @@ def expected_saves(args, state) -> int:
         every = args.save_steps if args.save_steps >= 1 else math.ceil(state.max_steps * args.save_steps)
         return max(0, math.ceil(state.max_steps / every) - state.global_step // every)
     return 1  # "best": as many as improvements, at least one
+
+
+def longest_row(dataloader, args) -> int | None:
+    """Tokens of the longest training row (at most args.max_length), when the Trainer's dataset is tokenized."""
+    dataset = getattr(dataloader, "dataset", None)
+    if dataset is None or "input_ids" not in (getattr(dataset, "column_names", None) or []):
+        return None
+    longest = max((len(ids) for ids in dataset["input_ids"]), default=0)
+    limit = getattr(args, "max_length", None)
+    return min(longest, limit) if limit else longest
 
 
 # `max_length` default: the training arguments' own (SFTConfig.max_length), or this without one.
@@ -97,6 +108,9 @@ class ROSECallback(TrainerCallback):
         # Each save also writes the adapter (its dtype, float32 at most) and its two Adam moments (float32).
         selector.check_disk_space(saves, extra=saves * adapter * 12,
                                   extra_what=f"{saves} warm-up checkpoint(s) (adapter and Adam state)")
+        if model is not None:  # the Trainer's batch is the user's: a warning if it would exceed the budget
+            budget = MemoryBudget.for_device(self.config.memory_budget_gb, next(model.parameters()).device)
+            check_training(model, args, budget, "warm-up", width=longest_row(kwargs.get("train_dataloader"), args))
         name = checkpoint_name(state.global_step)
         if state.global_step > 0 and model is not None and not selector.ledger.is_recorded(name):
             # Resumed from a checkpoint whose extraction was killed: on_save will not come again for it,

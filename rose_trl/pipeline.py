@@ -26,6 +26,7 @@ from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
+from .budget import MemoryBudget, check_training
 from .callback import ROSECallback
 from .config import BASELINE_METHODS, ROSEConfig, SelectConfig
 from .data import load_pool, load_preferences
@@ -246,6 +247,10 @@ def train_final_model(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig,
     trainer = SFTTrainer(model, args=dataclasses.replace(sft, output_dir=str(out)),
                          train_dataset=with_labels(tokens, "selection"),
                          processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    # The Trainer's batch is the user's: a warning, before training, if it would exceed the memory budget.
+    longest = max((len(ids) for ids in tokens["input_ids"]), default=0)
+    check_training(trainer.model, sft, MemoryBudget.for_device(rose.memory_budget_gb, trainer.args.device),
+                   "final training", width=min(longest, sft.max_length) if sft.max_length else longest)
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
     save_model_atomically(trainer, out)
     if state.is_main_process:
