@@ -393,3 +393,27 @@ def build_property_task(prop: str, direction: str = "prefer", k: int = 10, **sui
     options = dict(suite_options)
     options.setdefault("properties", DEFAULT_PROPERTIES if prop in DEFAULT_PROPERTIES else (prop,))
     return property_suite(**options).task(prop, direction, k)
+
+
+def property_counts(properties=None, max_chars: int = 1000, window_chars: int = 400,
+                    test_root: str | Path | None = None) -> dict[str, dict]:
+    """What the data holds per property, before any allocation: answers within max_chars that have it, and the
+    prompts that give a minimal pair (differing within window_chars), in the slice and (with test_root) in the
+    paper's test answers. What a suite can ask of each property."""
+    out = {}
+    slices = {task: _slice_answers(task) for task in TASKS}
+    tests = {}
+    for name in properties or PROPERTIES:
+        prop = PROPERTIES[name]
+        sources = {"slice": slices[prop.task]}
+        if test_root is not None:
+            if prop.task not in tests:
+                tests[prop.task] = _test_answers(Path(test_root), prop.task, {a.prompt for a in slices[prop.task]})
+            sources["test"] = tests[prop.task]
+        out[name] = {}
+        for source, answers in sources.items():
+            fit = [a for a in answers if _fits(a, max_chars)]
+            out[name][f"{source}_answers"] = len(fit)
+            out[name][f"{source}_with"] = sum(prop.detect(a.text) for a in fit)
+            out[name][f"{source}_pair_prompts"] = len(_pairs(prop, fit, set(), len(fit), max_chars, window_chars))
+    return out
