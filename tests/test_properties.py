@@ -153,3 +153,18 @@ def test_held_out_pairs_come_from_the_papers_test_answers_where_present():
         assert {p["source"] for p in suite.heldout[name]} == {"test"}
         assert {p["source"] for p in suite.validation[name]} == {"slice"}
     assert len(suite.pool) == 200 and all(c["pool_with"] >= 30 for c in counts.values())
+
+
+def test_property_counts_match_a_count_by_hand():
+    from rose_trl.data.properties import _fits, _slice_answers, property_counts
+
+    counts = property_counts(["se_code", "hh_decline"])
+    assert set(counts) == {"se_code", "hh_decline"} and "test_answers" not in counts["se_code"]
+    for name, c in counts.items():
+        prop = PROPERTIES[name]
+        answers = [a for a in _slice_answers(prop.task) if _fits(a, 1000)]
+        assert c["slice_answers"] == len(answers) and c["slice_with"] == sum(prop.detect(a.text) for a in answers)
+        prompts = {a.prompt for a in answers if (pair := minimal_pair(prop, a)) and len(pair[1]) <= 1000
+                   and first_difference(*pair) < 400}
+        assert c["slice_pair_prompts"] == len(prompts)
+    assert counts["hh_decline"]["slice_pair_prompts"] < 20  # too few for a suite: why it is not a default
