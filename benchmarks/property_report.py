@@ -150,6 +150,12 @@ def sweep_tables(sweep: dict) -> list[str]:
         rel = ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in r["reliability"].items())
         lines.append(f"\nmean agreement per subtask {mean}; all pairs together {r['all_pairs_agreement']:+.4f}; "
                      f"reliability {rel}")
+        lines += [f"\nall {r['pairs']} {task.upper()} pairs as one target, swept like the properties",
+                  "| k | draws | agreement | reliability | reproducibility (disjoint draw) |", "|---|---|---|---|---|"]
+        for e in r["sweep"]["summary"]:
+            cell = lambda key, d=2: "-" if e[key] is None else f"{e[key][0]:.{d}f} +- {e[key][1]:.{d}f}"
+            lines.append(f"| {e['k']} | {e['draws']} | {cell('agreement', 3)} | {cell('reliability')} "
+                         f"| {cell('reproducibility')} |")
     return lines
 
 

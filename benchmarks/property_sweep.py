@@ -16,8 +16,10 @@ DPO weight cancels in the normalization): its scores are the negated scores and 
 side, so its agreement, AUC and reproducibility are the same (its share: of the rows without the property).
 The threshold of rose_trl.agreement is read off this table: the lowest reliability bin from which the median
 reproducibility stays at or above one half.
-Placement: the released SE and HH few-shot files of the slice (per subtask), scored the same way on the same
-warm-up: their agreement, and the reliability at the paper's k and at 50 shots.
+Placement: the released SE and HH few-shot files of the slice, their gradients on the same warm-up: per subtask
+their agreement and the reliability at the paper's k and at 50 shots; and all of a file's pairs as one target,
+swept like a property (agreement and reproducibility; the pool holds no labels for them), to set beside the
+property targets at the same k.
 """
 
 from __future__ import annotations
@@ -73,11 +75,15 @@ def top(scores: np.ndarray, n: int) -> set:
 
 def sweep(eta, pool, val, answers: np.ndarray, shots: list[int], draws: int, budget: float = 0.1,
           seed: int = 0) -> list[dict]:
-    """One row per (k, draw): see the module docstring. answers: the pool's chosen/rejected/other labels."""
+    """One row per (k, draw): see the module docstring. answers: the pool's chosen/rejected/other labels (None:
+    no AUC nor share)."""
     kept = usable(val)
     n_pairs = len(kept)
-    pos, neg = np.flatnonzero(answers == "chosen"), np.flatnonzero(answers == "rejected")
-    n_top = max(1, int(np.ceil(budget * len(answers) - 1e-9)))
+    n_rows = len(pool[0])
+    labelled = answers is not None  # without labels (released pairs on this pool): agreement and reproducibility
+    if labelled:
+        pos, neg = np.flatnonzero(answers == "chosen"), np.flatnonzero(answers == "rejected")
+    n_top = max(1, int(np.ceil(budget * n_rows - 1e-9)))
     rng = np.random.default_rng(seed)
     rows = []
     for k in shots:
@@ -88,8 +94,10 @@ def sweep(eta, pool, val, answers: np.ndarray, shots: list[int], draws: int, bud
             pairs = order[:k]
             s = score(eta, pool, val, pairs)
             picked = top(s, n_top)
-            row = {"k": k, "draw": d, "agreement": agreement_of(eta, val, pairs), "auc": auc(s, pos, neg),
-                   "share": float(np.mean([answers[i] == "chosen" for i in picked]))}
+            row = {"k": k, "draw": d, "agreement": agreement_of(eta, val, pairs)}
+            if labelled:
+                row["auc"] = auc(s, pos, neg)
+                row["share"] = float(np.mean([answers[i] == "chosen" for i in picked]))
             row["reliability"] = reliability(row["agreement"], k)
             if 2 * k <= n_pairs:
                 other = order[k:2 * k]
@@ -143,11 +151,12 @@ def released_pairs(task: str, k: int) -> Dataset:
 
 def placement(pb, task: str, k: int) -> dict:
     """The released k-shot pairs of `task` (SE or HH), their gradients on the suite's warm-up: per subtask the
-    agreement, and the reliability at the paper's k, at this k and at 50 shots."""
+    agreement, the reliability at the paper's k, at this k and at 50 shots; and all the pairs as one target,
+    swept like a property (agreement and reproducibility: the pool has no labels for them)."""
     pairs = released_pairs(task, k)
     pb.gradient_picks("rose", pairs, f"released_{task}_k{k}", [0.1])
     folder = pb.warm_dir / f"sel_released_{task}_k{k}_p{pb.args.projection_dim}"
-    eta, _, val = read_stores(folder, pb.warm_dir / f"pool_train_p{pb.args.projection_dim}")
+    eta, pool, val = read_stores(folder, pb.warm_dir / f"pool_train_p{pb.args.projection_dim}")
     subtasks = np.asarray(pairs["subtask"])
     out = {"task": task, "k": k, "pairs": len(pairs), "subtasks": {}}
     for name in dict.fromkeys(subtasks.tolist()):
@@ -158,6 +167,9 @@ def placement(pb, task: str, k: int) -> dict:
     out["agreement"] = float(np.mean(values)) if values else None
     out["all_pairs_agreement"] = agreement_of(eta, val, usable(val))
     out["reliability"] = {f"k={n}": reliability(out["agreement"], n) for n in sorted({DEFAULT_K[task], k, 50})}
+    m = len(usable(val))
+    rows = sweep(eta, pool, val, None, sorted({s for s in pb.args.shots if s <= m} | {m}), pb.args.draws)
+    out["sweep"] = {"rows": rows, "summary": summarize(rows)}
     return out
 
 

@@ -252,6 +252,9 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys):
     released = sweep["released"]["hh"]
     assert released["pairs"] == 19 and set(released["subtasks"]) == {"harmless-base", "red-team-attempts"}
     assert all(-1 <= s["agreement"] <= 1 for s in released["subtasks"].values())
+    placed = released["sweep"]["rows"]  # all 19 pairs as one target: no labels, so no AUC
+    assert {r["k"] for r in placed} == {1, 2, 3, 19} and all("auc" not in r for r in placed)
+    assert all(0 <= r["reproducibility"] <= 1 for r in placed if r["k"] <= 3)
     out = capsys.readouterr().out
     assert "#### The oracle" in out and "#### The flip test at 20%" in out and "#### Shots sweep, se_link" in out
     assert out.strip().splitlines()[-1].startswith("oracle.se_link@20%=")
