@@ -85,7 +85,7 @@ def test_pairs_are_minimal_visible_and_within_the_size_cap(suite):
             assert prop.detect(pair["with"]) and not prop.detect(pair["without"])
             assert prop.remove(pair["with"]) == pair["without"]  # only the property was removed
             assert max(len(pair["with"]), len(pair["without"])) <= 1000
-            assert first_difference(pair["with"], pair["without"]) < 400
+            assert first_difference(pair["with"], pair["without"]) < 250
             assert pair["source"] == "slice"
 
 
@@ -94,7 +94,7 @@ def test_pool_labels_read_the_same_on_the_visible_window(suite):
         assert len(row["completion"]) <= 1000
         for name in suite.properties:
             detect = PROPERTIES[name].detect
-            assert row[f"has_{name}"] == detect(row["completion"]) == detect(row["completion"][:400])
+            assert row[f"has_{name}"] == detect(row["completion"]) == detect(row["completion"][:250])
 
 
 def test_targets_share_the_pool_and_flip_with_the_direction(suite):
@@ -149,7 +149,7 @@ def test_held_out_pairs_come_from_the_papers_test_answers_where_present():
     suite = property_suite(test_root=RELEASE)
     counts = suite.counts()
     for name in DEFAULT_PROPERTIES:
-        assert counts[name]["test"] == 80 and counts[name]["dev"] == 40 and counts[name]["validation"] >= 49
+        assert counts[name]["test"] == 80 and counts[name]["dev"] == 40 and counts[name]["validation"] >= 40  # hh_question: the 43 the slice holds
         assert {p["source"] for p in suite.heldout[name]} == {"test"}
         assert {p["source"] for p in suite.validation[name]} == {"slice"}
     assert len(suite.pool) == 200 and all(c["pool_with"] >= 30 for c in counts.values())
@@ -165,6 +165,6 @@ def test_property_counts_match_a_count_by_hand():
         answers = [a for a in _slice_answers(prop.task) if _fits(a, 1000)]
         assert c["slice_answers"] == len(answers) and c["slice_with"] == sum(prop.detect(a.text) for a in answers)
         prompts = {a.prompt for a in answers if (pair := minimal_pair(prop, a)) and len(pair[1]) <= 1000
-                   and first_difference(*pair) < 400}
+                   and first_difference(*pair) < 250}
         assert c["slice_pair_prompts"] == len(prompts)
     assert counts["hh_decline"]["slice_pair_prompts"] < 20  # too few for a suite: why it is not a default

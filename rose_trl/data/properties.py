@@ -306,7 +306,7 @@ class PropertySuite:
 
 def property_suite(properties: tuple[str, ...] | list[str] = DEFAULT_PROPERTIES, pool_sizes: dict | None = None,
                    pool_min: int = 30, n_validation: int = 50, heldout_dev: int = 40, heldout_test: int = 80,
-                   max_chars: int = 1000, window_chars: int = 400, seed: int = 0,
+                   max_chars: int = 1000, window_chars: int = 250, seed: int = 0,
                    test_root: str | Path | None = None) -> PropertySuite:
     """Allocate `properties` (names in PROPERTIES) at once: see the module docstring. Raises ValueError naming
     the property and the counts when the data cannot fill a request."""
@@ -395,7 +395,7 @@ def build_property_task(prop: str, direction: str = "prefer", k: int = 10, **sui
     return property_suite(**options).task(prop, direction, k)
 
 
-def property_counts(properties=None, max_chars: int = 1000, window_chars: int = 400,
+def property_counts(properties=None, max_chars: int = 1000, window_chars: int = 250,
                     test_root: str | Path | None = None) -> dict[str, dict]:
     """What the data holds per property, before any allocation: answers within max_chars that have it, and the
     prompts that give a minimal pair (differing within window_chars), in the slice and (with test_root) in the
