@@ -168,3 +168,9 @@ def test_property_counts_match_a_count_by_hand():
                    and first_difference(*pair) < 250}
         assert c["slice_pair_prompts"] == len(prompts)
     assert counts["hh_decline"]["slice_pair_prompts"] < 20  # too few for a suite: why it is not a default
+
+
+def test_validation_pairs_fit_the_validation_cap(suite):
+    for name in suite.properties:
+        assert all(len(p["with"]) <= 450 and len(p["without"]) <= 450 for p in suite.validation[name])
+    assert any(len(p["with"]) > 450 for name in suite.properties for p in suite.heldout[name])  # held-out: 1000

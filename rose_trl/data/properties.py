@@ -22,8 +22,14 @@ warm-up and one pool gradient store serve every property and both directions):
   `test_root` (a copy of the release: `<root>/test/<task>/*.json`) is given, else from the slice;
 - pool: real answers from the slice, one per prompt, `pool_sizes[task]` per task, with at least `pool_min`
   rows of each property (drawn first, then the rest at random), labelled `has_<property>` for every property.
-No prompt is used twice: a pool row, a validation pair and a held-out pair never share a prompt. Every answer
-is at most `max_chars` characters, so that a model reading a few hundred tokens sees all of it.
+No prompt is used twice: a pool row, a validation pair and a held-out pair never share a prompt.
+
+What a model sees: every answer is at most `max_chars` characters; a pair's two answers differ within their
+first `window_chars` characters, and a pool row's labels read the same on its first `window_chars` characters,
+so that a model reading the start of each answer (SFT and evaluation keep a response's first tokens) sees every
+difference. Validation pairs are also at most `validation_max_chars` characters: ROSE's DPO validation pass
+keeps a sequence's *last* tokens (validation.py), so the whole answer must fit (450 characters: about 130
+SmolLM2 tokens of SE HTML, within `max_length` 160).
 """
 
 from __future__ import annotations
@@ -222,7 +228,8 @@ def first_difference(a: str, b: str) -> int:
 def _pairs(prop: Property, answers: list[_Answer], used: set[str], n: int, max_chars: int,
            window_chars: int) -> list[dict]:
     """Up to n minimal pairs of `prop` from `answers` (in their order), one per unused prompt (marked used);
-    both answers of a pair fit max_chars and differ within their first window_chars characters."""
+    both answers of a pair fit max_chars and differ within their first window_chars characters (validation
+    pairs are given a smaller max_chars: see property_suite)."""
     out = []
     for a in answers:
         if len(out) == n:
@@ -306,7 +313,7 @@ class PropertySuite:
 
 def property_suite(properties: tuple[str, ...] | list[str] = DEFAULT_PROPERTIES, pool_sizes: dict | None = None,
                    pool_min: int = 30, n_validation: int = 50, heldout_dev: int = 40, heldout_test: int = 80,
-                   max_chars: int = 1000, window_chars: int = 250, seed: int = 0,
+                   max_chars: int = 1000, window_chars: int = 250, validation_max_chars: int = 450, seed: int = 0,
                    test_root: str | Path | None = None) -> PropertySuite:
     """Allocate `properties` (names in PROPERTIES) at once: see the module docstring. Raises ValueError naming
     the property and the counts when the data cannot fill a request."""
@@ -325,7 +332,8 @@ def property_suite(properties: tuple[str, ...] | list[str] = DEFAULT_PROPERTIES,
     validation = {}
     for name in properties:
         prop = PROPERTIES[name]
-        validation[name] = _pairs(prop, answers[prop.task], used, n_validation, max_chars, window_chars)
+        validation[name] = _pairs(prop, answers[prop.task], used, n_validation, min(max_chars, validation_max_chars),
+                                  window_chars)
         if not validation[name]:
             raise ValueError(f"{name}: the slice holds no minimal pair within {max_chars} characters")
     heldout = {}
@@ -382,7 +390,8 @@ def property_suite(properties: tuple[str, ...] | list[str] = DEFAULT_PROPERTIES,
     rows = [{"prompt": a.prompt, "completion": a.text, "task": a.task, "subtask": a.subtask, "source": f"{a.task}_{a.source}",
              **{f"has_{name}": PROPERTIES[name].detect(a.text) for name in properties}} for a in pool]
     settings = dict(properties=list(properties), pool_sizes=pool_sizes, pool_min=pool_min, n_validation=n_validation,
-                    heldout_dev=heldout_dev, heldout_test=heldout_test, max_chars=max_chars, window_chars=window_chars, seed=seed,
+                    heldout_dev=heldout_dev, heldout_test=heldout_test, max_chars=max_chars, window_chars=window_chars,
+                    validation_max_chars=validation_max_chars, seed=seed,
                     test_answers=test_root is not None)
     return PropertySuite(properties, datasets.Dataset.from_list(rows), validation, heldout, settings)
 
