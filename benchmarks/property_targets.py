@@ -146,7 +146,8 @@ class PropertyBench:
         target = f"{prop}_{direction}"
         reads_target = method != "random"
         key = key_of(method, target if reads_target else "", a.k if reads_target else 0, self.suite_key, seed,
-                     self.gradient_settings if method in ("rose", "less") else (), a.budgets)
+                     self.gradient_settings if method in ("rose", "less") else (self.bench.model_key, a.max_length),
+                     a.budgets)
         path = self.folder / "selections" / f"{method}_{target if reads_target else 'any'}_s{seed}_{key}.json"
         cached = read_json(path)
         if cached is not None:
