@@ -22,6 +22,7 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 from datasets import Dataset
 
+from .agreement import agreement_warnings, validation_agreement
 from .config import ROSEConfig
 from .data.preferences import DEFAULT_SUBTASK, validate_preferences
 from .budget import MemoryPlan, plan_run
@@ -178,11 +179,19 @@ class ROSESelector:
                   "pool_fingerprint": self.pool_fingerprint, "validation_fingerprint": self.validation_fingerprint,
                   "projection": checkpoints[0].train.meta["projection"]}
 
+        agreement = validation_agreement(targets.vectors, [c.learning_rate for c in checkpoints],
+                                         list(self.validation["subtask"]), targets.usable)
+        warnings = agreement_warnings(agreement)
+        for warning in warnings:
+            logger.warning(warning)
+
         def explain(tmp: Path, chosen: np.ndarray) -> dict:
-            """contributions.parquet and pairs.parquet of the selected rows; summary entries on left-out pairs."""
+            """contributions.parquet and pairs.parquet of the selected rows; summary entries on left-out pairs and
+            on how much each subtask's validation pairs agree (agreement.py)."""
             write_contributions(tmp, checkpoints, chosen, self.validation, targets.usable, progress=self.progress)
             return {"left_out_pairs": np.flatnonzero(~targets.usable).tolist(),
-                    "zero_gradient_pairs": targets.zero_gradient_pairs}
+                    "zero_gradient_pairs": targets.zero_gradient_pairs,
+                    "validation_agreement": agreement, "agreement_warnings": warnings}
 
         return write_selection(self.output_dir, self.pool, table, self.config.selection_fraction, config,
                                self.config.selection_method, targets.subtasks, folder=folder,
