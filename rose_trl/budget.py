@@ -30,6 +30,7 @@ import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import find_executable_batch_size
+from accelerate.utils.memory import should_reduce_batch_size
 
 from .distributed import max_over_ranks
 from .memory import FUSED_HEAD_TOKENS, Estimate, LoraShape, ModelShape, estimate_pass, largest_rows
@@ -260,10 +261,15 @@ def check_training(model, args, budget: MemoryBudget, what: str, width: int | No
 def halving_on_oom(function, start: int, what: str):
     """`function(rows)` run with `start` rows a pass; when it runs out of memory, run again with half as many
     (accelerate's `find_executable_batch_size`, halving), each retry logged. `function` must resume, not
-    redo, what it finished before the error."""
+    redo, what it finished before the error.
+
+    The first try is a plain call: accelerate's wrapper runs a full garbage collection before its first call
+    (about 0.15 s with torch and transformers loaded), which would be paid by every extraction and validation
+    call of a run, and is several times the whole gradient pass of a small model (tests/test_benchmarks.py).
+    Only a pass that runs out of memory goes through accelerate's loop."""
     current = {"rows": max(1, int(start))}
 
-    def halve() -> int:  # called inside accelerate's handler of the error
+    def halve() -> int:  # called once the error is caught (by this function, then by accelerate's handler)
         PartialState()  # accelerate's logger needs its state
         if current["rows"] == 1:
             raise torch.OutOfMemoryError(f"{what} ran out of memory at 1 row a pass: lower max_length, or give the "
@@ -274,4 +280,11 @@ def halving_on_oom(function, start: int, what: str):
                        current["rows"])
         return current["rows"]
 
-    return find_executable_batch_size(function, starting_batch_size=current["rows"], reduce_batch_size_fn=halve)()
+    try:
+        return function(current["rows"])
+    except Exception as error:  # noqa: BLE001 - accelerate's test says which errors are out-of-memory ones
+        if not should_reduce_batch_size(error):
+            raise
+    # Outside the handler: the failed pass's frames (and their tensors) are released by now; accelerate's wrapper
+    # collects garbage and empties the device cache before its first call.
+    return find_executable_batch_size(function, starting_batch_size=halve(), reduce_batch_size_fn=halve)()
