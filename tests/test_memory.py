@@ -137,7 +137,7 @@ def test_the_plan_fits_the_budget_and_keeps_the_limits(default_heap):
     assert capped.passes["gradient"].rows == 3 and capped.passes["gradient"].tokens == 200
     assert not default_heap
     # Not even one row fits with glibc's default heap: the heap is made compact and the plan made again.
-    squeezed = plan(model, 1 + 1.3 * per_row / GB, 1, validation_width=None)
+    squeezed = plan(model, 1 + (SLACK["compact"] + SLACK["default"]) / 2 * per_row / GB, 1, validation_width=None)
     assert default_heap and squeezed.slack == SLACK["compact"] and squeezed.passes["gradient"].rows == 1
     assert not squeezed.over
     starved = plan(model, 1.0, 1.0)
@@ -160,11 +160,11 @@ def test_the_trainers_batch_is_warned_about_not_changed(caplog):
     args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=128,
                            gradient_checkpointing=False)
     step = estimate_pass("training", ModelShape.from_model(model), LoraShape.from_model(model), torch.float32, 1, 128)
-    budget = MemoryBudget(int(GB + step.parts["optimizer"] + 2.5 * step.transient), "test")
+    budget = MemoryBudget(int(GB + step.parts["optimizer"] + 2.8 * step.transient), "test")
     with caplog.at_level("WARNING"):
         message = check_training(model, args, budget, "final training", resident=int(GB))
     assert message and "per_device_train_batch_size=8 rows of up to 128 tokens" in message
-    # 2 rows fit with the compact heap's slack (2 x 1.15 <= 2.5), not 3
+    # 2 rows fit with the compact heap's slack (2 x 1.3 <= 2.8), not 3
     assert "2 rows fit: per_device_train_batch_size: 2 with gradient_accumulation_steps: 8" in message
     assert "not changed" in message and message in caplog.text and args.per_device_train_batch_size == 8
     assert check_training(model, args, MemoryBudget(int(100 * GB), "test"), "warm-up", resident=int(GB)) is None
