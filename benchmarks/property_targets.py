@@ -40,7 +40,8 @@ from datasets import Dataset
 
 from rose_trl.baselines import BASELINES
 from rose_trl.config import ROSEConfig
-from rose_trl.data.properties import DEFAULT_PROPERTIES, DIRECTIONS, PROPERTIES, property_counts, property_suite
+from rose_trl.data.properties import (DEFAULT_PROPERTIES, DIRECTIONS, PROPERTIES, PropertyTask, property_counts,
+                                      property_suite)
 from rose_trl.evaluation.metrics import bootstrap_interval
 from rose_trl.offline import select_from_checkpoints
 from rose_trl.scoring import selection_size, top_fraction
@@ -61,7 +62,26 @@ QUICK = dict(properties=["se_link", "hh_question"], grid_max=2, budgets=[0.2], t
              methods=["rose", "less", "random", "bm25"], k=5, pool_se=24, pool_hh=16, pool_min=8, n_validation=8,
              heldout_dev=4, heldout_test=16, warmup_fraction=0.2, warmup_epochs=1, final_epochs=1,
              shots=[1, 2, 4, 8], draws=5, released={"se": 2})
+TEXT = dict(max_chars=1000, window_chars=250, task_seed=0)  # the answers' size cap, the pairs' window, the draw
 SCORED = ("rose", "less", "random", "bm25", "rds")  # random: its scores are its random draws (AUC about 0.5)
+
+
+def suite_options(args) -> dict:
+    """property_suite's options from this benchmark's arguments (the suite every target of a run shares)."""
+    return dict(pool_sizes={"se": args.pool_se, "hh": args.pool_hh}, pool_min=args.pool_min,
+                n_validation=args.n_validation, heldout_dev=args.heldout_dev, heldout_test=args.heldout_test,
+                max_chars=args.max_chars, window_chars=args.window_chars, seed=args.task_seed, test_root=args.release)
+
+
+def target_task(prop: str, direction: str = "prefer", k: int | None = None, quick: bool = False,
+                release: Path | None = RELEASE if (RELEASE / "test").is_dir() else None, **overrides) -> PropertyTask:
+    """One target exactly as this benchmark builds it (its full or --quick suite: the same pool, validation and
+    held-out pairs), for another script; `overrides` replace the settings (pool_se=..., k=...).
+    `rose_trl.data.realtext.write_real_task(target_task("se_code", "avoid"), "tasks/se_code_avoid")` writes
+    its pool.jsonl, validation.jsonl and heldout.jsonl."""
+    settings = {**(QUICK if quick else FULL), **TEXT, "release": release, **overrides}
+    args = argparse.Namespace(**settings)
+    return property_suite(DEFAULT_PROPERTIES, **suite_options(args)).task(prop, direction, k or args.k)
 
 
 def oriented(summary: dict, direction: str) -> dict:
@@ -85,10 +105,7 @@ class PropertyBench:
                                               max_length=a.max_length, warmup_lora_r=a.lora_r,
                                               warmup_fraction=a.warmup_fraction, warmup_epochs=a.warmup_epochs,
                                               projection_dim=a.projection_dim, progress=a.progress))
-        self.suite_options = dict(pool_sizes={"se": a.pool_se, "hh": a.pool_hh}, pool_min=a.pool_min,
-                                  n_validation=a.n_validation, heldout_dev=a.heldout_dev, heldout_test=a.heldout_test,
-                                  max_chars=a.max_chars, window_chars=a.window_chars, seed=a.task_seed,
-                                  test_root=a.release)
+        self.suite_options = suite_options(a)
         self.suite = property_suite(DEFAULT_PROPERTIES, **self.suite_options)
         self.suite_key = key_of(self.suite.pool["prompt"], self.suite.pool["completion"],
                                 {p: self.suite.validation[p] for p in self.suite.properties},
@@ -237,7 +254,9 @@ def run_property(pb: PropertyBench, prop: str) -> dict:
     return res
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The benchmark's settings (--quick's or the full run's defaults filled in), e.g. for a PropertyBench built
+    from code over a finished run's cache."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=Path("outputs/smollm2/model"))
     p.add_argument("--out", type=Path, default=Path("outputs/bench_properties"))
@@ -252,13 +271,13 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=None, help="validation pairs per target")
     for name in ("pool_se", "pool_hh", "pool_min", "n_validation", "heldout_dev", "heldout_test"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    p.add_argument("--max-chars", type=int, default=1000)
-    p.add_argument("--window-chars", type=int, default=250)
+    p.add_argument("--max-chars", type=int, default=TEXT["max_chars"])
+    p.add_argument("--window-chars", type=int, default=TEXT["window_chars"])
     p.add_argument("--release", type=Path, default=RELEASE if (RELEASE / "test").is_dir() else None,
                    help="a copy of the paper's release: held-out pairs from its test answers (default: "
                         f"{RELEASE} where present, else the slice)")
     p.add_argument("--no-release", action="store_true", help="held-out pairs from the slice only")
-    p.add_argument("--task-seed", type=int, default=0)
+    p.add_argument("--task-seed", type=int, default=TEXT["task_seed"])
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -287,6 +306,11 @@ def main(argv=None) -> dict:
         args.release = None
     if isinstance(args.released, list):
         args.released = {t: int(k) for t, k in (x.split(":") for x in args.released)}
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.time()
     pb = PropertyBench(args)
@@ -302,7 +326,7 @@ def main(argv=None) -> dict:
     passing = [prop for prop in args.properties if all(r["passes"] for r in results["oracle"][prop].values())]
     for prop in args.properties:
         if prop not in passing:
-            results["skipped"][prop] = "the oracle does not separate (its margin difference's interval reaches 0)"
+            results["skipped"][prop] = "the oracle does not separate (its margin difference's 95% interval is not above 0)"
     grid = args.properties if args.grid_all else passing[:args.grid_max]
     for prop in passing[args.grid_max:]:
         if not args.grid_all:

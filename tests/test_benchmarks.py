@@ -1,10 +1,12 @@
 """The benchmark scripts run at tiny scale, so that the commands the docs quote cannot rot."""
 
 import math
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -190,12 +192,14 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     assert "hh_k10@25%.rose-random=" in last  # the larger k is compared with the default k's random runs
 
 
-def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys):
+def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatch):
     """benchmarks/property_targets.py's whole path on a tiny model: the oracle, every method in both directions
-    from one warm-up and one pool store, the shots sweep and the placement of released pairs; a second run
-    finds every unit cached."""
+    from one warm-up and one pool store, the shots sweep and the placement of released pairs; a run killed in
+    the middle of the grid continues where it stopped (it trains only the adapters it had not finished), and a
+    further run finds every unit cached."""
     import property_sweep
     import property_targets
+    import real_model
     from property_report import paired
 
     from rose_trl.agreement import pair_agreement
@@ -207,7 +211,24 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys):
             "--methods", "rose", "less", "random", "bm25", "rds", "--max-length", "48", "--projection-dim", "256",
             "--warmup-fraction", "0.2", "--warmup-epochs", "2", "--final-epochs", "1", "--shots", "1", "2", "3",
             "--draws", "3", "--no-release", "--released", "hh:10", "--grid-all"]
-    results = property_targets.main(argv)
+    # killed after its 5th adapter (the oracle trains 4, so in the middle of se_link's grid), as a kill between
+    # two units would stop it (a unit is written atomically: a kill inside one leaves nothing that is read)
+    adapter = real_model.Bench.adapter
+
+    def killed_after_five(self, *args, **kwargs):
+        if self.counts["trained"] >= 5:
+            raise KeyboardInterrupt("killed")
+        return adapter(self, *args, **kwargs)
+
+    monkeypatch.setattr(real_model.Bench, "adapter", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        property_targets.main(argv)
+    monkeypatch.undo()
+    capsys.readouterr()
+    results = property_targets.main(argv)  # continues where it stopped
+    first_out = capsys.readouterr().out
+    trained = int(re.search(r"this invocation trained (\d+) adapters", first_out).group(1))
+    assert trained == len(list((tmp_path / "out" / "adapters").iterdir())) - 5
     assert results["pool_rows"] == 34 and set(results["oracle"]) == {"se_link", "hh_question"}
     for prop in ("se_link", "hh_question"):
         oracle = results["oracle"][prop]["0.2"]
@@ -255,9 +276,16 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys):
     placed = released["sweep"]["rows"]  # all 19 pairs as one target: no labels, so no AUC
     assert {r["k"] for r in placed} == {1, 2, 3, 19} and all("auc" not in r for r in placed)
     assert all(0 <= r["reproducibility"] <= 1 for r in placed if r["k"] <= 3)
-    out = capsys.readouterr().out
+    out = first_out
     assert "#### The oracle" in out and "#### The flip test at 20%" in out and "#### Shots sweep, se_link" in out
     assert out.strip().splitlines()[-1].startswith("oracle.se_link@20%=")
+
+    # another script builds the same target from code (issue 24's transfer grid)
+    task = property_targets.target_task("se_link", "avoid", k=3, release=None, pool_se=20, pool_hh=14, pool_min=7,
+                                        n_validation=6, heldout_dev=2, heldout_test=6)
+    assert len(task.pool) == 34 and len(task.validation) == 3 and sum(h == "test" for h in task.heldout["half"]) == 6
+    assert math.isclose(np.mean(np.asarray(task.pool["answer"]) == "chosen"),
+                        results["targets"]["se_link"]["directions"]["avoid"]["pool"]["chosen"])
 
     units = np.random.default_rng(0).normal(size=(4, 9))
     brute = np.mean([units[i] @ units[j] / np.linalg.norm(units[i]) / np.linalg.norm(units[j])
