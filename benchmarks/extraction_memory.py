@@ -140,9 +140,109 @@ def run(shape: str, layers_list: list[int], rows_list: list[int], seq_len: int, 
     return slopes
 
 
+# ---- estimates (rose_trl.memory) against measured peaks, pass by pass ---------------------------------------
+
+def dpo_trainer(model, vocab: int, tmp: str):
+    """A ROSEDPOTrainer around `model` (its tokenizer a word-level one of a few words: the measured batches are
+    random token ids of the model's vocabulary, fed to TRL's loss directly)."""
+    from datasets import Dataset
+
+    from rose_trl.tiny import build_tokenizer
+    from rose_trl.validation import ROSEDPOTrainer, validation_dpo_config
+
+    tokenizer = build_tokenizer(["a b c d e f g h"])
+    pairs = Dataset.from_list([{"prompt": "a b", "chosen": " c d", "rejected": " e f"}])
+    return ROSEDPOTrainer(model, validation_dpo_config(tmp, batch_size=1, use_cpu=True), pairs, tokenizer)
+
+
+def dpo_batch(pairs: int, width: int, vocab: int, seed: int = 0) -> dict:
+    """[chosen..., rejected...] rows of `width` tokens (the last rejected rows a quarter shorter, padded), a
+    quarter of each prompt; the reference's log-probs precomputed (zeros), as the validation passes run."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2 * pairs, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, width - width // 4:] = 0
+    completion = mask.clone()
+    completion[:, : width // 4] = 0
+    return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion,
+            "ref_chosen_logps": torch.zeros(pairs), "ref_rejected_logps": torch.zeros(pairs)}
+
+
+def estimate_passes(shape_name: str, layers: int, rows_list: list[int], width: int, lora_r: int, dim: int,
+                    kinds: list[str], log=print) -> list[tuple]:
+    """(kind, rows, estimated MB, measured MB) of each pass kind: the estimate's transient part (what the pass
+    adds to the resident weights, adapter and optimizer state) against the pass's measured peak of live bytes."""
+    import tempfile
+
+    from rose_trl.evaluation.metrics import response_logps
+    from rose_trl.featurizer import Featurizer
+    from rose_trl.memory import LoraShape, ModelShape, estimate_pass
+
+    import gc
+
+    rows_out, model, trainer = [], None, None
+    for kind in kinds:
+        if model is None or kind == "training":  # one model for the eval-mode passes; training's has LoRA dropout
+            model = trainer = None
+            gc.collect()
+            model = build_model(shape_name, layers, lora_r, lora_dropout=0.1 if kind == "training" else 0.0)
+        vocab = model.config.vocab_size
+        shape, lora = ModelShape.from_model(model), LoraShape.from_model(model)
+        n = sum(p.numel() for _, p in trainable_parameters(model))
+        g = torch.Generator().manual_seed(1)
+        adam = AdamState(torch.randn(n, generator=g) * 1e-4, torch.rand(n, generator=g) * 1e-8, 0.9, 0.999, 1e-8)
+        featurizer = Featurizer(build_projector("sjlt", n, dim, seed=0))
+        tmp = tempfile.mkdtemp()
+        if trainer is None and kind in ("validation", "reference"):
+            trainer = dpo_trainer(model, vocab, tmp)
+        if kind == "training":  # TRL's SFT loss: its fused LM head (SFTTrainer's outputs) on the base model
+            from trl.trainer.utils import add_fused_lm_head
+
+            add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+
+        def run(rows, batch):
+            if kind == "gradient":
+                return featurizer(model, batch, adam)
+            if kind == "validation":
+                pairs = rows
+                return featurizer(model, batch, loss=lambda b: trainer.compute_loss(trainer.model, b) * pairs,
+                                  combine=lambda r: r[:pairs] + r[pairs:])
+            if kind == "reference":
+                return trainer.compute_ref_log_probs(trainer.model, batch)
+            if kind == "evaluation":
+                return response_logps(model, batch)
+            model.train()
+            try:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"], fused_lm_head=True)
+                out.loss.backward()
+                for p in model.parameters():
+                    p.grad = None
+            finally:
+                model.eval()
+
+        def make(rows, seed):
+            if kind in ("validation", "reference"):
+                return dpo_batch(rows, width, vocab, seed)
+            return batch_of(rows, width, vocab, seed)
+
+        run(1, make(1, 0))  # lazy inits, the projection plan
+        for rows in rows_list:
+            est = estimate_pass(kind, shape, lora, "float32", rows, width, labelled_fraction=0.75, dim=dim)
+            batch = make(rows, rows)
+            measured = peak_bytes(lambda: run(rows, batch))
+            rows_out.append((kind, layers, rows, est.transient / 1e6, measured / 1e6))
+            log(f"  {kind:10s} L={layers} rows={rows:3d} estimate {est.transient / 1e6:9.1f} MB "
+                f"measured {measured / 1e6:9.1f} MB  ({est.describe()})")
+    model = trainer = None
+    gc.collect()
+    return rows_out
+
+
 MODEL_DEFAULTS = {"llama-2-7b": dict(layers=[1, 4], rows=[1, 4, 16], seq_len=128, lora_r=128),
-                  "smollm2-135m": dict(layers=[30], rows=[1, 2, 4], seq_len=256, lora_r=8)}
-NAMES = {"llama-2-7b": "Llama-2-7B", "smollm2-135m": "SmolLM2-135M", "tiny": "tiny"}
+                  "smollm2-135m": dict(layers=[30], rows=[1, 2, 4], seq_len=256, lora_r=8),
+                  "tiny-recipe": dict(layers=[2], rows=[1, 4, 16], seq_len=256, lora_r=8)}
+NAMES = {"llama-2-7b": "Llama-2-7B", "smollm2-135m": "SmolLM2-135M", "tiny": "tiny", "tiny-recipe": "tiny recipe"}
 
 
 def main():
@@ -156,11 +256,27 @@ def main():
     p.add_argument("--paths", nargs="+", default=["fused"], choices=["fused", "dense", "fused_plain_loss", "backbone"],
                    help="dense (the whole-row path) costs ~67 MB per layer per row at r=128 and minutes more")
     p.add_argument("--tiny", action="store_true", help="a small model shape (seconds; what the tests run)")
+    p.add_argument("--estimates", nargs="*", default=None,
+                   choices=["gradient", "validation", "reference", "evaluation", "training"],
+                   help="instead: each pass kind's estimate (rose_trl.memory) against its measured peak "
+                        "(all kinds when given alone)")
     args = p.parse_args()
     for name, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     shape = "tiny" if args.tiny else args.model
+    if args.estimates is not None:
+        kinds = args.estimates or ["gradient", "evaluation", "validation", "reference", "training"]
+        table = []
+        for layers in args.layers:
+            table += estimate_passes(shape, layers, args.rows, args.seq_len, args.lora_r, args.dim, kinds,
+                                     log=lambda s: print(s, flush=True))
+        print(f"{'pass':10s} {'L':>2s} {'rows':>4s} {'estimate MB':>12s} {'measured MB':>12s} {'ratio':>6s}")
+        for kind, layers, rows, est, measured in table:
+            print(f"{kind:10s} {layers:2d} {rows:4d} {est:12.1f} {measured:12.1f} {est / measured:6.2f}")
+        worst = max(abs(est / measured - 1) for *_, est, measured in table)
+        print(f"worst_relative_error={worst:.3f}")
+        return
     print(f"model: {NAMES[shape]} shape, LoRA r={args.lora_r} on q,k,v,o, {args.seq_len} tokens "
           f"a row, sjlt -> {args.dim} dims, torch threads {torch.get_num_threads()}", flush=True)
     slopes = run(shape, args.layers, args.rows, args.seq_len, args.lora_r, args.dim, args.paths,

@@ -18,12 +18,15 @@ SHAPES = {
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=512),
+    # The tiny recipe's model (rose_trl.tiny.build_tiny_llama with its tokenizer's 528 words).
+    "tiny-recipe": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, vocab_size=528),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def build_model(shape: str | dict, layers: int | None = None, lora_r: int = 128, dtype=torch.float32,
-                device: str = "cpu", attn: str = "sdpa", seed: int = 0):
+                device: str = "cpu", attn: str = "sdpa", seed: int = 0, lora_dropout: float = 0.0):
     """A random-weight model of `shape` (truncated to `layers` decoder layers) with LoRA r=`lora_r`,
     alpha 4r, on q,k,v,o (LESS's adapter at r=128), in eval mode."""
     torch.manual_seed(seed)
@@ -33,7 +36,7 @@ def build_model(shape: str | dict, layers: int | None = None, lora_r: int = 128,
     config = LlamaConfig(**shape, max_position_embeddings=4096, pad_token_id=0)
     with torch.device(device):
         base = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
-    model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=4 * lora_r, lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=4 * lora_r, lora_dropout=lora_dropout, target_modules=TARGETS))
     with torch.no_grad():  # LoRA B starts at zero; a trained adapter does not
         for name, p in model.named_parameters():
             if "lora_B" in name:

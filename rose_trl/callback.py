@@ -18,15 +18,17 @@ the previous save (one epoch with save_strategy="epoch", as the paper), kept by 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from .budget import MemoryBudget, check_training
 from .config import ROSEConfig
 from .files import checkpoint_name
-from .gradients import AdamState, trainable_parameters
+from .gradients import AdamState, num_trainable_parameters, trainable_parameters
 from .selector import ROSESelector
 
 
@@ -40,6 +42,29 @@ def preserved_rng():
         yield
     random.setstate(states[0])
     np.random.set_state(states[1])
+
+
+def expected_saves(args, state) -> int:
+    """Checkpoints the Trainer will still save from `state.global_step` on, by its own rules
+    (DefaultFlowCallback): one per epoch, or one every save_steps and one at the last step."""
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if strategy == "epoch":
+        per_epoch = state.max_steps / max(state.num_train_epochs, 1)
+        return max(0, math.ceil(state.num_train_epochs) - int(state.global_step // max(per_epoch, 1)))
+    if strategy == "steps" and state.max_steps > 0:
+        every = args.save_steps if args.save_steps >= 1 else math.ceil(state.max_steps * args.save_steps)
+        return max(0, math.ceil(state.max_steps / every) - state.global_step // every)
+    return 1  # "best": as many as improvements, at least one
+
+
+def longest_row(dataloader, args) -> int | None:
+    """Tokens of the longest training row (at most args.max_length), when the Trainer's dataset is tokenized."""
+    dataset = getattr(dataloader, "dataset", None)
+    if dataset is None or "input_ids" not in (getattr(dataset, "column_names", None) or []):
+        return None
+    longest = max((len(ids) for ids in dataset["input_ids"]), default=0)
+    limit = getattr(args, "max_length", None)
+    return min(longest, limit) if limit else longest
 
 
 # `max_length` default: the training arguments' own (SFTConfig.max_length), or this without one.
@@ -76,8 +101,16 @@ class ROSECallback(TrainerCallback):
         if args.save_strategy == "no":
             raise ValueError("ROSECallback extracts gradients at each checkpoint save, and save_strategy is 'no': "
                              "set save_strategy='epoch' (one checkpoint per epoch, as the paper)")
-        # Tokenize the pool and check both datasets before spending compute.
+        # Tokenize the pool and check both datasets, and the disk, before spending compute.
         selector = self.ensure_selector(args, processing_class)
+        saves = expected_saves(args, state)
+        adapter = num_trainable_parameters(model) if model is not None else 0
+        # Each save also writes the adapter (its dtype, float32 at most) and its two Adam moments (float32).
+        selector.check_disk_space(saves, extra=saves * adapter * 12,
+                                  extra_what=f"{saves} warm-up checkpoint(s) (adapter and Adam state)")
+        if model is not None:  # the Trainer's batch is the user's: a warning if it would exceed the budget
+            budget = MemoryBudget.for_device(self.config.memory_budget_gb, next(model.parameters()).device)
+            check_training(model, args, budget, "warm-up", width=longest_row(kwargs.get("train_dataloader"), args))
         name = checkpoint_name(state.global_step)
         if state.global_step > 0 and model is not None and not selector.ledger.is_recorded(name):
             # Resumed from a checkpoint whose extraction was killed: on_save will not come again for it,

@@ -51,7 +51,7 @@ class ROSEConfig:
         gradient_type, projection_type, projection_dim, projection_seed:
             Adam or SGD features, and their random projection.
         gradient_batch_size, gradient_memory_gb, max_batch_tokens:
-            How many rows a gradient pass takes.
+            How many rows a gradient pass takes, at most (the memory budget decides within them).
         store_dtype, overwrite_stores:
             The stores' dtype; whether stores made for other inputs are recomputed instead of refused.
 
@@ -60,7 +60,7 @@ class ROSEConfig:
         validation_beta, validation_loss_type, validation_loss_weights, validation_label_smoothing:
             TRL's DPO loss whose per-pair gradients are the target (rose).
         validation_batch_size, validation_aggregation:
-            Pairs per validation pass; how pair gradients make a subtask's target.
+            Pairs per validation pass, at most; how pair gradients make a subtask's target.
 
         > Parameters that control the checkpoints' learning rates
 
@@ -71,6 +71,11 @@ class ROSEConfig:
 
         hub_dataset_id, hub_private:
             The Hub dataset repo the selected subset is pushed to, and whether it is private.
+
+        > Parameters that control the memory budget
+
+        memory_budget_gb (`float`, *optional*):
+            The memory one process may use; every pass is sized to it (default: a share of the machine's).
     """
 
     # Parameters that control the model
@@ -131,8 +136,9 @@ class ROSEConfig:
                                   "choices": list(PROJECTION_TYPES) + ["auto"]})
     projection_dim: int = field(default=8192, metadata={"help": "Dimension of the projected gradients."})
     projection_seed: int = field(default=0, metadata={"help": "Seed of the projection matrix."})
-    gradient_batch_size: int = field(default=16, metadata={"help": "Pool examples per batched gradient pass (at most; "
-                                                                    "max_batch_tokens and gradient_memory_gb may lower it)."})
+    gradient_batch_size: int = field(default=16, metadata={"help": "Pool examples per batched gradient pass, at most "
+                                                                    "(memory_budget_gb, max_batch_tokens and "
+                                                                    "gradient_memory_gb may lower it)."})
     gradient_memory_gb: float | None = field(
         default=None, metadata={"help": "Memory budget (GB) for the gradient path of one pass, beyond its activations. "
                                         "The fused path (default: sjlt, or trak with its matrix cached) costs about "
@@ -140,9 +146,9 @@ class ROSEConfig:
                                         "model at r=128), so the budget rarely binds; the whole-row fallback costs 16 "
                                         "bytes per LoRA parameter per row (2.1 GB at 7B, r=128)."})
     max_batch_tokens: int | None = field(
-        default=None, metadata={"help": "Memory budget of a gradient pass in padded tokens (rows x length): what "
+        default=None, metadata={"help": "Upper limit of a gradient pass in padded tokens (rows x length): what "
                                         "bounds the activations, the main memory of a pass; batches are split to "
-                                        "stay under it."})
+                                        "stay under it, and under what memory_budget_gb allows."})
     store_dtype: str = field(default="float16", metadata={"help": "Gradient store dtype: float16, float32 or int8 "
                                                                   "(per-row scale; half of float16 on disk).",
                                                           "choices": ["float16", "float32", "int8"]})
@@ -165,7 +171,8 @@ class ROSEConfig:
     validation_label_smoothing: float = field(
         default=0.0, metadata={"help": "DPOConfig.label_smoothing of the validation loss: the flip probability of "
                                        "robust and aot, EXO's epsilon (exo_pair needs it > 0; the paper uses 1e-3)."})
-    validation_batch_size: int = field(default=4, metadata={"help": "Preference pairs per validation gradient pass."})
+    validation_batch_size: int = field(default=4, metadata={"help": "Preference pairs per validation gradient pass, at "
+                                                                     "most (memory_budget_gb may lower it)."})
     validation_aggregation: str = field(
         default="normalized_mean", metadata={"help": "normalized_mean (normalize each pair's gradient, then average: "
                                                      "the released code) or eq6 (average, then normalize: the paper's "
@@ -183,6 +190,17 @@ class ROSEConfig:
         default=None, metadata={"help": "With push_to_hub: true, push the selected subset (and a dataset card) to "
                                         "this Hub dataset repo."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset repo as private."})
+
+    # Parameters that control the memory budget
+    memory_budget_gb: float | None = field(
+        default=None, metadata={"help": "Memory (GB) one process may use: the pool gradient passes, the validation "
+                                        "passes and evaluation get the most rows whose estimated peak fits it, from "
+                                        "the model's shape, the LoRA settings, the dtype and the loss path (budget.py, "
+                                        "memory.py); gradient_batch_size, max_batch_tokens, gradient_memory_gb and "
+                                        "validation_batch_size stay upper limits. Default: 15% of the CPU memory "
+                                        "available, shared by the node's processes, or 90% of the GPU's free memory. "
+                                        "The plan is logged once; the Trainer's batch sizes are not changed (a "
+                                        "warning gives the size that fits)."})
 
     def __post_init__(self):
         for name in ("selection_fraction", "warmup_fraction"):
@@ -204,6 +222,8 @@ class ROSEConfig:
             raise ValueError(f"subtask_balance must be one of {SUBTASK_BALANCES}, got {self.subtask_balance!r}")
         self._check_validation_loss()
         self._check_final_model()
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"memory_budget_gb must be > 0, got {self.memory_budget_gb}")
 
     def _check_validation_loss(self) -> None:
         if isinstance(self.validation_loss_type, str):  # DPOConfig.loss_type takes a single name too

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .agreement import WHAT_HELPS
 from .columns import ScoreColumns
 from .scoring import CheckpointGradients, contribution_chunks
 
@@ -176,6 +177,9 @@ def explain_row(output_dir: str | Path, pool_index: int, folder: str = "selectio
                                   "less selections are explained pair by pair")
     pairs = load_pairs(path)
     mine = contributions[contributions["subtask"] == owner]
+    agreement = (summary.get("validation_agreement") or {}).get(owner)
+    if agreement is not None:
+        lines.append(agreement_line(owner, agreement))
     lines.append(f"  {columns.subtask(owner)} = mean of the contributions of its {len(mine)} pairs = {mine['contribution'].mean():.6g}")
     lines.append(f"  top {min(top, len(mine))} pairs of {owner!r}:")
     for _, c in top_pairs(contributions, pd.Series({pool_index: owner}), top).iterrows():
@@ -188,6 +192,20 @@ def explain_row(output_dir: str | Path, pool_index: int, folder: str = "selectio
     if left_out:
         lines.append(f"  pairs {left_out} have a zero validation gradient and are left out of every mean")
     return "\n".join(lines), None
+
+
+def agreement_line(subtask: str, s: dict) -> str:
+    """How much the subtask's validation pairs agree (summary.json's validation_agreement), and the warning."""
+    if s["agrees"] is None:
+        return (f"  warning: {subtask!r} has a single validation pair: its agreement cannot be measured and the picks "
+                f"follow that one pair. What helps: {WHAT_HELPS}")
+    text = (f"  validation pairs of {subtask!r}: {s['pairs']}, agreement {s['agreement']:+.3f}, reliability "
+            f"{s['reliability']:.2f} (threshold {s['threshold']:.2f})")
+    if not s["agrees"]:
+        need = f"; about {s['pairs_needed']} such pairs would reach it" if s["pairs_needed"] else ""
+        text += (f"\n  warning: the pairs do not agree: the picks follow single pairs rather than what they share{need}."
+                 f" What helps: {WHAT_HELPS}")
+    return text
 
 
 def _explain(args) -> int:

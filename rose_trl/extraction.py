@@ -12,30 +12,16 @@ from tqdm.auto import tqdm
 
 from .config import ROSEConfig
 from .distributed import full_numel, max_over_ranks, partitioned, release_gathered
+from .budget import halving_on_oom
 from .featurizer import Featurizer
 from .gradients import AdamState, UnsupportedParameterError, trainable_parameters
+from .memory import gradient_bytes_per_row
 from .model_utils import eval_mode
 from .projection import Projector
 from .sft_data import collate
 from .store import GradientStore
 
 logger = logging.getLogger(__name__)
-
-# float32 bytes one row costs in a pass's gradient path, beyond the forward/backward's own activations:
-# - dense (unfused) path: 16 per trainable parameter: the captured row, the Adam denominator, the
-#   preconditioned row and the projection's input;
-# - fused path: 16 per parameter of the largest layer only (its block, the Adam denominator, the
-#   projection's signed copy, slack), plus the [dim] accumulator. benchmarks/extraction_memory.py
-#   measures it (docs/performance.md).
-DENSE_BYTES_PER_PARAM = 16
-FUSED_BYTES_PER_LAYER_PARAM = 16
-
-
-def gradient_bytes_per_row(num_params: int, largest_layer: int, dim: int, fused: bool) -> int:
-    if fused:
-        return FUSED_BYTES_PER_LAYER_PARAM * largest_layer + 4 * dim
-    return DENSE_BYTES_PER_PARAM * num_params + 4 * dim
-
 
 def rows_for_budget(bytes_per_row: int, batch_size: int, memory_gb: float | None) -> int:
     """Rows per gradient pass: `batch_size`, lowered so the rows' gradient path fits `memory_gb`."""
@@ -73,25 +59,12 @@ def plan_batches(lengths: np.ndarray, rows: np.ndarray, batch_size: int, max_bat
 
 
 def _project_rows(model, pool, rows: np.ndarray, featurizer: Featurizer, pad_token_id: int, adam: AdamState | None,
-                  device: torch.device, splittable: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Projected gradients of `rows` from one pass, or, when that pass runs out of device memory, from
-    its two halves (recursively, down to one row)."""
-    try:
-        batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in rows], pad_token_id).items()}
-        projected = featurizer(model, batch, adam)
-        release_gathered(model)
-        return [(rows, projected.cpu().numpy())]
-    except torch.OutOfMemoryError:
-        if not splittable or len(rows) == 1:
-            raise
-    # Outside the handler: the failed pass's frames (and their tensors) are released by now.
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    half = len(rows) // 2
-    logger.warning("gradient pass of %d rows ran out of memory: splitting it (lower max_batch_tokens or "
-                   "gradient_memory_gb to avoid the retry)", len(rows))
-    return (_project_rows(model, pool, rows[:half], featurizer, pad_token_id, adam, device, splittable)
-            + _project_rows(model, pool, rows[half:], featurizer, pad_token_id, adam, device, splittable))
+                  device: torch.device) -> np.ndarray:
+    """Projected gradients of `rows` from one pass: float32 [len(rows), dim]."""
+    batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in rows], pad_token_id).items()}
+    projected = featurizer(model, batch, adam)
+    release_gathered(model)
+    return projected.cpu().numpy()
 
 
 def extract_gradients(
@@ -135,29 +108,44 @@ def extract_gradients(
     bar = tqdm(total=len(wanted), desc=desc, unit="ex", disable=not progress)
     # Agreed before any pass: a collective issued while another rank is still in a forward would deadlock.
     lockstep_passes = max_over_ranks(len(batches)) if world > 1 and partitioned(model) else len(batches)
-    # Rows are independent, so a pass that runs out of memory can be split. Not under ZeRO-3/FSDP:
-    # there every rank must run the same number of passes (collectives), so the error is raised.
+    # Rows are independent, so a pass that runs out of memory can be halved. Not under ZeRO-3/FSDP on several
+    # processes: there every rank must run the same number of passes (collectives), so the error is raised.
     splittable = not (world > 1 and partitioned(model))
+    pending = list(batches)
+
+    def passes(rows_a_pass: int) -> None:
+        """The pending batches, each in passes of at most `rows_a_pass` rows; what is written is not redone."""
+        while pending:
+            rows = pending[0][:rows_a_pass]
+            store.write(rows, _project_rows(model, pool, rows, featurizer, pad_token_id, adam, device))
+            bar.update(len(rows))
+            if len(pending[0]) > rows_a_pass:
+                pending[0] = pending[0][rows_a_pass:]
+            else:
+                pending.pop(0)
+
     with eval_mode(model):
-        for batch_rows in batches:
-            for rows, projected in _project_rows(model, pool, batch_rows, featurizer, pad_token_id, adam, device,
-                                                 splittable):
-                store.write(rows, projected)
-                bar.update(len(rows))
+        largest = max((len(b) for b in batches), default=1)
+        if splittable:  # rows are independent: a pass that runs out of memory is halved and run again
+            halving_on_oom(passes, largest, "a pool gradient pass")
+        else:
+            passes(largest)
         # ZeRO-3 forwards and backwards are collectives: a rank dealt fewer batches runs discarded
         # passes so that every rank runs as many as the busiest one.
         for _ in range(lockstep_passes - len(batches)):
-            _project_rows(model, pool, plan[0], featurizer, pad_token_id, adam, device, False)
+            _project_rows(model, pool, plan[0], featurizer, pad_token_id, adam, device)
     bar.close()
     return len(wanted)
 
 
 def extract_pool_store(model: torch.nn.Module, pool: Sequence[dict], path, featurizer: Featurizer, config: ROSEConfig,
                        pool_fingerprint: str, pad_token_id: int, identity: dict, adam_state: AdamState | None = None,
-                       progress: bool = True, desc: str = "Pool gradients") -> GradientStore:
+                       progress: bool = True, desc: str = "Pool gradients", batch_size: int | None = None,
+                       max_batch_tokens: int | None = None) -> GradientStore:
     """A checkpoint's pool store at `path`, opened (resumed) or created, with its missing rows computed.
-    `identity`: the store's model, checkpoint, projection and dtype. Under several processes every one
-    calls this: the main process creates the store, then each computes its share of the rows into it."""
+    `identity`: the store's model, checkpoint, projection and dtype. `batch_size`, `max_batch_tokens`: rows and
+    padded tokens a pass (the run's memory plan; default: the config's limits). Under several processes every
+    one calls this: the main process creates the store, then each computes its share of the rows into it."""
     state = PartialState()
     with state.main_process_first():  # the main process creates; the others then open the same files
         store = GradientStore.open_or_create(
@@ -168,7 +156,9 @@ def extract_pool_store(model: torch.nn.Module, pool: Sequence[dict], path, featu
     missing = store.missing_rows()
     state.wait_for_everyone()
     extract_gradients(model, pool, store, featurizer, pad_token_id, missing=missing, adam_state=adam_state,
-                      batch_size=rows_per_pass(model, featurizer, config.gradient_batch_size, config.gradient_memory_gb),
-                      max_batch_tokens=config.max_batch_tokens, shard=(state.process_index, state.num_processes),
+                      batch_size=batch_size or rows_per_pass(model, featurizer, config.gradient_batch_size,
+                                                             config.gradient_memory_gb),
+                      max_batch_tokens=max_batch_tokens if batch_size else config.max_batch_tokens,
+                      shard=(state.process_index, state.num_processes),
                       progress=progress and state.is_local_main_process, desc=desc)
     return store

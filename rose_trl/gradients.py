@@ -350,14 +350,22 @@ def _capture_pass(model: nn.Module, batch: dict, sink: "DenseRows | ProjectedRow
     return sink
 
 
-def per_example_gradients(model: nn.Module, batch: dict, adam_state: AdamState | None = None) -> torch.Tensor:
+def per_example_gradients(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None,
+                          adam_state: AdamState | None = None) -> torch.Tensor:
     """Gradient of each row's own SFT loss w.r.t. the trainable parameters: float32 [batch, n_params].
 
     `batch` holds `input_ids`, `attention_mask` and `labels` (-100 outside the response). One forward
-    and one backward for the whole batch. With `adam_state` (`AdamState.from_optimizer` of a live
-    optimizer, or a checkpoint's), rows are Adam-preconditioned as in LESS; otherwise they are plain (SGD)
-    gradients. The model's train/eval mode is left as the caller set it.
+    and one backward for the whole batch. With an Adam/AdamW `optimizer` that has state (a live one,
+    accelerate-wrapped or not: `AdamState.from_optimizer`) or an explicit `adam_state` (e.g. a checkpoint's),
+    rows are Adam-preconditioned as in LESS; otherwise they are plain (SGD) gradients. The model's
+    train/eval mode is left as the caller set it.
     """
+    if isinstance(optimizer, AdamState):  # per_example_gradients(model, batch, adam_state) positionally
+        optimizer, adam_state = None, optimizer if adam_state is None else adam_state
+    if optimizer is not None:
+        if adam_state is not None:
+            raise TypeError("per_example_gradients: pass optimizer or adam_state, not both")
+        adam_state = AdamState.from_optimizer(optimizer, trainable_parameters(model))
     grads = _capture_pass(model, batch).rows
     if adam_state is not None:
         grads = adam_state.precondition_(grads)

@@ -98,6 +98,7 @@ def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelec
     for ckpt in checkpoints:  # the Trainer's last write: without it a checkpoint is a save killed part-way
         if not (ckpt / "trainer_state.json").exists():
             raise FileNotFoundError(f"{ckpt / 'trainer_state.json'} is missing: an incomplete checkpoint (remove it)")
+    selector.check_disk_space([c.name for c in checkpoints])  # before any gradient work
     model = warmup_model(checkpoints[0], base_model, peft_config)
     learning_rates = resolve_learning_rates(checkpoints, model, selector)
     for ckpt, lr in zip(checkpoints, learning_rates):

@@ -24,6 +24,7 @@ from accelerate.logging import get_logger
 from datasets import Dataset, load_from_disk
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
+from .budget import MemoryBudget, check_training
 from .callback import ROSECallback
 from .config import BASELINE_METHODS, GRADIENT_METHODS, ROSEConfig, SelectConfig
 from .data import load_pool, load_preferences
@@ -240,6 +241,10 @@ def train_final_model(rose: ROSEConfig, final: ModelSpec, selection: Path, token
     if (trainer.processing_class.get_vocab(), trainer.processing_class.chat_template) != \
             (tokenizer.get_vocab(), tokenizer.chat_template):
         raise RuntimeError(f"{out}: the trainer's tokenizer differs from the one the selection was tokenized with")
+    # The Trainer's batch is the user's: a warning, before training, if it would exceed the memory budget.
+    longest = max((len(ids) for ids in tokens["input_ids"]), default=0)
+    check_training(trainer.model, sft, MemoryBudget.for_device(rose.memory_budget_gb, trainer.args.device),
+                   "final training", width=min(longest, sft.max_length) if sft.max_length else longest)
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
     save_model_atomically(trainer, out)
     if state.is_main_process:

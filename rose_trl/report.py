@@ -328,6 +328,32 @@ def _top_examples_html(run: SelectionRun) -> str:
     return "\n".join(parts)
 
 
+def agreement_table(run: SelectionRun) -> pd.DataFrame | None:
+    """summary.json's validation_agreement (agreement.py) as a table, one row per subtask."""
+    report = run.summary.get("validation_agreement")
+    if not report:
+        return None
+    fmt = lambda v, d: "-" if v is None else f"{v:.{d}f}"
+    return pd.DataFrame([{"subtask": name, "validation pairs": s["pairs"], "agreement (mean gradient cosine)":
+                          fmt(s["agreement"], 3), "reliability": fmt(s["reliability"], 2),
+                          "pairs for the threshold": s["pairs_needed"] if s["pairs_needed"] is not None else "-",
+                          "agrees": {True: "yes", False: "no", None: "one pair"}[s["agrees"]]}
+                         for name, s in report.items()])
+
+
+def _agreement_html(run: SelectionRun) -> list[str]:
+    table = agreement_table(run)
+    if table is None:
+        return []
+    threshold = next(iter(run.summary["validation_agreement"].values()))["threshold"]
+    parts = ["<h3>Do the validation pairs agree?</h3>",
+             f'<p class="muted">Reliability = k a / (1 + (k - 1) a) for k pairs agreeing at a: the share of a subtask\'s '
+             f"target that its pairs have in common. Under {threshold:.2f} (measured: docs/selection_quality.md (d)) "
+             "another draw of as many pairs would pick mostly other rows.</p>", _table(table)]
+    parts += [f'<p class="flag">{html.escape(w)}</p>' for w in run.summary.get("agreement_warnings", [])]
+    return parts
+
+
 def render_report(runs: list[SelectionRun], title: str = "ROSE selection report") -> str:
     if not runs:
         raise ValueError("no selection folder with scores.parquet to report on")
@@ -339,6 +365,7 @@ def render_report(runs: list[SelectionRun], title: str = "ROSE selection report"
     counts = subtask_counts(main, pairs)
     if counts is not None:
         parts += ["<h3>Selected rows per subtask</h3>", _table(counts)]
+    parts += _agreement_html(main)
     if main.summary.get("left_out_pairs"):
         parts.append(f'<p class="flag">Validation pairs {html.escape(str(main.summary["left_out_pairs"]))} have a zero '
                      f'gradient (checkpoint: pairs {html.escape(json.dumps(main.summary.get("zero_gradient_pairs")))}) '

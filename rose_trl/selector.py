@@ -22,11 +22,14 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 from datasets import Dataset
 
+from .agreement import agreement_warnings, validation_agreement
 from .config import ROSEConfig
 from .data.preferences import DEFAULT_SUBTASK, validate_preferences
+from .budget import MemoryPlan, plan_run
+from .disk import require_free_space
 from .distributed import check_supported
 from .explain import write_contributions
-from .extraction import extract_pool_store
+from .extraction import extract_pool_store, rows_per_pass
 from .featurizer import Featurizer
 from .gradients import AdamState, num_trainable_parameters
 from .ledger import RunLedger, checkpoint_identity
@@ -35,7 +38,7 @@ from .projection import build_projector
 from .scoring import CheckpointGradients, ValidationTargets, score_checkpoints, validation_targets
 from .selection import write_selection
 from .sft_data import fingerprint_tokenized, tokenize_pool
-from .store import GradientStore
+from .store import GradientStore, store_bytes
 from .validation import ValidationGradients
 
 logger = get_logger(__name__)
@@ -62,6 +65,8 @@ class ROSESelector:
         self.pool_tokens = tokenize_pool(pool, tokenizer, max_length)
         self.pool_fingerprint = fingerprint_tokenized(self.pool_tokens)
         self._pool_rows = self.pool_tokens.select_columns(["input_ids", "completion_mask"])
+        self.pool_width = max(len(ids) for ids in self._pool_rows["input_ids"])  # the longest row, for the plan
+        self.plan: MemoryPlan | None = None
         self.validation = with_subtasks(validation)
         validate_preferences(self.validation, "validation")
         self.validation_fingerprint = hashlib.sha256(
@@ -82,7 +87,7 @@ class ROSESelector:
                 **{f"run.{k}": v for k, v in sorted(self.run_config.items())}}
 
     def featurizer(self, model) -> Featurizer:
-        """The run's featurizer (its projector sized to the adapter), built at the first checkpoint."""
+        """The run's featurizer (its projector sized to the adapter) and memory plan, made at the first checkpoint."""
         if self._featurizer is None:
             device = next(p for p in model.parameters() if p.requires_grad).device
             c = self.config
@@ -90,7 +95,33 @@ class ROSESelector:
                                         c.projection_seed, device=device)
             logger.warning("projection in use: %s, %s", projector.implementation, projector.describe())
             self._featurizer = Featurizer(projector)
+            self.plan = self.memory_plan(model, self._featurizer)
         return self._featurizer
+
+    def memory_plan(self, model, featurizer: Featurizer) -> MemoryPlan:
+        """Rows a pass for the pool's and the validation's gradient passes under the run's memory budget (budget.py)."""
+        c, dpo = self.config, self.validation_stores.kind == "dpo"
+        plan = plan_run(model, c, featurizer.fused, self.pool_width, self.validation_stores.longest() if dpo else None,
+                        rows_per_pass(model, featurizer, c.gradient_batch_size, c.gradient_memory_gb))
+        if dpo:
+            self.validation_stores.pairs_per_pass = plan.passes["validation"].rows
+            self.validation_stores.head_tokens = plan.passes["validation"].head_tokens
+        self.validation_stores.sft_rows_per_pass = min(8, plan.passes["gradient"].rows)
+        return plan
+
+    def check_disk_space(self, checkpoints: int | list[str], extra: int = 0, extra_what: str = "") -> int:
+        """Before any gradient work: refuse (DiskSpaceError: the path, the bytes needed, the bytes free) when the
+        stores of `checkpoints` (names, or a number still to be saved), those on disk excepted, and `extra` bytes
+        of `extra_what` do not fit on output_dir's disk (disk.py, store.store_bytes)."""
+        names = [None] * checkpoints if isinstance(checkpoints, int) else checkpoints
+        dim, dtype, val = self.config.projection_dim, self.config.store_dtype, self.validation_stores.folder
+        needed = extra + sum(store_bytes(len(self.pool_tokens), dim, dtype) * (not (name and (self.rose_dir / "train" /
+                             name).exists())) + store_bytes(len(self.validation), dim, dtype) *
+                             (not (name and (val / name).exists())) for name in names)
+        require_free_space(self.output_dir, needed, f"the gradient stores of {len(names)} checkpoint(s) ("
+                           f"{len(self.pool_tokens)} pool rows and {len(self.validation)} validation pairs x {dim} dims, "
+                           f"{dtype})" + (f" and {extra_what}" if extra else ""))
+        return needed
 
     def add_checkpoint(self, model, name: str, learning_rate: float | None, adam_state: AdamState | None = None) -> None:
         """Extract (or resume) this checkpoint's pool and validation gradients and record its learning rate.
@@ -107,10 +138,12 @@ class ROSESelector:
         identity = checkpoint_identity(name, model)
         common = dict(model=model_id(model), checkpoint=identity, projection=featurizer.projector.describe(),
                       dtype=self.config.store_dtype)
+        passes = self.plan.passes["gradient"]
         train = extract_pool_store(model, self._pool_rows, self.rose_dir / "train" / name, featurizer, self.config,
                                    self.pool_fingerprint, self.tokenizer.pad_token_id, common,
                                    adam_state=adam_state if self.config.gradient_type == "adam" else None,
-                                   progress=self.progress, desc=f"Pool gradients @ {name}")
+                                   progress=self.progress, desc=f"Pool gradients @ {name}",
+                                   batch_size=passes.rows, max_batch_tokens=passes.tokens)
         self.validation_stores.store(model, name, featurizer, common, write=state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
@@ -146,11 +179,19 @@ class ROSESelector:
                   "pool_fingerprint": self.pool_fingerprint, "validation_fingerprint": self.validation_fingerprint,
                   "projection": checkpoints[0].train.meta["projection"]}
 
+        agreement = validation_agreement(targets.vectors, [c.learning_rate for c in checkpoints],
+                                         list(self.validation["subtask"]), targets.usable)
+        warnings = agreement_warnings(agreement)
+        for warning in warnings:
+            logger.warning(warning)
+
         def explain(tmp: Path, chosen: np.ndarray) -> dict:
-            """contributions.parquet and pairs.parquet of the selected rows; summary entries on left-out pairs."""
+            """contributions.parquet and pairs.parquet of the selected rows; summary entries on left-out pairs and
+            on how much each subtask's validation pairs agree (agreement.py)."""
             write_contributions(tmp, checkpoints, chosen, self.validation, targets.usable, progress=self.progress)
             return {"left_out_pairs": np.flatnonzero(~targets.usable).tolist(),
-                    "zero_gradient_pairs": targets.zero_gradient_pairs}
+                    "zero_gradient_pairs": targets.zero_gradient_pairs,
+                    "validation_agreement": agreement, "agreement_warnings": warnings}
 
         return write_selection(self.output_dir, self.pool, table, self.config.selection_fraction, config,
                                self.config.selection_method, targets.subtasks, folder=folder,

@@ -111,7 +111,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
 
 
 # Models whose causal-LM forward is `lm_head(final hidden states)`, nothing else on the logits.
-_PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _chunkable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -121,7 +121,7 @@ def _chunkable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if (config is None or config.model_type not in _PLAIN_HEAD_MODEL_TYPES or type(head) is not nn.Linear
+    if (config is None or config.model_type not in PLAIN_HEAD_MODEL_TYPES or type(head) is not nn.Linear
             or head.bias is not None or head.weight.requires_grad or partitioned(model)):
         return None
     return getattr(base, base.base_model_prefix), head

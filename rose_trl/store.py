@@ -8,7 +8,9 @@ Layout of a store directory:
     done_00000.npy ...   [rows_in_shard] uint8 done-mask
 
 A store is created under a temporary name and renamed into place once its files and meta.json exist,
-so a directory at the store's path is always a whole store. Rows (and scales) are flushed before
+so a directory at the store's path is always a whole store. Its size is known before it is written
+(`store_bytes`): creation checks the free space first, then allocates every file's blocks (disk.py), so a
+full disk is a DiskSpaceError naming the path, never a SIGBUS in a memory-mapped write. Rows (and scales) are flushed before
 their done flags, so a crash leaves at worst some finished rows marked undone (recomputed on
 resume), never an undone row marked done. Only .npy and .json: no pickle.
 """
@@ -23,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .disk import DiskSpaceError, allocate, require_free_space
 from .files import atomic_write_json, remove_tree
 
 FORMAT_VERSION = 1
@@ -99,6 +102,28 @@ def _to_float32(raw: np.ndarray, into: np.ndarray | None = None) -> np.ndarray:
     return into
 
 
+# meta.json and the folder itself, at most (a filesystem block each).
+_STORE_OVERHEAD = 8192
+
+
+def _file_bytes(dtype, shape: tuple) -> int:
+    """Bytes of a .npy file of `shape` and `dtype`: its header, as numpy writes it, and its data."""
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(shape)})
+    return len(header.getvalue()) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def store_bytes(num_rows: int, dim: int, dtype: str = "float16", shard_size: int = 65536) -> int:
+    """Disk bytes of a store of `num_rows` rows of `dim` values: its shards, done-masks, int8 scales and meta."""
+    shape = {"num_rows": num_rows, "projection": {"dim": dim}, "shard_size": shard_size, "dtype": dtype}
+    blank = GradientStore(".", shape)
+    return _STORE_OVERHEAD + sum(_file_bytes(file_dtype, file_shape) for shard in range(blank.num_shards)
+                                 for _, file_dtype, file_shape in blank._files(blank._rows_in(shard)))
+
+
 def describe_mismatch(found: dict, wanted: dict, keys=IDENTITY_KEYS) -> list[str]:
     return [f"{k}: store has {found.get(k)!r}, asked for {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k)]
 
@@ -118,6 +143,7 @@ class GradientStore:
         self._data: dict[int, np.memmap] = {}
         self._done: dict[int, np.memmap] = {}
         self._scale: dict[int, np.memmap] = {}
+        self._allocated: set[int] = set()
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -160,15 +186,23 @@ class GradientStore:
                                     "another output_dir")
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(path)
+        needed = store_bytes(num_rows, projection["dim"], dtype, shard_size)
+        require_free_space(path.parent, needed, f"the gradient store {path.name} ({num_rows} rows)")
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         blank = cls(tmp, wanted)
-        for shard in range(blank.num_shards):
-            rows = blank._rows_in(shard)
-            for kind, dtype, shape in blank._files(rows):
-                np.lib.format.open_memmap(tmp / f"{kind}_{shard:05d}.npy", mode="w+", dtype=dtype, shape=shape).flush()
-        atomic_write_json(tmp / "meta.json", wanted)
+        try:
+            for shard in range(blank.num_shards):
+                rows = blank._rows_in(shard)
+                for kind, dtype, shape in blank._files(rows):
+                    file = tmp / f"{kind}_{shard:05d}.npy"
+                    np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape).flush()
+                    allocate(file, new=True)  # its blocks now: a full disk is an error here, not a SIGBUS later
+            atomic_write_json(tmp / "meta.json", wanted)
+        except (DiskSpaceError, OSError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if path.exists() and not any(path.iterdir()):
             path.rmdir()
         try:
@@ -243,6 +277,14 @@ class GradientStore:
         return self._data[shard], self._done[shard]
 
     # ---- writing -------------------------------------------------------------------------------
+    def _allocate(self, shard: int) -> None:
+        """The shard's files' blocks, before this process first writes into them: stores created by this version
+        have them already (a no-op), older sparse ones get them now, or a DiskSpaceError naming the file."""
+        if shard not in self._allocated:
+            for kind, _, _ in self._files(self._rows_in(shard)):
+                allocate(self.path / f"{kind}_{shard:05d}.npy", new=False)
+            self._allocated.add(shard)
+
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Write `values[i]` to row `rows[i]`, then mark those rows done (data flushed first)."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -252,6 +294,8 @@ class GradientStore:
         if not np.isfinite(values).all():
             bad = rows[~np.isfinite(values).all(axis=1)].tolist()
             raise FloatingPointError(f"non-finite (NaN/inf) gradient rows for pool indices {bad[:10]}: not stored")
+        for shard in np.unique(rows // self.shard_size).tolist():
+            self._allocate(shard)
         scales = None
         if self.quantized:
             # Per-row symmetric quantization: row ~= int8 * scale, scale = max|row| / 127.

@@ -7,7 +7,10 @@ so each pair's gradient comes out of one forward/backward.
 
 Reference model: the pretrained model, i.e. the policy with its LoRA adapters disabled. TRL copies an
 existing adapter into a frozen "ref" adapter when it is handed a PEFT model, which would make the
-reference the *warm-up checkpoint*; we remove that copy so TRL falls back to disabling adapters.
+reference the *warm-up checkpoint*; we remove that copy so TRL falls back to disabling adapters. The
+reference's log-probs of the pairs do not change from one checkpoint to the next: they are computed once
+per run (`ROSEDPOTrainer.reference_logps`, kept by `ValidationGradients`) and handed to TRL's loss as
+precomputed ones, instead of a reference forward in every pass of every checkpoint.
 
 `ValidationGradients` keeps a run's validation stores (rose/val_dpo[_<loss tag>]/ or rose/val_sft/, one per
 checkpoint); the rows come from the run's `Featurizer`, like the pool's.
@@ -15,6 +18,7 @@ checkpoint); the rows come from the run's `Featurizer`, like the pool's.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +30,8 @@ from trl import DPOConfig, DPOTrainer
 
 from .config import ROSEConfig
 from .data.preferences import DEFAULT_SUBTASK, validate_preferences
-from .distributed import all_true, gathered, release_gathered
+from .budget import halving_on_oom
+from .distributed import all_true, gathered, partitioned, release_gathered
 from .featurizer import Featurizer
 from .gradients import trainable_parameters
 from .model_utils import eval_mode
@@ -61,6 +66,23 @@ class ValidationDPOConfig(DPOConfig):
     keep_last_tokens: int | None = field(
         default=None, metadata={"help": "Cut each preference sequence (prompt + answer) to its last N tokens: long "
                                         "prompts lose their start, no pair is dropped. TRL's own max_length is None."})
+
+
+@contextlib.contextmanager
+def fused_head_tokens(tokens: int | None):
+    """Inside the block, TRL's fused LM head scores `tokens` positions a tile (`TOKEN_CHUNK_SIZE` of
+    trl.kernels.chunked_logprob, 4096, read at each call): fewer hold less memory, the same log-probs up to float
+    summation order. None leaves TRL's own."""
+    if tokens is None:
+        yield
+        return
+    from trl.kernels import chunked_logprob
+
+    before, chunked_logprob.TOKEN_CHUNK_SIZE = chunked_logprob.TOKEN_CHUNK_SIZE, tokens
+    try:
+        yield
+    finally:
+        chunked_logprob.TOKEN_CHUNK_SIZE = before
 
 
 class KeepLastTokens:
@@ -144,28 +166,83 @@ class ROSEDPOTrainer(DPOTrainer):
         if getattr(args, "keep_last_tokens", None) is not None:  # a plain DPOConfig truncates as TRL does
             self.data_collator = KeepLastTokens(self.data_collator, args.keep_last_tokens,
                                                 self.data_collator.pad_token_id)
+        # The reference's (chosen, rejected) log-probs of every pair: computed on first use, or handed over by
+        # the run (ValidationGradients) when an earlier trainer of the same run computed them.
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.head_tokens: int | None = None  # positions a tile of TRL's fused LM head (None: TRL's 4096)
 
     @property
     def pairs_per_pass(self) -> int:
         """One pair per pass for losses that couple the pairs of a batch (PAIR_COUPLED_LOSSES)."""
         return 1 if PAIR_COUPLED_LOSSES & set(self.loss_types) else self.args.per_device_train_batch_size
 
-    def pair_gradients(self, featurizer: Featurizer) -> torch.Tensor:
-        """[n_pairs, dim] features of each pair's gradient (its chosen row's plus its rejected row's), in
-        dataset order."""
+    def _passes(self, pairs: int | None = None):
+        """The validation passes, in dataset order: `pairs` (default `pairs_per_pass`) pairs each, on the
+        adapter's device."""
         model = self.accelerator.unwrap_model(self.model)
-        loader = DataLoader(self.train_dataset, batch_size=self.pairs_per_pass, shuffle=False,
-                            collate_fn=self.data_collator)
         device = next(p for _, p in trainable_parameters(model)).device
-        out = []
-        with eval_mode(model):
-            for inputs in loader:
-                inputs = {k: v.to(device) for k, v in inputs.items()}
-                pairs = inputs["input_ids"].shape[0] // 2
-                # TRL averages each loss over the pairs; the sum gives each pair its own full gradient.
-                out.append(featurizer(model, inputs, loss=lambda batch, n=pairs: self.compute_loss(self.model, batch) * n,
-                                      combine=lambda rows, n=pairs: rows[:n] + rows[n:]))  # [chosen..., rejected...]
-                release_gathered(model)
+        loader = DataLoader(self.train_dataset, batch_size=pairs or self.pairs_per_pass, shuffle=False,
+                            collate_fn=self.data_collator)
+        for inputs in loader:
+            yield {k: v.to(device) for k, v in inputs.items()}
+
+    def _halving(self, function, what: str):
+        """`function(pairs)` at `pairs_per_pass`, halved and run again when it runs out of memory, except where
+        every process must run the same passes (ZeRO-3/FSDP on several processes)."""
+        model = self.accelerator.unwrap_model(self.model)
+        with fused_head_tokens(self.head_tokens):
+            if partitioned(model) and PartialState().num_processes > 1:
+                return function(self.pairs_per_pass)
+            return halving_on_oom(function, self.pairs_per_pass, what)
+
+    def reference_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's (the base model: adapters disabled) summed response log-probs of every pair's chosen
+        and of its rejected answer, [n_pairs] each, by TRL's own `compute_ref_log_probs` over the same passes
+        `pair_gradients` runs (so the same numbers TRL's loss would compute inside each pass). Computed once,
+        then kept (`self.reference`)."""
+        if self.reference is None:
+            model = self.accelerator.unwrap_model(self.model)
+
+            def passes(pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+                chosen, rejected = [], []
+                with eval_mode(model):
+                    for inputs in self._passes(pairs):
+                        c, r = self.compute_ref_log_probs(self.model, inputs)
+                        chosen.append(c.detach())
+                        rejected.append(r.detach())
+                        release_gathered(model)
+                return torch.cat(chosen), torch.cat(rejected)
+
+            self.reference = self._halving(passes, "a reference pass")
+        return self.reference
+
+    def pair_gradients(self, featurizer: Featurizer, reuse_reference: bool = True) -> torch.Tensor:
+        """[n_pairs, dim] features of each pair's gradient (its chosen row's plus its rejected row's), in
+        dataset order. The reference log-probs come from `reference_logps` (computed at most once per trainer,
+        or handed over); `reuse_reference=False` lets TRL's loss run the reference forward in every pass."""
+        reference = self.reference_logps() if reuse_reference else None
+        return self._halving(lambda pairs: self._pair_gradients(featurizer, reference, pairs), "a validation pass")
+
+    def _pair_gradients(self, featurizer: Featurizer, reference, pairs_a_pass: int) -> torch.Tensor:
+        model = self.accelerator.unwrap_model(self.model)
+        out, start, precomputed = [], 0, self.precompute_ref_logps
+        self.precompute_ref_logps = reference is not None  # TRL's loss then reads ref_*_logps from the batch
+        try:
+            with eval_mode(model):
+                for inputs in self._passes(pairs_a_pass):
+                    pairs = inputs["input_ids"].shape[0] // 2
+                    if reference is not None:
+                        device = inputs["input_ids"].device
+                        inputs["ref_chosen_logps"] = reference[0][start : start + pairs].to(device)
+                        inputs["ref_rejected_logps"] = reference[1][start : start + pairs].to(device)
+                    start += pairs
+                    # TRL averages each loss over the pairs; the sum gives each pair its own full gradient.
+                    out.append(featurizer(model, inputs,
+                                          loss=lambda batch, n=pairs: self.compute_loss(self.model, batch) * n,
+                                          combine=lambda rows, n=pairs: rows[:n] + rows[n:]))  # [chosen..., rejected...]
+                    release_gathered(model)
+        finally:
+            self.precompute_ref_logps = precomputed
         return torch.cat(out)
 
 
@@ -209,6 +286,24 @@ class ValidationGradients:
                                   config.validation_label_smoothing) if self.kind == "dpo" else ""
         self.folder = rose_dir / (f"val_{self.kind}_{tag}" if tag else f"val_{self.kind}")
         self._dpo_trainers: dict[int, ROSEDPOTrainer] = {}
+        # The reference's log-probs of the pairs (ROSEDPOTrainer.reference_logps): the same at every checkpoint.
+        self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Rows a pass (the run's memory plan, set by the selector): DPO pairs, or LESS's SFT rows.
+        self.pairs_per_pass: int = config.validation_batch_size
+        self.sft_rows_per_pass: int = 8
+        self.head_tokens: int | None = None
+
+    def longest(self) -> int:
+        """Tokens of the longest validation row (prompt with its chosen or its rejected answer, cut to max_length
+        as the passes cut it), for the memory plan."""
+        longest = 0
+        for i, ex in enumerate(self.validation):
+            for answer in ("chosen", "rejected") if self.kind == "dpo" else ("chosen",):
+                row = {"prompt": ex["prompt"], "completion": ex[answer]} if isinstance(ex["prompt"], str) \
+                    else {"messages": ex["prompt"] + ex[answer]}
+                ids = tokenize_sft_example(row, self.tokenizer, None, source="validation", index=i)["input_ids"]
+                longest = max(longest, len(ids) + 1)  # TRL may add one special token more than the pool's rule
+        return min(longest, self.max_length) if self.max_length else longest
 
     def store(self, model, name: str, featurizer: Featurizer, identity: dict, write: bool = True) -> GradientStore:
         """The checkpoint's store, computed when incomplete. The validation set is small: every process
@@ -224,9 +319,15 @@ class ValidationGradients:
         # Every process must agree before running collectives.
         if not (all_true(store.is_complete) if state.num_processes > 1 else store.is_complete):
             if self.kind == "dpo":
-                grads = self._dpo_trainer(model).pair_gradients(featurizer)
+                trainer = self._dpo_trainer(model)
+                trainer.head_tokens = self.head_tokens
+                if trainer.reference is None:
+                    trainer.reference = self.reference  # computed once per run, not per checkpoint
+                grads = trainer.pair_gradients(featurizer)
+                self.reference = trainer.reference
             else:
-                grads = sft_validation_gradients(model, self.validation, self.tokenizer, featurizer, self.max_length)
+                grads = sft_validation_gradients(model, self.validation, self.tokenizer, featurizer, self.max_length,
+                                                 batch_size=self.sft_rows_per_pass)
             if write:
                 store.write(np.arange(len(self.validation)), grads.cpu().numpy())
         return store
@@ -242,7 +343,7 @@ class ValidationGradients:
         if id(model) not in self._dpo_trainers:
             c = self.config
             args = validation_dpo_config(str(self.rose_dir / "dpo"), beta=c.validation_beta,
-                                         batch_size=c.validation_batch_size, max_length=self.max_length,
+                                         batch_size=self.pairs_per_pass, max_length=self.max_length,
                                          use_cpu=self.use_cpu, ddp_backend=self.ddp_backend,
                                          loss_type=c.validation_loss_type, loss_weights=c.validation_loss_weights,
                                          label_smoothing=c.validation_label_smoothing)

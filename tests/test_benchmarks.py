@@ -234,3 +234,84 @@ def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
     again = transfer.main(["--stage", "train", *common])  # every unit cached
     assert "trained 0 adapters, evaluated 0, made 0 selections" in capsys.readouterr().out
     assert again["hh"]["methods"]["ROSE-T"] == res["methods"]["ROSE-T"]
+
+
+def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys):
+    """benchmarks/property_targets.py's whole path on a tiny model: the oracle, every method in both directions
+    from one warm-up and one pool store, the shots sweep and the placement of released pairs; a second run
+    finds every unit cached."""
+    import property_sweep
+    import property_targets
+    from property_report import paired
+
+    from rose_trl.agreement import pair_agreement
+
+    model = _tiny_model_folder(tmp_path / "model")
+    argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--properties", "se_link", "hh_question",
+            "--pool-se", "20", "--pool-hh", "14", "--pool-min", "7", "--n-validation", "6", "--heldout-dev", "2",
+            "--heldout-test", "6", "--k", "3", "--budgets", "0.2", "0.3", "--train-budgets", "0.2", "--seeds", "0", "1",
+            "--methods", "rose", "less", "random", "bm25", "rds", "--max-length", "48", "--projection-dim", "256",
+            "--warmup-fraction", "0.2", "--warmup-epochs", "2", "--final-epochs", "1", "--shots", "1", "2", "3",
+            "--draws", "3", "--no-release", "--released", "hh:10", "--grid-all"]
+    results = property_targets.main(argv)
+    assert results["pool_rows"] == 34 and set(results["oracle"]) == {"se_link", "hh_question"}
+    for prop in ("se_link", "hh_question"):
+        oracle = results["oracle"][prop]["0.2"]
+        assert len(oracle["with"]["wins"]) == 6  # the test half
+        # the oracle's difference is the per-pair difference of its two arms
+        assert math.isclose(oracle["difference"]["margins"]["mean"],
+                            np.mean(np.asarray(oracle["with"]["margins"]) - oracle["without"]["margins"]))
+        dirs = results["targets"][prop]["directions"]
+        for direction in ("prefer", "avoid"):
+            methods = dirs[direction]["methods"]
+            assert set(methods) == {"rose", "less", "random", "bm25", "rds"}
+            assert len(methods["random"]["0.2"]) == 2 and "test" not in methods["rose"]["0.3"][0]
+            for rows in methods.values():
+                for r in rows["0.2"]:
+                    assert math.isclose(np.mean(r["test"]["wins"]), r["test"]["accuracy"])
+        # random reads no target: the same picks in both directions, and the avoid pairs are the prefer pairs
+        # swapped, so its wins mirror and its margins change sign
+        rp, ra = dirs["prefer"]["methods"]["random"]["0.2"][0]["test"], dirs["avoid"]["methods"]["random"]["0.2"][0]["test"]
+        assert np.allclose(np.asarray(rp["wins"]) + ra["wins"], 1) and np.allclose(np.asarray(rp["margins"]), -np.asarray(ra["margins"]))
+        # with one subtask, ROSE's avoid scores are the prefer scores negated, and the preferred side is the other
+        # side: the same AUC (preferred over the other side) in both directions
+        aucs = [dirs[d]["methods"]["rose"]["0.2"][0]["composition"]["auc_chosen_rejected"] for d in ("prefer", "avoid")]
+        assert math.isclose(aucs[0], aucs[1], abs_tol=1e-6)
+        rose, rnd = dirs["prefer"]["methods"]["rose"]["0.2"], dirs["prefer"]["methods"]["random"]["0.2"]
+        expected = np.mean(np.asarray(rose[0]["test"]["wins"]) - np.mean([r["test"]["wins"] for r in rnd], axis=0))
+        assert math.isclose(paired([r["test"] for r in rose], [r["test"] for r in rnd], "wins")["mean"], expected)
+    sweep = results["sweep"]
+    for prop in ("se_link", "hh_question"):
+        rows = sweep["targets"][prop]["rows"]
+        n = sweep["targets"][prop]["usable_pairs"]
+        assert 3 <= n <= 6 and {r["k"] for r in rows} == {1, 2, 3, n} and sum(r["k"] == n for r in rows) == 1
+        assert all(r["agreement"] is None for r in rows if r["k"] == 1)
+        assert all(("reproducibility" in r) == (2 * r["k"] <= n) for r in rows)
+    # the sweep's score of the first 3 pairs, from its stores, is the grid's ROSE score (k = 3, the same pairs)
+    import json
+
+    warm = next((tmp_path / "out").glob("suite_*/warmup_*"))
+    eta, pool, val = property_sweep.read_stores(warm / "sel_se_link_prefer_k6_p256", warm / "pool_train_p256")
+    grid = json.loads(next((tmp_path / "out").glob("suite_*/selections/rose_se_link_prefer_s0_*.json")).read_text())
+    first = np.intersect1d(np.arange(3), property_sweep.usable(val))  # ROSE leaves zero-gradient pairs out too
+    assert np.allclose(property_sweep.score(eta, pool, val, first), grid["0.2"]["scores"], rtol=1e-4, atol=1e-6)
+    released = sweep["released"]["hh"]
+    assert released["pairs"] == 19 and set(released["subtasks"]) == {"harmless-base", "red-team-attempts"}
+    assert all(-1 <= s["agreement"] <= 1 for s in released["subtasks"].values())
+    placed = released["sweep"]["rows"]  # all 19 pairs as one target: no labels, so no AUC
+    assert {r["k"] for r in placed} == {1, 2, 3, 19} and all("auc" not in r for r in placed)
+    assert all(0 <= r["reproducibility"] <= 1 for r in placed if r["k"] <= 3)
+    out = capsys.readouterr().out
+    assert "#### The oracle" in out and "#### The flip test at 20%" in out and "#### Shots sweep, se_link" in out
+    assert out.strip().splitlines()[-1].startswith("oracle.se_link@20%=")
+
+    units = np.random.default_rng(0).normal(size=(4, 9))
+    brute = np.mean([units[i] @ units[j] / np.linalg.norm(units[i]) / np.linalg.norm(units[j])
+                     for i in range(4) for j in range(4) if i != j])
+    assert math.isclose(pair_agreement(units), brute)
+    assert property_sweep.summarize(rows)[0]["k"] == 1
+
+    again = property_targets.main(argv)  # every unit is cached
+    out = capsys.readouterr().out
+    assert "trained 0 adapters, evaluated 0, made 0 selections" in out
+    assert again["targets"] == results["targets"] and again["oracle"] == results["oracle"]

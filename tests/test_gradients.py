@@ -62,6 +62,11 @@ def test_batched_matches_loop_with_live_adamw_state():
     v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params])
     fast = per_example_gradients(model, batch, adam_state=AdamState.from_optimizer(opt, trainable_parameters(model)))
     assert_rows_match(fast, loop_reference(model, batch, adam=(m, v, 0.8, 0.95, 1e-6)))
+    # The public signature since the first release: the live optimizer itself (keyword or third positional).
+    assert torch.equal(per_example_gradients(model, batch, optimizer=opt), fast)
+    assert torch.equal(per_example_gradients(model, batch, opt), fast)
+    with pytest.raises(TypeError, match="not both"):
+        per_example_gradients(model, batch, optimizer=opt, adam_state=AdamState.from_optimizer(opt, trainable_parameters(model)))
     # The live run's .grad buffers are left alone.
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
 
@@ -192,7 +197,7 @@ def test_a_pass_leaves_nothing_alive():
         gc.enable()
 
 
-def test_a_pass_that_runs_out_of_memory_is_split(tmp_path, monkeypatch, caplog):
+def test_a_pass_that_runs_out_of_memory_is_halved_and_run_again(tmp_path, monkeypatch, caplog):
     # Passes of more than 2 rows "run out of memory": extraction splits them and stores the same rows
     # as a run planned with batches of 2 (each row's gradient does not depend on its batch).
     import numpy as np
@@ -219,20 +224,22 @@ def test_a_pass_that_runs_out_of_memory_is_split(tmp_path, monkeypatch, caplog):
 
     def tight_memory(model, batch, *args, **kw):
         if batch["input_ids"].shape[0] > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(model, batch, *args, **kw)
 
     monkeypatch.setattr(featurizer, "per_example_projected_gradients", tight_memory)
     with caplog.at_level("WARNING"):
         extraction.extract_gradients(model, pool, split := store("split"), projector, 0, batch_size=7, progress=False)
-    assert "ran out of memory: splitting it" in caplog.text
+    # accelerate's find_executable_batch_size halves the pass: 7 rows, then 3, then 1... until it fits
+    assert "a pool gradient pass ran out of memory at 7 rows a pass: retrying at 3" in caplog.text
+    assert "ran out of memory at 3 rows a pass: retrying at 1" in caplog.text
     assert split.is_complete
     np.testing.assert_allclose(split.read_all(), small.read_all(), rtol=1e-4, atol=1e-6)
 
     # One row that does not fit cannot be split: the error reaches the caller.
     monkeypatch.setattr(featurizer, "per_example_projected_gradients",
-                        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
-    with pytest.raises(torch.OutOfMemoryError):
+                        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory. (simulated)")))
+    with pytest.raises(torch.OutOfMemoryError, match="at 1 row a pass"):
         extraction.extract_gradients(model, pool, store("none"), projector, 0, batch_size=7, progress=False)
 
 

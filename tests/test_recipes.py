@@ -65,6 +65,11 @@ def test_smollm2_recipes_are_the_cpu_quickstart_settings(path):
     assert (rose.pool_dataset, rose.validation_dataset) == (f"outputs/smollm2/{task}/pool.jsonl",
                                                           f"outputs/smollm2/{task}/validation.jsonl")
     assert sft.output_dir == f"outputs/smollm2/run_{task}"
+    # Rows a pass are the memory budget's to decide: no hand-tuned option (issue 25).
+    text = path.read_text()
+    for option in ("gradient_batch_size", "max_batch_tokens", "validation_batch_size", "gradient_memory_gb"):
+        assert f"\n{option}:" not in text, option
+    assert rose.memory_budget_gb is None
 
 
 SHARED = Path(os.environ.get("ROSE_DATA_DIR", ROOT.parent / "shared" / "data" / "rose"))

@@ -40,6 +40,15 @@ def test_dpo_trainer_internals_used_by_rose_dpo_trainer():
         assert f"self.{attr} =" in source, attr
     fields = DataCollatorForPreference.__dataclass_fields__
     assert {"pad_token_id", "max_length", "truncation_mode"} <= set(fields)
+    # The precomputed reference log-probs (read from the batch when precompute_ref_logps is set) ...
+    loss_source = inspect.getsource(DPOTrainer._compute_loss)
+    assert 'inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]' in loss_source
+    assert "if self.precompute_ref_logps:" in loss_source
+    # ... and the fused LM head's positions a tile, read at each call (validation.fused_head_tokens).
+    from trl.kernels import chunked_logprob
+
+    assert chunked_logprob.TOKEN_CHUNK_SIZE == 4096
+    assert inspect.getsource(chunked_logprob).count("min(N, TOKEN_CHUNK_SIZE)") == 2
 
 
 def test_dpo_loss_types_are_trls():

@@ -114,3 +114,47 @@ def test_sequences_keep_their_last_tokens_as_trls_keep_end_did(planted, tiny_bas
     trls = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=6, truncation_mode="keep_end")(examples)
     for key in ("input_ids", "attention_mask", "completion_mask"):
         assert torch.equal(ours[key], trls[key]), key
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["ipo"]])
+def test_reference_logps_once_per_run_give_the_same_gradients(planted, tiny_base, tmp_path, loss_type):
+    """The reference's log-probs of the pairs are computed once per run (its first checkpoint) and reused at every
+    later one; the gradients equal those of TRL's loss running its own reference forward in every pass."""
+    from peft import set_peft_model_state_dict, get_peft_model_state_dict
+
+    from rose_trl.featurizer import Featurizer
+    from rose_trl.projection import build_projector
+    from rose_trl.validation import ValidationGradients
+
+    _, validation, tokenizer, _ = planted
+    validation = validation.select(range(6))
+    model = trained_adapter_model(tiny_base)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    featurizer = Featurizer(build_projector("sjlt", n, 64, 0))
+    config = ROSEConfig(validation_batch_size=2, validation_loss_type=loss_type)
+    stores = ValidationGradients(validation, tokenizer, config, tmp_path / "rose", "fp", max_length=128, use_cpu=True)
+    calls = []
+    real = ROSEDPOTrainer.compute_ref_log_probs
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    identity = dict(model="m", projection=featurizer.projector.describe(), dtype="float32")
+    states = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ROSEDPOTrainer, "compute_ref_log_probs", counted)
+        for step in range(3):  # three checkpoints: the adapter moves, the reference does not
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_" in name:
+                        p.add_(0.05 * torch.randn_like(p))
+            states.append({k: v.clone() for k, v in get_peft_model_state_dict(model).items()})
+            stores.store(model, f"checkpoint-{step}", featurizer, {**identity, "checkpoint": f"c{step}"})
+    assert len(calls) == 3  # 6 pairs, 2 a pass: one reference pass each, at the first checkpoint only
+    trainer = stores._dpo_trainer(model)
+    for step, state in enumerate(states):
+        set_peft_model_state_dict(model, state)
+        per_pass = trainer.pair_gradients(featurizer, reuse_reference=False).numpy()
+        np.testing.assert_allclose(stores.read(f"checkpoint-{step}", featurizer.projector.describe()), per_pass,
+                                   rtol=0, atol=0)

@@ -66,7 +66,8 @@ def _evaluate(args) -> int:
         pairs = pairs.filter(lambda r: r["half"] == args.half)
     validate_preferences(pairs, args.pairs)
     adapters = dict(a.split("=", 1) if "=" in a else (Path(a).name, a) for a in args.adapter)
-    options = PreferenceMetricsOptions(beta=args.beta, batch_size=args.batch_size, max_length=args.max_length)
+    options = PreferenceMetricsOptions(beta=args.beta, batch_size=args.batch_size, max_length=args.max_length,
+                                       memory_budget_gb=args.memory_budget_gb)
     results = evaluate_adapters(model, tokenizer, pairs, adapters, options)
     print(f"held-out pairs: {args.pairs}" + (f" ({args.half} half)" if args.half else ""))
     print(format_results(results))
@@ -84,7 +85,10 @@ def add_evaluate_parser(subparsers) -> None:
     p.add_argument("--half", choices=["dev", "test"], default=None, help="only the pairs of this `half`")
     p.add_argument("--adapter", action="append", default=[], help="NAME=FOLDER of a LoRA adapter (repeatable)")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="rows a pass, at most (the memory budget may lower it)")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="memory (GB) the process may use: passes are sized to it (default: 15%% of the CPU memory "
+                        "available, or 90%% of the GPU's free memory)")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_evaluate)

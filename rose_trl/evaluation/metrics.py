@@ -28,41 +28,55 @@ from ..sft_data import IGNORE_INDEX, collate, tokenize_sft_example
 @dataclass
 class PreferenceMetricsOptions:
     beta: float = 0.1
-    batch_size: int = 8
+    batch_size: int = 8  # rows a pass, at most: the memory budget may lower it
     max_length: int | None = 1024
     # |margin| below this is a tie (policy == reference gives exactly 0, up to float noise).
     tie_tolerance: float = 1e-6
+    # The memory (GB) the process may use; None: the machine's default share (rose_trl.budget).
+    memory_budget_gb: float | None = None
 
 
 @torch.no_grad()
 def sequence_logps(model, tokenizer, prompts: Sequence, responses: Sequence, batch_size: int = 8,
-                   max_length: int | None = 1024) -> tuple[np.ndarray, np.ndarray]:
+                   max_length: int | None = 1024, memory_budget_gb: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sum of response-token log-probs, number of response tokens) per (prompt, response).
 
     Logits are computed only at the positions where some row of a pass has a response token (the model
     inputs of the gradient passes, `sft_loss.model_inputs`): a [rows, T, vocab] tensor is the largest of
-    a forward (SmolLM2's 49k words: 0.2 MB a token in float32)."""
+    a forward (SmolLM2's 49k words: 0.2 MB a token in float32). Rows a pass: at most `batch_size`, and as many
+    as the memory budget (`memory_budget_gb`, default the machine's share: rose_trl.budget) lets fit."""
+    from ..budget import MemoryBudget, evaluation_rows
+
     rows = [tokenize_sft_example({"prompt": p, "completion": r}, tokenizer, max_length, "evaluation", i)
             for i, (p, r) in enumerate(zip(prompts, responses))]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
+    if rows:
+        budget = MemoryBudget.for_device(memory_budget_gb, device, processes=1)
+        batch_size = evaluation_rows(model, budget, max(len(r["input_ids"]) for r in rows), batch_size).rows
     logps, counts = np.zeros(len(rows)), np.zeros(len(rows), dtype=np.int64)
     order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
     with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             idx = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad).items()}
-            inputs, positions = model_inputs(model, batch)
-            labels = batch["labels"][:, 1:]
-            logits = model(**inputs).logits.float()
-            if positions is None:
-                logits = logits[:, :-1]
-            else:
-                labels = labels[:, positions]
-            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-            logps[idx] = (-nll.sum(-1)).cpu().numpy()
-            counts[idx] = (labels != IGNORE_INDEX).sum(-1).cpu().numpy()
+            batch_logps, batch_counts = response_logps(model, batch)
+            logps[idx], counts[idx] = batch_logps.cpu().numpy(), batch_counts.cpu().numpy()
     return logps, counts
+
+
+@torch.no_grad()
+def response_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One evaluation pass: each row's summed response-token log-prob and its number of response tokens."""
+    inputs, positions = model_inputs(model, batch)
+    labels = batch["labels"][:, 1:]
+    logits = model(**inputs).logits.float()
+    if positions is None:
+        logits = logits[:, :-1]
+    else:
+        labels = labels[:, positions]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return -nll.sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
 def _reference_context(model, ref_model):
@@ -116,7 +130,7 @@ def pair_logps(model, tokenizer, dataset, options: PreferenceMetricsOptions | No
     opts = options or PreferenceMetricsOptions()
     prompts = list(dataset["prompt"])
     return sequence_logps(model, tokenizer, prompts + prompts, list(dataset["chosen"]) + list(dataset["rejected"]),
-                          opts.batch_size, opts.max_length)
+                          opts.batch_size, opts.max_length, opts.memory_budget_gb)
 
 
 def summarize_pairs(policy: np.ndarray, counts: np.ndarray, reference: np.ndarray, dataset,

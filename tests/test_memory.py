@@ -1,0 +1,251 @@
+"""The memory budget and the estimates it sizes passes with (rose_trl/memory.py, rose_trl/budget.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rose_trl import budget as budget_module
+from rose_trl.budget import MemoryBudget, check_training, halving_on_oom, plan_passes
+from rose_trl.memory import LoraShape, ModelShape, estimate_pass, estimate_peak_bytes, largest_rows
+from tests.helpers import tiny_lora_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+GB = 1e9
+
+
+def test_shapes_count_what_the_model_holds():
+    from transformers import LlamaConfig
+
+    model = tiny_lora_model(vocab=300, hidden=64, layers=3, heads=4, r=4)
+    shape, lora = ModelShape.from_model(model), LoraShape.from_model(model)
+    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    assert shape.parameters == base
+    assert ModelShape.from_config(model.get_base_model().config).parameters == base  # counted from the config alone
+    assert lora.parameters(shape) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora.targets == ("k_proj", "o_proj", "q_proj", "v_proj")
+    gqa = ModelShape.from_config(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                             num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                             tie_word_embeddings=True))
+    assert gqa.parameters == 134_515_008  # SmolLM2-135M's count
+    with pytest.raises(ValueError, match="LoRA targets"):
+        LoraShape(r=8, targets=("qkv_proj",))
+
+
+def test_estimates_grow_with_the_pass_and_pick_the_loss_path():
+    shape = ModelShape.from_config(SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                                   model_type="llama"))
+    lora = LoraShape(r=8)
+    one = estimate_pass("gradient", shape, lora, "float32", 1, 256)
+    four = estimate_pass("gradient", shape, lora, "float32", 4, 256)
+    assert four.transient > 2 * one.transient and one.parts["weights"] == four.parts["weights"]
+    # The plain loss's logits grow with the rows; the chunked loss holds two chunks whatever the rows.
+    plain = estimate_pass("gradient", shape, lora, "float32", 4, 256, loss="plain")
+    assert plain.transient > four.transient
+    half = estimate_pass("gradient", shape, lora, "bfloat16", 4, 256)
+    assert half.parts["weights"] == one.parts["weights"] // 2 and half.parts["activations"] < four.parts["activations"]
+    with pytest.raises(ValueError, match="unknown pass kind"):
+        estimate_pass("inference", shape, lora, "float32", 1, 8)
+    # The public entry point: any model's config, resident parts included.
+    config = SimpleNamespace(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                             num_key_value_heads=1, head_dim=256, vocab_size=262144, model_type="gemma3_text")
+    peak = estimate_peak_bytes(config, lora_r=8, dtype="float32", rows=2, tokens=256, kind="training")
+    gemma = ModelShape.from_config(config)
+    assert gemma.norms_per_layer == 4 and peak > gemma.parameters * 4
+
+
+def test_largest_rows():
+    assert largest_rows(lambda r: 100 * r, 450, 16) == 4
+    assert largest_rows(lambda r: 100 * r, 450, 3) == 3
+    assert largest_rows(lambda r: 100 * r, 50, 16) == 0
+
+
+@pytest.mark.parametrize("shape", ["tiny-recipe", "tiny"])
+def test_estimates_are_within_25_percent_of_measured_peaks(shape):
+    """benchmarks/extraction_memory.py --estimates at small shapes: every pass kind's estimate against the peak of
+    live bytes its real code path allocates (torch's profiler). docs/performance.md has SmolLM2 and 7B."""
+    from extraction_memory import estimate_passes
+
+    rows = estimate_passes(shape, 2, [1, 4], 64, 8, 256,
+                           ["gradient", "evaluation", "validation", "reference", "training"], log=lambda s: None)
+    assert len(rows) == 10
+    for kind, _, r, est, measured in rows:
+        assert 0.75 <= est / measured <= 1.25, (kind, r, est, measured)
+
+
+def test_default_budget_is_a_stated_share_of_the_machine(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=20 * GB))
+    cpu = MemoryBudget.for_device(None, "cpu", processes=1)
+    assert cpu.limit == int(0.15 * 20 * GB) and "15% of the 20.0 GB of CPU memory available" in cpu.source
+    assert MemoryBudget.for_device(None, "cpu", processes=2).limit == int(0.15 * 10 * GB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * GB, 96 * GB))
+    cuda = MemoryBudget.for_device(None, "cuda:0")
+    assert cuda.limit == int(0.9 * 80 * GB) and "free on cuda:0" in cuda.source
+    assert MemoryBudget.for_device(2.5, "cpu").limit == int(2.5 * GB)
+
+
+def plan(model, limit_gb, resident_gb, **limits):
+    options = dict(pool_width=64, validation_width=64, gradient_rows=16, max_batch_tokens=None, validation_pairs=4,
+                   dim=256, fused=True)
+    return plan_passes(model, MemoryBudget(int(limit_gb * GB), "test"), resident=int(resident_gb * GB),
+                       **{**options, **limits})
+
+
+def test_the_plan_fits_the_budget_and_keeps_the_limits():
+    model = tiny_lora_model(vocab=50_000, hidden=64, layers=2)  # a large vocabulary: the logits matter
+    shape, lora = ModelShape.from_model(model), LoraShape.from_model(model)
+    roomy = plan(model, 100, 1)
+    assert roomy.passes["gradient"].rows == 16 and roomy.passes["validation"].rows == 4  # the user's limits
+    assert roomy.passes["gradient"].tokens is None and "set by gradient_batch_size" in roomy.describe()
+    per_row = estimate_pass("gradient", shape, lora, torch.float32, 1, 64, dim=256).transient
+    tight = plan(model, 1 + 3.5 * per_row / GB, 1)
+    gradient = tight.passes["gradient"]
+    assert 1 <= gradient.rows < 16 and gradient.tokens == gradient.rows * 64 and gradient.limit == "the budget"
+    assert gradient.estimate.transient <= tight.available
+    assert estimate_pass("gradient", shape, lora, torch.float32, gradient.rows + 1, 64, dim=256).transient \
+        > tight.available
+    assert plan(model, 100, 1, gradient_rows=2).passes["gradient"].rows == 2
+    capped = plan(model, 100, 1, max_batch_tokens=200)
+    assert capped.passes["gradient"].rows == 3 and capped.passes["gradient"].tokens == 200
+    starved = plan(model, 1.0, 1.0)
+    assert starved.passes["gradient"].rows == 1 and "over the budget even at 1 row" in starved.describe()
+
+
+def test_the_trainers_batch_is_warned_about_not_changed(caplog):
+    model = tiny_lora_model(vocab=50_000, hidden=64, layers=2)
+    args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=128,
+                           gradient_checkpointing=False)
+    step = estimate_pass("training", ModelShape.from_model(model), LoraShape.from_model(model), torch.float32, 1, 128)
+    budget = MemoryBudget(int(GB + step.parts["optimizer"] + 2.5 * step.transient), "test")
+    with caplog.at_level("WARNING"):
+        message = check_training(model, args, budget, "final training", resident=int(GB))
+    assert message and "per_device_train_batch_size=8 rows of up to 128 tokens" in message
+    assert "2 rows fit: per_device_train_batch_size: 2 with gradient_accumulation_steps: 8" in message
+    assert "not changed" in message and message in caplog.text and args.per_device_train_batch_size == 8
+    assert check_training(model, args, MemoryBudget(int(100 * GB), "test"), "warm-up", resident=int(GB)) is None
+    starved = check_training(model, args, MemoryBudget(int(GB), "test"), "warm-up", resident=int(GB))
+    assert "not even 1 row fits" in starved
+
+
+def test_a_pass_out_of_memory_is_halved_and_resumed(caplog):
+    """accelerate's find_executable_batch_size with halving: the CPU simulates CUDA's out-of-memory error."""
+    done, calls = [], []
+
+    def passes(rows):
+        calls.append(rows)
+        while len(done) < 10:
+            if rows > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            done.extend(range(len(done), min(10, len(done) + rows)))
+        return "finished"
+
+    with caplog.at_level("WARNING"):
+        assert halving_on_oom(passes, 16, "a test pass") == "finished"
+    assert calls == [16, 8, 4, 2] and done == list(range(10))
+    assert "a test pass ran out of memory at 16 rows a pass: retrying at 8" in caplog.text
+    with pytest.raises(ValueError):  # any other error goes through
+        halving_on_oom(lambda rows: (_ for _ in ()).throw(ValueError("bad")), 4, "a test pass")
+
+
+def test_validation_passes_halve_on_out_of_memory(planted, tiny_base, tmp_path, monkeypatch, caplog):
+    from rose_trl.featurizer import Featurizer
+    from rose_trl.projection import build_projector
+    from rose_trl.validation import ROSEDPOTrainer, validation_dpo_config
+    from tests.helpers import trained_adapter_model
+
+    _, validation, tokenizer, _ = planted
+    model = trained_adapter_model(tiny_base)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    featurizer = Featurizer(build_projector("sjlt", n, 64, 0))
+    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), batch_size=4, use_cpu=True),
+                             validation.select_columns(["prompt", "chosen", "rejected"]), tokenizer)
+    whole = trainer.pair_gradients(featurizer)
+    real = Featurizer.__call__
+
+    def tight(self, model, batch, *args, **kwargs):
+        if batch["input_ids"].shape[0] > 2:  # more than one pair a pass
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(self, model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(Featurizer, "__call__", tight)
+    with caplog.at_level("WARNING"):
+        halved = trainer.pair_gradients(featurizer)
+    assert "a validation pass ran out of memory at 4 rows a pass: retrying at 2" in caplog.text
+    np.testing.assert_allclose(halved.numpy(), whole.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_run_logs_its_plan_and_sizes_its_passes_to_the_budget(tmp_path, caplog):
+    """The tiny pipeline under a budget that leaves room for few rows: fewer rows a pass than the limits, the plan
+    logged once, the same selection (rows do not mix in a pass) as under a roomy budget."""
+    import pandas as pd
+    from trl import ModelConfig, SFTConfig
+
+    from rose_trl.config import ROSEConfig
+    from rose_trl.pipeline import run
+    from rose_trl.tiny import write_tiny_assets
+
+    assets = write_tiny_assets(tmp_path / "assets", n_pool=60)
+
+    def go(out, gb):
+        return run(ROSEConfig(pool_dataset=str(assets / "pool.jsonl"), validation_dataset=str(assets / "validation.jsonl"),
+                              final_training=False, selection_fraction=0.1, projection_dim=1024, memory_budget_gb=gb),
+                   SFTConfig(output_dir=str(tmp_path / out), use_cpu=True, bf16=False, report_to=[], max_length=256,
+                             num_train_epochs=1, per_device_train_batch_size=4, disable_tqdm=True),
+                   ModelConfig(model_name_or_path=str(assets / "model"), use_peft=True, lora_r=4,
+                               lora_target_modules=["q_proj", "v_proj"]))
+
+    go("roomy", 100)
+    resident = budget_module.resident_bytes()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        go("tight", (resident + 4e6) / GB)  # a few MB beyond what the process holds
+    plans = [r.getMessage() for r in caplog.records if "memory plan:" in r.getMessage()]
+    assert len(plans) == 1, plans  # logged once
+    gradient = plans[0].split("pool gradient passes: ")[1].splitlines()[0]
+    assert "set by the budget" in gradient and 1 <= int(gradient.split(" rows")[0]) < 16, gradient
+    tight, roomy = (pd.read_parquet(tmp_path / d / "selection" / "scores.parquet") for d in ("tight", "roomy"))
+    np.testing.assert_allclose(tight["score"], roomy["score"], rtol=1e-3, atol=1e-4)
+    assert (tight["selected"] == roomy["selected"]).all()
+
+
+def test_a_smaller_fused_head_tile_gives_the_same_gradients_in_less_memory(tmp_path):
+    """When one validation pair does not fit, the plan lowers the positions a tile of TRL's fused LM head: the same
+    pair gradients (float summation order aside), a lower measured peak, as the estimate says."""
+    from extraction_memory import dpo_batch, dpo_trainer, peak_bytes
+    from llama_shapes import build_model
+
+    from rose_trl.featurizer import Featurizer
+    from rose_trl.memory import FUSED_HEAD_TOKENS
+    from rose_trl.projection import build_projector
+    from rose_trl.validation import fused_head_tokens
+
+    model = build_model("tiny-recipe", 2, 8)
+    trainer = dpo_trainer(model, model.config.vocab_size, str(tmp_path))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    featurizer = Featurizer(build_projector("sjlt", n, 256, 0))
+    batch = dpo_batch(2, 128, model.config.vocab_size)
+    shape, lora = ModelShape.from_model(model), LoraShape.from_model(model)
+    out, peaks = {}, {}
+    for tile in (None, 32):
+        def run():
+            with fused_head_tokens(tile):
+                out[tile] = featurizer(model, dict(batch), loss=lambda b: trainer.compute_loss(trainer.model, b) * 2,
+                                       combine=lambda r: r[:2] + r[2:])
+        run()
+        peaks[tile] = peak_bytes(run)
+    from trl.kernels import chunked_logprob
+    assert chunked_logprob.TOKEN_CHUNK_SIZE == FUSED_HEAD_TOKENS  # restored
+    np.testing.assert_allclose(out[32].numpy(), out[None].numpy(), rtol=1e-4, atol=1e-6)
+    estimates = {tile: estimate_pass("validation", shape, lora, torch.float32, 2, 128, labelled_fraction=0.75,
+                                     dim=256, head_tokens=tile or FUSED_HEAD_TOKENS).transient for tile in (None, 32)}
+    assert peaks[32] < 0.5 * peaks[None] and estimates[32] < 0.5 * estimates[None]
+    for tile in (None, 32):
+        assert 0.75 <= estimates[tile] / peaks[tile] <= 1.25, (tile, estimates[tile], peaks[tile])
