@@ -158,12 +158,14 @@ def _looks_like_hub_id(name: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False):
+def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False, budget=None):
     """Check, without loading weights, what training `spec`'s model would otherwise find out only when it starts:
     the model and its tokenizer load; its tokenizer has a chat template when the pool has chat rows; its LoRA
     targets exist. When its rows are not the warm-up's tokens (`spec.retokenizes`), every pool row is tokenized
-    with its tokenizer, chat template and max_length, and must fit the model's positions. Returns that tokenizer
-    (chat template applied); raises ValueError naming the option at fault."""
+    with its tokenizer, chat template and max_length, and must fit the model's positions. With a memory `budget`
+    (budget.MemoryBudget), the Trainer's batch of this model is estimated against it from the config and a warning
+    gives the batch that fits (check_training), as final training warns again once the model is loaded. Returns
+    that tokenizer (chat template applied); raises ValueError naming the option at fault."""
     from transformers import AutoConfig
 
     m = spec.model_args
@@ -198,6 +200,7 @@ def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False):
             raise ValueError(f"{spec.option('lora_target_modules')}: none of {targets} is a module of {name} "
                              f"(its attention modules: {sorted({n.rsplit('.', 1)[-1] for n in modules if 'attn' in n})})")
 
+    counts = None
     if spec.retokenizes:
         counts = np.asarray(_token_counts(pool, tokenizer, spec.sft.max_length, spec.option("chat_template_path"), name))
         # Rows, not the option: a max_length above the model's positions that no row reaches is harmless.
@@ -206,4 +209,33 @@ def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False):
             raise ValueError(f"{spec.option('max_length')}: at max_length {spec.sft.max_length} pool record "
                              f"{int(counts.argmax())} has {int(counts.max())} tokens, but {name} takes at most {limit} "
                              f"(its max_position_embeddings)")
+    if budget is not None:
+        _check_training_memory(spec, config, budget, counts)
     return tokenizer
+
+
+def _check_training_memory(spec: ModelSpec, config, budget, counts) -> str | None:
+    """The Trainer's batch of `spec`'s model against `budget`, from its config: the weights it will hold (at the
+    dtype it is loaded in) on top of what this process holds now, rows as long as the longest pool row (all
+    max_length when the rows were not tokenized here). A warning (returned), never an error."""
+    import copy
+
+    from .budget import check_training, resident_bytes
+    from .memory import LoraShape, ModelShape, dtype_bytes
+
+    m = spec.model_args
+    config = copy.copy(config)
+    if m.dtype not in (None, "auto"):
+        config.dtype = m.dtype
+    try:
+        lora = LoraShape.from_model_args(m) if m.use_peft else LoraShape(r=0, targets=())
+        shape = ModelShape.from_config(config)
+        weights = shape.parameters * dtype_bytes(getattr(config, "dtype", None) or "float32")
+    except (ValueError, KeyError, AttributeError) as e:  # a shape the estimate does not know: no estimate
+        return f"no memory estimate for {m.model_name_or_path}: {e}"
+    width = spec.sft.max_length
+    if counts is not None and len(counts):
+        width = int(min(counts.max(), width)) if width else int(counts.max())
+    return check_training(config, spec.sft, budget, f"{spec.option('per_device_train_batch_size')} "
+                          f"({m.model_name_or_path}, checked at the start)", width=width, lora=lora,
+                          resident=resident_bytes() + weights)

@@ -273,8 +273,10 @@ def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     # Before any selection work: everything about the models that a later stage would otherwise find out.
     warm, final = model_specs(rose, sft, model_args)
     check_model(warm, pool, sft.trust_remote_code)
-    final_tokenizer = check_model(final, pool, final.sft.trust_remote_code) if rose.final_training and final.block \
-        else None
+    # The final model's Trainer batch against the memory budget, too (a warning): the warm-up's is checked before
+    # the warm-up, and a final model with another vocabulary or shape can need much more.
+    final_tokenizer = check_model(final, pool, final.sft.trust_remote_code, MemoryBudget.for_device(
+        rose.memory_budget_gb, "cpu" if final.sft.use_cpu else None)) if rose.final_training and final.block else None
     model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
     model, tokenizer, added = apply_chat_template_path(model, tokenizer, sft.chat_template_path)
     if added and rose.selection_method in GRADIENT_METHODS:

@@ -168,6 +168,35 @@ def test_what_final_training_would_fail_on_is_refused_before_the_warm_up(assets,
     assert counter["passes"] == 0 and not (tmp_path / "run").exists()
 
 
+def test_the_final_models_batch_is_checked_against_the_memory_budget_before_the_warm_up(assets, tmp_path, caplog,
+                                                                                     monkeypatch):
+    """The final model's Trainer batch is estimated against memory_budget_gb from its config, before the warm-up
+    (the model is not loaded yet), at the length of the longest pool row in its own tokens: a warning naming the
+    final_model option, nothing changed; none when the batch fits."""
+    import rose_trl.pipeline as pipeline
+
+    def warm_up_starts(*args, **kwargs):
+        raise RuntimeError("the warm-up starts")
+
+    monkeypatch.setattr(pipeline, "load_model_and_tokenizer", warm_up_starts)
+    final = {"model_name_or_path": str(assets / "final"), "per_device_train_batch_size": 64}
+    tokens = tokenize_pool(pipeline.load_datasets(configs(assets, tmp_path)[0])[0],
+                           AutoTokenizer.from_pretrained(assets / "final"), 256)
+    longest = max(len(ids) for ids in tokens["input_ids"])
+    for budget_gb, warned in ((1e-4, True), (1000.0, False)):
+        caplog.clear()
+        rose, sft, model_args = configs(assets, tmp_path / f"run{budget_gb:g}", dict(final), memory_budget_gb=budget_gb)
+        with caplog.at_level("INFO"), pytest.raises(RuntimeError, match="the warm-up starts"):
+            run(rose, sft, model_args)
+        start = [r.getMessage() for r in caplog.records if "checked at the start" in r.getMessage()]
+        assert len(start) == 1 and f"final_model.per_device_train_batch_size ({assets / 'final'}" in start[0]
+        if warned:
+            assert f"per_device_train_batch_size=64 rows of up to {longest} tokens" in start[0]
+            assert "not even 1 row fits" in start[0] and "memory_budget_gb: 0.0001" in start[0]
+        else:
+            assert f"batches of 64 rows of up to {longest} tokens" in start[0] and "within the memory budget" in start[0]
+
+
 @pytest.mark.parametrize("how", ["clone", "jinja"])
 def test_chat_rows_train_a_final_model_given_a_chat_template_the_trl_way(assets, tmp_path, how):
     """The final model's tokenizer has no chat template: SFTConfig's chat_template_path gives it one, cloned from

@@ -203,3 +203,6 @@ def test_smollm2_rose_t_recipes_select_as_the_smollm2_recipe_and_train_gemma(tas
     assert final.model_args.model_name_or_path == "outputs/gemma3/model"
     assert final.sft.chat_template_path == "outputs/gemma3/gemma3.jinja" and final.retokenizes
     assert final.output_dir == Path(f"outputs/smollm2/run_{task}/final_gemma-3-270m")
+    # Gemma's Trainer batch is the warm-up's, checked against the memory budget at the start (no hand-tuned sizes)
+    assert not final.block & {"per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing"}
+    assert (final.sft.per_device_train_batch_size, final.sft.gradient_accumulation_steps) == (2, 2)
