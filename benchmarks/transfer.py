@@ -2,7 +2,10 @@
 
 SmolLM2-135M-Instruct selects (ROSE-T, LESS-T), Gemma-3-270M (base) is trained on the picks, and both are compared
 with ROSE and LESS selecting with Gemma itself (Table 8's same-model columns), random (seeds) and the right and the
-wrong selection (target_chosen, target_rejected), on the real-text targets of benchmarks/real_model.py:
+wrong selection (target_chosen, target_rejected), on the real-text targets of benchmarks/real_model.py (se, hh)
+and on the property targets of benchmarks/property_targets.py (`<property>_<direction>`, e.g. se_link_prefer: one
+property of real answers as minimal pairs, rose_trl.data.properties; held-out pairs from the paper's test answers
+where a copy of the release is found):
 
     rose-trl smollm2-assets outputs/smollm2 && rose-trl gemma3-assets outputs/gemma3     # once
     python benchmarks/transfer.py --stage select --selector select --targets se   # SmolLM2's warm-up, stores, picks
@@ -31,14 +34,42 @@ from pathlib import Path
 
 import numpy as np
 
-from real_model import Bench, log, read_json, write_json
+from property_targets import RELEASE
+from real_model import Bench, key_of, log, read_json, write_json
 from real_model_report import HEADER, composition, fmt_diff, method_rows, paired_difference, pool_shares
+from rose_trl.data.properties import DIRECTIONS, PROPERTIES, property_suite, target_name
 from rose_trl.data.realtext import SLICE_FILES
 
 # Picks made with the selecting model (-T) and with the final model itself; named as in the paper's Table 8.
 GRADIENT = {"ROSE-T": ("select", "rose"), "LESS-T": ("select", "less"), "ROSE": ("final", "rose"),
             "LESS": ("final", "less")}
 SEEDED = ("random", "target_chosen", "target_rejected")
+PROPERTY_TARGETS = {target_name(p, d): (p, d) for p in PROPERTIES for d in DIRECTIONS}
+_TASKS: dict = {}
+
+
+def target_task(bench: Bench, target: str, args):
+    """(task, k, task_key) of a target: se/hh as real_model.py builds them (its k), or a property target of a
+    one-property suite (property_suite, the suite's pool, its first --property-k validation pairs, every held-out
+    pair a test pair). The same for both models' benches: the key names the data, not the model."""
+    if target in SLICE_FILES:
+        return _slice_task(bench, target, SLICE_FILES[target][0])
+    names = ("property_pool_se", "property_pool_hh", "property_pool_min", "property_k", "property_test", "task_seed",
+             "release")
+    cached = (target, *(getattr(args, n) for n in names))
+    if cached not in _TASKS:
+        prop, direction = PROPERTY_TARGETS[target]
+        suite = property_suite((prop,), pool_sizes={"se": args.property_pool_se, "hh": args.property_pool_hh},
+                               pool_min=args.property_pool_min, n_validation=args.property_k, heldout_dev=0,
+                               heldout_test=args.property_test, seed=args.task_seed, test_root=args.release)
+        task = suite.task(prop, direction, min(args.property_k, len(suite.validation[prop])))
+        _TASKS[cached] = (task, task.k, key_of(target, task.k, suite.settings))
+    return _TASKS[cached]
+
+
+def _slice_task(bench: Bench, target: str, k: int):
+    task, task_key = bench.task(target, k)
+    return task, k, task_key
 
 
 def bench_for(args, which: str) -> Bench:
@@ -57,8 +88,7 @@ def usage() -> dict:
 
 def gradient_picks(bench: Bench, method: str, target: str, options: dict) -> tuple[dict, dict]:
     """{budget: picks} of rose/less with `bench`'s model, and what making them cost (when they were made now)."""
-    k = SLICE_FILES[target][0]
-    task, task_key = bench.task(target, k)
+    task, k, task_key = target_task(bench, target, bench.args)
     t0, before = time.time(), usage()
     warm_dir = bench.target_dir(target, task_key) / "warmup"
     warm = bench.warmup(task.pool, warm_dir)
@@ -102,8 +132,7 @@ def spearman(x, y) -> float:
 
 def train_target(sel: Bench, fin: Bench, target: str, args, results: dict) -> None:
     """Every selection of one target trained on the final model and evaluated on the test half."""
-    k = SLICE_FILES[target][0]
-    task, task_key = fin.task(target, k)
+    task, k, task_key = target_task(fin, target, args)
     pool = task.pool
     test = task.heldout.filter(lambda r: r["half"] == "test")
     res = results[target] = {"pool": {"rows": len(pool), **pool_shares(pool)}, "validation_pairs": len(task.validation),
@@ -185,11 +214,21 @@ def main(argv=None) -> dict:
     p.add_argument("--select-model", type=Path, default=Path("outputs/smollm2/model"))
     p.add_argument("--final-model", type=Path, default=Path("outputs/gemma3/model"))
     p.add_argument("--out", type=Path, default=Path("outputs/bench_transfer"))
-    p.add_argument("--targets", nargs="+", default=["se", "hh"], choices=["se", "hh"])
+    p.add_argument("--targets", nargs="+", default=["se", "hh"], choices=["se", "hh", *PROPERTY_TARGETS],
+                   help="se, hh (real_model.py's tasks) or property targets <property>_<prefer|avoid>")
     p.add_argument("--pool-target", type=int, default=72)
     p.add_argument("--pool-other", type=int, default=24)
     p.add_argument("--heldout", type=int, default=120, help="held-out pairs, half dev (unused here) and half test")
     p.add_argument("--task-seed", type=int, default=0)
+    # Property targets (a one-property suite of rose_trl.data.properties)
+    p.add_argument("--property-pool-se", type=int, default=48, help="SE answers in a property target's pool")
+    p.add_argument("--property-pool-hh", type=int, default=16, help="HH answers in a property target's pool")
+    p.add_argument("--property-pool-min", type=int, default=16, help="pool rows with the property, at least")
+    p.add_argument("--property-k", type=int, default=10, help="validation pairs (minimal pairs) of a property target")
+    p.add_argument("--property-test", type=int, default=40, help="held-out test pairs of a property target")
+    p.add_argument("--release", type=Path, default=RELEASE if (RELEASE / "test").is_dir() else None,
+                   help="a copy of the paper's release: a property target's held-out pairs from its test answers "
+                        f"(default: {RELEASE} where present, else the slice)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="random's seeds")
     p.add_argument("--max-length", type=int, default=128)

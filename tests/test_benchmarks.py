@@ -236,6 +236,35 @@ def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
     assert again["hh"]["methods"]["ROSE-T"] == res["methods"]["ROSE-T"]
 
 
+def test_transfer_benchmark_property_targets_are_the_suites_targets():
+    """benchmarks/transfer.py's property targets: the one-property suite's task (pool answers from the property's
+    labels, the first k minimal pairs oriented by the direction, every held-out pair a test pair), the same for
+    both directions' pools and for every call."""
+    import argparse
+
+    import transfer
+
+    from rose_trl.data.properties import property_suite
+
+    options = dict(property_pool_se=20, property_pool_hh=6, property_pool_min=6, property_k=4, property_test=5,
+                   task_seed=0, release=None)
+    ns = argparse.Namespace(**options)
+    prefer, k, key = transfer.target_task(None, "se_link_prefer", ns)
+    avoid, k2, key2 = transfer.target_task(None, "se_link_avoid", ns)
+    assert transfer.target_task(None, "se_link_prefer", ns)[0] is prefer and key != key2 and k == k2 == 4
+    suite = property_suite(("se_link",), pool_sizes={"se": 20, "hh": 6}, pool_min=6, n_validation=4, heldout_dev=0,
+                           heldout_test=5, seed=0)
+    assert prefer.pool["completion"] == suite.pool["completion"] == avoid.pool["completion"]
+    for task, preferred in ((prefer, True), (avoid, False)):
+        expected = ["other" if t != "se" else ("chosen" if h == preferred else "rejected")
+                    for h, t in zip(suite.pool["has_se_link"], suite.pool["task"])]
+        assert task.pool["answer"] == expected and len(task.validation) == 4
+        assert set(task.heldout["half"]) == {"test"} and len(task.heldout) == 5
+        first = suite.validation["se_link"][0]
+        assert task.validation[0]["chosen"] == (first["with"] if preferred else first["without"])
+    assert "se_link_prefer" in transfer.PROPERTY_TARGETS and "hh_question_avoid" in transfer.PROPERTY_TARGETS
+
+
 def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys):
     """benchmarks/property_targets.py's whole path on a tiny model: the oracle, every method in both directions
     from one warm-up and one pool store, the shots sweep and the placement of released pairs; a second run
