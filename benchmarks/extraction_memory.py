@@ -2,6 +2,8 @@
 
     python benchmarks/extraction_memory.py [--layers 1 4 --rows 1 4 16 --seq-len 128 --paths fused dense]
     python benchmarks/extraction_memory.py --model smollm2-135m --paths fused fused_plain_loss backbone
+    python benchmarks/extraction_memory.py --model smollm2-135m --estimates     # rose_trl.memory vs measured peaks
+    python benchmarks/extraction_memory.py --model smollm2-135m --saved         # what a layer saves, tensor by tensor
 
 Model: Llama-2-7B's shape (hidden 4096, intermediate 11008, 32 heads, vocab 32000) with random float32
 weights, truncated to L decoder layers, with LESS's adapter: LoRA r=128, alpha 512 on q,k,v,o. For each L
@@ -22,6 +24,13 @@ Adam state, the projector's plan and the adapter's summed gradient are paid once
 --model smollm2-135m: SmolLM2-135M's shape (30 layers, hidden 576, vocab 49152, tied embeddings), LoRA r=8
 (alpha 4r) on q,k,v,o, 256 tokens, rows 1 2 4 by default.
 The last line is `extra_mb_per_row_L<l>=<MB> ...` for the fused path, for every L.
+--estimates [kinds]: for each pass kind (gradient, evaluation, validation, reference, training; rose_trl.memory's
+  docstring says what each runs), the estimate of what the pass adds (`estimate_pass(...).transient`) against the
+  peak of live bytes its real code path allocates, and how far the same pass raises the process's RSS (the CPU
+  heap's slack, rose_trl.budget.HEAP_SLACK); the last line is `worst_relative_error=<e> heap=<mode>
+  largest_rss_rise_over_estimate=<r>`. --compact-heap: the same with glibc's heap made compact first.
+--saved: the tensors autograd saves for the backward in one decoder layer, tensor by tensor (no mask, padding mask,
+  train mode with LoRA dropout), against `rose_trl.memory.layer_bytes`.
 """
 
 from __future__ import annotations
@@ -168,10 +177,29 @@ def dpo_batch(pairs: int, width: int, vocab: int, seed: int = 0) -> dict:
             "ref_chosen_logps": torch.zeros(pairs), "ref_rejected_logps": torch.zeros(pairs)}
 
 
+def rss_rise(fn) -> int:
+    """How far `fn()` raises the process's peak resident memory above its RSS when it starts (Linux: the peak is
+    reset through /proc/self/clear_refs, and freed heap pages returned first, as budget.resident_bytes does)."""
+    import gc
+    import re
+
+    from rose_trl.budget import resident_bytes
+
+    gc.collect()
+    before = resident_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fn()
+    with open("/proc/self/status") as f:
+        peak = int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) * 1024
+    return peak - before
+
+
 def estimate_passes(shape_name: str, layers: int, rows_list: list[int], width: int, lora_r: int, dim: int,
                     kinds: list[str], log=print) -> list[tuple]:
-    """(kind, rows, estimated MB, measured MB) of each pass kind: the estimate's transient part (what the pass
-    adds to the resident weights, adapter and optimizer state) against the pass's measured peak of live bytes."""
+    """(kind, layers, rows, estimated MB, measured MB, RSS rise MB) of each pass kind: the estimate's transient
+    part (what the pass adds to the resident weights, adapter and optimizer state) against the pass's measured
+    peak of live bytes, and how far the same pass, run again without the profiler, raised the process's RSS."""
     import tempfile
 
     from rose_trl.evaluation.metrics import response_logps
@@ -231,12 +259,45 @@ def estimate_passes(shape_name: str, layers: int, rows_list: list[int], width: i
             est = estimate_pass(kind, shape, lora, "float32", rows, width, labelled_fraction=0.75, dim=dim)
             batch = make(rows, rows)
             measured = peak_bytes(lambda: run(rows, batch))
-            rows_out.append((kind, layers, rows, est.transient / 1e6, measured / 1e6))
+            rise = rss_rise(lambda: run(rows, batch))
+            rows_out.append((kind, layers, rows, est.transient / 1e6, measured / 1e6, rise / 1e6))
             log(f"  {kind:10s} L={layers} rows={rows:3d} estimate {est.transient / 1e6:9.1f} MB "
-                f"measured {measured / 1e6:9.1f} MB  ({est.describe()})")
+                f"measured {measured / 1e6:9.1f} MB, RSS rise {rise / 1e6:9.1f} MB  ({est.describe()})")
     model = trainer = None
     gc.collect()
     return rows_out
+
+
+def saved_tensors(shape_name: str, width: int, lora_r: int, masked: bool, training: bool, log=print) -> int:
+    """The tensors autograd saves for the backward in one decoder layer (the second of two), one row of `width`
+    tokens: what rose_trl.memory.layer_bytes counts. Returns their bytes per token."""
+    model = build_model(shape_name, 2, lora_r, lora_dropout=0.1 if training else 0.0)
+    model.train(training)
+    base = model.get_base_model()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    where, seen = ["outside"], {}
+    layer = base.model.layers[1]
+    for name, module in layer.named_modules():
+        module.register_forward_pre_hook(lambda m, a, n=name or "layer": where.append(n))
+        module.register_forward_hook(lambda m, a, o: (where.pop(), None)[1])
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params and key not in seen and where[-1] != "outside":
+            seen[key] = (where[-1], tuple(t.shape), t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.randint(3, model.config.vocab_size, (1, width))
+    mask = torch.ones_like(ids)
+    if masked:
+        mask[0, -1] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        base.model(input_ids=ids, attention_mask=mask if masked else None, use_cache=False)
+    for module, tensor_shape, dtype, nbytes in seen.values():
+        log(f"  {module:40s} {str(tensor_shape):24s} {str(dtype):14s} {nbytes / width:10.1f} bytes a token")
+    total = sum(v[3] for v in seen.values()) / width
+    log(f"  saved in one layer: {total:.1f} bytes a token")
+    return total
 
 
 MODEL_DEFAULTS = {"llama-2-7b": dict(layers=[1, 4], rows=[1, 4, 16], seq_len=128, lora_r=128),
@@ -256,6 +317,10 @@ def main():
     p.add_argument("--paths", nargs="+", default=["fused"], choices=["fused", "dense", "fused_plain_loss", "backbone"],
                    help="dense (the whole-row path) costs ~67 MB per layer per row at r=128 and minutes more")
     p.add_argument("--tiny", action="store_true", help="a small model shape (seconds; what the tests run)")
+    p.add_argument("--compact-heap", action="store_true",
+                   help="with --estimates: glibc's heap made compact first (rose_trl.budget.compact_heap)")
+    p.add_argument("--saved", action="store_true",
+                   help="instead: list the tensors autograd saves in one decoder layer, against memory.layer_bytes")
     p.add_argument("--estimates", nargs="*", default=None,
                    choices=["gradient", "validation", "reference", "evaluation", "training"],
                    help="instead: each pass kind's estimate (rose_trl.memory) against its measured peak "
@@ -265,17 +330,34 @@ def main():
         if getattr(args, name) is None:
             setattr(args, name, value)
     shape = "tiny" if args.tiny else args.model
+    if args.saved:
+        from rose_trl.memory import LoraShape, ModelShape, layer_bytes
+
+        for masked, training in ((False, False), (True, False), (True, True)):
+            print(f"{'padding mask' if masked else 'no mask'}, {'train' if training else 'eval'} mode:")
+            measured = saved_tensors(shape, args.seq_len, args.lora_r, masked, training)
+            model = build_model(shape, 2, args.lora_r, lora_dropout=0.1 if training else 0.0)
+            counted = layer_bytes(ModelShape.from_model(model), LoraShape.from_model(model), 4, masked, training)
+            print(f"  rose_trl.memory.layer_bytes: {counted} bytes a token ({counted / measured:.3f}x)")
+        return
     if args.estimates is not None:
+        from rose_trl.budget import _heap as budget_heap, compact_heap
+
+        if args.compact_heap:
+            compact_heap()
         kinds = args.estimates or ["gradient", "evaluation", "validation", "reference", "training"]
         table = []
         for layers in args.layers:
             table += estimate_passes(shape, layers, args.rows, args.seq_len, args.lora_r, args.dim, kinds,
                                      log=lambda s: print(s, flush=True))
-        print(f"{'pass':10s} {'L':>2s} {'rows':>4s} {'estimate MB':>12s} {'measured MB':>12s} {'ratio':>6s}")
-        for kind, layers, rows, est, measured in table:
-            print(f"{kind:10s} {layers:2d} {rows:4d} {est:12.1f} {measured:12.1f} {est / measured:6.2f}")
-        worst = max(abs(est / measured - 1) for *_, est, measured in table)
-        print(f"worst_relative_error={worst:.3f}")
+        print(f"{'pass':10s} {'L':>2s} {'rows':>4s} {'estimate MB':>12s} {'measured MB':>12s} {'ratio':>6s} "
+              f"{'RSS rise MB':>12s} {'rise/est':>8s}")
+        for kind, layers, rows, est, measured, rise in table:
+            print(f"{kind:10s} {layers:2d} {rows:4d} {est:12.1f} {measured:12.1f} {est / measured:6.2f} "
+                  f"{rise:12.1f} {rise / est:8.2f}")
+        worst = max(abs(est / measured - 1) for _, _, _, est, measured, _ in table)
+        print(f"worst_relative_error={worst:.3f} heap={budget_heap['mode']} "
+              f"largest_rss_rise_over_estimate={max(rise / est for *_, est, _, rise in table):.2f}")
         return
     print(f"model: {NAMES[shape]} shape, LoRA r={args.lora_r} on q,k,v,o, {args.seq_len} tokens "
           f"a row, sjlt -> {args.dim} dims, torch threads {torch.get_num_threads()}", flush=True)

@@ -30,16 +30,29 @@ import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import find_executable_batch_size
+from accelerate.utils.memory import should_reduce_batch_size
 
 from .distributed import max_over_ranks
-from .memory import FUSED_HEAD_TOKENS, Estimate, LoraShape, ModelShape, estimate_pass, largest_rows
+from .memory import (FUSED_HEAD_TOKENS, Estimate, LoraShape, ModelShape, dtype_bytes, estimate_pass,
+                     largest_rows)
 
 logger = get_logger(__name__)
 
 CPU_BUDGET_FRACTION = 0.15
-MIN_HEAD_TOKENS = 64
 CUDA_BUDGET_FRACTION = 0.90
+MIN_HEAD_TOKENS = 64
 GB = 1e9
+# On a CPU, glibc's heap keeps the holes that freed blocks leave, so a pass raises the process's RSS by more than its
+# live bytes (what memory.py estimates). Measured on SmolLM2's shape (docs/performance.md, "RSS against live
+# bytes"), the passes the plan sizes: with glibc's default (dynamic) mmap threshold up to 1.51 times in one pass,
+# 1.7 in the recipe's gradient passes end to end: HEAP_SLACK["default"]; once every block of COMPACT_MMAP_THRESHOLD
+# bytes or more is mapped on its own and unmapped when freed (`compact_heap`), up to 1.28: HEAP_SLACK["compact"].
+# The compact heap costs page faults (passes take longer), so the plan uses it only when a pass would not fit the
+# budget otherwise. CUDA's caching allocator is measured by what it allocates: no slack.
+HEAP_SLACK = {"default": 1.8, "compact": 1.3}
+COMPACT_MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_heap = {"mode": "default"}
 
 
 def _trim_heap() -> None:
@@ -49,6 +62,30 @@ def _trim_heap() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def compact_heap() -> bool:
+    """From now on, every block of COMPACT_MMAP_THRESHOLD bytes or more gets its own mapping, returned to the system
+    when freed (glibc's mallopt M_MMAP_THRESHOLD; the dynamic threshold is then off): the RSS follows the live bytes
+    more closely, at the cost of page faults. False where the C library is not glibc."""
+    if _heap["mode"] != "compact":
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            if libc.mallopt(_M_MMAP_THRESHOLD, COMPACT_MMAP_THRESHOLD) != 1:
+                return False
+        except (OSError, AttributeError):
+            return False
+        _heap["mode"] = "compact"
+        PartialState()  # accelerate's logger needs its state
+        logger.warning("memory: blocks of %d MiB and more are now mapped on their own and returned when freed (glibc "
+                       "mallopt M_MMAP_THRESHOLD), so that the passes fit the budget; passes take longer",
+                       COMPACT_MMAP_THRESHOLD >> 20)
+    return True
+
+
+def heap_slack(device: torch.device | str) -> float:
+    """How much a pass's live bytes raise the process's memory on `device` (HEAP_SLACK; 1 on CUDA)."""
+    return 1.0 if torch.device(device).type == "cuda" else HEAP_SLACK[_heap["mode"]]
 
 
 def resident_bytes(device: torch.device | str | None = None) -> int:
@@ -108,21 +145,22 @@ class PassPlan:
     tokens: int | None = None
     head_tokens: int | None = None  # positions a tile of TRL's fused LM head, when lowered to fit the budget
 
-    def describe(self, budget: MemoryBudget, resident: int) -> str:
+    def describe(self, budget: MemoryBudget, resident: int, slack: float = 1.0) -> str:
         tokens = f" / {self.tokens} tokens" if self.tokens else ""
         unit = ("pair" if self.kind == "validation" else "row") + ("s" if self.rows > 1 else "")
         tokens += f", TRL's fused LM head {self.head_tokens} positions a tile" if self.head_tokens else ""
         return (f"{self.kind}: {self.rows} {unit}{tokens} a pass "
                 f"(rows of up to {self.width} tokens; set by {self.limit}), estimated peak "
-                f"{(resident + self.estimate.transient) / GB:.2f} GB")
+                f"{(resident + slack * self.estimate.transient) / GB:.2f} GB")
 
 
 def fit_rows(kind: str, shape: ModelShape, lora: LoraShape, dtype, width: int, available: int, limit: int,
-             **options) -> tuple[int, Estimate, bool]:
+             slack: float = 1.0, **options) -> tuple[int, Estimate, bool]:
     """(rows, their estimate, whether the budget set them) for the most rows <= `limit` a pass of `kind` at `width`
-    tokens may take within `available` bytes; 1 row (with its estimate) when not even one fits."""
+    tokens may take within `available` bytes (its live bytes times `slack`); 1 row (with its estimate) when not
+    even one fits."""
     def adds(rows: int) -> int:
-        return estimate_pass(kind, shape, lora, dtype, rows, width, **options).transient
+        return int(slack * estimate_pass(kind, shape, lora, dtype, rows, width, **options).transient)
 
     rows = largest_rows(adds, available, limit)
     by_budget = rows < limit
@@ -135,16 +173,23 @@ class MemoryPlan:
     budget: MemoryBudget
     resident: int
     passes: dict[str, PassPlan]
+    slack: float = 1.0  # heap_slack when the plan was made
 
     @property
     def available(self) -> int:
         return self.budget.limit - self.resident
 
+    @property
+    def over(self) -> list[str]:
+        """The passes whose estimated peak is over the budget even at 1 row."""
+        return [p.kind for p in self.passes.values() if self.slack * p.estimate.transient > self.available]
+
     def describe(self) -> str:
+        heap = f" (x{self.slack:g} the passes' live bytes: the CPU heap's slack)" if self.slack != 1 else ""
         lines = [f"memory plan: budget {self.budget.describe()}; the process holds {self.resident / GB:.2f} GB, "
-                 f"{max(self.available, 0) / GB:.2f} GB left for a pass"]
-        lines += [f"  {p.describe(self.budget, self.resident)}" for p in self.passes.values()]
-        over = [p.kind for p in self.passes.values() if p.estimate.transient > self.available]
+                 f"{max(self.available, 0) / GB:.2f} GB left for a pass{heap}"]
+        lines += [f"  {p.describe(self.budget, self.resident, self.slack)}" for p in self.passes.values()]
+        over = self.over
         if over:
             lines.append(f"  over the budget even at 1 row: {', '.join(over)} (raise memory_budget_gb, or lower "
                          "max_length)")
@@ -159,14 +204,29 @@ def plan_passes(model, budget: MemoryBudget, *, pool_width: int, validation_widt
                 gradient_rows: int, max_batch_tokens: int | None, validation_pairs: int, dim: int, fused: bool,
                 labelled_fraction: float = 1.0, resident: int | None = None) -> MemoryPlan:
     """Rows a pass for the pool's gradient passes and the validation passes of `model` under `budget`.
-    `gradient_rows`, `max_batch_tokens`, `validation_pairs`: the user's upper limits (None: none for tokens)."""
+    `gradient_rows`, `max_batch_tokens`, `validation_pairs`: the user's upper limits (None: none for tokens). On a
+    CPU, when a pass does not fit even at 1 row with glibc's default heap, the heap is made compact (`compact_heap`)
+    and the plan made again."""
     device = next(p.device for p in model.parameters())
     resident = resident_bytes(device) if resident is None else resident
+    options = dict(pool_width=pool_width, validation_width=validation_width, gradient_rows=gradient_rows,
+                   max_batch_tokens=max_batch_tokens, validation_pairs=validation_pairs, dim=dim, fused=fused,
+                   labelled_fraction=labelled_fraction)
+    plan = _plan(model, budget, resident, heap_slack(device), **options)
+    if plan.over and device.type != "cuda" and _heap["mode"] == "default" and compact_heap():
+        plan = _plan(model, budget, resident, heap_slack(device), **options)
+    return plan
+
+
+def _plan(model, budget: MemoryBudget, resident: int, slack: float, *, pool_width: int, validation_width: int | None,
+          gradient_rows: int, max_batch_tokens: int | None, validation_pairs: int, dim: int, fused: bool,
+          labelled_fraction: float) -> MemoryPlan:
+    device = next(p.device for p in model.parameters())
     shape, lora, dtype = ModelShape.from_model(model), LoraShape.from_model(model), model_dtype(model)
     available = budget.limit - resident
     if max_batch_tokens:  # the user's token cap bounds the rows of the longest rows too
         gradient_rows = max(1, min(gradient_rows, max_batch_tokens // max(pool_width, 1)))
-    rows, est, by_budget = fit_rows("gradient", shape, lora, dtype, pool_width, available, gradient_rows,
+    rows, est, by_budget = fit_rows("gradient", shape, lora, dtype, pool_width, available, gradient_rows, slack,
                                     labelled_fraction=labelled_fraction, dim=dim, fused=fused)
     tokens = rows * pool_width if by_budget else max_batch_tokens
     if by_budget and max_batch_tokens:
@@ -178,15 +238,15 @@ def plan_passes(model, budget: MemoryBudget, *, pool_width: int, validation_widt
         head_tokens = FUSED_HEAD_TOKENS
         while True:
             pairs, est, by_budget = fit_rows("validation", shape, lora, dtype, validation_width, available,
-                                             validation_pairs, dim=dim, fused=fused, head_tokens=head_tokens,
+                                             validation_pairs, slack, dim=dim, fused=fused, head_tokens=head_tokens,
                                              scored_positions="labelled" if device.type == "cuda" else "all")
-            if est.transient <= available or head_tokens <= MIN_HEAD_TOKENS:
+            if slack * est.transient <= available or head_tokens <= MIN_HEAD_TOKENS:
                 break
             head_tokens //= 2
         passes["validation"] = PassPlan("validation", pairs, validation_width, est,
                                         "the budget" if by_budget else "validation_batch_size",
                                         head_tokens=head_tokens if head_tokens < FUSED_HEAD_TOKENS else None)
-    return MemoryPlan(budget, resident, passes)
+    return MemoryPlan(budget, resident, passes, slack)
 
 
 def plan_run(model, config, fused: bool, pool_width: int, validation_width: int | None, gradient_rows: int
@@ -212,11 +272,21 @@ def evaluation_rows(model, budget: MemoryBudget, width: int, limit: int, labelle
     resident = resident_bytes(device)
     shape = ModelShape.from_model(model)
     lora = LoraShape.from_model(model) if hasattr(model, "peft_config") else LoraShape(r=0, targets=())
+    slack = heap_slack(device)
     rows, est, by_budget = fit_rows("evaluation", shape, lora, model_dtype(model), width, budget.limit - resident,
-                                    limit, labelled_fraction=labelled_fraction)
+                                    limit, slack, labelled_fraction=labelled_fraction)
     plan = PassPlan("evaluation", rows, width, est, "the budget" if by_budget else "--batch-size")
-    logger.info("memory plan: budget %s; %s", budget.describe(), plan.describe(budget, resident))
+    logger.info("memory plan: budget %s; %s", budget.describe(), plan.describe(budget, resident, slack))
     return plan
+
+
+def training_rows(shape: ModelShape, lora: LoraShape, dtype, width: int, available: int, limit: int,
+                  slack: float = 1.0, **options) -> int:
+    """The most rows (<= `limit`) of `width` tokens a Trainer step (TRL's SFT loss, train mode) may take within
+    `available` bytes beyond the weights and optimizer state (its live bytes times `slack`); 0 when not even one
+    fits."""
+    return largest_rows(lambda r: int(slack * estimate_pass("training", shape, lora, dtype, r, width,
+                                                            **options).transient), available, limit)
 
 
 def check_training(model, args, budget: MemoryBudget, what: str, width: int | None = None,
@@ -233,25 +303,35 @@ def check_training(model, args, budget: MemoryBudget, what: str, width: int | No
         if resident is None:
             resident = resident_bytes(next(p.device for p in model.parameters()))
     else:
+        if lora is None:
+            raise ValueError("check_training on a config (a model not loaded yet) needs its LoraShape: lora=...")
         shape, dtype = ModelShape.from_config(model), getattr(model, "dtype", None) or "float32"
-        resident = resident if resident is not None else resident_bytes()
+        # Not loaded yet: the weights will be held too.
+        resident = (resident if resident is not None else resident_bytes()) + shape.parameters * dtype_bytes(dtype)
     options = dict(gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)))
     rows = args.per_device_train_batch_size
     step = estimate_pass("training", shape, lora, dtype, rows, width, **options)
     held = resident + step.parts["optimizer"]  # AdamW's state, made at the first step, is held from then on
-    if held + step.transient <= budget.limit:
+    device = next(p.device for p in model.parameters()) if hasattr(model, "parameters") and callable(
+        model.parameters) else torch.device("cpu")
+    slack = heap_slack(device)
+    if held + slack * step.transient > budget.limit and device.type != "cuda" and _heap["mode"] == "default" and \
+            held + HEAP_SLACK["compact"] * step.transient <= budget.limit and compact_heap():
+        slack = heap_slack(device)  # the compact heap lets the Trainer's batch fit
+    peak = held + slack * step.transient
+    if peak <= budget.limit:
         logger.info("%s: batches of %d rows of up to %d tokens, estimated peak %.2f GB, within the memory budget %s",
-                    what, rows, width, (held + step.transient) / GB, budget.describe())
+                    what, rows, width, peak / GB, budget.describe())
         return None
-    fits = largest_rows(lambda r: estimate_pass("training", shape, lora, dtype, r, width, **options).transient,
-                        budget.limit - held, rows)
+    fits = training_rows(shape, lora, dtype, width, budget.limit - held, rows,
+                         HEAP_SLACK["compact"] if device.type != "cuda" else 1.0, **options)
     accumulate = args.gradient_accumulation_steps * rows
     rows_fit = f"{fits} rows fit" if fits > 1 else "1 row fits"
     advice = (f"{rows_fit}: per_device_train_batch_size: {fits} with gradient_accumulation_steps: "
               f"{math.ceil(accumulate / fits)} keeps about {accumulate} rows an optimizer step" if fits
               else "not even 1 row fits: lower max_length, turn gradient_checkpointing on, or raise the budget")
     message = (f"{what}: per_device_train_batch_size={rows} rows of up to {width} tokens are estimated at a peak of "
-               f"{(held + step.transient) / GB:.2f} GB (the process holds {held / GB:.2f} GB), over the memory budget "
+               f"{peak / GB:.2f} GB (the process holds {held / GB:.2f} GB), over the memory budget "
                f"{budget.describe()}; {advice}. The training's batch sizes are the Trainer's: not changed")
     logger.warning(message)
     return message
@@ -260,10 +340,15 @@ def check_training(model, args, budget: MemoryBudget, what: str, width: int | No
 def halving_on_oom(function, start: int, what: str):
     """`function(rows)` run with `start` rows a pass; when it runs out of memory, run again with half as many
     (accelerate's `find_executable_batch_size`, halving), each retry logged. `function` must resume, not
-    redo, what it finished before the error."""
+    redo, what it finished before the error.
+
+    The first try is a plain call: accelerate's wrapper runs a full garbage collection before its first call
+    (about 0.15 s with torch and transformers loaded), which would be paid by every extraction and validation
+    call of a run, and is several times the whole gradient pass of a small model (tests/test_benchmarks.py).
+    Only a pass that runs out of memory goes through accelerate's loop."""
     current = {"rows": max(1, int(start))}
 
-    def halve() -> int:  # called inside accelerate's handler of the error
+    def halve() -> int:  # called once the error is caught (by this function, then by accelerate's handler)
         PartialState()  # accelerate's logger needs its state
         if current["rows"] == 1:
             raise torch.OutOfMemoryError(f"{what} ran out of memory at 1 row a pass: lower max_length, or give the "
@@ -274,4 +359,11 @@ def halving_on_oom(function, start: int, what: str):
                        current["rows"])
         return current["rows"]
 
-    return find_executable_batch_size(function, starting_batch_size=current["rows"], reduce_batch_size_fn=halve)()
+    try:
+        return function(current["rows"])
+    except Exception as error:  # noqa: BLE001 - accelerate's test says which errors are out-of-memory ones
+        if not should_reduce_batch_size(error):
+            raise
+    # Outside the handler: the failed pass's frames (and their tensors) are released by now; accelerate's wrapper
+    # collects garbage and empties the device cache before its first call.
+    return find_executable_batch_size(function, starting_batch_size=halve(), reduce_batch_size_fn=halve)()

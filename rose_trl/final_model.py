@@ -215,13 +215,13 @@ def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False, budget=N
 
 
 def _check_training_memory(spec: ModelSpec, config, budget, counts) -> str | None:
-    """The Trainer's batch of `spec`'s model against `budget`, from its config: the weights it will hold (at the
-    dtype it is loaded in) on top of what this process holds now, rows as long as the longest pool row (all
-    max_length when the rows were not tokenized here). A warning (returned), never an error."""
+    """The Trainer's batch of `spec`'s model against `budget`, from its config (check_training counts the weights
+    it will hold, at the dtype it is loaded in, on top of what this process holds now), rows as long as the longest
+    pool row (all max_length when the rows were not tokenized here). A warning (returned), never an error."""
     import copy
 
-    from .budget import check_training, resident_bytes
-    from .memory import LoraShape, ModelShape, dtype_bytes
+    from .budget import check_training
+    from .memory import LoraShape, ModelShape
 
     m = spec.model_args
     config = copy.copy(config)
@@ -229,13 +229,11 @@ def _check_training_memory(spec: ModelSpec, config, budget, counts) -> str | Non
         config.dtype = m.dtype
     try:
         lora = LoraShape.from_model_args(m) if m.use_peft else LoraShape(r=0, targets=())
-        shape = ModelShape.from_config(config)
-        weights = shape.parameters * dtype_bytes(getattr(config, "dtype", None) or "float32")
+        ModelShape.from_config(config)
     except (ValueError, KeyError, AttributeError) as e:  # a shape the estimate does not know: no estimate
         return f"no memory estimate for {m.model_name_or_path}: {e}"
     width = spec.sft.max_length
     if counts is not None and len(counts):
         width = int(min(counts.max(), width)) if width else int(counts.max())
     return check_training(config, spec.sft, budget, f"{spec.option('per_device_train_batch_size')} "
-                          f"({m.model_name_or_path}, checked at the start)", width=width, lora=lora,
-                          resident=resident_bytes() + weights)
+                          f"({m.model_name_or_path}, checked at the start)", width=width, lora=lora)

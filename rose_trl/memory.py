@@ -28,7 +28,7 @@ save nothing: a frozen weight needs no input to get its gradient). Per token and
   output: 3 x intermediate;
 - each LoRA module saves its input for lora_A (in float32, peft's adapter dtype; shared by modules reading the
   same tensor when no cast or dropout makes it their own) and lora_A's output (r) for lora_B; in train mode with
-  dropout, each module's dropout output and its mask (1 byte a value).
+  dropout, each module's dropout output and its mask (float32 on a CPU; CUDA's is 1 byte a value: counted as 4).
 These counts were read from autograd's saved-tensor hooks (benchmarks/extraction_memory.py --saved) and are
 checked against measured peaks at three shapes (docs/performance.md, "Estimates against measurements").
 """
@@ -208,8 +208,8 @@ def layer_bytes(shape: ModelShape, lora: LoraShape, dtype: int, masked: bool = F
     own_copy = training and lora.dropout > 0 or lora.dtype_bytes != dtype
     inputs = {}
     for name, width, _ in lora.modules(shape):
-        if own_copy:  # a cast or dropout output of its own, and a dropout's mask
-            inputs[name] = width * lora.dtype_bytes + (width if training and lora.dropout > 0 else 0)
+        if own_copy:  # a cast or dropout output of its own, and a dropout's mask (float on a CPU; bool on CUDA)
+            inputs[name] = width * lora.dtype_bytes * (2 if training and lora.dropout > 0 else 1)
         elif _INPUTS[name] != "attn_out":  # attention's output is saved by sdpa already
             inputs[_INPUTS[name]] = width * dtype
     adapter = len(lora.targets) * lora.r * lora.dtype_bytes
@@ -323,14 +323,14 @@ def estimate_pass(kind: str, shape: ModelShape, lora: LoraShape, dtype, rows: in
     elif kind == "training":
         scored = rows * (width - 1) if scored_positions == "all" else labelled
         est.parts["optimizer"] = adapter * 8  # AdamW's m and v (float32)
-        est.parts["gradients"] = adapter * lora.dtype_bytes  # the adapter's .grad, made by each backward
         if gradient_checkpointing:  # each layer's input, and one layer recomputed at a time
             one = activation_bytes(shape, lora, b, rows, width, masked=True, training=True) // max(shape.layers, 1)
             est.parts["activations"] = rows * width * shape.layers * shape.hidden * b + one
         else:
             est.parts["activations"] = activation_bytes(shape, lora, b, rows, width, masked=True, training=True)
+        # The adapter's .grad comes layer by layer through the backward, as the activations go.
         est.parts["loss or backward"] = max(fused_head_bytes(shape, b, scored, True, head_tokens),
-                                            backward_bytes(shape, b, rows * width))
+                                            backward_bytes(shape, b, rows * width) + adapter * lora.dtype_bytes)
     else:
         raise ValueError(f"unknown pass kind {kind!r}: gradient, validation, reference, evaluation or training")
     return est
