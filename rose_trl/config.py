@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 from .projection import PROJECTION_TYPES
@@ -41,6 +42,9 @@ class ROSEConfig:
             How much of the pool is selected, and how it is shared between subtasks.
         warmup_fraction, final_training:
             The random share of the pool the warm-up trains on; whether a final model is trained.
+        final_model (`dict`, *optional*):
+            The final training's own ModelConfig/SFTConfig options (another model, its LoRA or full fine-tuning,
+            dtype, max_length, chat template...): final_model.py, docs/transfer.md.
 
         > Parameters that control the gradient features and their stores
 
@@ -113,6 +117,14 @@ class ROSEConfig:
                                          "takes its share of the validation pairs).", "choices": list(SUBTASK_BALANCES)})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Random fraction of the pool for the warm-up run."})
     final_training: bool = field(default=True, metadata={"help": "Train the final model on the selection."})
+    final_model: dict | str | None = field(
+        default=None, metadata={"help": "The final training's own options, where they differ from the warm-up's "
+                                        "(ROSE-T: select with one model, train another): any ModelConfig or SFTConfig "
+                                        "option by its TRL name (model_name_or_path, dtype, use_peft, lora_r, ..., "
+                                        "max_length, chat_template_path, learning_rate, output_dir, ...) and "
+                                        "gguf_file. Unset options are the warm-up's, except model_revision and "
+                                        "gguf_file when model_name_or_path names another model. A nested block in a "
+                                        "YAML config, a JSON object on the command line (docs/transfer.md)."})
 
     # Parameters that control the gradient features and their stores
     gradient_type: str = field(default="adam", metadata={"help": "Training-gradient features: adam (LESS "
@@ -209,6 +221,7 @@ class ROSEConfig:
         if self.subtask_balance not in SUBTASK_BALANCES:
             raise ValueError(f"subtask_balance must be one of {SUBTASK_BALANCES}, got {self.subtask_balance!r}")
         self._check_validation_loss()
+        self._check_final_model()
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ValueError(f"memory_budget_gb must be > 0, got {self.memory_budget_gb}")
 
@@ -231,13 +244,37 @@ class ROSEConfig:
             raise ValueError("validation_loss_type exo_pair needs validation_label_smoothing > 0 (EXO's epsilon; "
                              "the paper recommends 1e-3)")
 
+    def _check_final_model(self) -> None:
+        if isinstance(self.final_model, str):  # the command line gives a JSON object as a string
+            try:
+                self.final_model = json.loads(self.final_model)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"final_model: expected a JSON object of ModelConfig/SFTConfig options, got "
+                                 f"{self.final_model!r} ({e})") from None
+        if self.final_model is None:
+            return
+        if not isinstance(self.final_model, dict):
+            raise ValueError(f"final_model: expected a mapping of ModelConfig/SFTConfig options, got "
+                             f"{type(self.final_model).__name__}")
+        from trl import ModelConfig, SFTConfig  # here: importing config.py stays light
+
+        known = set(ModelConfig.__dataclass_fields__) | set(SFTConfig.__dataclass_fields__) | {"gguf_file"}
+        unknown = sorted(set(self.final_model) - known)
+        if unknown:
+            raise ValueError(f"final_model: {unknown} are not ModelConfig or SFTConfig options (nor gguf_file)")
+
     @property
     def selection_folder(self) -> str:
         """ROSE's selection is `selection/`; other methods sit beside it for comparisons and the report."""
         return "selection" if self.selection_method == "rose" else f"selection_{self.selection_method}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options a selection depends on, recorded in its config.json: final_model is left out (it is
+        recorded in the final model's rose_final.json), so that training another final model leaves the
+        selection as it is."""
+        options = asdict(self)
+        options.pop("final_model")
+        return options
 
 
 @dataclass

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 SELECTION_DIR = "selection"
 EXTRA_FILES = ("scores.parquet", "config.json", "summary.json")  # uploaded under rose_selection/
+MODEL_METHODS = ("rose", "less", "rds")  # the methods that read a model to select
 
 
 def _selection_dir(output_dir, folder: str = SELECTION_DIR) -> Path:
@@ -64,9 +65,14 @@ def build_dataset_card(output_dir, repo_id: str | None = None, folder: str = SEL
     stats = _score_stats(sel / "scores.parquet")
     method = summary.get("selection_method", config.get("selection_method"))
     num_selected, num_pool = int(summary["num_selected"]), int(summary["num_pool"])
+    model = config.get("model_name_or_path")
+    uses_model = str(method) in MODEL_METHODS
     rose = {
         "selection_method": method,
-        "model": config.get("model_name_or_path"),
+        "model": model,
+        # The model whose gradients (rose, less) or hidden states (rds) chose the rows; None: the text alone did.
+        "selected_with_model": model if uses_model else None,
+        **({"selected_with_gguf_sha256": config["gguf_sha256"]} if uses_model and config.get("gguf_sha256") else {}),
         "pool_dataset": config.get("pool_dataset"),
         "validation_dataset": config.get("validation_dataset"),
         "selection_fraction": config.get("selection_fraction"),
@@ -94,10 +100,16 @@ def build_dataset_card(output_dir, repo_id: str | None = None, folder: str = SEL
     if "rose" in str(method).lower():
         how = (f"whose training gradients align best with the preference (DPO-loss) gradients of the few-shot "
                f"validation set `{config.get('validation_dataset')}`, selected with ROSE (Wu et al., "
-               f"arXiv:2412.00631), method `{method}`, gradients of `{config.get('model_name_or_path')}` "
+               f"arXiv:2412.00631), method `{method}`, gradients of `{model}` "
                f"({fmt(config.get('projection_type'))} projection to {fmt(config.get('projection_dim'))} dimensions).")
+    elif uses_model:
+        what = "gradients" if method == "less" else "last-layer hidden states"
+        how = (f"selected by the `{method}` method of a ROSE run (validation set `{config.get('validation_dataset')}`), "
+               f"from the {what} of `{model}`.")
     else:
-        how = f"selected by the `{method}` method of a ROSE run (validation set `{config.get('validation_dataset')}`)."
+        how = (f"selected by the `{method}` method of a ROSE run (validation set `{config.get('validation_dataset')}`), "
+               f"which reads no model.")
+    selected_with = f"`{model}`" if uses_model else "no model"
     body = f"""
 # ROSE selection: {num_selected} of {num_pool} examples
 
@@ -109,6 +121,7 @@ Rows keep the pool's columns plus `pool_index` (row in the pool) and `score`, hi
 | | value |
 |---|---|
 | selected / pool | {num_selected} / {num_pool} |
+| selected with | {selected_with} |
 | score of selected: min / mean / max | {fmt(stats.get("selected_min"))} / {fmt(stats.get("selected_mean"))} / {fmt(stats.get("selected_max"))} |
 | threshold | {fmt(summary.get("threshold"))} |
 
@@ -123,6 +136,13 @@ Rows keep the pool's columns plus `pool_index` (row in the pool) and `score`, hi
 ```python
 from datasets import load_dataset
 ds = load_dataset("{repo_id or "<this repo>"}", split="train")
+```
+
+Any model can be trained on these rows, not only the one that selected them (the paper's ROSE-T), for
+example with TRL's own SFT script (`pool_index` and `score` are extra columns it ignores):
+
+```bash
+trl sft --model_name_or_path <your model> --dataset_name {repo_id or "<this repo>"} --use_peft --output_dir <out>
 ```
 """
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))

@@ -14,6 +14,7 @@ file and its hash), and every stage loads that folder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -104,3 +105,45 @@ def convert_gguf(path: Path, folder: Path, record: dict) -> Path:
     remove_tree(folder)  # a conversion killed before its record: redo it whole
     publish_first(tmp, folder)
     return folder
+
+
+# ---- loading what a run's ModelConfig names -----------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _model_source(name_or_path: str, gguf_file: str | None, revision: str | None) -> ModelSource:
+    from accelerate import PartialState
+
+    # The main process converts a GGUF file (once: it is cached under its hash); the others read its folder.
+    with PartialState().main_process_first():
+        return resolve_model_source(name_or_path, gguf_file, revision)
+
+
+def model_source(model_args, gguf_file: str | None = None) -> ModelSource:
+    """What from_pretrained loads for `model_args` (a TRL ModelConfig): the model itself, or the converted GGUF
+    folder."""
+    return _model_source(model_args.model_name_or_path, gguf_file, model_args.model_revision)
+
+
+def load_tokenizer(model_args, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """The tokenizer of `model_args`' model, padding with its eos token when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    source = model_source(model_args, gguf_file)
+    revision = None if source.record else model_args.model_revision
+    tokenizer = AutoTokenizer.from_pretrained(source.path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {model_args.model_name_or_path} has no pad and no eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(model_args, trust_remote_code: bool = False, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    source = model_source(model_args, gguf_file)
+    revision = None if source.record else model_args.model_revision
+    tokenizer = load_tokenizer(model_args, trust_remote_code, gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, revision=revision, dtype=model_args.dtype,
+        trust_remote_code=trust_remote_code, attn_implementation=model_args.attn_implementation)
+    return model, tokenizer

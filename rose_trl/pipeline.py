@@ -9,7 +9,6 @@ final model is trained again only when what it would be trained on changed (`FIN
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import hashlib
 import json
@@ -23,15 +22,15 @@ import numpy as np
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from datasets import Dataset, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from .budget import MemoryBudget, check_training
 from .callback import ROSECallback
-from .config import BASELINE_METHODS, ROSEConfig, SelectConfig
+from .config import BASELINE_METHODS, GRADIENT_METHODS, ROSEConfig, SelectConfig
 from .data import load_pool, load_preferences
 from .files import atomic_write_json, checkpoint_dirs
-from .model_source import ModelSource, resolve_model_source
+from .final_model import ModelSpec, apply_chat_template_path, check_model, model_specs
+from .model_source import load_model_and_tokenizer, model_source
 from .offline import select_from_checkpoints
 from .selection import write_selection
 from .selector import ROSESelector
@@ -58,32 +57,6 @@ def with_labels(tokens: Dataset, source: str) -> Dataset:
 def sft_training_dataset(pool: Dataset, tokenizer, max_length: int | None, source: str) -> Dataset:
     """input_ids + labels, tokenized by the same rule as the gradients (sft_data)."""
     return with_labels(tokenize_pool(pool, tokenizer, max_length, source=source), source)
-
-
-@functools.lru_cache(maxsize=8)
-def _model_source(name_or_path: str, gguf_file: str | None, revision: str | None) -> ModelSource:
-    # The main process converts a GGUF file (once: it is cached under its hash); the others read its folder.
-    with PartialState().main_process_first():
-        return resolve_model_source(name_or_path, gguf_file, revision)
-
-
-def model_source(model_args: ModelConfig, gguf_file: str | None = None) -> ModelSource:
-    """What from_pretrained loads for `model_args`: the model itself, or the converted GGUF folder."""
-    return _model_source(model_args.model_name_or_path, gguf_file, model_args.model_revision)
-
-
-def load_model_and_tokenizer(model_args: ModelConfig, trust_remote_code: bool = False, gguf_file: str | None = None):
-    source = model_source(model_args, gguf_file)
-    revision = None if source.record else model_args.model_revision
-    tokenizer = AutoTokenizer.from_pretrained(source.path, revision=revision, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {model_args.model_name_or_path} has no pad and no eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, revision=revision, dtype=model_args.dtype,
-        trust_remote_code=trust_remote_code, attn_implementation=model_args.attn_implementation)
-    return model, tokenizer
 
 
 def warmup_indices(n: int, fraction: float, seed: int) -> list[int]:
@@ -162,8 +135,9 @@ def select_with_gradients(rose: ROSEConfig, sft: SFTConfig, model_args: ModelCon
         return select_from_checkpoints(warmup_dir, model, selector, folder=rose.selection_folder,
                                        peft_config=get_peft_config(model_args))
     # The warm-up pushes nothing: only the final model (and the selection) go to the Hub.
+    # Its tokenizer already has chat_template_path applied (_run): the trainer must not apply it again.
     warm_args = dataclasses.replace(sft, output_dir=str(warmup_dir), save_strategy="epoch", save_only_model=False,
-                                    push_to_hub=False)
+                                    push_to_hub=False, chat_template_path=None)
     callback = ROSECallback(pool, validation, tokenizer, rose, output_dir=str(out), max_length=sft.max_length,
                             run_config=run_config)
     # Check the data and any earlier run in output_dir before the warm-up resumes from its checkpoints.
@@ -211,42 +185,62 @@ _NOT_TRAINING = {"output_dir", "run_name", "project", "report_to", "disable_tqdm
                  "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"}
 
 
-def final_training_fingerprint(tokens: Dataset, sft: SFTConfig, model_args: ModelConfig) -> str:
-    """What a final model is made from: its tokenized training rows, the model and LoRA settings and every
-    training option that can change the weights."""
+def final_training_fingerprint(tokens: Dataset, sft: SFTConfig, model_args: ModelConfig, source: dict | None = None) -> str:
+    """What a final model is made from: its tokenized training rows, the model (and the GGUF file it came from) and
+    LoRA settings and every training option that can change the weights."""
     options = {k: v for k, v in sft.to_dict().items() if k not in _NOT_TRAINING}
-    described = json.dumps([options, dataclasses.asdict(model_args)], sort_keys=True, default=str)
+    described = json.dumps([options, dataclasses.asdict(model_args)] + ([source] if source else []), sort_keys=True,
+                           default=str)
     return hashlib.sha256(f"{fingerprint_tokenized(tokens)}|{described}".encode()).hexdigest()
 
 
-def train_final_model(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig, selection: Path, tokenizer) -> Path:
-    """SFT on the selection into final[_<method>]/. Its FINAL_RECORD (written before training, and again,
-    finished, after the weights) says what it was trained on: a finished model of the same fingerprint is
-    reused, an unfinished one resumes from its last complete checkpoint, any other is cleared and trained
-    from scratch."""
+def _selecting_model(selection: Path) -> dict:
+    """The model the selection was made with (and its method), from the selection's recorded configuration."""
+    config = json.loads((selection / "config.json").read_text())
+    keys = ("model_name_or_path", "gguf_file", "gguf_sha256")
+    return {"selection_method": config.get("selection_method"), **{k: config[k] for k in keys if config.get(k)}}
+
+
+def train_final_model(rose: ROSEConfig, final: ModelSpec, selection: Path, tokenizer) -> Path:
+    """SFT of `final`'s model on the selection into its output folder (final[_<method>]/ by default), the rows
+    tokenized with `tokenizer` (the final model's own, chat template applied, when it is not the warm-up's).
+    Its FINAL_RECORD (written before training, and again, finished, after the weights) names the selecting and
+    the final model and says what it was trained on: a finished model of the same fingerprint is reused, an
+    unfinished one resumes from its last complete checkpoint, any other is cleared and trained from scratch."""
     state = PartialState()
-    suffix = "" if rose.selection_method == "rose" else f"_{rose.selection_method}"
-    out = Path(sft.output_dir) / f"final{suffix}"
+    out, sft, model_args = final.output_dir, final.sft, final.model_args
     # In memory: tokenizing a dataset read from disk would write a cache file into the selection folder.
     selected = load_from_disk(str(selection / "selected"), keep_in_memory=True)
     tokens = tokenize_pool(selected, tokenizer, sft.max_length, source="selection")
-    fingerprint = final_training_fingerprint(tokens, sft, model_args)
-    finished = {"fingerprint": fingerprint, "finished": True}
+    source = model_source(model_args, final.gguf_file).record
+    fingerprint = final_training_fingerprint(tokens, sft, model_args, source)
     record = out / FINAL_RECORD
+    described = {"fingerprint": fingerprint, "selection": str(selection), "rows": len(selected),
+                 "selection_model": _selecting_model(selection), "final_model": final.describe()}
     with state.main_process_first():  # the main process decides (and clears); the others read its decision
         found = json.loads(record.read_text()) if record.exists() else None
-        if state.is_main_process and found != finished:
-            if found is None or found["fingerprint"] != fingerprint:
-                shutil.rmtree(out, ignore_errors=True)  # another selection or configuration (or unknown)
+        done = found is not None and found.get("fingerprint") == fingerprint and found.get("finished") is True
+        if state.is_main_process and not done:
+            if found is None or found.get("fingerprint") != fingerprint:
+                shutil.rmtree(out, ignore_errors=True)  # another selection, model or configuration (or unknown)
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(record, {"fingerprint": fingerprint, "finished": False})
-    if found == finished:
+            atomic_write_json(record, {**described, "finished": False})
+    if done:
         logger.info("%s already holds the model trained on this selection: not trained again", out)
         return out
-    model, _ = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
-    trainer = SFTTrainer(model, args=dataclasses.replace(sft, output_dir=str(out)),
+    model, fresh_tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, final.gguf_file)
+    if final.retokenizes:
+        # SFTTrainer applies chat_template_path to the fresh tokenizer (and model) itself, as check_model did to the
+        # tokenizer the rows were tokenized with: TRL's own cloning, new tokens trained with the adapter.
+        processing_class, args = fresh_tokenizer, sft
+    else:  # the warm-up's tokenizer, its chat template already applied
+        processing_class, args = tokenizer, dataclasses.replace(sft, chat_template_path=None)
+    trainer = SFTTrainer(model, args=dataclasses.replace(args, output_dir=str(out)),
                          train_dataset=with_labels(tokens, "selection"),
-                         processing_class=tokenizer, peft_config=get_peft_config(model_args))
+                         processing_class=processing_class, peft_config=get_peft_config(model_args))
+    if (trainer.processing_class.get_vocab(), trainer.processing_class.chat_template) != \
+            (tokenizer.get_vocab(), tokenizer.chat_template):
+        raise RuntimeError(f"{out}: the trainer's tokenizer differs from the one the selection was tokenized with")
     # The Trainer's batch is the user's: a warning, before training, if it would exceed the memory budget.
     longest = max((len(ids) for ids in tokens["input_ids"]), default=0)
     check_training(trainer.model, sft, MemoryBudget.for_device(rose.memory_budget_gb, trainer.args.device),
@@ -254,7 +248,7 @@ def train_final_model(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig,
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
     save_model_atomically(trainer, out)
     if state.is_main_process:
-        atomic_write_json(record, finished)  # last: the record says the weights are complete
+        atomic_write_json(record, {**described, "finished": True})  # last: the record says the weights are complete
     state.wait_for_everyone()
     return out
 
@@ -276,7 +270,19 @@ def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
 def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     out = Path(sft.output_dir)
     pool, validation = load_datasets(rose, sft.seed)
+    # Before any selection work: everything about the models that a later stage would otherwise find out.
+    warm, final = model_specs(rose, sft, model_args)
+    check_model(warm, pool, sft.trust_remote_code)
+    # The final model's Trainer batch against the memory budget, too (a warning): the warm-up's is checked before
+    # the warm-up, and a final model with another vocabulary or shape can need much more.
+    final_tokenizer = check_model(final, pool, final.sft.trust_remote_code, MemoryBudget.for_device(
+        rose.memory_budget_gb, "cpu" if final.sft.use_cpu else None)) if rose.final_training and final.block else None
     model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
+    model, tokenizer, added = apply_chat_template_path(model, tokenizer, sft.chat_template_path)
+    if added and rose.selection_method in GRADIENT_METHODS:
+        raise ValueError(f"chat_template_path: cloning the chat template of {sft.chat_template_path} adds {len(added)} "
+                         f"tokens to {model_args.model_name_or_path}, whose new embeddings the LoRA gradients do not "
+                         "cover; give a .jinja template whose tokens the tokenizer has")
     select = select_with_baseline if rose.selection_method in BASELINE_METHODS else select_with_gradients
     selection = select(rose, sft, model_args, pool, validation, model, tokenizer)
     # The final model is trained from a fresh copy of the base: free the warm-up's (LoRA-wrapped) one first, or
@@ -291,7 +297,8 @@ def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
         result["hub_url"] = push_selection(out, rose.hub_dataset_id, private=rose.hub_private,
                                            token=sft.hub_token, folder=rose.selection_folder)
     if rose.final_training:
-        result["final_model"] = str(train_final_model(rose, sft, model_args, selection, tokenizer))
+        result["final_model"] = str(train_final_model(rose, final, selection,
+                                                          final_tokenizer if final.retokenizes else tokenizer))
     return result
 
 

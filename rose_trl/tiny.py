@@ -82,20 +82,23 @@ def make_planted_task(n_pool: int = 400, pairs_per_subtask: int = 4, seed: int =
     return pool, validation
 
 
-def build_tokenizer(texts, vocab_size: int = 2000):
-    """A byte-level BPE tokenizer trained on `texts`, with pad/bos/eos and a chat template."""
+def build_tokenizer(texts, vocab_size: int = 2000, chat: bool = True):
+    """A byte-level BPE tokenizer trained on `texts`, with pad/bos/eos; with `chat`, the chat roles' special tokens
+    and a chat template too (without: a base model's tokenizer, no chat template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    special = SPECIAL_TOKENS if chat else SPECIAL_TOKENS[:4]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", additional_special_tokens=SPECIAL_TOKENS[4:])
-    fast.chat_template = CHAT_TEMPLATE
+                                   unk_token="<unk>", additional_special_tokens=special[4:])
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
     return fast
 
 

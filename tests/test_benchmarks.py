@@ -1,5 +1,6 @@
 """The benchmark scripts run at tiny scale, so that the commands the docs quote cannot rot."""
 
+import json
 import math
 import re
 import sys
@@ -190,6 +191,80 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     last = out.strip().splitlines()[-1]
     assert last.startswith("mode=full hh_k1@25%.rose=") and "hh_k1@50%.random=" in last and "rose-random=" in last
     assert "hh_k10@25%.rose-random=" in last  # the larger k is compared with the default k's random runs
+
+
+def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
+    """benchmarks/transfer.py's stages on two tiny models with different tokenizers (vocabularies of 600 and 300):
+    each model's own warm-up and stores, the selecting model's picks trained on the final model, overlaps, costs."""
+    import transfer
+
+    from rose_trl.data.realtext import load_slice
+    from rose_trl.tiny import build_tiny_llama, build_tokenizer
+
+    select = _tiny_model_folder(tmp_path / "small" / "model")
+    final = tmp_path / "other" / "model"
+    texts = [r["chosen"] + r["prompt"] for task in ("se", "hh") for r in load_slice(task)[:100]]
+    tokenizer = build_tokenizer(texts, vocab_size=300, chat=False)
+    build_tiny_llama(tokenizer, hidden=48, layers=1, heads=2, seed=3).save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    common = ["--select-model", str(select), "--final-model", str(final), "--out", str(tmp_path / "out"),
+              "--targets", "hh", "--pool-target", "12", "--pool-other", "4", "--heldout", "8", "--budgets", "0.25",
+              "--seeds", "0", "1", "--max-length", "48", "--projection-dim", "256", "--warmup-fraction", "0.25",
+              "--warmup-epochs", "2", "--final-epochs", "1", "--final-max-batch-tokens", "96"]
+    for selector in ("select", "final"):
+        transfer.main(["--stage", "select", "--selector", selector, *common])
+    costs = {s: json.loads((tmp_path / f"out/costs/{s}_hh.json").read_text()) for s in ("select", "final")}
+    assert costs["select"]["model"] == str(select) and costs["final"]["model"] == str(final)
+    assert all(c[m]["cpu_s"] > 0 and c[m]["process_peak_rss_gb"] > 0 for c in costs.values() for m in ("rose", "less"))
+    assert (tmp_path / "out/by_small").is_dir() and (tmp_path / "out/by_other").is_dir()
+
+    results = transfer.main(["--stage", "train", *common])
+    res = results["hh"]
+    assert set(res["methods"]) == {"ROSE-T", "LESS-T", "ROSE", "LESS", "random", "target_chosen", "target_rejected"}
+    assert len(res["methods"]["random"]["0.25"]) == 2 and res["heldout"] == {"test": 4}
+    for rows in res["methods"].values():
+        for row in rows["0.25"]:
+            assert len(row["picks"]) == 4 and 0 <= row["test"]["accuracy"] <= 1
+    overlap = res["overlap"]["0.25"]
+    assert overlap["chance"] == 0.25 and all(0 <= v <= 1 for k, v in overlap.items() if "spearman" not in k)
+    # ROSE-T's picks are the selecting model's selection (its bench folder), ROSE's the final model's
+    for name, folder in (("ROSE-T", "by_small"), ("ROSE", "by_other")):
+        [made] = (tmp_path / "out" / folder / "selections").glob("rose_hh_k1_25_*.json")
+        assert json.loads(made.read_text())["picks"] == res["methods"][name]["0.25"][0]["picks"]
+    out = capsys.readouterr().out
+    assert "trained 0 adapters" not in out and "| 25% | ROSE-T |" in out and "cost of selecting with" in out
+    again = transfer.main(["--stage", "train", *common])  # every unit cached
+    assert "trained 0 adapters, evaluated 0, made 0 selections" in capsys.readouterr().out
+    assert again["hh"]["methods"]["ROSE-T"] == res["methods"]["ROSE-T"]
+
+
+def test_transfer_benchmark_property_targets_are_the_suites_targets():
+    """benchmarks/transfer.py's property targets: the one-property suite's task (pool answers from the property's
+    labels, the first k minimal pairs oriented by the direction, every held-out pair a test pair), the same for
+    both directions' pools and for every call."""
+    import argparse
+
+    import transfer
+
+    from rose_trl.data.properties import property_suite
+
+    options = dict(property_pool_se=20, property_pool_hh=6, property_pool_min=6, property_k=4, property_test=5,
+                   task_seed=0, release=None)
+    ns = argparse.Namespace(**options)
+    prefer, k, key = transfer.target_task(None, "se_link_prefer", ns)
+    avoid, k2, key2 = transfer.target_task(None, "se_link_avoid", ns)
+    assert transfer.target_task(None, "se_link_prefer", ns)[0] is prefer and key != key2 and k == k2 == 4
+    suite = property_suite(("se_link",), pool_sizes={"se": 20, "hh": 6}, pool_min=6, n_validation=4, heldout_dev=0,
+                           heldout_test=5, seed=0)
+    assert prefer.pool["completion"] == suite.pool["completion"] == avoid.pool["completion"]
+    for task, preferred in ((prefer, True), (avoid, False)):
+        expected = ["other" if t != "se" else ("chosen" if h == preferred else "rejected")
+                    for h, t in zip(suite.pool["has_se_link"], suite.pool["task"])]
+        assert task.pool["answer"] == expected and len(task.validation) == 4
+        assert set(task.heldout["half"]) == {"test"} and len(task.heldout) == 5
+        first = suite.validation["se_link"][0]
+        assert task.validation[0]["chosen"] == (first["with"] if preferred else first["without"])
+    assert "se_link_prefer" in transfer.PROPERTY_TARGETS and "hh_question_avoid" in transfer.PROPERTY_TARGETS
 
 
 def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ import yaml
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from rose_trl.config import ROSEConfig
+from rose_trl.final_model import model_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("config_*.yaml"))
@@ -151,3 +152,57 @@ def test_paper_recipe_readmes_keep_the_effective_batch():
             accumulation = (int(cmd[cmd.index("--gradient_accumulation_steps") + 1])
                             if "--gradient_accumulation_steps" in cmd else sft.gradient_accumulation_steps)
             assert n * sft.per_device_train_batch_size * accumulation == 128, cmd
+
+
+# ROSE-T (the paper's Table 8): Llama-2-7B selects, each of these is fine-tuned on its selection.
+TABLE_8 = {"llama-2-13b": "meta-llama/Llama-2-13b-hf", "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+           "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct", "mistral-7b-v0.3": "mistralai/Mistral-7B-v0.3",
+           "mistral-7b-instruct-v0.3": "mistralai/Mistral-7B-Instruct-v0.3"}
+
+
+@pytest.mark.parametrize("task", ["shp", "se", "hh"])
+def test_table_8_recipes_select_as_the_llama_2_7b_recipe_and_train_each_model(task):
+    """One recipe per Table 8 model and task; each selects exactly as llama-2-7b/rose/config_<task>.yaml, in the same
+    output_dir (so the selection is made once and reused), and sets only the final model and its folder."""
+    folder = ROOT / "recipes/llama-2-7b/rose-t"
+    rose0, sft0, model0 = parse(ROOT / f"recipes/llama-2-7b/rose/config_{task}.yaml")
+    assert rose0.final_model is None
+    for key, hub_id in TABLE_8.items():
+        rose, sft, model = parse(folder / f"config_{task}_{key}.yaml")
+        assert rose.final_model == {"model_name_or_path": hub_id}
+        assert rose.to_dict() == rose0.to_dict() and model == model0 and sft.to_dict() == sft0.to_dict()
+        _, final = model_specs(rose, sft, model)
+        assert final.output_dir == Path(f"outputs/llama-2-7b/rose-{task}/final_{hub_id.split('/')[1]}")
+        rose.selection_method = "less"  # LESS-T: its own folder beside ROSE-T's
+        assert model_specs(rose, sft, model)[1].output_dir.name == f"final_less_{hub_id.split('/')[1]}"
+    assert len(list(folder.glob(f"config_{task}_*.yaml"))) == len(TABLE_8)
+
+
+def test_llama_2_7b_recipes_write_rows_in_less_tulu_format():
+    """tulu.jinja renders chat rows as LESS's encode_with_messages_format does: bos, then per turn
+    <|user|>\\n{content}\\n and <|assistant|>\\n{content}{eos}\\n, contents stripped."""
+    from rose_trl.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(["hello there"], vocab_size=300, chat=False)
+    tokenizer.chat_template = (ROOT / "recipes/llama-2-7b/tulu.jinja").read_text()
+    messages = [{"role": "system", "content": "be brief "}, {"role": "user", "content": " hi?"},
+                {"role": "assistant", "content": "hello.\n"}, {"role": "user", "content": "bye"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<s><|system|>\nbe brief\n<|user|>\nhi?\n<|assistant|>\nhello.</s>\n<|user|>\nbye\n<|assistant|>\n")
+    for path in PAPER:
+        if "llama-2-7b" in path.parts:
+            assert parse(path)[1].chat_template_path == "recipes/llama-2-7b/tulu.jinja", path
+
+
+@pytest.mark.parametrize("task", ["se", "hh"])
+def test_smollm2_rose_t_recipes_select_as_the_smollm2_recipe_and_train_gemma(task):
+    rose0, sft0, model0 = parse(ROOT / f"recipes/smollm2-135m/rose/config_{task}.yaml")
+    rose, sft, model = parse(ROOT / f"recipes/smollm2-135m/rose-t/config_{task}.yaml")
+    assert rose.to_dict() == rose0.to_dict() and model == model0 and sft.to_dict() == sft0.to_dict()
+    _, final = model_specs(rose, sft, model)
+    assert final.model_args.model_name_or_path == "outputs/gemma3/model"
+    assert final.sft.chat_template_path == "outputs/gemma3/gemma3.jinja" and final.retokenizes
+    assert final.output_dir == Path(f"outputs/smollm2/run_{task}/final_gemma-3-270m")
+    # Gemma's Trainer batch is the warm-up's, checked against the memory budget at the start (no hand-tuned sizes)
+    assert not final.block & {"per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing"}
+    assert (final.sft.per_device_train_batch_size, final.sft.gradient_accumulation_steps) == (2, 2)
