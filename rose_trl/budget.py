@@ -50,7 +50,8 @@ GB = 1e9
 # 1.7 in the recipe's gradient passes end to end: HEAP_SLACK["default"]; once every block of COMPACT_MMAP_THRESHOLD
 # bytes or more is mapped on its own and unmapped when freed (`compact_heap`), up to 1.28 in one pass, and end to end
 # in the recipe at memory_budget_gb 2 (each pass's peak against the RSS when the plan or the Trainer's check was
-# made) 1.35 to 1.39 for every kind of pass and 1.56 for one gradient pass: HEAP_SLACK["compact"] (blocks under
+# made) 1.35 to 1.38 for the Trainer's steps and the validation passes, 1.25 to 1.55 for the gradient passes:
+# HEAP_SLACK["compact"] (blocks under
 # COMPACT_MMAP_THRESHOLD, most of a 1- or 2-row pass's tensors at SmolLM2's width, still come from the heap).
 # The compact heap costs page faults (passes take longer), so the plan uses it only when a pass would not fit the
 # budget otherwise. CUDA's caching allocator is measured by what it allocates: no slack.
