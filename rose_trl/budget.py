@@ -21,9 +21,11 @@ A pass that still runs out of memory (the estimate is not a measurement) halves 
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +48,18 @@ GB = 1e9
 # live bytes (what memory.py estimates). Measured on SmolLM2's shape (docs/performance.md, "RSS against live
 # bytes"), the passes the plan sizes: with glibc's default (dynamic) mmap threshold up to 1.51 times in one pass,
 # 1.7 in the recipe's gradient passes end to end: HEAP_SLACK["default"]; once every block of COMPACT_MMAP_THRESHOLD
-# bytes or more is mapped on its own and unmapped when freed (`compact_heap`), up to 1.28: HEAP_SLACK["compact"].
+# bytes or more is mapped on its own and unmapped when freed (`compact_heap`), up to 1.28 in one pass, and end to end
+# in the recipe at memory_budget_gb 2 (each pass's peak against the RSS when the plan or the Trainer's check was
+# made) 1.35 to 1.38 for the Trainer's steps and the validation passes, 1.25 to 1.55 for the gradient passes:
+# HEAP_SLACK["compact"] (blocks under
+# COMPACT_MMAP_THRESHOLD, most of a 1- or 2-row pass's tensors at SmolLM2's width, still come from the heap).
 # The compact heap costs page faults (passes take longer), so the plan uses it only when a pass would not fit the
 # budget otherwise. CUDA's caching allocator is measured by what it allocates: no slack.
-HEAP_SLACK = {"default": 1.8, "compact": 1.3}
+HEAP_SLACK = {"default": 1.8, "compact": 1.6}
 COMPACT_MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 _heap = {"mode": "default"}
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ (\d+)")
 
 
 def _trim_heap() -> None:
@@ -88,15 +95,48 @@ def heap_slack(device: torch.device | str) -> float:
     return 1.0 if torch.device(device).type == "cuda" else HEAP_SLACK[_heap["mode"]]
 
 
-def resident_bytes(device: torch.device | str | None = None) -> int:
-    """What this process holds now: its resident memory on the CPU, the memory allocated on a CUDA device."""
+def unread_weight_bytes(model) -> int:
+    """Bytes of `model`'s weights mapped from their file but not yet read into this process's memory (Linux's
+    /proc/self/smaps: the mappings that hold a parameter, their size less their resident part; 0 elsewhere).
+    transformers loads safetensors weights of the file's dtype as a mapping of the file, and a page of it joins the
+    RSS only when a pass first reads it: the first pass reads them all, so they are held from then on."""
+    pointers = sorted({t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())
+                       if t.device.type == "cpu"})
+    try:
+        with open("/proc/self/smaps") as f:
+            smaps = f.read()
+    except OSError:
+        return 0
+    unread, inside, size = 0, False, 0
+    for line in smaps.splitlines():
+        head = _MAPPING.match(line)
+        if head:  # a mapping: "start-end perms offset dev inode path"
+            start, end = int(head.group(1), 16), int(head.group(2), 16)
+            i = bisect.bisect_left(pointers, start)
+            inside = head.group(3) != "0" and i < len(pointers) and pointers[i] < end
+        elif inside and line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif inside and line.startswith("Rss:"):
+            unread += max(0, size - int(line.split()[1])) * 1024
+    return unread
+
+
+def resident_bytes(device: torch.device | str | None = None, model=None) -> int:
+    """What this process holds now: its resident memory on the CPU, the memory allocated on a CUDA device. With
+    `model` (on the CPU), its weights mapped from their file and not read yet count too (`unread_weight_bytes`):
+    the next pass reads them."""
     device = torch.device(device or "cpu")
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
     import psutil
 
     _trim_heap()
-    return int(psutil.Process().memory_info().rss)
+    return int(psutil.Process().memory_info().rss) + (unread_weight_bytes(model) if model is not None else 0)
+
+
+def smallest_gb(peak: int) -> str:
+    """`peak` bytes as a memory_budget_gb that holds it: GB rounded up to the tenth."""
+    return f"{math.ceil(peak / GB * 10 - 1e-9) / 10:g}"
 
 
 @dataclass(frozen=True)
@@ -191,8 +231,10 @@ class MemoryPlan:
         lines += [f"  {p.describe(self.budget, self.resident, self.slack)}" for p in self.passes.values()]
         over = self.over
         if over:
-            lines.append(f"  over the budget even at 1 row: {', '.join(over)} (raise memory_budget_gb, or lower "
-                         "max_length)")
+            least = self.resident + self.slack * max(p.estimate.transient for p in self.passes.values())
+            lines.append(f"  over the budget even at 1 row: {', '.join(over)}: the budget is not held (an estimated "
+                         f"peak of {least / GB:.2f} GB; the smallest budget this run can hold: memory_budget_gb: "
+                         f"{smallest_gb(least)}; or lower max_length)")
         return "\n".join(lines)
 
 
@@ -208,7 +250,7 @@ def plan_passes(model, budget: MemoryBudget, *, pool_width: int, validation_widt
     CPU, when a pass does not fit even at 1 row with glibc's default heap, the heap is made compact (`compact_heap`)
     and the plan made again."""
     device = next(p.device for p in model.parameters())
-    resident = resident_bytes(device) if resident is None else resident
+    resident = resident_bytes(device, model) if resident is None else resident
     options = dict(pool_width=pool_width, validation_width=validation_width, gradient_rows=gradient_rows,
                    max_batch_tokens=max_batch_tokens, validation_pairs=validation_pairs, dim=dim, fused=fused,
                    labelled_fraction=labelled_fraction)
@@ -269,7 +311,7 @@ def evaluation_rows(model, budget: MemoryBudget, width: int, limit: int, labelle
     """Rows a held-out evaluation pass (no gradient) may take under `budget`, at most `limit`."""
     PartialState()  # accelerate's logger needs its state
     device = next(p.device for p in model.parameters())
-    resident = resident_bytes(device)
+    resident = resident_bytes(device, model)
     shape = ModelShape.from_model(model)
     lora = LoraShape.from_model(model) if hasattr(model, "peft_config") else LoraShape(r=0, targets=())
     slack = heap_slack(device)
@@ -301,7 +343,7 @@ def check_training(model, args, budget: MemoryBudget, what: str, width: int | No
         shape, dtype = ModelShape.from_model(model), model_dtype(model)
         lora = lora or LoraShape.from_model(model)
         if resident is None:
-            resident = resident_bytes(next(p.device for p in model.parameters()))
+            resident = resident_bytes(next(p.device for p in model.parameters()), model)
     else:
         if lora is None:
             raise ValueError("check_training on a config (a model not loaded yet) needs its LoraShape: lora=...")
@@ -327,9 +369,14 @@ def check_training(model, args, budget: MemoryBudget, what: str, width: int | No
                          HEAP_SLACK["compact"] if device.type != "cuda" else 1.0, **options)
     accumulate = args.gradient_accumulation_steps * rows
     rows_fit = f"{fits} rows fit" if fits > 1 else "1 row fits"
+    # The least this training can hold: 1 row a step, with the compact heap on a CPU.
+    least = held + (HEAP_SLACK["compact"] if device.type != "cuda" else 1.0) * estimate_pass(
+        "training", shape, lora, dtype, 1, width, **options).transient
     advice = (f"{rows_fit}: per_device_train_batch_size: {fits} with gradient_accumulation_steps: "
               f"{math.ceil(accumulate / fits)} keeps about {accumulate} rows an optimizer step" if fits
-              else "not even 1 row fits: lower max_length, turn gradient_checkpointing on, or raise the budget")
+              else f"not even 1 row fits: 1 row is estimated at {least / GB:.2f} GB, the smallest budget this "
+                   f"training can hold (memory_budget_gb: {smallest_gb(least)}); lower max_length or turn "
+                   "gradient_checkpointing on to hold a smaller one")
     message = (f"{what}: per_device_train_batch_size={rows} rows of up to {width} tokens are estimated at a peak of "
                f"{peak / GB:.2f} GB (the process holds {held / GB:.2f} GB), over the memory budget "
                f"{budget.describe()}; {advice}. The training's batch sizes are the Trainer's: not changed")
