@@ -100,8 +100,9 @@ def unread_weight_bytes(model) -> int:
     /proc/self/smaps: the mappings that hold a parameter, their size less their resident part; 0 elsewhere).
     transformers loads safetensors weights of the file's dtype as a mapping of the file, and a page of it joins the
     RSS only when a pass first reads it: the first pass reads them all, so they are held from then on."""
-    pointers = sorted({t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())
-                       if t.device.type == "cpu"})
+    local = (t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers()))
+    # a sharded (FSDP2 DTensor) parameter has no storage of its own: its local shard's is the one that is mapped
+    pointers = sorted({t.untyped_storage().data_ptr() for t in local if t.device.type == "cpu"})
     try:
         with open("/proc/self/smaps") as f:
             smaps = f.read()
