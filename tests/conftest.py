@@ -15,3 +15,29 @@ def planted():
 @pytest.fixture
 def tiny_base(planted):
     return build_tiny_llama(planted[2], hidden=64, layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """The tiny recipe's files (model folder, a 120-row pool, validation pairs), written once; tests only read them."""
+    from rose_trl.tiny import write_tiny_assets
+
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny"), n_pool=120)
+
+
+@pytest.fixture(scope="session")
+def configs():
+    """configs(assets, out, sft={...}, **rose) -> (ROSEConfig, SFTConfig, ModelConfig) of an in-process tiny run:
+    LoRA r 4 on q/v, no final training; `sft` adds SFTConfig options."""
+    from trl import ModelConfig, SFTConfig
+
+    from rose_trl.config import ROSEConfig
+
+    def build(assets, out, sft=None, **rose):
+        return (ROSEConfig(pool_dataset=str(assets / "pool.jsonl"), validation_dataset=str(assets / "validation.jsonl"),
+                           final_training=False, **rose),
+                SFTConfig(output_dir=str(out), use_cpu=True, bf16=False, report_to=[], max_length=256, **(sft or {})),
+                ModelConfig(model_name_or_path=str(assets / "model"), use_peft=True, lora_r=4,
+                            lora_target_modules=["q_proj", "v_proj"]))
+
+    return build

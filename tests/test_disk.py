@@ -83,37 +83,21 @@ def test_an_older_sparse_store_is_allocated_before_its_first_write(tmp_path, mon
 
 # ---- the whole run ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from rose_trl.tiny import write_tiny_assets
-
-    return write_tiny_assets(tmp_path_factory.mktemp("tiny"), n_pool=120)
+def run_configs(configs, assets, out, **rose):
+    return configs(assets, out, sft=dict(num_train_epochs=2, per_device_train_batch_size=4, disable_tqdm=True), **rose)
 
 
-def configs(assets, out, **rose):
-    from trl import ModelConfig, SFTConfig
-
-    from rose_trl.config import ROSEConfig
-
-    return (ROSEConfig(pool_dataset=str(assets / "pool.jsonl"), validation_dataset=str(assets / "validation.jsonl"),
-                       final_training=False, **rose),
-            SFTConfig(output_dir=str(out), use_cpu=True, bf16=False, report_to=[], max_length=256, num_train_epochs=2,
-                      per_device_train_batch_size=4, disable_tqdm=True),
-            ModelConfig(model_name_or_path=str(assets / "model"), use_peft=True, lora_r=4,
-                        lora_target_modules=["q_proj", "v_proj"]))
-
-
-def test_a_run_refuses_before_its_first_step_when_its_stores_do_not_fit(assets, tmp_path, monkeypatch):
+def test_a_run_refuses_before_its_first_step_when_its_stores_do_not_fit(assets, configs, tmp_path, monkeypatch):
     from rose_trl.pipeline import run
 
     free = store_bytes(120, 8192) + 10_000  # one pool store: two checkpoints need two, and their validation stores
     monkeypatch.setattr(disk, "free_bytes", lambda path: free)
     with pytest.raises(DiskSpaceError, match=r"for the gradient stores of 2 checkpoint\(s\) \(120 pool rows") as e:
-        run(*configs(assets, tmp_path, projection_dim=8192, selection_fraction=0.1))
+        run(*run_configs(configs, assets, tmp_path, projection_dim=8192, selection_fraction=0.1))
     assert f"{free:,} bytes free" in str(e.value) and str(tmp_path) in str(e.value)
     assert not list((tmp_path / "warmup").glob("checkpoint-*")) and not (tmp_path / "rose" / "train").exists()
     monkeypatch.setattr(disk, "free_bytes", lambda path: 10 * store_bytes(120, 8192))
-    run(*configs(assets, tmp_path, projection_dim=8192, selection_fraction=0.1))  # room enough: it runs
+    run(*run_configs(configs, assets, tmp_path, projection_dim=8192, selection_fraction=0.1))  # room enough: it runs
     assert (tmp_path / "selection" / "scores.parquet").exists()
 
 

@@ -5,28 +5,11 @@ import json
 import pandas as pd
 import pytest
 from datasets import load_from_disk
-from trl import ModelConfig, SFTConfig
-
-from rose_trl.config import ROSEConfig
 from rose_trl.pipeline import run
-from rose_trl.tiny import write_tiny_assets
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_assets(tmp_path_factory.mktemp("tiny"), n_pool=120)
-
-
-def configs(assets, out, **rose):
-    return (ROSEConfig(pool_dataset=str(assets / "pool.jsonl"), validation_dataset=str(assets / "validation.jsonl"),
-                       final_training=False, **rose),
-            SFTConfig(output_dir=str(out), use_cpu=True, bf16=False, report_to=[], max_length=256),
-            ModelConfig(model_name_or_path=str(assets / "model"), use_peft=True, lora_r=4,
-                        lora_target_modules=["q_proj", "v_proj"]))
 
 
 @pytest.mark.parametrize("method", ["random", "bm25", "dsir", "rds", "full"])
-def test_baselines_write_the_same_layout(assets, tmp_path, method):
+def test_baselines_write_the_same_layout(assets, configs, tmp_path, method):
     result = run(*configs(assets, tmp_path, selection_method=method, selection_fraction=0.1))
     sel = tmp_path / f"selection_{method}"
     assert result["selection"] == str(sel) and not (tmp_path / "warmup").exists()
@@ -37,7 +20,7 @@ def test_baselines_write_the_same_layout(assets, tmp_path, method):
     assert len(load_from_disk(str(sel / "selected"))) == summary["num_selected"]
 
 
-def test_push_to_hub_pushes_the_selection(assets, tmp_path, monkeypatch):
+def test_push_to_hub_pushes_the_selection(assets, configs, tmp_path, monkeypatch):
     import rose_trl.hub as hub
 
     calls = []
@@ -48,14 +31,14 @@ def test_push_to_hub_pushes_the_selection(assets, tmp_path, monkeypatch):
     assert calls == [((tmp_path, "me/picked"), {"private": True, "token": None, "folder": "selection_random"})]
 
 
-def test_rose_without_lora_is_refused(assets, tmp_path):
+def test_rose_without_lora_is_refused(assets, configs, tmp_path):
     rose, sft, model = configs(assets, tmp_path)
     model.use_peft = False
     with pytest.raises(ValueError, match="use_peft"):
         run(rose, sft, model)
 
 
-def test_final_training_does_not_hold_the_warm_up_model(assets, tmp_path, monkeypatch):
+def test_final_training_does_not_hold_the_warm_up_model(assets, configs, tmp_path, monkeypatch):
     """The warm-up's model (wrapped in LoRA by its trainer) is freed before final training loads a fresh base."""
     import gc
     import weakref
