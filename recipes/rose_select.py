@@ -8,7 +8,7 @@ Every process extracts its share of the pool; the selection is the same for any 
 from trl import ModelConfig, TrlParser
 
 from rose_trl.config import ROSEConfig, SelectConfig
-from rose_trl.pipeline import run_offline
+from rose_trl.run.pipeline import run_offline
 
 
 def main(rose_args: ROSEConfig, model_args: ModelConfig, select_args: SelectConfig):

@@ -7,7 +7,7 @@
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from rose_trl.config import ROSEConfig
-from rose_trl.pipeline import run
+from rose_trl.run.pipeline import run
 
 
 def main(rose_args: ROSEConfig, sft_args: SFTConfig, model_args: ModelConfig):

@@ -74,7 +74,7 @@ def main(script_args, training_args, model_args, dataset_args, rose_args):  # RO
     from trl import SFTTrainer, get_dataset, get_peft_config, get_quantization_config
 
     from rose_trl import ROSECallback  # ROSE
-    from rose_trl.pipeline import load_datasets  # ROSE
+    from rose_trl.run.pipeline import load_datasets  # ROSE
 
     logger = get_logger(__name__)
 

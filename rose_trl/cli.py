@@ -10,7 +10,7 @@ import sys
 
 
 def _tiny_assets(args) -> int:
-    from .tiny import write_tiny_assets
+    from rose_trl.models.tiny import write_tiny_assets
 
     out = write_tiny_assets(args.out_dir, n_pool=args.pool_size, seed=args.seed)
     print(f"wrote {out}/model, {out}/pool.jsonl, {out}/validation.jsonl")
@@ -26,7 +26,7 @@ def add_tiny_assets_parser(subparsers) -> None:
 
 
 def _smollm2_assets(args) -> int:
-    from .smollm2 import write_smollm2_assets
+    from rose_trl.models.smollm2 import write_smollm2_assets
 
     out = write_smollm2_assets(args.out_dir, seed=args.seed)
     print(f"wrote {out}/model (SmolLM2-135M-Instruct), {out}/se and {out}/hh (pool.jsonl, validation.jsonl, "
@@ -43,7 +43,7 @@ def add_smollm2_assets_parser(subparsers) -> None:
 
 
 def _gemma3_assets(args) -> int:
-    from .gemma3 import TEMPLATE, write_gemma3_assets
+    from rose_trl.models.gemma3 import TEMPLATE, write_gemma3_assets
 
     out = write_gemma3_assets(args.out_dir)
     print(f"wrote {out}/model (Gemma-3-270M, base; Gemma's terms apply) and {out}/{TEMPLATE} (TRL's Gemma 3 chat "
@@ -59,10 +59,10 @@ def add_gemma3_assets_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluation.heldout import add_evaluate_parser
-    from .explain import add_explain_parser
-    from .hub import add_push_parser
-    from .report import add_report_parser
+    from rose_trl.evaluation.heldout import add_evaluate_parser
+    from rose_trl.outputs.explain import add_explain_parser
+    from rose_trl.outputs.hub import add_push_parser
+    from rose_trl.outputs.report import add_report_parser
 
     parser = argparse.ArgumentParser(prog="rose-trl", description="ROSE data selection for TRL.")
     subparsers = parser.add_subparsers(dest="command", required=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from .projection import PROJECTION_TYPES
+from rose_trl.gradients.projection import PROJECTION_TYPES
 
 GRADIENT_METHODS = ("rose", "less")
 # TRL 1.16's DPO loss types (DPOTrainer._compute_loss); tests/test_trl_api.py checks the list against TRL's source.

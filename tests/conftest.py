@@ -1,7 +1,16 @@
+import sys
+from pathlib import Path
+
 import pytest
 from datasets import Dataset
 
-from rose_trl.tiny import _texts, build_tiny_llama, build_tokenizer, make_planted_task
+from rose_trl.models.tiny import _texts, build_tiny_llama, build_tokenizer, make_planted_task
+
+# The benchmark scripts, importable by name in the tests that run them at tiny scale (each folder is a question;
+# benchmarks/common.py holds what they share).
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+for folder in (BENCHMARKS, *(BENCHMARKS / name for name in ("speed", "memory", "quality"))):
+    sys.path.insert(0, str(folder))
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +29,7 @@ def tiny_base(planted):
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """The tiny recipe's files (model folder, a 120-row pool, validation pairs), written once; tests only read them."""
-    from rose_trl.tiny import write_tiny_assets
+    from rose_trl.models.tiny import write_tiny_assets
 
     return write_tiny_assets(tmp_path_factory.mktemp("tiny"), n_pool=120)
 

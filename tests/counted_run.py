@@ -34,7 +34,7 @@ def main():
         transformers.Trainer.training_step = _slowed(transformers.Trainer.training_step,
                                                      float(os.environ["ROSE_TEST_SLOW_STEPS"]))
     if os.environ.get("ROSE_TEST_SLOW_WRITES"):
-        from rose_trl.store import GradientStore
+        from rose_trl.stores.store import GradientStore
 
         GradientStore.write = _slowed(GradientStore.write, float(os.environ["ROSE_TEST_SLOW_WRITES"]))
     counter = counting_gradient_passes().__enter__()

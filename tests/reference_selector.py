@@ -15,10 +15,10 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
-import rose_trl.projection as projection
+import rose_trl.gradients.projection as projection
 from rose_trl import ROSEConfig, ROSESelector
-from rose_trl.gradients import AdamState, trainable_parameters
-from rose_trl.tiny import _texts, build_tiny_llama, build_tokenizer, make_planted_task
+from rose_trl.gradients.capture import AdamState, trainable_parameters
+from rose_trl.models.tiny import _texts, build_tiny_llama, build_tokenizer, make_planted_task
 
 
 def checkpoint_weights(model, seed: int) -> AdamState:

@@ -1,4 +1,4 @@
-"""rose_trl.agreement: the validation pairs' agreement, the target's reliability, and where users see them."""
+"""rose_trl.scoring.agreement: the validation pairs' agreement, the target's reliability, and where users see them."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from rose_trl.agreement import (RELIABILITY_THRESHOLD, agreement_warnings, pair_agreement, pairs_needed, reliability,
+from rose_trl.scoring.agreement import (RELIABILITY_THRESHOLD, agreement_warnings, pair_agreement, pairs_needed, reliability,
                                 validation_agreement)
 from rose_trl.cli import main
 from tests.test_explain import run  # noqa: F401  (the module's tiny ROSE run, a fixture)
@@ -67,7 +67,7 @@ def test_validation_agreement_weighs_checkpoints_and_flags_subtasks():
 def test_a_run_reports_its_agreement_in_the_summary_the_report_and_explain(run, capsys):  # noqa: F811
     """On the tiny run: summary.json's numbers are recomputed from the stores, and the report and `rose-trl
     explain` show them."""
-    from rose_trl.store import GradientStore
+    from rose_trl.stores.store import GradientStore
 
     summary = json.loads((run / "selection" / "summary.json").read_text())
     report = summary["validation_agreement"]
@@ -83,7 +83,7 @@ def test_a_run_reports_its_agreement_in_the_summary_the_report_and_explain(run, 
         assert s["pairs"] == int((subtasks == name).sum()) and s["threshold"] == RELIABILITY_THRESHOLD
     assert summary["agreement_warnings"] == agreement_warnings(report)
 
-    from rose_trl.report import write_report
+    from rose_trl.outputs.report import write_report
 
     page = write_report(run).read_text()
     assert "Do the validation pairs agree?" in page and "agreement (mean gradient cosine)" in page

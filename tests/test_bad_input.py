@@ -17,14 +17,14 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
 from rose_trl.config import ROSEConfig
-from rose_trl.extraction import extract_gradients
-from rose_trl.gradients import AdamState, MissingAdamStateError, UnsupportedParameterError, trainable_parameters
-from rose_trl.offline import find_checkpoints, load_checkpoint_adam, select_from_checkpoints
-from rose_trl.projection import build_projector
-from rose_trl.scoring import top_fraction
-from rose_trl.selector import ROSESelector, with_subtasks
-from rose_trl.sft_data import BadRecordError, tokenize_pool, tokenize_sft_example
-from rose_trl.store import CorruptStoreError, GradientStore
+from rose_trl.stores.extraction import extract_gradients
+from rose_trl.gradients.capture import AdamState, MissingAdamStateError, UnsupportedParameterError, trainable_parameters
+from rose_trl.run.offline import find_checkpoints, load_checkpoint_adam, select_from_checkpoints
+from rose_trl.gradients.projection import build_projector
+from rose_trl.scoring.scores import top_fraction
+from rose_trl.run.selector import ROSESelector, with_subtasks
+from rose_trl.data.sft import BadRecordError, tokenize_pool, tokenize_sft_example
+from rose_trl.stores.store import CorruptStoreError, GradientStore
 from rose_trl.data.preferences import validate_preferences
 
 from .helpers import tiny_lora_model

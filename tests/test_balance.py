@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from datasets import Dataset
 
-from rose_trl.scoring import largest_remainder_quotas, select_rows, selection_size
+from rose_trl.scoring.scores import largest_remainder_quotas, select_rows, selection_size
 from rose_trl.config import ROSEConfig
-from rose_trl.selection import write_selection
+from rose_trl.outputs.selection import write_selection
 
 SUBTASKS = ["loud", "quiet", "tiny"]
 PAIRS = {"loud": 2, "quiet": 4, "tiny": 6}

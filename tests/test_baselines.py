@@ -3,7 +3,7 @@ import pytest
 from datasets import Dataset
 
 from rose_trl.baselines import BASELINES, pool_text, subtask_groups
-from rose_trl.sft_data import BadRecordError
+from rose_trl.data.sft import BadRecordError
 from tests.eval_helpers import tiny_causal_lm, tiny_tokenizer, topic_task
 
 

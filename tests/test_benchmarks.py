@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def test_gpu_extraction_benchmark_runs_tiny_on_cpu(capsys):
@@ -46,7 +45,7 @@ def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatc
     """--model smollm2-135m at a cut-down size: SmolLM2's shape with 2 layers and a small vocabulary (its
     30 layers and 49k words take minutes); the chunked loss forced on, as at the real size."""
     import extraction
-    from rose_trl import sft_loss
+    from rose_trl.gradients import sft_loss
 
     shape = dict(extraction.SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512)
     monkeypatch.setitem(extraction.SHAPES, "smollm2-135m", shape)
@@ -70,7 +69,7 @@ def test_extraction_memory_paths_of_the_real_shape_at_tiny_scale(monkeypatch):
     less per row than the pass with the plain loss."""
     from extraction_memory import run
 
-    from rose_trl import sft_loss
+    from rose_trl.gradients import sft_loss
 
     monkeypatch.setattr(sft_loss, "LOSS_CHUNK_ELEMENTS", 512 * 4)
     slopes = run("tiny", [1], [1, 2], seq_len=48, lora_r=4, dim=256,
@@ -82,7 +81,7 @@ def test_extraction_memory_paths_of_the_real_shape_at_tiny_scale(monkeypatch):
 def _tiny_model_folder(folder):
     """A tiny Llama and a byte-level tokenizer trained on the shipped real-text slice, saved as a model folder."""
     from rose_trl.data.realtext import load_slice
-    from rose_trl.tiny import build_tiny_llama, build_tokenizer
+    from rose_trl.models.tiny import build_tiny_llama, build_tokenizer
 
     texts = [r["prompt"] + r["chosen"] + r["rejected"] for task in ("se", "hh") for r in load_slice(task)[:200]]
     tokenizer = build_tokenizer(texts, vocab_size=600)
@@ -92,7 +91,7 @@ def _tiny_model_folder(folder):
 
 
 def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatch):
-    """benchmarks/real_model.py's whole path (warm-up, rose/less stores shared across budgets, baselines, LoRA
+    """benchmarks/quality/real_model.py's whole path (warm-up, rose/less stores shared across budgets, baselines, LoRA
     SFT per selection, held-out metrics with paired differences, the dev-half variants) on a tiny model; a
     second run finds every unit cached."""
     import real_model
@@ -194,12 +193,12 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
 
 
 def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
-    """benchmarks/transfer.py's stages on two tiny models with different tokenizers (vocabularies of 600 and 300):
+    """benchmarks/quality/transfer.py's stages on two tiny models with different tokenizers (vocabularies of 600 and 300):
     each model's own warm-up and stores, the selecting model's picks trained on the final model, overlaps, costs."""
     import transfer
 
     from rose_trl.data.realtext import load_slice
-    from rose_trl.tiny import build_tiny_llama, build_tokenizer
+    from rose_trl.models.tiny import build_tiny_llama, build_tokenizer
 
     select = _tiny_model_folder(tmp_path / "small" / "model")
     final = tmp_path / "other" / "model"
@@ -239,7 +238,7 @@ def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
 
 
 def test_transfer_benchmark_property_targets_are_the_suites_targets():
-    """benchmarks/transfer.py's property targets: the one-property suite's task (pool answers from the property's
+    """benchmarks/quality/transfer.py's property targets: the one-property suite's task (pool answers from the property's
     labels, the first k minimal pairs oriented by the direction, every held-out pair a test pair), the same for
     both directions' pools and for every call."""
     import argparse
@@ -268,7 +267,7 @@ def test_transfer_benchmark_property_targets_are_the_suites_targets():
 
 
 def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatch):
-    """benchmarks/property_targets.py's whole path on a tiny model: the oracle, every method in both directions
+    """benchmarks/quality/property_targets.py's whole path on a tiny model: the oracle, every method in both directions
     from one warm-up and one pool store, the shots sweep and the placement of released pairs; a run killed in
     the middle of the grid continues where it stopped (it trains only the adapters it had not finished), and a
     further run finds every unit cached."""
@@ -277,7 +276,7 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monk
     import real_model
     from property_report import paired
 
-    from rose_trl.agreement import pair_agreement
+    from rose_trl.scoring.agreement import pair_agreement
 
     model = _tiny_model_folder(tmp_path / "model")
     argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--properties", "se_link", "hh_question",

@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset
 
-from rose_trl.columns import ScoreColumns
-from rose_trl.explain import explain_row, load_contributions, selected_for, write_contributions
-from rose_trl.hub import build_dataset_card
-from rose_trl.report import load_selection, render_report
-from rose_trl.scoring import CheckpointGradients, score_checkpoints, validation_targets
-from rose_trl.selection import write_selection
-from rose_trl.store import GradientStore
+from rose_trl.scoring.columns import ScoreColumns
+from rose_trl.outputs.explain import explain_row, load_contributions, selected_for, write_contributions
+from rose_trl.outputs.hub import build_dataset_card
+from rose_trl.outputs.report import load_selection, render_report
+from rose_trl.scoring.scores import CheckpointGradients, score_checkpoints, validation_targets
+from rose_trl.outputs.selection import write_selection
+from rose_trl.stores.store import GradientStore
 
 SUBTASKS = ["ckpt0", "score"]
 

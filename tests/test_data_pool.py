@@ -4,7 +4,7 @@ import datasets
 import pytest
 
 from rose_trl.data import load_pool
-from rose_trl.sft_data import BadRecordError
+from rose_trl.data.sft import BadRecordError
 from tests.data_fixtures import fake_hub, tulu_rows
 
 

@@ -6,7 +6,7 @@ import datasets
 import pytest
 
 from rose_trl.data import load_preferences, load_released_preferences, load_released_sft, load_released_test
-from rose_trl.sft_data import BadRecordError
+from rose_trl.data.sft import BadRecordError
 from tests.data_fixtures import write_released_layout
 
 ROSE_DATA = Path(os.environ.get("ROSE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rose"))

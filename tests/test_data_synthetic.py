@@ -5,7 +5,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rose_trl.data import RejectedSamplingConfig, generate_response, sft_to_preferences
-from rose_trl.sft_data import BadRecordError
+from rose_trl.data.sft import BadRecordError
 
 CORPUS = ["\n\nHuman: how do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast, then bake it.",
           "\n\nHuman: what is a cat?\n\nAssistant: A small furry animal that many people keep as a pet."] * 20

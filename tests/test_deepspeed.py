@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 from rose_trl import ROSECallback, ROSEConfig
 from rose_trl.data import load_pool, load_preferences
-from rose_trl.pipeline import sft_training_dataset
+from rose_trl.run.pipeline import sft_training_dataset
 
 deepspeed = sys.argv[1] == "deepspeed"
 # ROSE_TEST_GPU=1 (tests/test_gpu.py): the same run on CUDA, nccl chosen by accelerate.
@@ -81,7 +81,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from rose_trl import ROSEConfig, ROSESelector
 from rose_trl.data import load_pool, load_preferences
-from rose_trl.offline import select_from_checkpoints
+from rose_trl.run.offline import select_from_checkpoints
 
 tok = AutoTokenizer.from_pretrained("tiny/model")
 selector = ROSESelector(load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl"), tok,
@@ -130,7 +130,7 @@ def test_zero2_selects_like_ddp(workdir):
         np.testing.assert_allclose(offline[column], zero2[column], atol=1e-5)
     assert (offline["selected"] == zero2["selected"]).all()
     # A rank's optimizer file missing: refused, naming the counts, rather than misaligned moments.
-    from rose_trl.zero_checkpoint import ZeroCheckpointError, read_zero_adam_moments, zero_checkpoint_dir
+    from rose_trl.checkpoints.zero import ZeroCheckpointError, read_zero_adam_moments, zero_checkpoint_dir
 
     broken = workdir / "broken-checkpoint"
     shutil.copytree(workdir / "zero2" / "checkpoint-8", broken)

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rose_trl import disk
-from rose_trl.disk import DiskSpaceError
-from rose_trl.store import GradientStore, store_bytes
+from rose_trl.resources import disk
+from rose_trl.resources.disk import DiskSpaceError
+from rose_trl.stores.store import GradientStore, store_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -73,7 +73,7 @@ def test_an_older_sparse_store_is_allocated_before_its_first_write(tmp_path, mon
     store = make_store(tmp_path / "s")
     calls = []
     monkeypatch.setattr(disk, "allocate", lambda f, new: calls.append((Path(f).name, new)))
-    monkeypatch.setattr("rose_trl.store.allocate", disk.allocate)
+    monkeypatch.setattr("rose_trl.stores.store.allocate", disk.allocate)
     resumed = GradientStore.open(store.path)
     resumed.write(np.array([0, 1]), np.ones((2, 256), dtype=np.float32))
     resumed.write(np.array([2, 17]), np.ones((2, 256), dtype=np.float32))
@@ -88,7 +88,7 @@ def run_configs(configs, assets, out, **rose):
 
 
 def test_a_run_refuses_before_its_first_step_when_its_stores_do_not_fit(assets, configs, tmp_path, monkeypatch):
-    from rose_trl.pipeline import run
+    from rose_trl.run.pipeline import run
 
     free = store_bytes(120, 8192) + 10_000  # one pool store: two checkpoints need two, and their validation stores
     monkeypatch.setattr(disk, "free_bytes", lambda path: free)
@@ -142,9 +142,9 @@ def test_a_full_small_filesystem_raises_an_error_naming_the_file(small_disk, mon
 RECIPE = textwrap.dedent("""
     import sys
     from trl import ModelConfig, SFTConfig, TrlParser
-    from rose_trl import disk
+    from rose_trl.resources import disk
     from rose_trl.config import ROSEConfig
-    from rose_trl.pipeline import run
+    from rose_trl.run.pipeline import run
     if sys.argv.pop(1) == "blind":  # the free-space check sees a large disk: the real one fills later
         disk.free_bytes = lambda path: 10**12
     rose, sft, model = TrlParser((ROSEConfig, SFTConfig, ModelConfig)).parse_args_and_config()

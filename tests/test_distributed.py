@@ -34,7 +34,7 @@ from trl import SFTConfig, SFTTrainer
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from rose_trl.data import load_pool
-from rose_trl.pipeline import sft_training_dataset
+from rose_trl.run.pipeline import sft_training_dataset
 tok = AutoTokenizer.from_pretrained("outputs/tiny/model")
 pool = load_pool("outputs/tiny/pool.jsonl").select(range(40))
 args = SFTConfig(output_dir="outputs/tiny/warmup", num_train_epochs=2, per_device_train_batch_size=8,
@@ -60,7 +60,7 @@ SFTTrainer(AutoModelForCausalLM.from_pretrained("outputs/tiny/model"), args=args
 
 
 def test_offline_mode_names_missing_optimizer_state(tmp_path):
-    from rose_trl.offline import load_checkpoint_adam
+    from rose_trl.run.offline import load_checkpoint_adam
     from tests.helpers import tiny_lora_model
 
     ckpt = tmp_path / "checkpoint-4"
@@ -77,7 +77,7 @@ def test_deepspeed_optimizer_files_are_read_without_running_code(tmp_path):
     # DeepSpeed checkpoints themselves are read in tests/test_deepspeed.py (slow); here: a file holding
     # an object outside the allow-list is refused, not unpickled.
     pytest.importorskip("deepspeed")
-    from rose_trl.zero_checkpoint import ZeroCheckpointError, _load_deepspeed_file
+    from rose_trl.checkpoints.zero import ZeroCheckpointError, _load_deepspeed_file
 
     path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": {"x": _NotAllowed()}}, path)
@@ -96,7 +96,7 @@ class _RunsCode:
 def test_deepspeed_model_state_files_cannot_run_code(tmp_path):
     # DeepSpeed's own zero_to_fp32.parse_model_states unpickles these with weights_only=False; ours does not.
     pytest.importorskip("deepspeed")
-    from rose_trl.zero_checkpoint import ZeroCheckpointError, read_zero_adam_moments
+    from rose_trl.checkpoints.zero import ZeroCheckpointError, read_zero_adam_moments
 
     marker = tmp_path / "ran"
     ds_dir = tmp_path / "global_step4"

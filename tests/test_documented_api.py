@@ -211,13 +211,19 @@ def test_the_public_names_run(planted, tiny_base, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from rose_trl import ROSECallback, ROSEConfig, ROSEDPOTrainer, ROSESelector, per_example_gradients
-    from rose_trl.featurizer import Featurizer
-    from rose_trl.projection import build_projector
-    from rose_trl.validation import validation_dpo_config
+    from rose_trl.gradients.featurizer import Featurizer
+    from rose_trl.gradients.projection import build_projector
+    from rose_trl.stores.validation import validation_dpo_config
     from tests.helpers import mixed_length_batch
 
-    assert sorted(rose_trl.__all__) == ["ROSECallback", "ROSEConfig", "ROSEDPOTrainer", "ROSESelector",
-                                        "per_example_gradients"]
+    assert sorted(rose_trl.__all__) == ["ROSECallback", "ROSEConfig", "ROSEDPOTrainer", "ROSESelector", "SelectConfig",
+                                        "load_pool", "load_preferences", "per_example_gradients",
+                                        "select_from_checkpoints"]
+    from rose_trl.data import load_pool, load_preferences
+    from rose_trl.run.offline import select_from_checkpoints
+
+    assert (rose_trl.load_pool, rose_trl.load_preferences) == (load_pool, load_preferences)
+    assert rose_trl.select_from_checkpoints is select_from_checkpoints
     pool, validation, tokenizer, _ = planted
     config = ROSEConfig(selection_fraction=0.05)
     callback = ROSECallback(pool, validation, config=config)

@@ -10,16 +10,16 @@ import pandas as pd
 import pytest
 from trl import SFTTrainer
 
-from rose_trl.callback import ROSECallback
+from rose_trl.run.callback import ROSECallback
 from rose_trl.cli import main
 from rose_trl.config import ROSEConfig
-from rose_trl.explain import top_contributor_counts, top_pairs
-from rose_trl.scoring import contribution_chunks
-from rose_trl.pipeline import sft_training_dataset, warmup_indices
-from rose_trl.selection import write_selection
-from rose_trl.selector import ROSESelector
-from rose_trl.store import GradientStore
-from rose_trl.tiny import build_tiny_llama
+from rose_trl.outputs.explain import top_contributor_counts, top_pairs
+from rose_trl.scoring.scores import contribution_chunks
+from rose_trl.run.pipeline import sft_training_dataset, warmup_indices
+from rose_trl.outputs.selection import write_selection
+from rose_trl.run.selector import ROSESelector
+from rose_trl.stores.store import GradientStore
+from rose_trl.models.tiny import build_tiny_llama
 from tests.test_rose_end_to_end import LORA, sft_args
 
 CONFIG = dict(projection_dim=512, selection_fraction=0.1)
@@ -170,7 +170,7 @@ def test_explain_cli(run, planted, capsys, tmp_path):
 
 
 def test_report_of_a_run_explains_its_rows(run, planted):
-    from rose_trl.report import write_report
+    from rose_trl.outputs.report import write_report
 
     page = write_report(run).read_text()
     for needle in ("<h2>Why these rows</h2>", "<h2>Pairs that drive the selection</h2>", "Selected rows per subtask",
@@ -180,9 +180,9 @@ def test_report_of_a_run_explains_its_rows(run, planted):
 
 
 def test_another_validation_loss_gets_its_own_stores_and_switching_back_reuses_both(run, planted, monkeypatch):
-    import rose_trl.extraction as extraction
-    from rose_trl.offline import select_from_checkpoints
-    from rose_trl.validation import ROSEDPOTrainer
+    import rose_trl.stores.extraction as extraction
+    from rose_trl.run.offline import select_from_checkpoints
+    from rose_trl.stores.validation import ROSEDPOTrainer
 
     pool, validation, tokenizer, _ = planted
     pool_passes, dpo_passes = [], []
@@ -210,7 +210,7 @@ def test_another_validation_loss_gets_its_own_stores_and_switching_back_reuses_b
 
 
 def test_a_store_of_another_target_is_refused(tmp_path):
-    from rose_trl.store import StoreMismatchError
+    from rose_trl.stores.store import StoreMismatchError
 
     common = dict(model="m", checkpoint="c", projection={"type": "sjlt", "dim": 4}, gradient_type="validation_dpo",
                   pool_fingerprint="v", num_rows=2)

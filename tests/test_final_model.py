@@ -16,10 +16,10 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from rose_trl.config import ROSEConfig
-from rose_trl.final_model import model_specs
-from rose_trl.pipeline import FINAL_RECORD, final_training_fingerprint, run
-from rose_trl.sft_data import fingerprint_tokenized, tokenize_pool
-from rose_trl.tiny import build_tiny_llama, build_tokenizer, make_planted_task, write_tiny_assets
+from rose_trl.models.final_model import model_specs
+from rose_trl.run.pipeline import FINAL_RECORD, final_training_fingerprint, run
+from rose_trl.data.sft import fingerprint_tokenized, tokenize_pool
+from rose_trl.models.tiny import build_tiny_llama, build_tokenizer, make_planted_task, write_tiny_assets
 from tests.helpers import counting_gradient_passes
 
 
@@ -149,7 +149,7 @@ def test_what_final_training_would_fail_on_is_refused_before_the_warm_up(assets,
                             r"TemplateError: Conversation roles must alternate"),
     }[case]
     if case == "template_raises":
-        from rose_trl.gemma3 import trl_chat_template
+        from rose_trl.models.gemma3 import trl_chat_template
 
         final_model["chat_template_path"] = str(trl_chat_template())
         rows = [json.loads(line) for line in (assets / "chat_pool.jsonl").read_text().splitlines()]
@@ -173,7 +173,7 @@ def test_the_final_models_batch_is_checked_against_the_memory_budget_before_the_
     """The final model's Trainer batch is estimated against memory_budget_gb from its config, before the warm-up
     (the model is not loaded yet), at the length of the longest pool row in its own tokens: a warning naming the
     final_model option, nothing changed; none when the batch fits."""
-    import rose_trl.pipeline as pipeline
+    import rose_trl.run.pipeline as pipeline
 
     def warm_up_starts(*args, **kwargs):
         raise RuntimeError("the warm-up starts")
@@ -228,7 +228,7 @@ def test_a_gguf_file_as_the_final_model(assets, tmp_path, monkeypatch):
     from tests.gguf_fixtures import write_tiny_gguf
     from transformers import AutoModelForCausalLM
 
-    from rose_trl.model_source import file_sha256
+    from rose_trl.models.source import file_sha256
 
     monkeypatch.setenv("ROSE_TRL_CACHE", str(tmp_path / "cache"))
     model = AutoModelForCausalLM.from_pretrained(assets / "final", dtype=torch.float32)
@@ -247,7 +247,7 @@ def test_trl_sft_script_trains_another_model_on_a_finished_selection(assets, tmp
     import yaml
     from trl.scripts.sft import main, make_parser
 
-    from rose_trl.gemma3 import trl_chat_template
+    from rose_trl.models.gemma3 import trl_chat_template
 
     out = tmp_path / "run"
     run(*configs(assets, out, selection_method="random", final_training=False))
@@ -269,7 +269,7 @@ def test_trl_sft_script_trains_another_model_on_a_finished_selection(assets, tmp
 
 
 def test_the_dataset_card_names_the_model_that_selected(assets, tmp_path):
-    from rose_trl.hub import build_dataset_card
+    from rose_trl.outputs.hub import build_dataset_card
 
     out = tmp_path / "run"
     run(*configs(assets, out, selection_method="rds", final_training=False))
@@ -284,7 +284,7 @@ def test_the_dataset_card_names_the_model_that_selected(assets, tmp_path):
 def test_gemma3_assets_name_their_install_and_take_trls_own_template(monkeypatch):
     import importlib.util
 
-    from rose_trl import gemma3
+    from rose_trl.models import gemma3
 
     template = gemma3.trl_chat_template()
     assert template.name == "gemma3.jinja" and "<start_of_turn>" in template.read_text()

@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rose_trl.config import ROSEConfig
-from rose_trl.selector import ROSESelector
-from rose_trl.store import GradientStore, StoreMismatchError
-from rose_trl.tiny import build_tiny_llama
+from rose_trl.run.selector import ROSESelector
+from rose_trl.stores.store import GradientStore, StoreMismatchError
+from rose_trl.models.tiny import build_tiny_llama
 
 CONFIG = dict(projection_dim=256, gradient_type="sgd", selection_fraction=0.25, gradient_batch_size=8)
 

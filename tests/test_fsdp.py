@@ -30,8 +30,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from rose_trl import ROSEConfig, ROSESelector
 from rose_trl.data import load_pool, load_preferences
-from rose_trl.gradients import AdamState, trainable_parameters
-from rose_trl.sft_data import collate, tokenize_pool
+from rose_trl.gradients.capture import AdamState, trainable_parameters
+from rose_trl.data.sft import collate, tokenize_pool
 
 mode, out = sys.argv[1], sys.argv[2]
 state = PartialState(cpu=True)  # gloo under torchrun
@@ -113,7 +113,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from rose_trl import ROSEConfig, ROSESelector
 from rose_trl.data import load_pool, load_preferences
-from rose_trl.offline import select_from_checkpoints
+from rose_trl.run.offline import select_from_checkpoints
 
 PartialState(cpu=True)  # gloo under torchrun: the processes share the pool's extraction
 tok = AutoTokenizer.from_pretrained("tiny/model")

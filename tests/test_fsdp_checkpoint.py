@@ -1,4 +1,4 @@
-"""Reading FSDP2 checkpoints (rose_trl/fsdp_checkpoint.py) in one process, written by accelerate's own
+"""Reading FSDP2 checkpoints (rose_trl/checkpoints/fsdp.py) in one process, written by accelerate's own
 FSDP2 save functions (what Trainer._save_checkpoint calls). One writer here; tests/test_fsdp.py (slow)
 reads checkpoints that 2 sharded ranks wrote.
 """
@@ -15,10 +15,10 @@ from accelerate.utils import FullyShardedDataParallelPlugin, save_fsdp_model, sa
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from rose_trl import ROSEConfig, ROSESelector
-from rose_trl.fsdp_checkpoint import FSDPCheckpointError, read_fsdp_adam_moments
-from rose_trl.gradients import AdamState, MissingAdamStateError, trainable_parameters, trainer_param_index
-from rose_trl.offline import load_checkpoint_adam, load_checkpoint_adapter, select_from_checkpoints, warmup_model
-from rose_trl.tiny import build_tiny_llama
+from rose_trl.checkpoints.fsdp import FSDPCheckpointError, read_fsdp_adam_moments
+from rose_trl.gradients.capture import AdamState, MissingAdamStateError, trainable_parameters, trainer_param_index
+from rose_trl.run.offline import load_checkpoint_adam, load_checkpoint_adapter, select_from_checkpoints, warmup_model
+from rose_trl.models.tiny import build_tiny_llama
 from tests.helpers import tiny_lora_model
 
 KINDS = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
@@ -172,7 +172,7 @@ def test_saved_file_names_match_accelerate():
     """The layout names fsdp_checkpoint looks for are accelerate's."""
     from accelerate.utils.constants import FSDP_MODEL_NAME, OPTIMIZER_NAME
 
-    from rose_trl.fsdp_checkpoint import FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, FSDP_OPTIMIZER_FILE
+    from rose_trl.checkpoints.fsdp import FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, FSDP_OPTIMIZER_FILE
 
     assert (f"{FSDP_MODEL_NAME}_0", f"{OPTIMIZER_NAME}_0", f"{OPTIMIZER_NAME}.bin") == (
         FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, FSDP_OPTIMIZER_FILE)
@@ -184,7 +184,7 @@ def test_final_save_under_sharded_fsdp_writes_the_adapter_whole(tmp_path):
     from pathlib import Path
     from types import SimpleNamespace
 
-    from rose_trl.pipeline import save_model_atomically
+    from rose_trl.run.pipeline import save_model_atomically
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
     seen = []
@@ -208,7 +208,7 @@ def test_metadata_allow_list_refuses_dotted_and_foreign_names():
     """Protocol-4 pickles resolve dotted names as attribute paths: `metadata.torch.load` would reach torch.load."""
     import io
 
-    from rose_trl.fsdp_checkpoint import _MetadataUnpickler
+    from rose_trl.checkpoints.fsdp import _MetadataUnpickler
 
     def global_(module, name):  # protocol 4: STACK_GLOBAL of two strings, then STOP
         s = lambda t: b"\x8c" + bytes([len(t)]) + t.encode()  # noqa: E731 (SHORT_BINUNICODE)

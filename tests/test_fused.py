@@ -11,16 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from rose_trl.extraction import extract_gradients
-from rose_trl.sft_loss import sft_per_example_loss
-from rose_trl.gradients import (AdamState, per_example_gradients, per_example_projected_gradients,
+from rose_trl.stores.extraction import extract_gradients
+from rose_trl.gradients.sft_loss import sft_per_example_loss
+from rose_trl.gradients.capture import (AdamState, per_example_gradients, per_example_projected_gradients,
                                 trainable_parameters)
-from rose_trl.projection import build_projector
-from rose_trl.store import GradientStore
+from rose_trl.gradients.projection import build_projector
+from rose_trl.stores.store import GradientStore
 from tests.helpers import mixed_length_batch, row, tiny_lora_model
 from tests.test_gradients import LENGTHS, PROMPTS, assert_rows_match, loop_reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def random_adam(n: int, seed: int = 0) -> AdamState:
@@ -123,7 +122,7 @@ def test_projector_without_slices_falls_back_and_a_resume_mixes_both_paths(tmp_p
     assert not whole_rows.supports_slices and sliced.supports_slices
     assert whole_rows.describe() == sliced.describe()  # the same matrix: stores are shared
 
-    with caplog.at_level(logging.WARNING, logger="rose_trl.featurizer"):
+    with caplog.at_level(logging.WARNING, logger="rose_trl.gradients.featurizer"):
         extract_gradients(model, pool, reference := store_for(tmp_path / "ref", whole_rows, len(pool)), whole_rows, 0,
                           adam_state=adam, batch_size=4, progress=False)
     assert "fused gradient path off" in caplog.text and "cannot project a slice" in caplog.text
@@ -133,7 +132,7 @@ def test_projector_without_slices_falls_back_and_a_resume_mixes_both_paths(tmp_p
                       progress=False)
     assert int(mixed.done_mask().sum()) == 4
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rose_trl.featurizer"):
+    with caplog.at_level(logging.WARNING, logger="rose_trl.gradients.featurizer"):
         assert extract_gradients(model, pool, mixed, sliced, 0, adam_state=adam, batch_size=4, progress=False) == 6
     assert "fused gradient path off" not in caplog.text
     assert_rows_match(torch.from_numpy(mixed.read_all()), torch.from_numpy(reference.read_all()))
@@ -154,8 +153,8 @@ def test_fused_path_memory_per_row_does_not_grow_with_depth():
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
 def test_validation_pair_gradients_fused_equal_whole_rows(loss_type, planted, tiny_base, tmp_path):
     # ROSE's validation rows (TRL's DPO loss per pair) take the fused path too; hinge keeps its exact zeros.
-    from rose_trl.featurizer import Featurizer
-    from rose_trl.validation import ROSEDPOTrainer, sft_validation_gradients, validation_dpo_config
+    from rose_trl.gradients.featurizer import Featurizer
+    from rose_trl.stores.validation import ROSEDPOTrainer, sft_validation_gradients, validation_dpo_config
     from tests.helpers import WholeRows, trained_adapter_model
 
     _, validation, tokenizer, _ = planted
@@ -185,19 +184,19 @@ def test_the_path_is_decided_and_logged_once_per_run(tmp_path, caplog, whole_row
     validation gradients)."""
     from datasets import Dataset
 
-    from rose_trl.tiny import _texts, build_tokenizer, make_planted_task
+    from rose_trl.models.tiny import _texts, build_tokenizer, make_planted_task
     from tests.reference_selector import select, whole_row_projectors
 
     pool, validation = make_planted_task(n_pool=30, pairs_per_subtask=2, seed=0)
     tokenizer = build_tokenizer(_texts(pool, validation))
     restore = whole_row_projectors() if whole_rows else (lambda: None)
     try:
-        with caplog.at_level(logging.INFO, logger="rose_trl.featurizer"):
+        with caplog.at_level(logging.INFO, logger="rose_trl.gradients.featurizer"):
             select(Dataset.from_list(pool), Dataset.from_list(validation), tokenizer, tmp_path, "selection",
                    projection_type="trak" if whole_rows else "sjlt")
     finally:
         restore()
-    said = [r.getMessage() for r in caplog.records if r.name == "rose_trl.featurizer"]
+    said = [r.getMessage() for r in caplog.records if r.name == "rose_trl.gradients.featurizer"]
     assert len(said) == 1, said
     expected = "per-layer fused gradient path off: the projector (trak BasicProjector) cannot project a slice" \
         if whole_rows else "per-layer fused gradient path: the projector (sparse JL"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rose_trl.model_source import file_sha256
+from rose_trl.models.source import file_sha256
 
 from .gguf_fixtures import write_tiny_gguf
 

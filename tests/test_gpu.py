@@ -15,8 +15,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from rose_trl.gradients import AdamState, per_example_gradients, trainable_parameters
-from rose_trl.projection import SparseJLProjector, TrakProjector, build_projector
+from rose_trl.gradients.capture import AdamState, per_example_gradients, trainable_parameters
+from rose_trl.gradients.projection import SparseJLProjector, TrakProjector, build_projector
 from tests.helpers import mixed_length_batch, tiny_lora_model
 from tests.test_gradients import LENGTHS, PROMPTS, assert_rows_match, loop_reference
 
@@ -66,7 +66,7 @@ def test_batched_rows_match_loop_on_cuda_bf16_base():
 
 def test_fused_rows_equal_whole_rows_on_cuda_bf16_base():
     # The fused path (per-layer Adam + projection inside the backward) on the GPU, bf16 base, float32 LoRA.
-    from rose_trl.gradients import per_example_projected_gradients
+    from rose_trl.gradients.capture import per_example_projected_gradients
 
     model = bf16_base_model()
     batch = cuda_batch()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rose_trl.gradients import (
+from rose_trl.gradients.capture import (
     AdamState,
     MissingAdamStateError,
     PerExampleGradientCapture,
@@ -138,7 +138,7 @@ def test_rows_without_response_tokens_are_refused():
 
 
 def test_memory_budget_sizes_the_batches():
-    from rose_trl.extraction import gradient_bytes_per_row, plan_batches, rows_for_budget
+    from rose_trl.stores.extraction import gradient_bytes_per_row, plan_batches, rows_for_budget
 
     # 7B with LoRA r=128 on q,k,v,o: 32 layers x 4 x 128 x (4096 + 4096) = 134M parameters, the
     # largest of them a 4096 x 128 matrix.
@@ -202,10 +202,10 @@ def test_a_pass_that_runs_out_of_memory_is_halved_and_run_again(tmp_path, monkey
     # as a run planned with batches of 2 (each row's gradient does not depend on its batch).
     import numpy as np
 
-    import rose_trl.extraction as extraction
-    import rose_trl.featurizer as featurizer
-    from rose_trl.projection import build_projector
-    from rose_trl.store import GradientStore
+    import rose_trl.stores.extraction as extraction
+    import rose_trl.gradients.featurizer as featurizer
+    from rose_trl.gradients.projection import build_projector
+    from rose_trl.stores.store import GradientStore
 
     model = tiny_lora_model()
     g = torch.Generator().manual_seed(0)
@@ -247,7 +247,7 @@ def test_a_pass_that_runs_out_of_memory_is_halved_and_run_again(tmp_path, monkey
 def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, chunk_elements):
     """The bounded loss (chunks of 1 token, 3 tokens, or all tokens at once) against the plain one, forced on
     at a small vocabulary: same per-row losses, same per-row gradients."""
-    from rose_trl import sft_loss
+    from rose_trl.gradients import sft_loss
 
     model = tiny_lora_model()
     batch = mixed_length_batch(LENGTHS, PROMPTS, seed=4)
@@ -272,7 +272,7 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, chunk
 
 
 def test_chunked_loss_only_where_the_logits_exceed_the_budget(monkeypatch):
-    from rose_trl import sft_loss
+    from rose_trl.gradients import sft_loss
 
     model = tiny_lora_model()
     batch = mixed_length_batch([10, 10], [2, 2])

@@ -1,4 +1,4 @@
-"""The memory budget and the estimates it sizes passes with (rose_trl/memory.py, rose_trl/budget.py)."""
+"""The memory budget and the estimates it sizes passes with (rose_trl/resources/memory.py, rose_trl/resources/budget.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from rose_trl import budget as budget_module
-from rose_trl.budget import MemoryBudget, check_training, halving_on_oom, plan_passes
-from rose_trl.memory import LoraShape, ModelShape, estimate_pass, estimate_peak_bytes, largest_rows
+from rose_trl.resources.budget import MemoryBudget, check_training, halving_on_oom, plan_passes
+from rose_trl.resources.memory import LoraShape, ModelShape, estimate_pass, estimate_peak_bytes, largest_rows
 from tests.helpers import tiny_lora_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 GB = 1e9
 SLACK = budget_module.HEAP_SLACK
 
@@ -86,7 +85,7 @@ def test_largest_rows():
 
 @pytest.mark.parametrize("shape", ["tiny-recipe", "tiny"])
 def test_estimates_are_within_25_percent_of_measured_peaks(shape):
-    """benchmarks/extraction_memory.py --estimates at small shapes: every pass kind's estimate against the peak of
+    """benchmarks/memory/extraction_memory.py --estimates at small shapes: every pass kind's estimate against the peak of
     live bytes its real code path allocates (torch's profiler). docs/performance.md has SmolLM2 and 7B."""
     from extraction_memory import estimate_passes
 
@@ -263,9 +262,9 @@ def test_a_pass_out_of_memory_is_halved_and_resumed(caplog):
 
 
 def test_validation_passes_halve_on_out_of_memory(planted, tiny_base, tmp_path, monkeypatch, caplog):
-    from rose_trl.featurizer import Featurizer
-    from rose_trl.projection import build_projector
-    from rose_trl.validation import ROSEDPOTrainer, validation_dpo_config
+    from rose_trl.gradients.featurizer import Featurizer
+    from rose_trl.gradients.projection import build_projector
+    from rose_trl.stores.validation import ROSEDPOTrainer, validation_dpo_config
     from tests.helpers import trained_adapter_model
 
     _, validation, tokenizer, _ = planted
@@ -296,8 +295,8 @@ def test_the_run_logs_its_plan_and_sizes_its_passes_to_the_budget(tmp_path, capl
     from trl import ModelConfig, SFTConfig
 
     from rose_trl.config import ROSEConfig
-    from rose_trl.pipeline import run
-    from rose_trl.tiny import write_tiny_assets
+    from rose_trl.run.pipeline import run
+    from rose_trl.models.tiny import write_tiny_assets
 
     assets = write_tiny_assets(tmp_path / "assets", n_pool=60)
 
@@ -335,12 +334,12 @@ def test_a_smaller_fused_head_tile_gives_the_same_gradients_in_less_memory(tmp_p
     """When one validation pair does not fit, the plan lowers the positions a tile of TRL's fused LM head: the same
     pair gradients (float summation order aside), a lower measured peak, as the estimate says."""
     from extraction_memory import dpo_batch, dpo_trainer, peak_bytes
-    from llama_shapes import build_model
+    from common import build_model
 
-    from rose_trl.featurizer import Featurizer
-    from rose_trl.memory import FUSED_HEAD_TOKENS
-    from rose_trl.projection import build_projector
-    from rose_trl.validation import fused_head_tokens
+    from rose_trl.gradients.featurizer import Featurizer
+    from rose_trl.resources.memory import FUSED_HEAD_TOKENS
+    from rose_trl.gradients.projection import build_projector
+    from rose_trl.stores.validation import fused_head_tokens
 
     model = build_model("tiny-recipe", 2, 8)
     trainer = dpo_trainer(model, model.config.vocab_size, str(tmp_path))

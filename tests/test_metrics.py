@@ -7,7 +7,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
 from rose_trl.evaluation.metrics import PreferenceMetricsOptions, preference_metrics, reference_nll, sequence_logps
-from rose_trl.sft_data import collate, tokenize_sft_example
+from rose_trl.data.sft import collate, tokenize_sft_example
 from tests.eval_helpers import tiny_causal_lm, tiny_tokenizer
 
 PAIRS = Dataset.from_list([

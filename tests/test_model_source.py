@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig
 
-from rose_trl.model_source import GGUF_RECORD, file_sha256, resolve_model_source
-from rose_trl.tiny import _texts, build_tiny_llama, build_tokenizer, make_planted_task
+from rose_trl.models.source import GGUF_RECORD, file_sha256, resolve_model_source
+from rose_trl.models.tiny import _texts, build_tiny_llama, build_tokenizer, make_planted_task
 
 from .gguf_fixtures import write_tiny_gguf
 
@@ -61,7 +61,7 @@ def test_a_conversion_killed_before_its_record_is_redone_whole(tiny_gguf, tmp_pa
 
 
 def test_publish_first_keeps_the_copy_already_published(tmp_path):
-    from rose_trl.files import publish_first
+    from rose_trl.utils.files import publish_first
 
     final, ours, theirs = tmp_path / "final", tmp_path / ".ours", tmp_path / ".theirs"
     for folder, text in ((theirs, "theirs"), (ours, "ours")):
@@ -86,7 +86,7 @@ def test_missing_file_is_named(tmp_path):
 
 def test_pipeline_loads_a_gguf_and_records_it(tiny_gguf, tmp_path, monkeypatch):
     from rose_trl.config import ROSEConfig
-    from rose_trl.pipeline import _run_config, load_model_and_tokenizer
+    from rose_trl.run.pipeline import _run_config, load_model_and_tokenizer
 
     path, model, _ = tiny_gguf
     monkeypatch.setenv("ROSE_TRL_CACHE", str(tmp_path))

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 from datasets import load_from_disk
-from rose_trl.pipeline import run
+from rose_trl.run.pipeline import run
 
 
 @pytest.mark.parametrize("method", ["random", "bm25", "dsir", "rds", "full"])
@@ -21,7 +21,7 @@ def test_baselines_write_the_same_layout(assets, configs, tmp_path, method):
 
 
 def test_push_to_hub_pushes_the_selection(assets, configs, tmp_path, monkeypatch):
-    import rose_trl.hub as hub
+    import rose_trl.outputs.hub as hub
 
     calls = []
     monkeypatch.setattr(hub, "push_selection", lambda *a, **kw: calls.append((a, kw)) or "https://hub/x")
@@ -43,7 +43,7 @@ def test_final_training_does_not_hold_the_warm_up_model(assets, configs, tmp_pat
     import gc
     import weakref
 
-    import rose_trl.pipeline as pipeline
+    import rose_trl.run.pipeline as pipeline
 
     loaded, alive_at_final = [], []
     load = pipeline.load_model_and_tokenizer

@@ -3,8 +3,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from rose_trl.gradients import per_example_gradients
-from rose_trl.projection import SparseJLProjector, TrakProjector, build_projector
+from rose_trl.gradients.capture import per_example_gradients
+from rose_trl.gradients.projection import SparseJLProjector, TrakProjector, build_projector
 from tests.helpers import mixed_length_batch, tiny_lora_model
 
 

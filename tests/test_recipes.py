@@ -9,7 +9,7 @@ import yaml
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from rose_trl.config import ROSEConfig
-from rose_trl.final_model import model_specs
+from rose_trl.models.final_model import model_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("config_*.yaml"))
@@ -181,7 +181,7 @@ def test_table_8_recipes_select_as_the_llama_2_7b_recipe_and_train_each_model(ta
 def test_llama_2_7b_recipes_write_rows_in_less_tulu_format():
     """tulu.jinja renders chat rows as LESS's encode_with_messages_format does: bos, then per turn
     <|user|>\\n{content}\\n and <|assistant|>\\n{content}{eos}\\n, contents stripped."""
-    from rose_trl.tiny import build_tokenizer
+    from rose_trl.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(["hello there"], vocab_size=300, chat=False)
     tokenizer.chat_template = (ROOT / "recipes/llama-2-7b/tulu.jinja").read_text()

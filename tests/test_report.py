@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from rose_trl.baselines import BASELINES
 from rose_trl.cli import main
-from rose_trl.report import checkpoint_agreement, comparison_table, find_selections, render_report, top_examples, write_report
+from rose_trl.outputs.report import checkpoint_agreement, comparison_table, find_selections, render_report, top_examples, write_report
 from tests.eval_helpers import topic_task
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -121,7 +121,7 @@ def test_cli_writes_report(run_dir, capsys):
 
 
 def test_why_these_rows_and_driving_pairs(run_dir):
-    from rose_trl.report import driving_pairs, why_these_rows
+    from rose_trl.outputs.report import driving_pairs, why_these_rows
 
     main_run = find_selections(run_dir)[0]
     _, val = topic_task()

@@ -10,8 +10,8 @@ import pytest
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from rose_trl.config import BASELINE_METHODS, GRADIENT_METHODS, ROSEConfig
-from rose_trl.pipeline import FINAL_RECORD, run
-from rose_trl.tiny import write_tiny_assets
+from rose_trl.run.pipeline import FINAL_RECORD, run
+from rose_trl.models.tiny import write_tiny_assets
 from tests.helpers import counting_gradient_passes
 
 ROOT = Path(__file__).resolve().parents[1]

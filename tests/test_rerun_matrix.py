@@ -22,7 +22,7 @@ import torch
 from datasets import load_from_disk
 from safetensors.torch import load_file
 
-from rose_trl.pipeline import FINAL_RECORD
+from rose_trl.run.pipeline import FINAL_RECORD
 from tests.test_rerun import snapshot
 from tests.test_resume import _kill_tree
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from datasets import load_from_disk
 
-from rose_trl.store import GradientStore
+from rose_trl.stores.store import GradientStore
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -31,9 +31,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 EXTRACT = textwrap.dedent("""
     import sys, types, numpy as np, torch
     from torch import nn
-    from rose_trl.extraction import extract_gradients
-    from rose_trl.projection import build_projector
-    from rose_trl.store import GradientStore
+    from rose_trl.stores.extraction import extract_gradients
+    from rose_trl.gradients.projection import build_projector
+    from rose_trl.stores.store import GradientStore
 
     class Tiny(nn.Module):
         def __init__(self):
@@ -170,7 +170,7 @@ def test_recipe_killed_at_random_points_finishes_with_identical_outputs(tmp_path
 
 
 def test_resume_skips_and_removes_checkpoints_killed_while_saving(tmp_path):
-    from rose_trl.pipeline import last_complete_checkpoint
+    from rose_trl.run.pipeline import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "absent") is None
     for step, state in ((5, '{"global_step": 5}'), (10, '{"global_st'), (15, None)):

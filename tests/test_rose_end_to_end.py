@@ -10,12 +10,12 @@ from peft import LoraConfig
 from scipy.stats import spearmanr
 from trl import SFTConfig, SFTTrainer
 
-from rose_trl.callback import ROSECallback
+from rose_trl.run.callback import ROSECallback
 from rose_trl.config import ROSEConfig
-from rose_trl.offline import select_from_checkpoints
-from rose_trl.pipeline import sft_training_dataset, warmup_indices
-from rose_trl.selector import ROSESelector
-from rose_trl.tiny import build_tiny_llama
+from rose_trl.run.offline import select_from_checkpoints
+from rose_trl.run.pipeline import sft_training_dataset, warmup_indices
+from rose_trl.run.selector import ROSESelector
+from rose_trl.models.tiny import build_tiny_llama
 
 LORA = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
@@ -112,7 +112,7 @@ def test_offline_mode_from_saved_checkpoints_matches_callback(callback_run, plan
 def test_rerun_reuses_finished_stores(callback_run, planted, monkeypatch):
     out, _ = callback_run
     pool, validation, tokenizer, _ = planted
-    import rose_trl.extraction as extraction
+    import rose_trl.stores.extraction as extraction
 
     calls = []
     monkeypatch.setattr(extraction, "extract_gradients", lambda *a, **k: calls.append(1) or 0)
@@ -128,7 +128,7 @@ def test_less_method_reuses_training_gradients(callback_run, planted, monkeypatc
     """Another gradient method on the same run computes validation gradients only."""
     out, _ = callback_run
     pool, validation, tokenizer, _ = planted
-    import rose_trl.extraction as extraction
+    import rose_trl.stores.extraction as extraction
 
     computed = []
     real = extraction.extract_gradients

@@ -1,4 +1,4 @@
-"""Learning rates of a warm-up run without ROSE, recovered offline (rose_trl/schedules.py, offline.py): they
+"""Learning rates of a warm-up run without ROSE, recovered offline (rose_trl/checkpoints/schedules.py, offline.py): they
 equal what ROSECallback records live, for the Trainer's four standard schedules with and without warm-up
 steps, from checkpoints whose log history does not cover an epoch. What cannot be recovered stops the
 run before any gradient pass."""
@@ -14,13 +14,13 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from trl import SFTConfig, SFTTrainer
 
-from rose_trl.callback import ROSECallback
+from rose_trl.run.callback import ROSECallback
 from rose_trl.config import ROSEConfig
-from rose_trl.offline import find_checkpoints, resolve_learning_rates, select_from_checkpoints, warmup_model
-from rose_trl.pipeline import sft_training_dataset
-from rose_trl.schedules import ScheduleError, read_training_args, read_warmup_record, recover_learning_rates
-from rose_trl.selector import ROSESelector
-from rose_trl.tiny import build_tiny_llama
+from rose_trl.run.offline import find_checkpoints, resolve_learning_rates, select_from_checkpoints, warmup_model
+from rose_trl.run.pipeline import sft_training_dataset
+from rose_trl.checkpoints.schedules import ScheduleError, read_training_args, read_warmup_record, recover_learning_rates
+from rose_trl.run.selector import ROSESelector
+from rose_trl.models.tiny import build_tiny_llama
 from tests.helpers import counting_gradient_passes
 
 LORA = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])

@@ -3,8 +3,8 @@ import pytest
 from datasets import Dataset
 
 from rose_trl.config import ROSEConfig
-from rose_trl.scoring import normalized_weights, top_fraction
-from rose_trl.selection import write_selection
+from rose_trl.scoring.scores import normalized_weights, top_fraction
+from rose_trl.outputs.selection import write_selection
 
 
 def test_top_fraction_orders_by_score_then_index():

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from rose_trl import smollm2
+from rose_trl.models import smollm2
 
 
 def test_missing_wheel_gives_the_pip_line(monkeypatch):

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from rose_trl.store import CorruptStoreError, GradientStore, StoreMismatchError
+from rose_trl.stores.store import CorruptStoreError, GradientStore, StoreMismatchError
 
 META = dict(model="m", checkpoint="checkpoint-1", projection={"type": "sjlt", "dim": 8, "seed": 0},
             gradient_type="adam", pool_fingerprint="abc", num_rows=10, shard_size=4)
@@ -82,12 +82,12 @@ def test_int8_store_halves_disk_and_keeps_the_ranking(tmp_path, planted):
     from peft import LoraConfig, get_peft_model
     from scipy.stats import spearmanr
 
-    from rose_trl.extraction import extract_gradients
-    from rose_trl.gradients import trainable_parameters
-    from rose_trl.projection import build_projector
-    from rose_trl.scoring import CheckpointGradients, score_checkpoints
-    from rose_trl.sft_data import tokenize_pool
-    from rose_trl.tiny import build_tiny_llama
+    from rose_trl.stores.extraction import extract_gradients
+    from rose_trl.gradients.capture import trainable_parameters
+    from rose_trl.gradients.projection import build_projector
+    from rose_trl.scoring.scores import CheckpointGradients, score_checkpoints
+    from rose_trl.data.sft import tokenize_pool
+    from rose_trl.models.tiny import build_tiny_llama
 
     pool, _, tok, _ = planted
     rows = tokenize_pool(pool, tok, 128).select_columns(["input_ids", "completion_mask"])

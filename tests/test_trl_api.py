@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
 from rose_trl.config import DPO_LOSS_TYPES
-from rose_trl.featurizer import Featurizer
-from rose_trl.gradients import trainable_parameters
-from rose_trl.validation import ROSEDPOTrainer, validation_dpo_config
+from rose_trl.gradients.featurizer import Featurizer
+from rose_trl.gradients.capture import trainable_parameters
+from rose_trl.stores.validation import ROSEDPOTrainer, validation_dpo_config
 from tests.helpers import Unprojected, trained_adapter_model
 
 
@@ -106,7 +106,7 @@ def test_configs_and_helpers_used_by_the_recipe():
     from trl import DPOConfig, ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config  # noqa: F401
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    from rose_trl import files
+    from rose_trl.utils import files
 
     assert files.PREFIX_CHECKPOINT_DIR == PREFIX_CHECKPOINT_DIR  # the Trainer's checkpoint-<step> folders
 
@@ -139,7 +139,7 @@ def test_deepspeed_and_fsdp_names():
     from torch.distributed.tensor import DTensor
 
     assert hasattr(FSDPModule, "unshard") and hasattr(FSDPModule, "reshard") and hasattr(DTensor, "full_tensor")
-    # rose_trl.fsdp_checkpoint: the Trainer's FSDP2 save path, and the DCP reader/planner hooks it overrides.
+    # rose_trl.checkpoints.fsdp: the Trainer's FSDP2 save path, and the DCP reader/planner hooks it overrides.
     import torch.distributed.checkpoint as dcp
     from accelerate.utils import save_fsdp_model
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -157,7 +157,7 @@ def test_deepspeed_and_fsdp_names():
     from deepspeed.utils import safe_get_full_optimizer_state, zero_to_fp32  # noqa: F401
 
     assert deepspeed.__version__.startswith("0.19."), deepspeed.__version__
-    # rose_trl.zero_checkpoint hands Adam's partitions to these private zero_to_fp32 helpers.
+    # rose_trl.checkpoints.zero hands Adam's partitions to these private zero_to_fp32 helpers.
     for name in ("get_model_state_files", "get_optim_files", "zero_model_state", "to_torch_tensor"):
         assert hasattr(zero_to_fp32, name), name
     assert {"buffers", "param_shapes", "shared_params", "ds_version", "frozen_param_shapes",
@@ -169,12 +169,12 @@ def test_deepspeed_and_fsdp_names():
 
 
 def test_trainer_schedule_names_used_to_recover_learning_rates():
-    """rose_trl.schedules rebuilds the warm-up's schedule as the Trainer does, and reads its saved state."""
+    """rose_trl.checkpoints.schedules rebuilds the warm-up's schedule as the Trainer does, and reads its saved state."""
     import torch
     from transformers import TrainingArguments, get_scheduler
     from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 
-    from rose_trl.schedules import SCHEDULER_FILE, TRAINING_ARGS_FILE
+    from rose_trl.checkpoints.schedules import SCHEDULER_FILE, TRAINING_ARGS_FILE
 
     assert (SCHEDULER_NAME, TRAINING_ARGS_NAME) == (SCHEDULER_FILE, TRAINING_ARGS_FILE)
     assert list(inspect.signature(get_scheduler).parameters) == [

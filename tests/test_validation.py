@@ -5,9 +5,9 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from rose_trl.config import ROSEConfig
-from rose_trl.scoring import pair_vectors, subtask_means, zero_gradient_pairs
-from rose_trl.sft_data import BadRecordError
-from rose_trl.validation import KeepLastTokens, ROSEDPOTrainer, validation_dpo_config, validation_loss_tag
+from rose_trl.scoring.scores import pair_vectors, subtask_means, zero_gradient_pairs
+from rose_trl.data.sft import BadRecordError
+from rose_trl.stores.validation import KeepLastTokens, ROSEDPOTrainer, validation_dpo_config, validation_loss_tag
 from tests.helpers import trained_adapter_model
 
 
@@ -122,9 +122,9 @@ def test_reference_logps_once_per_run_give_the_same_gradients(planted, tiny_base
     later one; the gradients equal those of TRL's loss running its own reference forward in every pass."""
     from peft import set_peft_model_state_dict, get_peft_model_state_dict
 
-    from rose_trl.featurizer import Featurizer
-    from rose_trl.projection import build_projector
-    from rose_trl.validation import ValidationGradients
+    from rose_trl.gradients.featurizer import Featurizer
+    from rose_trl.gradients.projection import build_projector
+    from rose_trl.stores.validation import ValidationGradients
 
     _, validation, tokenizer, _ = planted
     validation = validation.select(range(6))

@@ -2,11 +2,11 @@
 `fn(pool, validation, *, seed=0, model=None, tokenizer=None, **options) -> {"score": ..., "score_<subtask>": ...}`,
 one float per pool row, higher = selected first."""
 
-from .bm25 import BM25Options, bm25_scores
-from .dsir import DSIROptions, dsir_scores, hashed_ngram_features
-from .rds import RDSOptions, mean_hidden_states, rds_scores
-from .simple import full_scores, random_scores
-from .text import pool_text, pool_texts, subtask_groups, validation_texts
+from rose_trl.baselines.bm25 import BM25Options, bm25_scores
+from rose_trl.baselines.dsir import DSIROptions, dsir_scores, hashed_ngram_features
+from rose_trl.baselines.rds import RDSOptions, mean_hidden_states, rds_scores
+from rose_trl.baselines.simple import full_scores, random_scores
+from rose_trl.baselines.text import pool_text, pool_texts, subtask_groups, validation_texts
 
 BASELINES = {
     "random": random_scores,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import bm25s
 import numpy as np
 
-from .text import max_over_subtasks, pool_texts, subtask_groups, validation_texts
+from rose_trl.baselines.text import max_over_subtasks, pool_texts, subtask_groups, validation_texts
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 from data_selection.hashed_ngram_dsir import get_ngram_counts
 from nltk.tokenize import WordPunctTokenizer
 
-from .text import pool_texts, subtask_groups, validation_texts
+from rose_trl.baselines.text import pool_texts, subtask_groups, validation_texts
 
 
 @dataclass

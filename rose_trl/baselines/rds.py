@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..model_utils import eval_mode
-from .text import max_over_subtasks, pool_texts, subtask_groups, validation_texts
+from rose_trl.utils.modeling import eval_mode
+from rose_trl.baselines.text import max_over_subtasks, pool_texts, subtask_groups, validation_texts
 
 
 @dataclass

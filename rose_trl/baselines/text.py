@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..sft_data import BadRecordError
+from rose_trl.data.sft import BadRecordError
 
 
 def _content(value) -> str:

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 
 import datasets
 
-from rose_trl.sft_data import BadRecordError
+from rose_trl.data.sft import BadRecordError
 
 RecordCheck = Callable[[dict, str, int], None]
 

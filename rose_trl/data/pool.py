@@ -12,8 +12,8 @@ samples 50k FLAN, 50k CoT and 7.7k OASST1, and has no Dolly). The paper's exact 
 release (`less-data.zip` of the Hub dataset `princeton-nlp/less_data`): `load_pool("<unzipped>/train/processed")`
 reads its {cot,dolly,flan_v2,oasst1}/*_data.jsonl files, which are in the same {dataset, id, messages} format.
 
-Long rows are not cut here: truncation happens at tokenization (`rose_trl.sft_data.tokenize_pool`,
-`max_length`), by the rule in the `rose_trl.sft_data` module docstring (the prompt keeps its last
+Long rows are not cut here: truncation happens at tokenization (`rose_trl.data.sft.tokenize_pool`,
+`max_length`), by the rule in the `rose_trl.data.sft` module docstring (the prompt keeps its last
 tokens, the response its first ones, a response always keeps at least max_length - max_length // 2).
 """
 
@@ -27,7 +27,7 @@ import datasets
 import numpy as np
 
 from rose_trl.data.io import load_table
-from rose_trl.sft_data import BadRecordError, _check_messages
+from rose_trl.data.sft import BadRecordError, _check_messages
 
 SOURCE_COLUMN = "source"
 # Columns that already say which sub-dataset a row comes from (tulu / open-instruct use `dataset`).

@@ -17,7 +17,7 @@ import numpy as np
 
 from rose_trl.data.io import load_table
 from rose_trl.data.released import is_released_preference_file, load_released_preferences
-from rose_trl.sft_data import BadRecordError
+from rose_trl.data.sft import BadRecordError
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "subtask")
 DEFAULT_SUBTASK = "default"

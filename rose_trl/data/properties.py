@@ -42,7 +42,7 @@ from typing import Callable
 
 import datasets
 
-from .realtext import TASKS, RealTask, load_slice
+from rose_trl.data.realtext import TASKS, RealTask, load_slice
 
 DIRECTIONS = ("prefer", "avoid")
 
@@ -190,7 +190,7 @@ def _slice_answers(task: str) -> list[_Answer]:
 
 
 def _test_answers(test_root: Path, task: str, exclude: set[str]) -> list[_Answer]:
-    from .released import load_released_test
+    from rose_trl.data.released import load_released_test
 
     folder = Path(test_root) / "test" / task
     if not folder.is_dir():

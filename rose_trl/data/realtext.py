@@ -47,7 +47,7 @@ def _text_chars(row: dict) -> int:
 
 def slice_rows(released_root: str | Path, task: str) -> list[dict]:
     """The slice's rows for `task`, from a copy of the release (`<root>/validation/...`, `<root>/test/...`)."""
-    from .released import load_released_preferences
+    from rose_trl.data.released import load_released_preferences
 
     root = Path(released_root)
     rows, shipped = [], set()

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import datasets
 
-from rose_trl.sft_data import BadRecordError, _check_messages
+from rose_trl.data.sft import BadRecordError, _check_messages
 
 logger = logging.getLogger(__name__)
 

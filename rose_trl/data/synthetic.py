@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
-from rose_trl.sft_data import BadRecordError, _check_messages
+from rose_trl.data.sft import BadRecordError, _check_messages
 
 logger = logging.getLogger(__name__)
 

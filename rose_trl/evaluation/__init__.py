@@ -1,7 +1,7 @@
 """Evaluation of a tuned model: sampled responses, judge win rates against references, offline metrics."""
 
-from .generation import GenerationOptions, format_prompt, generate_responses
-from .judge import (
+from rose_trl.evaluation.generation import GenerationOptions, format_prompt, generate_responses
+from rose_trl.evaluation.judge import (
     JUDGE_PROMPT,
     EndpointJudge,
     EndpointJudgeConfig,
@@ -14,7 +14,7 @@ from .judge import (
     tabulate_verdicts,
     win_rate,
 )
-from .metrics import PreferenceMetricsOptions, preference_metrics, reference_nll, sequence_logps
+from rose_trl.evaluation.metrics import PreferenceMetricsOptions, preference_metrics, reference_nll, sequence_logps
 
 __all__ = [
     "JUDGE_PROMPT", "EndpointJudge", "EndpointJudgeConfig", "GenerationOptions", "HFJudge", "Judge",

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..model_utils import eval_mode
+from rose_trl.utils.modeling import eval_mode
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import PreferenceMetricsOptions, pair_logps, summarize_pairs
+from rose_trl.evaluation.metrics import PreferenceMetricsOptions, pair_logps, summarize_pairs
 
 
 def evaluate_adapters(base_model, tokenizer, pairs, adapters: dict[str, str],
@@ -50,9 +50,9 @@ def _evaluate(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..data.io import load_table
-    from ..data.preferences import validate_preferences
-    from ..model_source import resolve_model_source
+    from rose_trl.data.io import load_table
+    from rose_trl.data.preferences import validate_preferences
+    from rose_trl.models.source import resolve_model_source
 
     source = resolve_model_source(args.model, args.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(source.path)

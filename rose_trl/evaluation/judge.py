@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import requests
 
-from .generation import GenerationOptions, generate_responses
+from rose_trl.evaluation.generation import GenerationOptions, generate_responses
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..sft_loss import model_inputs
-from ..model_utils import eval_mode
-from ..sft_data import IGNORE_INDEX, collate, tokenize_sft_example
+from rose_trl.gradients.sft_loss import model_inputs
+from rose_trl.utils.modeling import eval_mode
+from rose_trl.data.sft import IGNORE_INDEX, collate, tokenize_sft_example
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PreferenceMetricsOptions:
     max_length: int | None = 1024
     # |margin| below this is a tie (policy == reference gives exactly 0, up to float noise).
     tie_tolerance: float = 1e-6
-    # The memory (GB) the process may use; None: the machine's default share (rose_trl.budget).
+    # The memory (GB) the process may use; None: the machine's default share (rose_trl.resources.budget).
     memory_budget_gb: float | None = None
 
 
@@ -44,8 +44,8 @@ def sequence_logps(model, tokenizer, prompts: Sequence, responses: Sequence, bat
     Logits are computed only at the positions where some row of a pass has a response token (the model
     inputs of the gradient passes, `sft_loss.model_inputs`): a [rows, T, vocab] tensor is the largest of
     a forward (SmolLM2's 49k words: 0.2 MB a token in float32). Rows a pass: at most `batch_size`, and as many
-    as the memory budget (`memory_budget_gb`, default the machine's share: rose_trl.budget) lets fit."""
-    from ..budget import MemoryBudget, evaluation_rows
+    as the memory budget (`memory_budget_gb`, default the machine's share: rose_trl.resources.budget) lets fit."""
+    from rose_trl.resources.budget import MemoryBudget, evaluation_rows
 
     rows = [tokenize_sft_example({"prompt": p, "completion": r}, tokenizer, max_length, "evaluation", i)
             for i, (p, r) in enumerate(zip(prompts, responses))]
