@@ -3,6 +3,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+
 # torch is pinned exactly: an unpinned torch pulls a multi-GB CUDA build, and 2.13.0 is the CPU
 # build these machines install from local disk. GPU users install their CUDA torch first; pip keeps it.
 INSTALL_REQUIRES = [
@@ -49,7 +50,9 @@ setup(
     name="rose_trl",
     version=VERSION,
     description="ROSE reward-oriented instruction-data selection for Hugging Face TRL",
-    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8") if (Path(__file__).parent / "README.md").exists() else "",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8")
+    if (Path(__file__).parent / "README.md").exists()
+    else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

@@ -7,6 +7,7 @@ and tooling. The stages live in subpackages, in the order data flows (docs/archi
 
 from rose_trl import _compat
 
+
 __version__ = "0.2.0.dev0"
 
 # name -> the module that defines it

@@ -9,6 +9,7 @@ import importlib.abc
 import importlib.util
 import sys
 
+
 MOVED = {
     f"rose_trl.{old}": f"rose_trl.{new}"
     for old, new in {

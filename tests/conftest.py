@@ -6,6 +6,7 @@ from datasets import Dataset
 
 from rose_trl.models.tiny import _texts, build_tiny_llama, build_tokenizer, make_planted_task
 
+
 # The benchmark scripts, importable by name in the tests that run them at tiny scale (each folder is a question;
 # benchmarks/common.py holds what they share).
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -43,10 +44,20 @@ def configs():
     from rose_trl.config import ROSEConfig
 
     def build(assets, out, sft=None, **rose):
-        return (ROSEConfig(pool_dataset=str(assets / "pool.jsonl"), validation_dataset=str(assets / "validation.jsonl"),
-                           final_training=False, **rose),
-                SFTConfig(output_dir=str(out), use_cpu=True, bf16=False, report_to=[], max_length=256, **(sft or {})),
-                ModelConfig(model_name_or_path=str(assets / "model"), use_peft=True, lora_r=4,
-                            lora_target_modules=["q_proj", "v_proj"]))
+        return (
+            ROSEConfig(
+                pool_dataset=str(assets / "pool.jsonl"),
+                validation_dataset=str(assets / "validation.jsonl"),
+                final_training=False,
+                **rose,
+            ),
+            SFTConfig(output_dir=str(out), use_cpu=True, bf16=False, report_to=[], max_length=256, **(sft or {})),
+            ModelConfig(
+                model_name_or_path=str(assets / "model"),
+                use_peft=True,
+                lora_r=4,
+                lora_target_modules=["q_proj", "v_proj"],
+            ),
+        )
 
     return build

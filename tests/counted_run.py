@@ -14,6 +14,7 @@ import runpy
 import sys
 import time
 
+
 START = time.time()
 
 
@@ -21,6 +22,7 @@ def _slowed(fn, delay):
     def wrapper(*args, **kwargs):
         time.sleep(delay)
         return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -31,8 +33,9 @@ def main():
     if os.environ.get("ROSE_TEST_SLOW_STEPS"):
         import transformers
 
-        transformers.Trainer.training_step = _slowed(transformers.Trainer.training_step,
-                                                     float(os.environ["ROSE_TEST_SLOW_STEPS"]))
+        transformers.Trainer.training_step = _slowed(
+            transformers.Trainer.training_step, float(os.environ["ROSE_TEST_SLOW_STEPS"])
+        )
     if os.environ.get("ROSE_TEST_SLOW_WRITES"):
         from rose_trl.stores.store import GradientStore
 

@@ -16,10 +16,19 @@ import datasets
 
 def tulu_rows() -> list[dict]:
     rows = []
-    for i, src in enumerate(["flan_v2", "cot", "oasst1", "sharegpt", "science.scierc_ner", "flan_v2", "cot", "oasst1"]):
-        rows.append({"dataset": src, "id": f"{src}_{i}", "messages": [
-            {"role": "user", "content": f"question {i} from {src}"},
-            {"role": "assistant", "content": f"answer {i}"}]})
+    for i, src in enumerate(
+        ["flan_v2", "cot", "oasst1", "sharegpt", "science.scierc_ner", "flan_v2", "cot", "oasst1"]
+    ):
+        rows.append(
+            {
+                "dataset": src,
+                "id": f"{src}_{i}",
+                "messages": [
+                    {"role": "user", "content": f"question {i} from {src}"},
+                    {"role": "assistant", "content": f"answer {i}"},
+                ],
+            }
+        )
     return rows
 
 
@@ -27,15 +36,25 @@ def shp_rows(subreddit: str, posts: int = 6) -> list[dict]:
     rows = []
     for p in range(posts):
         for c, (sa, sb, label) in enumerate([(30, 5, 1), (4, 12, 0), (9, 8, 1)]):  # ratios 6, 3, 1.125
-            rows.append({
-                "post_id": f"{subreddit}{p}", "domain": f"{subreddit}_train", "upvote_ratio": 0.95,
-                "history": f"{subreddit} post {p}: what should I do?",
-                "c_root_id_A": f"a{p}{c}", "c_root_id_B": f"b{p}{c}",
-                "created_at_utc_A": 1_600_000_000 + c, "created_at_utc_B": 1_600_000_100 + c,
-                "score_A": sa, "score_B": sb,
-                "human_ref_A": f"comment A{c} on {subreddit} {p}", "human_ref_B": f"comment B{c} on {subreddit} {p}",
-                "labels": label, "seconds_difference": 100.0, "score_ratio": max(sa, sb) / min(sa, sb),
-            })
+            rows.append(
+                {
+                    "post_id": f"{subreddit}{p}",
+                    "domain": f"{subreddit}_train",
+                    "upvote_ratio": 0.95,
+                    "history": f"{subreddit} post {p}: what should I do?",
+                    "c_root_id_A": f"a{p}{c}",
+                    "c_root_id_B": f"b{p}{c}",
+                    "created_at_utc_A": 1_600_000_000 + c,
+                    "created_at_utc_B": 1_600_000_100 + c,
+                    "score_A": sa,
+                    "score_B": sb,
+                    "human_ref_A": f"comment A{c} on {subreddit} {p}",
+                    "human_ref_B": f"comment B{c} on {subreddit} {p}",
+                    "labels": label,
+                    "seconds_difference": 100.0,
+                    "score_ratio": max(sa, sb) / min(sa, sb),
+                }
+            )
     return rows
 
 
@@ -43,15 +62,28 @@ def se_rows(host: str, questions: int = 5) -> list[dict]:
     rows = []
     for q in range(questions):
         answers = [
-            {"answer_id": 10 * q + j, "author": f"user{j}", "author_id": j, "author_profile": f"https://{host}/users/{j}",
-             "pm_score": score, "selected": sel, "text": f"<p>answer {j} to {q} on {host}</p>"}
+            {
+                "answer_id": 10 * q + j,
+                "author": f"user{j}",
+                "author_id": j,
+                "author_profile": f"https://{host}/users/{j}",
+                "pm_score": score,
+                "selected": sel,
+                "text": f"<p>answer {j} to {q} on {host}</p>",
+            }
             for j, (score, sel) in enumerate([(2, False), (5, True), (1, False)])
         ]
         if q == 0:
             answers = answers[:1]  # a question with one answer cannot give a pair
-        rows.append({"qid": q, "question": f"<p>{host} question {q}?</p>\n", "answers": answers,
-                     "date": "2020/01/01", "metadata": [f"https://{host}/questions/{q}", f"https://{host}",
-                                                         f"https://{host}/users/7"]})
+        rows.append(
+            {
+                "qid": q,
+                "question": f"<p>{host} question {q}?</p>\n",
+                "answers": answers,
+                "date": "2020/01/01",
+                "metadata": [f"https://{host}/questions/{q}", f"https://{host}", f"https://{host}/users/7"],
+            }
+        )
     return rows
 
 
@@ -59,7 +91,9 @@ def hh_harmless_rows(n: int = 6) -> list[dict]:
     rows = []
     for i in range(n):
         context = f"\n\nHuman: how do I do bad thing {i}?\n\nAssistant: why?\n\nHuman: just tell me {i}\n\nAssistant:"
-        rows.append({"chosen": context + f" I cannot help with that {i}.", "rejected": context + f" Sure, step one {i}."})
+        rows.append(
+            {"chosen": context + f" I cannot help with that {i}.", "rejected": context + f" Sure, step one {i}."}
+        )
     return rows
 
 
@@ -67,13 +101,21 @@ def hh_red_team_rows() -> list[dict]:
     # Transcripts 0 and 1 continue harmless-base conversations 0 and 1 (with their chosen responses).
     rows = []
     for i in range(2):
-        rows.append({
-            "transcript": f"\n\nHuman: how do I do bad thing {i}?\n\nAssistant: why?\n\nHuman: just tell me {i}"
-                          f"\n\nAssistant: I cannot help with that {i}.\n\nHuman: ok",
-            "min_harmlessness_score_transcript": 1.2, "num_params": "52B", "model_type": "rlhf",
-            "rating": 0.0, "task_description": f"bad thing {i}", "task_descripton_harmlessness_score": 0.5,
-            "red_team_member_id": 3, "is_upworker": False, "tags": None,
-        })
+        rows.append(
+            {
+                "transcript": f"\n\nHuman: how do I do bad thing {i}?\n\nAssistant: why?\n\nHuman: just tell me {i}"
+                f"\n\nAssistant: I cannot help with that {i}.\n\nHuman: ok",
+                "min_harmlessness_score_transcript": 1.2,
+                "num_params": "52B",
+                "model_type": "rlhf",
+                "rating": 0.0,
+                "task_description": f"bad thing {i}",
+                "task_descripton_harmlessness_score": 0.5,
+                "red_team_member_id": 3,
+                "is_upworker": False,
+                "tags": None,
+            }
+        )
     rows.append({**rows[0], "transcript": "\n\nHuman: unrelated\n\nAssistant: fine"})
     return rows
 
@@ -108,8 +150,9 @@ def write_released_layout(root: Path, task: str, subtasks: list[str], k: int, re
     """A miniature of the paper's release under root; returns the preference file's path."""
     (root / "test" / task).mkdir(parents=True)
     for s in subtasks:
-        (root / "test" / task / f"{task}_{s}.json").write_text(json.dumps(
-            [{"prompt": f"\n\nHuman: test {s}\n\nAssistant:", "golden_answer": f" gold {s}"}]))
+        (root / "test" / task / f"{task}_{s}.json").write_text(
+            json.dumps([{"prompt": f"\n\nHuman: test {s}\n\nAssistant:", "golden_answer": f" gold {s}"}])
+        )
     shot = root / "validation" / task / f"{task}_{k}_shot"
     shot.mkdir(parents=True)
     if records is None:
@@ -117,12 +160,23 @@ def write_released_layout(root: Path, task: str, subtasks: list[str], k: int, re
         for s in sorted(subtasks):
             for j in range(k):
                 records[f"\n\nHuman: {s} q{j}\n\nAssistant:"] = {
-                    "responses": [f" good {s}{j}", f" bad {s}{j}"], "pairs": [[0, 1]],
-                    "sft_target": f" good {s}{j}", "rejected_target": f" bad {s}{j}"}
+                    "responses": [f" good {s}{j}", f" bad {s}{j}"],
+                    "pairs": [[0, 1]],
+                    "sft_target": f" good {s}{j}",
+                    "rejected_target": f" bad {s}{j}",
+                }
     path = shot / f"{task}_{k}_shot_preference.json"
     path.write_text(json.dumps(records))
-    (shot / f"{task}_{k}_shot_sft.json").write_text(json.dumps([
-        {"dataset": task, "id": f"{task}_{i}", "messages": [{"role": "user", "content": p},
-                                                            {"role": "assistant", "content": r["sft_target"]}]}
-        for i, (p, r) in enumerate(records.items())]))
+    (shot / f"{task}_{k}_shot_sft.json").write_text(
+        json.dumps(
+            [
+                {
+                    "dataset": task,
+                    "id": f"{task}_{i}",
+                    "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r["sft_target"]}],
+                }
+                for i, (p, r) in enumerate(records.items())
+            ]
+        )
+    )
     return path

@@ -9,6 +9,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+
 SPACE = "star planet orbit galaxy comet telescope nebula moon asteroid light".split()
 COOKING = "flour butter oven bake sugar dough whisk pan salt garlic".split()
 MATH = "integer prime sum divide equation fraction proof angle square root".split()
@@ -27,7 +28,9 @@ def tiny_tokenizer(extra_words=()) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     letters = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:.,!?")
     tok.train_from_iterator([" ".join(words + letters)] * 2, trainers.WordLevelTrainer(special_tokens=specials))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -35,9 +38,16 @@ def tiny_tokenizer(extra_words=()) -> PreTrainedTokenizerFast:
 def tiny_causal_lm(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -55,17 +65,35 @@ def topic_task(n_per_topic: int = 6, seed: int = 0):
         for i in range(n_per_topic):
             q, a = _sentence(rng, vocab, 8), _sentence(rng, vocab, 12)
             if i % 2:
-                rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "source": topic})
+                rows.append(
+                    {
+                        "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                        "source": topic,
+                    }
+                )
             else:
                 rows.append({"prompt": q, "completion": a, "source": topic})
     # Row formats are either-or; a Dataset needs one schema, so split by format and keep both forms as columns.
-    pool = Dataset.from_list([
-        {"messages": r.get("messages"), "prompt": r.get("prompt"), "completion": r.get("completion"), "source": r["source"]}
-        for r in rows
-    ])
+    pool = Dataset.from_list(
+        [
+            {
+                "messages": r.get("messages"),
+                "prompt": r.get("prompt"),
+                "completion": r.get("completion"),
+                "source": r["source"],
+            }
+            for r in rows
+        ]
+    )
     val = []
     for subtask, vocab in (("space", SPACE), ("math", MATH)):
         for _ in range(3):
-            val.append({"prompt": _sentence(rng, vocab, 8), "chosen": _sentence(rng, vocab, 10),
-                        "rejected": _sentence(rng, FILLER, 6), "subtask": subtask})
+            val.append(
+                {
+                    "prompt": _sentence(rng, vocab, 8),
+                    "chosen": _sentence(rng, vocab, 10),
+                    "rejected": _sentence(rng, FILLER, 6),
+                    "subtask": subtask,
+                }
+            )
     return pool, Dataset.from_list(val)

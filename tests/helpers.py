@@ -9,13 +9,29 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def tiny_lora_model(vocab: int = 128, hidden: int = 64, layers: int = 2, heads: int = 4, r: int = 4, seed: int = 0,
-                    targets=("q_proj", "k_proj", "v_proj", "o_proj"), dropout: float = 0.0):
+def tiny_lora_model(
+    vocab: int = 128,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    r: int = 4,
+    seed: int = 0,
+    targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    dropout: float = 0.0,
+):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     base = LlamaForCausalLM(config)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(targets)))
@@ -70,6 +86,7 @@ def counting_gradient_passes():
         def wrapper(*args, **kwargs):
             counter["passes"] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     for name, fn in real.items():

@@ -38,16 +38,21 @@ def whole_row_projectors():
     def build(kind, input_dim, dim=8192, seed=0, device="cpu", **kwargs):
         return original(kind, input_dim, dim, seed, device=device, **{"cache_bytes": 0, **kwargs})
 
-    patched = [m for name, m in sys.modules.items()
-               if name.startswith("rose_trl") and getattr(m, "build_projector", None) is original]
+    patched = [
+        m
+        for name, m in sys.modules.items()
+        if name.startswith("rose_trl") and getattr(m, "build_projector", None) is original
+    ]
     for m in patched:
         m.build_projector = build
     return lambda: [setattr(m, "build_projector", original) for m in patched]
 
 
 def select(pool, validation, tokenizer, out: Path, folder: str, **options) -> Path:
-    model = get_peft_model(build_tiny_llama(tokenizer, hidden=32, layers=2, seed=0),
-                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        build_tiny_llama(tokenizer, hidden=32, layers=2, seed=0),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
     config = ROSEConfig(projection_dim=256, selection_fraction=0.1, **options)
     selector = ROSESelector(pool, validation, tokenizer, config, out, max_length=64, use_cpu=True, progress=False)
     for step, lr in ((3, 1e-3), (6, 4e-4)):
@@ -60,14 +65,26 @@ def run_inline(workdir: Path) -> dict[str, Path]:
     pool, validation = make_planted_task(n_pool=60, pairs_per_subtask=3, seed=0)
     tokenizer = build_tokenizer(_texts(pool, validation))
     pool, validation = Dataset.from_list(pool), Dataset.from_list(validation)
-    found = {"selection": select(pool, validation, tokenizer, workdir / "fused", "selection"),
-             "selection_less": select(pool, validation, tokenizer, workdir / "fused", "selection_less",
-                                      selection_method="less")}
+    found = {
+        "selection": select(pool, validation, tokenizer, workdir / "fused", "selection"),
+        "selection_less": select(
+            pool, validation, tokenizer, workdir / "fused", "selection_less", selection_method="less"
+        ),
+    }
     restore = whole_row_projectors()
     try:
-        found["whole_row"] = select(pool, validation, tokenizer, workdir / "whole", "selection", projection_type="trak",
-                                    gradient_type="sgd", subtask_balance="round_robin",
-                                    validation_aggregation="eq6", store_dtype="int8")
+        found["whole_row"] = select(
+            pool,
+            validation,
+            tokenizer,
+            workdir / "whole",
+            "selection",
+            projection_type="trak",
+            gradient_type="sgd",
+            subtask_balance="round_robin",
+            validation_aggregation="eq6",
+            store_dtype="int8",
+        )
     finally:
         restore()
     return found

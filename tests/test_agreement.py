@@ -6,9 +6,15 @@ import math
 import numpy as np
 import pytest
 
-from rose_trl.scoring.agreement import (RELIABILITY_THRESHOLD, agreement_warnings, pair_agreement, pairs_needed, reliability,
-                                validation_agreement)
 from rose_trl.cli import main
+from rose_trl.scoring.agreement import (
+    RELIABILITY_THRESHOLD,
+    agreement_warnings,
+    pair_agreement,
+    pairs_needed,
+    reliability,
+    validation_agreement,
+)
 from tests.test_explain import run  # noqa: F401  (the module's tiny ROSE run, a fixture)
 
 
@@ -56,8 +62,13 @@ def test_validation_agreement_weighs_checkpoints_and_flags_subtasks():
     usable = np.ones(9, dtype=bool)
     usable[:3] = False  # three of a's pairs left out: one is left, and it cannot be checked
     assert validation_agreement(vectors, [1.0, 1.0], subtasks, usable)["a"] == {
-        "pairs": 1, "agreement": None, "reliability": None, "pairs_needed": None, "threshold": RELIABILITY_THRESHOLD,
-        "agrees": None}
+        "pairs": 1,
+        "agreement": None,
+        "reliability": None,
+        "pairs_needed": None,
+        "threshold": RELIABILITY_THRESHOLD,
+        "agrees": None,
+    }
     warnings = agreement_warnings(report)
     assert len(warnings) == 2 and warnings[0].startswith("subtask 'b': its 4 validation pairs agree at")
     assert "the picks will follow single pairs" in warnings[0] and "What helps: more validation pairs" in warnings[0]
@@ -77,8 +88,14 @@ def test_a_run_reports_its_agreement_in_the_summary_the_report_and_explain(run, 
 
     subtasks = pd.read_parquet(run / "selection" / "pairs.parquet")["subtask"].to_numpy()
     for name, s in report.items():
-        values = [brute_agreement(GradientStore.open(run / "rose" / "val_dpo" / c["name"]).read_all()
-                                  .astype(np.float64)[subtasks == name]) for c in pairs]
+        values = [
+            brute_agreement(
+                GradientStore.open(run / "rose" / "val_dpo" / c["name"])
+                .read_all()
+                .astype(np.float64)[subtasks == name]
+            )
+            for c in pairs
+        ]
         assert math.isclose(s["agreement"], float(np.dot(eta / eta.sum(), values)), rel_tol=1e-6, abs_tol=1e-9)
         assert s["pairs"] == int((subtasks == name).sum()) and s["threshold"] == RELIABILITY_THRESHOLD
     assert summary["agreement_warnings"] == agreement_warnings(report)

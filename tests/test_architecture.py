@@ -5,6 +5,7 @@ coordinator short."""
 import ast
 from pathlib import Path
 
+
 PACKAGE = Path(__file__).resolve().parents[1] / "rose_trl"
 
 
@@ -71,7 +72,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_cycle_finder_finds_a_planted_circle():
     graph = import_graph()
     assert "rose_trl.scoring.scores" in graph["rose_trl.outputs.selection"]
-    graph["rose_trl.scoring.scores"] = graph["rose_trl.scoring.scores"] | {"rose_trl.outputs.selection"}  # balance <-> selection, as it was
+    graph["rose_trl.scoring.scores"] = graph["rose_trl.scoring.scores"] | {
+        "rose_trl.outputs.selection"
+    }  # balance <-> selection, as it was
     assert ["rose_trl.outputs.selection", "rose_trl.scoring.scores"] in cycles(graph)
 
 

@@ -14,20 +14,25 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
 
 from rose_trl.config import ROSEConfig
-from rose_trl.stores.extraction import extract_gradients
-from rose_trl.gradients.capture import AdamState, MissingAdamStateError, UnsupportedParameterError, trainable_parameters
-from rose_trl.run.offline import find_checkpoints, load_checkpoint_adam, select_from_checkpoints
-from rose_trl.gradients.projection import build_projector
-from rose_trl.scoring.scores import top_fraction
-from rose_trl.run.selector import ROSESelector, with_subtasks
-from rose_trl.data.sft import BadRecordError, tokenize_pool, tokenize_sft_example
-from rose_trl.stores.store import CorruptStoreError, GradientStore
 from rose_trl.data.preferences import validate_preferences
+from rose_trl.data.sft import BadRecordError, tokenize_pool, tokenize_sft_example
+from rose_trl.gradients.capture import (
+    AdamState,
+    MissingAdamStateError,
+    UnsupportedParameterError,
+    trainable_parameters,
+)
+from rose_trl.gradients.projection import build_projector
+from rose_trl.run.offline import find_checkpoints, load_checkpoint_adam, select_from_checkpoints
+from rose_trl.run.selector import ROSESelector, with_subtasks
+from rose_trl.scoring.scores import top_fraction
+from rose_trl.stores.extraction import extract_gradients
+from rose_trl.stores.store import CorruptStoreError, GradientStore
 
 from .helpers import tiny_lora_model
+
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "tell me about pasta .", "completion": " garlic oven ."}
@@ -45,8 +50,11 @@ BAD_POOL_ROWS = [
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "expected a string, got int"),
     ({"messages": [{"role": "boss", "content": "hi"}]}, "messages[0].role", "unknown role 'boss'"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "no non-empty assistant message"),
-    ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant"}]},
-     "prompt+completion[1]", "'role' and 'content'"),
+    (
+        {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant"}]},
+        "prompt+completion[1]",
+        "'role' and 'content'",
+    ),
 ]
 
 
@@ -105,7 +113,9 @@ def test_bad_subtask(subtask):
 
 def test_empty_validation_set():
     with pytest.raises(BadRecordError, match="the preference set is empty"):
-        validate_preferences(Dataset.from_dict({"prompt": [], "chosen": [], "rejected": [], "subtask": []}), "validation")
+        validate_preferences(
+            Dataset.from_dict({"prompt": [], "chosen": [], "rejected": [], "subtask": []}), "validation"
+        )
 
 
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan"), "0.1"])
@@ -164,12 +174,23 @@ def test_model_without_lora_targets_or_trainable_parameters(tmp_path):
     model = tiny_lora_model()
     for p in model.parameters():
         p.requires_grad_(False)
-    store_meta = dict(model="m", checkpoint="c", projection={"type": "sjlt", "dim": 8}, gradient_type="sgd",
-                      pool_fingerprint="p", num_rows=2)
+    store_meta = dict(
+        model="m",
+        checkpoint="c",
+        projection={"type": "sjlt", "dim": 8},
+        gradient_type="sgd",
+        pool_fingerprint="p",
+        num_rows=2,
+    )
     with pytest.raises(UnsupportedParameterError, match="no trainable parameters"):
-        extract_gradients(model, [{"input_ids": [3, 4, 5], "completion_mask": [0, 1, 1]}] * 2,
-                          GradientStore.open_or_create(tmp_path / "s", **store_meta),
-                          build_projector("sjlt", 10, 8, 0), 0, progress=False)
+        extract_gradients(
+            model,
+            [{"input_ids": [3, 4, 5], "completion_mask": [0, 1, 1]}] * 2,
+            GradientStore.open_or_create(tmp_path / "s", **store_meta),
+            build_projector("sjlt", 10, 8, 0),
+            0,
+            progress=False,
+        )
 
 
 def test_optimizer_without_adam_state():
@@ -186,28 +207,49 @@ def test_nonfinite_gradients_are_refused_and_not_stored(tmp_path):
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
     n = sum(p.numel() for _, p in trainable_parameters(model))
-    store = GradientStore.open_or_create(tmp_path / "s", model="m", checkpoint="c", projection={"dim": 16},
-                                         gradient_type="sgd", pool_fingerprint="p", num_rows=3)
+    store = GradientStore.open_or_create(
+        tmp_path / "s",
+        model="m",
+        checkpoint="c",
+        projection={"dim": 16},
+        gradient_type="sgd",
+        pool_fingerprint="p",
+        num_rows=3,
+    )
     pool = [{"input_ids": [3, 4, 5, 6], "completion_mask": [0, 0, 1, 1]}] * 3
     with pytest.raises(FloatingPointError, match=r"non-finite .* pool indices \[0, 1, 2\]"):
         extract_gradients(model, pool, store, build_projector("sjlt", n, 16, 0), 0, progress=False)
     assert len(GradientStore.open(tmp_path / "s").missing_rows()) == 3
 
 
-STORE = dict(model="m", checkpoint="c", projection={"type": "sjlt", "dim": 4}, gradient_type="sgd",
-             pool_fingerprint="p", num_rows=5, shard_size=4)
+STORE = dict(
+    model="m",
+    checkpoint="c",
+    projection={"type": "sjlt", "dim": 4},
+    gradient_type="sgd",
+    pool_fingerprint="p",
+    num_rows=5,
+    shard_size=4,
+)
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / "shard_00001.npy").unlink(), "shard_00001.npy is missing or unreadable"),
-    (lambda d: (d / "done_00000.npy").write_bytes((d / "done_00000.npy").read_bytes()[:60]), "done_00000.npy"),
-    (lambda d: (d / "meta.json").write_text('{"format_version": 1, "dtype": "float8"'), "not valid JSON"),
-    (lambda d: (d / "meta.json").write_text(json.dumps({**STORE, "format_version": 1, "dtype": "float8"})),
-     "unknown store dtype 'float8'"),
-    (lambda d: (d / "meta.json").write_text(json.dumps({**STORE, "format_version": 99, "dtype": "float16"})),
-     "store format 99"),
-    (lambda d: (d / "meta.json").unlink(), "not a gradient store"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: (d / "shard_00001.npy").unlink(), "shard_00001.npy is missing or unreadable"),
+        (lambda d: (d / "done_00000.npy").write_bytes((d / "done_00000.npy").read_bytes()[:60]), "done_00000.npy"),
+        (lambda d: (d / "meta.json").write_text('{"format_version": 1, "dtype": "float8"'), "not valid JSON"),
+        (
+            lambda d: (d / "meta.json").write_text(json.dumps({**STORE, "format_version": 1, "dtype": "float8"})),
+            "unknown store dtype 'float8'",
+        ),
+        (
+            lambda d: (d / "meta.json").write_text(json.dumps({**STORE, "format_version": 99, "dtype": "float16"})),
+            "store format 99",
+        ),
+        (lambda d: (d / "meta.json").unlink(), "not a gradient store"),
+    ],
+)
 def test_corrupt_or_truncated_store(tmp_path, damage, message):
     GradientStore.open_or_create(tmp_path / "s", **STORE)
     damage(tmp_path / "s")
@@ -235,17 +277,33 @@ def test_missing_checkpoint_files(tmp_path, planted):
 
 def test_recipe_exits_nonzero_naming_file_record_and_field(tmp_path):
     """The recipe, as a user runs it, with one bad preference pair: non-zero exit, the message, no outputs."""
-    subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "outputs/tiny")],
-                   check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "outputs/tiny")],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+    )
     val = tmp_path / "outputs/tiny/validation.jsonl"
     rows = [json.loads(line) for line in val.read_text().splitlines()]
     rows[3]["rejected"] = rows[3]["chosen"]
     val.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cmd = [sys.executable, str(ROOT / "recipes" / "rose_sft.py"), "--config",
-           str(ROOT / "recipes" / "tiny" / "rose" / "config_tiny.yaml")]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    cmd = [
+        sys.executable,
+        str(ROOT / "recipes" / "rose_sft.py"),
+        "--config",
+        str(ROOT / "recipes" / "tiny" / "rose" / "config_tiny.yaml"),
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode != 0
-    assert ("outputs/tiny/validation.jsonl: record 3, field 'chosen,rejected': chosen and rejected are identical"
-            in result.stderr), result.stderr[-2000:]
+    assert (
+        "outputs/tiny/validation.jsonl: record 3, field 'chosen,rejected': chosen and rejected are identical"
+        in result.stderr
+    ), result.stderr[-2000:]
     assert not (tmp_path / "outputs/tiny/run").exists()

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from datasets import Dataset
 
-from rose_trl.scoring.scores import largest_remainder_quotas, select_rows, selection_size
 from rose_trl.config import ROSEConfig
 from rose_trl.outputs.selection import write_selection
+from rose_trl.scoring.scores import largest_remainder_quotas, select_rows, selection_size
+
 
 SUBTASKS = ["loud", "quiet", "tiny"]
 PAIRS = {"loud": 2, "quiet": 4, "tiny": 6}
@@ -73,15 +74,30 @@ def test_every_row_when_the_fraction_is_one():
 
 def test_write_selection_records_the_counts(tmp_path):
     pool = Dataset.from_list([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(1000)])
-    for balance, expected in (("max", {"loud": 50, "quiet": 0, "tiny": 0}),
-                              ("round_robin", {"loud": 17, "quiet": 17, "tiny": 16})):
-        sel = write_selection(tmp_path, pool, shifted_table(), 0.05, {}, "rose", SUBTASKS, folder=balance,
-                              subtask_balance=balance, pair_counts=PAIRS)
+    for balance, expected in (
+        ("max", {"loud": 50, "quiet": 0, "tiny": 0}),
+        ("round_robin", {"loud": 17, "quiet": 17, "tiny": 16}),
+    ):
+        sel = write_selection(
+            tmp_path,
+            pool,
+            shifted_table(),
+            0.05,
+            {},
+            "rose",
+            SUBTASKS,
+            folder=balance,
+            subtask_balance=balance,
+            pair_counts=PAIRS,
+        )
         summary = json.loads((sel / "summary.json").read_text())
         assert summary["subtask_balance"] == balance and summary["subtask_counts"] == expected
         scores = pd.read_parquet(sel / "scores.parquet")
         assert scores["selected_for"].isna().sum() == 950
-        assert scores.loc[scores["selected"], "selected_for"].value_counts().reindex(SUBTASKS, fill_value=0).to_dict() == expected
+        assert (
+            scores.loc[scores["selected"], "selected_for"].value_counts().reindex(SUBTASKS, fill_value=0).to_dict()
+            == expected
+        )
 
 
 def test_balance_without_subtask_scores_takes_the_top_rows(caplog):

@@ -95,9 +95,17 @@ def test_rds_needs_a_model(task):
 
 
 def test_pool_text_and_subtasks():
-    assert pool_text({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) == "hi\nyo"
+    assert (
+        pool_text({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        == "hi\nyo"
+    )
     assert pool_text({"prompt": "a", "completion": "b"}) == "a\nb"
-    assert pool_text({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "r"}]}) == "q\nr"
+    assert (
+        pool_text(
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "r"}]}
+        )
+        == "q\nr"
+    )
     with pytest.raises(BadRecordError):
         pool_text({"text": "x"}, 3)
     groups = subtask_groups(Dataset.from_dict({"prompt": ["a"] * 3, "chosen": ["b"] * 3, "subtask": ["x", "y", "x"]}))
@@ -109,7 +117,9 @@ def test_dsir_matches_the_formula_on_a_hand_sized_example():
     from data_selection.hashed_ngram_dsir import get_ngram_counts
     from nltk.tokenize import WordPunctTokenizer
 
-    pool = Dataset.from_dict({"prompt": ["star moon", "flour sugar", "star flour"], "completion": ["orbit", "bake", "moon"]})
+    pool = Dataset.from_dict(
+        {"prompt": ["star moon", "flour sugar", "star flour"], "completion": ["orbit", "bake", "moon"]}
+    )
     val = Dataset.from_dict({"prompt": ["star"], "chosen": ["moon orbit"], "rejected": ["x"], "subtask": ["space"]})
     table = BASELINES["dsir"](pool, val, num_buckets=64)
     feats = lambda t: get_ngram_counts(t, n=2, num_buckets=64, tokenizer=WordPunctTokenizer().tokenize).astype(float)

@@ -3,19 +3,17 @@
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 
-
 def test_gpu_extraction_benchmark_runs_tiny_on_cpu(capsys):
     import gpu_extraction
 
-    records = gpu_extraction.main(["--device", "cpu", "--tiny", "--examples", "16", "--less-examples", "4",
-                                   "--check-seeds", "2"])
+    records = gpu_extraction.main(
+        ["--device", "cpu", "--tiny", "--examples", "16", "--less-examples", "4", "--check-seeds", "2"]
+    )
     paths = {r["path"]: r for r in records if "path" in r}
     assert set(paths) == {"(a) LESS-style", "(b) engine", "(c) floor"}
     assert all(math.isfinite(r["ms_per_example"]) and r["ms_per_example"] > 0 for r in paths.values())
@@ -34,8 +32,24 @@ def test_gpu_extraction_benchmark_runs_tiny_on_cpu(capsys):
 def test_extraction_benchmark_runs_tiny(capsys):
     import extraction
 
-    extraction.main(["--examples", "32", "--hidden", "64", "--layers", "2", "--vocab", "500", "--dim", "256",
-                     "--seq-len", "32", "--repeats", "2"])
+    extraction.main(
+        [
+            "--examples",
+            "32",
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--vocab",
+            "500",
+            "--dim",
+            "256",
+            "--seq-len",
+            "32",
+            "--repeats",
+            "2",
+        ]
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     speedup, overhead = (float(part.split("=")[1]) for part in last.split())
     assert last.startswith("speedup_vs_less=") and speedup > 1 and overhead > 0
@@ -45,6 +59,7 @@ def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatc
     """--model smollm2-135m at a cut-down size: SmolLM2's shape with 2 layers and a small vocabulary (its
     30 layers and 49k words take minutes); the chunked loss forced on, as at the real size."""
     import extraction
+
     from rose_trl.gradients import sft_loss
 
     shape = dict(extraction.SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512)
@@ -53,8 +68,22 @@ def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatc
     chunked = []
     original = sft_loss.chunked_sft_per_example_loss
     monkeypatch.setattr(sft_loss, "chunked_sft_per_example_loss", lambda *a: chunked.append(1) or original(*a))
-    extraction.main(["--model", "smollm2-135m", "--examples", "12", "--less-examples", "2", "--seq-len", "32",
-                     "--dim", "256", "--repeats", "1"])
+    extraction.main(
+        [
+            "--model",
+            "smollm2-135m",
+            "--examples",
+            "12",
+            "--less-examples",
+            "2",
+            "--seq-len",
+            "32",
+            "--dim",
+            "256",
+            "--repeats",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert chunked
     assert any(line.startswith("(c') floor, labelled") for line in out)
@@ -72,8 +101,16 @@ def test_extraction_memory_paths_of_the_real_shape_at_tiny_scale(monkeypatch):
     from rose_trl.gradients import sft_loss
 
     monkeypatch.setattr(sft_loss, "LOSS_CHUNK_ELEMENTS", 512 * 4)
-    slopes = run("tiny", [1], [1, 2], seq_len=48, lora_r=4, dim=256,
-                 paths=["fused", "fused_plain_loss", "backbone"], log=lambda s: None)
+    slopes = run(
+        "tiny",
+        [1],
+        [1, 2],
+        seq_len=48,
+        lora_r=4,
+        dim=256,
+        paths=["fused", "fused_plain_loss", "backbone"],
+        log=lambda s: None,
+    )
     assert slopes[("fused", 1)] < slopes[("fused_plain_loss", 1)], slopes
     assert slopes[("backbone", 1)] < slopes[("fused_plain_loss", 1)], slopes
 
@@ -99,18 +136,71 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
 
     model = _tiny_model_folder(tmp_path / "model")
     variants = dict(real_model.VARIANTS)
-    variants["rescoring"] = [v for v in variants["rescoring"] if v[0].startswith(("rose: default", "less", "rose: last",
-                                                                                   "rose: subtask_balance r"))]
+    variants["rescoring"] = [
+        v
+        for v in variants["rescoring"]
+        if v[0].startswith(("rose: default", "less", "rose: last", "rose: subtask_balance r"))
+    ]
     variants["gradient"] = variants["gradient"][:1]  # the larger k
     variants["warmup"] = [v for v in variants["warmup"] if "projection" in v[0]]
     monkeypatch.setattr(real_model, "VARIANTS", variants)
-    argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--targets", "hh", "--pool-target", "12",
-            "--pool-other", "4", "--heldout", "8", "--budgets", "0.25", "0.5", "--seeds", "0", "1", "--max-length", "48",
-            "--projection-dim", "256", "--warmup-fraction", "0.25", "--warmup-epochs", "2", "--final-epochs", "1",
-            "--methods", "rose", "less", "random", "bm25", "dsir", "rds", "target_chosen", "full", "--ks", "both",
-            "--larger-k-methods", "rose", "--variants", "all", "--variant-budget", "0.25",
-            "--test-variants", "rose: last checkpoint only",
-            "--train-methods", "rose", "less", "random", "bm25", "rds", "target_chosen", "full"]  # dsir: selection only
+    argv = [
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "out"),
+        "--targets",
+        "hh",
+        "--pool-target",
+        "12",
+        "--pool-other",
+        "4",
+        "--heldout",
+        "8",
+        "--budgets",
+        "0.25",
+        "0.5",
+        "--seeds",
+        "0",
+        "1",
+        "--max-length",
+        "48",
+        "--projection-dim",
+        "256",
+        "--warmup-fraction",
+        "0.25",
+        "--warmup-epochs",
+        "2",
+        "--final-epochs",
+        "1",
+        "--methods",
+        "rose",
+        "less",
+        "random",
+        "bm25",
+        "dsir",
+        "rds",
+        "target_chosen",
+        "full",
+        "--ks",
+        "both",
+        "--larger-k-methods",
+        "rose",
+        "--variants",
+        "all",
+        "--variant-budget",
+        "0.25",
+        "--test-variants",
+        "rose: last checkpoint only",
+        "--train-methods",
+        "rose",
+        "less",
+        "random",
+        "bm25",
+        "rds",
+        "target_chosen",
+        "full",
+    ]  # dsir: selection only
     results = real_model.main(argv)
     res = results["hh_k1"]
     assert res["heldout"] == {"test": 4} and res["pool"]["rows"] == 16
@@ -124,8 +214,13 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
 
     task = build_real_task("hh", pool_target=12, pool_other=4, heldout=8)
     test = task.heldout.filter(lambda r: r["half"] == "test")
-    nll = reference_nll(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model),
-                        test["prompt"], test["chosen"], max_length=48)
+    nll = reference_nll(
+        AutoModelForCausalLM.from_pretrained(model),
+        AutoTokenizer.from_pretrained(model),
+        test["prompt"],
+        test["chosen"],
+        max_length=48,
+    )
     assert math.isclose(res["base"]["test"]["chosen_nll"], nll, rel_tol=1e-5)
     for method, by_budget in res["methods"].items():
         assert set(by_budget) == {"0.25", "0.5"}
@@ -142,13 +237,17 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
                 assert math.isclose(np.mean(row["test"]["wins"]), row["test"]["accuracy"])
     assert res["methods"]["full"]["0.5"][0]["composition"]["other"] == 0.25  # the pool's own share
     assert res["methods"]["target_chosen"]["0.25"][0]["composition"]["chosen"] == 1.0
-    assert {"rose", "less", "bm25", "dsir", "rds"} <= {m for m, b in res["methods"].items()
-                                                     if "auc_chosen_rejected" in b["0.25"][0]["composition"]}
+    assert {"rose", "less", "bm25", "dsir", "rds"} <= {
+        m for m, b in res["methods"].items() if "auc_chosen_rejected" in b["0.25"][0]["composition"]
+    }
     assert set(results["hh_k10"]["methods"]) == {"rose"}
     # a variant chosen on dev runs through the test grid too; at the dev budget it is the dev study's selection
     chosen = res["methods"]["rose: last checkpoint only"]
     assert set(chosen) == {"0.25", "0.5"} and all("test" in rows[0] for rows in chosen.values())
-    assert chosen["0.25"][0]["composition"] == results["hh_variants"]["variants"]["rose: last checkpoint only"]["composition"]
+    assert (
+        chosen["0.25"][0]["composition"]
+        == results["hh_variants"]["variants"]["rose: last checkpoint only"]["composition"]
+    )
     # a paired difference against itself is exactly zero; against random it is the mean of per-pair differences
     rose, rnd = res["methods"]["rose"]["0.25"], res["methods"]["random"]["0.25"]
     assert paired_difference(rose, rose, "test", "wins")["mean"] == 0.0
@@ -156,9 +255,14 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     assert math.isclose(paired_difference(rose, rnd, "test", "wins")["mean"], expected)
     study = results["hh_variants"]
     assert study["half"] == "dev" and study["pairs"] == 4 and len(study["random"]) == 2
-    assert set(study["variants"]) == {"rose: default (sigmoid, beta 0.1, normalized_mean, max)", "less: default",
-                                      "rose: last checkpoint only", "rose: subtask_balance round_robin",
-                                      "rose: larger k", "rose: projection dim 2048"}
+    assert set(study["variants"]) == {
+        "rose: default (sigmoid, beta 0.1, normalized_mean, max)",
+        "less: default",
+        "rose: last checkpoint only",
+        "rose: subtask_balance round_robin",
+        "rose: larger k",
+        "rose: projection dim 2048",
+    }
     for row in study["variants"].values():
         assert "refused" in row or (0 <= row["dev"]["accuracy"] <= 1 and len(row["dev"]["wins"]) == 4)
     # the default variant is the main grid's rose selection at that budget: the same picks, the same adapter
@@ -170,14 +274,35 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
 
     import real_model_probe  # reads the stores just written: collinearity against a brute-force mean cosine
 
-    probe = real_model_probe.main(["--out", str(tmp_path / "out"), "--targets", "hh", "--ks", "1", "10",
-                                   "--pool-target", "12", "--pool-other", "4", "--heldout", "8",
-                                   "--warmup-fraction", "0.25", "--warmup-epochs", "2", "--projection-dim", "256"])
+    probe = real_model_probe.main(
+        [
+            "--out",
+            str(tmp_path / "out"),
+            "--targets",
+            "hh",
+            "--ks",
+            "1",
+            "10",
+            "--pool-target",
+            "12",
+            "--pool-other",
+            "4",
+            "--heldout",
+            "8",
+            "--warmup-fraction",
+            "0.25",
+            "--warmup-epochs",
+            "2",
+            "--projection-dim",
+            "256",
+        ]
+    )
     assert set(probe) == {"hh_k1", "hh_k10"} and len(probe["hh_k1"]["checkpoints"]) == 2
     assert sum(probe["hh_k10"]["picked_for"]) == 16
     # ROSE's AUC as the probe recomputes it from the stores = the selection's own AUC
-    assert math.isclose(probe["hh_k1"]["auc"]["as stored, max"][0],
-                        rose[0]["composition"]["auc_chosen_rejected"], abs_tol=0.02)
+    assert math.isclose(
+        probe["hh_k1"]["auc"]["as stored, max"][0], rose[0]["composition"]["auc_chosen_rejected"], abs_tol=0.02
+    )
     rows = real_model_probe.unit(np.random.default_rng(0).normal(size=(5, 7)))
     brute = np.mean([rows[i] @ rows[j] for i in range(5) for j in range(5) if i != j])
     assert math.isclose(real_model_probe.collinearity(rows), brute)
@@ -206,10 +331,39 @@ def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
     tokenizer = build_tokenizer(texts, vocab_size=300, chat=False)
     build_tiny_llama(tokenizer, hidden=48, layers=1, heads=2, seed=3).save_pretrained(final)
     tokenizer.save_pretrained(final)
-    common = ["--select-model", str(select), "--final-model", str(final), "--out", str(tmp_path / "out"),
-              "--targets", "hh", "--pool-target", "12", "--pool-other", "4", "--heldout", "8", "--budgets", "0.25",
-              "--seeds", "0", "1", "--max-length", "48", "--projection-dim", "256", "--warmup-fraction", "0.25",
-              "--warmup-epochs", "2", "--final-epochs", "1", "--final-max-batch-tokens", "96"]
+    common = [
+        "--select-model",
+        str(select),
+        "--final-model",
+        str(final),
+        "--out",
+        str(tmp_path / "out"),
+        "--targets",
+        "hh",
+        "--pool-target",
+        "12",
+        "--pool-other",
+        "4",
+        "--heldout",
+        "8",
+        "--budgets",
+        "0.25",
+        "--seeds",
+        "0",
+        "1",
+        "--max-length",
+        "48",
+        "--projection-dim",
+        "256",
+        "--warmup-fraction",
+        "0.25",
+        "--warmup-epochs",
+        "2",
+        "--final-epochs",
+        "1",
+        "--final-max-batch-tokens",
+        "96",
+    ]
     for selector in ("select", "final"):
         transfer.main(["--stage", "select", "--selector", selector, *common])
     costs = {s: json.loads((tmp_path / f"out/costs/{s}_hh.json").read_text()) for s in ("select", "final")}
@@ -247,18 +401,28 @@ def test_transfer_benchmark_property_targets_are_the_suites_targets():
 
     from rose_trl.data.properties import property_suite
 
-    options = dict(property_pool_se=20, property_pool_hh=6, property_pool_min=6, property_k=4, property_test=5,
-                   task_seed=0, release=None)
+    options = dict(
+        property_pool_se=20,
+        property_pool_hh=6,
+        property_pool_min=6,
+        property_k=4,
+        property_test=5,
+        task_seed=0,
+        release=None,
+    )
     ns = argparse.Namespace(**options)
     prefer, k, key = transfer.target_task(None, "se_link_prefer", ns)
     avoid, k2, key2 = transfer.target_task(None, "se_link_avoid", ns)
     assert transfer.target_task(None, "se_link_prefer", ns)[0] is prefer and key != key2 and k == k2 == 4
-    suite = property_suite(("se_link",), pool_sizes={"se": 20, "hh": 6}, pool_min=6, n_validation=4, heldout_dev=0,
-                           heldout_test=5, seed=0)
+    suite = property_suite(
+        ("se_link",), pool_sizes={"se": 20, "hh": 6}, pool_min=6, n_validation=4, heldout_dev=0, heldout_test=5, seed=0
+    )
     assert prefer.pool["completion"] == suite.pool["completion"] == avoid.pool["completion"]
     for task, preferred in ((prefer, True), (avoid, False)):
-        expected = ["other" if t != "se" else ("chosen" if h == preferred else "rejected")
-                    for h, t in zip(suite.pool["has_se_link"], suite.pool["task"])]
+        expected = [
+            "other" if t != "se" else ("chosen" if h == preferred else "rejected")
+            for h, t in zip(suite.pool["has_se_link"], suite.pool["task"])
+        ]
         assert task.pool["answer"] == expected and len(task.validation) == 4
         assert set(task.heldout["half"]) == {"test"} and len(task.heldout) == 5
         first = suite.validation["se_link"][0]
@@ -279,12 +443,63 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monk
     from rose_trl.scoring.agreement import pair_agreement
 
     model = _tiny_model_folder(tmp_path / "model")
-    argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--properties", "se_link", "hh_question",
-            "--pool-se", "20", "--pool-hh", "14", "--pool-min", "7", "--n-validation", "6", "--heldout-dev", "2",
-            "--heldout-test", "6", "--k", "3", "--budgets", "0.2", "0.3", "--train-budgets", "0.2", "--seeds", "0", "1",
-            "--methods", "rose", "less", "random", "bm25", "rds", "--max-length", "48", "--projection-dim", "256",
-            "--warmup-fraction", "0.2", "--warmup-epochs", "2", "--final-epochs", "1", "--shots", "1", "2", "3",
-            "--draws", "3", "--no-release", "--released", "hh:10", "--grid-all"]
+    argv = [
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "out"),
+        "--properties",
+        "se_link",
+        "hh_question",
+        "--pool-se",
+        "20",
+        "--pool-hh",
+        "14",
+        "--pool-min",
+        "7",
+        "--n-validation",
+        "6",
+        "--heldout-dev",
+        "2",
+        "--heldout-test",
+        "6",
+        "--k",
+        "3",
+        "--budgets",
+        "0.2",
+        "0.3",
+        "--train-budgets",
+        "0.2",
+        "--seeds",
+        "0",
+        "1",
+        "--methods",
+        "rose",
+        "less",
+        "random",
+        "bm25",
+        "rds",
+        "--max-length",
+        "48",
+        "--projection-dim",
+        "256",
+        "--warmup-fraction",
+        "0.2",
+        "--warmup-epochs",
+        "2",
+        "--final-epochs",
+        "1",
+        "--shots",
+        "1",
+        "2",
+        "3",
+        "--draws",
+        "3",
+        "--no-release",
+        "--released",
+        "hh:10",
+        "--grid-all",
+    ]
     # killed after its 5th adapter (the oracle trains 4, so in the middle of se_link's grid), as a kill between
     # two units would stop it (a unit is written atomically: a kill inside one leaves nothing that is read)
     adapter = real_model.Bench.adapter
@@ -308,8 +523,10 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monk
         oracle = results["oracle"][prop]["0.2"]
         assert len(oracle["with"]["wins"]) == 6  # the test half
         # the oracle's difference is the per-pair difference of its two arms
-        assert math.isclose(oracle["difference"]["margins"]["mean"],
-                            np.mean(np.asarray(oracle["with"]["margins"]) - oracle["without"]["margins"]))
+        assert math.isclose(
+            oracle["difference"]["margins"]["mean"],
+            np.mean(np.asarray(oracle["with"]["margins"]) - oracle["without"]["margins"]),
+        )
         dirs = results["targets"][prop]["directions"]
         for direction in ("prefer", "avoid"):
             methods = dirs[direction]["methods"]
@@ -320,11 +537,18 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monk
                     assert math.isclose(np.mean(r["test"]["wins"]), r["test"]["accuracy"])
         # random reads no target: the same picks in both directions, and the avoid pairs are the prefer pairs
         # swapped, so its wins mirror and its margins change sign
-        rp, ra = dirs["prefer"]["methods"]["random"]["0.2"][0]["test"], dirs["avoid"]["methods"]["random"]["0.2"][0]["test"]
-        assert np.allclose(np.asarray(rp["wins"]) + ra["wins"], 1) and np.allclose(np.asarray(rp["margins"]), -np.asarray(ra["margins"]))
+        rp, ra = (
+            dirs["prefer"]["methods"]["random"]["0.2"][0]["test"],
+            dirs["avoid"]["methods"]["random"]["0.2"][0]["test"],
+        )
+        assert np.allclose(np.asarray(rp["wins"]) + ra["wins"], 1) and np.allclose(
+            np.asarray(rp["margins"]), -np.asarray(ra["margins"])
+        )
         # with one subtask, ROSE's avoid scores are the prefer scores negated, and the preferred side is the other
         # side: the same AUC (preferred over the other side) in both directions
-        aucs = [dirs[d]["methods"]["rose"]["0.2"][0]["composition"]["auc_chosen_rejected"] for d in ("prefer", "avoid")]
+        aucs = [
+            dirs[d]["methods"]["rose"]["0.2"][0]["composition"]["auc_chosen_rejected"] for d in ("prefer", "avoid")
+        ]
         assert math.isclose(aucs[0], aucs[1], abs_tol=1e-6)
         rose, rnd = dirs["prefer"]["methods"]["rose"]["0.2"], dirs["prefer"]["methods"]["random"]["0.2"]
         expected = np.mean(np.asarray(rose[0]["test"]["wins"]) - np.mean([r["test"]["wins"] for r in rnd], axis=0))
@@ -355,15 +579,33 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monk
     assert out.strip().splitlines()[-1].startswith("oracle.se_link@20%=")
 
     # another script builds the same target from code (issue 24's transfer grid)
-    task = property_targets.target_task("se_link", "avoid", k=3, release=None, pool_se=20, pool_hh=14, pool_min=7,
-                                        n_validation=6, heldout_dev=2, heldout_test=6)
+    task = property_targets.target_task(
+        "se_link",
+        "avoid",
+        k=3,
+        release=None,
+        pool_se=20,
+        pool_hh=14,
+        pool_min=7,
+        n_validation=6,
+        heldout_dev=2,
+        heldout_test=6,
+    )
     assert len(task.pool) == 34 and len(task.validation) == 3 and sum(h == "test" for h in task.heldout["half"]) == 6
-    assert math.isclose(np.mean(np.asarray(task.pool["answer"]) == "chosen"),
-                        results["targets"]["se_link"]["directions"]["avoid"]["pool"]["chosen"])
+    assert math.isclose(
+        np.mean(np.asarray(task.pool["answer"]) == "chosen"),
+        results["targets"]["se_link"]["directions"]["avoid"]["pool"]["chosen"],
+    )
 
     units = np.random.default_rng(0).normal(size=(4, 9))
-    brute = np.mean([units[i] @ units[j] / np.linalg.norm(units[i]) / np.linalg.norm(units[j])
-                     for i in range(4) for j in range(4) if i != j])
+    brute = np.mean(
+        [
+            units[i] @ units[j] / np.linalg.norm(units[i]) / np.linalg.norm(units[j])
+            for i in range(4)
+            for j in range(4)
+            if i != j
+        ]
+    )
     assert math.isclose(pair_agreement(units), brute)
     assert property_sweep.summarize(rows)[0]["k"] == 1
 

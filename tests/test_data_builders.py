@@ -21,9 +21,12 @@ def test_shp_by_name_one_best_pair_per_post(hub):
     row = ds[0]
     post = row["prompt"].split("askacademia post ")[1][0]
     # The post's pair with the highest score ratio (6, A preferred), HH-style prompt, leading-space responses.
-    assert row == {"prompt": f"\n\nHuman: askacademia post {post}: what should I do?\n\nAssistant:",
-                   "chosen": f" comment A0 on askacademia {post}", "rejected": f" comment B0 on askacademia {post}",
-                   "subtask": "askacademia"}
+    assert row == {
+        "prompt": f"\n\nHuman: askacademia post {post}: what should I do?\n\nAssistant:",
+        "chosen": f" comment A0 on askacademia {post}",
+        "rejected": f" comment B0 on askacademia {post}",
+        "subtask": "askacademia",
+    }
     assert len(set(ds["prompt"])) == 90
 
 
@@ -95,5 +98,7 @@ def test_registry_errors_and_defaults(hub):
 
 def test_split_dialogue():
     assert split_dialogue("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d") == (
-        "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", " d")
+        "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:",
+        " d",
+    )
     assert split_dialogue("no turns") is None

@@ -12,9 +12,17 @@ from huggingface_hub import DatasetCard, HfApi
 
 from rose_trl import cli, hub
 
-CONFIG = {"selection_method": "rose", "selection_fraction": 0.4, "model_name_or_path": "tiny/llama",
-          "pool_dataset": "allenai/tulu-v2-sft-mixture", "validation_dataset": "rose:se",
-          "projection_dim": 8192, "projection_type": "rademacher", "seed": 3}
+
+CONFIG = {
+    "selection_method": "rose",
+    "selection_fraction": 0.4,
+    "model_name_or_path": "tiny/llama",
+    "pool_dataset": "allenai/tulu-v2-sft-mixture",
+    "validation_dataset": "rose:se",
+    "projection_dim": 8192,
+    "projection_type": "rademacher",
+    "seed": 3,
+}
 
 
 @pytest.fixture
@@ -24,15 +32,41 @@ def run_dir(tmp_path):
     sel.mkdir()
     scores = np.array([0.5, -0.2, 0.9, 0.1, 0.7])
     selected = scores >= 0.7
-    pq.write_table(pa.table({"pool_index": np.arange(5), "score": scores, "score_academia": scores * 2,
-                             "score_physics": scores - 1, "selected": selected}), sel / "scores.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "pool_index": np.arange(5),
+                "score": scores,
+                "score_academia": scores * 2,
+                "score_physics": scores - 1,
+                "selected": selected,
+            }
+        ),
+        sel / "scores.parquet",
+    )
     order = np.argsort(-scores)[: selected.sum()]
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
-             "source": "cot", "pool_index": int(i), "score": float(scores[i])} for i in order]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "source": "cot",
+            "pool_index": int(i),
+            "score": float(scores[i]),
+        }
+        for i in order
+    ]
     datasets.Dataset.from_list(rows).save_to_disk(str(sel / "selected"))
     (sel / "config.json").write_text(json.dumps(CONFIG))
-    (sel / "summary.json").write_text(json.dumps({"num_pool": 5, "num_selected": 2, "selection_method": "rose",
-                                                  "subtasks": ["academia", "physics"], "threshold": 0.7}))
+    (sel / "summary.json").write_text(
+        json.dumps(
+            {
+                "num_pool": 5,
+                "num_selected": 2,
+                "selection_method": "rose",
+                "subtasks": ["academia", "physics"],
+                "threshold": 0.7,
+            }
+        )
+    )
     return tmp_path
 
 
@@ -76,8 +110,12 @@ def test_push_uploads_rows_card_and_files(run_dir, monkeypatch, caplog):
     card = next(u for u in uploads if u["path_in_repo"] == "README.md")
     assert card["path_or_fileobj"].decode() == hub.build_dataset_card(run_dir, "me/rose-subset")
     assert 'load_dataset("me/rose-subset", split="train")' in card["path_or_fileobj"].decode()
-    assert {u["path_in_repo"] for u in uploads} == {"README.md", "rose_selection/scores.parquet",
-                                                    "rose_selection/config.json", "rose_selection/summary.json"}
+    assert {u["path_in_repo"] for u in uploads} == {
+        "README.md",
+        "rose_selection/scores.parquet",
+        "rose_selection/config.json",
+        "rose_selection/summary.json",
+    }
     assert all(u["repo_id"] == "me/rose-subset" and u["repo_type"] == "dataset" for u in uploads)
     assert "hf_secret_token" not in caplog.text
 

@@ -52,19 +52,37 @@ def test_max_examples_is_a_seeded_sample(tmp_path):
     assert len(set(a)) == 10 and a == sorted(a, key=lambda p: int(p[1:]))  # pool order kept
 
 
-@pytest.mark.parametrize("row, field, problem", [
-    ({"prompt": "q", "completion": ""}, "completion", "empty"),
-    ({"prompt": "  ", "completion": "a"}, "prompt", "empty"),
-    ({"prompt": "q", "completion": 3}, "completion", "expected a string"),
-    ({"prompt": "q"}, "messages|prompt,completion", "needs 'messages'"),
-    ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no non-empty assistant"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]}, "messages[1].content", "string"),
-    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages[0]", "'role' and 'content'"),
-    ({"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages[0].role", "unknown role"),
-])
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        ({"prompt": "q", "completion": ""}, "completion", "empty"),
+        ({"prompt": "  ", "completion": "a"}, "prompt", "empty"),
+        ({"prompt": "q", "completion": 3}, "completion", "expected a string"),
+        ({"prompt": "q"}, "messages|prompt,completion", "needs 'messages'"),
+        ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no non-empty assistant"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]},
+            "messages[1].content",
+            "string",
+        ),
+        (
+            {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
+            "messages[0]",
+            "'role' and 'content'",
+        ),
+        (
+            {"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            "messages[0].role",
+            "unknown role",
+        ),
+    ],
+)
 def test_bad_rows_name_file_record_and_field(tmp_path, row, field, problem):
-    good = {"prompt": "q", "completion": "a"} if "prompt" in row else \
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    good = (
+        {"prompt": "q", "completion": "a"}
+        if "prompt" in row
+        else {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    )
     path = tmp_path / "pool.json"
     path.write_text(json.dumps([good, good, row]))
     with pytest.raises(BadRecordError, match=problem) as err:
@@ -93,7 +111,9 @@ def test_empty_pool_and_wrong_columns(tmp_path):
 def test_errors_in_a_concatenated_part_name_that_part(tmp_path):
     first = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "q", "completion": "a"}] * 3)
     second = tmp_path / "b.parquet"
-    datasets.Dataset.from_list([{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": " "}]).to_parquet(str(second))
+    datasets.Dataset.from_list([{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": " "}]).to_parquet(
+        str(second)
+    )
     with pytest.raises(BadRecordError) as err:
         load_pool([first, second])
     assert (err.value.source, err.value.index, err.value.field) == (str(second), 1, "completion")
@@ -102,8 +122,9 @@ def test_errors_in_a_concatenated_part_name_that_part(tmp_path):
 def test_dataset_dict_folder_and_json_lines_in_a_json_file(tmp_path):
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
     folder = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
-                          "validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:1]), "validation": datasets.Dataset.from_list(rows)}
+    ).save_to_disk(str(folder))
     assert load_pool(folder, split="validation")["prompt"] == ["p0", "p1", "p2"]
     with pytest.raises(KeyError, match=r"no split 'test'; it has \['train', 'validation'\]"):
         load_pool(folder, split="test")
@@ -120,10 +141,17 @@ def test_folder_of_jsonl_files_like_less_release(tmp_path):
     root = tmp_path / "train" / "processed"
     for name in ("oasst1", "cot", "dolly", "flan_v2"):
         (root / name).mkdir(parents=True)
-        write_jsonl(root / name / f"{name}_data.jsonl", [
-            {"dataset": name, "id": f"{name}_{i}", "messages": [{"role": "user", "content": "q"},
-                                                               {"role": "assistant", "content": "a"}]}
-            for i in range(2)])
+        write_jsonl(
+            root / name / f"{name}_data.jsonl",
+            [
+                {
+                    "dataset": name,
+                    "id": f"{name}_{i}",
+                    "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                }
+                for i in range(2)
+            ],
+        )
     ds = load_pool(root)
     assert ds["source"] == ["cot"] * 2 + ["dolly"] * 2 + ["flan_v2"] * 2 + ["oasst1"] * 2
     assert load_pool(root, sources=["dolly"])["id"] == ["dolly_0", "dolly_1"]

@@ -9,9 +9,13 @@ from rose_trl.data import load_preferences, load_released_preferences, load_rele
 from rose_trl.data.sft import BadRecordError
 from tests.data_fixtures import write_released_layout
 
-ROSE_DATA = Path(os.environ.get("ROSE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rose"))
-needs_rose_data = pytest.mark.skipif(not (ROSE_DATA / "validation").is_dir(),
-                                     reason=f"ROSE released data not found at {ROSE_DATA} (set ROSE_DATA_DIR)")
+
+ROSE_DATA = Path(
+    os.environ.get("ROSE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rose")
+)
+needs_rose_data = pytest.mark.skipif(
+    not (ROSE_DATA / "validation").is_dir(), reason=f"ROSE released data not found at {ROSE_DATA} (set ROSE_DATA_DIR)"
+)
 
 
 def pref(i, subtask=None, **over):
@@ -28,10 +32,12 @@ def write_jsonl(path, rows):
 
 # ---- generic preference files and Hub ids ---------------------------------------------------------
 
+
 def test_default_subtask_and_column_map(tmp_path):
     rows = [{"question": f"q{i}", "good": f"g{i}", "bad": f"b{i}", "id": i} for i in range(3)]
-    ds = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows),
-                          column_map={"question": "prompt", "good": "chosen", "bad": "rejected"})
+    ds = load_preferences(
+        write_jsonl(tmp_path / "p.jsonl", rows), column_map={"question": "prompt", "good": "chosen", "bad": "rejected"}
+    )
     assert ds.column_names == ["prompt", "chosen", "rejected", "subtask"]
     assert ds["subtask"] == ["default"] * 3 and ds["chosen"] == ["g0", "g1", "g2"]
 
@@ -57,8 +63,15 @@ def test_hub_id_subtask_selection_and_k_sample(monkeypatch):
 
 
 def test_conversational_rows_and_exclusion(tmp_path):
-    conv = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": f"g{i}"}],
-             "rejected": [{"role": "assistant", "content": f"b{i}"}], "subtask": "chat"} for i in range(2)]
+    conv = [
+        {
+            "prompt": [{"role": "user", "content": f"q{i}"}],
+            "chosen": [{"role": "assistant", "content": f"g{i}"}],
+            "rejected": [{"role": "assistant", "content": f"b{i}"}],
+            "subtask": "chat",
+        }
+        for i in range(2)
+    ]
     path = tmp_path / "conv.json"
     path.write_text(json.dumps(conv))
     assert load_preferences(path)["chosen"][1] == [{"role": "assistant", "content": "g1"}]
@@ -67,15 +80,18 @@ def test_conversational_rows_and_exclusion(tmp_path):
     assert kept["prompt"] == [pref(0)["prompt"], pref(2)["prompt"], pref(3)["prompt"]]
 
 
-@pytest.mark.parametrize("row, field, problem", [
-    (pref(9, chosen=""), "chosen", "empty"),
-    (pref(9, prompt="   "), "prompt", "empty"),
-    (pref(9, rejected=" good 9"), "chosen,rejected", "identical"),
-    (pref(9, rejected=7), "rejected", "expected a string or a list of messages, got int"),
-    ({"prompt": "q", "chosen": "c"}, "rejected", "missing"),
-    (pref(9, chosen=[{"role": "assistant"}]), "chosen[0]", "'role' and 'content'"),
-    (pref(9, subtask=""), "subtask", "non-empty string"),
-])
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        (pref(9, chosen=""), "chosen", "empty"),
+        (pref(9, prompt="   "), "prompt", "empty"),
+        (pref(9, rejected=" good 9"), "chosen,rejected", "identical"),
+        (pref(9, rejected=7), "rejected", "expected a string or a list of messages, got int"),
+        ({"prompt": "q", "chosen": "c"}, "rejected", "missing"),
+        (pref(9, chosen=[{"role": "assistant"}]), "chosen[0]", "'role' and 'content'"),
+        (pref(9, subtask=""), "subtask", "non-empty string"),
+    ],
+)
 def test_bad_rows_name_file_record_and_field(tmp_path, row, field, problem):
     path = write_jsonl(tmp_path / "bad.jsonl", [pref(0), pref(1), row])
     with pytest.raises(BadRecordError, match=problem) as err:
@@ -91,14 +107,21 @@ def test_empty_set_is_an_error(tmp_path):
 
 # ---- the paper's released format, on a miniature layout ------------------------------------------
 
+
 def test_released_file_with_no_options_gets_k_and_subtasks_from_layout(tmp_path):
     path = write_released_layout(tmp_path, "se", ["workplace", "academia", "gaming"], k=2)
     ds = load_preferences(path)
     assert ds["subtask"] == ["academia", "academia", "gaming", "gaming", "workplace", "workplace"]
-    assert ds[0] == {"prompt": "\n\nHuman: academia q0\n\nAssistant:", "chosen": " good academia0",
-                     "rejected": " bad academia0", "subtask": "academia"}
+    assert ds[0] == {
+        "prompt": "\n\nHuman: academia q0\n\nAssistant:",
+        "chosen": " good academia0",
+        "rejected": " bad academia0",
+        "subtask": "academia",
+    }
     assert load_preferences(path, subtask_names=["gaming"])["prompt"] == [
-        "\n\nHuman: gaming q0\n\nAssistant:", "\n\nHuman: gaming q1\n\nAssistant:"]
+        "\n\nHuman: gaming q0\n\nAssistant:",
+        "\n\nHuman: gaming q1\n\nAssistant:",
+    ]
     with pytest.raises(ValueError, match=r"unknown subtask\(s\) \['math'\]"):
         load_preferences(path, subtask_names=["math"])
     sft = load_released_sft(path.with_name("se_2_shot_sft.json"))
@@ -118,12 +141,24 @@ def test_released_file_without_test_folder_numbers_subtasks(tmp_path):
 
 def test_released_pair_fallback_and_errors(tmp_path):
     records = {
-        "\n\nHuman: a\n\nAssistant:": {"responses": [" r0", " r1"], "pairs": [[1, 0]], "sft_target": " r0",
-                                       "rejected_target": " r0"},  # repeated target: use pairs[0]
-        "\n\nHuman: b\n\nAssistant:": {"responses": [" s", " s"], "pairs": [[0, 1]], "sft_target": " s",
-                                       "rejected_target": " s"},  # no distinct pair at all
-        "\n\nHuman: c\n\nAssistant:": {"responses": [" t", " u"], "pairs": [[0, 1]], "sft_target": " t",
-                                       "rejected_target": " u"},
+        "\n\nHuman: a\n\nAssistant:": {
+            "responses": [" r0", " r1"],
+            "pairs": [[1, 0]],
+            "sft_target": " r0",
+            "rejected_target": " r0",
+        },  # repeated target: use pairs[0]
+        "\n\nHuman: b\n\nAssistant:": {
+            "responses": [" s", " s"],
+            "pairs": [[0, 1]],
+            "sft_target": " s",
+            "rejected_target": " s",
+        },  # no distinct pair at all
+        "\n\nHuman: c\n\nAssistant:": {
+            "responses": [" t", " u"],
+            "pairs": [[0, 1]],
+            "sft_target": " t",
+            "rejected_target": " u",
+        },
     }
     path = write_released_layout(tmp_path, "shp", ["x", "y", "z"], k=1, records=records)
     with pytest.raises(BadRecordError, match="drop_unusable") as err:
@@ -136,8 +171,9 @@ def test_released_pair_fallback_and_errors(tmp_path):
         load_preferences(path, k=2)
     with pytest.raises(BadRecordError, match=r"2 groups of records but 3 subtask names"):
         load_preferences(path, subtask_sizes=[1, 2])
-    assert load_released_preferences(path, subtask_sizes=[2, 1], group_names=["p", "q"],
-                                     drop_unusable=True)["subtask"] == ["p", "q"]
+    assert load_released_preferences(path, subtask_sizes=[2, 1], group_names=["p", "q"], drop_unusable=True)[
+        "subtask"
+    ] == ["p", "q"]
 
 
 def test_released_record_with_bad_types(tmp_path):
@@ -150,12 +186,16 @@ def test_released_record_with_bad_types(tmp_path):
 
 # ---- the real released files (skipped when absent) -----------------------------------------------
 
+
 @needs_rose_data
-@pytest.mark.parametrize("task, k, n_subtasks, first, last", [
-    ("shp", 5, 18, "askacademia", "legaladvice"),
-    ("se", 2, 10, "academia", "workplace"),
-    ("hh", 1, 2, "harmless-base", "red-team-attempts"),
-])
+@pytest.mark.parametrize(
+    "task, k, n_subtasks, first, last",
+    [
+        ("shp", 5, 18, "askacademia", "legaladvice"),
+        ("se", 2, 10, "academia", "workplace"),
+        ("hh", 1, 2, "harmless-base", "red-team-attempts"),
+    ],
+)
 def test_real_paper_default_files_load_with_no_options(task, k, n_subtasks, first, last):
     path = ROSE_DATA / "validation" / task / f"{task}_{k}_shot" / f"{task}_{k}_shot_preference.json"
     ds = load_preferences(path)

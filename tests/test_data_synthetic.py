@@ -7,8 +7,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from rose_trl.data import RejectedSamplingConfig, generate_response, sft_to_preferences
 from rose_trl.data.sft import BadRecordError
 
-CORPUS = ["\n\nHuman: how do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast, then bake it.",
-          "\n\nHuman: what is a cat?\n\nAssistant: A small furry animal that many people keep as a pet."] * 20
+
+CORPUS = [
+    "\n\nHuman: how do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast, then bake it.",
+    "\n\nHuman: what is a cat?\n\nAssistant: A small furry animal that many people keep as a pet.",
+] * 20
 
 
 @pytest.fixture(scope="module")
@@ -16,29 +19,47 @@ def tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def sft_rows():
-    return datasets.Dataset.from_list([
-        {"prompt": "\n\nHuman: how do I bake bread?\n\nAssistant:", "completion": " Mix flour and bake.", "subtask": "food"},
-        {"prompt": "\n\nHuman: what is a cat?\n\nAssistant:", "completion": " A small pet.", "subtask": "animals"},
-        {"prompt": "\n\nHuman: what is a dog?\n\nAssistant:", "completion": " A loyal pet.", "subtask": "animals"},
-    ])
+    return datasets.Dataset.from_list(
+        [
+            {
+                "prompt": "\n\nHuman: how do I bake bread?\n\nAssistant:",
+                "completion": " Mix flour and bake.",
+                "subtask": "food",
+            },
+            {"prompt": "\n\nHuman: what is a cat?\n\nAssistant:", "completion": " A small pet.", "subtask": "animals"},
+            {"prompt": "\n\nHuman: what is a dog?\n\nAssistant:", "completion": " A loyal pet.", "subtask": "animals"},
+        ]
+    )
 
 
 CONFIG = RejectedSamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.95, seed=0)
@@ -72,22 +93,36 @@ def test_judge_confirms_order_and_unconfirmed_rows_are_dropped(model, tokenizer)
     assert ds["rejected"][0] == generate_response(model, tokenizer, ds["prompt"][0], CONFIG, (0, 0, 1))
 
     one_try = RejectedSamplingConfig(max_new_tokens=6, seed=0, max_attempts=1)
-    kept = sft_to_preferences(sft_rows(), model, tokenizer, one_try,
-                              judge=lambda p, c, r: "cat" not in p)
+    kept = sft_to_preferences(sft_rows(), model, tokenizer, one_try, judge=lambda p, c, r: "cat" not in p)
     assert kept["subtask"] == ["food", "animals"]
     with pytest.raises(BadRecordError, match="no row got a usable rejected response"):
         sft_to_preferences(sft_rows(), model, tokenizer, one_try, judge=lambda p, c, r: False)
 
 
 def test_chat_rows(model, tokenizer):
-    rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "what is a cat?"},
-                                                     {"role": "assistant", "content": "A small pet."}]}])
+    rows = datasets.Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "what is a cat?"},
+                    {"role": "assistant", "content": "A small pet."},
+                ]
+            }
+        ]
+    )
     plain = sft_to_preferences(rows, model, tokenizer, CONFIG)  # no chat template: used as text
     assert plain[0]["prompt"] == "what is a cat?" and plain[0]["subtask"] == "default"
-    chat_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>",
-                                       bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    chat_tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    chat_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    chat_tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     conv = sft_to_preferences(rows, model, chat_tok, CONFIG)
     assert conv[0]["prompt"] == [{"role": "user", "content": "what is a cat?"}]
     assert conv[0]["chosen"] == [{"role": "assistant", "content": "A small pet."}]

@@ -17,12 +17,15 @@ import pandas as pd
 import pytest
 import yaml
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                       reason="deepspeed is not installed (pip install -e '.[deepspeed]')"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None,
+        reason="deepspeed is not installed (pip install -e '.[deepspeed]')",
+    ),
 ]
 
 WARMUP = """
@@ -62,12 +65,26 @@ os.write(1, f"lora_numel {lora.numel()} {getattr(lora, 'ds_numel', None)} steps 
 """
 
 
-def launch(config: Path, mode: str, output_dir: Path, cwd: Path, *launch_args: str, gpu: bool = False,
-           bf16: bool = False) -> str:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *launch_args,
-           str(cwd / "warmup.py"), mode, str(output_dir)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+def launch(
+    config: Path, mode: str, output_dir: Path, cwd: Path, *launch_args: str, gpu: bool = False, bf16: bool = False
+) -> str:
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        *launch_args,
+        str(cwd / "warmup.py"),
+        mode,
+        str(output_dir),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     env.update({"ROSE_TEST_GPU": "1"} if gpu else {"DS_ACCELERATOR": "cpu"})
     env.update({"ROSE_TEST_BF16": "1"} if bf16 else {})
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -97,8 +114,14 @@ def offline_scores(run: Path, cwd: Path) -> pd.DataFrame:
     """Offline selection from the run's DeepSpeed (global_step*/) or FSDP2 checkpoints, one CPU process."""
     (cwd / "offline.py").write_text(OFFLINE)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run([sys.executable, str(cwd / "offline.py"), str(run), str(run) + "_offline"], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(cwd / "offline.py"), str(run), str(run) + "_offline"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return scores(Path(str(run) + "_offline"))
 
@@ -110,8 +133,12 @@ def scores(output_dir: Path) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ds")
-    subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp / "tiny"), "--pool-size", "64"],
-                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp / "tiny"), "--pool-size", "64"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     (tmp / "warmup.py").write_text(WARMUP)
     out = launch(ROOT / "accelerate_configs/multi_cpu.yaml", "ddp", tmp / "ddp", tmp)
     assert out.count("steps 8") == 2  # two processes, 32 rows / (4 x 2) x 2 epochs
@@ -142,9 +169,13 @@ def test_zero2_selects_like_ddp(workdir):
 def test_zero3_partitioned_lora_selects_like_ddp(workdir):
     # Persistence threshold 0: ZeRO-3 would otherwise keep parameters this small whole on every rank,
     # and the partitioned path (numel 0, gathered by hooks) would go untested.
-    ds_config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                 "gradient_clipping": 1.0, "gradient_accumulation_steps": 1,
-                 "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    ds_config = {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "gradient_clipping": 1.0,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+    }
     (workdir / "zero3.json").write_text(json.dumps(ds_config))
     config = yaml.safe_load((ROOT / "accelerate_configs/deepspeed_zero3.yaml").read_text())
     config["deepspeed_config"] = {"deepspeed_config_file": str(workdir / "zero3.json"), "zero3_init_flag": False}

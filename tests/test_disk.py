@@ -25,14 +25,23 @@ from rose_trl.resources import disk
 from rose_trl.resources.disk import DiskSpaceError
 from rose_trl.stores.store import GradientStore, store_bytes
 
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 def make_store(path, rows=40, dim=256, dtype="float16"):
-    return GradientStore.open_or_create(path, model="m", checkpoint="c", projection={"dim": dim, "kind": "test"},
-                                        gradient_type="sgd", pool_fingerprint="p", num_rows=rows, dtype=dtype,
-                                        shard_size=16)
+    return GradientStore.open_or_create(
+        path,
+        model="m",
+        checkpoint="c",
+        projection={"dim": dim, "kind": "test"},
+        gradient_type="sgd",
+        pool_fingerprint="p",
+        num_rows=rows,
+        dtype=dtype,
+        shard_size=16,
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
@@ -54,7 +63,9 @@ def test_a_store_that_does_not_fit_is_refused_before_any_file(tmp_path, monkeypa
         make_store(tmp_path / "rose" / "s")
     needed = store_bytes(40, 256, "float16", shard_size=16)
     message = str(e.value)
-    assert str(tmp_path / "rose") in message and f"needs {needed:,} bytes" in message and "10,000 bytes free" in message
+    assert (
+        str(tmp_path / "rose") in message and f"needs {needed:,} bytes" in message and "10,000 bytes free" in message
+    )
     assert e.value.errno == errno.ENOSPC
     assert not any((tmp_path / "rose").iterdir())
 
@@ -77,11 +88,16 @@ def test_an_older_sparse_store_is_allocated_before_its_first_write(tmp_path, mon
     resumed = GradientStore.open(store.path)
     resumed.write(np.array([0, 1]), np.ones((2, 256), dtype=np.float32))
     resumed.write(np.array([2, 17]), np.ones((2, 256), dtype=np.float32))
-    assert calls == [("shard_00000.npy", False), ("done_00000.npy", False),
-                     ("shard_00001.npy", False), ("done_00001.npy", False)]  # once per shard, before writing
+    assert calls == [
+        ("shard_00000.npy", False),
+        ("done_00000.npy", False),
+        ("shard_00001.npy", False),
+        ("done_00001.npy", False),
+    ]  # once per shard, before writing
 
 
 # ---- the whole run ----------------------------------------------------------------------------------
+
 
 def run_configs(configs, assets, out, **rose):
     return configs(assets, out, sft=dict(num_train_epochs=2, per_device_train_batch_size=4, disable_tqdm=True), **rose)
@@ -103,13 +119,19 @@ def test_a_run_refuses_before_its_first_step_when_its_stores_do_not_fit(assets, 
 
 # ---- a real small filesystem --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A tmpfs of 3 MB at tmp_path/disk (resizable with `.resize(mb)`), unmounted afterwards."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root): the stubbed tests cover the same code")
 
     class Disk:
@@ -153,14 +175,51 @@ RECIPE = textwrap.dedent("""
 
 
 def recipe(assets, out: Path, script: Path, blind: bool = False, **popen) -> subprocess.Popen:
-    args = ["--model_name_or_path", str(assets / "model"), "--use_peft", "true", "--lora_r", "4",
-            "--lora_target_modules", "q_proj", "v_proj", "--pool_dataset", str(assets / "pool.jsonl"),
-            "--validation_dataset", str(assets / "validation.jsonl"), "--final_training", "false",
-            "--selection_fraction", "0.1", "--output_dir", str(out), "--use_cpu", "true", "--bf16", "false",
-            "--report_to", "none", "--max_length", "256", "--num_train_epochs", "2",
-            "--per_device_train_batch_size", "4", "--disable_tqdm", "true", "--seed", "0"]
-    return subprocess.Popen([sys.executable, str(script), "blind" if blind else "check", *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    args = [
+        "--model_name_or_path",
+        str(assets / "model"),
+        "--use_peft",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_target_modules",
+        "q_proj",
+        "v_proj",
+        "--pool_dataset",
+        str(assets / "pool.jsonl"),
+        "--validation_dataset",
+        str(assets / "validation.jsonl"),
+        "--final_training",
+        "false",
+        "--selection_fraction",
+        "0.1",
+        "--output_dir",
+        str(out),
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--report_to",
+        "none",
+        "--max_length",
+        "256",
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+    ]
+    return subprocess.Popen(
+        [sys.executable, str(script), "blind" if blind else "check", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -170,7 +229,8 @@ def finish(process: subprocess.Popen) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_the_recipe_on_a_small_filesystem_refuses_then_errors_then_resumes_to_the_same_selection(
-        assets, small_disk, tmp_path):
+    assets, small_disk, tmp_path
+):
     """The issue's report: the tiny recipe on a small disk died with SIGBUS. Now: refused before any work; with
     the check blinded, a DiskSpaceError naming the store file; after space is freed, the same command resumes
     and gives the selection of a run that never failed."""

@@ -10,12 +10,23 @@ import pytest
 import torch
 import yaml
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(config_file: str, select_config: Path, output_dir: Path, cwd: Path) -> str:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config_file),
-           str(ROOT / "recipes" / "rose_select.py"), "--config", str(select_config), "--output_dir", str(output_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / config_file),
+        str(ROOT / "recipes" / "rose_select.py"),
+        "--config",
+        str(select_config),
+        "--output_dir",
+        str(output_dir),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -24,8 +35,11 @@ def launch(config_file: str, select_config: Path, output_dir: Path, cwd: Path) -
 
 @pytest.mark.slow
 def test_two_cpu_processes_select_exactly_like_one(tmp_path):
-    subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "outputs/tiny"), "--pool-size", "200"],
-                   check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "outputs/tiny"), "--pool-size", "200"],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     # A short warm-up (no selection) to select from.
     tiny = yaml.safe_load((ROOT / "recipes/tiny/rose/config_tiny.yaml").read_text())
     warm = tmp_path / "warm.py"
@@ -38,14 +52,19 @@ from rose_trl.run.pipeline import sft_training_dataset
 tok = AutoTokenizer.from_pretrained("outputs/tiny/model")
 pool = load_pool("outputs/tiny/pool.jsonl").select(range(40))
 args = SFTConfig(output_dir="outputs/tiny/warmup", num_train_epochs=2, per_device_train_batch_size=8,
-                 learning_rate={tiny['learning_rate']}, save_strategy="epoch", logging_steps=1, use_cpu=True, bf16=False,
+                 learning_rate={tiny["learning_rate"]}, save_strategy="epoch", logging_steps=1, use_cpu=True, bf16=False,
                  gradient_checkpointing=False, report_to=[], max_length=256)
 SFTTrainer(AutoModelForCausalLM.from_pretrained("outputs/tiny/model"), args=args,
            train_dataset=sft_training_dataset(pool, tok, 256, "warm-up"), processing_class=tok,
            peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])).train()
 """)
-    subprocess.run([sys.executable, str(warm)], cwd=tmp_path, check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(
+        [sys.executable, str(warm)],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     config = yaml.safe_load((ROOT / "recipes/tiny/rose/select_tiny.yaml").read_text())
     config.update(warmup_dir="outputs/tiny/warmup", projection_dim=1024)
     select = tmp_path / "select.yaml"
@@ -101,8 +120,10 @@ def test_deepspeed_model_state_files_cannot_run_code(tmp_path):
     marker = tmp_path / "ran"
     ds_dir = tmp_path / "global_step4"
     ds_dir.mkdir()
-    torch.save({"buffer_names": [], "param_shapes": [], "module": {}, "x": _RunsCode(marker)},
-               ds_dir / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"buffer_names": [], "param_shapes": [], "module": {}, "x": _RunsCode(marker)},
+        ds_dir / "mp_rank_00_model_states.pt",
+    )
     with pytest.raises(ZeroCheckpointError, match="model-state file"):
         read_zero_adam_moments(ds_dir)
     assert not marker.exists()

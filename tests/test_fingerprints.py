@@ -9,9 +9,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from rose_trl.config import ROSEConfig
+from rose_trl.models.tiny import build_tiny_llama
 from rose_trl.run.selector import ROSESelector
 from rose_trl.stores.store import GradientStore, StoreMismatchError
-from rose_trl.models.tiny import build_tiny_llama
+
 
 CONFIG = dict(projection_dim=256, gradient_type="sgd", selection_fraction=0.25, gradient_batch_size=8)
 
@@ -36,8 +37,15 @@ def data(planted):
 
 def run(out, data, model=None, pool=None, validation=None, **config):
     p, v, tok, _ = data
-    selector = ROSESelector(pool if pool is not None else p, validation if validation is not None else v, tok,
-                            ROSEConfig(**{**CONFIG, **config}), out, max_length=64, progress=False)
+    selector = ROSESelector(
+        pool if pool is not None else p,
+        validation if validation is not None else v,
+        tok,
+        ROSEConfig(**{**CONFIG, **config}),
+        out,
+        max_length=64,
+        progress=False,
+    )
     selector.add_checkpoint(model if model is not None else lora_model(tok), "checkpoint-1", 1e-3)
     return selector.finalize()
 
@@ -58,15 +66,19 @@ def test_outputs_record_what_produced_them(first_run):
     assert run_json["pool_fingerprint"] == meta["pool_fingerprint"] and run_json["projection_dim"] == 256
 
 
-@pytest.mark.parametrize("change,named", [
-    (lambda d: {"model": lora_model(d[2], name="tiny-b")}, ["model: store has 'tiny-a', asked for 'tiny-b'"]),
-    (lambda d: {"model": lora_model(d[2], seed=1)}, ["checkpoint: store has 'checkpoint-1@"]),
-    (lambda d: {"pool": d[3].select(range(1, 17))}, ["pool_fingerprint: found"]),
-    (lambda d: {"validation": d[1].select(range(1, len(d[1])))}, ["validation_fingerprint: found"]),
-    (lambda d: {"projection_seed": 1}, ["projection_seed: found 0, asked for 1"]),
-    (lambda d: {"projection_dim": 128}, ["projection_dim: found 256, asked for 128"]),
-    (lambda d: {"store_dtype": "float32"}, ["store_dtype: found 'float16', asked for 'float32'"]),
-], ids=["model", "checkpoint", "pool", "validation", "projection_seed", "projection_dim", "dtype"])
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        (lambda d: {"model": lora_model(d[2], name="tiny-b")}, ["model: store has 'tiny-a', asked for 'tiny-b'"]),
+        (lambda d: {"model": lora_model(d[2], seed=1)}, ["checkpoint: store has 'checkpoint-1@"]),
+        (lambda d: {"pool": d[3].select(range(1, 17))}, ["pool_fingerprint: found"]),
+        (lambda d: {"validation": d[1].select(range(1, len(d[1])))}, ["validation_fingerprint: found"]),
+        (lambda d: {"projection_seed": 1}, ["projection_seed: found 0, asked for 1"]),
+        (lambda d: {"projection_dim": 128}, ["projection_dim: found 256, asked for 128"]),
+        (lambda d: {"store_dtype": "float32"}, ["store_dtype: found 'float16', asked for 'float32'"]),
+    ],
+    ids=["model", "checkpoint", "pool", "validation", "projection_seed", "projection_dim", "dtype"],
+)
 def test_other_inputs_are_refused_naming_the_difference(first_run, data, change, named):
     out, selection = first_run
     before = pd.read_parquet(selection / "scores.parquet")

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
@@ -97,10 +98,24 @@ os.write(1, f"rank {state.process_index} {type(lora).__name__} local {tuple(lora
 
 
 def torchrun(nproc: int, mode: str, out: Path, cwd: Path) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + nproc + (7 if mode == "fsdp" else 0)), str(cwd / "fsdp_select.py"), mode, str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(29500 + nproc + (7 if mode == "fsdp" else 0)),
+        str(cwd / "fsdp_select.py"),
+        mode,
+        str(out),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
@@ -129,16 +144,28 @@ def offline(run: Path, out: Path, cwd: Path, nproc: int = 1) -> pd.DataFrame:
     """Offline selection from an FSDP2 run's checkpoints: one plain process, or `nproc` under torchrun."""
     (cwd / "offline.py").write_text(OFFLINE)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533"]
-    result = subprocess.run([sys.executable, *launcher, str(cwd / "offline.py"), str(run), str(out)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=900)
+    launcher = (
+        [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533"]
+    )
+    result = subprocess.run(
+        [sys.executable, *launcher, str(cwd / "offline.py"), str(run), str(out)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return pd.read_parquet(out / "selection/scores.parquet").sort_values("pool_index")
 
 
 def test_fsdp2_sharded_lora_scores_like_one_process(tmp_path):
-    subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "tiny"), "--pool-size", "64"],
-                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "tiny"), "--pool-size", "64"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     (tmp_path / "fsdp_select.py").write_text(SCRIPT)
     torchrun(1, "single", tmp_path / "single", tmp_path)
     out = torchrun(2, "fsdp", tmp_path / "fsdp", tmp_path)

@@ -17,9 +17,10 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from rose_trl import ROSEConfig, ROSESelector
 from rose_trl.checkpoints.fsdp import FSDPCheckpointError, read_fsdp_adam_moments
 from rose_trl.gradients.capture import AdamState, MissingAdamStateError, trainable_parameters, trainer_param_index
-from rose_trl.run.offline import load_checkpoint_adam, load_checkpoint_adapter, select_from_checkpoints, warmup_model
 from rose_trl.models.tiny import build_tiny_llama
+from rose_trl.run.offline import load_checkpoint_adam, load_checkpoint_adapter, select_from_checkpoints, warmup_model
 from tests.helpers import tiny_lora_model
+
 
 KINDS = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
 
@@ -66,7 +67,9 @@ def test_sharded_checkpoint_of_another_adapter_is_refused(tmp_path):
     with pytest.raises(MissingAdamStateError, match="has 256 Adam values, the parameter has 512"):
         load_checkpoint_adam(tmp_path, tiny_lora_model(r=8))
     with pytest.raises(FSDPCheckpointError, match="holds no adapter weight"):
-        load_checkpoint_adapter(tmp_path, tiny_lora_model(r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj")))
+        load_checkpoint_adapter(
+            tmp_path, tiny_lora_model(r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"))
+        )
 
 
 class _Planted:
@@ -106,7 +109,9 @@ def test_plain_values_are_read_with_weights_only(tmp_path):
     state = get_optimizer_state_dict(model, opt)
     state["param_groups"][0]["eps"] = datetime.datetime(2026, 1, 1)
     dcp.save({"optimizer": state}, storage_writer=dcp.FileSystemWriter(str(tmp_path / "optimizer_0")), no_dist=True)
-    with pytest.raises(FSDPCheckpointError, match="weights_only allows .*Unsupported global: GLOBAL datetime.datetime"):
+    with pytest.raises(
+        FSDPCheckpointError, match="weights_only allows .*Unsupported global: GLOBAL datetime.datetime"
+    ):
         read_fsdp_adam_moments(tmp_path)
 
 
@@ -118,7 +123,9 @@ def test_index_keyed_optimizer_bin_is_not_taken_for_fsdp(tmp_path):
 
 
 def test_sharded_checkpoint_needs_the_lora_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json .* pass the warm-up's LoRA config as peft_config"):
+    with pytest.raises(
+        FileNotFoundError, match="no adapter_config.json .* pass the warm-up's LoRA config as peft_config"
+    ):
         warmup_model(tmp_path, None)
 
 
@@ -135,7 +142,9 @@ def test_offline_selection_same_from_fsdp_and_plain_checkpoints(tmp_path, plante
         opt.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
-    state = json.dumps({"global_step": 2, "log_history": [{"step": 1, "learning_rate": 1e-2}, {"step": 2, "learning_rate": 5e-3}]})
+    state = json.dumps(
+        {"global_step": 2, "log_history": [{"step": 1, "learning_rate": 1e-2}, {"step": 2, "learning_rate": 5e-3}]}
+    )
     plain = tmp_path / "plain/checkpoint-2"
     model.save_pretrained(plain)
     # optimizer.pt numbers parameters as the Trainer does (decay group first): reorder the live state accordingly.
@@ -154,8 +163,16 @@ def test_offline_selection_same_from_fsdp_and_plain_checkpoints(tmp_path, plante
     assert not (tmp_path / "SHARDED_STATE_DICT/checkpoint-2/adapter_config.json").exists()
 
     def scores(run: str) -> pd.DataFrame:
-        selector = ROSESelector(pool, validation, tokenizer, ROSEConfig(projection_dim=256, selection_fraction=0.1),
-                                tmp_path / f"out_{run}", max_length=64, use_cpu=True, progress=False)
+        selector = ROSESelector(
+            pool,
+            validation,
+            tokenizer,
+            ROSEConfig(projection_dim=256, selection_fraction=0.1),
+            tmp_path / f"out_{run}",
+            max_length=64,
+            use_cpu=True,
+            progress=False,
+        )
         fresh = build_tiny_llama(tokenizer, hidden=64, layers=2, seed=0)
         select_from_checkpoints(tmp_path / run, fresh, selector, peft_config=lora)
         return pd.read_parquet(tmp_path / f"out_{run}/selection/scores.parquet").sort_values("pool_index")
@@ -175,8 +192,10 @@ def test_saved_file_names_match_accelerate():
     from rose_trl.checkpoints.fsdp import FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, FSDP_OPTIMIZER_FILE
 
     assert (f"{FSDP_MODEL_NAME}_0", f"{OPTIMIZER_NAME}_0", f"{OPTIMIZER_NAME}.bin") == (
-        FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, FSDP_OPTIMIZER_FILE)
-
+        FSDP_MODEL_DIR,
+        FSDP_OPTIMIZER_DIR,
+        FSDP_OPTIMIZER_FILE,
+    )
 
 
 def test_final_save_under_sharded_fsdp_writes_the_adapter_whole(tmp_path):
@@ -214,11 +233,17 @@ def test_metadata_allow_list_refuses_dotted_and_foreign_names():
         s = lambda t: b"\x8c" + bytes([len(t)]) + t.encode()  # noqa: E731 (SHORT_BINUNICODE)
         return b"\x80\x04" + s(module) + s(name) + b"\x93."
 
-    for module, name in [("torch.distributed.checkpoint.metadata", "torch.load"),
-                         ("torch.distributed.checkpoint.metadata", "dataclass"), ("torch", "load"), ("os", "system")]:
+    for module, name in [
+        ("torch.distributed.checkpoint.metadata", "torch.load"),
+        ("torch.distributed.checkpoint.metadata", "dataclass"),
+        ("torch", "load"),
+        ("os", "system"),
+    ]:
         with pytest.raises(pickle.UnpicklingError, match="is not a DCP metadata type"):
             _MetadataUnpickler(io.BytesIO(global_(module, name))).load()
     from torch.distributed.checkpoint.metadata import Metadata
 
-    assert _MetadataUnpickler(io.BytesIO(global_("torch.distributed.checkpoint.metadata", "Metadata"))).load() is Metadata
+    assert (
+        _MetadataUnpickler(io.BytesIO(global_("torch.distributed.checkpoint.metadata", "Metadata"))).load() is Metadata
+    )
     assert _MetadataUnpickler(io.BytesIO(global_("torch", "float32"))).load() is torch.float32

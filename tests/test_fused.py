@@ -2,24 +2,25 @@
 the whole-row path it replaces and against a plain batch-size-1 loop; its fallbacks; its memory."""
 
 import logging
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from rose_trl.stores.extraction import extract_gradients
-from rose_trl.gradients.sft_loss import sft_per_example_loss
-from rose_trl.gradients.capture import (AdamState, per_example_gradients, per_example_projected_gradients,
-                                trainable_parameters)
+from rose_trl.gradients.capture import (
+    AdamState,
+    per_example_gradients,
+    per_example_projected_gradients,
+    trainable_parameters,
+)
 from rose_trl.gradients.projection import build_projector
+from rose_trl.gradients.sft_loss import sft_per_example_loss
+from rose_trl.stores.extraction import extract_gradients
 from rose_trl.stores.store import GradientStore
 from tests.helpers import mixed_length_batch, row, tiny_lora_model
 from tests.test_gradients import LENGTHS, PROMPTS, assert_rows_match, loop_reference
-
 
 
 def random_adam(n: int, seed: int = 0) -> AdamState:
@@ -85,7 +86,12 @@ def test_layer_called_twice_and_layers_without_gradient():
     loop = []
     for i in range(3):
         r = row(batch, i)
-        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(model(**r).loss, params, allow_unused=True, materialize_grads=True)])
+        g = torch.cat(
+            [
+                x.reshape(-1)
+                for x in torch.autograd.grad(model(**r).loss, params, allow_unused=True, materialize_grads=True)
+            ]
+        )
         loop.append(g)
     loop = torch.stack(loop)
     for a in (None, adam):
@@ -106,8 +112,16 @@ def tiny_pool(n_rows: int = 10, seed: int = 0):
 
 
 def store_for(path, projector, n_rows):
-    return GradientStore.open_or_create(path, model="m", checkpoint="c", projection=projector.describe(),
-                                        gradient_type="adam", pool_fingerprint="p", num_rows=n_rows, dtype="float32")
+    return GradientStore.open_or_create(
+        path,
+        model="m",
+        checkpoint="c",
+        projection=projector.describe(),
+        gradient_type="adam",
+        pool_fingerprint="p",
+        num_rows=n_rows,
+        dtype="float32",
+    )
 
 
 def test_projector_without_slices_falls_back_and_a_resume_mixes_both_paths(tmp_path, caplog):
@@ -123,13 +137,22 @@ def test_projector_without_slices_falls_back_and_a_resume_mixes_both_paths(tmp_p
     assert whole_rows.describe() == sliced.describe()  # the same matrix: stores are shared
 
     with caplog.at_level(logging.WARNING, logger="rose_trl.gradients.featurizer"):
-        extract_gradients(model, pool, reference := store_for(tmp_path / "ref", whole_rows, len(pool)), whole_rows, 0,
-                          adam_state=adam, batch_size=4, progress=False)
+        extract_gradients(
+            model,
+            pool,
+            reference := store_for(tmp_path / "ref", whole_rows, len(pool)),
+            whole_rows,
+            0,
+            adam_state=adam,
+            batch_size=4,
+            progress=False,
+        )
     assert "fused gradient path off" in caplog.text and "cannot project a slice" in caplog.text
 
     mixed = store_for(tmp_path / "mixed", sliced, len(pool))
-    extract_gradients(model, pool, mixed, whole_rows, 0, adam_state=adam, batch_size=4, missing=np.arange(4),
-                      progress=False)
+    extract_gradients(
+        model, pool, mixed, whole_rows, 0, adam_state=adam, batch_size=4, missing=np.arange(4), progress=False
+    )
     assert int(mixed.done_mask().sum()) == 4
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rose_trl.gradients.featurizer"):
@@ -159,9 +182,14 @@ def test_validation_pair_gradients_fused_equal_whole_rows(loss_type, planted, ti
 
     _, validation, tokenizer, _ = planted
     model = trained_adapter_model(tiny_base)
-    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), beta=20.0 if loss_type == "hinge" else 0.1,
-                                                          batch_size=3, use_cpu=True, loss_type=loss_type),
-                             validation, tokenizer)
+    trainer = ROSEDPOTrainer(
+        model,
+        validation_dpo_config(
+            str(tmp_path), beta=20.0 if loss_type == "hinge" else 0.1, batch_size=3, use_cpu=True, loss_type=loss_type
+        ),
+        validation,
+        tokenizer,
+    )
     model.eval()
     n = sum(p.numel() for _, p in trainable_parameters(model))
     projector = build_projector("sjlt", n, 512, seed=0)
@@ -173,8 +201,10 @@ def test_validation_pair_gradients_fused_equal_whole_rows(loss_type, planted, ti
     assert torch.equal(fused.norm(dim=1) == 0, zero)
     assert_rows_match(fused[~zero], whole[~zero])
     if loss_type == "sigmoid":
-        assert_rows_match(sft_validation_gradients(model, validation, tokenizer, fused_path),
-                          sft_validation_gradients(model, validation, tokenizer, whole_path))
+        assert_rows_match(
+            sft_validation_gradients(model, validation, tokenizer, fused_path),
+            sft_validation_gradients(model, validation, tokenizer, whole_path),
+        )
 
 
 @pytest.mark.parametrize("whole_rows", [False, True])
@@ -192,13 +222,22 @@ def test_the_path_is_decided_and_logged_once_per_run(tmp_path, caplog, whole_row
     restore = whole_row_projectors() if whole_rows else (lambda: None)
     try:
         with caplog.at_level(logging.INFO, logger="rose_trl.gradients.featurizer"):
-            select(Dataset.from_list(pool), Dataset.from_list(validation), tokenizer, tmp_path, "selection",
-                   projection_type="trak" if whole_rows else "sjlt")
+            select(
+                Dataset.from_list(pool),
+                Dataset.from_list(validation),
+                tokenizer,
+                tmp_path,
+                "selection",
+                projection_type="trak" if whole_rows else "sjlt",
+            )
     finally:
         restore()
     said = [r.getMessage() for r in caplog.records if r.name == "rose_trl.gradients.featurizer"]
     assert len(said) == 1, said
-    expected = "per-layer fused gradient path off: the projector (trak BasicProjector) cannot project a slice" \
-        if whole_rows else "per-layer fused gradient path: the projector (sparse JL"
+    expected = (
+        "per-layer fused gradient path off: the projector (trak BasicProjector) cannot project a slice"
+        if whole_rows
+        else "per-layer fused gradient path: the projector (sparse JL"
+    )
     assert expected in said[0], said
     assert len(list((tmp_path / "rose" / "val_dpo").iterdir())) == 2

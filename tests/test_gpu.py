@@ -20,12 +20,17 @@ from rose_trl.gradients.projection import SparseJLProjector, TrakProjector, buil
 from tests.helpers import mixed_length_batch, tiny_lora_model
 from tests.test_gradients import LENGTHS, PROMPTS, assert_rows_match, loop_reference
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-needs_fast_jl = pytest.mark.skipif(importlib.util.find_spec("fast_jl") is None,
-                                   reason="fast_jl (trak's CUDA projector) is not installed: pip install -e '.[fast]'")
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+needs_fast_jl = pytest.mark.skipif(
+    importlib.util.find_spec("fast_jl") is None,
+    reason="fast_jl (trak's CUDA projector) is not installed: pip install -e '.[fast]'",
+)
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"
+)
 
 
 def cuda_batch():
@@ -42,8 +47,10 @@ def test_batched_rows_match_loop_on_cuda_fp32():
     v = torch.cat([torch.rand_like(p).reshape(-1) * 1e-5 for _, p in params])
     adam = AdamState(m, v, 0.9, 0.999, 1e-8)
     assert_rows_match(per_example_gradients(model, batch).cpu(), loop_reference(model, batch).cpu())
-    assert_rows_match(per_example_gradients(model, batch, adam_state=adam).cpu(),
-                      loop_reference(model, batch, (m, v, 0.9, 0.999, 1e-8)).cpu())
+    assert_rows_match(
+        per_example_gradients(model, batch, adam_state=adam).cpu(),
+        loop_reference(model, batch, (m, v, 0.9, 0.999, 1e-8)).cpu(),
+    )
 
 
 def bf16_base_model():
@@ -93,14 +100,20 @@ def test_trak_cuda_projector_is_rowwise_deterministic_and_never_picked_by_auto()
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(8, 40, (128,), generator=g).tolist()
     prompts = [max(1, n // 3) for n in lengths]
-    train = per_example_gradients(model, {k: v.cuda() for k, v in mixed_length_batch(lengths, prompts, seed=1).items()})
-    val = per_example_gradients(model, {k: v.cuda() for k, v in mixed_length_batch(lengths[:6], prompts[:6], seed=2).items()})
+    train = per_example_gradients(
+        model, {k: v.cuda() for k, v in mixed_length_batch(lengths, prompts, seed=1).items()}
+    )
+    val = per_example_gradients(
+        model, {k: v.cuda() for k, v in mixed_length_batch(lengths[:6], prompts[:6], seed=2).items()}
+    )
     assert isinstance(build_projector("auto", train.shape[1], 1024, device="cuda"), SparseJLProjector)
     proj = build_projector("trak_cuda", train.shape[1], 1024, seed=0, device="cuda")
     assert proj.backend == "cuda", proj.implementation
     a = proj.project(train)
     # The same seed gives the same matrix in a new projector; a row does not depend on its batch.
-    torch.testing.assert_close(TrakProjector(train.shape[1], 1024, seed=0, device="cuda", backend="cuda").project(train), a)
+    torch.testing.assert_close(
+        TrakProjector(train.shape[1], 1024, seed=0, device="cuda", backend="cuda").project(train), a
+    )
     torch.testing.assert_close(proj.project(train[5:6]), a[5:6], rtol=1e-3, atol=1e-3)
 
     def cosine_scores(t, v):
@@ -112,7 +125,9 @@ def test_trak_cuda_projector_is_rowwise_deterministic_and_never_picked_by_auto()
     rho = {}
     for kind in ("trak_cuda", "trak", "sjlt"):
         ps = [build_projector(kind, train.shape[1], 1024, seed=s, device="cuda") for s in range(10)]
-        rho[kind] = float(np.mean([spearmanr(exact, cosine_scores(p.project(train), p.project(val))).statistic for p in ps]))
+        rho[kind] = float(
+            np.mean([spearmanr(exact, cosine_scores(p.project(train), p.project(val))).statistic for p in ps])
+        )
     print("mean spearman to exact scores over 10 seeds at 1024 dims:", rho)
 
 
@@ -134,8 +149,11 @@ def gpu_workdir(tmp_path_factory):
     from tests.test_deepspeed import WARMUP
 
     tmp = tmp_path_factory.mktemp("gpu")
-    subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp / "tiny"), "--pool-size", "64"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp / "tiny"), "--pool-size", "64"],
+        check=True,
+        capture_output=True,
+    )
     (tmp / "warmup.py").write_text(WARMUP)
     return tmp
 
@@ -144,16 +162,27 @@ def run_warmup(workdir, name):
     from tests.test_deepspeed import launch, scores
 
     config, mode, bf16, extra = WARMUP_CONFIGS[name]
-    out = launch(ROOT / "accelerate_configs" / config, mode, workdir / name, workdir, "--num_processes", "1", *extra,
-                 gpu=True, bf16=bf16)
+    out = launch(
+        ROOT / "accelerate_configs" / config,
+        mode,
+        workdir / name,
+        workdir,
+        "--num_processes",
+        "1",
+        *extra,
+        gpu=True,
+        bf16=bf16,
+    )
     assert "steps 16" in out  # one process: 32 rows / 4 per step x 2 epochs
     if name.startswith("fsdp2"):
         assert "DTensor" in out, out  # accelerate really applied fully_shard
     return scores(workdir / name)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_deepspeed) for n in ("zero2", "zero3", "zero3_bf16")]
-                         + ["fsdp2", "fsdp2_sharded"])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=needs_deepspeed) for n in ("zero2", "zero3", "zero3_bf16")] + ["fsdp2", "fsdp2_sharded"],
+)
 def test_sharded_warmup_on_one_gpu_selects_like_plain(gpu_workdir, name):
     plain = scores_cache.get("plain")
     if plain is None:
@@ -177,4 +206,3 @@ def test_sharded_warmup_on_one_gpu_selects_like_plain(gpu_workdir, name):
         offline_diff = float(np.abs(read["score"] - ds["score"]).max())
         print(f"{name}: offline vs callback max |score diff| {offline_diff:.2e}")
         assert offline_diff < 1e-4 and (read["selected"] == ds["selected"]).all()
-

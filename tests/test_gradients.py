@@ -66,7 +66,9 @@ def test_batched_matches_loop_with_live_adamw_state():
     assert torch.equal(per_example_gradients(model, batch, optimizer=opt), fast)
     assert torch.equal(per_example_gradients(model, batch, opt), fast)
     with pytest.raises(TypeError, match="not both"):
-        per_example_gradients(model, batch, optimizer=opt, adam_state=AdamState.from_optimizer(opt, trainable_parameters(model)))
+        per_example_gradients(
+            model, batch, optimizer=opt, adam_state=AdamState.from_optimizer(opt, trainable_parameters(model))
+        )
     # The live run's .grad buffers are left alone.
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in params)
 
@@ -165,8 +167,12 @@ def test_left_padded_rows_keep_their_mask_and_match_the_loop():
     # any other padding must keep it.
     model = tiny_lora_model()
     batch = mixed_length_batch(LENGTHS, PROMPTS, seed=3)
-    flipped = {k: torch.stack([torch.roll(v[i], int(v.shape[1] - batch["attention_mask"][i].sum()))
-                               for i in range(v.shape[0])]) for k, v in batch.items()}
+    flipped = {
+        k: torch.stack(
+            [torch.roll(v[i], int(v.shape[1] - batch["attention_mask"][i].sum())) for i in range(v.shape[0])]
+        )
+        for k, v in batch.items()
+    }
     assert not bool(flipped["attention_mask"][:, 0].all())  # really left-padded
     fast = per_example_gradients(model, flipped)
     ref = loop_reference(model, batch)
@@ -186,6 +192,7 @@ def test_a_pass_leaves_nothing_alive():
     gc.collect()
     gc.disable()
     try:
+
         def alive():
             return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
 
@@ -202,8 +209,8 @@ def test_a_pass_that_runs_out_of_memory_is_halved_and_run_again(tmp_path, monkey
     # as a run planned with batches of 2 (each row's gradient does not depend on its batch).
     import numpy as np
 
-    import rose_trl.stores.extraction as extraction
     import rose_trl.gradients.featurizer as featurizer
+    import rose_trl.stores.extraction as extraction
     from rose_trl.gradients.projection import build_projector
     from rose_trl.stores.store import GradientStore
 
@@ -216,8 +223,16 @@ def test_a_pass_that_runs_out_of_memory_is_halved_and_run_again(tmp_path, monkey
     projector = build_projector("sjlt", sum(p.numel() for _, p in trainable_parameters(model)), 64)
 
     def store(name):
-        return GradientStore.open_or_create(tmp_path / name, model="m", checkpoint="c", projection=projector.describe(),
-                                            gradient_type="sgd", pool_fingerprint="p", num_rows=len(pool), dtype="float32")
+        return GradientStore.open_or_create(
+            tmp_path / name,
+            model="m",
+            checkpoint="c",
+            projection=projector.describe(),
+            gradient_type="sgd",
+            pool_fingerprint="p",
+            num_rows=len(pool),
+            dtype="float32",
+        )
 
     extraction.extract_gradients(model, pool, small := store("small"), projector, 0, batch_size=2, progress=False)
     real = featurizer.per_example_projected_gradients
@@ -237,8 +252,11 @@ def test_a_pass_that_runs_out_of_memory_is_halved_and_run_again(tmp_path, monkey
     np.testing.assert_allclose(split.read_all(), small.read_all(), rtol=1e-4, atol=1e-6)
 
     # One row that does not fit cannot be split: the error reaches the caller.
-    monkeypatch.setattr(featurizer, "per_example_projected_gradients",
-                        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory. (simulated)")))
+    monkeypatch.setattr(
+        featurizer,
+        "per_example_projected_gradients",
+        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory. (simulated)")),
+    )
     with pytest.raises(torch.OutOfMemoryError, match="at 1 row a pass"):
         extraction.extract_gradients(model, pool, store("none"), projector, 0, batch_size=7, progress=False)
 
@@ -263,8 +281,9 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, chunk
     monkeypatch.setattr(sft_loss, "LOSS_CHUNK_ELEMENTS", 0)  # every pass takes the chunked loss
     calls = []
     original = sft_loss.chunked_sft_per_example_loss
-    monkeypatch.setattr(sft_loss, "chunked_sft_per_example_loss",
-                        lambda *a: calls.append(1) or original(*a[:3], chunk_elements))
+    monkeypatch.setattr(
+        sft_loss, "chunked_sft_per_example_loss", lambda *a: calls.append(1) or original(*a[:3], chunk_elements)
+    )
     chunked_rows = per_example_gradients(model, batch)
     assert calls, "the chunked loss did not run"
     assert torch.allclose(chunked_rows, plain_rows, rtol=1e-5, atol=1e-6)

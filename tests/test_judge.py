@@ -20,6 +20,7 @@ from rose_trl.evaluation.judge import (
 )
 from tests.eval_helpers import tiny_causal_lm, tiny_tokenizer
 
+
 PARSED = {
     "Comparison: A is more detailed.\nThe better response: Response A": "A",
     "Comparison: B is correct.\nThe better response: Response B": "B",
@@ -100,7 +101,9 @@ class _Handler(BaseHTTPRequestHandler):
         state["requests"].append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         prompt = body["messages"][0]["content"]
         if self.headers.get("Authorization") != f"Bearer {state['key']}":
-            return self._send(401, {"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}"}})
+            return self._send(
+                401, {"error": {"message": f"Incorrect API key provided: {self.headers.get('Authorization')}"}}
+            )
         if "FLAKY" in prompt and state["flaky_left"] > 0:
             state["flaky_left"] -= 1
             return self._send(503, {"error": "busy"})
@@ -138,8 +141,14 @@ def server():
 
 
 def _config(server, **kw):
-    return EndpointJudgeConfig(model="judge-model", base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key=KEY,
-                               retry_wait=0.01, timeout=5, **kw)
+    return EndpointJudgeConfig(
+        model="judge-model",
+        base_url=f"http://127.0.0.1:{server.server_port}/v1",
+        api_key=KEY,
+        retry_wait=0.01,
+        timeout=5,
+        **kw,
+    )
 
 
 def test_endpoint_judge_win_rate(server, caplog):
@@ -222,8 +231,13 @@ def _trained_judge():
 def test_hf_judge_parses_and_counts():
     model, tok = _trained_judge()
     judge = HFJudge(model, tok, GenerationOptions(max_new_tokens=16, do_sample=False, batch_size=2))
-    result = win_rate(["star moon", "star moon", "prime"], ["light comet", "light comet", "sum"], ["flour sugar"] * 3,
-                      judge, subtasks=["a", "a", "b"])
+    result = win_rate(
+        ["star moon", "star moon", "prime"],
+        ["light comet", "light comet", "sum"],
+        ["flour sugar"] * 3,
+        judge,
+        subtasks=["a", "a", "b"],
+    )
     outputs = [r["judge_output"] for r in result.records]
     assert all(isinstance(o, str) for o in outputs)
     assert [r["verdict"] for r in result.records] == [parse_verdict(o) for o in outputs]
@@ -237,7 +251,11 @@ def test_hf_judge_parses_and_counts():
 def test_hf_judge_unparseable_output_is_counted():
     tok = tiny_tokenizer()
     model = tiny_causal_lm(tok, seed=5)  # untrained: babbles words, never a verdict line
-    result = win_rate(["star"] * 2, ["moon"] * 2, ["sun"] * 2,
-                      HFJudge(model, tok, GenerationOptions(max_new_tokens=8, do_sample=False)))
+    result = win_rate(
+        ["star"] * 2,
+        ["moon"] * 2,
+        ["sun"] * 2,
+        HFJudge(model, tok, GenerationOptions(max_new_tokens=8, do_sample=False)),
+    )
     assert result.table[-1]["unparsed"] == sum(parse_verdict(r["judge_output"]) is None for r in result.records)
     assert result.table[-1]["n"] == 2

@@ -16,6 +16,7 @@ from rose_trl.resources.budget import MemoryBudget, check_training, halving_on_o
 from rose_trl.resources.memory import LoraShape, ModelShape, estimate_pass, estimate_peak_bytes, largest_rows
 from tests.helpers import tiny_lora_model
 
+
 GB = 1e9
 SLACK = budget_module.HEAP_SLACK
 
@@ -46,18 +47,34 @@ def test_shapes_count_what_the_model_holds():
     assert ModelShape.from_config(model.get_base_model().config).parameters == base  # counted from the config alone
     assert lora.parameters(shape) == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert lora.targets == ("k_proj", "o_proj", "q_proj", "v_proj")
-    gqa = ModelShape.from_config(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                             num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                             tie_word_embeddings=True))
+    gqa = ModelShape.from_config(
+        LlamaConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        )
+    )
     assert gqa.parameters == 134_515_008  # SmolLM2-135M's count
     with pytest.raises(ValueError, match="LoRA targets"):
         LoraShape(r=8, targets=("qkv_proj",))
 
 
 def test_estimates_grow_with_the_pass_and_pick_the_loss_path():
-    shape = ModelShape.from_config(SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                                   model_type="llama"))
+    shape = ModelShape.from_config(
+        SimpleNamespace(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            model_type="llama",
+        )
+    )
     lora = LoraShape(r=8)
     one = estimate_pass("gradient", shape, lora, "float32", 1, 256)
     four = estimate_pass("gradient", shape, lora, "float32", 4, 256)
@@ -70,8 +87,16 @@ def test_estimates_grow_with_the_pass_and_pick_the_loss_path():
     with pytest.raises(ValueError, match="unknown pass kind"):
         estimate_pass("inference", shape, lora, "float32", 1, 8)
     # The public entry point: any model's config, resident parts included.
-    config = SimpleNamespace(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-                             num_key_value_heads=1, head_dim=256, vocab_size=262144, model_type="gemma3_text")
+    config = SimpleNamespace(
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262144,
+        model_type="gemma3_text",
+    )
     peak = estimate_peak_bytes(config, lora_r=8, dtype="float32", rows=2, tokens=256, kind="training")
     gemma = ModelShape.from_config(config)
     assert gemma.norms_per_layer == 4 and peak > gemma.parameters * 4
@@ -89,8 +114,16 @@ def test_estimates_are_within_25_percent_of_measured_peaks(shape):
     live bytes its real code path allocates (torch's profiler). docs/performance.md has SmolLM2 and 7B."""
     from extraction_memory import estimate_passes
 
-    rows = estimate_passes(shape, 2, [1, 4], 64, 8, 256,
-                           ["gradient", "evaluation", "validation", "reference", "training"], log=lambda s: None)
+    rows = estimate_passes(
+        shape,
+        2,
+        [1, 4],
+        64,
+        8,
+        256,
+        ["gradient", "evaluation", "validation", "reference", "training"],
+        log=lambda s: None,
+    )
     assert len(rows) == 10
     for kind, _, r, est, measured, _ in rows:  # the RSS rise: reported, not asserted (the heap's state decides it)
         assert 0.75 <= est / measured <= 1.25, (kind, r, est, measured)
@@ -110,10 +143,18 @@ def test_default_budget_is_a_stated_share_of_the_machine(monkeypatch):
 
 
 def plan(model, limit_gb, resident_gb, **limits):
-    options = dict(pool_width=64, validation_width=64, gradient_rows=16, max_batch_tokens=None, validation_pairs=4,
-                   dim=256, fused=True)
-    return plan_passes(model, MemoryBudget(int(limit_gb * GB), "test"), resident=int(resident_gb * GB),
-                       **{**options, **limits})
+    options = dict(
+        pool_width=64,
+        validation_width=64,
+        gradient_rows=16,
+        max_batch_tokens=None,
+        validation_pairs=4,
+        dim=256,
+        fused=True,
+    )
+    return plan_passes(
+        model, MemoryBudget(int(limit_gb * GB), "test"), resident=int(resident_gb * GB), **{**options, **limits}
+    )
 
 
 def test_the_plan_fits_the_budget_and_keeps_the_limits(default_heap):
@@ -129,8 +170,10 @@ def test_the_plan_fits_the_budget_and_keeps_the_limits(default_heap):
     assert gradient.rows == 3 and gradient.tokens == 3 * 64 and gradient.limit == "the budget"
     # The estimate of the rows chosen, times the heap's slack, fits; one row more would not.
     assert SLACK["default"] * gradient.estimate.transient <= tight.available
-    assert SLACK["default"] * estimate_pass("gradient", shape, lora, torch.float32, 4, 64, dim=256).transient \
+    assert (
+        SLACK["default"] * estimate_pass("gradient", shape, lora, torch.float32, 4, 64, dim=256).transient
         > tight.available
+    )
     assert plan(model, 100, 1, gradient_rows=2).passes["gradient"].rows == 2
     capped = plan(model, 100, 1, max_batch_tokens=200)
     assert capped.passes["gradient"].rows == 3 and capped.passes["gradient"].tokens == 200
@@ -161,11 +204,13 @@ def test_a_budget_the_smallest_passes_cannot_hold_is_said_so_with_the_least_that
 
 def test_a_trainer_step_over_the_budget_at_1_row_names_the_smallest_budget_and_that_one_holds(default_heap, caplog):
     model = tiny_lora_model(vocab=50_000, hidden=64, layers=2)
-    args = SimpleNamespace(per_device_train_batch_size=1, gradient_accumulation_steps=4, max_length=128,
-                           gradient_checkpointing=False)
+    args = SimpleNamespace(
+        per_device_train_batch_size=1, gradient_accumulation_steps=4, max_length=128, gradient_checkpointing=False
+    )
     with caplog.at_level("WARNING"):
-        message = check_training(model, args, MemoryBudget(int(1.001 * GB), "memory_budget_gb: 1.001"), "warm-up",
-                                 resident=int(GB))
+        message = check_training(
+            model, args, MemoryBudget(int(1.001 * GB), "memory_budget_gb: 1.001"), "warm-up", resident=int(GB)
+        )
     assert message in caplog.text and "not even 1 row fits" in message and "memory_budget_gb: 1.001" in message
     named = float(message.split("can hold (memory_budget_gb: ")[1].split(")")[0])
     step = estimate_pass("training", ModelShape.from_model(model), LoraShape.from_model(model), torch.float32, 1, 128)
@@ -181,8 +226,16 @@ def test_weights_mapped_from_their_file_count_as_held_before_they_are_read(tmp_p
     budget counts them from the start (`resident_bytes(device, model)`), and a model built in memory adds nothing."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    built = LlamaForCausalLM(LlamaConfig(vocab_size=8_000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=4, tie_word_embeddings=False))
+    built = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=8_000,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            tie_word_embeddings=False,
+        )
+    )
     assert budget_module.unread_weight_bytes(built) == 0  # its weights are the process's own memory
     built.save_pretrained(tmp_path / "model")
     weights = sum(p.numel() * p.element_size() for p in built.parameters())
@@ -203,17 +256,20 @@ def test_the_compact_heap_is_glibcs_mallopt():
     """In a process of its own: mallopt changes the allocator of the process that calls it."""
     import subprocess
 
-    code = ("from rose_trl import budget; assert budget.heap_slack('cpu') == budget.HEAP_SLACK['default']; "
-            "assert budget.compact_heap(); assert budget.heap_slack('cpu') == budget.HEAP_SLACK['compact']; "
-            "assert budget.heap_slack('cuda') == 1.0; print('ok')")
+    code = (
+        "from rose_trl import budget; assert budget.heap_slack('cpu') == budget.HEAP_SLACK['default']; "
+        "assert budget.compact_heap(); assert budget.heap_slack('cpu') == budget.HEAP_SLACK['compact']; "
+        "assert budget.heap_slack('cuda') == 1.0; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 def test_the_trainers_batch_is_warned_about_not_changed(caplog):
     model = tiny_lora_model(vocab=50_000, hidden=64, layers=2)
-    args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=128,
-                           gradient_checkpointing=False)
+    args = SimpleNamespace(
+        per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=128, gradient_checkpointing=False
+    )
     step = estimate_pass("training", ModelShape.from_model(model), LoraShape.from_model(model), torch.float32, 1, 128)
     budget = MemoryBudget(int(GB + step.parts["optimizer"] + 2.15 * SLACK["compact"] * step.transient), "test")
     with caplog.at_level("WARNING"):
@@ -228,15 +284,25 @@ def test_the_trainers_batch_is_warned_about_not_changed(caplog):
     # Another model, not loaded yet (a final model of another shape): its config and LoRA settings.
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                         vocab_size=100_000, dtype="bfloat16")
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=100_000,
+        dtype="bfloat16",
+    )
     lora = LoraShape(r=8, targets=("q_proj", "v_proj"), dropout=0.1)
     shape = ModelShape.from_config(config)
     held = int(GB) + shape.parameters * 2
     step = estimate_pass("training", shape, lora, "bfloat16", 3, 128)
     limit = held + step.parts["optimizer"] + int(SLACK["compact"] * step.transient) + 1
-    assert check_training(config, args, MemoryBudget(limit, "test"), "final training", resident=int(GB),
-                          lora=lora).count("3 rows fit") == 1
+    assert (
+        check_training(config, args, MemoryBudget(limit, "test"), "final training", resident=int(GB), lora=lora).count(
+            "3 rows fit"
+        )
+        == 1
+    )
     with pytest.raises(ValueError, match="needs its LoraShape"):
         check_training(config, args, MemoryBudget(int(GB), "test"), "final training")
 
@@ -271,8 +337,12 @@ def test_validation_passes_halve_on_out_of_memory(planted, tiny_base, tmp_path, 
     model = trained_adapter_model(tiny_base)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     featurizer = Featurizer(build_projector("sjlt", n, 64, 0))
-    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), batch_size=4, use_cpu=True),
-                             validation.select_columns(["prompt", "chosen", "rejected"]), tokenizer)
+    trainer = ROSEDPOTrainer(
+        model,
+        validation_dpo_config(str(tmp_path), batch_size=4, use_cpu=True),
+        validation.select_columns(["prompt", "chosen", "rejected"]),
+        tokenizer,
+    )
     whole = trainer.pair_gradients(featurizer)
     real = Featurizer.__call__
 
@@ -295,18 +365,38 @@ def test_the_run_logs_its_plan_and_sizes_its_passes_to_the_budget(tmp_path, capl
     from trl import ModelConfig, SFTConfig
 
     from rose_trl.config import ROSEConfig
-    from rose_trl.run.pipeline import run
     from rose_trl.models.tiny import write_tiny_assets
+    from rose_trl.run.pipeline import run
 
     assets = write_tiny_assets(tmp_path / "assets", n_pool=60)
 
     def go(out, gb):
-        return run(ROSEConfig(pool_dataset=str(assets / "pool.jsonl"), validation_dataset=str(assets / "validation.jsonl"),
-                              final_training=False, selection_fraction=0.1, projection_dim=1024, memory_budget_gb=gb),
-                   SFTConfig(output_dir=str(tmp_path / out), use_cpu=True, bf16=False, report_to=[], max_length=256,
-                             num_train_epochs=1, per_device_train_batch_size=4, disable_tqdm=True),
-                   ModelConfig(model_name_or_path=str(assets / "model"), use_peft=True, lora_r=4,
-                               lora_target_modules=["q_proj", "v_proj"]))
+        return run(
+            ROSEConfig(
+                pool_dataset=str(assets / "pool.jsonl"),
+                validation_dataset=str(assets / "validation.jsonl"),
+                final_training=False,
+                selection_fraction=0.1,
+                projection_dim=1024,
+                memory_budget_gb=gb,
+            ),
+            SFTConfig(
+                output_dir=str(tmp_path / out),
+                use_cpu=True,
+                bf16=False,
+                report_to=[],
+                max_length=256,
+                num_train_epochs=1,
+                per_device_train_batch_size=4,
+                disable_tqdm=True,
+            ),
+            ModelConfig(
+                model_name_or_path=str(assets / "model"),
+                use_peft=True,
+                lora_r=4,
+                lora_target_modules=["q_proj", "v_proj"],
+            ),
+        )
 
     go("roomy", 100)
     resident = budget_module.resident_bytes()
@@ -333,12 +423,12 @@ def test_the_run_logs_its_plan_and_sizes_its_passes_to_the_budget(tmp_path, capl
 def test_a_smaller_fused_head_tile_gives_the_same_gradients_in_less_memory(tmp_path):
     """When one validation pair does not fit, the plan lowers the positions a tile of TRL's fused LM head: the same
     pair gradients (float summation order aside), a lower measured peak, as the estimate says."""
-    from extraction_memory import dpo_batch, dpo_trainer, peak_bytes
     from common import build_model
+    from extraction_memory import dpo_batch, dpo_trainer, peak_bytes
 
     from rose_trl.gradients.featurizer import Featurizer
-    from rose_trl.resources.memory import FUSED_HEAD_TOKENS
     from rose_trl.gradients.projection import build_projector
+    from rose_trl.resources.memory import FUSED_HEAD_TOKENS
     from rose_trl.stores.validation import fused_head_tokens
 
     model = build_model("tiny-recipe", 2, 8)
@@ -349,17 +439,36 @@ def test_a_smaller_fused_head_tile_gives_the_same_gradients_in_less_memory(tmp_p
     shape, lora = ModelShape.from_model(model), LoraShape.from_model(model)
     out, peaks = {}, {}
     for tile in (None, 32):
+
         def run():
             with fused_head_tokens(tile):
-                out[tile] = featurizer(model, dict(batch), loss=lambda b: trainer.compute_loss(trainer.model, b) * 2,
-                                       combine=lambda r: r[:2] + r[2:])
+                out[tile] = featurizer(
+                    model,
+                    dict(batch),
+                    loss=lambda b: trainer.compute_loss(trainer.model, b) * 2,
+                    combine=lambda r: r[:2] + r[2:],
+                )
+
         run()
         peaks[tile] = peak_bytes(run)
     from trl.kernels import chunked_logprob
+
     assert chunked_logprob.TOKEN_CHUNK_SIZE == FUSED_HEAD_TOKENS  # restored
     np.testing.assert_allclose(out[32].numpy(), out[None].numpy(), rtol=1e-4, atol=1e-6)
-    estimates = {tile: estimate_pass("validation", shape, lora, torch.float32, 2, 128, labelled_fraction=0.75,
-                                     dim=256, head_tokens=tile or FUSED_HEAD_TOKENS).transient for tile in (None, 32)}
+    estimates = {
+        tile: estimate_pass(
+            "validation",
+            shape,
+            lora,
+            torch.float32,
+            2,
+            128,
+            labelled_fraction=0.75,
+            dim=256,
+            head_tokens=tile or FUSED_HEAD_TOKENS,
+        ).transient
+        for tile in (None, 32)
+    }
     assert peaks[32] < 0.5 * peaks[None] and estimates[32] < 0.5 * estimates[None]
     for tile in (None, 32):
         assert 0.75 <= estimates[tile] / peaks[tile] <= 1.25, (tile, estimates[tile], peaks[tile])

@@ -6,19 +6,24 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
-from rose_trl.evaluation.metrics import PreferenceMetricsOptions, preference_metrics, reference_nll, sequence_logps
 from rose_trl.data.sft import collate, tokenize_sft_example
+from rose_trl.evaluation.metrics import PreferenceMetricsOptions, preference_metrics, reference_nll, sequence_logps
 from tests.eval_helpers import tiny_causal_lm, tiny_tokenizer
 
-PAIRS = Dataset.from_list([
-    {"prompt": "star moon", "chosen": "orbit planet light", "rejected": "flour", "subtask": "space"},
-    {"prompt": "prime sum of", "chosen": "integer", "rejected": "butter oven bake sugar", "subtask": "math"},
-    {"prompt": "comet", "chosen": "galaxy nebula", "rejected": "salt pan", "subtask": "space"},
-])
+
+PAIRS = Dataset.from_list(
+    [
+        {"prompt": "star moon", "chosen": "orbit planet light", "rejected": "flour", "subtask": "space"},
+        {"prompt": "prime sum of", "chosen": "integer", "rejected": "butter oven bake sugar", "subtask": "math"},
+        {"prompt": "comet", "chosen": "galaxy nebula", "rejected": "salt pan", "subtask": "space"},
+    ]
+)
 
 
 def lora(tok, perturb: bool):
-    model = get_peft_model(tiny_causal_lm(tok, seed=2), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        tiny_causal_lm(tok, seed=2), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     if perturb:
         torch.manual_seed(0)
         with torch.no_grad():
@@ -96,11 +101,13 @@ def test_logps_computed_only_at_response_positions():
     model = tiny_causal_lm(tok, seed=4)
     kept = []
     hook = model.register_forward_pre_hook(
-        lambda _, args, kwargs: kept.append((kwargs["input_ids"].shape[1], kwargs.get("logits_to_keep"))), with_kwargs=True)
+        lambda _, args, kwargs: kept.append((kwargs["input_ids"].shape[1], kwargs.get("logits_to_keep"))),
+        with_kwargs=True,
+    )
     prompts, refs = ["star moon comet galaxy nebula"] * 2, ["orbit", "planet light"]
     logps, _ = sequence_logps(model, tok, prompts, refs, batch_size=2)
     hook.remove()
-    (width, positions), = kept
+    ((width, positions),) = kept
     assert positions is not None and 0 < len(positions) < width - 1
     np.testing.assert_allclose(logps, [loop_logp(model, tok, p, r)[0] for p, r in zip(prompts, refs)], rtol=1e-4)
 
@@ -129,7 +136,10 @@ def test_summary_carries_intervals_and_likelihood_accuracy():
     # Likelihood accuracy by hand: mean per-token log-prob of chosen vs rejected under the policy.
     wins = []
     for r in PAIRS:
-        (c, nc), (j, nj) = loop_logp(model, tok, r["prompt"], r["chosen"]), loop_logp(model, tok, r["prompt"], r["rejected"])
+        (c, nc), (j, nj) = (
+            loop_logp(model, tok, r["prompt"], r["chosen"]),
+            loop_logp(model, tok, r["prompt"], r["rejected"]),
+        )
         wins.append(float(c / nc > j / nj))
     assert m["likelihood_accuracy"] == pytest.approx(np.mean(wins))
 

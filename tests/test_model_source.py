@@ -14,6 +14,7 @@ from rose_trl.models.tiny import _texts, build_tiny_llama, build_tokenizer, make
 
 from .gguf_fixtures import write_tiny_gguf
 
+
 pytest.importorskip("gguf")
 
 
@@ -30,7 +31,9 @@ def test_converted_model_gives_the_source_logits(tiny_gguf, tmp_path):
     path, model, tokenizer = tiny_gguf
     source = resolve_model_source(str(path), cache_dir=tmp_path)
     assert source.record == {"gguf_file": str(path.resolve()), "gguf_sha256": file_sha256(path)}
-    assert json.loads((tmp_path / "gguf" / source.record["gguf_sha256"][:16] / GGUF_RECORD).read_text()) == source.record
+    assert (
+        json.loads((tmp_path / "gguf" / source.record["gguf_sha256"][:16] / GGUF_RECORD).read_text()) == source.record
+    )
     converted = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
     assert not hasattr(converted.config, "quantization_config")
     text = "tell me about pasta and oven . garlic butter simmer"

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 from datasets import load_from_disk
+
 from rose_trl.run.pipeline import run
 
 
@@ -25,7 +26,9 @@ def test_push_to_hub_pushes_the_selection(assets, configs, tmp_path, monkeypatch
 
     calls = []
     monkeypatch.setattr(hub, "push_selection", lambda *a, **kw: calls.append((a, kw)) or "https://hub/x")
-    rose, sft, model = configs(assets, tmp_path, selection_method="random", hub_dataset_id="me/picked", hub_private=True)
+    rose, sft, model = configs(
+        assets, tmp_path, selection_method="random", hub_dataset_id="me/picked", hub_private=True
+    )
     sft.push_to_hub = True
     assert run(rose, sft, model)["hub_url"] == "https://hub/x"
     assert calls == [((tmp_path, "me/picked"), {"private": True, "token": None, "folder": "selection_random"})]

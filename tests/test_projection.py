@@ -46,8 +46,9 @@ def test_cached_trak_matrix_equals_basic_projector():
     x = torch.randn(5, 3000)
     cached = TrakProjector(3000, 300, seed=3)
     assert cached._matrix is not None
-    ref = BasicProjector(grad_dim=3000, proj_dim=300, seed=3, proj_type=ProjectionType.rademacher,
-                         device="cpu", block_size=128).project(x, model_id=0)
+    ref = BasicProjector(
+        grad_dim=3000, proj_dim=300, seed=3, proj_type=ProjectionType.rademacher, device="cpu", block_size=128
+    ).project(x, model_id=0)
     assert torch.allclose(cached.project(x), ref, rtol=1e-5, atol=1e-3)
     uncached = TrakProjector(3000, 300, seed=3, cache_bytes=0)
     assert uncached._matrix is None and torch.allclose(uncached.project(x), ref, rtol=1e-5, atol=1e-3)

@@ -4,14 +4,24 @@ from pathlib import Path
 
 import pytest
 
-from rose_trl.data.properties import (DEFAULT_PROPERTIES, PROPERTIES, PropertyTask, build_property_task,
-                                      first_difference, minimal_pair, property_suite, target_name)
-from rose_trl.data.properties import _Answer
+from rose_trl.data.properties import (
+    DEFAULT_PROPERTIES,
+    PROPERTIES,
+    PropertyTask,
+    _Answer,
+    build_property_task,
+    first_difference,
+    minimal_pair,
+    property_suite,
+    target_name,
+)
 from rose_trl.data.realtext import RealTask
 
+
 RELEASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rose"
-needs_release = pytest.mark.skipif(not (RELEASE / "test").is_dir(),
-                                   reason=f"{RELEASE}/test (the paper's test answers) is not on this machine")
+needs_release = pytest.mark.skipif(
+    not (RELEASE / "test").is_dir(), reason=f"{RELEASE}/test (the paper's test answers) is not on this machine"
+)
 # Small, slice-only sizes: every property of DEFAULT_PROPERTIES fits them without the test answers.
 SMALL = dict(pool_sizes={"se": 60, "hh": 30}, pool_min=10, n_validation=12, heldout_dev=6, heldout_test=10)
 
@@ -20,27 +30,48 @@ def _answer(text, other=None, task="se"):
     return _Answer("\n\nHuman: q\n\nAssistant:", text, task, "x", "slice", other)
 
 
-@pytest.mark.parametrize("name, text, without", [
-    ("se_link", ' <p>See <a href="http://x.org/a" rel="nofollow">the manual</a> first.</p>', " <p>See the manual first.</p>"),
-    ("se_code", " <p>Run <code>ls -l</code>:</p>\n<pre><code>ls -l\n</code></pre>", " <p>Run ls -l:</p>\n<p>ls -l\n</p>"),
-    ("se_emphasis", " <p>It is <strong><em>not</em></strong> <b>safe</b>.</p>", " <p>It is not safe.</p>"),
-    ("se_quote", " <blockquote>\n<p>Quoted.</p>\n</blockquote>\n<p>Mine.</p>", " <p>Quoted.</p>\n<p>Mine.</p>"),
-    ("se_list", " <p>Steps:</p>\n<ul>\n<li>one</li>\n<li><p>two</p></li>\n</ul>", " <p>Steps:</p>\n<p>one</p>\n<p>two</p>"),
-    ("hh_question", " That sounds hard.  I can help with that! What have you tried? Did it work?",
-     " That sounds hard.  I can help with that!"),
-])
+@pytest.mark.parametrize(
+    "name, text, without",
+    [
+        (
+            "se_link",
+            ' <p>See <a href="http://x.org/a" rel="nofollow">the manual</a> first.</p>',
+            " <p>See the manual first.</p>",
+        ),
+        (
+            "se_code",
+            " <p>Run <code>ls -l</code>:</p>\n<pre><code>ls -l\n</code></pre>",
+            " <p>Run ls -l:</p>\n<p>ls -l\n</p>",
+        ),
+        ("se_emphasis", " <p>It is <strong><em>not</em></strong> <b>safe</b>.</p>", " <p>It is not safe.</p>"),
+        ("se_quote", " <blockquote>\n<p>Quoted.</p>\n</blockquote>\n<p>Mine.</p>", " <p>Quoted.</p>\n<p>Mine.</p>"),
+        (
+            "se_list",
+            " <p>Steps:</p>\n<ul>\n<li>one</li>\n<li><p>two</p></li>\n</ul>",
+            " <p>Steps:</p>\n<p>one</p>\n<p>two</p>",
+        ),
+        (
+            "hh_question",
+            " That sounds hard.  I can help with that! What have you tried? Did it work?",
+            " That sounds hard.  I can help with that!",
+        ),
+    ],
+)
 def test_each_removal_gives_the_same_answer_without_only_the_property(name, text, without):
     prop = PROPERTIES[name]
     assert prop.detect(text) and not prop.detect(without)
     assert minimal_pair(prop, _answer(text, task=prop.task)) == (text, without)
 
 
-@pytest.mark.parametrize("name, text", [
-    ("se_link", ' <p>At <a href="http://x.org">http://x.org</a>.</p>'),  # the link's text is the URL itself
-    ("se_link", " <p>At https://x.org you will find it.</p>"),  # a bare URL: nothing to unwrap
-    ("hh_question", " What do you mean?"),  # nothing left once the question goes
-    ("hh_question", " Fine, thanks."),  # no property at all
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("se_link", ' <p>At <a href="http://x.org">http://x.org</a>.</p>'),  # the link's text is the URL itself
+        ("se_link", " <p>At https://x.org you will find it.</p>"),  # a bare URL: nothing to unwrap
+        ("hh_question", " What do you mean?"),  # nothing left once the question goes
+        ("hh_question", " Fine, thanks."),  # no property at all
+    ],
+)
 def test_answers_without_a_clean_removal_give_no_pair(name, text):
     assert minimal_pair(PROPERTIES[name], _answer(text, task=PROPERTIES[name].task)) is None
 
@@ -48,14 +79,20 @@ def test_answers_without_a_clean_removal_give_no_pair(name, text):
 def test_a_property_without_removal_pairs_with_the_other_answer_to_the_same_prompt():
     decline = PROPERTIES["hh_decline"]
     assert decline.remove is None and "counterpart" in decline.removal
-    assert minimal_pair(decline, _answer(" I can't help with that.", " Sure, here it is.", "hh")) == \
-        (" I can't help with that.", " Sure, here it is.")
+    assert minimal_pair(decline, _answer(" I can't help with that.", " Sure, here it is.", "hh")) == (
+        " I can't help with that.",
+        " Sure, here it is.",
+    )
     assert minimal_pair(decline, _answer(" I can't help with that.", " I won't.", "hh")) is None  # both decline
     assert minimal_pair(decline, _answer(" I can't help with that.", None, "hh")) is None  # a test answer: no other
 
 
 def test_first_difference():
-    assert first_difference("abcd", "abxd") == 2 and first_difference("ab", "abc") == 2 and first_difference("a", "a") == 1
+    assert (
+        first_difference("abcd", "abxd") == 2
+        and first_difference("ab", "abc") == 2
+        and first_difference("a", "a") == 1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +186,9 @@ def test_held_out_pairs_come_from_the_papers_test_answers_where_present():
     suite = property_suite(test_root=RELEASE)
     counts = suite.counts()
     for name in DEFAULT_PROPERTIES:
-        assert counts[name]["test"] == 80 and counts[name]["dev"] == 40 and counts[name]["validation"] >= 40  # hh_question: the 43 the slice holds
+        assert (
+            counts[name]["test"] == 80 and counts[name]["dev"] == 40 and counts[name]["validation"] >= 40
+        )  # hh_question: the 43 the slice holds
         assert {p["source"] for p in suite.heldout[name]} == {"test"}
         assert {p["source"] for p in suite.validation[name]} == {"slice"}
     assert len(suite.pool) == 200 and all(c["pool_with"] >= 30 for c in counts.values())
@@ -164,8 +203,11 @@ def test_property_counts_match_a_count_by_hand():
         prop = PROPERTIES[name]
         answers = [a for a in _slice_answers(prop.task) if _fits(a, 1000)]
         assert c["slice_answers"] == len(answers) and c["slice_with"] == sum(prop.detect(a.text) for a in answers)
-        prompts = {a.prompt for a in answers if (pair := minimal_pair(prop, a)) and len(pair[1]) <= 1000
-                   and first_difference(*pair) < 250}
+        prompts = {
+            a.prompt
+            for a in answers
+            if (pair := minimal_pair(prop, a)) and len(pair[1]) <= 1000 and first_difference(*pair) < 250
+        }
         assert c["slice_pair_prompts"] == len(prompts)
     assert counts["hh_decline"]["slice_pair_prompts"] < 20  # too few for a suite: why it is not a default
 

@@ -6,6 +6,7 @@ import pytest
 
 from rose_trl.data.realtext import SLICE_DIR, SLICE_FILES, build_real_task, load_slice, write_slice
 
+
 RELEASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rose"
 
 
@@ -32,7 +33,8 @@ def test_validation_is_the_released_file(target):
     for k in SLICE_FILES[target]:
         released = load_released_preferences(
             RELEASE / "validation" / target / f"{target}_{k}_shot" / f"{target}_{k}_shot_preference.json",
-            drop_unusable=True)
+            drop_unusable=True,
+        )
         assert build_real_task(target, k=k).validation.to_list() == released.to_list()
 
 

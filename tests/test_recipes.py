@@ -11,6 +11,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 from rose_trl.config import ROSEConfig
 from rose_trl.models.final_model import model_specs
 
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("config_*.yaml"))
 # The paper's settings; tiny and SmolLM2 are CPU-sized recipes.
@@ -37,8 +38,12 @@ def test_recipe_parses_and_documents_its_launch_line(path):
     rose, sft, model = parse(path)
     assert rose.pool_dataset and rose.validation_dataset and model.use_peft
     assert f"recipes/rose_sft.py --config recipes/{path.relative_to(ROOT / 'recipes')}" in path.read_text()
-    unknown = set(yaml.safe_load(path.read_text())) - set(ROSEConfig.__dataclass_fields__) \
-        - set(SFTConfig.__dataclass_fields__) - set(ModelConfig.__dataclass_fields__)
+    unknown = (
+        set(yaml.safe_load(path.read_text()))
+        - set(ROSEConfig.__dataclass_fields__)
+        - set(SFTConfig.__dataclass_fields__)
+        - set(ModelConfig.__dataclass_fields__)
+    )
     assert not unknown, unknown
 
 
@@ -50,7 +55,12 @@ def test_paper_settings(path):
     assert (sft.learning_rate, sft.num_train_epochs) == (2e-5, 4)
     assert sft.optim in ("adamw_torch", "adamw_torch_fused")  # torch AdamW: the Adam state ROSE reads
     assert sft.per_device_train_batch_size * sft.gradient_accumulation_steps * 4 == 128  # on 4 GPUs
-    assert (rose.projection_dim, rose.validation_beta, rose.selection_fraction, rose.warmup_fraction) == (8192, 0.1, 0.05, 0.05)
+    assert (rose.projection_dim, rose.validation_beta, rose.selection_fraction, rose.warmup_fraction) == (
+        8192,
+        0.1,
+        0.05,
+        0.05,
+    )
     assert rose.selection_method == "rose"
 
 
@@ -62,8 +72,10 @@ def test_smollm2_recipes_are_the_cpu_quickstart_settings(path):
     assert (model.lora_r, model.dtype, sft.max_length, sft.use_cpu, sft.bf16) == (8, "float32", 256, True, False)
     assert sorted(model.lora_target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert model.model_name_or_path == "outputs/smollm2/model"
-    assert (rose.pool_dataset, rose.validation_dataset) == (f"outputs/smollm2/{task}/pool.jsonl",
-                                                          f"outputs/smollm2/{task}/validation.jsonl")
+    assert (rose.pool_dataset, rose.validation_dataset) == (
+        f"outputs/smollm2/{task}/pool.jsonl",
+        f"outputs/smollm2/{task}/validation.jsonl",
+    )
     assert sft.output_dir == f"outputs/smollm2/run_{task}"
     # Rows a pass are the memory budget's to decide: no hand-tuned option (issue 25).
     text = path.read_text()
@@ -83,7 +95,9 @@ def test_paper_recipes_use_the_builders_by_name_with_the_papers_k():
         assert rose.validation_k == {"shp": 5, "se": 2, "hh": 1}[task], path
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"the ROSE paper's released data is not at {SHARED} (set ROSE_DATA_DIR)")
+@pytest.mark.skipif(
+    not SHARED.is_dir(), reason=f"the ROSE paper's released data is not at {SHARED} (set ROSE_DATA_DIR)"
+)
 @pytest.mark.parametrize("path", [p for p in PAPER if "llama-2-7b" in p.parts], ids=lambda p: p.name)
 def test_released_file_named_in_each_recipe_loads(path):
     """Each recipe names, as the alternative to the builder, the paper's released file: with no other
@@ -107,7 +121,9 @@ def launch_lines(readme: Path) -> list[list[str]]:
     return [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("accelerate launch")]
 
 
-@pytest.mark.parametrize("model_dir", sorted(p for p in (ROOT / "recipes").iterdir() if p.is_dir()), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "model_dir", sorted(p for p in (ROOT / "recipes").iterdir() if p.is_dir()), ids=lambda p: p.name
+)
 def test_each_recipe_readme_gives_launch_lines_that_parse(model_dir):
     """Every recipe folder has a README whose launch lines name an existing accelerate config, a recipe
     script and one of the folder's configs, and whose extra options are options of that script."""
@@ -123,7 +139,7 @@ def test_each_recipe_readme_gives_launch_lines_that_parse(model_dir):
         assert (ROOT / config_file).is_file(), cmd
         script = next(a for a in cmd if a.startswith("recipes/") and a.endswith(".py"))
         assert (ROOT / script).is_file(), cmd
-        rest = cmd[cmd.index(script) + 1:]
+        rest = cmd[cmd.index(script) + 1 :]
         recipe = Path(rest[rest.index("--config") + 1])
         assert recipe.parent.parent == model_dir.relative_to(ROOT), cmd
         configs_named.add(recipe.name)
@@ -133,12 +149,16 @@ def test_each_recipe_readme_gives_launch_lines_that_parse(model_dir):
         if "--ddp_backend" in extra:
             assert "ddp_backend" in SFTConfig.__dataclass_fields__
             i = extra.index("--ddp_backend")
-            extra = extra[:i] + extra[i + 2:]
+            extra = extra[:i] + extra[i + 2 :]
         extra = extra + ([] if torch.cuda.is_available() else ["--use_cpu", "true"])
         if script.endswith("rose_select.py"):
-            TrlParser((ROSEConfig, ModelConfig, SelectConfig)).parse_args_and_config(["--config", str(ROOT / recipe), *extra])
+            TrlParser((ROSEConfig, ModelConfig, SelectConfig)).parse_args_and_config(
+                ["--config", str(ROOT / recipe), *extra]
+            )
         else:
-            TrlParser((ROSEConfig, SFTConfig, ModelConfig)).parse_args_and_config(["--config", str(ROOT / recipe), *extra])
+            TrlParser((ROSEConfig, SFTConfig, ModelConfig)).parse_args_and_config(
+                ["--config", str(ROOT / recipe), *extra]
+            )
     # It launches the folder's own configs.
     assert configs_named & {p.name for p in model_dir.rglob("*.yaml")}
 
@@ -149,15 +169,22 @@ def test_paper_recipe_readmes_keep_the_effective_batch():
         for cmd in launch_lines(model_dir / "README.md"):
             n = int(cmd[cmd.index("--num_processes") + 1]) if "--num_processes" in cmd else 1
             rose, sft, _ = parse(ROOT / cmd[cmd.index("--config", cmd.index("--config_file") + 2) + 1])
-            accumulation = (int(cmd[cmd.index("--gradient_accumulation_steps") + 1])
-                            if "--gradient_accumulation_steps" in cmd else sft.gradient_accumulation_steps)
+            accumulation = (
+                int(cmd[cmd.index("--gradient_accumulation_steps") + 1])
+                if "--gradient_accumulation_steps" in cmd
+                else sft.gradient_accumulation_steps
+            )
             assert n * sft.per_device_train_batch_size * accumulation == 128, cmd
 
 
 # ROSE-T (the paper's Table 8): Llama-2-7B selects, each of these is fine-tuned on its selection.
-TABLE_8 = {"llama-2-13b": "meta-llama/Llama-2-13b-hf", "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
-           "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct", "mistral-7b-v0.3": "mistralai/Mistral-7B-v0.3",
-           "mistral-7b-instruct-v0.3": "mistralai/Mistral-7B-Instruct-v0.3"}
+TABLE_8 = {
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "mistral-7b-v0.3": "mistralai/Mistral-7B-v0.3",
+    "mistral-7b-instruct-v0.3": "mistralai/Mistral-7B-Instruct-v0.3",
+}
 
 
 @pytest.mark.parametrize("task", ["shp", "se", "hh"])
@@ -185,10 +212,15 @@ def test_llama_2_7b_recipes_write_rows_in_less_tulu_format():
 
     tokenizer = build_tokenizer(["hello there"], vocab_size=300, chat=False)
     tokenizer.chat_template = (ROOT / "recipes/llama-2-7b/tulu.jinja").read_text()
-    messages = [{"role": "system", "content": "be brief "}, {"role": "user", "content": " hi?"},
-                {"role": "assistant", "content": "hello.\n"}, {"role": "user", "content": "bye"}]
+    messages = [
+        {"role": "system", "content": "be brief "},
+        {"role": "user", "content": " hi?"},
+        {"role": "assistant", "content": "hello.\n"},
+        {"role": "user", "content": "bye"},
+    ]
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
-        "<s><|system|>\nbe brief\n<|user|>\nhi?\n<|assistant|>\nhello.</s>\n<|user|>\nbye\n<|assistant|>\n")
+        "<s><|system|>\nbe brief\n<|user|>\nhi?\n<|assistant|>\nhello.</s>\n<|user|>\nbye\n<|assistant|>\n"
+    )
     for path in PAPER:
         if "llama-2-7b" in path.parts:
             assert parse(path)[1].chat_template_path == "recipes/llama-2-7b/tulu.jinja", path

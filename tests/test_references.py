@@ -40,5 +40,7 @@ def test_comparison_sees_a_changed_value(tmp_path):
     edited.loc[0, "selected"] = not frame.loc[0, "selected"]
     edited.to_parquet(folder / "scores.parquet", index=False)
     found = differences(HERE / "inline", {"selection": folder, **others})
-    assert found == ["selection/scores.parquet: column 'score' differs by up to 0.001",
-                     "selection/scores.parquet: column 'selected' differs"]
+    assert found == [
+        "selection/scores.parquet: column 'score' differs by up to 0.001",
+        "selection/scores.parquet: column 'selected' differs",
+    ]

@@ -11,8 +11,16 @@ from datasets import Dataset
 
 from rose_trl.baselines import BASELINES
 from rose_trl.cli import main
-from rose_trl.outputs.report import checkpoint_agreement, comparison_table, find_selections, render_report, top_examples, write_report
+from rose_trl.outputs.report import (
+    checkpoint_agreement,
+    comparison_table,
+    find_selections,
+    render_report,
+    top_examples,
+    write_report,
+)
 from tests.eval_helpers import topic_task
+
 
 CHROMIUM = Path("/usr/bin/chromium")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,14 +35,36 @@ def write_selection(folder: Path, pool, table: dict, fraction: float, method: st
     scores["selected"] = False
     scores.loc[order, "selected"] = True
     scores.to_parquet(folder / "scores.parquet")
-    selected = pool.select(order.tolist()).add_column("pool_index", order.tolist()).add_column("score", scores["score"].to_numpy()[order].tolist())
+    selected = (
+        pool.select(order.tolist())
+        .add_column("pool_index", order.tolist())
+        .add_column("score", scores["score"].to_numpy()[order].tolist())
+    )
     selected.save_to_disk(str(folder / "selected"))
-    subtasks = [c[len("score_"):] for c in table if c.startswith("score_") and not c.startswith("score_ckpt")]
-    (folder / "config.json").write_text(json.dumps({"selection_method": method, "selection_fraction": fraction,
-                                                    "model_name_or_path": "tiny-llama", "pool_dataset": "pool.jsonl",
-                                                    "validation_dataset": "val.jsonl", **(config or {})}))
-    (folder / "summary.json").write_text(json.dumps({"num_pool": len(pool), "num_selected": k, "selection_method": method,
-                                                     "subtasks": subtasks, "threshold": float(scores["score"].to_numpy()[order].min())}))
+    subtasks = [c[len("score_") :] for c in table if c.startswith("score_") and not c.startswith("score_ckpt")]
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "selection_method": method,
+                "selection_fraction": fraction,
+                "model_name_or_path": "tiny-llama",
+                "pool_dataset": "pool.jsonl",
+                "validation_dataset": "val.jsonl",
+                **(config or {}),
+            }
+        )
+    )
+    (folder / "summary.json").write_text(
+        json.dumps(
+            {
+                "num_pool": len(pool),
+                "num_selected": k,
+                "selection_method": method,
+                "subtasks": subtasks,
+                "threshold": float(scores["score"].to_numpy()[order].min()),
+            }
+        )
+    )
 
 
 def add_contributions(folder: Path, val, dominant: int = 0) -> None:
@@ -44,12 +74,24 @@ def add_contributions(folder: Path, val, dominant: int = 0) -> None:
     chosen = scores.loc[scores["selected"], "pool_index"].to_numpy()
     rng = np.random.default_rng(0)
     n = len(val)
-    pd.DataFrame({"pool_index": np.repeat(chosen, n), "pair_index": np.tile(np.arange(n), len(chosen)),
-                  "subtask": np.tile(val["subtask"], len(chosen)),
-                  "contribution": rng.normal(0, 0.1, n * len(chosen)) + np.tile(np.arange(n) == dominant, len(chosen))},
-                 ).to_parquet(folder / "contributions.parquet")
-    pd.DataFrame({"pair_index": np.arange(n), "subtask": val["subtask"], "prompt": val["prompt"], "chosen": val["chosen"],
-                  "rejected": val["rejected"], "usable": True}).to_parquet(folder / "pairs.parquet")
+    pd.DataFrame(
+        {
+            "pool_index": np.repeat(chosen, n),
+            "pair_index": np.tile(np.arange(n), len(chosen)),
+            "subtask": np.tile(val["subtask"], len(chosen)),
+            "contribution": rng.normal(0, 0.1, n * len(chosen)) + np.tile(np.arange(n) == dominant, len(chosen)),
+        },
+    ).to_parquet(folder / "contributions.parquet")
+    pd.DataFrame(
+        {
+            "pair_index": np.arange(n),
+            "subtask": val["subtask"],
+            "prompt": val["prompt"],
+            "chosen": val["chosen"],
+            "rejected": val["rejected"],
+            "usable": True,
+        }
+    ).to_parquet(folder / "pairs.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +126,9 @@ def test_report_contents(run_dir):
     assert table["num_selected"].tolist() == [4, 4, 4]
     assert table.iloc[0, -1] == 1.0  # the main run overlaps itself fully
     tops = top_examples(main_run)
-    assert set(tops) <= {"space", "math"} and all(r["source"] in ("space", "math") for rows in tops.values() for r in rows)
+    assert set(tops) <= {"space", "math"} and all(
+        r["source"] in ("space", "math") for rows in tops.values() for r in rows
+    )
     assert runs[2].subtask_columns == [] and checkpoint_agreement(runs[2]) is None
 
 
@@ -92,7 +136,9 @@ def test_report_escapes_text(tmp_path):
     pool, val = topic_task()
     pool = pool.map(lambda r, i: {"prompt": "<script>alert(1)</script>" if i == 0 else r["prompt"]}, with_indices=True)
     table = {"score": np.arange(len(pool), dtype=float)[::-1].copy()}
-    write_selection(tmp_path / "selection", pool, table, 0.2, "random", config={"hub_token": "hf_SECRET", "api_key": None})
+    write_selection(
+        tmp_path / "selection", pool, table, 0.2, "random", config={"hub_token": "hf_SECRET", "api_key": None}
+    )
     page = render_report(find_selections(tmp_path))
     assert "hf_SECRET" not in page and "hub_token" in page
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -110,9 +156,17 @@ def test_cli_writes_report(run_dir, capsys):
     for needle in ("Comparison of selection methods", "selection_bm25", "Why these rows", "threshold"):
         assert needle in page
     # what a reader wants first: numbers and plots; the configuration last, folded
-    order = [page.index(h) for h in ("<h2>Summary</h2>", "Score statistics", "<h2>Score distribution</h2>",
-                                     "<h2>Why these rows</h2>", "<h2>Pairs that drive the selection</h2>",
-                                     "<h2>Configuration</h2>")]
+    order = [
+        page.index(h)
+        for h in (
+            "<h2>Summary</h2>",
+            "Score statistics",
+            "<h2>Score distribution</h2>",
+            "<h2>Why these rows</h2>",
+            "<h2>Pairs that drive the selection</h2>",
+            "<h2>Configuration</h2>",
+        )
+    ]
     assert order == sorted(order)
     assert re.search(r"<h2>Configuration</h2>\s*<details><summary>Full configuration", page)
     assert "pool_mean" not in page  # score statistics are a table of numbers, not a JSON string
@@ -126,7 +180,9 @@ def test_why_these_rows_and_driving_pairs(run_dir):
     main_run = find_selections(run_dir)[0]
     _, val = topic_task()
     why = why_these_rows(main_run)
-    assert why and all(len(r["pairs"]) == min(3, list(val["subtask"]).count(name)) for name, rows in why.items() for r in rows)
+    assert why and all(
+        len(r["pairs"]) == min(3, list(val["subtask"]).count(name)) for name, rows in why.items() for r in rows
+    )
     first = next(iter(why.values()))[0]["pairs"][0]
     assert set(first) == {"pair_index", "contribution", "prompt", "chosen", "rejected"}
     counts = driving_pairs(main_run)
@@ -140,9 +196,19 @@ def test_why_these_rows_and_driving_pairs(run_dir):
 
 
 def _chromium(tmp_path, *args):
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-           f"--user-data-dir={tmp_path / 'profile'}", *args]
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
 
 
@@ -151,13 +217,18 @@ def test_report_renders_in_a_browser(run_dir, tmp_path):
     page = write_report(run_dir)
     # A script in the page measures every image once loaded: a broken image has naturalWidth 0.
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", """<script>
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            """<script>
 window.addEventListener('load', () => {
   const imgs = [...document.images];
   const p = document.createElement('pre'); p.id = 'probe';
   p.textContent = JSON.stringify(imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight]));
   document.body.appendChild(p);
-});</script></body>"""))
+});</script></body>""",
+        )
+    )
     dom = _chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     measured = json.loads(re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout).group(1))

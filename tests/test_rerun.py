@@ -10,9 +10,10 @@ import pytest
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from rose_trl.config import BASELINE_METHODS, GRADIENT_METHODS, ROSEConfig
-from rose_trl.run.pipeline import FINAL_RECORD, run
 from rose_trl.models.tiny import write_tiny_assets
+from rose_trl.run.pipeline import FINAL_RECORD, run
 from tests.helpers import counting_gradient_passes
+
 
 ROOT = Path(__file__).resolve().parents[1]
 ROSE_DATA = Path(os.environ.get("ROSE_DATA_DIR", ROOT.parent / "shared" / "data" / "rose"))
@@ -34,7 +35,8 @@ def recipe(workdir, monkeypatch, *args) -> dict:
     """`recipes/rose_sft.py --config config.yaml <args>`, in this process."""
     monkeypatch.chdir(workdir)
     configs = TrlParser((ROSEConfig, SFTConfig, ModelConfig)).parse_args_and_config(
-        args=["--config", "config.yaml", "--disable_tqdm", "true", *args])
+        args=["--config", "config.yaml", "--disable_tqdm", "true", *args]
+    )
     return run(*configs)
 
 
@@ -59,9 +61,21 @@ def test_same_command_twice_with_default_logging_steps(workdir, tmp_path, monkey
     if validation == "se_2_shot" and not SE_2_SHOT.exists():
         pytest.skip(f"{SE_2_SHOT} not found (set ROSE_DATA_DIR)")
     out = tmp_path / "run"
-    args = ["--output_dir", str(out), "--num_train_epochs", "2", "--final_training", "false", "--projection_dim", "512",
-            *(["--validation_dataset", str(SE_2_SHOT)] if validation == "se_2_shot" else
-              ["--pool_max_examples", "160", "--warmup_fraction", "0.25"])]
+    args = [
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        "2",
+        "--final_training",
+        "false",
+        "--projection_dim",
+        "512",
+        *(
+            ["--validation_dataset", str(SE_2_SHOT)]
+            if validation == "se_2_shot"
+            else ["--pool_max_examples", "160", "--warmup_fraction", "0.25"]
+        ),
+    ]
     with counting_gradient_passes() as counter:
         first = recipe(workdir, monkeypatch, *args)
     assert counter["passes"] > 0
@@ -73,7 +87,16 @@ def test_same_command_twice_with_default_logging_steps(workdir, tmp_path, monkey
 
 def test_final_model_is_reused_and_retrained_only_for_another_selection(workdir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    args = ["--output_dir", str(out), "--selection_method", "random", "--num_train_epochs", "1", "--save_strategy", "epoch"]
+    args = [
+        "--output_dir",
+        str(out),
+        "--selection_method",
+        "random",
+        "--num_train_epochs",
+        "1",
+        "--save_strategy",
+        "epoch",
+    ]
     first = recipe(workdir, monkeypatch, *args)
     final = out / "final_random"
     assert first["final_model"] == str(final) and (final / "adapter_model.safetensors").exists()
@@ -99,9 +122,24 @@ def test_every_method_with_and_without_final_training_runs_again_unchanged(workd
         folder = out / ("selection" if method == "rose" else f"selection_{method}")
         scores = None
         for final_training in ("false", "true"):
-            args = ["--output_dir", str(out), "--selection_method", method, "--final_training", final_training,
-                    "--num_train_epochs", "2", "--projection_dim", "512", "--save_strategy", "epoch",
-                    "--pool_max_examples", "160", "--warmup_fraction", "0.25"]
+            args = [
+                "--output_dir",
+                str(out),
+                "--selection_method",
+                method,
+                "--final_training",
+                final_training,
+                "--num_train_epochs",
+                "2",
+                "--projection_dim",
+                "512",
+                "--save_strategy",
+                "epoch",
+                "--pool_max_examples",
+                "160",
+                "--warmup_fraction",
+                "0.25",
+            ]
             first = recipe(workdir, monkeypatch, *args)
             # final_training is part of the recorded configuration; the scores do not depend on it
             assert scores is None or (folder / "scores.parquet").read_bytes() == scores, method

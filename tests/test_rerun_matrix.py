@@ -26,13 +26,31 @@ from rose_trl.run.pipeline import FINAL_RECORD
 from tests.test_rerun import snapshot
 from tests.test_resume import _kill_tree
 
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 # 160 rows; warm-up 16 rows x 3 epochs of 4 steps (2 of them warm-up steps); 16 rows selected, trained 3
 # epochs of 4 steps with a checkpoint each epoch.
-ARGS = ["--pool_max_examples", "160", "--num_train_epochs", "3", "--per_device_train_batch_size", "4",
-        "--warmup_steps", "2", "--projection_dim", "512", "--selection_fraction", "0.1", "--logging_steps", "500",
-        "--save_strategy", "epoch", "--disable_tqdm", "true"]
+ARGS = [
+    "--pool_max_examples",
+    "160",
+    "--num_train_epochs",
+    "3",
+    "--per_device_train_batch_size",
+    "4",
+    "--warmup_steps",
+    "2",
+    "--projection_dim",
+    "512",
+    "--selection_fraction",
+    "0.1",
+    "--logging_steps",
+    "500",
+    "--save_strategy",
+    "epoch",
+    "--disable_tqdm",
+    "true",
+]
 # Runs that get killed sleep this long in each training step (warm-up, final training) or each gradient-store
 # write (extraction): the kill lands in the stage it targets, and the rest of the run keeps its speed.
 SLOW = {"warmup": "ROSE_TEST_SLOW_STEPS", "extraction": "ROSE_TEST_SLOW_WRITES", "final": "ROSE_TEST_SLOW_STEPS"}
@@ -43,10 +61,26 @@ TIMES: dict[str, float] = {}
 
 def launch(cwd: Path, method: str, slow: str | None = None) -> subprocess.Popen:
     counts = cwd / f"counts-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, str(ROOT / "tests" / "counted_run.py"), str(counts), str(ROOT / "recipes" / "rose_sft.py"),
-           "--config", str(ROOT / "recipes/tiny/rose/config_tiny.yaml"), "--selection_method", method, *ARGS]
-    proc = subprocess.Popen(cmd, cwd=cwd, env={**ENV, **({SLOW[slow]: "0.3"} if slow else {})}, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "counted_run.py"),
+        str(counts),
+        str(ROOT / "recipes" / "rose_sft.py"),
+        "--config",
+        str(ROOT / "recipes/tiny/rose/config_tiny.yaml"),
+        "--selection_method",
+        method,
+        *ARGS,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env={**ENV, **({SLOW[slow]: "0.3"} if slow else {})},
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     proc.counts = counts
     return proc
 
@@ -74,10 +108,12 @@ def outputs(workdir: Path, method: str) -> dict:
     run = run_dir(workdir)
     suffix = "" if method == "rose" else f"_{method}"
     manifest = run / "rose/checkpoints.json"
-    return {"scores": (run / f"selection{suffix}/scores.parquet").read_bytes(),
-            "selected": load_from_disk(str(run / f"selection{suffix}/selected")).to_pandas(),
-            "checkpoints": json.loads(manifest.read_text()) if manifest.exists() else None,
-            "final": load_file(str(run / f"final{suffix}/adapter_model.safetensors"))}
+    return {
+        "scores": (run / f"selection{suffix}/scores.parquet").read_bytes(),
+        "selected": load_from_disk(str(run / f"selection{suffix}/selected")).to_pandas(),
+        "checkpoints": json.loads(manifest.read_text()) if manifest.exists() else None,
+        "final": load_file(str(run / f"final{suffix}/adapter_model.safetensors")),
+    }
 
 
 def assert_same_outputs(found: dict, expected: dict, case: str) -> None:
@@ -85,15 +121,21 @@ def assert_same_outputs(found: dict, expected: dict, case: str) -> None:
     pd.testing.assert_frame_equal(found["selected"], expected["selected"], check_exact=True, obj=f"{case}: selected")
     assert found["checkpoints"] == expected["checkpoints"], case
     assert found["final"].keys() == expected["final"].keys(), case
-    assert all(torch.equal(found["final"][k], expected["final"][k]) for k in expected["final"]), f"{case}: final weights"
+    assert all(torch.equal(found["final"][k], expected["final"][k]) for k in expected["final"]), (
+        f"{case}: final weights"
+    )
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     """method -> folder of its uninterrupted run (made on first use), and its reference outputs."""
     assets = tmp_path_factory.mktemp("assets")
-    subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(assets / "outputs/tiny")], env=ENV,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(assets / "outputs/tiny")],
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
     runs = {}
 
     def get(method: str):
@@ -111,8 +153,9 @@ def clean(tmp_path_factory):
 
 def fresh_copy(tmp_path: Path, workdir: Path, keep_run: bool) -> Path:
     """The assets, and with keep_run the clean run's outputs less final*/ (a run killed in final training)."""
-    shutil.copytree(workdir / "outputs", tmp_path / "outputs",
-                    ignore=None if keep_run else shutil.ignore_patterns("run"))
+    shutil.copytree(
+        workdir / "outputs", tmp_path / "outputs", ignore=None if keep_run else shutil.ignore_patterns("run")
+    )
     for final in run_dir(tmp_path).glob("final*"):
         shutil.rmtree(final)
     return tmp_path

@@ -22,6 +22,7 @@ from datasets import load_from_disk
 
 from rose_trl.stores.store import GradientStore
 
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
@@ -100,17 +101,25 @@ def test_killed_extraction_resumes_to_identical_rows(tmp_path):
     finish = _extract(script, store)
     computed = int(finish.communicate(timeout=300)[0].strip())
     assert computed == 48 - sum(killed_with)  # finished rows were not recomputed
-    np.testing.assert_array_equal(GradientStore.open(store).read_all(), GradientStore.open(tmp_path / "reference").read_all())
+    np.testing.assert_array_equal(
+        GradientStore.open(store).read_all(), GradientStore.open(tmp_path / "reference").read_all()
+    )
 
 
 def _launch(cwd: Path, args: list[str]) -> subprocess.Popen:
     # The recipe itself, without `accelerate launch` (one process on CPU either way; one interpreter
     # start less per launch). test_recipe_tiny.py covers the accelerate launch.
-    cmd = [sys.executable, str(ROOT / "recipes" / "rose_sft.py"), "--config",
-           str(ROOT / "recipes" / "tiny" / "rose" / "config_tiny.yaml"), *args]
+    cmd = [
+        sys.executable,
+        str(ROOT / "recipes" / "rose_sft.py"),
+        "--config",
+        str(ROOT / "recipes" / "tiny" / "rose" / "config_tiny.yaml"),
+        *args,
+    ]
     # A new session: SIGKILL reaches the whole process tree (dataloader or tokenizer workers included).
-    return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -119,14 +128,28 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def _outputs(run: Path):
-    return pd.read_parquet(run / "selection" / "scores.parquet"), load_from_disk(str(run / "selection" / "selected")).to_pandas()
+    return pd.read_parquet(run / "selection" / "scores.parquet"), load_from_disk(
+        str(run / "selection" / "selected")
+    ).to_pandas()
 
 
 @pytest.mark.slow
 def test_recipe_killed_at_random_points_finishes_with_identical_outputs(tmp_path):
-    subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "ref/outputs/tiny")], env=ENV, check=True)
-    args = ["--final_training", "false", "--pool_max_examples", "160", "--num_train_epochs", "3",
-            "--projection_dim", "2048", "--disable_tqdm", "true"]
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "ref/outputs/tiny")], env=ENV, check=True
+    )
+    args = [
+        "--final_training",
+        "false",
+        "--pool_max_examples",
+        "160",
+        "--num_train_epochs",
+        "3",
+        "--projection_dim",
+        "2048",
+        "--disable_tqdm",
+        "true",
+    ]
     (tmp_path / "killed").mkdir()
     subprocess.run(["cp", "-r", str(tmp_path / "ref/outputs"), str(tmp_path / "killed")], check=True)
 
@@ -165,7 +188,8 @@ def test_recipe_killed_at_random_points_finishes_with_identical_outputs(tmp_path
     pd.testing.assert_frame_equal(scores, expected_scores, check_exact=True, obj=f"scores after kills {kills}")
     pd.testing.assert_frame_equal(selected, expected_selected, check_exact=True)
     assert json.loads((run / "rose/checkpoints.json").read_text()) == json.loads(
-        (tmp_path / "ref/outputs/tiny/run/rose/checkpoints.json").read_text())
+        (tmp_path / "ref/outputs/tiny/run/rose/checkpoints.json").read_text()
+    )
     assert not list(run.rglob(".*tmp-*")), "temporary folders left behind"
 
 

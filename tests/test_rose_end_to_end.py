@@ -10,20 +10,34 @@ from peft import LoraConfig
 from scipy.stats import spearmanr
 from trl import SFTConfig, SFTTrainer
 
-from rose_trl.run.callback import ROSECallback
 from rose_trl.config import ROSEConfig
+from rose_trl.models.tiny import build_tiny_llama
+from rose_trl.run.callback import ROSECallback
 from rose_trl.run.offline import select_from_checkpoints
 from rose_trl.run.pipeline import sft_training_dataset, warmup_indices
 from rose_trl.run.selector import ROSESelector
-from rose_trl.models.tiny import build_tiny_llama
+
 
 LORA = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 def sft_args(out, **kw):
-    return SFTConfig(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=8, learning_rate=1e-3,
-                     save_strategy="epoch", logging_steps=1, use_cpu=True, bf16=False, gradient_checkpointing=False,
-                     report_to=[], max_length=256, disable_tqdm=True, seed=0, **kw)
+    return SFTConfig(
+        output_dir=str(out),
+        num_train_epochs=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        save_strategy="epoch",
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        max_length=256,
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +46,17 @@ def callback_run(tmp_path_factory, planted):
     pool, validation, tokenizer, _ = planted
     out = tmp_path_factory.mktemp("run")
     warm = sft_training_dataset(pool.select(warmup_indices(len(pool), 0.2, 0)), tokenizer, 256, "warm-up")
-    callback = ROSECallback(pool, validation, tokenizer, ROSEConfig(projection_dim=2048, selection_fraction=0.1),
-                            max_length=256)
-    trainer = SFTTrainer(build_tiny_llama(tokenizer), args=sft_args(out), train_dataset=warm,
-                         processing_class=tokenizer, peft_config=LORA, callbacks=[callback])
+    callback = ROSECallback(
+        pool, validation, tokenizer, ROSEConfig(projection_dim=2048, selection_fraction=0.1), max_length=256
+    )
+    trainer = SFTTrainer(
+        build_tiny_llama(tokenizer),
+        args=sft_args(out),
+        train_dataset=warm,
+        processing_class=tokenizer,
+        peft_config=LORA,
+        callbacks=[callback],
+    )
     trainer.train()
     return out, callback
 
@@ -84,7 +105,9 @@ def test_scores_equal_plain_formula_on_stored_gradients(callback_run, planted):
     eta = eta / eta.sum()
     total = 0
     for i, c in enumerate(manifest):
-        train = np.concatenate([np.load(f).astype(np.float64) for f in sorted((out / "rose" / "train" / c["name"]).glob("shard_*.npy"))])
+        train = np.concatenate(
+            [np.load(f).astype(np.float64) for f in sorted((out / "rose" / "train" / c["name"]).glob("shard_*.npy"))]
+        )
         val = np.load(out / "rose" / "val_dpo" / c["name"] / "shard_00000.npy").astype(np.float64)
         train /= np.linalg.norm(train, axis=1, keepdims=True)
         val /= np.linalg.norm(val, axis=1, keepdims=True)
@@ -98,8 +121,16 @@ def test_scores_equal_plain_formula_on_stored_gradients(callback_run, planted):
 def test_offline_mode_from_saved_checkpoints_matches_callback(callback_run, planted, tmp_path):
     out, _ = callback_run
     pool, validation, tokenizer, _ = planted
-    selector = ROSESelector(pool, validation, tokenizer, ROSEConfig(projection_dim=2048, selection_fraction=0.1),
-                            tmp_path, max_length=256, use_cpu=True, progress=False)
+    selector = ROSESelector(
+        pool,
+        validation,
+        tokenizer,
+        ROSEConfig(projection_dim=2048, selection_fraction=0.1),
+        tmp_path,
+        max_length=256,
+        use_cpu=True,
+        progress=False,
+    )
     sel = select_from_checkpoints(out, build_tiny_llama(tokenizer), selector)
     live = pd.read_parquet(out / "selection" / "scores.parquet")
     offline = pd.read_parquet(sel / "scores.parquet")
@@ -116,8 +147,16 @@ def test_rerun_reuses_finished_stores(callback_run, planted, monkeypatch):
 
     calls = []
     monkeypatch.setattr(extraction, "extract_gradients", lambda *a, **k: calls.append(1) or 0)
-    selector = ROSESelector(pool, validation, tokenizer, ROSEConfig(projection_dim=2048, selection_fraction=0.1),
-                            out, max_length=256, use_cpu=True, progress=False)
+    selector = ROSESelector(
+        pool,
+        validation,
+        tokenizer,
+        ROSEConfig(projection_dim=2048, selection_fraction=0.1),
+        out,
+        max_length=256,
+        use_cpu=True,
+        progress=False,
+    )
     before = pd.read_parquet(out / "selection" / "scores.parquet")
     selector.finalize()
     pd.testing.assert_frame_equal(before, pd.read_parquet(out / "selection" / "scores.parquet"))
@@ -133,9 +172,16 @@ def test_less_method_reuses_training_gradients(callback_run, planted, monkeypatc
     computed = []
     real = extraction.extract_gradients
     monkeypatch.setattr(extraction, "extract_gradients", lambda *a, **k: computed.append(real(*a, **k)))
-    selector = ROSESelector(pool, validation, tokenizer,
-                            ROSEConfig(projection_dim=2048, selection_fraction=0.1, selection_method="less"),
-                            out, max_length=256, use_cpu=True, progress=False)
+    selector = ROSESelector(
+        pool,
+        validation,
+        tokenizer,
+        ROSEConfig(projection_dim=2048, selection_fraction=0.1, selection_method="less"),
+        out,
+        max_length=256,
+        use_cpu=True,
+        progress=False,
+    )
     sel = select_from_checkpoints(out, build_tiny_llama(tokenizer), selector, folder="selection_less")
     assert computed == [0, 0, 0]  # three checkpoints, no pool row recomputed
     assert (out / "rose" / "val_sft").is_dir()

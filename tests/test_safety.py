@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*(ROOT / "rose_trl").rglob("*.py"), *(ROOT / "recipes").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")])
+SOURCES = sorted(
+    [*(ROOT / "rose_trl").rglob("*.py"), *(ROOT / "recipes").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+)
 UNPICKLERS = {"pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve"}
 SECRET = re.compile(r"(^|_)(hf_|hub_|auth_|api_|access_)?token$", re.IGNORECASE)
 LOGGERS = {"print", "info", "warning", "warn", "debug", "error", "exception", "critical", "log", "write"}
@@ -28,7 +31,9 @@ def _restricted_unpicklers(tree) -> set[int]:
     """ids of the `pickle.Unpickler` base-class nodes of classes that override find_class (an allow-list)."""
     allowed = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body):
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body
+        ):
             allowed |= {id(b) for b in node.bases if _name(b) == "pickle.Unpickler"}
     return allowed
 
@@ -40,7 +45,9 @@ def violations(source: str, filename: str = "<src>") -> list[str]:
     for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            names = [a.name for a in node.names] + (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            )
             roots = {n.split(".")[0] for n in names}
             # A plain `import pickle` is allowed: its uses are checked below (only a restricted Unpickler subclass passes).
             plain_pickle = isinstance(node, ast.Import) and all(a.asname is None for a in node.names)
@@ -48,7 +55,9 @@ def violations(source: str, filename: str = "<src>") -> list[str]:
                 found.append(f"{where}: imports an unpickler")
         if isinstance(node, ast.Attribute) and _name(node.value) == "pickle" and node.attr != "UnpicklingError":
             if not (node.attr == "Unpickler" and id(node) in restricted):
-                found.append(f"{where}: pickle.{node.attr} (only an Unpickler subclass with an allow-listing find_class)")
+                found.append(
+                    f"{where}: pickle.{node.attr} (only an Unpickler subclass with an allow-listing find_class)"
+                )
         if not isinstance(node, ast.Call):
             continue
         func = _name(node.func)
@@ -71,31 +80,38 @@ def violations(source: str, filename: str = "<src>") -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("snippet", [
-    "import torch\ntorch.load('x.pt')",
-    "import torch\ntorch.load('x.pt', weights_only=False)",
-    "import numpy as np\nnp.load('x.npy', allow_pickle=True)",
-    "import numpy as np\nnp.load('x.npy')",
-    "import pickle\npickle.load(f)",
-    "import pickle\npickle.Unpickler(f).load()",
-    "import pickle\nclass U(pickle.Unpickler):\n    pass",
-    "from pickle import loads",
-    "import pickle as p\np.load(f)",
-    "import dill",
-    "from joblib import load",
-    "AutoModel.from_pretrained('m', trust_remote_code=True)",
-    "print(f'using {args.hub_token}')",
-    "logger.info('token %s', token)",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import torch\ntorch.load('x.pt')",
+        "import torch\ntorch.load('x.pt', weights_only=False)",
+        "import numpy as np\nnp.load('x.npy', allow_pickle=True)",
+        "import numpy as np\nnp.load('x.npy')",
+        "import pickle\npickle.load(f)",
+        "import pickle\npickle.Unpickler(f).load()",
+        "import pickle\nclass U(pickle.Unpickler):\n    pass",
+        "from pickle import loads",
+        "import pickle as p\np.load(f)",
+        "import dill",
+        "from joblib import load",
+        "AutoModel.from_pretrained('m', trust_remote_code=True)",
+        "print(f'using {args.hub_token}')",
+        "logger.info('token %s', token)",
+    ],
+)
 def test_the_check_catches(snippet):
     assert violations(snippet)
 
 
 def test_the_check_passes_safe_code():
-    assert not violations("torch.load(p, map_location='cpu', weights_only=True)\nnp.load(f, allow_pickle=False)\n"
-                          "print(tokenizer.pad_token_id, len(input_ids))\nAutoModel.from_pretrained(m, trust_remote_code=flag)")
-    assert not violations("import pickle\nclass U(pickle.Unpickler):\n    def find_class(self, m, n):\n"
-                          "        raise pickle.UnpicklingError(n)\nU(f).load()")
+    assert not violations(
+        "torch.load(p, map_location='cpu', weights_only=True)\nnp.load(f, allow_pickle=False)\n"
+        "print(tokenizer.pad_token_id, len(input_ids))\nAutoModel.from_pretrained(m, trust_remote_code=flag)"
+    )
+    assert not violations(
+        "import pickle\nclass U(pickle.Unpickler):\n    def find_class(self, m, n):\n"
+        "        raise pickle.UnpicklingError(n)\nU(f).load()"
+    )
 
 
 def test_package_recipes_and_benchmarks_are_safe():

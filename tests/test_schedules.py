@@ -14,14 +14,20 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from trl import SFTConfig, SFTTrainer
 
-from rose_trl.run.callback import ROSECallback
+from rose_trl.checkpoints.schedules import (
+    ScheduleError,
+    read_training_args,
+    read_warmup_record,
+    recover_learning_rates,
+)
 from rose_trl.config import ROSEConfig
+from rose_trl.models.tiny import build_tiny_llama
+from rose_trl.run.callback import ROSECallback
 from rose_trl.run.offline import find_checkpoints, resolve_learning_rates, select_from_checkpoints, warmup_model
 from rose_trl.run.pipeline import sft_training_dataset
-from rose_trl.checkpoints.schedules import ScheduleError, read_training_args, read_warmup_record, recover_learning_rates
 from rose_trl.run.selector import ROSESelector
-from rose_trl.models.tiny import build_tiny_llama
 from tests.helpers import counting_gradient_passes
+
 
 LORA = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
 CONFIG = dict(projection_dim=64, selection_fraction=0.25)
@@ -51,13 +57,33 @@ def warm_up(small, tmp_path_factory):
     def run(name, warmup, logging_steps):
         if (name, warmup, logging_steps) not in runs:
             out = tmp_path_factory.mktemp(f"{name}-{warmup}-{logging_steps}")
-            args = SFTConfig(output_dir=str(out / "warmup"), num_train_epochs=3, per_device_train_batch_size=2,
-                             learning_rate=1e-3, lr_scheduler_type=name, warmup_steps=warmup, save_strategy="epoch",
-                             logging_steps=logging_steps, use_cpu=True, bf16=False, report_to=[], max_length=64,
-                             disable_tqdm=True, seed=0)
-            callback = ROSECallback(pool, validation, tokenizer, ROSEConfig(**CONFIG), output_dir=str(out), max_length=64)
-            SFTTrainer(base_model(tokenizer), args=args, train_dataset=sft_training_dataset(pool, tokenizer, 64, "warm-up"),
-                       processing_class=tokenizer, peft_config=LORA, callbacks=[callback]).train()
+            args = SFTConfig(
+                output_dir=str(out / "warmup"),
+                num_train_epochs=3,
+                per_device_train_batch_size=2,
+                learning_rate=1e-3,
+                lr_scheduler_type=name,
+                warmup_steps=warmup,
+                save_strategy="epoch",
+                logging_steps=logging_steps,
+                use_cpu=True,
+                bf16=False,
+                report_to=[],
+                max_length=64,
+                disable_tqdm=True,
+                seed=0,
+            )
+            callback = ROSECallback(
+                pool, validation, tokenizer, ROSEConfig(**CONFIG), output_dir=str(out), max_length=64
+            )
+            SFTTrainer(
+                base_model(tokenizer),
+                args=args,
+                train_dataset=sft_training_dataset(pool, tokenizer, 64, "warm-up"),
+                processing_class=tokenizer,
+                peft_config=LORA,
+                callbacks=[callback],
+            ).train()
             runs[name, warmup, logging_steps] = out
         return runs[name, warmup, logging_steps]
 
@@ -71,8 +97,16 @@ def recorded(out):
 
 def selector_for(small, out, **config):
     pool, validation, tokenizer = small
-    return ROSESelector(pool, validation, tokenizer, ROSEConfig(**{**CONFIG, **config}), out, max_length=64,
-                        use_cpu=True, progress=False)
+    return ROSESelector(
+        pool,
+        validation,
+        tokenizer,
+        ROSEConfig(**{**CONFIG, **config}),
+        out,
+        max_length=64,
+        use_cpu=True,
+        progress=False,
+    )
 
 
 def offline_rates(small, warmup_dir, out, **config):
@@ -137,8 +171,15 @@ def test_unknown_rate_stops_before_any_gradient_pass(small, warm_up, tmp_path):
     with counting_gradient_passes() as counter, pytest.raises(ValueError) as error:
         select_from_checkpoints(warmup_dir, base_model(small[2]), selector)
     message = str(error.value)
-    for part in ("checkpoint-4", "steps 1-4", "logs the learning rate of 0 of those 4 steps", "scheduler.pt (missing)",
-                 "training_args.bin (missing)", "checkpoint_learning_rates", "3 here: checkpoint-4, checkpoint-8, checkpoint-12"):
+    for part in (
+        "checkpoint-4",
+        "steps 1-4",
+        "logs the learning rate of 0 of those 4 steps",
+        "scheduler.pt (missing)",
+        "training_args.bin (missing)",
+        "checkpoint_learning_rates",
+        "3 here: checkpoint-4, checkpoint-8, checkpoint-12",
+    ):
         assert part in message, (part, message)
     assert counter["passes"] == 0 and not (tmp_path / "out/rose/train").exists()
 
@@ -147,11 +188,15 @@ def test_checkpoint_learning_rates_override_and_are_checked(small, warm_up, tmp_
     run = warm_up("linear", 0.3, 500)
     warmup_dir = copy_warmup(run, tmp_path, drop=["scheduler.pt", "training_args.bin"])
     with pytest.raises(ValueError, match=r"has 2 values but 3 checkpoints were found \(\['checkpoint-4'"):
-        select_from_checkpoints(warmup_dir, base_model(small[2]), selector_for(small, tmp_path / "a",
-                                                                               checkpoint_learning_rates=[1.0, 2.0]))
+        select_from_checkpoints(
+            warmup_dir, base_model(small[2]), selector_for(small, tmp_path / "a", checkpoint_learning_rates=[1.0, 2.0])
+        )
     with caplog.at_level(logging.WARNING):
-        sel = select_from_checkpoints(warmup_dir, base_model(small[2]),
-                                      selector_for(small, tmp_path / "b", checkpoint_learning_rates=[3.0, 2.0, 1.0]))
+        sel = select_from_checkpoints(
+            warmup_dir,
+            base_model(small[2]),
+            selector_for(small, tmp_path / "b", checkpoint_learning_rates=[3.0, 2.0, 1.0]),
+        )
     assert "overriding the recorded learning rates" in caplog.text
     config = json.loads((sel / "config.json").read_text())
     assert [c["learning_rate"] for c in config["checkpoints"]] == [3.0, 2.0, 1.0]

@@ -3,8 +3,8 @@ import pytest
 from datasets import Dataset
 
 from rose_trl.config import ROSEConfig
-from rose_trl.scoring.scores import normalized_weights, top_fraction
 from rose_trl.outputs.selection import write_selection
+from rose_trl.scoring.scores import normalized_weights, top_fraction
 
 
 def test_top_fraction_orders_by_score_then_index():
@@ -39,7 +39,9 @@ def test_write_selection_replaces_a_previous_one_whole(tmp_path):
     pool = Dataset.from_list([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)])
     table = {"score": np.arange(10.0), "score_a": np.arange(10.0)}
     first = write_selection(tmp_path, pool, table, 0.2, {"x": 1}, "rose", ["a"])
-    second = write_selection(tmp_path, pool, {"score": -np.arange(10.0), "score_a": -np.arange(10.0)}, 0.2, {"x": 2}, "rose", ["a"])
+    second = write_selection(
+        tmp_path, pool, {"score": -np.arange(10.0), "score_a": -np.arange(10.0)}, 0.2, {"x": 2}, "rose", ["a"]
+    )
     assert first == second and sorted(p.name for p in tmp_path.iterdir()) == ["selection"]
     from datasets import load_from_disk
 

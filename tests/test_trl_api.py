@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
 from rose_trl.config import DPO_LOSS_TYPES
-from rose_trl.gradients.featurizer import Featurizer
 from rose_trl.gradients.capture import trainable_parameters
+from rose_trl.gradients.featurizer import Featurizer
 from rose_trl.stores.validation import ROSEDPOTrainer, validation_dpo_config
 from tests.helpers import Unprojected, trained_adapter_model
 
@@ -75,8 +75,14 @@ def test_every_dpo_loss_type_gives_each_pair_its_own_gradient(loss_type, planted
     _, validation, tokenizer, _ = planted
     model = trained_adapter_model(tiny_base)
     smoothing = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}.get(loss_type, 0.0)
-    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), batch_size=3, use_cpu=True, loss_type=loss_type,
-                                                          label_smoothing=smoothing), validation, tokenizer)
+    trainer = ROSEDPOTrainer(
+        model,
+        validation_dpo_config(
+            str(tmp_path), batch_size=3, use_cpu=True, loss_type=loss_type, label_smoothing=smoothing
+        ),
+        validation,
+        tokenizer,
+    )
     assert trainer.loss_types == [loss_type]
     model.eval()
     grads = raw_pair_gradients(trainer, model)
@@ -90,21 +96,29 @@ def test_every_dpo_loss_type_gives_each_pair_its_own_gradient(loss_type, planted
 def test_hinge_gives_an_exact_zero_once_the_margin_is_met(planted, tiny_base, tmp_path):
     _, validation, tokenizer, _ = planted
     model = trained_adapter_model(tiny_base)
-    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), beta=20.0, batch_size=3, use_cpu=True,
-                                                          loss_type="hinge"), validation, tokenizer)
+    trainer = ROSEDPOTrainer(
+        model,
+        validation_dpo_config(str(tmp_path), beta=20.0, batch_size=3, use_cpu=True, loss_type="hinge"),
+        validation,
+        tokenizer,
+    )
     model.eval()
     grads = raw_pair_gradients(trainer, model)
     with torch.no_grad():
-        losses = torch.stack([trainer.compute_loss(model, inputs) for inputs in
-                              DataLoader(trainer.train_dataset, batch_size=1, collate_fn=trainer.data_collator)])
+        losses = torch.stack(
+            [
+                trainer.compute_loss(model, inputs)
+                for inputs in DataLoader(trainer.train_dataset, batch_size=1, collate_fn=trainer.data_collator)
+            ]
+        )
     met = losses == 0  # relu(1 - beta * delta): beta * delta >= 1
     assert 0 < met.sum() < len(validation), losses
     assert (grads[met] == 0).all() and (grads[~met].norm(dim=1) > 0).all()
 
 
 def test_configs_and_helpers_used_by_the_recipe():
-    from trl import DPOConfig, ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config  # noqa: F401
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    from trl import DPOConfig, ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config  # noqa: F401
 
     from rose_trl.utils import files
 
@@ -115,7 +129,15 @@ def test_configs_and_helpers_used_by_the_recipe():
         assert name in dpo, name
     for name in ("max_length", "completion_only_loss", "trust_remote_code"):
         assert name in SFTConfig.__dataclass_fields__, name
-    for name in ("model_name_or_path", "dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+    for name in (
+        "model_name_or_path",
+        "dtype",
+        "use_peft",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+    ):
         assert name in ModelConfig.__dataclass_fields__, name
     assert "parse_args_and_config" in dir(TrlParser)
 
@@ -134,7 +156,6 @@ def test_deepspeed_and_fsdp_names():
     import importlib.util
 
     import pytest
-
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -160,12 +181,27 @@ def test_deepspeed_and_fsdp_names():
     # rose_trl.checkpoints.zero hands Adam's partitions to these private zero_to_fp32 helpers.
     for name in ("get_model_state_files", "get_optim_files", "zero_model_state", "to_torch_tensor"):
         assert hasattr(zero_to_fp32, name), name
-    assert {"buffers", "param_shapes", "shared_params", "ds_version", "frozen_param_shapes",
-            "frozen_param_fragments"} <= set(inspect.signature(zero_to_fp32.zero_model_state).parameters)
+    assert {
+        "buffers",
+        "param_shapes",
+        "shared_params",
+        "ds_version",
+        "frozen_param_shapes",
+        "frozen_param_fragments",
+    } <= set(inspect.signature(zero_to_fp32.zero_model_state).parameters)
     assert list(inspect.signature(zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint).parameters)[:5] == [
-        "world_size", "fp32_flat_groups", "zero_model_states", "exclude_frozen_parameters", "param_alignment_paddings"]
+        "world_size",
+        "fp32_flat_groups",
+        "zero_model_states",
+        "exclude_frozen_parameters",
+        "param_alignment_paddings",
+    ]
     assert list(inspect.signature(zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint).parameters)[:4] == [
-        "world_size", "fp32_flat_groups", "zero_model_states", "exclude_frozen_parameters"]
+        "world_size",
+        "fp32_flat_groups",
+        "zero_model_states",
+        "exclude_frozen_parameters",
+    ]
 
 
 def test_trainer_schedule_names_used_to_recover_learning_rates():
@@ -178,7 +214,12 @@ def test_trainer_schedule_names_used_to_recover_learning_rates():
 
     assert (SCHEDULER_NAME, TRAINING_ARGS_NAME) == (SCHEDULER_FILE, TRAINING_ARGS_FILE)
     assert list(inspect.signature(get_scheduler).parameters) == [
-        "name", "optimizer", "num_warmup_steps", "num_training_steps", "scheduler_specific_kwargs"]
+        "name",
+        "optimizer",
+        "num_warmup_steps",
+        "num_training_steps",
+        "scheduler_specific_kwargs",
+    ]
     assert list(inspect.signature(TrainingArguments.get_warmup_steps).parameters) == ["self", "num_training_steps"]
     # the Trainer builds its scheduler from these arguments, and logs the LR before stepping the scheduler
     from transformers import Trainer

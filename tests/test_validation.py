@@ -5,8 +5,8 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from rose_trl.config import ROSEConfig
-from rose_trl.scoring.scores import pair_vectors, subtask_means, zero_gradient_pairs
 from rose_trl.data.sft import BadRecordError
+from rose_trl.scoring.scores import pair_vectors, subtask_means, zero_gradient_pairs
 from rose_trl.stores.validation import KeepLastTokens, ROSEDPOTrainer, validation_dpo_config, validation_loss_tag
 from tests.helpers import trained_adapter_model
 
@@ -26,8 +26,9 @@ def summed_logps(model, input_ids, completion_mask):
 def test_reference_is_the_base_model_not_a_copy_of_the_adapter(planted, tiny_base, tmp_path):
     _, validation, tokenizer, _ = planted
     model = trained_adapter_model(tiny_base)
-    trainer = ROSEDPOTrainer(model, validation_dpo_config(str(tmp_path), batch_size=1, use_cpu=True),
-                             validation.select(range(3)), tokenizer)
+    trainer = ROSEDPOTrainer(
+        model, validation_dpo_config(str(tmp_path), batch_size=1, use_cpu=True), validation.select(range(3)), tokenizer
+    )
     assert list(model.peft_config) == ["default"]  # TRL's frozen "ref" adapter copy is gone
     model.eval()
     batches = list(DataLoader(trainer.train_dataset, batch_size=1, collate_fn=trainer.data_collator))
@@ -46,10 +47,14 @@ def test_bad_pairs_are_named(planted, tiny_base, tmp_path):
     rows = validation.to_list()
     rows[2]["rejected"] = rows[2]["chosen"]
     with pytest.raises(BadRecordError, match=r"record 2, field 'chosen,rejected'.*identical"):
-        ROSEDPOTrainer(tiny_base, validation_dpo_config(str(tmp_path), use_cpu=True), Dataset.from_list(rows), tokenizer)
+        ROSEDPOTrainer(
+            tiny_base, validation_dpo_config(str(tmp_path), use_cpu=True), Dataset.from_list(rows), tokenizer
+        )
     rows[2]["rejected"], rows[1]["prompt"] = "something else", "  "
     with pytest.raises(BadRecordError, match="record 1, field 'prompt'"):
-        ROSEDPOTrainer(tiny_base, validation_dpo_config(str(tmp_path), use_cpu=True), Dataset.from_list(rows), tokenizer)
+        ROSEDPOTrainer(
+            tiny_base, validation_dpo_config(str(tmp_path), use_cpu=True), Dataset.from_list(rows), tokenizer
+        )
 
 
 def test_subtask_aggregation_modes():
@@ -74,10 +79,16 @@ def test_left_out_pairs_and_pair_vectors():
         # each target is the mean of its usable pairs' vectors: the identity behind the contributions
         np.testing.assert_allclose(targets, [vectors[:2].mean(0), vectors[3:].mean(0)], rtol=1e-6)
         assert not vectors[2].any()
-    np.testing.assert_allclose(aggregate_by_subtask(g, labels, usable=usable)[1][0], [0.5, 0.5])  # not diluted by pair 2
-    np.testing.assert_allclose(pair_vectors(g, labels, "eq6", usable)[1][0], np.array([3.0, 0.0]) / np.linalg.norm([1.5, 0.5]))
+    np.testing.assert_allclose(
+        aggregate_by_subtask(g, labels, usable=usable)[1][0], [0.5, 0.5]
+    )  # not diluted by pair 2
+    np.testing.assert_allclose(
+        pair_vectors(g, labels, "eq6", usable)[1][0], np.array([3.0, 0.0]) / np.linalg.norm([1.5, 0.5])
+    )
     assert zero_gradient_pairs(g).tolist() == [2]
-    with pytest.raises(ValueError, match=r"subtask 'b' has no usable validation pair: every one of its pairs \[3, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"subtask 'b' has no usable validation pair: every one of its pairs \[3, 4\]"
+    ):
         pair_vectors(g, labels, usable=np.array([True, True, True, False, False]))
 
 
@@ -104,14 +115,20 @@ def test_sequences_keep_their_last_tokens_as_trls_keep_end_did(planted, tiny_bas
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     _, validation, tokenizer, _ = planted
-    trainer = ROSEDPOTrainer(trained_adapter_model(tiny_base), validation_dpo_config(str(tmp_path), max_length=6,
-                                                                                     use_cpu=True), validation, tokenizer)
+    trainer = ROSEDPOTrainer(
+        trained_adapter_model(tiny_base),
+        validation_dpo_config(str(tmp_path), max_length=6, use_cpu=True),
+        validation,
+        tokenizer,
+    )
     assert len(trainer.train_dataset) == len(validation) and trainer.args.max_length is None
     assert isinstance(trainer.data_collator, KeepLastTokens)
     examples = [trainer.train_dataset[i] for i in range(4)]
     assert max(len(e["prompt_ids"]) for e in examples) >= 6  # prompts alone fill max_length
     ours = trainer.data_collator(examples)
-    trls = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=6, truncation_mode="keep_end")(examples)
+    trls = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=6, truncation_mode="keep_end")(
+        examples
+    )
     for key in ("input_ids", "attention_mask", "completion_mask"):
         assert torch.equal(ours[key], trls[key]), key
 
@@ -120,7 +137,7 @@ def test_sequences_keep_their_last_tokens_as_trls_keep_end_did(planted, tiny_bas
 def test_reference_logps_once_per_run_give_the_same_gradients(planted, tiny_base, tmp_path, loss_type):
     """The reference's log-probs of the pairs are computed once per run (its first checkpoint) and reused at every
     later one; the gradients equal those of TRL's loss running its own reference forward in every pass."""
-    from peft import set_peft_model_state_dict, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     from rose_trl.gradients.featurizer import Featurizer
     from rose_trl.gradients.projection import build_projector
@@ -156,5 +173,6 @@ def test_reference_logps_once_per_run_give_the_same_gradients(planted, tiny_base
     for step, state in enumerate(states):
         set_peft_model_state_dict(model, state)
         per_pass = trainer.pair_gradients(featurizer, reuse_reference=False).numpy()
-        np.testing.assert_allclose(stores.read(f"checkpoint-{step}", featurizer.projector.describe()), per_pass,
-                                   rtol=0, atol=0)
+        np.testing.assert_allclose(
+            stores.read(f"checkpoint-{step}", featurizer.projector.describe()), per_pass, rtol=0, atol=0
+        )

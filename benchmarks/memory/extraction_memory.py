@@ -35,22 +35,29 @@ The last line is `extra_mb_per_row_L<l>=<MB> ...` for the fused path, for every 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import SHAPES, build_model  # noqa: E402
 from torch.profiler import ProfilerActivity, profile
 
 from rose_trl.gradients import sft_loss
-from rose_trl.gradients.capture import AdamState, per_example_gradients, per_example_projected_gradients, trainable_parameters
-from rose_trl.gradients.sft_loss import model_inputs, sft_per_example_loss
+from rose_trl.gradients.capture import (
+    AdamState,
+    per_example_gradients,
+    per_example_projected_gradients,
+    trainable_parameters,
+)
 from rose_trl.gradients.projection import build_projector
+from rose_trl.gradients.sft_loss import model_inputs, sft_per_example_loss
+
 
 def batch_of(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
@@ -66,8 +73,9 @@ def peak_bytes(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
+    for event in sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    ):
         live += event.nbytes()
         peak = max(peak, live)
     return peak
@@ -78,7 +86,9 @@ def passes(model, projector, adam: AdamState) -> dict:
 
     def plain(batch):
         inputs, positions = model_inputs(model, batch)
-        return torch.autograd.grad(sft_per_example_loss(model(**inputs).logits, batch["labels"], positions).sum(), params)
+        return torch.autograd.grad(
+            sft_per_example_loss(model(**inputs).logits, batch["labels"], positions).sum(), params
+        )
 
     def fused_plain_loss(batch):
         bound, sft_loss.LOSS_CHUNK_ELEMENTS = sft_loss.LOSS_CHUNK_ELEMENTS, 2**62
@@ -102,8 +112,9 @@ def passes(model, projector, adam: AdamState) -> dict:
     }
 
 
-def measure(shape: str, layers: int, rows_list: list[int], seq_len: int, lora_r: int, dim: int, paths: list[str],
-            log=print) -> dict:
+def measure(
+    shape: str, layers: int, rows_list: list[int], seq_len: int, lora_r: int, dim: int, paths: list[str], log=print
+) -> dict:
     """{path: {rows: extra bytes over plain}} for one depth, plus the plain peaks under "plain"."""
     model = build_model(shape, layers, lora_r)
     vocab = SHAPES[shape]["vocab_size"]
@@ -121,8 +132,10 @@ def measure(shape: str, layers: int, rows_list: list[int], seq_len: int, lora_r:
         for path in ["plain", *paths]:
             start = time.perf_counter()
             result[path][rows] = peak_bytes(lambda: runs[path](batch))
-            log(f"  L={layers} rows={rows:3d} {path:6s} peak {result[path][rows] / 1e6:10.1f} MB "
-                f"({time.perf_counter() - start:.1f} s)")
+            log(
+                f"  L={layers} rows={rows:3d} {path:6s} peak {result[path][rows] / 1e6:10.1f} MB "
+                f"({time.perf_counter() - start:.1f} s)"
+            )
     del model
     return result
 
@@ -131,8 +144,16 @@ def per_row_slope(rows_list: list[int], extra: list[float]) -> float:
     return float(np.polyfit(np.asarray(rows_list, dtype=float), np.asarray(extra, dtype=float), 1)[0])
 
 
-def run(shape: str, layers_list: list[int], rows_list: list[int], seq_len: int, lora_r: int, dim: int,
-        paths: list[str], log=print) -> dict:
+def run(
+    shape: str,
+    layers_list: list[int],
+    rows_list: list[int],
+    seq_len: int,
+    lora_r: int,
+    dim: int,
+    paths: list[str],
+    log=print,
+) -> dict:
     """{(path, L): extra MB per row}, with the table printed through `log`."""
     table, slopes, peaks = [], {}, {}
     for layers in layers_list:
@@ -148,12 +169,15 @@ def run(shape: str, layers_list: list[int], rows_list: list[int], seq_len: int, 
     for path, layers, r, plain, peak, extra in table:
         log(f"{path:6s} {layers:2d} {r:4d} {plain:10.1f} {peak:10.1f} {extra:10.1f}")
     for (path, layers), slope in peaks.items():
-        log(f"{path:6s} L={layers}: peak {slope:.2f} MB per row" + (f", extra {slopes[(path, layers)]:.2f} MB per row"
-                                                                  if (path, layers) in slopes else ""))
+        log(
+            f"{path:6s} L={layers}: peak {slope:.2f} MB per row"
+            + (f", extra {slopes[(path, layers)]:.2f} MB per row" if (path, layers) in slopes else "")
+        )
     return slopes
 
 
 # ---- estimates (rose_trl.resources.memory) against measured peaks, pass by pass ---------------------------------------
+
 
 def dpo_trainer(model, vocab: int, tmp: str):
     """A ROSEDPOTrainer around `model` (its tokenizer a word-level one of a few words: the measured batches are
@@ -174,11 +198,16 @@ def dpo_batch(pairs: int, width: int, vocab: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (2 * pairs, width), generator=g)
     mask = torch.ones_like(ids)
-    mask[-1, width - width // 4:] = 0
+    mask[-1, width - width // 4 :] = 0
     completion = mask.clone()
     completion[:, : width // 4] = 0
-    return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion,
-            "ref_chosen_logps": torch.zeros(pairs), "ref_rejected_logps": torch.zeros(pairs)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "completion_mask": completion,
+        "ref_chosen_logps": torch.zeros(pairs),
+        "ref_rejected_logps": torch.zeros(pairs),
+    }
 
 
 def rss_rise(fn) -> int:
@@ -199,18 +228,18 @@ def rss_rise(fn) -> int:
     return peak - before
 
 
-def estimate_passes(shape_name: str, layers: int, rows_list: list[int], width: int, lora_r: int, dim: int,
-                    kinds: list[str], log=print) -> list[tuple]:
+def estimate_passes(
+    shape_name: str, layers: int, rows_list: list[int], width: int, lora_r: int, dim: int, kinds: list[str], log=print
+) -> list[tuple]:
     """(kind, layers, rows, estimated MB, measured MB, RSS rise MB) of each pass kind: the estimate's transient
     part (what the pass adds to the resident weights, adapter and optimizer state) against the pass's measured
     peak of live bytes, and how far the same pass, run again without the profiler, raised the process's RSS."""
+    import gc
     import tempfile
 
     from rose_trl.evaluation.metrics import response_logps
     from rose_trl.gradients.featurizer import Featurizer
     from rose_trl.resources.memory import LoraShape, ModelShape, estimate_pass
-
-    import gc
 
     rows_out, model, trainer = [], None, None
     for kind in kinds:
@@ -237,16 +266,24 @@ def estimate_passes(shape_name: str, layers: int, rows_list: list[int], width: i
                 return featurizer(model, batch, adam)
             if kind == "validation":
                 pairs = rows
-                return featurizer(model, batch, loss=lambda b: trainer.compute_loss(trainer.model, b) * pairs,
-                                  combine=lambda r: r[:pairs] + r[pairs:])
+                return featurizer(
+                    model,
+                    batch,
+                    loss=lambda b: trainer.compute_loss(trainer.model, b) * pairs,
+                    combine=lambda r: r[:pairs] + r[pairs:],
+                )
             if kind == "reference":
                 return trainer.compute_ref_log_probs(trainer.model, batch)
             if kind == "evaluation":
                 return response_logps(model, batch)
             model.train()
             try:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"], fused_lm_head=True)
+                out = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    labels=batch["labels"],
+                    fused_lm_head=True,
+                )
                 out.loss.backward()
                 for p in model.parameters():
                     p.grad = None
@@ -265,8 +302,10 @@ def estimate_passes(shape_name: str, layers: int, rows_list: list[int], width: i
             measured = peak_bytes(lambda: run(rows, batch))
             rise = rss_rise(lambda: run(rows, batch))
             rows_out.append((kind, layers, rows, est.transient / 1e6, measured / 1e6, rise / 1e6))
-            log(f"  {kind:10s} L={layers} rows={rows:3d} estimate {est.transient / 1e6:9.1f} MB "
-                f"measured {measured / 1e6:9.1f} MB, RSS rise {rise / 1e6:9.1f} MB  ({est.describe()})")
+            log(
+                f"  {kind:10s} L={layers} rows={rows:3d} estimate {est.transient / 1e6:9.1f} MB "
+                f"measured {measured / 1e6:9.1f} MB, RSS rise {rise / 1e6:9.1f} MB  ({est.describe()})"
+            )
     model = trainer = None
     gc.collect()
     return rows_out
@@ -304,9 +343,11 @@ def saved_tensors(shape_name: str, width: int, lora_r: int, masked: bool, traini
     return total
 
 
-MODEL_DEFAULTS = {"llama-2-7b": dict(layers=[1, 4], rows=[1, 4, 16], seq_len=128, lora_r=128),
-                  "smollm2-135m": dict(layers=[30], rows=[1, 2, 4], seq_len=256, lora_r=8),
-                  "tiny-recipe": dict(layers=[2], rows=[1, 4, 16], seq_len=256, lora_r=8)}
+MODEL_DEFAULTS = {
+    "llama-2-7b": dict(layers=[1, 4], rows=[1, 4, 16], seq_len=128, lora_r=128),
+    "smollm2-135m": dict(layers=[30], rows=[1, 2, 4], seq_len=256, lora_r=8),
+    "tiny-recipe": dict(layers=[2], rows=[1, 4, 16], seq_len=256, lora_r=8),
+}
 NAMES = {"llama-2-7b": "Llama-2-7B", "smollm2-135m": "SmolLM2-135M", "tiny": "tiny", "tiny-recipe": "tiny recipe"}
 
 
@@ -314,21 +355,38 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-2-7b", choices=list(MODEL_DEFAULTS))
     p.add_argument("--layers", type=int, nargs="+", default=None, help="default 1 4 (llama-2-7b), 30 (smollm2-135m)")
-    p.add_argument("--rows", type=int, nargs="+", default=None, help="default 1 4 16 (llama-2-7b), 1 2 4 (smollm2-135m)")
+    p.add_argument(
+        "--rows", type=int, nargs="+", default=None, help="default 1 4 16 (llama-2-7b), 1 2 4 (smollm2-135m)"
+    )
     p.add_argument("--seq-len", type=int, default=None, help="default 128 (llama-2-7b), 256 (smollm2-135m)")
     p.add_argument("--lora-r", type=int, default=None, help="default 128 (llama-2-7b), 8 (smollm2-135m)")
     p.add_argument("--dim", type=int, default=8192)
-    p.add_argument("--paths", nargs="+", default=["fused"], choices=["fused", "dense", "fused_plain_loss", "backbone"],
-                   help="dense (the whole-row path) costs ~67 MB per layer per row at r=128 and minutes more")
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        default=["fused"],
+        choices=["fused", "dense", "fused_plain_loss", "backbone"],
+        help="dense (the whole-row path) costs ~67 MB per layer per row at r=128 and minutes more",
+    )
     p.add_argument("--tiny", action="store_true", help="a small model shape (seconds; what the tests run)")
-    p.add_argument("--compact-heap", action="store_true",
-                   help="with --estimates: glibc's heap made compact first (rose_trl.resources.budget.compact_heap)")
-    p.add_argument("--saved", action="store_true",
-                   help="instead: list the tensors autograd saves in one decoder layer, against memory.layer_bytes")
-    p.add_argument("--estimates", nargs="*", default=None,
-                   choices=["gradient", "validation", "reference", "evaluation", "training"],
-                   help="instead: each pass kind's estimate (rose_trl.resources.memory) against its measured peak "
-                        "(all kinds when given alone)")
+    p.add_argument(
+        "--compact-heap",
+        action="store_true",
+        help="with --estimates: glibc's heap made compact first (rose_trl.resources.budget.compact_heap)",
+    )
+    p.add_argument(
+        "--saved",
+        action="store_true",
+        help="instead: list the tensors autograd saves in one decoder layer, against memory.layer_bytes",
+    )
+    p.add_argument(
+        "--estimates",
+        nargs="*",
+        default=None,
+        choices=["gradient", "validation", "reference", "evaluation", "training"],
+        help="instead: each pass kind's estimate (rose_trl.resources.memory) against its measured peak "
+        "(all kinds when given alone)",
+    )
     args = p.parse_args()
     for name, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, name) is None:
@@ -345,30 +403,61 @@ def main():
             print(f"  rose_trl.resources.memory.layer_bytes: {counted} bytes a token ({counted / measured:.3f}x)")
         return
     if args.estimates is not None:
-        from rose_trl.resources.budget import _heap as budget_heap, compact_heap
+        from rose_trl.resources.budget import _heap as budget_heap
+        from rose_trl.resources.budget import compact_heap
 
         if args.compact_heap:
             compact_heap()
         kinds = args.estimates or ["gradient", "evaluation", "validation", "reference", "training"]
         table = []
         for layers in args.layers:
-            table += estimate_passes(shape, layers, args.rows, args.seq_len, args.lora_r, args.dim, kinds,
-                                     log=lambda s: print(s, flush=True))
-        print(f"{'pass':10s} {'L':>2s} {'rows':>4s} {'estimate MB':>12s} {'measured MB':>12s} {'ratio':>6s} "
-              f"{'RSS rise MB':>12s} {'rise/est':>8s}")
+            table += estimate_passes(
+                shape,
+                layers,
+                args.rows,
+                args.seq_len,
+                args.lora_r,
+                args.dim,
+                kinds,
+                log=lambda s: print(s, flush=True),
+            )
+        print(
+            f"{'pass':10s} {'L':>2s} {'rows':>4s} {'estimate MB':>12s} {'measured MB':>12s} {'ratio':>6s} "
+            f"{'RSS rise MB':>12s} {'rise/est':>8s}"
+        )
         for kind, layers, rows, est, measured, rise in table:
-            print(f"{kind:10s} {layers:2d} {rows:4d} {est:12.1f} {measured:12.1f} {est / measured:6.2f} "
-                  f"{rise:12.1f} {rise / est:8.2f}")
+            print(
+                f"{kind:10s} {layers:2d} {rows:4d} {est:12.1f} {measured:12.1f} {est / measured:6.2f} "
+                f"{rise:12.1f} {rise / est:8.2f}"
+            )
         worst = max(abs(est / measured - 1) for _, _, _, est, measured, _ in table)
-        print(f"worst_relative_error={worst:.3f} heap={budget_heap['mode']} "
-              f"largest_rss_rise_over_estimate={max(rise / est for *_, est, _, rise in table):.2f}")
+        print(
+            f"worst_relative_error={worst:.3f} heap={budget_heap['mode']} "
+            f"largest_rss_rise_over_estimate={max(rise / est for *_, est, _, rise in table):.2f}"
+        )
         return
-    print(f"model: {NAMES[shape]} shape, LoRA r={args.lora_r} on q,k,v,o, {args.seq_len} tokens "
-          f"a row, sjlt -> {args.dim} dims, torch threads {torch.get_num_threads()}", flush=True)
-    slopes = run(shape, args.layers, args.rows, args.seq_len, args.lora_r, args.dim, args.paths,
-                 log=lambda s: print(s, flush=True))
-    print(" ".join(f"extra_mb_per_row_L{layers}={slopes[('fused', layers)]:.2f}" for layers in args.layers
-                   if ("fused", layers) in slopes))
+    print(
+        f"model: {NAMES[shape]} shape, LoRA r={args.lora_r} on q,k,v,o, {args.seq_len} tokens "
+        f"a row, sjlt -> {args.dim} dims, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    slopes = run(
+        shape,
+        args.layers,
+        args.rows,
+        args.seq_len,
+        args.lora_r,
+        args.dim,
+        args.paths,
+        log=lambda s: print(s, flush=True),
+    )
+    print(
+        " ".join(
+            f"extra_mb_per_row_L{layers}={slopes[('fused', layers)]:.2f}"
+            for layers in args.layers
+            if ("fused", layers) in slopes
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
-
-from rose_trl.scoring.agreement import pair_agreement, reliability
-from rose_trl.data.realtext import DEFAULT_K, load_slice
-from rose_trl.stores.store import GradientStore
-
 from real_model import log
 from real_model_report import auc
+
+from rose_trl.data.realtext import DEFAULT_K, load_slice
+from rose_trl.scoring.agreement import pair_agreement, reliability
+from rose_trl.stores.store import GradientStore
+
 
 BINS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
 
@@ -50,8 +50,10 @@ def read_stores(selection_dir: Path, pool_dir: Path) -> tuple[np.ndarray, list[n
     checkpoints = json.loads((selection_dir / "rose" / "checkpoints.json").read_text())["checkpoints"]
     eta = np.asarray([c["learning_rate"] for c in checkpoints], dtype=np.float64)
     pool = [unit(GradientStore.open(pool_dir / c["name"]).read_all().astype(np.float64)) for c in checkpoints]
-    val = [unit(GradientStore.open(selection_dir / "rose" / "val_dpo" / c["name"]).read_all().astype(np.float64))
-           for c in checkpoints]
+    val = [
+        unit(GradientStore.open(selection_dir / "rose" / "val_dpo" / c["name"]).read_all().astype(np.float64))
+        for c in checkpoints
+    ]
     return eta / eta.sum(), pool, val
 
 
@@ -73,8 +75,9 @@ def top(scores: np.ndarray, n: int) -> set:
     return set(np.lexsort((np.arange(len(scores)), -scores))[:n].tolist())
 
 
-def sweep(eta, pool, val, answers: np.ndarray, shots: list[int], draws: int, budget: float = 0.1,
-          seed: int = 0) -> list[dict]:
+def sweep(
+    eta, pool, val, answers: np.ndarray, shots: list[int], draws: int, budget: float = 0.1, seed: int = 0
+) -> list[dict]:
     """One row per (k, draw): see the module docstring. answers: the pool's chosen/rejected/other labels (None:
     no AUC nor share)."""
     kept = usable(val)
@@ -100,7 +103,7 @@ def sweep(eta, pool, val, answers: np.ndarray, shots: list[int], draws: int, bud
                 row["share"] = float(np.mean([answers[i] == "chosen" for i in picked]))
             row["reliability"] = reliability(row["agreement"], k)
             if 2 * k <= n_pairs:
-                other = order[k:2 * k]
+                other = order[k : 2 * k]
                 row["reproducibility"] = len(picked & top(score(eta, pool, val, other), n_top)) / n_top
                 other_agreement = agreement_of(eta, val, other)
                 if row["agreement"] is not None:  # both draws' reliability: what each would report
@@ -124,13 +127,23 @@ def summarize(rows: list[dict]) -> list[dict]:
 def threshold(rows_by_target: dict[str, list[dict]]) -> dict:
     """Median reproducibility per bin of reliability (both draws' mean), pooled over targets, and the lowest bin
     edge from which every bin with draws has a median of at least 0.5."""
-    points = [(r["reliability_pair"], r["reproducibility"]) for rows in rows_by_target.values() for r in rows
-              if r.get("reliability_pair") is not None]
+    points = [
+        (r["reliability_pair"], r["reproducibility"])
+        for rows in rows_by_target.values()
+        for r in rows
+        if r.get("reliability_pair") is not None
+    ]
     bins = []
     for lo, hi in zip(BINS[:-1], BINS[1:]):
         inside = [rep for rel, rep in points if lo <= rel < hi]
-        bins.append({"from": lo, "to": min(hi, 1.0), "draws": len(inside),
-                     "median_reproducibility": float(np.median(inside)) if inside else None})
+        bins.append(
+            {
+                "from": lo,
+                "to": min(hi, 1.0),
+                "draws": len(inside),
+                "median_reproducibility": float(np.median(inside)) if inside else None,
+            }
+        )
     edge = None
     for i, b in enumerate(bins):
         later = [x for x in bins[i:] if x["draws"]]
@@ -142,8 +155,11 @@ def threshold(rows_by_target: dict[str, list[dict]]) -> dict:
 
 def released_pairs(task: str, k: int) -> Dataset:
     name = f"{task}_{k}_shot"
-    rows = [{f: r[f] for f in ("prompt", "chosen", "rejected", "subtask")} for r in load_slice(task)
-            if r["released"] == name]
+    rows = [
+        {f: r[f] for f in ("prompt", "chosen", "rejected", "subtask")}
+        for r in load_slice(task)
+        if r["released"] == name
+    ]
     if not rows:
         raise ValueError(f"the slice has no {name} file")
     return Dataset.from_list(rows)

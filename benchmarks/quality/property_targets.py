@@ -37,44 +37,97 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from property_report import paired, print_report
+from property_sweep import run_sweep
+from real_model import Bench, key_of, log, read_json, selected_from, write_json
+from real_model_report import composition
 
 from rose_trl.baselines import BASELINES
 from rose_trl.config import ROSEConfig
-from rose_trl.data.properties import (DEFAULT_PROPERTIES, DIRECTIONS, PROPERTIES, PropertyTask, property_counts,
-                                      property_suite)
+from rose_trl.data.properties import (
+    DEFAULT_PROPERTIES,
+    DIRECTIONS,
+    PROPERTIES,
+    PropertyTask,
+    property_counts,
+    property_suite,
+)
 from rose_trl.evaluation.metrics import bootstrap_interval
 from rose_trl.run.offline import select_from_checkpoints
-from rose_trl.scoring.scores import selection_size, top_fraction
 from rose_trl.run.selector import ROSESelector
+from rose_trl.scoring.scores import selection_size, top_fraction
 
-from real_model import Bench, key_of, log, read_json, selected_from, write_json
-from property_report import paired, print_report
-from property_sweep import run_sweep
-from real_model_report import composition
 
 RELEASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rose"
-FULL = dict(properties=["se_link", "se_code", "hh_question", "se_emphasis"], grid_max=4, budgets=[0.05, 0.1, 0.2],
-            train_budgets=[0.1], seeds=[0, 1, 2, 3, 4], methods=["rose", "less", "random", "bm25", "rds"], k=10,
-            pool_se=130, pool_hh=70, pool_min=30, n_validation=50, heldout_dev=40, heldout_test=80,
-            warmup_fraction=0.1, warmup_epochs=2, final_epochs=2, shots=[1, 2, 3, 5, 10, 20, 30, 40, 50], draws=20,
-            released={"se": 5, "hh": 10})
-QUICK = dict(properties=["se_link", "hh_question"], grid_max=2, budgets=[0.2], train_budgets=[0.2], seeds=[0, 1],
-             methods=["rose", "less", "random", "bm25"], k=5, pool_se=24, pool_hh=16, pool_min=8, n_validation=8,
-             heldout_dev=4, heldout_test=16, warmup_fraction=0.2, warmup_epochs=1, final_epochs=1,
-             shots=[1, 2, 4, 8], draws=5, released={"se": 2})
+FULL = dict(
+    properties=["se_link", "se_code", "hh_question", "se_emphasis"],
+    grid_max=4,
+    budgets=[0.05, 0.1, 0.2],
+    train_budgets=[0.1],
+    seeds=[0, 1, 2, 3, 4],
+    methods=["rose", "less", "random", "bm25", "rds"],
+    k=10,
+    pool_se=130,
+    pool_hh=70,
+    pool_min=30,
+    n_validation=50,
+    heldout_dev=40,
+    heldout_test=80,
+    warmup_fraction=0.1,
+    warmup_epochs=2,
+    final_epochs=2,
+    shots=[1, 2, 3, 5, 10, 20, 30, 40, 50],
+    draws=20,
+    released={"se": 5, "hh": 10},
+)
+QUICK = dict(
+    properties=["se_link", "hh_question"],
+    grid_max=2,
+    budgets=[0.2],
+    train_budgets=[0.2],
+    seeds=[0, 1],
+    methods=["rose", "less", "random", "bm25"],
+    k=5,
+    pool_se=24,
+    pool_hh=16,
+    pool_min=8,
+    n_validation=8,
+    heldout_dev=4,
+    heldout_test=16,
+    warmup_fraction=0.2,
+    warmup_epochs=1,
+    final_epochs=1,
+    shots=[1, 2, 4, 8],
+    draws=5,
+    released={"se": 2},
+)
 TEXT = dict(max_chars=1000, window_chars=250, task_seed=0)  # the answers' size cap, the pairs' window, the draw
 SCORED = ("rose", "less", "random", "bm25", "rds")  # random: its scores are its random draws (AUC about 0.5)
 
 
 def suite_options(args) -> dict:
     """property_suite's options from this benchmark's arguments (the suite every target of a run shares)."""
-    return dict(pool_sizes={"se": args.pool_se, "hh": args.pool_hh}, pool_min=args.pool_min,
-                n_validation=args.n_validation, heldout_dev=args.heldout_dev, heldout_test=args.heldout_test,
-                max_chars=args.max_chars, window_chars=args.window_chars, seed=args.task_seed, test_root=args.release)
+    return dict(
+        pool_sizes={"se": args.pool_se, "hh": args.pool_hh},
+        pool_min=args.pool_min,
+        n_validation=args.n_validation,
+        heldout_dev=args.heldout_dev,
+        heldout_test=args.heldout_test,
+        max_chars=args.max_chars,
+        window_chars=args.window_chars,
+        seed=args.task_seed,
+        test_root=args.release,
+    )
 
 
-def target_task(prop: str, direction: str = "prefer", k: int | None = None, quick: bool = False,
-                release: Path | None = RELEASE if (RELEASE / "test").is_dir() else None, **overrides) -> PropertyTask:
+def target_task(
+    prop: str,
+    direction: str = "prefer",
+    k: int | None = None,
+    quick: bool = False,
+    release: Path | None = RELEASE if (RELEASE / "test").is_dir() else None,
+    **overrides,
+) -> PropertyTask:
     """One target exactly as this benchmark builds it (its full or --quick suite: the same pool, validation and
     held-out pairs), for another script; `overrides` replace the settings (pool_se=..., k=...).
     `rose_trl.data.realtext.write_real_task(target_task("se_code", "avoid"), "tasks/se_code_avoid")` writes
@@ -90,9 +143,14 @@ def oriented(summary: dict, direction: str) -> dict:
     wins, margins = np.asarray(summary["wins"]), np.asarray(summary["margins"])
     if direction == "avoid":
         wins, margins = 1.0 - wins, -margins
-    return {"wins": wins.tolist(), "margins": margins.tolist(), "accuracy": float(wins.mean()),
-            "accuracy_ci": bootstrap_interval(wins), "reward_margin": float(margins.mean()),
-            "reward_margin_ci": bootstrap_interval(margins)}
+    return {
+        "wins": wins.tolist(),
+        "margins": margins.tolist(),
+        "accuracy": float(wins.mean()),
+        "accuracy_ci": bootstrap_interval(wins),
+        "reward_margin": float(margins.mean()),
+        "reward_margin_ci": bootstrap_interval(margins),
+    }
 
 
 class PropertyBench:
@@ -100,20 +158,41 @@ class PropertyBench:
         self.args = args
         a = args
         # real_model.Bench holds the model, the final SFT, the cached adapters and evaluations.
-        self.bench = Bench(argparse.Namespace(model=a.model, out=a.out, lora_r=a.lora_r, lr=a.lr,
-                                              final_epochs=a.final_epochs, batch_size=a.batch_size,
-                                              max_length=a.max_length, warmup_lora_r=a.lora_r,
-                                              warmup_fraction=a.warmup_fraction, warmup_epochs=a.warmup_epochs,
-                                              projection_dim=a.projection_dim, progress=a.progress))
+        self.bench = Bench(
+            argparse.Namespace(
+                model=a.model,
+                out=a.out,
+                lora_r=a.lora_r,
+                lr=a.lr,
+                final_epochs=a.final_epochs,
+                batch_size=a.batch_size,
+                max_length=a.max_length,
+                warmup_lora_r=a.lora_r,
+                warmup_fraction=a.warmup_fraction,
+                warmup_epochs=a.warmup_epochs,
+                projection_dim=a.projection_dim,
+                progress=a.progress,
+            )
+        )
         self.suite_options = suite_options(a)
         self.suite = property_suite(DEFAULT_PROPERTIES, **self.suite_options)
-        self.suite_key = key_of(self.suite.pool["prompt"], self.suite.pool["completion"],
-                                {p: self.suite.validation[p] for p in self.suite.properties},
-                                {p: self.suite.heldout[p] for p in self.suite.properties})
+        self.suite_key = key_of(
+            self.suite.pool["prompt"],
+            self.suite.pool["completion"],
+            {p: self.suite.validation[p] for p in self.suite.properties},
+            {p: self.suite.heldout[p] for p in self.suite.properties},
+        )
         self.folder = a.out / f"suite_{self.suite_key}"
         self.warm_dir = self.folder / f"warmup_r{a.lora_r}_w{a.warmup_fraction:g}_e{a.warmup_epochs}"
-        self.gradient_settings = (self.bench.model_key, a.max_length, a.lora_r, a.warmup_fraction, a.warmup_epochs,
-                                  a.lr, a.projection_dim)
+        self.gradient_settings = (
+            self.bench.model_key,
+            a.max_length,
+            a.lora_r,
+            a.warmup_fraction,
+            a.warmup_epochs,
+            a.lr,
+            a.projection_dim,
+        )
 
     @property
     def pool(self) -> Dataset:
@@ -136,10 +215,19 @@ class PropertyBench:
         (out / "rose").mkdir(parents=True, exist_ok=True)
         if not (out / "rose" / "train").exists():
             os.symlink(shared.resolve(), out / "rose" / "train")
-        config = ROSEConfig(selection_method=method, selection_fraction=budget, projection_dim=a.projection_dim,
-                            gradient_batch_size=8)
-        return ROSESelector(self.pool, validation, self.bench.tokenizer, config, out, max_length=a.max_length,
-                            use_cpu=True, progress=a.progress)
+        config = ROSEConfig(
+            selection_method=method, selection_fraction=budget, projection_dim=a.projection_dim, gradient_batch_size=8
+        )
+        return ROSESelector(
+            self.pool,
+            validation,
+            self.bench.tokenizer,
+            config,
+            out,
+            max_length=a.max_length,
+            use_cpu=True,
+            progress=a.progress,
+        )
 
     def gradient_picks(self, method: str, validation: Dataset, name: str, budgets: list[float]) -> dict:
         """{budget: (picks best first, every row's score)} of rose/less with `validation`, all budgets from one
@@ -162,9 +250,15 @@ class PropertyBench:
         a = self.args
         target = f"{prop}_{direction}"
         reads_target = method != "random"
-        key = key_of(method, target if reads_target else "", a.k if reads_target else 0, self.suite_key, seed,
-                     self.gradient_settings if method in ("rose", "less") else (self.bench.model_key, a.max_length),
-                     a.budgets)
+        key = key_of(
+            method,
+            target if reads_target else "",
+            a.k if reads_target else 0,
+            self.suite_key,
+            seed,
+            self.gradient_settings if method in ("rose", "less") else (self.bench.model_key, a.max_length),
+            a.budgets,
+        )
         path = self.folder / "selections" / f"{method}_{target if reads_target else 'any'}_s{seed}_{key}.json"
         cached = read_json(path)
         if cached is not None:
@@ -178,20 +272,27 @@ class PropertyBench:
             table = BASELINES[method](self.pool, task.validation, seed=seed, tokenizer=self.bench.tokenizer, **extra)
             scores = np.asarray(table["score"], dtype=np.float64)
             picks = {b: (top_fraction(scores, b), scores) for b in a.budgets}
-        result = {b: {"picks": [int(i) for i in chosen], "scores": None if scores is None else np.asarray(scores).tolist()}
-                  for b, (chosen, scores) in picks.items()}
+        result = {
+            b: {"picks": [int(i) for i in chosen], "scores": None if scores is None else np.asarray(scores).tolist()}
+            for b, (chosen, scores) in picks.items()
+        }
         write_json(path, {str(b): v for b, v in result.items()})
         self.bench.counts["selected"] += 1
-        log(f"selected {method} {target if reads_target else ''}{f' seed {seed}' if method == 'random' else ''} "
-            f"({time.time() - t0:.0f}s)")
+        log(
+            f"selected {method} {target if reads_target else ''}{f' seed {seed}' if method == 'random' else ''} "
+            f"({time.time() - t0:.0f}s)"
+        )
         return result
 
     def oracle_picks(self, prop: str, side: str, budget: float, seed: int = 0) -> list[int]:
         """`side` = with | without: selection_size(pool, budget) rows of the property's task that have the
         property, or that do not."""
         task = PROPERTIES[prop].task
-        rows = [i for i, (t, has) in enumerate(zip(self.pool["task"], self.pool[f"has_{prop}"]))
-                if t == task and has == (side == "with")]
+        rows = [
+            i
+            for i, (t, has) in enumerate(zip(self.pool["task"], self.pool[f"has_{prop}"]))
+            if t == task and has == (side == "with")
+        ]
         n = selection_size(len(self.pool), budget)
         if len(rows) < n:
             raise ValueError(f"{prop}: the oracle needs {n} pool rows {side} the property, the pool has {len(rows)}")
@@ -216,13 +317,17 @@ def run_oracle(pb: PropertyBench, prop: str) -> dict:
     budget: the prefer-direction numbers of each and their paired difference."""
     out = {}
     for budget in pb.args.train_budgets:
-        sides = {side: oriented(pb.evaluate(prop, pb.oracle_picks(prop, side, budget)), "prefer")
-                 for side in ("with", "without")}
+        sides = {
+            side: oriented(pb.evaluate(prop, pb.oracle_picks(prop, side, budget)), "prefer")
+            for side in ("with", "without")
+        }
         diff = {key: paired([sides["with"]], [sides["without"]], key) for key in ("wins", "margins")}
         out[str(budget)] = {**sides, "difference": diff, "passes": diff["margins"]["ci"][0] > 0}
-        log(f"oracle {prop} {budget:.0%}: with {sides['with']['accuracy']:.3f}, without {sides['without']['accuracy']:.3f}"
+        log(
+            f"oracle {prop} {budget:.0%}: with {sides['with']['accuracy']:.3f}, without {sides['without']['accuracy']:.3f}"
             f", margin difference {diff['margins']['mean']:+.4f} [{diff['margins']['ci'][0]:+.4f}, "
-            f"{diff['margins']['ci'][1]:+.4f}]")
+            f"{diff['margins']['ci'][1]:+.4f}]"
+        )
     return out
 
 
@@ -235,22 +340,33 @@ def run_property(pb: PropertyBench, prop: str) -> dict:
         task = pb.suite.task(prop, direction, a.k)
         methods = {}
         for method in a.methods:
-            for seed in (a.seeds if method == "random" else [0]):
+            for seed in a.seeds if method == "random" else [0]:
                 picks = pb.select(method, prop, direction, seed)
                 for budget in a.budgets:
                     entry = picks[budget]
-                    row = {"composition": composition(task.pool, entry["picks"], entry["scores"] if method in SCORED else None)}
+                    row = {
+                        "composition": composition(
+                            task.pool, entry["picks"], entry["scores"] if method in SCORED else None
+                        )
+                    }
                     if budget in a.train_budgets:
                         row["test"] = oriented(pb.evaluate(prop, entry["picks"]), direction)
                     methods.setdefault(method, {}).setdefault(str(budget), []).append(row)
             log(f"{prop} {direction} {method}: done")
         # the oracle's two arms read in this direction: the preferred side's rows, and the other side's
         sides = ("with", "without") if direction == "prefer" else ("without", "with")
-        bounds = {str(b): {name: oriented(pb.evaluate(prop, pb.oracle_picks(prop, side, b)), direction)
-                           for name, side in zip(("oracle", "anti-oracle"), sides)} for b in a.train_budgets}
-        res["directions"][direction] = {"methods": methods, "bounds": bounds,
-                                        "pool": {x: float(np.mean(np.asarray(task.pool["answer"]) == x))
-                                                 for x in ("chosen", "rejected", "other")}}
+        bounds = {
+            str(b): {
+                name: oriented(pb.evaluate(prop, pb.oracle_picks(prop, side, b)), direction)
+                for name, side in zip(("oracle", "anti-oracle"), sides)
+            }
+            for b in a.train_budgets
+        }
+        res["directions"][direction] = {
+            "methods": methods,
+            "bounds": bounds,
+            "pool": {x: float(np.mean(np.asarray(task.pool["answer"]) == x)) for x in ("chosen", "rejected", "other")},
+        }
     return res
 
 
@@ -260,8 +376,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=Path("outputs/smollm2/model"))
     p.add_argument("--out", type=Path, default=Path("outputs/bench_properties"))
-    p.add_argument("--quick", action="store_true", help="two properties, a 40-row pool, one warm-up checkpoint, one "
-                                                        "budget (20%%), 2 random seeds, 16 test pairs: a smoke run")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="two properties, a 40-row pool, one warm-up checkpoint, one "
+        "budget (20%%), 2 random seeds, 16 test pairs: a smoke run",
+    )
     p.add_argument("--properties", nargs="+", default=None, choices=list(PROPERTIES))
     p.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
     p.add_argument("--methods", nargs="+", default=None)
@@ -273,9 +393,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--max-chars", type=int, default=TEXT["max_chars"])
     p.add_argument("--window-chars", type=int, default=TEXT["window_chars"])
-    p.add_argument("--release", type=Path, default=RELEASE if (RELEASE / "test").is_dir() else None,
-                   help="a copy of the paper's release: held-out pairs from its test answers (default: "
-                        f"{RELEASE} where present, else the slice)")
+    p.add_argument(
+        "--release",
+        type=Path,
+        default=RELEASE if (RELEASE / "test").is_dir() else None,
+        help="a copy of the paper's release: held-out pairs from its test answers (default: "
+        f"{RELEASE} where present, else the slice)",
+    )
     p.add_argument("--no-release", action="store_true", help="held-out pairs from the slice only")
     p.add_argument("--task-seed", type=int, default=TEXT["task_seed"])
     p.add_argument("--max-length", type=int, default=160)
@@ -288,14 +412,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--projection-dim", type=int, default=8192)
     p.add_argument("--shots", type=int, nargs="+", default=None, help="the sweep's numbers of validation pairs")
     p.add_argument("--draws", type=int, default=None, help="random draws of k pairs per shot count")
-    p.add_argument("--released", nargs="*", default=None, metavar="TASK:K",
-                   help="released few-shot files placed on the sweep (default se:5 hh:10; quick: se:2)")
+    p.add_argument(
+        "--released",
+        nargs="*",
+        default=None,
+        metavar="TASK:K",
+        help="released few-shot files placed on the sweep (default se:5 hh:10; quick: se:2)",
+    )
     p.add_argument("--skip-sweep", action="store_true")
-    p.add_argument("--grid-max", type=int, default=None,
-                   help="the grid (and the sweep) run on the first this many properties that pass the oracle, in "
-                        "--properties order (full: 4)")
-    p.add_argument("--grid-all", action="store_true",
-                   help="run the grid on properties the oracle drops too (their rows are marked dropped)")
+    p.add_argument(
+        "--grid-max",
+        type=int,
+        default=None,
+        help="the grid (and the sweep) run on the first this many properties that pass the oracle, in "
+        "--properties order (full: 4)",
+    )
+    p.add_argument(
+        "--grid-all",
+        action="store_true",
+        help="run the grid on properties the oracle drops too (their rows are marked dropped)",
+    )
     p.add_argument("--progress", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -314,9 +450,15 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     t0 = time.time()
     pb = PropertyBench(args)
-    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "data": property_counts(None, args.max_chars, args.window_chars, args.release),
-               "suite": pb.suite.counts(), "pool_rows": len(pb.pool), "oracle": {}, "targets": {}, "skipped": {}}
+    results = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "data": property_counts(None, args.max_chars, args.window_chars, args.release),
+        "suite": pb.suite.counts(),
+        "pool_rows": len(pb.pool),
+        "oracle": {},
+        "targets": {},
+        "skipped": {},
+    }
     results["held_out_source"] = "the paper's test answers" if args.release else "the slice (no copy of the release)"
     stages = {}
     for prop in args.properties:
@@ -326,11 +468,15 @@ def main(argv=None) -> dict:
     passing = [prop for prop in args.properties if all(r["passes"] for r in results["oracle"][prop].values())]
     for prop in args.properties:
         if prop not in passing:
-            results["skipped"][prop] = "the oracle does not separate (its margin difference's 95% interval is not above 0)"
-    grid = args.properties if args.grid_all else passing[:args.grid_max]
-    for prop in passing[args.grid_max:]:
+            results["skipped"][prop] = (
+                "the oracle does not separate (its margin difference's 95% interval is not above 0)"
+            )
+    grid = args.properties if args.grid_all else passing[: args.grid_max]
+    for prop in passing[args.grid_max :]:
         if not args.grid_all:
-            results["skipped"][prop] = f"the oracle separates; not in the grid: it runs on the first {args.grid_max} that do"
+            results["skipped"][prop] = (
+                f"the oracle separates; not in the grid: it runs on the first {args.grid_max} that do"
+            )
     for prop in grid:
         start = time.time()
         results["targets"][prop] = run_property(pb, prop)
@@ -342,9 +488,11 @@ def main(argv=None) -> dict:
     results["seconds"] = {**stages, "total": time.time() - t0}
     write_json(args.out / f"results_{'quick' if args.quick else 'full'}.json", results)
     counts = pb.bench.counts
-    print(f"\nproperty_targets.py {'--quick' if args.quick else ''}: model {args.model}, pool {len(pb.pool)} rows, "
-          f"max_length {args.max_length}; this invocation trained {counts['trained']} adapters, evaluated "
-          f"{counts['evaluated']}, made {counts['selected']} selections in {time.time() - t0:.0f}s")
+    print(
+        f"\nproperty_targets.py {'--quick' if args.quick else ''}: model {args.model}, pool {len(pb.pool)} rows, "
+        f"max_length {args.max_length}; this invocation trained {counts['trained']} adapters, evaluated "
+        f"{counts['evaluated']}, made {counts['selected']} selections in {time.time() - t0:.0f}s"
+    )
     print_report(results)
     return results
 

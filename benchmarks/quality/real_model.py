@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
+from real_model_report import composition, pool_shares, print_tables, summary_line
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -52,24 +53,46 @@ from rose_trl.data.realtext import SLICE_FILES, build_real_task
 from rose_trl.evaluation.metrics import PreferenceMetricsOptions, pair_logps, summarize_pairs
 from rose_trl.run.offline import select_from_checkpoints
 from rose_trl.run.pipeline import last_complete_checkpoint, sft_training_dataset, warmup_indices
-from rose_trl.scoring.scores import selection_size, top_fraction
 from rose_trl.run.selector import ROSESelector
+from rose_trl.scoring.scores import selection_size, top_fraction
 
-from real_model_report import composition, pool_shares, print_tables, summary_line
 
 # Pool and held-out sizes per target: HH's slice has 276 prompts beyond its shipped few-shot files, SE's 585.
-SIZES = {"se": dict(pool_target=240, pool_other=80, heldout=240),
-         "hh": dict(pool_target=150, pool_other=80, heldout=126)}
+SIZES = {
+    "se": dict(pool_target=240, pool_other=80, heldout=240),
+    "hh": dict(pool_target=150, pool_other=80, heldout=126),
+}
 # The full grid: the paper's warm-up (5% of the pool, 4 epochs = 4 checkpoints), three budgets from the same
 # stores, 5 random seeds, every method trained, the larger k for the methods that read the validation set.
-FULL = dict(budgets=[0.05, 0.1, 0.2], seeds=[0, 1, 2, 3, 4],
-            methods=["rose", "less", "random", "bm25", "dsir", "rds", "target_chosen", "target_rejected", "full"],
-            train_methods=None, larger_k_methods=["rose", "less"], ks="both", warmup_fraction=0.05, warmup_epochs=4,
-            final_epochs=2, variants="gradient", variant_budget=0.1)  # "all" adds the warm-up variants (~+50 min)
-QUICK = dict(pool_target=36, pool_other=12, heldout=32, budgets=[0.2], seeds=[0, 1, 2],
-             methods=["rose", "less", "random", "bm25", "dsir", "target_chosen"],
-             train_methods=["rose", "less", "random", "target_chosen"], larger_k_methods=[], ks="default",
-             warmup_fraction=0.1, warmup_epochs=1, final_epochs=1, variants="none", variant_budget=0.2)
+FULL = dict(
+    budgets=[0.05, 0.1, 0.2],
+    seeds=[0, 1, 2, 3, 4],
+    methods=["rose", "less", "random", "bm25", "dsir", "rds", "target_chosen", "target_rejected", "full"],
+    train_methods=None,
+    larger_k_methods=["rose", "less"],
+    ks="both",
+    warmup_fraction=0.05,
+    warmup_epochs=4,
+    final_epochs=2,
+    variants="gradient",
+    variant_budget=0.1,
+)  # "all" adds the warm-up variants (~+50 min)
+QUICK = dict(
+    pool_target=36,
+    pool_other=12,
+    heldout=32,
+    budgets=[0.2],
+    seeds=[0, 1, 2],
+    methods=["rose", "less", "random", "bm25", "dsir", "target_chosen"],
+    train_methods=["rose", "less", "random", "target_chosen"],
+    larger_k_methods=[],
+    ks="default",
+    warmup_fraction=0.1,
+    warmup_epochs=1,
+    final_epochs=1,
+    variants="none",
+    variant_budget=0.2,
+)
 LARGER_K = {"se": 5, "hh": 10}
 # ROSE's options, each selected, trained at --variant-budget and evaluated on the dev half against random's
 # seeds on the same pairs: (name, ROSEConfig options (k: shots per subtask), checkpoints, bench overrides).
@@ -98,8 +121,12 @@ VARIANTS = {
     ],
 }
 VARIANT_BY_NAME = {v[0]: v for level in VARIANTS.values() for v in level}
-VARIANT_LEVELS = {"none": [], "rescoring": ["rescoring"], "gradient": ["rescoring", "gradient"],
-                  "all": ["rescoring", "gradient", "warmup"]}
+VARIANT_LEVELS = {
+    "none": [],
+    "rescoring": ["rescoring"],
+    "gradient": ["rescoring", "gradient"],
+    "all": ["rescoring", "gradient", "warmup"],
+}
 
 
 SEEDED = ("random", "target_chosen", "target_rejected")
@@ -148,12 +175,18 @@ class Bench:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model_key = key_of(sorted((p.name, p.stat().st_size) for p in Path(args.model).iterdir() if p.is_file()))
         self.lora = lora_settings(args.lora_r)  # the final SFT's; the warm-up's rank is args.warmup_lora_r
-        self.train_settings = dict(model=self.model_key, lora=self.lora, lr=args.lr, epochs=args.final_epochs,
-                                   batch=args.batch_size, max_length=args.max_length)
+        self.train_settings = dict(
+            model=self.model_key,
+            lora=self.lora,
+            lr=args.lr,
+            epochs=args.final_epochs,
+            batch=args.batch_size,
+            max_length=args.max_length,
+        )
         self.eval_options = PreferenceMetricsOptions(max_length=args.max_length, batch_size=8)
         self.counts = {"trained": 0, "evaluated": 0, "selected": 0}
 
-    def with_args(self, **overrides) -> "Bench":
+    def with_args(self, **overrides) -> Bench:
         """The same bench (cache, tokenizer, counters, final SFT) with other warm-up/selection settings."""
         other = copy.copy(self)
         other.args = argparse.Namespace(**{**vars(self.args), **overrides})
@@ -163,15 +196,31 @@ class Bench:
         return AutoModelForCausalLM.from_pretrained(self.args.model, dtype=torch.float32)
 
     def sft_args(self, out: Path, epochs: int, save: bool) -> SFTConfig:
-        return SFTConfig(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=self.args.batch_size,
-                         learning_rate=self.args.lr, lr_scheduler_type="linear", save_strategy="epoch" if save else "no",
-                         logging_steps=1, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
-                         max_length=self.args.max_length, disable_tqdm=True, seed=0)
+        return SFTConfig(
+            output_dir=str(out),
+            num_train_epochs=epochs,
+            per_device_train_batch_size=self.args.batch_size,
+            learning_rate=self.args.lr,
+            lr_scheduler_type="linear",
+            save_strategy="epoch" if save else "no",
+            logging_steps=1,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            report_to=[],
+            max_length=self.args.max_length,
+            disable_tqdm=True,
+            seed=0,
+        )
 
     def train(self, rows: Dataset, out: Path, epochs: int, save: bool, resume: bool = False, lora: dict | None = None):
-        trainer = SFTTrainer(self.base(), args=self.sft_args(out, epochs, save), processing_class=self.tokenizer,
-                             train_dataset=sft_training_dataset(rows, self.tokenizer, self.args.max_length, "bench"),
-                             peft_config=LoraConfig(**(lora or self.lora)))
+        trainer = SFTTrainer(
+            self.base(),
+            args=self.sft_args(out, epochs, save),
+            processing_class=self.tokenizer,
+            train_dataset=sft_training_dataset(rows, self.tokenizer, self.args.max_length, "bench"),
+            peft_config=LoraConfig(**(lora or self.lora)),
+        )
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
         return trainer
 
@@ -193,8 +242,14 @@ class Bench:
             log(f"warm-up: {folder}")
             t0 = time.time()
             rows = pool.select(warmup_indices(len(pool), self.args.warmup_fraction, 0))
-            self.train(rows, folder, self.args.warmup_epochs, save=True, resume=True,
-                       lora=lora_settings(self.args.warmup_lora_r))
+            self.train(
+                rows,
+                folder,
+                self.args.warmup_epochs,
+                save=True,
+                resume=True,
+                lora=lora_settings(self.args.warmup_lora_r),
+            )
             write_json(done, {"seconds": time.time() - t0})
         return folder
 
@@ -210,8 +265,18 @@ class Bench:
             os.symlink(keep.resolve(), folder / keep.name)
         return folder
 
-    def gradient_selection(self, method: str, target_dir: Path, warm: Path, pool, validation, k: int,
-                           options: dict, checkpoints: str, budgets: list[float]) -> dict[float, np.ndarray]:
+    def gradient_selection(
+        self,
+        method: str,
+        target_dir: Path,
+        warm: Path,
+        pool,
+        validation,
+        k: int,
+        options: dict,
+        checkpoints: str,
+        budgets: list[float],
+    ) -> dict[float, np.ndarray]:
         """rose/less picks at every budget. One output dir per (validation set, beta, checkpoints): what
         ROSESelector's run record holds; the pool gradient stores are shared through a link."""
         a = self.args
@@ -222,47 +287,72 @@ class Bench:
         (out / "rose").mkdir(parents=True, exist_ok=True)
         if not (out / "rose" / "train").exists():
             os.symlink(shared.resolve(), out / "rose" / "train")
-        config = ROSEConfig(selection_method=method, selection_fraction=budgets[0], projection_dim=a.projection_dim,
-                            gradient_batch_size=8, **options)
-        selector = ROSESelector(pool, validation, self.tokenizer, config, out, max_length=a.max_length, use_cpu=True,
-                                progress=a.progress)
+        config = ROSEConfig(
+            selection_method=method,
+            selection_fraction=budgets[0],
+            projection_dim=a.projection_dim,
+            gradient_batch_size=8,
+            **options,
+        )
+        selector = ROSESelector(
+            pool, validation, self.tokenizer, config, out, max_length=a.max_length, use_cpu=True, progress=a.progress
+        )
         tag = key_of(method, options)[:8]
         picks = {}
         for i, budget in enumerate(budgets):
             folder = f"selection_{method}_{tag}_{round(budget * 100)}"
             if i == 0:
-                path = select_from_checkpoints(self.checkpoint_dir(warm, checkpoints), self.base(), selector, folder=folder)
+                path = select_from_checkpoints(
+                    self.checkpoint_dir(warm, checkpoints), self.base(), selector, folder=folder
+                )
             else:  # the same stores, scored again at another budget
                 selector.config = dataclasses.replace(config, selection_fraction=budget)
                 path = selector.finalize(folder)
             picks[budget] = selected_from(path)
         return picks
 
-    def select(self, method: str, seed: int, target: str, k: int, task, task_key: str, warm: Path | None,
-               options: dict | None = None, checkpoints: str = "all", budgets: list[float] | None = None
-               ) -> dict[float, dict]:
+    def select(
+        self,
+        method: str,
+        seed: int,
+        target: str,
+        k: int,
+        task,
+        task_key: str,
+        warm: Path | None,
+        options: dict | None = None,
+        checkpoints: str = "all",
+        budgets: list[float] | None = None,
+    ) -> dict[float, dict]:
         """{budget: {"picks": [...], "scores": [...] or None}}, cached per settings."""
         a = self.args
         options = options or {}
         budgets = budgets or a.budgets
         common = (method, target, k, task_key, self.model_key, a.max_length)
-        grad = (a.warmup_lora_r, a.warmup_fraction, a.warmup_epochs, a.lr, a.projection_dim, options, checkpoints) \
-            if method in ("rose", "less") else ()
-        paths = {b: self.out / "selections" / f"{method}_{target}_k{k}_{round(b * 100)}_s{seed}_"
-                 f"{key_of(common, grad, seed if method in SEEDED else 0, b)}.json" for b in budgets}
+        grad = (
+            (a.warmup_lora_r, a.warmup_fraction, a.warmup_epochs, a.lr, a.projection_dim, options, checkpoints)
+            if method in ("rose", "less")
+            else ()
+        )
+        paths = {
+            b: self.out / "selections" / f"{method}_{target}_k{k}_{round(b * 100)}_s{seed}_"
+            f"{key_of(common, grad, seed if method in SEEDED else 0, b)}.json"
+            for b in budgets
+        }
         if all(p.exists() for p in paths.values()):
             return {b: read_json(p) for b, p in paths.items()}
         t0 = time.time()
         pool, validation = task.pool, task.validation
         if method in ("rose", "less"):
-            picks = self.gradient_selection(method, self.target_dir(target, task_key), warm, pool, validation, k,
-                                            options, checkpoints, budgets)
+            picks = self.gradient_selection(
+                method, self.target_dir(target, task_key), warm, pool, validation, k, options, checkpoints, budgets
+            )
         elif method == "full":
             picks = {b: (np.arange(len(pool)), None) for b in budgets}
         elif method in ("target_chosen", "target_rejected"):  # the right (or wrong) answer, known to the pool
             rows = np.flatnonzero(np.asarray(pool["answer"]) == method.split("_")[1])
             rows = np.random.default_rng(seed).permutation(rows)
-            picks = {b: (rows[:selection_size(len(pool), b)], None) for b in budgets}
+            picks = {b: (rows[: selection_size(len(pool), b)], None) for b in budgets}
         else:
             model = self.base() if method == "rds" else None
             extra = {"max_length": a.max_length} if method == "rds" else {}
@@ -273,9 +363,11 @@ class Bench:
         for b, (chosen, scores) in picks.items():
             result[b] = {"picks": [int(i) for i in chosen], "scores": None if scores is None else scores.tolist()}
             write_json(paths[b], result[b])
-        log(f"selected {target} k={k} {method}{f' seed {seed}' if method in SEEDED else ''}"
+        log(
+            f"selected {target} k={k} {method}{f' seed {seed}' if method in SEEDED else ''}"
             f"{' ' + json.dumps(options) if options else ''}{'' if checkpoints == 'all' else ' ckpt ' + checkpoints}"
-            f" ({time.time() - t0:.0f}s)")
+            f" ({time.time() - t0:.0f}s)"
+        )
         return result
 
     def adapter(self, target: str, task_key: str, pool: Dataset, picks: list[int]) -> Path:
@@ -294,7 +386,9 @@ class Bench:
         return folder
 
     def reference(self, target: str, task_key: str, pairs: Dataset, half: str) -> tuple[np.ndarray, np.ndarray]:
-        path = self.out / "evals" / f"base_{target}_{task_key}_{half}_{key_of(self.model_key, self.args.max_length)}.npz"
+        path = (
+            self.out / "evals" / f"base_{target}_{task_key}_{half}_{key_of(self.model_key, self.args.max_length)}.npz"
+        )
         if not path.exists():
             t0 = time.time()
             logps, counts = pair_logps(self.base(), self.tokenizer, pairs, self.eval_options)
@@ -316,8 +410,9 @@ class Bench:
         policy = reference
         if folder is not None:
             t0 = time.time()
-            policy, _ = pair_logps(PeftModel.from_pretrained(self.base(), str(folder)), self.tokenizer, pairs,
-                                   self.eval_options)
+            policy, _ = pair_logps(
+                PeftModel.from_pretrained(self.base(), str(folder)), self.tokenizer, pairs, self.eval_options
+            )
             self.counts["evaluated"] += 1
             log(f"evaluated {name} on {len(pairs)} {half} pairs ({time.time() - t0:.0f}s)")
         summary = summarize_pairs(policy, counts, reference, pairs, self.eval_options)
@@ -348,16 +443,21 @@ def run_target(bench: Bench, target: str, k: int, results: dict, train: bool, me
     a = bench.args
     task, task_key = bench.task(target, k)
     pool = task.pool
-    warm = bench.warmup(pool, bench.target_dir(target, task_key) / "warmup") if {"rose", "less"} & set(methods) else None
+    warm = (
+        bench.warmup(pool, bench.target_dir(target, task_key) / "warmup") if {"rose", "less"} & set(methods) else None
+    )
     name = f"{target}_k{k}"
-    res = results[name] = {"pool": {"rows": len(pool), **pool_shares(pool)}, "validation_pairs": len(task.validation),
-                           "methods": {}}
+    res = results[name] = {
+        "pool": {"rows": len(pool), **pool_shares(pool)},
+        "validation_pairs": len(task.validation),
+        "methods": {},
+    }
     halves = {"test": task.heldout.filter(lambda r: r["half"] == "test")} if train else {}
     res["heldout"] = {h: len(p) for h, p in halves.items()}
     for h, pairs in halves.items():
         res.setdefault("base", {})[h] = bench.evaluate(target, task_key, pairs, h, None)
     for method in methods + (a.test_variants if k == SLICE_FILES[target][0] else []):
-        for seed in (a.seeds if method == "random" else [0]):
+        for seed in a.seeds if method == "random" else [0]:
             if method in VARIANT_BY_NAME:  # a variant chosen on dev, reported on test beside the default
                 picks = select_variant(bench, target, VARIANT_BY_NAME[method], a.budgets)
             else:
@@ -371,9 +471,12 @@ def run_target(bench: Bench, target: str, k: int, results: dict, train: bool, me
                 folder = bench.adapter(target, task_key, pool, entry["picks"])
                 for h, pairs in halves.items():
                     row[h] = bench.evaluate(target, task_key, pairs, h, folder)
-                log(f"{name} {method} {budget:.0%}{f' seed {seed}' if method == 'random' else ''}: picks "
-                    + " / ".join(f"{x} {row['composition'][x]:.2f}" for x in ("chosen", "rejected", "other")) + "; "
-                    + "; ".join(f"{h} acc {row[h]['accuracy']:.3f}" for h in halves))
+                log(
+                    f"{name} {method} {budget:.0%}{f' seed {seed}' if method == 'random' else ''}: picks "
+                    + " / ".join(f"{x} {row['composition'][x]:.2f}" for x in ("chosen", "rejected", "other"))
+                    + "; "
+                    + "; ".join(f"{h} acc {row[h]['accuracy']:.3f}" for h in halves)
+                )
 
 
 def select_variant(bench: Bench, target: str, variant: tuple, budgets: list[float]) -> dict[float, dict]:
@@ -397,16 +500,21 @@ def run_variants(bench: Bench, target: str, results: dict, variants: list) -> No
     k_default = SLICE_FILES[target][0]
     task, task_key = bench.task(target, k_default)
     dev = task.heldout.filter(lambda r: r["half"] == "dev")
-    out = results.setdefault(f"{target}_variants", {"budget": budget, "half": "dev", "pairs": len(dev),
-                                                   "random": [], "variants": {}})
+    out = results.setdefault(
+        f"{target}_variants", {"budget": budget, "half": "dev", "pairs": len(dev), "random": [], "variants": {}}
+    )
     base = bench.evaluate(target, task_key, dev, "dev", None)
     out["base"] = {k: v for k, v in base.items() if k not in ("wins", "margins")}
     if not out["random"]:
         for seed in a.seeds:
             picks = bench.select("random", seed, target, k_default, task, task_key, None, budgets=[budget])[budget]
             folder = bench.adapter(target, task_key, task.pool, picks["picks"])
-            out["random"].append({"composition": composition(task.pool, picks["picks"], None),
-                                  "dev": bench.evaluate(target, task_key, dev, "dev", folder)})
+            out["random"].append(
+                {
+                    "composition": composition(task.pool, picks["picks"], None),
+                    "dev": bench.evaluate(target, task_key, dev, "dev", folder),
+                }
+            )
     for name, options, checkpoints, overrides in variants:
         if checkpoints != "all" and a.warmup_epochs < 2:
             continue  # one checkpoint: nothing to leave out
@@ -419,26 +527,44 @@ def run_variants(bench: Bench, target: str, results: dict, variants: list) -> No
             out["variants"][name] = {"refused": str(e)}
             continue
         folder = bench.adapter(target, task_key, task.pool, picks["picks"])
-        row = out["variants"][name] = {"composition": composition(task.pool, picks["picks"], picks["scores"]),
-                                       "dev": bench.evaluate(target, task_key, dev, "dev", folder)}
+        row = out["variants"][name] = {
+            "composition": composition(task.pool, picks["picks"], picks["scores"]),
+            "dev": bench.evaluate(target, task_key, dev, "dev", folder),
+        }
         log(f"variant {target} {name}: dev acc {row['dev']['accuracy']:.3f} ({time.time() - t0:.0f}s)")
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=Path("outputs/smollm2/model"),
-                   help="model folder (`rose-trl smollm2-assets OUT` writes OUT/model)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path("outputs/smollm2/model"),
+        help="model folder (`rose-trl smollm2-assets OUT` writes OUT/model)",
+    )
     p.add_argument("--out", type=Path, default=Path("outputs/bench_real_model"))
-    p.add_argument("--quick", action="store_true", help="a 48-row pool, default k, a 20%% budget, 3 random seeds, "
-                                                        "one warm-up checkpoint, 1 final epoch, no variants; bm25 and "
-                                                        "dsir selected but not trained")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a 48-row pool, default k, a 20%% budget, 3 random seeds, "
+        "one warm-up checkpoint, 1 final epoch, no variants; bm25 and "
+        "dsir selected but not trained",
+    )
     p.add_argument("--targets", nargs="+", default=["se", "hh"], choices=["se", "hh"])
-    p.add_argument("--ks", choices=["default", "larger", "both"], default=None,
-                   help="the released file(s) used as the validation set: the paper's k, a larger one, or both")
+    p.add_argument(
+        "--ks",
+        choices=["default", "larger", "both"],
+        default=None,
+        help="the released file(s) used as the validation set: the paper's k, a larger one, or both",
+    )
     p.add_argument("--methods", nargs="+", default=None)
-    p.add_argument("--train-methods", nargs="+", default=None,
-                   help="methods whose selections are trained and evaluated (default: all of --methods; the others "
-                        "report their pick composition only)")
+    p.add_argument(
+        "--train-methods",
+        nargs="+",
+        default=None,
+        help="methods whose selections are trained and evaluated (default: all of --methods; the others "
+        "report their pick composition only)",
+    )
     p.add_argument("--larger-k-methods", nargs="+", default=None, help="methods run again with the larger k")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="random's seeds")
     p.add_argument("--budgets", type=float, nargs="+", default=None)
@@ -455,13 +581,22 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup-epochs", type=int, default=None, help="= checkpoints")
     p.add_argument("--final-epochs", type=int, default=None)
     p.add_argument("--projection-dim", type=int, default=8192)
-    p.add_argument("--variants", choices=list(VARIANT_LEVELS), default=None,
-                   help="ROSE's options studied on the dev half: none, those that re-score the stores, + those that "
-                        "need new validation gradients (beta, loss types, the larger k), or all (+ new warm-ups)")
+    p.add_argument(
+        "--variants",
+        choices=list(VARIANT_LEVELS),
+        default=None,
+        help="ROSE's options studied on the dev half: none, those that re-score the stores, + those that "
+        "need new validation gradients (beta, loss types, the larger k), or all (+ new warm-ups)",
+    )
     p.add_argument("--variant-budget", type=float, default=None)
-    p.add_argument("--test-variants", nargs="+", default=[], choices=list(VARIANT_BY_NAME), metavar="VARIANT",
-                   help="variants chosen on dev, also run through the test grid (their full names, as the dev "
-                        "table prints them)")
+    p.add_argument(
+        "--test-variants",
+        nargs="+",
+        default=[],
+        choices=list(VARIANT_BY_NAME),
+        metavar="VARIANT",
+        help="variants chosen on dev, also run through the test grid (their full names, as the dev table prints them)",
+    )
     p.add_argument("--skip-methods", action="store_true", help="only the variants")
     p.add_argument("--progress", action="store_true", help="progress bars of the gradient passes")
     p.add_argument("--threads", type=int, default=None)
@@ -479,9 +614,14 @@ def main(argv=None) -> dict:
     # Per target: every selection first (the cheapest evidence), then the dev-half study of ROSE's options, then
     # the test-half grid, so that settings are chosen on dev before anything is read off test.
     for target in args.targets:
-        ks = {"default": [SLICE_FILES[target][0]], "larger": [LARGER_K[target]],
-              "both": [SLICE_FILES[target][0], LARGER_K[target]]}[args.ks]
-        plan = [(k, args.methods if i == 0 and args.ks != "larger" else args.larger_k_methods) for i, k in enumerate(ks)]
+        ks = {
+            "default": [SLICE_FILES[target][0]],
+            "larger": [LARGER_K[target]],
+            "both": [SLICE_FILES[target][0], LARGER_K[target]],
+        }[args.ks]
+        plan = [
+            (k, args.methods if i == 0 and args.ks != "larger" else args.larger_k_methods) for i, k in enumerate(ks)
+        ]
         for train in (False, True):
             if train and variants:
                 run_variants(bench, target, results, variants)
@@ -491,10 +631,12 @@ def main(argv=None) -> dict:
                     run_target(bench, target, k, results, train=train, methods=methods)
             log(f"{target}: {'test grid' if train else 'selections'} done")
     write_json(args.out / f"results_{'quick' if args.quick else 'full'}_{'_'.join(args.targets)}.json", results)
-    print(f"\nreal_model.py {'--quick' if args.quick else ''}: model {args.model}, max_length {args.max_length}, LoRA r "
-          f"{args.lora_r}, lr {args.lr}, warm-up {args.warmup_fraction:g} x {args.warmup_epochs} epochs, final "
-          f"{args.final_epochs} epochs; this invocation trained {bench.counts['trained']} adapters, evaluated "
-          f"{bench.counts['evaluated']}, made {bench.counts['selected']} selections in {time.time() - t0:.0f}s")
+    print(
+        f"\nreal_model.py {'--quick' if args.quick else ''}: model {args.model}, max_length {args.max_length}, LoRA r "
+        f"{args.lora_r}, lr {args.lr}, warm-up {args.warmup_fraction:g} x {args.warmup_epochs} epochs, final "
+        f"{args.final_epochs} epochs; this invocation trained {bench.counts['trained']} adapters, evaluated "
+        f"{bench.counts['evaluated']}, made {bench.counts['selected']} selections in {time.time() - t0:.0f}s"
+    )
     print_tables(results, args)
     print(summary_line(results, args))
     return results

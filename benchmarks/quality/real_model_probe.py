@@ -25,9 +25,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from real_model import task_sizes_and_key, warmup_folder
 from real_model_report import auc, auc_interval
+
 from rose_trl.data.realtext import SLICE_FILES, build_real_task
 from rose_trl.stores.store import GradientStore
 
@@ -53,8 +53,9 @@ def fitted_direction_auc(features: np.ndarray, answers: np.ndarray, splits: int 
             continue  # a tiny pool: a split with an empty side says nothing
         direction = features[fit & (answers == "chosen")].mean(0) - features[fit & (answers == "rejected")].mean(0)
         scores = features @ direction
-        values.append(auc(scores, np.flatnonzero(~fit & (answers == "chosen")),
-                          np.flatnonzero(~fit & (answers == "rejected"))))
+        values.append(
+            auc(scores, np.flatnonzero(~fit & (answers == "chosen")), np.flatnonzero(~fit & (answers == "rejected")))
+        )
     return (float(np.mean(values)), float(np.std(values))) if values else (float("nan"), float("nan"))
 
 
@@ -68,11 +69,18 @@ def probe(run_dir: Path, task, projection_dim: int, k: int) -> dict:
     plain = centered = 0.0
     per_checkpoint, features = [], []
     for ckpt in checkpoints:
-        pool = unit(GradientStore.open(run_dir / f"pool_train_p{projection_dim}" / ckpt["name"]).read_all()
-                    .astype(np.float64))
+        pool = unit(
+            GradientStore.open(run_dir / f"pool_train_p{projection_dim}" / ckpt["name"]).read_all().astype(np.float64)
+        )
         val = unit(GradientStore.open(selection / "val_dpo" / ckpt["name"]).read_all().astype(np.float64))
-        per_checkpoint.append({"checkpoint": ckpt["name"], "eta": ckpt["learning_rate"],
-                               "pool_collinearity": collinearity(pool), "validation_agreement": collinearity(val)})
+        per_checkpoint.append(
+            {
+                "checkpoint": ckpt["name"],
+                "eta": ckpt["learning_rate"],
+                "pool_collinearity": collinearity(pool),
+                "validation_agreement": collinearity(val),
+            }
+        )
         targets = np.stack([unit(val[subtasks == s]).mean(0) for s in dict.fromkeys(subtasks.tolist())])
         plain = plain + ckpt["learning_rate"] * pool @ targets.T
         centered = centered + ckpt["learning_rate"] * unit(pool - pool.mean(0)) @ targets.T
@@ -93,7 +101,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("outputs/bench_real_model"), help="real_model.py's --out")
     p.add_argument("--targets", nargs="+", default=["se", "hh"], choices=["se", "hh"])
-    p.add_argument("--ks", nargs="+", type=int, default=None, help="shots per subtask (default: each target's paper k)")
+    p.add_argument(
+        "--ks", nargs="+", type=int, default=None, help="shots per subtask (default: each target's paper k)"
+    )
     p.add_argument("--pool-target", type=int, default=None)
     p.add_argument("--pool-other", type=int, default=None)
     p.add_argument("--heldout", type=int, default=None)
@@ -113,13 +123,17 @@ def main(argv=None) -> dict:
             print(f"\n### {target}, k={k}: {len(task.pool)} pool rows, {len(task.validation)} validation pairs")
             print("| checkpoint | eta | pool collinearity | validation agreement |\n|---|---|---|---|")
             for c in res["checkpoints"]:
-                print(f"| {c['checkpoint']} | {c['eta']:.2e} | {c['pool_collinearity']:.3f} "
-                      f"| {c['validation_agreement']:.3f} |")
+                print(
+                    f"| {c['checkpoint']} | {c['eta']:.2e} | {c['pool_collinearity']:.3f} "
+                    f"| {c['validation_agreement']:.3f} |"
+                )
             print("\n| score | AUC chosen>rejected [95% CI] |\n|---|---|")
             for name, (value, ci) in res["auc"].items():
                 print(f"| ROSE, pool gradients {name} | {value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] |")
             mean, std = res["fitted_direction_auc"]
-            print(f"| a direction fitted on half the target rows (held-out half, 20 splits) | {mean:.3f} +- {std:.3f} |")
+            print(
+                f"| a direction fitted on half the target rows (held-out half, 20 splits) | {mean:.3f} +- {std:.3f} |"
+            )
             value, ci = res["length_auc"]
             print(f"| answer length alone | {value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] |")
             print(f"\nrows whose max is taken for each subtask: {res['picked_for']}")

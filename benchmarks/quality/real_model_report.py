@@ -8,6 +8,7 @@ from datasets import Dataset
 
 from rose_trl.evaluation.metrics import bootstrap_interval
 
+
 ANSWERS = ("chosen", "rejected", "other")
 
 
@@ -17,12 +18,14 @@ def auc(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float
     return float(((diff > 0) + 0.5 * (diff == 0)).mean())
 
 
-def auc_interval(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray, resamples: int = 1000,
-                 seed: int = 0) -> tuple[float, float]:
+def auc_interval(
+    scores: np.ndarray, positive: np.ndarray, negative: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """95% bootstrap interval of `auc`, rows resampled within each class."""
     rng = np.random.default_rng(seed)
-    values = [auc(scores, rng.choice(positive, len(positive)), rng.choice(negative, len(negative)))
-              for _ in range(resamples)]
+    values = [
+        auc(scores, rng.choice(positive, len(positive)), rng.choice(negative, len(negative))) for _ in range(resamples)
+    ]
     return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
 
 
@@ -84,17 +87,25 @@ def _auc_text(rows: list[dict]) -> str:
 def _accuracy_text(rows: list[dict], half: str) -> tuple[str, str, float]:
     if len(rows) == 1:
         r = rows[0][half]
-        return fmt_ci(r["accuracy"], r["accuracy_ci"]), fmt_ci(r["reward_margin"], r["reward_margin_ci"], 4), \
-            r["chosen_nll"]
+        return (
+            fmt_ci(r["accuracy"], r["accuracy_ci"]),
+            fmt_ci(r["reward_margin"], r["reward_margin_ci"], 4),
+            r["chosen_nll"],
+        )
     acc = [r[half]["accuracy"] for r in rows]
     margin = [r[half]["reward_margin"] for r in rows]
-    return (f"{np.mean(acc):.3f} +- {np.std(acc):.3f} ({len(rows)} seeds)",
-            f"{np.mean(margin):.4f} +- {np.std(margin):.4f}", float(np.mean([r[half]["chosen_nll"] for r in rows])))
+    return (
+        f"{np.mean(acc):.3f} +- {np.std(acc):.3f} ({len(rows)} seeds)",
+        f"{np.mean(margin):.4f} +- {np.std(margin):.4f}",
+        float(np.mean([r[half]["chosen_nll"] for r in rows])),
+    )
 
 
-HEADER = ("| budget | method | picks chosen / rejected / other | AUC chosen>rejected | accuracy [95% CI] "
-          "| accuracy - random [95% CI] | mean margin [95% CI] | margin - random [95% CI] | chosen NLL |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| budget | method | picks chosen / rejected / other | AUC chosen>rejected | accuracy [95% CI] "
+    "| accuracy - random [95% CI] | mean margin [95% CI] | margin - random [95% CI] | chosen NLL |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def method_rows(by_method: dict, budgets, half: str, random_runs: dict | None = None) -> list[str]:
@@ -112,10 +123,18 @@ def method_rows(by_method: dict, budgets, half: str, random_runs: dict | None = 
                 lines.append(f"| {budget:.0%} | {method} | {comp} | {_auc_text(rows)} | not trained | | | | |")
                 continue
             acc, margin, nll = _accuracy_text(rows, half)
-            vs = (None, None) if method == "random" else \
-                (paired_difference(rows, random_rows, half, "wins"), paired_difference(rows, random_rows, half, "margins"))
-            lines.append(f"| {budget:.0%} | {method} | {comp} | {_auc_text(rows)} | {acc} | {fmt_diff(vs[0])} "
-                         f"| {margin} | {fmt_diff(vs[1], 4)} | {nll:.3f} |")
+            vs = (
+                (None, None)
+                if method == "random"
+                else (
+                    paired_difference(rows, random_rows, half, "wins"),
+                    paired_difference(rows, random_rows, half, "margins"),
+                )
+            )
+            lines.append(
+                f"| {budget:.0%} | {method} | {comp} | {_auc_text(rows)} | {acc} | {fmt_diff(vs[0])} "
+                f"| {margin} | {fmt_diff(vs[1], 4)} | {nll:.3f} |"
+            )
     return lines
 
 
@@ -125,14 +144,18 @@ def print_tables(results: dict, args) -> None:
         if name.endswith("_variants"):
             continue
         shares = res["pool"]
-        print(f"\n### {name} ({mode}): pool {shares['rows']} rows (chosen {shares['chosen']:.2f} / rejected "
-              f"{shares['rejected']:.2f} / other {shares['other']:.2f}: random's expected shares), "
-              f"{res['validation_pairs']} validation pairs, held-out pairs {res['heldout']}")
+        print(
+            f"\n### {name} ({mode}): pool {shares['rows']} rows (chosen {shares['chosen']:.2f} / rejected "
+            f"{shares['rejected']:.2f} / other {shares['other']:.2f}: random's expected shares), "
+            f"{res['validation_pairs']} validation pairs, held-out pairs {res['heldout']}"
+        )
         for h in res.get("base", {}):
             base = res["base"][h]
-            print(f"\n{h} half ({res['heldout'][h]} pairs). base: likelihood accuracy "
-                  f"{fmt_ci(base['likelihood_accuracy'], base['likelihood_accuracy_ci'])}, chosen NLL "
-                  f"{base['chosen_nll']:.3f}")
+            print(
+                f"\n{h} half ({res['heldout'][h]} pairs). base: likelihood accuracy "
+                f"{fmt_ci(base['likelihood_accuracy'], base['likelihood_accuracy_ci'])}, chosen NLL "
+                f"{base['chosen_nll']:.3f}"
+            )
             print(HEADER)
             print("\n".join(method_rows(res["methods"], args.budgets, h, random_runs(results, name))))
     for name, res in results.items():
@@ -153,20 +176,28 @@ def print_variants(target: str, res: dict) -> None:
     budget, half = res["budget"], res["half"]
     random_rows = res["random"]
     acc, margin, _ = _accuracy_text(random_rows, half) if random_rows else ("-", "-", 0)
-    print(f"\n### {target}: ROSE's options on the {half} half, each selection at {budget:.0%} trained and evaluated "
-          f"({res['pairs']} pairs); random: accuracy {acc}, margin {margin}")
-    print("| variant | chosen / rejected / other | AUC chosen>rejected [95% CI] | subtasks | accuracy [95% CI] "
-          "| accuracy - random [95% CI] | margin - random [95% CI] |\n|---|---|---|---|---|---|---|")
+    print(
+        f"\n### {target}: ROSE's options on the {half} half, each selection at {budget:.0%} trained and evaluated "
+        f"({res['pairs']} pairs); random: accuracy {acc}, margin {margin}"
+    )
+    print(
+        "| variant | chosen / rejected / other | AUC chosen>rejected [95% CI] | subtasks | accuracy [95% CI] "
+        "| accuracy - random [95% CI] | margin - random [95% CI] |\n|---|---|---|---|---|---|---|"
+    )
     for variant, row in res["variants"].items():
         if "refused" in row:
             print(f"| {variant} | refused: {row['refused'][:80]} | | | | | |")
             continue
         c = row["composition"]
-        auc_text = fmt_ci(c["auc_chosen_rejected"], c["auc_chosen_rejected_ci"], 2) if "auc_chosen_rejected" in c else "-"
-        print(f"| {variant} | {c['chosen']:.2f} / {c['rejected']:.2f} / {c['other']:.2f} | {auc_text} | {c['subtasks']} "
-              f"| {fmt_ci(row[half]['accuracy'], row[half]['accuracy_ci'])} "
-              f"| {fmt_diff(paired_difference([row], random_rows, half, 'wins'))} "
-              f"| {fmt_diff(paired_difference([row], random_rows, half, 'margins'), 4)} |")
+        auc_text = (
+            fmt_ci(c["auc_chosen_rejected"], c["auc_chosen_rejected_ci"], 2) if "auc_chosen_rejected" in c else "-"
+        )
+        print(
+            f"| {variant} | {c['chosen']:.2f} / {c['rejected']:.2f} / {c['other']:.2f} | {auc_text} | {c['subtasks']} "
+            f"| {fmt_ci(row[half]['accuracy'], row[half]['accuracy_ci'])} "
+            f"| {fmt_diff(paired_difference([row], random_rows, half, 'wins'))} "
+            f"| {fmt_diff(paired_difference([row], random_rows, half, 'margins'), 4)} |"
+        )
 
 
 def summary_line(results: dict, args) -> str:
@@ -178,9 +209,12 @@ def summary_line(results: dict, args) -> str:
             by = {m: res["methods"].get(m, {}).get(str(budget)) for m in ("rose", "less", "random")}
             for method, rows in by.items():
                 if rows and "test" in rows[0]:
-                    parts.append(f"{name}@{round(budget * 100)}%.{method}={np.mean([r['test']['accuracy'] for r in rows]):.3f}")
-            d = paired_difference(by["rose"], by["random"] or (random_runs(results, name) or {}).get(str(budget)),
-                                  "test", "wins")
+                    parts.append(
+                        f"{name}@{round(budget * 100)}%.{method}={np.mean([r['test']['accuracy'] for r in rows]):.3f}"
+                    )
+            d = paired_difference(
+                by["rose"], by["random"] or (random_runs(results, name) or {}).get(str(budget)), "test", "wins"
+            )
             if d:
                 parts.append(f"{name}@{round(budget * 100)}%.rose-random={d['mean']:+.3f}")
     return " ".join(parts)

@@ -26,23 +26,27 @@ the cost of selecting with each model.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import time
 from pathlib import Path
 
 import numpy as np
-
 from property_targets import RELEASE
 from real_model import Bench, key_of, log, read_json, write_json
 from real_model_report import HEADER, composition, fmt_diff, method_rows, paired_difference, pool_shares
+
 from rose_trl.data.properties import DIRECTIONS, PROPERTIES, property_suite, target_name
 from rose_trl.data.realtext import SLICE_FILES
 
+
 # Picks made with the selecting model (-T) and with the final model itself; named as in the paper's Table 8.
-GRADIENT = {"ROSE-T": ("select", "rose"), "LESS-T": ("select", "less"), "ROSE": ("final", "rose"),
-            "LESS": ("final", "less")}
+GRADIENT = {
+    "ROSE-T": ("select", "rose"),
+    "LESS-T": ("select", "less"),
+    "ROSE": ("final", "rose"),
+    "LESS": ("final", "less"),
+}
 SEEDED = ("random", "target_chosen", "target_rejected")
 PROPERTY_TARGETS = {target_name(p, d): (p, d) for p in PROPERTIES for d in DIRECTIONS}
 _TASKS: dict = {}
@@ -54,14 +58,28 @@ def target_task(bench: Bench, target: str, args):
     pair a test pair). The same for both models' benches: the key names the data, not the model."""
     if target in SLICE_FILES:
         return _slice_task(bench, target, SLICE_FILES[target][0])
-    names = ("property_pool_se", "property_pool_hh", "property_pool_min", "property_k", "property_test", "task_seed",
-             "release")
+    names = (
+        "property_pool_se",
+        "property_pool_hh",
+        "property_pool_min",
+        "property_k",
+        "property_test",
+        "task_seed",
+        "release",
+    )
     cached = (target, *(getattr(args, n) for n in names))
     if cached not in _TASKS:
         prop, direction = PROPERTY_TARGETS[target]
-        suite = property_suite((prop,), pool_sizes={"se": args.property_pool_se, "hh": args.property_pool_hh},
-                               pool_min=args.property_pool_min, n_validation=args.property_k, heldout_dev=0,
-                               heldout_test=args.property_test, seed=args.task_seed, test_root=args.release)
+        suite = property_suite(
+            (prop,),
+            pool_sizes={"se": args.property_pool_se, "hh": args.property_pool_hh},
+            pool_min=args.property_pool_min,
+            n_validation=args.property_k,
+            heldout_dev=0,
+            heldout_test=args.property_test,
+            seed=args.task_seed,
+            test_root=args.release,
+        )
         task = suite.task(prop, direction, min(args.property_k, len(suite.validation[prop])))
         _TASKS[cached] = (task, task.k, key_of(target, task.k, suite.settings))
     return _TASKS[cached]
@@ -77,8 +95,17 @@ def bench_for(args, which: str) -> Bench:
     warm-up folders of real_model.py do not name the model)."""
     model = args.select_model if which == "select" else args.final_model
     tag = model.parent.name if model.name == "model" else model.name  # outputs/gemma3/model -> gemma3
-    return Bench(argparse.Namespace(**{**vars(args), "model": model, "out": args.out / f"by_{tag}",
-                                       "warmup_lora_r": args.lora_r, "test_variants": []}))
+    return Bench(
+        argparse.Namespace(
+            **{
+                **vars(args),
+                "model": model,
+                "out": args.out / f"by_{tag}",
+                "warmup_lora_r": args.lora_r,
+                "test_variants": [],
+            }
+        )
+    )
 
 
 def usage() -> dict:
@@ -94,8 +121,12 @@ def gradient_picks(bench: Bench, method: str, target: str, options: dict) -> tup
     warm = bench.warmup(task.pool, warm_dir)
     picks = bench.select(method, 0, target, k, task, task_key, warm, options=options)
     after = usage()
-    cost = {"wall_s": time.time() - t0, "cpu_s": after["cpu_s"] - before["cpu_s"],
-            "process_peak_rss_gb": after["peak_rss_gb"], "warmup_s": (read_json(warm_dir / "done.json") or {}).get("seconds")}
+    cost = {
+        "wall_s": time.time() - t0,
+        "cpu_s": after["cpu_s"] - before["cpu_s"],
+        "process_peak_rss_gb": after["peak_rss_gb"],
+        "warmup_s": (read_json(warm_dir / "done.json") or {}).get("seconds"),
+    }
     return picks, cost
 
 
@@ -110,8 +141,10 @@ def select_stage(args) -> None:
             _, cost = gradient_picks(bench, method, target, memory_options(args, args.selector))
             if bench.counts["selected"] > made_before:  # made now: its cost is this process's
                 costs[method] = cost
-                log(f"{args.selector} {target} {method}: {cost['wall_s']:.0f}s wall, {cost['cpu_s']:.0f} CPU-s, process "
-                    f"peak {cost['process_peak_rss_gb']:.2f} GB")
+                log(
+                    f"{args.selector} {target} {method}: {cost['wall_s']:.0f}s wall, {cost['cpu_s']:.0f} CPU-s, process "
+                    f"peak {cost['process_peak_rss_gb']:.2f} GB"
+                )
         write_json(path, costs)
 
 
@@ -135,18 +168,23 @@ def train_target(sel: Bench, fin: Bench, target: str, args, results: dict) -> No
     task, k, task_key = target_task(fin, target, args)
     pool = task.pool
     test = task.heldout.filter(lambda r: r["half"] == "test")
-    res = results[target] = {"pool": {"rows": len(pool), **pool_shares(pool)}, "validation_pairs": len(task.validation),
-                             "heldout": {"test": len(test)}, "methods": {}, "overlap": {}}
+    res = results[target] = {
+        "pool": {"rows": len(pool), **pool_shares(pool)},
+        "validation_pairs": len(task.validation),
+        "heldout": {"test": len(test)},
+        "methods": {},
+        "overlap": {},
+    }
     res["base"] = {"test": fin.evaluate(target, task_key, test, "test", None)}
     picks = {}
     for name, (which, method) in GRADIENT.items():
         bench = sel if which == "select" else fin
         picks[name], _ = gradient_picks(bench, method, target, memory_options(args, which))
     for method in SEEDED:
-        for seed in (args.seeds if method == "random" else [0]):
+        for seed in args.seeds if method == "random" else [0]:
             picks.setdefault(method, []).append(fin.select(method, seed, target, k, task, task_key, None))
     for name in list(GRADIENT) + list(SEEDED):
-        for entry in (picks[name] if name in SEEDED else [picks[name]]):
+        for entry in picks[name] if name in SEEDED else [picks[name]]:
             for budget in args.budgets:
                 chosen = entry[budget]
                 row = {"composition": composition(pool, chosen["picks"], chosen["scores"]), "picks": chosen["picks"]}
@@ -175,23 +213,29 @@ def print_transfer(results: dict, args) -> None:
     for target, res in results.items():
         s = res["pool"]
         base = res["base"]["test"]
-        print(f"\n### {target}: final model {args.final_model}, selecting model {args.select_model}; pool {s['rows']} rows "
-              f"(chosen {s['chosen']:.2f} / rejected {s['rejected']:.2f} / other {s['other']:.2f}), "
-              f"{res['validation_pairs']} validation pairs, {res['heldout']['test']} test pairs; base likelihood accuracy "
-              f"{base['likelihood_accuracy']:.3f}, chosen NLL {base['chosen_nll']:.3f}")
+        print(
+            f"\n### {target}: final model {args.final_model}, selecting model {args.select_model}; pool {s['rows']} rows "
+            f"(chosen {s['chosen']:.2f} / rejected {s['rejected']:.2f} / other {s['other']:.2f}), "
+            f"{res['validation_pairs']} validation pairs, {res['heldout']['test']} test pairs; base likelihood accuracy "
+            f"{base['likelihood_accuracy']:.3f}, chosen NLL {base['chosen_nll']:.3f}"
+        )
         print(HEADER)
         print("\n".join(method_rows(res["methods"], args.budgets, "test")))
         for b, row in res["overlap"].items():
-            print(f"\noverlap of the picks at {float(b):.0%} (shared rows / selection size): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
+            print(
+                f"\noverlap of the picks at {float(b):.0%} (shared rows / selection size): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in row.items())
+            )
         for which in ("select", "final"):
             c = costs.get(f"{which}_{target}")
             if c and "rose" in c and "less" in c:
                 r, s = c["rose"], c["less"]
-                print(f"cost of selecting with {c['model']}: rose (warm-up {r['warmup_s'] or 0:.0f}s, pool and validation "
-                      f"gradients, scoring) {r['wall_s']:.0f}s wall, {r['cpu_s']:.0f} CPU-s; less (its validation "
-                      f"gradients and scoring; warm-up and pool gradients shared) {s['wall_s']:.0f}s wall, "
-                      f"{s['cpu_s']:.0f} CPU-s; process peak {max(r['process_peak_rss_gb'], s['process_peak_rss_gb']):.2f} GB")
+                print(
+                    f"cost of selecting with {c['model']}: rose (warm-up {r['warmup_s'] or 0:.0f}s, pool and validation "
+                    f"gradients, scoring) {r['wall_s']:.0f}s wall, {r['cpu_s']:.0f} CPU-s; less (its validation "
+                    f"gradients and scoring; warm-up and pool gradients shared) {s['wall_s']:.0f}s wall, "
+                    f"{s['cpu_s']:.0f} CPU-s; process peak {max(r['process_peak_rss_gb'], s['process_peak_rss_gb']):.2f} GB"
+                )
 
 
 def summary_line(results: dict, args) -> str:
@@ -200,7 +244,9 @@ def summary_line(results: dict, args) -> str:
         for budget in args.budgets:
             by = {m: res["methods"][m][str(budget)] for m in res["methods"]}
             for name in list(GRADIENT) + ["random"]:
-                parts.append(f"{target}@{round(budget * 100)}%.{name}={np.mean([r['test']['accuracy'] for r in by[name]]):.3f}")
+                parts.append(
+                    f"{target}@{round(budget * 100)}%.{name}={np.mean([r['test']['accuracy'] for r in by[name]]):.3f}"
+                )
             d = paired_difference(by["ROSE-T"], by["random"], "test", "wins")
             parts.append(f"{target}@{round(budget * 100)}%.ROSE-T-random={fmt_diff(d)}")
     return " ".join(parts)
@@ -209,13 +255,22 @@ def summary_line(results: dict, args) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["select", "train"], default="train")
-    p.add_argument("--selector", choices=["select", "final"], default="select",
-                   help="select stage: which model selects (the selecting model, or the final model itself)")
+    p.add_argument(
+        "--selector",
+        choices=["select", "final"],
+        default="select",
+        help="select stage: which model selects (the selecting model, or the final model itself)",
+    )
     p.add_argument("--select-model", type=Path, default=Path("outputs/smollm2/model"))
     p.add_argument("--final-model", type=Path, default=Path("outputs/gemma3/model"))
     p.add_argument("--out", type=Path, default=Path("outputs/bench_transfer"))
-    p.add_argument("--targets", nargs="+", default=["se", "hh"], choices=["se", "hh", *PROPERTY_TARGETS],
-                   help="se, hh (real_model.py's tasks) or property targets <property>_<prefer|avoid>")
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=["se", "hh"],
+        choices=["se", "hh", *PROPERTY_TARGETS],
+        help="se, hh (real_model.py's tasks) or property targets <property>_<prefer|avoid>",
+    )
     p.add_argument("--pool-target", type=int, default=72)
     p.add_argument("--pool-other", type=int, default=24)
     p.add_argument("--heldout", type=int, default=120, help="held-out pairs, half dev (unused here) and half test")
@@ -226,9 +281,13 @@ def main(argv=None) -> dict:
     p.add_argument("--property-pool-min", type=int, default=16, help="pool rows with the property, at least")
     p.add_argument("--property-k", type=int, default=10, help="validation pairs (minimal pairs) of a property target")
     p.add_argument("--property-test", type=int, default=40, help="held-out test pairs of a property target")
-    p.add_argument("--release", type=Path, default=RELEASE if (RELEASE / "test").is_dir() else None,
-                   help="a copy of the paper's release: a property target's held-out pairs from its test answers "
-                        f"(default: {RELEASE} where present, else the slice)")
+    p.add_argument(
+        "--release",
+        type=Path,
+        default=RELEASE if (RELEASE / "test").is_dir() else None,
+        help="a copy of the paper's release: a property target's held-out pairs from its test answers "
+        f"(default: {RELEASE} where present, else the slice)",
+    )
     p.add_argument("--budgets", type=float, nargs="+", default=[0.2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="random's seeds")
     p.add_argument("--max-length", type=int, default=128)
@@ -257,11 +316,13 @@ def main(argv=None) -> dict:
     for target in args.targets:
         train_target(sel, fin, target, args, results)
     write_json(args.out / f"results_{'_'.join(args.targets)}.json", results)
-    print(f"\ntransfer.py: selecting model {args.select_model}, final model {args.final_model}, max_length "
-          f"{args.max_length}, LoRA r {args.lora_r}, lr {args.lr}, warm-up {args.warmup_fraction:g} x {args.warmup_epochs}"
-          f" epochs, final {args.final_epochs} epochs; this invocation trained {fin.counts['trained']} adapters, evaluated "
-          f"{fin.counts['evaluated']}, made {sel.counts['selected'] + fin.counts['selected']} selections in "
-          f"{time.time() - t0:.0f}s")
+    print(
+        f"\ntransfer.py: selecting model {args.select_model}, final model {args.final_model}, max_length "
+        f"{args.max_length}, LoRA r {args.lora_r}, lr {args.lr}, warm-up {args.warmup_fraction:g} x {args.warmup_epochs}"
+        f" epochs, final {args.final_epochs} epochs; this invocation trained {fin.counts['trained']} adapters, evaluated "
+        f"{fin.counts['evaluated']}, made {sel.counts['selected'] + fin.counts['selected']} selections in "
+        f"{time.time() - t0:.0f}s"
+    )
     print_transfer(results, args)
     print(summary_line(results, args))
     return results

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from scoring import drop_from_page_cache, fill, peak_rss_kib, store_dirs  # benchmarks/speed/scoring.py
 
 
@@ -38,15 +37,25 @@ def child(root: Path, args) -> None:
 
     rng = np.random.default_rng(1)
     subtasks = [f"subtask{j % args.subtasks}" for j in range(args.pairs)]
-    grads = {d.name: rng.standard_normal((args.pairs, args.dim)).astype(np.float32)
-             for d in store_dirs(root, args.checkpoints)}
+    grads = {
+        d.name: rng.standard_normal((args.pairs, args.dim)).astype(np.float32)
+        for d in store_dirs(root, args.checkpoints)
+    }
     targets: ValidationTargets = validation_targets(grads, subtasks)
-    checkpoints = [CheckpointGradients(d.name, GradientStore.open(d), targets.targets[i], 1.0 / (i + 1),
-                                       pair_vectors=targets.vectors[i])
-                   for i, d in enumerate(store_dirs(root, args.checkpoints))]
-    validation = Dataset.from_dict({"prompt": [f"prompt {j}" for j in range(args.pairs)],
-                                    "chosen": ["yes"] * args.pairs, "rejected": ["no"] * args.pairs,
-                                    "subtask": subtasks})
+    checkpoints = [
+        CheckpointGradients(
+            d.name, GradientStore.open(d), targets.targets[i], 1.0 / (i + 1), pair_vectors=targets.vectors[i]
+        )
+        for i, d in enumerate(store_dirs(root, args.checkpoints))
+    ]
+    validation = Dataset.from_dict(
+        {
+            "prompt": [f"prompt {j}" for j in range(args.pairs)],
+            "chosen": ["yes"] * args.pairs,
+            "rejected": ["no"] * args.pairs,
+            "subtask": subtasks,
+        }
+    )
     chosen = np.sort(rng.choice(args.pool, size=int(np.ceil(args.fraction * args.pool)), replace=False))
     out = root / "selection"
     shutil.rmtree(out, ignore_errors=True)
@@ -54,8 +63,12 @@ def child(root: Path, args) -> None:
     start = time.perf_counter()
     write_contributions(out, checkpoints, chosen, validation, targets.usable)
     seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "peak_rss_mb": peak_rss_kib() / 1024, "rows": len(chosen),
-              "file_mb": (out / "contributions.parquet").stat().st_size / 1e6}
+    result = {
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_kib() / 1024,
+        "rows": len(chosen),
+        "file_mb": (out / "contributions.parquet").stat().st_size / 1e6,
+    }
     if not args.no_scoring:
         start = time.perf_counter()
         score_checkpoints(checkpoints, targets.subtasks)
@@ -64,8 +77,9 @@ def child(root: Path, args) -> None:
 
 
 def run_child(root: Path, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(root), *argv], check=True, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(root), *argv], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -95,17 +109,22 @@ def main() -> None:
             print(f"filled the stores in {time.perf_counter() - start:.0f} s", flush=True)
         files = [f for d in store_dirs(root, args.checkpoints) for f in sorted(d.glob("*.npy"))]
         gb = sum(f.stat().st_size for f in files) / 1e9
-        print(f"pool={args.pool:,} selected={int(np.ceil(args.fraction * args.pool)):,} pairs={args.pairs} "
-              f"subtasks={args.subtasks} checkpoints={args.checkpoints} dim={args.dim} stores={gb:.1f} GB "
-              f"cpus={os.cpu_count()}")
+        print(
+            f"pool={args.pool:,} selected={int(np.ceil(args.fraction * args.pool)):,} pairs={args.pairs} "
+            f"subtasks={args.subtasks} checkpoints={args.checkpoints} dim={args.dim} stores={gb:.1f} GB "
+            f"cpus={os.cpu_count()}"
+        )
         print("| cache | contributions s | peak RSS MB | contributions.parquet MB | whole scoring s |")
         print("|---|---|---|---|---|")
         for cache in ("cold", "warm"):
             if cache == "cold":
                 drop_from_page_cache(files)
             r = run_child(root, argv)
-            print(f"| {cache} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['file_mb']:.0f} | "
-                  f"{r.get('scoring_seconds', float('nan')):.0f} |", flush=True)
+            print(
+                f"| {cache} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['file_mb']:.0f} | "
+                f"{r.get('scoring_seconds', float('nan')):.0f} |",
+                flush=True,
+            )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

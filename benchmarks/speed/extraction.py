@@ -21,39 +21,53 @@ The last line is `speedup_vs_less=<a/b> overhead_vs_fwd_bwd=<b/c>`.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import SHAPES  # noqa: E402
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rose_trl.stores.extraction import extract_gradients
-from rose_trl.gradients.capture import AdamState, trainable_parameters
-from rose_trl.gradients.sft_loss import model_inputs
-from rose_trl.gradients.projection import build_projector
 from rose_trl.data.sft import collate
+from rose_trl.gradients.capture import AdamState, trainable_parameters
+from rose_trl.gradients.projection import build_projector
+from rose_trl.gradients.sft_loss import model_inputs
+from rose_trl.stores.extraction import extract_gradients
 from rose_trl.stores.store import GradientStore
 
 
 def build(args):
     torch.manual_seed(0)
     if args.model == "tiny":
-        shape = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                     num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads)
+        shape = dict(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads,
+        )
     else:
         shape = dict(SHAPES[args.model])
         args.vocab = shape["vocab_size"]
     config = LlamaConfig(**shape, max_position_embeddings=max(512, args.seq_len), pad_token_id=0)
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        ),
+    )
     g = torch.Generator().manual_seed(1)
     pool = []
     for _ in range(args.examples):
@@ -80,8 +94,15 @@ def less_style(model, pool, opt, dim):
     params = [p for _, p in trainable_parameters(model)]
     m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params])
     v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params])
-    projector = BasicProjector(grad_dim=m.numel(), proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher,
-                               device="cpu", block_size=128, dtype=torch.float32)
+    projector = BasicProjector(
+        grad_dim=m.numel(),
+        proj_dim=dim,
+        seed=0,
+        proj_type=ProjectionType.rademacher,
+        device="cpu",
+        block_size=128,
+        dtype=torch.float32,
+    )
     out, pending = [], []
     for ex in pool:
         batch = collate([ex], 0)
@@ -100,10 +121,25 @@ def engine(model, pool, opt, dim, projection, batch_size):
     params = trainable_parameters(model)
     projector = build_projector(projection, sum(p.numel() for _, p in params), dim, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        store = GradientStore.open_or_create(tmp, model="bench", checkpoint="c", projection=projector.describe(),
-                                             gradient_type="adam", pool_fingerprint="bench", num_rows=len(pool))
-        extract_gradients(model, pool, store, projector, pad_token_id=0,
-                          adam_state=AdamState.from_optimizer(opt, params), batch_size=batch_size, progress=False)
+        store = GradientStore.open_or_create(
+            tmp,
+            model="bench",
+            checkpoint="c",
+            projection=projector.describe(),
+            gradient_type="adam",
+            pool_fingerprint="bench",
+            num_rows=len(pool),
+        )
+        extract_gradients(
+            model,
+            pool,
+            store,
+            projector,
+            pad_token_id=0,
+            adam_state=AdamState.from_optimizer(opt, params),
+            batch_size=batch_size,
+            progress=False,
+        )
         return store.read_all()
 
 
@@ -135,8 +171,10 @@ def timed(fn, *a):
 
 
 # Defaults of the real shape: a recipe's rows per pass at 256 tokens (max_batch_tokens 1024), fewer examples.
-MODEL_DEFAULTS = {"tiny": dict(examples=256, seq_len=128, batch_size=16, less_examples=None),
-                  "smollm2-135m": dict(examples=32, seq_len=256, batch_size=4, less_examples=8)}
+MODEL_DEFAULTS = {
+    "tiny": dict(examples=256, seq_len=128, batch_size=16, less_examples=None),
+    "smollm2-135m": dict(examples=32, seq_len=256, batch_size=4, less_examples=8),
+}
 
 
 def main(argv=None):
@@ -146,9 +184,12 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=None, help="default 128 (tiny), 256 (smollm2-135m)")
     p.add_argument("--dim", type=int, default=8192)
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (tiny), 4 (smollm2-135m)")
-    p.add_argument("--less-examples", type=int, default=None,
-                   help="(a) on the first N examples only, compared per example (default: all for tiny, 8 for "
-                        "smollm2-135m)")
+    p.add_argument(
+        "--less-examples",
+        type=int,
+        default=None,
+        help="(a) on the first N examples only, compared per example (default: all for tiny, 8 for smollm2-135m)",
+    )
     p.add_argument("--projection", default="sjlt", choices=["sjlt", "trak"])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -156,9 +197,13 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--skip-less", action="store_true", help="skip (a); speedup_vs_less is then nan")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="(b) and (c) are timed this many times, alternately, and their medians reported: the "
-                        "machine's speed drifts more between runs than the engine's overhead is")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="(b) and (c) are timed this many times, alternately, and their medians reported: the "
+        "machine's speed drifts more between runs than the engine's overhead is",
+    )
     args = p.parse_args(argv)
     for name, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, name) is None:
@@ -168,8 +213,10 @@ def main(argv=None):
     n_params = sum(p.numel() for _, p in trainable_parameters(model))
     if args.model != "tiny":
         print(f"model: {args.model} shape, random weights, vocab {args.vocab}")
-    print(f"workload: {args.examples} examples x {args.seq_len} tokens, {n_params} LoRA params -> {args.dim} dims, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"workload: {args.examples} examples x {args.seq_len} tokens, {n_params} LoRA params -> {args.dim} dims, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     floor(model, pool[: args.batch_size], args.batch_size)  # warm-up
     engine(model, pool[: args.batch_size], opt, args.dim, args.projection, args.batch_size)
     floors, engines, labelled = [], [], []
@@ -182,18 +229,26 @@ def main(argv=None):
     print(f"(c) fwd+bwd floor       {t_floor:8.2f} s  {1000 * t_floor / len(pool):8.1f} ms/example")
     if labelled:
         t_labelled = float(np.median(labelled))
-        print(f"(c') floor, labelled    {t_labelled:8.2f} s  {1000 * t_labelled / len(pool):8.1f} ms/example "
-              f"(b)/(c') {t_engine / t_labelled:.3f}; per repeat: "
-              + " ".join(f"{e / f:.3f}" for e, f in zip(engines, labelled)))
-    print(f"(b) rose_trl engine     {t_engine:8.2f} s  {1000 * t_engine / len(pool):8.1f} ms/example ({args.projection})")
+        print(
+            f"(c') floor, labelled    {t_labelled:8.2f} s  {1000 * t_labelled / len(pool):8.1f} ms/example "
+            f"(b)/(c') {t_engine / t_labelled:.3f}; per repeat: "
+            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, labelled))
+        )
+    print(
+        f"(b) rose_trl engine     {t_engine:8.2f} s  {1000 * t_engine / len(pool):8.1f} ms/example ({args.projection})"
+    )
     if args.repeats > 1:
-        print(f"    medians of {args.repeats}; per repeat (b)/(c): "
-              + " ".join(f"{e / f:.3f}" for e, f in zip(engines, floors)))
+        print(
+            f"    medians of {args.repeats}; per repeat (b)/(c): "
+            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, floors))
+        )
     t_less, less_pool = float("nan"), pool[: args.less_examples]
     if not args.skip_less:
         t_less, _ = timed(less_style, model, less_pool, opt, args.dim)
-        print(f"(a) LESS-style          {t_less:8.2f} s  {1000 * t_less / len(less_pool):8.1f} ms/example"
-              + (f" (first {len(less_pool)} examples)" if len(less_pool) < len(pool) else ""))
+        print(
+            f"(a) LESS-style          {t_less:8.2f} s  {1000 * t_less / len(less_pool):8.1f} ms/example"
+            + (f" (first {len(less_pool)} examples)" if len(less_pool) < len(pool) else "")
+        )
     speedup = (t_less / len(less_pool)) / (t_engine / len(pool))
     print(f"speedup_vs_less={speedup:.2f} overhead_vs_fwd_bwd={t_engine / t_floor:.3f}")
 

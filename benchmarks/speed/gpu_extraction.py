@@ -23,24 +23,25 @@ coordinates). One JSON line per measurement; the last line is
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import argparse
 import importlib.util
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import SHAPES, build_model, instruction_lengths, random_pool  # noqa: E402
 
-from rose_trl.stores.extraction import extract_gradients, plan_batches
+from rose_trl.data.sft import collate
 from rose_trl.gradients.capture import AdamState, per_example_gradients, trainable_parameters
 from rose_trl.gradients.projection import SparseJLProjector, build_projector
-from rose_trl.data.sft import collate
+from rose_trl.stores.extraction import extract_gradients, plan_batches
 from rose_trl.stores.store import GradientStore
 
 
@@ -71,10 +72,26 @@ def floor(model, pool, batches, device):
 
 
 def engine(model, pool, projector, adam, batch_size, max_batch_tokens, store_dir):
-    store = GradientStore.open_or_create(store_dir, model="bench", checkpoint="c", projection=projector.describe(),
-                                         gradient_type="adam", pool_fingerprint="bench", num_rows=len(pool))
-    extract_gradients(model, pool, store, projector, 0, adam_state=adam, batch_size=batch_size,
-                      max_batch_tokens=max_batch_tokens, progress=False)
+    store = GradientStore.open_or_create(
+        store_dir,
+        model="bench",
+        checkpoint="c",
+        projection=projector.describe(),
+        gradient_type="adam",
+        pool_fingerprint="bench",
+        num_rows=len(pool),
+    )
+    extract_gradients(
+        model,
+        pool,
+        store,
+        projector,
+        0,
+        adam_state=adam,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        progress=False,
+    )
     return store
 
 
@@ -83,8 +100,9 @@ def less_projector(n, dim, device):
     if device.type == "cuda" and importlib.util.find_spec("fast_jl") is not None:
         from trak.projectors import CudaProjector, ProjectionType
 
-        impl = CudaProjector(grad_dim=n, proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher, device=device,
-                             max_batch_size=16)
+        impl = CudaProjector(
+            grad_dim=n, proj_dim=dim, seed=0, proj_type=ProjectionType.rademacher, device=device, max_batch_size=16
+        )
         return "trak CudaProjector (fast_jl)", lambda rows: impl.project(rows, model_id=0)
     sjlt = SparseJLProjector(n, dim, seed=0)
     return "sjlt (fast_jl not installed)", lambda rows: sjlt.project(rows)
@@ -173,11 +191,20 @@ def projector_checks(model, pool, device, dim, check_params, seeds, log):
         x = train[:16]
         once, twice = project_rows(projector, x), project_rows(projector, x)
         scaled = project_rows(projector, x * 1e4)
-        log({"check": "projector", "projection": kind, "implementation": projector.implementation,
-             "input_dim": int(train.shape[1]), "dim": dim, "deterministic": bool(torch.equal(once, twice)),
-             "scale_rel_error": float(((scaled - 1e4 * once).norm() / (1e4 * once).norm()).item()),
-             "spearman_vs_exact_mean": round(float(np.mean(quality)), 4),
-             "spearman_vs_exact_min": round(float(np.min(quality)), 4), "seeds": seeds})
+        log(
+            {
+                "check": "projector",
+                "projection": kind,
+                "implementation": projector.implementation,
+                "input_dim": int(train.shape[1]),
+                "dim": dim,
+                "deterministic": bool(torch.equal(once, twice)),
+                "scale_rel_error": float(((scaled - 1e4 * once).norm() / (1e4 * once).norm()).item()),
+                "spearman_vs_exact_mean": round(float(np.mean(quality)), 4),
+                "spearman_vs_exact_min": round(float(np.min(quality)), 4),
+                "seeds": seeds,
+            }
+        )
     if "trak_cuda" not in kinds:
         log({"check": "projector", "projection": "trak_cuda", "skipped": "needs a CUDA device and fast_jl"})
 
@@ -193,8 +220,12 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=None, help="projection dims (default 8192; tiny 512)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per pass at most")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="default 16384 (tiny 512)")
-    p.add_argument("--check-params", type=int, default=None, help="gradient coordinates for the projector checks "
-                                                                  "(default 2^22; tiny: all)")
+    p.add_argument(
+        "--check-params",
+        type=int,
+        default=None,
+        help="gradient coordinates for the projector checks (default 2^22; tiny: all)",
+    )
     p.add_argument("--check-seeds", type=int, default=5)
     p.add_argument("--attn", default="sdpa")
     args = p.parse_args(argv)
@@ -218,13 +249,27 @@ def main(argv=None):
     model = build_model(shape, lora_r=lora_r, dtype=dtype, device=str(device), attn=args.attn)
     n = sum(p.numel() for _, p in trainable_parameters(model))
     g = torch.Generator().manual_seed(1)
-    adam = AdamState(torch.randn(n, generator=g) * 1e-4, torch.rand(n, generator=g) * 1e-8, 0.9, 0.999, 1e-8).to(device)
+    adam = AdamState(torch.randn(n, generator=g) * 1e-4, torch.rand(n, generator=g) * 1e-8, 0.9, 0.999, 1e-8).to(
+        device
+    )
     projector = build_projector("sjlt", n, dim, seed=0, device=device)
-    lengths = instruction_lengths(examples, low=8 if tiny else 64, high=64 if tiny else 2048, median=24 if tiny else 400)
+    lengths = instruction_lengths(
+        examples, low=8 if tiny else 64, high=64 if tiny else 2048, median=24 if tiny else 400
+    )
     pool = random_pool(lengths, vocab)
-    log({"model": shape, "dtype": str(dtype), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-         "lora_params": n, "examples": examples, "tokens": int(lengths.sum()), "median_length": float(np.median(lengths)),
-         "weights_gb": peak_gb(device), "projection": projector.implementation})
+    log(
+        {
+            "model": shape,
+            "dtype": str(dtype),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "lora_params": n,
+            "examples": examples,
+            "tokens": int(lengths.sum()),
+            "median_length": float(np.median(lengths)),
+            "weights_gb": peak_gb(device),
+            "projection": projector.implementation,
+        }
+    )
 
     batches = plan_batches(lengths, np.arange(len(pool)), args.batch_size, max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,19 +277,45 @@ def main(argv=None):
         floor(model, pool, batches[-1:], device)
         engine(model, pool[:2], projector, adam, args.batch_size, max_tokens, f"{tmp}/warm")
         t_floor, _ = timed(device, floor, model, pool, batches, device)
-        log({"path": "(c) floor", "ms_per_example": round(1000 * t_floor / examples, 2), "peak_gb": peak_gb(device),
-             "passes": len(batches)})
+        log(
+            {
+                "path": "(c) floor",
+                "ms_per_example": round(1000 * t_floor / examples, 2),
+                "peak_gb": peak_gb(device),
+                "passes": len(batches),
+            }
+        )
         t_engine, _ = timed(device, engine, model, pool, projector, adam, args.batch_size, max_tokens, f"{tmp}/store")
-        log({"path": "(b) engine", "ms_per_example": round(1000 * t_engine / examples, 2), "peak_gb": peak_gb(device),
-             "max_batch_tokens": max_tokens})
+        log(
+            {
+                "path": "(b) engine",
+                "ms_per_example": round(1000 * t_engine / examples, 2),
+                "peak_gb": peak_gb(device),
+                "max_batch_tokens": max_tokens,
+            }
+        )
     label, project = less_projector(n, dim, device)
     less_style(model, pool[:1], adam, project, device)
     t_less, _ = timed(device, less_style, model, pool[:less_examples], adam, project, device)
-    log({"path": "(a) LESS-style", "projector": label, "ms_per_example": round(1000 * t_less / less_examples, 2),
-         "peak_gb": peak_gb(device), "examples": less_examples})
-    for length in ([32, 64] if tiny else [512, 2048]):
-        log({"check": "largest rows per pass", "tokens": length,
-             "rows": largest_rows_that_fit(model, projector, adam, vocab, length, device, limit=16 if tiny else 256)})
+    log(
+        {
+            "path": "(a) LESS-style",
+            "projector": label,
+            "ms_per_example": round(1000 * t_less / less_examples, 2),
+            "peak_gb": peak_gb(device),
+            "examples": less_examples,
+        }
+    )
+    for length in [32, 64] if tiny else [512, 2048]:
+        log(
+            {
+                "check": "largest rows per pass",
+                "tokens": length,
+                "rows": largest_rows_that_fit(
+                    model, projector, adam, vocab, length, device, limit=16 if tiny else 256
+                ),
+            }
+        )
     projector_checks(model, pool, device, dim, check_params or n, args.check_seeds, log)
     b_over_c = t_engine / t_floor
     a_over_b = (t_less / less_examples) / (t_engine / examples)

@@ -35,9 +35,16 @@ def store_dirs(root: Path, checkpoints: int) -> list[Path]:
 def fill(root: Path, n: int, dim: int, checkpoints: int, dtype: str, seed: int = 0) -> list[Path]:
     rng = np.random.default_rng(seed)
     for path in store_dirs(root, checkpoints):
-        store = GradientStore.open_or_create(path, model="bench", checkpoint=path.name,
-                                             projection={"type": "random", "dim": dim}, gradient_type="adam",
-                                             pool_fingerprint=f"bench-{n}", num_rows=n, dtype=dtype)
+        store = GradientStore.open_or_create(
+            path,
+            model="bench",
+            checkpoint=path.name,
+            projection={"type": "random", "dim": dim},
+            gradient_type="adam",
+            pool_fingerprint=f"bench-{n}",
+            num_rows=n,
+            dtype=dtype,
+        )
         for start in range(0, n, 8192):
             rows = np.arange(start, min(start + 8192, n))
             store.write(rows, rng.standard_normal((len(rows), dim), dtype=np.float32))
@@ -76,13 +83,24 @@ def score_child(root: Path, checkpoints: int, via_mmap: bool = False) -> None:
     ckpts = []
     for i, s in enumerate(stores):
         targets = rng.standard_normal((2, s.dim)).astype(np.float32)
-        ckpts.append(CheckpointGradients(s.path.name, s, targets / np.linalg.norm(targets, axis=1, keepdims=True),
-                                         1.0 / (i + 1)))
+        ckpts.append(
+            CheckpointGradients(
+                s.path.name, s, targets / np.linalg.norm(targets, axis=1, keepdims=True), 1.0 / (i + 1)
+            )
+        )
     start = time.perf_counter()
     table = score_checkpoints(ckpts, ["a", "b"])
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_kib() / 1024, "rows": len(table["score"]),
-                      "checksum": float(np.sum(table["score"]))}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_rss_mb": peak_rss_kib() / 1024,
+                "rows": len(table["score"]),
+                "checksum": float(np.sum(table["score"])),
+            }
+        )
+    )
 
 
 def peak_rss_kib() -> int:
@@ -99,9 +117,13 @@ def peak_rss_kib() -> int:
 
 
 def score_in_subprocess(root: Path, checkpoints: int, via_mmap: bool = False) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(root), "--checkpoints", str(checkpoints)]
-                         + (["--via-mmap"] if via_mmap else []),
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(root), "--checkpoints", str(checkpoints)]
+        + (["--via-mmap"] if via_mmap else []),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -120,9 +142,13 @@ def main() -> None:
 
     base = Path(args.dir or f"/tmp/rose-scoring-bench-{os.getpid()}")
     peaks = []
-    print(f"dim={args.dim} checkpoints={args.checkpoints} dtype={args.dtype} cpus={os.cpu_count()}"
-          + (" reader=mmap slices (previous)" if args.via_mmap else ""))
-    print("| pool | store GB | cat cold GB/s | score cold s (GB/s) | cat warm GB/s | score warm s (GB/s) | peak RSS MB |")
+    print(
+        f"dim={args.dim} checkpoints={args.checkpoints} dtype={args.dtype} cpus={os.cpu_count()}"
+        + (" reader=mmap slices (previous)" if args.via_mmap else "")
+    )
+    print(
+        "| pool | store GB | cat cold GB/s | score cold s (GB/s) | cat warm GB/s | score warm s (GB/s) | peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|")
     try:
         for n in args.sizes:
@@ -137,9 +163,11 @@ def main() -> None:
             cat_warm = cat_seconds(files)
             warm = score_in_subprocess(root, args.checkpoints, args.via_mmap)
             peaks.append(max(cold["peak_rss_mb"], warm["peak_rss_mb"]))
-            print(f"| {n:,} | {gb:.2f} | {gb / cat_cold:.2f} | {cold['seconds']:.1f} ({gb / cold['seconds']:.2f}) | "
-                  f"{gb / cat_warm:.2f} | {warm['seconds']:.1f} ({gb / warm['seconds']:.2f}) | {peaks[-1]:.0f} |",
-                  flush=True)
+            print(
+                f"| {n:,} | {gb:.2f} | {gb / cat_cold:.2f} | {cold['seconds']:.1f} ({gb / cold['seconds']:.2f}) | "
+                f"{gb / cat_warm:.2f} | {warm['seconds']:.1f} ({gb / warm['seconds']:.2f}) | {peaks[-1]:.0f} |",
+                flush=True,
+            )
             shutil.rmtree(root)
     finally:
         if args.dir is None:

@@ -43,7 +43,9 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
     model.eval()
     validation = load_preferences(args.pairs)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -51,18 +53,23 @@ def main():
     adapters = []
     g = torch.Generator().manual_seed(1)
     for _ in range(args.checkpoints):  # the adapter of each "checkpoint"
-        adapters.append({name: torch.randn(p.shape, generator=g) * 0.02 for name, p in model.named_parameters()
-                         if p.requires_grad})
-    print(f"{len(validation)} pairs, {args.checkpoints} checkpoints, {args.pairs_per_pass} pair(s) a pass, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+        adapters.append(
+            {name: torch.randn(p.shape, generator=g) * 0.02 for name, p in model.named_parameters() if p.requires_grad}
+        )
+    print(
+        f"{len(validation)} pairs, {args.checkpoints} checkpoints, {args.pairs_per_pass} pair(s) a pass, "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
 
     def run(reuse: bool) -> tuple[list[float], list[np.ndarray]]:
         real = ROSEDPOTrainer.pair_gradients
         ROSEDPOTrainer.pair_gradients = lambda self, f, reuse_reference=True: real(self, f, reuse_reference=reuse)
         try:
             config = ROSEConfig(validation_batch_size=args.pairs_per_pass)
-            stores = ValidationGradients(validation, tokenizer, config, Path(tempfile.mkdtemp()) / "rose", "fp",
-                                         args.max_length, use_cpu=True)
+            stores = ValidationGradients(
+                validation, tokenizer, config, Path(tempfile.mkdtemp()) / "rose", "fp", args.max_length, use_cpu=True
+            )
             identity = dict(model="m", projection=featurizer.projector.describe(), dtype="float32")
             times, rows = [], []
             for i, adapter in enumerate(adapters):
@@ -85,10 +92,15 @@ def main():
         before.append(t_before)
         after.append(t_after)
         diff = max(float(np.abs(a - b).max()) for a, b in zip(rows_before, rows_after))
-        print(f"repeat {repeat}: before {' '.join(f'{t:.1f}' for t in t_before)} s, "
-              f"after {' '.join(f'{t:.1f}' for t in t_after)} s (per checkpoint), max |diff| {diff:.3g}", flush=True)
+        print(
+            f"repeat {repeat}: before {' '.join(f'{t:.1f}' for t in t_before)} s, "
+            f"after {' '.join(f'{t:.1f}' for t in t_after)} s (per checkpoint), max |diff| {diff:.3g}",
+            flush=True,
+        )
     b, a = np.median(np.mean(before, axis=1)), np.median(np.mean(after, axis=1))
-    print(f"before_s_per_checkpoint={b:.2f} after_s_per_checkpoint={a:.2f} speedup={b / a:.3f} max_abs_diff={diff:.3g}")
+    print(
+        f"before_s_per_checkpoint={b:.2f} after_s_per_checkpoint={a:.2f} speedup={b / a:.3f} max_abs_diff={diff:.3g}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from rose_trl.baselines.rds import RDSOptions, mean_hidden_states, rds_scores
 from rose_trl.baselines.simple import full_scores, random_scores
 from rose_trl.baselines.text import pool_text, pool_texts, subtask_groups, validation_texts
 
+
 BASELINES = {
     "random": random_scores,
     "bm25": bm25_scores,
@@ -17,7 +18,19 @@ BASELINES = {
 }
 
 __all__ = [
-    "BASELINES", "BM25Options", "DSIROptions", "RDSOptions", "bm25_scores", "dsir_scores", "full_scores",
-    "hashed_ngram_features", "mean_hidden_states", "pool_text", "pool_texts", "random_scores", "rds_scores",
-    "subtask_groups", "validation_texts",
+    "BASELINES",
+    "BM25Options",
+    "DSIROptions",
+    "RDSOptions",
+    "bm25_scores",
+    "dsir_scores",
+    "full_scores",
+    "hashed_ngram_features",
+    "mean_hidden_states",
+    "pool_text",
+    "pool_texts",
+    "random_scores",
+    "rds_scores",
+    "subtask_groups",
+    "validation_texts",
 ]

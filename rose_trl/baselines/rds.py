@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rose_trl.utils.modeling import eval_mode
 from rose_trl.baselines.text import max_over_subtasks, pool_texts, subtask_groups, validation_texts
+from rose_trl.utils.modeling import eval_mode
 
 
 @dataclass
@@ -22,14 +22,18 @@ class RDSOptions:
 def mean_hidden_states(model, tokenizer, texts: list[str], batch_size: int = 16, max_length: int = 1024) -> np.ndarray:
     """(len(texts), hidden) unit-norm mean of the last layer's states over each text's real tokens."""
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer needs a pad token to batch texts (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+        raise ValueError(
+            "the tokenizer needs a pad token to batch texts (e.g. tokenizer.pad_token = tokenizer.eos_token)"
+        )
     device = next(model.parameters()).device
     order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths together: less padding
     out = [None] * len(texts)
     with eval_mode(model):
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            enc = tokenizer(
+                [texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+            )
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)

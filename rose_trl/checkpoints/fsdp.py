@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from rose_trl.gradients.capture import adam_hyperparameters
 
+
 FSDP_OPTIMIZER_FILE = "optimizer.bin"  # FULL_STATE_DICT
 FSDP_OPTIMIZER_DIR = "optimizer_0"  # SHARDED_STATE_DICT (DCP)
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # SHARDED_STATE_DICT (DCP)
@@ -57,7 +58,8 @@ class _MetadataUnpickler(pickle.Unpickler):
                 if isinstance(found, type) and found.__module__ == module:
                     return found
             elif (module, name) in _DCP_METADATA_TYPES or (
-                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            ):
                 return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata type")
 
@@ -85,8 +87,10 @@ class _SafeReader(dcp.FileSystemReader):
             with open(path, "rb") as f:
                 return _MetadataUnpickler(f).load()
         except Exception as e:  # a disallowed global, or a damaged file
-            raise FSDPCheckpointError(f"{path} cannot be read as DCP metadata; objects outside DCP's own record "
-                                      f"types are refused rather than run as code ({e})") from e
+            raise FSDPCheckpointError(
+                f"{path} cannot be read as DCP metadata; objects outside DCP's own record "
+                f"types are refused rather than run as code ({e})"
+            ) from e
 
 
 class _SafePlanner(DefaultLoadPlanner):
@@ -113,8 +117,10 @@ def _dcp_load(reader: _SafeReader, state_dict: dict) -> None:
         cause = next(iter(getattr(e, "failures", {}).values()), (e,))[0]  # per rank: (exception, traceback)
         lines = str(cause).strip().splitlines() or [type(cause).__name__]
         reason = next((line.strip() for line in lines if re.search(r"error:", line, re.I)), lines[0])
-        raise FSDPCheckpointError(f"{reader.path} cannot be read: a damaged shard, or a value outside the plain "
-                                  f"types weights_only allows ({reason[:300]})") from e
+        raise FSDPCheckpointError(
+            f"{reader.path} cannot be read: a damaged shard, or a value outside the plain "
+            f"types weights_only allows ({reason[:300]})"
+        ) from e
     state_dict.update(planner.plain)
 
 
@@ -132,11 +138,15 @@ def read_fsdp_adam_moments(checkpoint: Path) -> tuple[dict[str, torch.Tensor], d
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise FSDPCheckpointError(f"{path} cannot be read as an optimizer state dict ({str(e).strip()[:200]})") from e
+            raise FSDPCheckpointError(
+                f"{path} cannot be read as an optimizer state dict ({str(e).strip()[:200]})"
+            ) from e
         state, groups = sd["state"], sd["param_groups"]
         if any(not isinstance(n, str) for n in state):
-            raise FSDPCheckpointError(f"{path} keys its state by parameter index, not name: not an FSDP2 optimizer "
-                                      "state (a plain Trainer saves optimizer.pt)")
+            raise FSDPCheckpointError(
+                f"{path} keys its state by parameter index, not name: not an FSDP2 optimizer "
+                "state (a plain Trainer saves optimizer.pt)"
+            )
     else:
         state, groups = _read_dcp_optimizer(checkpoint / FSDP_OPTIMIZER_DIR)
     m = {n: s["exp_avg"] for n, s in state.items() if "exp_avg" in s}
@@ -153,15 +163,17 @@ def _read_dcp_optimizer(folder: Path) -> tuple[dict, list[dict]]:
     moments = [k for k in keys if k.startswith("optimizer.state.") and k.endswith((".exp_avg", ".exp_avg_sq"))]
     hyper = [k for k in keys if k.startswith("optimizer.param_groups.") and k.endswith((".betas", ".eps"))]
     if not moments or not hyper:
-        raise FSDPCheckpointError(f"{folder}: no Adam exp_avg/exp_avg_sq and betas/eps (not an Adam/AdamW state, or "
-                                  "saved before the first step)")
+        raise FSDPCheckpointError(
+            f"{folder}: no Adam exp_avg/exp_avg_sq and betas/eps (not an Adam/AdamW state, or "
+            "saved before the first step)"
+        )
     sd = {**_tensors_like(reader, moments), **{k: None for k in hyper}}
     _dcp_load(reader, sd)
     state, groups = {}, {}
     for key, value in sd.items():
         owner, field = key.rsplit(".", 1)
         if key.startswith("optimizer.state."):
-            state.setdefault(owner[len("optimizer.state."):], {})[field] = value
+            state.setdefault(owner[len("optimizer.state.") :], {})[field] = value
         else:
             groups.setdefault(owner, {})[field] = value
     return state, list(groups.values())
@@ -176,11 +188,15 @@ def read_fsdp_adapter(checkpoint: Path, expected: dict[str, torch.Tensor]) -> di
     for name, t in expected.items():
         entry = stored.get(f"model.{name}")
         if entry is None or not hasattr(entry, "size"):
-            raise FSDPCheckpointError(f"{folder} holds no adapter weight '{name}': was it saved for this LoRA config "
-                                      f"(and with adapter_only, as the Trainer does)?")
+            raise FSDPCheckpointError(
+                f"{folder} holds no adapter weight '{name}': was it saved for this LoRA config "
+                f"(and with adapter_only, as the Trainer does)?"
+            )
         if tuple(entry.size) != tuple(t.shape):
-            raise FSDPCheckpointError(f"{folder}: '{name}' has shape {tuple(entry.size)}, the model's LoRA weight "
-                                      f"{tuple(t.shape)}: the checkpoint was written for a different adapter")
+            raise FSDPCheckpointError(
+                f"{folder}: '{name}' has shape {tuple(entry.size)}, the model's LoRA weight "
+                f"{tuple(t.shape)}: the checkpoint was written for a different adapter"
+            )
     sd = _tensors_like(reader, [f"model.{n}" for n in expected])
     _dcp_load(reader, sd)
-    return {k[len("model."):]: t for k, t in sd.items()}
+    return {k[len("model.") :]: t for k, t in sd.items()}

@@ -34,6 +34,7 @@ import torch
 
 from rose_trl.utils.files import checkpoint_step
 
+
 SCHEDULER_FILE = "scheduler.pt"
 TRAINING_ARGS_FILE = "training_args.bin"
 FITTED_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -127,16 +128,23 @@ def read_warmup_record(checkpoints: list[Path]) -> WarmupRecord:
         if state_path.exists():
             state = json.loads(state_path.read_text())
             record.max_steps = state.get("max_steps", record.max_steps)
-            record.logged.update({int(e["step"]): float(e["learning_rate"]) for e in state.get("log_history", [])
-                                  if "learning_rate" in e and "step" in e})
+            record.logged.update(
+                {
+                    int(e["step"]): float(e["learning_rate"])
+                    for e in state.get("log_history", [])
+                    if "learning_rate" in e and "step" in e
+                }
+            )
         path = ckpt / SCHEDULER_FILE
         if path.exists():
             try:
                 # weights_only: a scheduler file is untrusted input and must not run code when read.
                 scheduler = torch.load(path, map_location="cpu", weights_only=True)
-                record.schedulers[ckpt.name] = {"base_lrs": [float(x) for x in scheduler["base_lrs"]],
-                                                "last_epoch": int(scheduler["last_epoch"]),
-                                                "_last_lr": [float(x) for x in scheduler["_last_lr"]]}
+                record.schedulers[ckpt.name] = {
+                    "base_lrs": [float(x) for x in scheduler["base_lrs"]],
+                    "last_epoch": int(scheduler["last_epoch"]),
+                    "_last_lr": [float(x) for x in scheduler["_last_lr"]],
+                }
             except Exception as e:  # not a LambdaLR state, or refused by weights_only
                 record.unreadable.append(f"{ckpt.name}/{SCHEDULER_FILE} ({type(e).__name__}: {str(e)[:120]})")
         else:
@@ -178,11 +186,18 @@ def _lr_lambda(schedule: Schedule, max_steps: int):
     from transformers import get_scheduler
 
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    scheduler = get_scheduler(schedule.name, optimizer=dummy, num_warmup_steps=schedule.warmup_steps,
-                              num_training_steps=max_steps, scheduler_specific_kwargs=dict(schedule.kwargs))
+    scheduler = get_scheduler(
+        schedule.name,
+        optimizer=dummy,
+        num_warmup_steps=schedule.warmup_steps,
+        num_training_steps=max_steps,
+        scheduler_specific_kwargs=dict(schedule.kwargs),
+    )
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        raise ScheduleError(f"lr_scheduler_type {schedule.name!r} is not a fixed schedule (LambdaLR); its learning "
-                            "rates depend on the training run")
+        raise ScheduleError(
+            f"lr_scheduler_type {schedule.name!r} is not a fixed schedule (LambdaLR); its learning "
+            "rates depend on the training run"
+        )
     return scheduler.lr_lambdas[0]
 
 
@@ -208,8 +223,10 @@ def _misfit(lr_after, record: WarmupRecord) -> str | None:
         if state is None:
             continue
         if state["last_epoch"] != step:
-            return (f"{name}'s scheduler took {state['last_epoch']} steps in {step} optimizer steps (skipped steps "
-                    "cannot be replayed)")
+            return (
+                f"{name}'s scheduler took {state['last_epoch']} steps in {step} optimizer steps (skipped steps "
+                "cannot be replayed)"
+            )
         if not _close(state["_last_lr"][0], lr_after(step)):
             return f"{name}/scheduler.pt gives {state['_last_lr'][0]!r} for step {step + 1}, the schedule {lr_after(step)!r}"
     for step, lr in sorted(record.logged.items()):
@@ -221,8 +238,12 @@ def _misfit(lr_after, record: WarmupRecord) -> str | None:
 def _candidates(record: WarmupRecord) -> list[Schedule]:
     if record.args is None:
         # Fit: every standard schedule with every warm-up length (constant has none).
-        return [Schedule(name, w) for name in FITTED_SCHEDULES for w in range(record.max_steps + 1)
-                if name != "constant" or w == 0]
+        return [
+            Schedule(name, w)
+            for name in FITTED_SCHEDULES
+            for w in range(record.max_steps + 1)
+            if name != "constant" or w == 0
+        ]
     from transformers import TrainingArguments
 
     args = record.args
@@ -252,8 +273,10 @@ def recover_learning_rates(record: WarmupRecord) -> tuple[list[float], Schedule]
     if record.max_steps is None:
         raise ScheduleError("trainer_state.json is missing (max_steps unknown)")
     if not record.schedulers and not record.logged:
-        raise ScheduleError("there is nothing to check a schedule against: no readable scheduler.pt and no "
-                            f"logged learning rate (unreadable: {'; '.join(record.unreadable)})")
+        raise ScheduleError(
+            "there is nothing to check a schedule against: no readable scheduler.pt and no "
+            f"logged learning rate (unreadable: {'; '.join(record.unreadable)})"
+        )
     base = _base_lr(record)
     fitting, reasons = [], []
     for schedule in _candidates(record):
@@ -275,10 +298,16 @@ def recover_learning_rates(record: WarmupRecord) -> tuple[list[float], Schedule]
             means.append(float(np.mean([lr_after(t - 1) for t in range(previous + 1, step + 1)])))
             previous = step
         if fitting and not all(_close(a, b) for a, b in zip(fitting[0][1], means)):
-            raise ScheduleError(f"both {fitting[0][0].describe()} and {schedule.describe()} reproduce every observation "
-                                f"but give different means ({fitting[0][1]} vs {means})")
+            raise ScheduleError(
+                f"both {fitting[0][0].describe()} and {schedule.describe()} reproduce every observation "
+                f"but give different means ({fitting[0][1]} vs {means})"
+            )
         fitting.append((schedule, means))
     if not fitting:
-        shown = reasons if record.args is not None else reasons[:1] + [f"... and {len(reasons) - 1} other fitted schedules"]
+        shown = (
+            reasons
+            if record.args is not None
+            else reasons[:1] + [f"... and {len(reasons) - 1} other fitted schedules"]
+        )
         raise ScheduleError("no schedule reproduces the saved learning rates: " + "; ".join(shown))
     return fitting[0][1], fitting[0][0]

@@ -43,8 +43,10 @@ def _load_deepspeed_file(path, what: str) -> dict:
         with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises an UnpicklingError for a disallowed object, others for a damaged file
-        raise ZeroCheckpointError(f"{path} cannot be read as a ZeRO {what}; objects outside the allowed "
-                                  f"DeepSpeed types are refused rather than run as code ({str(e).strip().splitlines()[-1][:200]})") from e
+        raise ZeroCheckpointError(
+            f"{path} cannot be read as a ZeRO {what}; objects outside the allowed "
+            f"DeepSpeed types are refused rather than run as code ({str(e).strip().splitlines()[-1][:200]})"
+        ) from e
 
 
 def _model_states(ds_dir: str) -> list:
@@ -57,11 +59,19 @@ def _model_states(ds_dir: str) -> list:
         sd = _load_deepspeed_file(path, "model-state file")
         if "buffer_names" not in sd or "param_shapes" not in sd:
             raise ZeroCheckpointError(f"{path} is not a ZeRO model-state file (no buffer_names/param_shapes)")
-        buffers = {k: v.float() if v.is_floating_point() else v for k, v in sd["module"].items() if k in sd["buffer_names"]}
-        states.append(z.zero_model_state(buffers=buffers, param_shapes=sd["param_shapes"],
-                                         shared_params=[[k, v] for k, v in sd["shared_params"].items()],
-                                         ds_version=sd.get("ds_version"), frozen_param_shapes=sd.get("frozen_param_shapes"),
-                                         frozen_param_fragments=sd.get("frozen_param_fragments")))
+        buffers = {
+            k: v.float() if v.is_floating_point() else v for k, v in sd["module"].items() if k in sd["buffer_names"]
+        }
+        states.append(
+            z.zero_model_state(
+                buffers=buffers,
+                param_shapes=sd["param_shapes"],
+                shared_params=[[k, v] for k, v in sd["shared_params"].items()],
+                ds_version=sd.get("ds_version"),
+                frozen_param_shapes=sd.get("frozen_param_shapes"),
+                frozen_param_fragments=sd.get("frozen_param_fragments"),
+            )
+        )
     return states
 
 
@@ -91,13 +101,17 @@ def read_zero_adam_moments(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor],
         try:
             flat = [[sd["state"][g][key] for g in range(groups)] for sd in inner]
         except KeyError as e:
-            raise ZeroCheckpointError(f"{ds_dir}: no {key} in the ZeRO optimizer state (not Adam/AdamW, or saved "
-                                      "before the first step)") from e
+            raise ZeroCheckpointError(
+                f"{ds_dir}: no {key} in the ZeRO optimizer state (not Adam/AdamW, or saved before the first step)"
+            ) from e
         if stage <= 2:
             # The fp32 partitions are saved without the last rank's alignment padding; strip it from m and v alike.
-            flat = [[t[: t.numel() - pad] for t, pad in zip(ranks, s["group_paddings"])] for ranks, s in zip(flat, states)]
-            merged = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat, model_states, True,
-                                                                   states[0].get("param_alignment_paddings"))
+            flat = [
+                [t[: t.numel() - pad] for t, pad in zip(ranks, s["group_paddings"])] for ranks, s in zip(flat, states)
+            ]
+            merged = z._get_fp32_state_dict_from_zero2_checkpoint(
+                world, flat, model_states, True, states[0].get("param_alignment_paddings")
+            )
         else:
             merged = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat, model_states, True)
         moments.append({n: t for n, t in z.to_torch_tensor(merged).items() if n in trainable})

@@ -11,6 +11,7 @@ from rose_trl.data.released import (
 )
 from rose_trl.data.synthetic import RejectedSamplingConfig, generate_response, sft_to_preferences
 
+
 __all__ = [
     "PREFERENCE_TASKS",
     "RejectedSamplingConfig",

@@ -22,24 +22,45 @@ e.g. the released test prompts) are never drawn.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
 
 import datasets
 import numpy as np
 
+
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
 
 SHP_SUBREDDITS = (
-    "askacademia", "askanthropology", "askbaking", "askcarguys", "askculinary", "askdocs", "askengineers",
-    "askhistorians", "askhr", "askphilosophy", "askphysics", "askscience", "asksciencefiction",
-    "asksocialscience", "askvet", "changemyview", "explainlikeimfive", "legaladvice",
+    "askacademia",
+    "askanthropology",
+    "askbaking",
+    "askcarguys",
+    "askculinary",
+    "askdocs",
+    "askengineers",
+    "askhistorians",
+    "askhr",
+    "askphilosophy",
+    "askphysics",
+    "askscience",
+    "asksciencefiction",
+    "asksocialscience",
+    "askvet",
+    "changemyview",
+    "explainlikeimfive",
+    "legaladvice",
 )
 SE_SITES = {
-    "academia": "academia.stackexchange.com", "apple": "apple.stackexchange.com", "askubuntu": "askubuntu.com",
-    "english": "english.stackexchange.com", "gaming": "gaming.stackexchange.com",
-    "physics": "physics.stackexchange.com", "security": "security.stackexchange.com",
-    "sharepoint": "sharepoint.stackexchange.com", "softwareengineering": "softwareengineering.stackexchange.com",
+    "academia": "academia.stackexchange.com",
+    "apple": "apple.stackexchange.com",
+    "askubuntu": "askubuntu.com",
+    "english": "english.stackexchange.com",
+    "gaming": "gaming.stackexchange.com",
+    "physics": "physics.stackexchange.com",
+    "security": "security.stackexchange.com",
+    "sharepoint": "sharepoint.stackexchange.com",
+    "softwareengineering": "softwareengineering.stackexchange.com",
     "workplace": "workplace.stackexchange.com",
 }
 HH_SUBTASKS = ("harmless-base", "red-team-attempts")
@@ -54,7 +75,7 @@ def split_dialogue(text: str) -> tuple[str, str] | None:
     cut = text.rfind(ASSISTANT)
     if cut < 0:
         return None
-    return text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]
+    return text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT) :]
 
 
 def _norm(text: str) -> str:
@@ -65,8 +86,13 @@ def _take(candidates: Iterator[dict], k: int, banned: set[str], task: str, subta
     rows, seen = [], set()
     for row in candidates:
         key = row["prompt"].strip()
-        if key in banned or key in seen or row["chosen"] == row["rejected"] \
-                or not row["chosen"].strip() or not row["rejected"].strip():
+        if (
+            key in banned
+            or key in seen
+            or row["chosen"] == row["rejected"]
+            or not row["chosen"].strip()
+            or not row["rejected"].strip()
+        ):
             continue
         seen.add(key)
         rows.append({**row, "subtask": subtask})
@@ -79,7 +105,11 @@ def _shp_candidates(ds: datasets.Dataset, rng: np.random.Generator, min_score_ra
     cols = ds.select_columns(["post_id", "history", "human_ref_A", "human_ref_B", "labels", "score_ratio"]).to_dict()
     best: dict[str, int] = {}
     for i, (post, ratio) in enumerate(zip(cols["post_id"], cols["score_ratio"])):
-        if ratio is not None and ratio >= min_score_ratio and (post not in best or ratio > cols["score_ratio"][best[post]]):
+        if (
+            ratio is not None
+            and ratio >= min_score_ratio
+            and (post not in best or ratio > cols["score_ratio"][best[post]])
+        ):
             best[post] = i
     posts = sorted(best)
     for j in rng.permutation(len(posts)):
@@ -89,9 +119,17 @@ def _shp_candidates(ds: datasets.Dataset, rng: np.random.Generator, min_score_ra
         yield {"prompt": hh_prompt(cols["history"][i]), "chosen": " " + win, "rejected": " " + lose}
 
 
-def build_shp(*, k: int = 5, seed: int = 0, exclude_prompts: Iterable[str] | None = None,
-              subtasks: Sequence[str] | None = None, split: str = "train", min_score_ratio: float = 3.0,
-              dataset: str = "stanfordnlp/SHP", **load_kwargs) -> datasets.Dataset:
+def build_shp(
+    *,
+    k: int = 5,
+    seed: int = 0,
+    exclude_prompts: Iterable[str] | None = None,
+    subtasks: Sequence[str] | None = None,
+    split: str = "train",
+    min_score_ratio: float = 3.0,
+    dataset: str = "stanfordnlp/SHP",
+    **load_kwargs,
+) -> datasets.Dataset:
     banned = {p.strip() for p in exclude_prompts or ()}
     rows = []
     for pos, sub in enumerate(SHP_SUBREDDITS):
@@ -120,9 +158,16 @@ def _se_candidates(ds: datasets.Dataset, host: str, rng: np.random.Generator) ->
         yield {"prompt": hh_prompt(row["question"]), "chosen": " " + best["text"], "rejected": " " + worse["text"]}
 
 
-def build_se(*, k: int = 2, seed: int = 0, exclude_prompts: Iterable[str] | None = None,
-             subtasks: Sequence[str] | None = None, split: str = "train",
-             dataset: str = "HuggingFaceH4/stack-exchange-preferences", **load_kwargs) -> datasets.Dataset:
+def build_se(
+    *,
+    k: int = 2,
+    seed: int = 0,
+    exclude_prompts: Iterable[str] | None = None,
+    subtasks: Sequence[str] | None = None,
+    split: str = "train",
+    dataset: str = "HuggingFaceH4/stack-exchange-preferences",
+    **load_kwargs,
+) -> datasets.Dataset:
     banned = {p.strip() for p in exclude_prompts or ()}
     rows = []
     for pos, (site, host) in enumerate(SE_SITES.items()):
@@ -150,9 +195,16 @@ def _first_turn(text: str) -> str:
     return _norm(body.split("Assistant:", 1)[0])
 
 
-def build_hh(*, k: int = 1, seed: int = 0, exclude_prompts: Iterable[str] | None = None,
-             subtasks: Sequence[str] | None = None, split: str = "train", dataset: str = "Anthropic/hh-rlhf",
-             **load_kwargs) -> datasets.Dataset:
+def build_hh(
+    *,
+    k: int = 1,
+    seed: int = 0,
+    exclude_prompts: Iterable[str] | None = None,
+    subtasks: Sequence[str] | None = None,
+    split: str = "train",
+    dataset: str = "Anthropic/hh-rlhf",
+    **load_kwargs,
+) -> datasets.Dataset:
     banned = {p.strip() for p in exclude_prompts or ()}
     pairs = _hh_pairs(datasets.load_dataset(dataset, data_dir="harmless-base", split=split, **load_kwargs))
     # Red-team transcripts exist only as a train file; bucket them by first human turn for the prefix join.
@@ -193,9 +245,15 @@ PREFERENCE_TASKS = {
 }
 
 
-def build_preference_set(task: str, k: int | None = None, seed: int = 0,
-                         exclude_prompts: Iterable[str] | None = None, subtasks: Sequence[str] | None = None,
-                         split: str = "train", **kwargs) -> datasets.Dataset:
+def build_preference_set(
+    task: str,
+    k: int | None = None,
+    seed: int = 0,
+    exclude_prompts: Iterable[str] | None = None,
+    subtasks: Sequence[str] | None = None,
+    split: str = "train",
+    **kwargs,
+) -> datasets.Dataset:
     """The paper's few-shot preference set for `task` ("shp", "se", "hh"), rebuilt from the Hub, seeded.
 
     k: pairs per subtask (default: the paper's, shp 5, se 2, hh 1). subtasks: a subset of the task's

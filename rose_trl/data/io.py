@@ -7,12 +7,13 @@ column renaming and the same error messages (which name the spec, i.e. the file,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import datasets
 
 from rose_trl.data.sft import BadRecordError
+
 
 RecordCheck = Callable[[dict, str, int], None]
 
@@ -30,15 +31,19 @@ def _read_json_records(path: Path) -> list | None:
         if isinstance(data, list):
             return data
         if isinstance(data, dict):
-            raise ValueError(f"{path}: a JSON object, not a list of records (ROSE's released preference "
-                             "files are read by load_preferences)")
+            raise ValueError(
+                f"{path}: a JSON object, not a list of records (ROSE's released preference "
+                "files are read by load_preferences)"
+            )
     records = []
     for line_no, line in enumerate(text.splitlines()):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise BadRecordError(str(path), len(records), "*", f"line {line_no + 1} is not valid JSON: {e}") from None
+                raise BadRecordError(
+                    str(path), len(records), "*", f"line {line_no + 1} is not valid JSON: {e}"
+                ) from None
     return records
 
 
@@ -64,8 +69,14 @@ def _load_local_file(path: Path, column_map, record_check: RecordCheck | None) -
     return datasets.Dataset.from_list(records)
 
 
-def load_table(spec, *, split: str = "train", column_map: Mapping[str, str] | None = None,
-               record_check: RecordCheck | None = None, **load_kwargs) -> datasets.Dataset:
+def load_table(
+    spec,
+    *,
+    split: str = "train",
+    column_map: Mapping[str, str] | None = None,
+    record_check: RecordCheck | None = None,
+    **load_kwargs,
+) -> datasets.Dataset:
     """`spec` -> Dataset. Local `.jsonl/.json/.parquet`, a folder written by `save_to_disk`
     (a DatasetDict folder gives `split`), or else a Hub id passed to `datasets.load_dataset(spec, split=split)`.
 

@@ -20,14 +20,15 @@ tokens, the response its first ones, a response always keeps at least max_length
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import datasets
 import numpy as np
 
 from rose_trl.data.io import load_table
 from rose_trl.data.sft import BadRecordError, _check_messages
+
 
 SOURCE_COLUMN = "source"
 # Columns that already say which sub-dataset a row comes from (tulu / open-instruct use `dataset`).
@@ -69,9 +70,13 @@ def check_pool_row(row: dict, source: str, index: int) -> None:
         _check_messages(row["messages"], source, index)
         return
     if "prompt" not in row or "completion" not in row:
-        raise BadRecordError(source, index, "messages|prompt,completion",
-                             f"a pool row needs 'messages' or 'prompt' and 'completion'; it has {sorted(row)} "
-                             "(rename columns with column_map)")
+        raise BadRecordError(
+            source,
+            index,
+            "messages|prompt,completion",
+            f"a pool row needs 'messages' or 'prompt' and 'completion'; it has {sorted(row)} "
+            "(rename columns with column_map)",
+        )
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, list) or isinstance(completion, list):
         if not isinstance(prompt, list) or not isinstance(completion, list):
@@ -104,15 +109,26 @@ def _load_one(spec, split, column_map, load_kwargs) -> datasets.Dataset:
     if len(ds) == 0:
         raise BadRecordError(str(spec), 0, "*", "the pool is empty")
     if "messages" not in ds.column_names and not {"prompt", "completion"} <= set(ds.column_names):
-        raise BadRecordError(str(spec), 0, "messages|prompt,completion",
-                             f"a pool needs a 'messages' column or 'prompt' and 'completion' columns; it has "
-                             f"{ds.column_names} (rename columns with column_map)")
+        raise BadRecordError(
+            str(spec),
+            0,
+            "messages|prompt,completion",
+            f"a pool needs a 'messages' column or 'prompt' and 'completion' columns; it has "
+            f"{ds.column_names} (rename columns with column_map)",
+        )
     return _with_source(ds, spec)
 
 
-def load_pool(spec: str | Sequence[str], *, split: str = "train", sources: Sequence[str] | None = None,
-              column_map: Mapping[str, str] | None = None, max_examples: int | None = None, seed: int = 0,
-              **load_kwargs) -> datasets.Dataset:
+def load_pool(
+    spec: str | Sequence[str],
+    *,
+    split: str = "train",
+    sources: Sequence[str] | None = None,
+    column_map: Mapping[str, str] | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
+    **load_kwargs,
+) -> datasets.Dataset:
     """Load and validate the pool -> Dataset with the original columns plus `source`.
 
     spec: a Hub dataset id, a local .jsonl/.json/.parquet file, a `save_to_disk` folder, a folder of .jsonl
@@ -133,9 +149,11 @@ def load_pool(spec: str | Sequence[str], *, split: str = "train", sources: Seque
     # Record indices in errors refer to the spec the row comes from.
     origin = [(str(s), i) for s, part in zip(specs, parts) for i in range(len(part))]
     if any(set(p.column_names) != set(parts[0].column_names) for p in parts):
-        raise ValueError("load_pool: the parts have different columns, "
-                         + "; ".join(f"{s}: {p.column_names}" for s, p in zip(specs, parts))
-                         + " (align them with column_map, or prepare one file)")
+        raise ValueError(
+            "load_pool: the parts have different columns, "
+            + "; ".join(f"{s}: {p.column_names}" for s, p in zip(specs, parts))
+            + " (align them with column_map, or prepare one file)"
+        )
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     name = " + ".join(str(s) for s in specs)
 
@@ -152,7 +170,9 @@ def load_pool(spec: str | Sequence[str], *, split: str = "train", sources: Seque
         rng = np.random.default_rng(seed)
         keep = np.sort(rng.choice(keep, size=max_examples, replace=False))
     if len(keep) == 0:
-        raise BadRecordError(name, 0, "*", "the pool is empty" + (f" (after keeping sources {list(sources)})" if sources else ""))
+        raise BadRecordError(
+            name, 0, "*", "the pool is empty" + (f" (after keeping sources {list(sources)})" if sources else "")
+        )
     if len(keep) != len(ds):
         ds = ds.select(keep)
 

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from rose_trl.data.io import load_table
 from rose_trl.data.released import is_released_preference_file, load_released_preferences
 from rose_trl.data.sft import BadRecordError
+
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "subtask")
 DEFAULT_SUBTASK = "default"
@@ -36,8 +37,9 @@ def _check_text_or_messages(value, source: str, index: int, field: str) -> None:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise BadRecordError(source, index, f"{field}[{turn}]", "each message needs 'role' and 'content'")
             if not isinstance(m["content"], str):
-                raise BadRecordError(source, index, f"{field}[{turn}].content",
-                                     f"expected a string, got {type(m['content']).__name__}")
+                raise BadRecordError(
+                    source, index, f"{field}[{turn}].content", f"expected a string, got {type(m['content']).__name__}"
+                )
         if not any(m["content"].strip() for m in value):
             raise BadRecordError(source, index, field, "every message is empty")
         return
@@ -50,8 +52,9 @@ def check_preference_row(row: dict, source: str, index: int) -> None:
     """Raise `BadRecordError` unless `row` is a usable preference row (its subtask may be absent)."""
     for field in ("prompt", "chosen", "rejected"):
         _check_text_or_messages(row.get(field), source, index, field)
-    if isinstance(row["prompt"], str) != isinstance(row["chosen"], str) or \
-            isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
+    if isinstance(row["prompt"], str) != isinstance(row["chosen"], str) or isinstance(
+        row["chosen"], str
+    ) != isinstance(row["rejected"], str):
         raise BadRecordError(source, index, "prompt,chosen,rejected", "mixes strings and message lists")
     if row["chosen"] == row["rejected"]:
         raise BadRecordError(source, index, "chosen,rejected", "chosen and rejected are identical")
@@ -64,8 +67,9 @@ def validate_preferences(ds: datasets.Dataset, source: str = "preferences") -> N
     """Raise `BadRecordError` (source, record, field) for a row that DPO cannot use, or an empty set."""
     missing = [c for c in PREFERENCE_COLUMNS if c not in ds.column_names]
     if missing:
-        raise BadRecordError(source, 0, ",".join(missing),
-                             f"missing columns (it has {ds.column_names}); rename them with column_map")
+        raise BadRecordError(
+            source, 0, ",".join(missing), f"missing columns (it has {ds.column_names}); rename them with column_map"
+        )
     if len(ds) == 0:
         raise BadRecordError(source, 0, "*", "the preference set is empty")
     for i, row in enumerate(ds.select_columns(list(PREFERENCE_COLUMNS))):
@@ -109,10 +113,19 @@ def exclude(ds: datasets.Dataset, prompts: Iterable[str] | None) -> datasets.Dat
     return ds.filter(lambda p: _normalize_prompt(p) not in banned, input_columns="prompt")
 
 
-def load_preferences(spec: str, *, split: str = "train", subtask_names: Sequence[str] | None = None,
-                     k: int | None = None, seed: int = 0, column_map: Mapping[str, str] | None = None,
-                     exclude_prompts: Iterable[str] | None = None, subtask_sizes: Sequence[int] | None = None,
-                     drop_unusable: bool = False, **load_kwargs) -> datasets.Dataset:
+def load_preferences(
+    spec: str,
+    *,
+    split: str = "train",
+    subtask_names: Sequence[str] | None = None,
+    k: int | None = None,
+    seed: int = 0,
+    column_map: Mapping[str, str] | None = None,
+    exclude_prompts: Iterable[str] | None = None,
+    subtask_sizes: Sequence[int] | None = None,
+    drop_unusable: bool = False,
+    **load_kwargs,
+) -> datasets.Dataset:
     """Load (or build) a preference set -> Dataset(prompt, chosen, rejected, subtask), validated.
 
     subtask_names: keep only these subtasks (an unknown name is an error listing those present).
@@ -127,16 +140,22 @@ def load_preferences(spec: str, *, split: str = "train", subtask_names: Sequence
     if source.startswith(REGISTRY_PREFIX):
         from rose_trl.data.builders import build_preference_set
 
-        ds = build_preference_set(source[len(REGISTRY_PREFIX):], k=k, seed=seed, exclude_prompts=exclude_prompts,
-                                  subtasks=subtask_names, split=split, **load_kwargs)
+        ds = build_preference_set(
+            source[len(REGISTRY_PREFIX) :],
+            k=k,
+            seed=seed,
+            exclude_prompts=exclude_prompts,
+            subtasks=subtask_names,
+            split=split,
+            **load_kwargs,
+        )
         validate_preferences(ds, source)
         return ds
     if is_released_preference_file(spec):
         ds = load_released_preferences(spec, k=k, subtask_sizes=subtask_sizes, drop_unusable=drop_unusable)
         k = None  # k was the group size
     else:
-        ds = load_table(spec, split=split, column_map=column_map, record_check=check_preference_row,
-                        **load_kwargs)
+        ds = load_table(spec, split=split, column_map=column_map, record_check=check_preference_row, **load_kwargs)
         if "subtask" not in ds.column_names:
             ds = ds.add_column("subtask", [DEFAULT_SUBTASK] * len(ds))
         validate_preferences(ds, source)

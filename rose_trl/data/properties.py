@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import datasets
 
 from rose_trl.data.realtext import TASKS, RealTask, load_slice
+
 
 DIRECTIONS = ("prefer", "avoid")
 
@@ -122,8 +123,11 @@ def _drop_trailing_questions(text: str) -> str | None:
     return kept if len(kept.strip()) >= 20 else None
 
 
-_DECLINE = re.compile(r"\bI (can['’]?t|cannot|won['’]?t)\b|\bI['’]m not (able|going|comfortable)\b|"
-                      r"\bI don['’]t (think I should|want to|feel comfortable)\b", re.I)
+_DECLINE = re.compile(
+    r"\bI (can['’]?t|cannot|won['’]?t)\b|\bI['’]m not (able|going|comfortable)\b|"
+    r"\bI don['’]t (think I should|want to|feel comfortable)\b",
+    re.I,
+)
 
 
 @dataclass(frozen=True)
@@ -140,30 +144,68 @@ class Property:
     removal: str
 
 
-PROPERTIES: dict[str, Property] = {p.name: p for p in (
-    Property("se_link", "se", "the answer links (an <a href> anchor or a URL)",
-             lambda t: bool(re.search(r"<a\s[^>]*href", t, re.I) or _URL.search(t)), _unwrap_links,
-             "every <a href=...>text</a> unwrapped to its text; answers whose text still holds a URL are not paired"),
-    Property("se_code", "se", "the answer uses code markup (<code> or <pre>)",
-             lambda t: bool(re.search(r"<(code|pre)\b", t, re.I)), _unwrap_code,
-             "<code> unwrapped to its text, <pre> blocks turned into <p> paragraphs (the code text is kept)"),
-    Property("se_emphasis", "se", "the answer emphasizes words (<strong>, <em>, <b>, <i>)",
-             lambda t: bool(re.search(r"<(strong|em|b|i)>", t, re.I)), _unwrap_emphasis,
-             "every <strong>/<em>/<b>/<i> unwrapped to its text"),
-    Property("se_quote", "se", "the answer quotes a source (<blockquote>)",
-             lambda t: "<blockquote" in t.lower(), _unquote,
-             "<blockquote> unwrapped: the quoted paragraphs stay, as the answer's own"),
-    Property("se_list", "se", "the answer is laid out as a list (<ul> or <ol>)",
-             lambda t: bool(re.search(r"<(ul|ol)>", t, re.I)), _list_to_paragraphs,
-             "each list item turned into a <p> paragraph"),
-    Property("hh_question", "hh", "the reply ends by asking the user a question",
-             lambda t: t.rstrip().endswith("?"), _drop_trailing_questions,
-             "the question sentence(s) the reply ends on dropped; replies with under 20 characters left are not paired"),
-    Property("hh_decline", "hh", "the reply declines (I can't / I won't / I'm not comfortable ...)",
-             lambda t: bool(_DECLINE.search(t)), None,
-             "no removal: the natural counterpart is the other answer to the same prompt, where it does not "
-             "decline (slice pairs only; the test files hold one answer per prompt)"),
-)}
+PROPERTIES: dict[str, Property] = {
+    p.name: p
+    for p in (
+        Property(
+            "se_link",
+            "se",
+            "the answer links (an <a href> anchor or a URL)",
+            lambda t: bool(re.search(r"<a\s[^>]*href", t, re.I) or _URL.search(t)),
+            _unwrap_links,
+            "every <a href=...>text</a> unwrapped to its text; answers whose text still holds a URL are not paired",
+        ),
+        Property(
+            "se_code",
+            "se",
+            "the answer uses code markup (<code> or <pre>)",
+            lambda t: bool(re.search(r"<(code|pre)\b", t, re.I)),
+            _unwrap_code,
+            "<code> unwrapped to its text, <pre> blocks turned into <p> paragraphs (the code text is kept)",
+        ),
+        Property(
+            "se_emphasis",
+            "se",
+            "the answer emphasizes words (<strong>, <em>, <b>, <i>)",
+            lambda t: bool(re.search(r"<(strong|em|b|i)>", t, re.I)),
+            _unwrap_emphasis,
+            "every <strong>/<em>/<b>/<i> unwrapped to its text",
+        ),
+        Property(
+            "se_quote",
+            "se",
+            "the answer quotes a source (<blockquote>)",
+            lambda t: "<blockquote" in t.lower(),
+            _unquote,
+            "<blockquote> unwrapped: the quoted paragraphs stay, as the answer's own",
+        ),
+        Property(
+            "se_list",
+            "se",
+            "the answer is laid out as a list (<ul> or <ol>)",
+            lambda t: bool(re.search(r"<(ul|ol)>", t, re.I)),
+            _list_to_paragraphs,
+            "each list item turned into a <p> paragraph",
+        ),
+        Property(
+            "hh_question",
+            "hh",
+            "the reply ends by asking the user a question",
+            lambda t: t.rstrip().endswith("?"),
+            _drop_trailing_questions,
+            "the question sentence(s) the reply ends on dropped; replies with under 20 characters left are not paired",
+        ),
+        Property(
+            "hh_decline",
+            "hh",
+            "the reply declines (I can't / I won't / I'm not comfortable ...)",
+            lambda t: bool(_DECLINE.search(t)),
+            None,
+            "no removal: the natural counterpart is the other answer to the same prompt, where it does not "
+            "decline (slice pairs only; the test files hold one answer per prompt)",
+        ),
+    )
+}
 # The properties the data holds often enough for a suite (docs/selection_quality.md (d) gives the counts).
 DEFAULT_PROPERTIES = ("se_link", "se_code", "se_emphasis", "hh_question")
 
@@ -177,8 +219,8 @@ class _Answer:
     text: str
     task: str
     subtask: str
-    source: str          # "slice" or "test"
-    other: str | None    # slice answers: the other answer to the same prompt
+    source: str  # "slice" or "test"
+    other: str | None  # slice answers: the other answer to the same prompt
 
 
 def _slice_answers(task: str) -> list[_Answer]:
@@ -194,11 +236,15 @@ def _test_answers(test_root: Path, task: str, exclude: set[str]) -> list[_Answer
 
     folder = Path(test_root) / "test" / task
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is missing: test_root must be a copy of the release "
-                                "(<root>/test/<task>/<task>_<subtask>.json)")
+        raise FileNotFoundError(
+            f"{folder} is missing: test_root must be a copy of the release (<root>/test/<task>/<task>_<subtask>.json)"
+        )
     rows = load_released_test(folder)
-    return [_Answer(r["prompt"], r["golden_answer"], task, r["subtask"], "test", None)
-            for r in rows if r["prompt"] not in exclude and r["golden_answer"].strip()]
+    return [
+        _Answer(r["prompt"], r["golden_answer"], task, r["subtask"], "test", None)
+        for r in rows
+        if r["prompt"] not in exclude and r["golden_answer"].strip()
+    ]
 
 
 def minimal_pair(prop: Property, answer: _Answer) -> tuple[str, str] | None:
@@ -225,8 +271,9 @@ def first_difference(a: str, b: str) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def _pairs(prop: Property, answers: list[_Answer], used: set[str], n: int, max_chars: int,
-           window_chars: int) -> list[dict]:
+def _pairs(
+    prop: Property, answers: list[_Answer], used: set[str], n: int, max_chars: int, window_chars: int
+) -> list[dict]:
     """Up to n minimal pairs of `prop` from `answers` (in their order), one per unused prompt (marked used);
     both answers of a pair fit max_chars and differ within their first window_chars characters (validation
     pairs are given a smaller max_chars: see property_suite)."""
@@ -240,8 +287,9 @@ def _pairs(prop: Property, answers: list[_Answer], used: set[str], n: int, max_c
         if pair is None or len(pair[1]) > max_chars or first_difference(*pair) >= window_chars:
             continue
         used.add(a.prompt)
-        out.append({"prompt": a.prompt, "with": pair[0], "without": pair[1], "origin_subtask": a.subtask,
-                    "source": a.source})
+        out.append(
+            {"prompt": a.prompt, "with": pair[0], "without": pair[1], "origin_subtask": a.subtask, "source": a.source}
+        )
     return out
 
 
@@ -268,9 +316,9 @@ def target_name(prop: str, direction: str) -> str:
 @dataclass
 class PropertySuite:
     properties: tuple[str, ...]
-    pool: datasets.Dataset                  # prompt, completion, task, subtask, source, has_<property>...
-    validation: dict[str, list[dict]]       # property -> pairs (prompt, with, without, origin_subtask, source)
-    heldout: dict[str, list[dict]]          # property -> pairs, with half
+    pool: datasets.Dataset  # prompt, completion, task, subtask, source, has_<property>...
+    validation: dict[str, list[dict]]  # property -> pairs (prompt, with, without, origin_subtask, source)
+    heldout: dict[str, list[dict]]  # property -> pairs, with half
     settings: dict = field(default_factory=dict)
 
     def counts(self) -> dict:
@@ -278,10 +326,12 @@ class PropertySuite:
         out = {}
         for name in self.properties:
             prop = PROPERTIES[name]
-            out[name] = {"pool_with": int(sum(self.pool[f"has_{name}"])),
-                         "pool_task_rows": int(sum(t == prop.task for t in self.pool["task"])),
-                         "validation": len(self.validation[name]),
-                         **{h: sum(p["half"] == h for p in self.heldout[name]) for h in ("dev", "test")}}
+            out[name] = {
+                "pool_with": int(sum(self.pool[f"has_{name}"])),
+                "pool_task_rows": int(sum(t == prop.task for t in self.pool["task"])),
+                "validation": len(self.validation[name]),
+                **{h: sum(p["half"] == h for p in self.heldout[name]) for h in ("dev", "test")},
+            }
         return out
 
     def task(self, prop: str, direction: str = "prefer", k: int = 10) -> PropertyTask:
@@ -305,16 +355,27 @@ class PropertySuite:
             return {"prompt": p["prompt"], "chosen": chosen, "rejected": rejected, "subtask": name}
 
         validation = datasets.Dataset.from_list([oriented(p) for p in pairs[:k]])
-        heldout = datasets.Dataset.from_list([{**oriented(p), "half": p["half"], "source": p["source"]}
-                                              for p in self.heldout[prop]])
-        return PropertyTask(name, k, pool, validation, heldout, property=prop, direction=direction,
-                            removal=spec.removal)
+        heldout = datasets.Dataset.from_list(
+            [{**oriented(p), "half": p["half"], "source": p["source"]} for p in self.heldout[prop]]
+        )
+        return PropertyTask(
+            name, k, pool, validation, heldout, property=prop, direction=direction, removal=spec.removal
+        )
 
 
-def property_suite(properties: tuple[str, ...] | list[str] = DEFAULT_PROPERTIES, pool_sizes: dict | None = None,
-                   pool_min: int = 30, n_validation: int = 50, heldout_dev: int = 40, heldout_test: int = 80,
-                   max_chars: int = 1000, window_chars: int = 250, validation_max_chars: int = 450, seed: int = 0,
-                   test_root: str | Path | None = None) -> PropertySuite:
+def property_suite(
+    properties: tuple[str, ...] | list[str] = DEFAULT_PROPERTIES,
+    pool_sizes: dict | None = None,
+    pool_min: int = 30,
+    n_validation: int = 50,
+    heldout_dev: int = 40,
+    heldout_test: int = 80,
+    max_chars: int = 1000,
+    window_chars: int = 250,
+    validation_max_chars: int = 450,
+    seed: int = 0,
+    test_root: str | Path | None = None,
+) -> PropertySuite:
     """Allocate `properties` (names in PROPERTIES) at once: see the module docstring. Raises ValueError naming
     the property and the counts when the data cannot fill a request."""
     properties = tuple(properties)
@@ -332,8 +393,9 @@ def property_suite(properties: tuple[str, ...] | list[str] = DEFAULT_PROPERTIES,
     validation = {}
     for name in properties:
         prop = PROPERTIES[name]
-        validation[name] = _pairs(prop, answers[prop.task], used, n_validation, min(max_chars, validation_max_chars),
-                                  window_chars)
+        validation[name] = _pairs(
+            prop, answers[prop.task], used, n_validation, min(max_chars, validation_max_chars), window_chars
+        )
         if not validation[name]:
             raise ValueError(f"{name}: the slice holds no minimal pair within {max_chars} characters")
     heldout = {}
@@ -349,16 +411,23 @@ def property_suite(properties: tuple[str, ...] | list[str] = DEFAULT_PROPERTIES,
         pairs = _pairs(prop, source, used, want, max_chars, window_chars)
         if len(pairs) < want:
             where = "the test answers" if test_root is not None else "the slice (no test_root given)"
-            raise ValueError(f"{name}: {want} held-out pairs wanted ({heldout_dev} dev + {heldout_test} test), "
-                             f"{where} hold {len(pairs)} more within {max_chars} characters")
+            raise ValueError(
+                f"{name}: {want} held-out pairs wanted ({heldout_dev} dev + {heldout_test} test), "
+                f"{where} hold {len(pairs)} more within {max_chars} characters"
+            )
         for i, p in enumerate(pairs):
             p["half"] = "test" if i < heldout_test else "dev"
         heldout[name] = pairs
     pool = []
     for task, size in pool_sizes.items():
         # A row's labels must read the same on its first window_chars characters (what a model sees of it).
-        free = [a for a in answers[task] if a.prompt not in used and _fits(a, max_chars)
-                and all(PROPERTIES[p].detect(a.text) == PROPERTIES[p].detect(a.text[:window_chars]) for p in properties)]
+        free = [
+            a
+            for a in answers[task]
+            if a.prompt not in used
+            and _fits(a, max_chars)
+            and all(PROPERTIES[p].detect(a.text) == PROPERTIES[p].detect(a.text[:window_chars]) for p in properties)
+        ]
         taken: set[int] = set()
 
         def take(i: int) -> None:
@@ -376,23 +445,45 @@ def property_suite(properties: tuple[str, ...] | list[str] = DEFAULT_PROPERTIES,
                     take(i)
                     have += 1
             if have < min(pool_min, size):
-                raise ValueError(f"{name}: {pool_min} pool rows with the property wanted, the slice holds {have} "
-                                 f"more within {max_chars} characters")
+                raise ValueError(
+                    f"{name}: {pool_min} pool rows with the property wanted, the slice holds {have} "
+                    f"more within {max_chars} characters"
+                )
         for i, a in enumerate(free):
             if len(taken) >= size:
                 break
             if i not in taken and a.prompt not in used:
                 take(i)
         if len(taken) < size:
-            raise ValueError(f"pool_sizes[{task!r}] = {size}: the slice holds {len(taken)} more answers within "
-                             f"{max_chars} characters")
+            raise ValueError(
+                f"pool_sizes[{task!r}] = {size}: the slice holds {len(taken)} more answers within "
+                f"{max_chars} characters"
+            )
     rng.shuffle(pool)
-    rows = [{"prompt": a.prompt, "completion": a.text, "task": a.task, "subtask": a.subtask, "source": f"{a.task}_{a.source}",
-             **{f"has_{name}": PROPERTIES[name].detect(a.text) for name in properties}} for a in pool]
-    settings = dict(properties=list(properties), pool_sizes=pool_sizes, pool_min=pool_min, n_validation=n_validation,
-                    heldout_dev=heldout_dev, heldout_test=heldout_test, max_chars=max_chars, window_chars=window_chars,
-                    validation_max_chars=validation_max_chars, seed=seed,
-                    test_answers=test_root is not None)
+    rows = [
+        {
+            "prompt": a.prompt,
+            "completion": a.text,
+            "task": a.task,
+            "subtask": a.subtask,
+            "source": f"{a.task}_{a.source}",
+            **{f"has_{name}": PROPERTIES[name].detect(a.text) for name in properties},
+        }
+        for a in pool
+    ]
+    settings = dict(
+        properties=list(properties),
+        pool_sizes=pool_sizes,
+        pool_min=pool_min,
+        n_validation=n_validation,
+        heldout_dev=heldout_dev,
+        heldout_test=heldout_test,
+        max_chars=max_chars,
+        window_chars=window_chars,
+        validation_max_chars=validation_max_chars,
+        seed=seed,
+        test_answers=test_root is not None,
+    )
     return PropertySuite(properties, datasets.Dataset.from_list(rows), validation, heldout, settings)
 
 
@@ -404,8 +495,9 @@ def build_property_task(prop: str, direction: str = "prefer", k: int = 10, **sui
     return property_suite(**options).task(prop, direction, k)
 
 
-def property_counts(properties=None, max_chars: int = 1000, window_chars: int = 250,
-                    test_root: str | Path | None = None) -> dict[str, dict]:
+def property_counts(
+    properties=None, max_chars: int = 1000, window_chars: int = 250, test_root: str | Path | None = None
+) -> dict[str, dict]:
     """What the data holds per property, before any allocation: answers within max_chars that have it, and the
     prompts that give a minimal pair (differing within window_chars), in the slice and (with test_root) in the
     paper's test answers. What a suite can ask of each property."""

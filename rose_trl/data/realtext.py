@@ -24,6 +24,7 @@ from pathlib import Path
 
 import datasets
 
+
 SLICE_DIR = Path(__file__).parent / "real"
 TASKS = ("se", "hh")
 # The released few-shot files shipped whole: the paper's default k first, then larger ones.
@@ -78,7 +79,9 @@ def write_slice(released_root: str | Path, out_dir: str | Path = SLICE_DIR) -> N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for task in TASKS:
-        text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in slice_rows(released_root, task))
+        text = "".join(
+            json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in slice_rows(released_root, task)
+        )
         (out / f"{task}.jsonl").write_text(text, encoding="utf-8")
 
 
@@ -93,26 +96,30 @@ def load_slice(task: str) -> list[dict]:
 class RealTask:
     target: str
     k: int
-    pool: datasets.Dataset        # prompt, completion, task, subtask, answer (chosen | rejected | other), source
+    pool: datasets.Dataset  # prompt, completion, task, subtask, answer (chosen | rejected | other), source
     validation: datasets.Dataset  # prompt, chosen, rejected, subtask: the released k-shot file
-    heldout: datasets.Dataset     # prompt, chosen, rejected, subtask, half (dev | test)
+    heldout: datasets.Dataset  # prompt, chosen, rejected, subtask, half (dev | test)
 
 
-def build_real_task(target: str, k: int | None = None, pool_target: int = 120, pool_other: int = 40,
-                    heldout: int = 80, seed: int = 0) -> RealTask:
+def build_real_task(
+    target: str, k: int | None = None, pool_target: int = 120, pool_other: int = 40, heldout: int = 80, seed: int = 0
+) -> RealTask:
     """The task for `target` (see the module docstring). Rows are drawn at random (`seed`) from the slice's
     extra prompts: `pool_target` + `heldout` of the target, `pool_other` of the other task."""
     k = DEFAULT_K[target] if k is None else k
     rows = load_slice(target)
     name = f"{target}_{k}_shot"
-    validation = [{f: r[f] for f in ("prompt", "chosen", "rejected", "subtask")} for r in rows if r["released"] == name]
+    validation = [
+        {f: r[f] for f in ("prompt", "chosen", "rejected", "subtask")} for r in rows if r["released"] == name
+    ]
     if not validation:
         raise ValueError(f"the shipped slice has no {name} file; k must be one of {SLICE_FILES[target]}")
     rng = random.Random(seed)
     extra = [r for r in rows if r["released"] is None]
     if pool_target + heldout > len(extra):
-        raise ValueError(f"{target}: pool_target + heldout = {pool_target + heldout}, the slice has {len(extra)} "
-                         "extra prompts")
+        raise ValueError(
+            f"{target}: pool_target + heldout = {pool_target + heldout}, the slice has {len(extra)} extra prompts"
+        )
     rng.shuffle(extra)
     other_task = next(t for t in TASKS if t != target)
     others = [r for r in load_slice(other_task) if r["released"] is None]
@@ -123,24 +130,52 @@ def build_real_task(target: str, k: int | None = None, pool_target: int = 120, p
     pool = []
     for r in extra[:pool_target]:
         answer = rng.choice(("chosen", "rejected"))
-        pool.append({"prompt": r["prompt"], "completion": r[answer], "task": target, "subtask": r["subtask"],
-                     "answer": answer, "source": f"{target}_{answer}"})
-    pool += [{"prompt": r["prompt"], "completion": r["chosen"], "task": other_task, "subtask": r["subtask"],
-              "answer": "other", "source": f"{other_task}_other"} for r in others[:pool_other]]
+        pool.append(
+            {
+                "prompt": r["prompt"],
+                "completion": r[answer],
+                "task": target,
+                "subtask": r["subtask"],
+                "answer": answer,
+                "source": f"{target}_{answer}",
+            }
+        )
+    pool += [
+        {
+            "prompt": r["prompt"],
+            "completion": r["chosen"],
+            "task": other_task,
+            "subtask": r["subtask"],
+            "answer": "other",
+            "source": f"{other_task}_other",
+        }
+        for r in others[:pool_other]
+    ]
     rng.shuffle(pool)
-    held = [{f: r[f] for f in ("prompt", "chosen", "rejected", "subtask")}
-            for r in extra[pool_target:pool_target + heldout]]
+    held = [
+        {f: r[f] for f in ("prompt", "chosen", "rejected", "subtask")}
+        for r in extra[pool_target : pool_target + heldout]
+    ]
     for i, r in enumerate(held):
         r["half"] = "dev" if i % 2 == 0 else "test"
-    return RealTask(target, k, datasets.Dataset.from_list(pool), datasets.Dataset.from_list(validation),
-                    datasets.Dataset.from_list(held))
+    return RealTask(
+        target,
+        k,
+        datasets.Dataset.from_list(pool),
+        datasets.Dataset.from_list(validation),
+        datasets.Dataset.from_list(held),
+    )
 
 
 def write_real_task(task: RealTask, out_dir: str | Path) -> Path:
     """pool.jsonl, validation.jsonl and heldout.jsonl under `out_dir` (each written whole, then renamed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, ds in (("pool.jsonl", task.pool), ("validation.jsonl", task.validation), ("heldout.jsonl", task.heldout)):
+    for name, ds in (
+        ("pool.jsonl", task.pool),
+        ("validation.jsonl", task.validation),
+        ("heldout.jsonl", task.heldout),
+    ):
         tmp = out / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ds.to_list()), encoding="utf-8")
         tmp.replace(out / name)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import datasets
 
 from rose_trl.data.sft import BadRecordError, _check_messages
+
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ def is_released_preference_file(path) -> bool:
     if head != b"{":
         return False
     data = json.loads(path.read_text(encoding="utf-8"))
-    return isinstance(data, dict) and bool(data) and all(
-        isinstance(v, dict) and "sft_target" in v for v in data.values())
+    return (
+        isinstance(data, dict) and bool(data) and all(isinstance(v, dict) and "sft_target" in v for v in data.values())
+    )
 
 
 def released_subtask_names(path) -> list[str] | None:
@@ -60,33 +62,41 @@ def released_subtask_names(path) -> list[str] | None:
         return None
     test_dir = path.parents[3] / "test" / task
     files = sorted(test_dir.glob(f"{task}_*.json")) if test_dir.is_dir() else []
-    return [f.stem[len(task) + 1:] for f in files] or None
+    return [f.stem[len(task) + 1 :] for f in files] or None
 
 
-def _subtask_column(path, n: int, k: int | None, group_names: Sequence[str] | None,
-                    subtask_sizes: Sequence[int] | None) -> list[str]:
+def _subtask_column(
+    path, n: int, k: int | None, group_names: Sequence[str] | None, subtask_sizes: Sequence[int] | None
+) -> list[str]:
     """One subtask name per record, from the contiguous-groups rule."""
     source = str(path)
     names = list(group_names) if group_names is not None else released_subtask_names(path)
     if subtask_sizes is not None:
         sizes = [int(s) for s in subtask_sizes]
         if sum(sizes) != n or min(sizes, default=0) < 1:
-            raise BadRecordError(source, n, "*", f"subtask_sizes {sizes} sum to {sum(sizes)}, the file has {n} records")
+            raise BadRecordError(
+                source, n, "*", f"subtask_sizes {sizes} sum to {sum(sizes)}, the file has {n} records"
+            )
     else:
         if k is None:
             k = parse_released_name(path)[1]
         if k is None:
             raise ValueError(f"{source}: cannot tell k from the file name; pass k or subtask_sizes")
         if k < 1 or n % k:
-            raise BadRecordError(source, n, "*",
-                                 f"{n} records is not a multiple of k={k}, so they cannot be split into k per "
-                                 "subtask; pass subtask_sizes (e.g. the released se_40_shot is 35 + 9 x 40)")
+            raise BadRecordError(
+                source,
+                n,
+                "*",
+                f"{n} records is not a multiple of k={k}, so they cannot be split into k per "
+                "subtask; pass subtask_sizes (e.g. the released se_40_shot is 35 + 9 x 40)",
+            )
         sizes = [k] * (n // k)
     if names is None:
         names = [f"subtask_{i}" for i in range(len(sizes))]
     elif len(names) != len(sizes):
-        raise BadRecordError(source, n, "subtask",
-                             f"{len(sizes)} groups of records but {len(names)} subtask names {names}")
+        raise BadRecordError(
+            source, n, "subtask", f"{len(sizes)} groups of records but {len(names)} subtask names {names}"
+        )
     return [name for name, size in zip(names, sizes) for _ in range(size)]
 
 
@@ -114,7 +124,9 @@ def _pick_pair(rec: dict, source: str, index: int) -> tuple[str, str] | None:
     return None
 
 
-def _read_released(path, kind: type, expected: str, k, group_names, subtask_sizes) -> tuple[str, dict | list, list[str]]:
+def _read_released(
+    path, kind: type, expected: str, k, group_names, subtask_sizes
+) -> tuple[str, dict | list, list[str]]:
     """(source name, parsed JSON, subtask per record) of a released few-shot file of JSON type `kind`."""
     path = Path(str(path))
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -123,9 +135,14 @@ def _read_released(path, kind: type, expected: str, k, group_names, subtask_size
     return str(path), data, _subtask_column(path, len(data), k, group_names, subtask_sizes)
 
 
-def load_released_preferences(path, *, k: int | None = None, group_names: Sequence[str] | None = None,
-                              subtask_sizes: Sequence[int] | None = None,
-                              drop_unusable: bool = False) -> datasets.Dataset:
+def load_released_preferences(
+    path,
+    *,
+    k: int | None = None,
+    group_names: Sequence[str] | None = None,
+    subtask_sizes: Sequence[int] | None = None,
+    drop_unusable: bool = False,
+) -> datasets.Dataset:
     """A released `<task>_<k>_shot_preference.json` -> Dataset(prompt, chosen, rejected, subtask).
 
     chosen/rejected are the record's `sft_target`/`rejected_target` (the first distinct pair of `pairs`
@@ -134,8 +151,9 @@ def load_released_preferences(path, *, k: int | None = None, group_names: Sequen
     A record with no distinct pair at all (e.g. two identical responses) is an error unless
     `drop_unusable`, which drops it after subtasks are assigned (the groups stay right).
     """
-    source, data, subtasks = _read_released(path, dict, "a non-empty JSON object mapping prompts to records",
-                                            k, group_names, subtask_sizes)
+    source, data, subtasks = _read_released(
+        path, dict, "a non-empty JSON object mapping prompts to records", k, group_names, subtask_sizes
+    )
     rows, dropped = [], []
     for i, ((prompt, rec), subtask) in enumerate(zip(data.items(), subtasks)):
         if not prompt.strip():
@@ -145,9 +163,13 @@ def load_released_preferences(path, *, k: int | None = None, group_names: Sequen
         pair = _pick_pair(rec, source, i)
         if pair is None:
             if not drop_unusable:
-                raise BadRecordError(source, i, "sft_target,rejected_target",
-                                     "chosen == rejected and no pair in 'pairs' has two different responses "
-                                     "(pass drop_unusable=True to skip such records)")
+                raise BadRecordError(
+                    source,
+                    i,
+                    "sft_target,rejected_target",
+                    "chosen == rejected and no pair in 'pairs' has two different responses "
+                    "(pass drop_unusable=True to skip such records)",
+                )
             dropped.append(i)
             continue
         rows.append({"prompt": prompt, "chosen": pair[0], "rejected": pair[1], "subtask": subtask})
@@ -156,20 +178,27 @@ def load_released_preferences(path, *, k: int | None = None, group_names: Sequen
     return datasets.Dataset.from_list(rows)
 
 
-def load_released_sft(path, *, k: int | None = None, group_names: Sequence[str] | None = None,
-                      subtask_sizes: Sequence[int] | None = None) -> datasets.Dataset:
+def load_released_sft(
+    path, *, k: int | None = None, group_names: Sequence[str] | None = None, subtask_sizes: Sequence[int] | None = None
+) -> datasets.Dataset:
     """A released `<task>_<k>_shot_sft.json` -> Dataset(dataset, id, messages, subtask): pool-format chat rows
     (the few shots with their chosen response), subtasks assigned like `load_released_preferences`."""
-    source, data, subtasks = _read_released(path, list, "a non-empty JSON list of {'dataset', 'id', 'messages'}",
-                                            k, group_names, subtask_sizes)
+    source, data, subtasks = _read_released(
+        path, list, "a non-empty JSON list of {'dataset', 'id', 'messages'}", k, group_names, subtask_sizes
+    )
     rows = []
     for i, (rec, subtask) in enumerate(zip(data, subtasks)):
         if not isinstance(rec, dict):
             raise BadRecordError(source, i, "*", f"expected an object, got {type(rec).__name__}")
         _check_messages(rec.get("messages"), source, i)
-        rows.append({"dataset": str(rec.get("dataset", "")), "id": str(rec.get("id", i)),
-                     "messages": [{"role": m["role"], "content": m["content"]} for m in rec["messages"]],
-                     "subtask": subtask})
+        rows.append(
+            {
+                "dataset": str(rec.get("dataset", "")),
+                "id": str(rec.get("id", i)),
+                "messages": [{"role": m["role"], "content": m["content"]} for m in rec["messages"]],
+                "subtask": subtask,
+            }
+        )
     return datasets.Dataset.from_list(rows)
 
 

@@ -13,10 +13,11 @@ max_length - max_length // 2 tokens (or all of them when shorter).
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+
 
 IGNORE_INDEX = -100
 
@@ -36,7 +37,9 @@ def _check_messages(messages, source: str, index: int, field: str = "messages") 
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise BadRecordError(source, index, f"{field}[{turn}]", "each message needs 'role' and 'content'")
         if not isinstance(m["content"], str):
-            raise BadRecordError(source, index, f"{field}[{turn}].content", f"expected a string, got {type(m['content']).__name__}")
+            raise BadRecordError(
+                source, index, f"{field}[{turn}].content", f"expected a string, got {type(m['content']).__name__}"
+            )
         if m["role"] not in ("system", "user", "assistant", "tool"):
             raise BadRecordError(source, index, f"{field}[{turn}].role", f"unknown role {m['role']!r}")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
@@ -95,11 +98,17 @@ def _segments(example: dict, tokenizer, source: str, index: int) -> list[tuple[l
                 full = full + [tokenizer.eos_token_id]
         cut = _common_prefix(prompt_ids, full)
         return [(full[:cut], False), (full[cut:], True)]
-    raise BadRecordError(source, index, "messages|prompt,completion",
-                         f"a pool row needs 'messages' or 'prompt' and 'completion'; it has {sorted(example)}")
+    raise BadRecordError(
+        source,
+        index,
+        "messages|prompt,completion",
+        f"a pool row needs 'messages' or 'prompt' and 'completion'; it has {sorted(example)}",
+    )
 
 
-def tokenize_sft_example(example: dict, tokenizer, max_length: int | None, source: str = "pool", index: int = 0) -> dict:
+def tokenize_sft_example(
+    example: dict, tokenizer, max_length: int | None, source: str = "pool", index: int = 0
+) -> dict:
     """-> {"input_ids": [...], "completion_mask": [...]} (1 on response tokens), truncated by the module rule."""
     segments = _segments(example, tokenizer, source, index)
     ids = [t for seg, _ in segments for t in seg]
@@ -122,7 +131,9 @@ def tokenize_pool(dataset, tokenizer, max_length: int | None, source: str = "poo
         raise BadRecordError(source, 0, "*", "the pool is empty")
     return dataset.map(
         lambda ex, idx: tokenize_sft_example(ex, tokenizer, max_length, source, idx),
-        with_indices=True, num_proc=num_proc, desc=f"Tokenizing {source}",
+        with_indices=True,
+        num_proc=num_proc,
+        desc=f"Tokenizing {source}",
     )
 
 

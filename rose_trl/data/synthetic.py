@@ -15,8 +15,8 @@ when the tokenizer has a chat template; without one, a [user, assistant] row is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import datasets
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 
 from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
 from rose_trl.data.sft import BadRecordError, _check_messages
+
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,24 @@ class RejectedSamplingConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "Longest generated (rejected) response, in tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    seed: int = field(default=0, metadata={"help": "Row i, attempt a is sampled under seed (seed, i, a): "
-                                                   "results do not depend on row order or batch."})
-    max_attempts: int = field(default=3, metadata={"help": "Samples tried per row before dropping it (an empty "
-                                                           "sample, one equal to the answer, or one the judge "
-                                                           "does not confirm counts as a failed attempt)."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Keep only the last tokens of longer "
-                                                                          "prompts (the end is what the answer follows)."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Row i, attempt a is sampled under seed (seed, i, a): results do not depend on row order or batch."
+        },
+    )
+    max_attempts: int = field(
+        default=3,
+        metadata={
+            "help": "Samples tried per row before dropping it (an empty "
+            "sample, one equal to the answer, or one the judge "
+            "does not confirm counts as a failed attempt)."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the last tokens of longer prompts (the end is what the answer follows)."},
+    )
 
 
 def _row_to_parts(row: dict, use_chat: bool, index: int):
@@ -54,8 +66,9 @@ def _row_to_parts(row: dict, use_chat: bool, index: int):
         if use_chat:
             return messages[:-1], [messages[-1]]
         if len(messages) != 2 or messages[0]["role"] != "user":
-            raise BadRecordError("sft", index, "messages", "without a chat template only [user, assistant] rows "
-                                                           "can be used as text")
+            raise BadRecordError(
+                "sft", index, "messages", "without a chat template only [user, assistant] rows can be used as text"
+            )
         return messages[0]["content"], messages[1]["content"]
     for f in ("prompt", "completion"):
         if not isinstance(row.get(f), str) or not row[f].strip():
@@ -85,13 +98,24 @@ def generate_response(model, tokenizer, prompt, config: RejectedSamplingConfig, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=not greedy,
-                             max_new_tokens=config.max_new_tokens, pad_token_id=pad, **kwargs)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=not greedy,
+            max_new_tokens=config.max_new_tokens,
+            pad_token_id=pad,
+            **kwargs,
+        )
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def sft_to_preferences(dataset: datasets.Dataset, model, tokenizer, config: RejectedSamplingConfig | None = None,
-                       judge: Judge | None = None) -> datasets.Dataset:
+def sft_to_preferences(
+    dataset: datasets.Dataset,
+    model,
+    tokenizer,
+    config: RejectedSamplingConfig | None = None,
+    judge: Judge | None = None,
+) -> datasets.Dataset:
     """Few-shot SFT rows -> Dataset(prompt, chosen, rejected, subtask) with model-written rejected responses."""
     config = config or RejectedSamplingConfig()
     use_chat = getattr(tokenizer, "chat_template", None) is not None
@@ -108,16 +132,26 @@ def sft_to_preferences(dataset: datasets.Dataset, model, tokenizer, config: Reje
                     continue
                 rejected = [{"role": "assistant", "content": text}] if isinstance(chosen, list) else text
                 if judge is None or judge(prompt, chosen, rejected):
-                    rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                                 "subtask": row.get("subtask") or DEFAULT_SUBTASK})
+                    rows.append(
+                        {
+                            "prompt": prompt,
+                            "chosen": chosen,
+                            "rejected": rejected,
+                            "subtask": row.get("subtask") or DEFAULT_SUBTASK,
+                        }
+                    )
                     break
             else:
                 dropped.append(i)
     finally:
         model.train(was_training)
     if dropped:
-        logger.warning("sft_to_preferences: dropped %d of %d rows with no usable rejected sample: %s",
-                       len(dropped), len(dataset), dropped)
+        logger.warning(
+            "sft_to_preferences: dropped %d of %d rows with no usable rejected sample: %s",
+            len(dropped),
+            len(dataset),
+            dropped,
+        )
     if not rows:
         raise BadRecordError("sft", 0, "*", f"no row got a usable rejected response in {config.max_attempts} attempts")
     out = datasets.Dataset.from_list(rows)

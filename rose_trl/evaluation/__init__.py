@@ -16,9 +16,24 @@ from rose_trl.evaluation.judge import (
 )
 from rose_trl.evaluation.metrics import PreferenceMetricsOptions, preference_metrics, reference_nll, sequence_logps
 
+
 __all__ = [
-    "JUDGE_PROMPT", "EndpointJudge", "EndpointJudgeConfig", "GenerationOptions", "HFJudge", "Judge",
-    "JudgeEndpointError", "PreferenceMetricsOptions", "WinRateResult", "build_judge_prompt", "format_prompt",
-    "generate_responses", "parse_verdict", "preference_metrics", "reference_nll", "sequence_logps",
-    "tabulate_verdicts", "win_rate",
+    "JUDGE_PROMPT",
+    "EndpointJudge",
+    "EndpointJudgeConfig",
+    "GenerationOptions",
+    "HFJudge",
+    "Judge",
+    "JudgeEndpointError",
+    "PreferenceMetricsOptions",
+    "WinRateResult",
+    "build_judge_prompt",
+    "format_prompt",
+    "generate_responses",
+    "parse_verdict",
+    "preference_metrics",
+    "reference_nll",
+    "sequence_logps",
+    "tabulate_verdicts",
+    "win_rate",
 ]

@@ -6,8 +6,8 @@ Defaults follow the paper's evaluation: sampling with temperature 1.0 and top-p 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -41,33 +41,51 @@ def left_padding(tokenizer) -> Iterator[None]:
 
 def format_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> str:
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts: Sequence[str], options: GenerationOptions | None = None) -> list[str]:
+def generate_responses(
+    model, tokenizer, prompts: Sequence[str], options: GenerationOptions | None = None
+) -> list[str]:
     """One decoded response per prompt, in the prompts' order (batches group similar lengths)."""
     opts = options or GenerationOptions()
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer needs a pad token to batch prompts (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+        raise ValueError(
+            "the tokenizer needs a pad token to batch prompts (e.g. tokenizer.pad_token = tokenizer.eos_token)"
+        )
     if opts.seed is not None:
         torch.manual_seed(opts.seed)
     texts = [format_prompt(tokenizer, p, opts.use_chat_template) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": opts.temperature, "top_p": opts.top_p} if opts.do_sample else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": opts.temperature, "top_p": opts.top_p}
+        if opts.do_sample
+        else {"do_sample": False}
+    )
     out: list[str | None] = [None] * len(texts)
     with eval_mode(model), left_padding(tokenizer):
         for start in range(0, len(order), opts.batch_size):
             rows = order[start : start + opts.batch_size]
             enc = tokenizer(
-                [texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False,
-                truncation=opts.max_prompt_length is not None, max_length=opts.max_prompt_length,
+                [texts[i] for i in rows],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=opts.max_prompt_length is not None,
+                max_length=opts.max_prompt_length,
             ).to(device)
             generated = model.generate(
-                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=opts.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=opts.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
             )
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
             for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):

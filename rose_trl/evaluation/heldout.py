@@ -19,8 +19,9 @@ import numpy as np
 from rose_trl.evaluation.metrics import PreferenceMetricsOptions, pair_logps, summarize_pairs
 
 
-def evaluate_adapters(base_model, tokenizer, pairs, adapters: dict[str, str],
-                      options: PreferenceMetricsOptions | None = None) -> dict[str, dict]:
+def evaluate_adapters(
+    base_model, tokenizer, pairs, adapters: dict[str, str], options: PreferenceMetricsOptions | None = None
+) -> dict[str, dict]:
     """{"base": summary, <name>: summary for each adapter folder}; see preference_metrics for the keys."""
     from peft import PeftModel
 
@@ -40,9 +41,11 @@ def format_results(results: dict[str, dict]) -> str:
 
     lines = [f"{'model':<14} {'n':>4}  {'accuracy (95% CI)':<26} {'mean margin (95% CI)':<30} likelihood acc (95% CI)"]
     for name, r in results.items():
-        lines.append(f"{name:<14} {r['n']:>4}  {r['accuracy']:.3f} {ci(r['accuracy_ci']):<20} "
-                     f"{r['reward_margin']:+.4f} {ci(r['reward_margin_ci']):<22} "
-                     f"{r['likelihood_accuracy']:.3f} {ci(r['likelihood_accuracy_ci'])}")
+        lines.append(
+            f"{name:<14} {r['n']:>4}  {r['accuracy']:.3f} {ci(r['accuracy_ci']):<20} "
+            f"{r['reward_margin']:+.4f} {ci(r['reward_margin_ci']):<22} "
+            f"{r['likelihood_accuracy']:.3f} {ci(r['likelihood_accuracy_ci'])}"
+        )
     return "\n".join(lines)
 
 
@@ -66,8 +69,9 @@ def _evaluate(args) -> int:
         pairs = pairs.filter(lambda r: r["half"] == args.half)
     validate_preferences(pairs, args.pairs)
     adapters = dict(a.split("=", 1) if "=" in a else (Path(a).name, a) for a in args.adapter)
-    options = PreferenceMetricsOptions(beta=args.beta, batch_size=args.batch_size, max_length=args.max_length,
-                                       memory_budget_gb=args.memory_budget_gb)
+    options = PreferenceMetricsOptions(
+        beta=args.beta, batch_size=args.batch_size, max_length=args.max_length, memory_budget_gb=args.memory_budget_gb
+    )
     results = evaluate_adapters(model, tokenizer, pairs, adapters, options)
     print(f"held-out pairs: {args.pairs}" + (f" ({args.half} half)" if args.half else ""))
     print(format_results(results))
@@ -77,8 +81,11 @@ def _evaluate(args) -> int:
 
 
 def add_evaluate_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="held-out preference accuracy and margin (95% bootstrap CIs) of a "
-                                               "base model and of LoRA adapters trained from it")
+    p = subparsers.add_parser(
+        "evaluate",
+        help="held-out preference accuracy and margin (95% bootstrap CIs) of a "
+        "base model and of LoRA adapters trained from it",
+    )
     p.add_argument("--model", required=True, help="base model: folder, Hub id or .gguf file")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder or Hub repo")
     p.add_argument("--pairs", required=True, help="held-out preference pairs (prompt/chosen/rejected[/subtask])")
@@ -86,9 +93,13 @@ def add_evaluate_parser(subparsers) -> None:
     p.add_argument("--adapter", action="append", default=[], help="NAME=FOLDER of a LoRA adapter (repeatable)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=8, help="rows a pass, at most (the memory budget may lower it)")
-    p.add_argument("--memory-budget-gb", type=float, default=None,
-                   help="memory (GB) the process may use: passes are sized to it (default: 15%% of the CPU memory "
-                        "available, or 90%% of the GPU's free memory)")
+    p.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="memory (GB) the process may use: passes are sized to it (default: 15%% of the CPU memory "
+        "available, or 90%% of the GPU's free memory)",
+    )
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_evaluate)

@@ -13,13 +13,15 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import requests
 
 from rose_trl.evaluation.generation import GenerationOptions, generate_responses
+
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ _BARE = re.compile(r"""[\s:\-*"'`<>\[\]()]*(?:response\s*)?([ab])[\s.!*"'`<>\[\]
 
 
 def _letter(fragment: str) -> str | None:
-    """"A"/"B" when the fragment names exactly one response; a template echo naming both is None."""
+    """ "A"/"B" when the fragment names exactly one response; a template echo naming both is None."""
     named = {m.upper() for m in _NAMED.findall(fragment)}
     if len(named) == 1:
         return named.pop()
@@ -101,7 +103,7 @@ class EndpointJudgeConfig:
     num_workers: int = 4
 
     @classmethod
-    def from_env(cls, model: str | None = None, **kwargs) -> "EndpointJudgeConfig":
+    def from_env(cls, model: str | None = None, **kwargs) -> EndpointJudgeConfig:
         """Model from the argument or ROSE_JUDGE_MODEL; OPENAI_BASE_URL and OPENAI_API_KEY as the openai client reads them."""
         model = model or os.environ.get("ROSE_JUDGE_MODEL")
         if not model:
@@ -128,8 +130,12 @@ class EndpointJudge:
         headers = {"Content-Type": "application/json"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
-        body = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+        body = {
+            "model": cfg.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": cfg.temperature,
+            "max_tokens": cfg.max_tokens,
+        }
         wait = cfg.retry_wait
         for attempt in range(cfg.max_retries + 1):
             try:
@@ -141,14 +147,19 @@ class EndpointJudge:
                     try:
                         return response.json()["choices"][0]["message"]["content"]
                     except (ValueError, KeyError, IndexError, TypeError):
-                        logger.warning("judge endpoint returned a malformed body: %s", self._redact(response.text[:200]))
+                        logger.warning(
+                            "judge endpoint returned a malformed body: %s", self._redact(response.text[:200])
+                        )
                         return None
                 if response.status_code not in self.RETRY_STATUS:
                     raise JudgeEndpointError(
-                        f"judge endpoint {self.url} answered HTTP {response.status_code}: {self._redact(response.text[:300])}")
+                        f"judge endpoint {self.url} answered HTTP {response.status_code}: {self._redact(response.text[:300])}"
+                    )
                 problem = f"HTTP {response.status_code}"
             if attempt < cfg.max_retries:
-                logger.info("judge request failed (%s); retry %d/%d in %.1fs", problem, attempt + 1, cfg.max_retries, wait)
+                logger.info(
+                    "judge request failed (%s); retry %d/%d in %.1fs", problem, attempt + 1, cfg.max_retries, wait
+                )
                 time.sleep(wait)
                 wait *= 2
         logger.warning("judge request failed after %d tries (%s); counted as unparsed", cfg.max_retries + 1, problem)
@@ -180,10 +191,15 @@ class WinRateResult:
     records: list[dict]
 
     def to_markdown(self) -> str:
-        lines = ["| subtask | n | win | lose | unparsed | win rate | win rate (all) |", "|---|---|---|---|---|---|---|"]
+        lines = [
+            "| subtask | n | win | lose | unparsed | win rate | win rate (all) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in self.table:
-            lines.append(f"| {r['subtask']} | {r['n']} | {r['win']} | {r['lose']} | {r['unparsed']} | "
-                         f"{r['win_rate']:.3f} | {r['win_rate_all']:.3f} |")
+            lines.append(
+                f"| {r['subtask']} | {r['n']} | {r['win']} | {r['lose']} | {r['unparsed']} | "
+                f"{r['win_rate']:.3f} | {r['win_rate_all']:.3f} |"
+            )
         return "\n".join(lines)
 
 
@@ -195,9 +211,15 @@ def tabulate_verdicts(verdicts: Sequence[str | None], subtasks: Sequence[str] | 
     def row(name, vs):
         win, lose = sum(v == "A" for v in vs), sum(v == "B" for v in vs)
         n = len(vs)
-        return {"subtask": name, "n": n, "win": win, "lose": lose, "unparsed": n - win - lose,
-                "win_rate": win / (win + lose) if win + lose else float("nan"),
-                "win_rate_all": win / n if n else float("nan")}
+        return {
+            "subtask": name,
+            "n": n,
+            "win": win,
+            "lose": lose,
+            "unparsed": n - win - lose,
+            "win_rate": win / (win + lose) if win + lose else float("nan"),
+            "win_rate_all": win / n if n else float("nan"),
+        }
 
     names = list(dict.fromkeys(subtasks))
     table = [row(name, [v for v, s in zip(verdicts, subtasks) if s == name]) for name in names]
@@ -205,17 +227,29 @@ def tabulate_verdicts(verdicts: Sequence[str | None], subtasks: Sequence[str] | 
     return table
 
 
-def win_rate(prompts: Sequence[str], responses: Sequence[str], references: Sequence[str], judge: Judge,
-             subtasks: Sequence[str] | None = None, template: str = JUDGE_PROMPT) -> WinRateResult:
+def win_rate(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    references: Sequence[str],
+    judge: Judge,
+    subtasks: Sequence[str] | None = None,
+    template: str = JUDGE_PROMPT,
+) -> WinRateResult:
     """Judge each (model response = A, reference = B) pair for its prompt and count the verdicts."""
     if not len(prompts) == len(responses) == len(references):
-        raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses)} responses, {len(references)} references")
+        raise ValueError(
+            f"lengths differ: {len(prompts)} prompts, {len(responses)} responses, {len(references)} references"
+        )
     judge_prompts = [build_judge_prompt(q, a, b, template) for q, a, b in zip(prompts, responses, references)]
     raw = judge.complete(judge_prompts)
     verdicts = [parse_verdict(text) for text in raw]
     unparsed = sum(v is None for v in verdicts)
     if unparsed:
-        logger.warning("%d of %d judge verdicts could not be parsed; they are reported in the `unparsed` column", unparsed, len(verdicts))
+        logger.warning(
+            "%d of %d judge verdicts could not be parsed; they are reported in the `unparsed` column",
+            unparsed,
+            len(verdicts),
+        )
     labels = list(subtasks) if subtasks is not None else ["all"] * len(verdicts)
     records = [{"subtask": s, "verdict": v, "judge_output": t} for s, v, t in zip(labels, verdicts, raw)]
     return WinRateResult(table=tabulate_verdicts(verdicts, labels), records=records)

@@ -13,16 +13,16 @@ response alone scored; conversational rows (lists of messages) go through the ch
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rose_trl.data.sft import IGNORE_INDEX, collate, tokenize_sft_example
 from rose_trl.gradients.sft_loss import model_inputs
 from rose_trl.utils.modeling import eval_mode
-from rose_trl.data.sft import IGNORE_INDEX, collate, tokenize_sft_example
 
 
 @dataclass
@@ -37,8 +37,15 @@ class PreferenceMetricsOptions:
 
 
 @torch.no_grad()
-def sequence_logps(model, tokenizer, prompts: Sequence, responses: Sequence, batch_size: int = 8,
-                   max_length: int | None = 1024, memory_budget_gb: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sequence_logps(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    responses: Sequence,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+    memory_budget_gb: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(sum of response-token log-probs, number of response tokens) per (prompt, response).
 
     Logits are computed only at the positions where some row of a pass has a response token (the model
@@ -47,8 +54,10 @@ def sequence_logps(model, tokenizer, prompts: Sequence, responses: Sequence, bat
     as the memory budget (`memory_budget_gb`, default the machine's share: rose_trl.resources.budget) lets fit."""
     from rose_trl.resources.budget import MemoryBudget, evaluation_rows
 
-    rows = [tokenize_sft_example({"prompt": p, "completion": r}, tokenizer, max_length, "evaluation", i)
-            for i, (p, r) in enumerate(zip(prompts, responses))]
+    rows = [
+        tokenize_sft_example({"prompt": p, "completion": r}, tokenizer, max_length, "evaluation", i)
+        for i, (p, r) in enumerate(zip(prompts, responses))
+    ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     if rows:
@@ -83,7 +92,9 @@ def _reference_context(model, ref_model):
     if ref_model is not None:
         return contextlib.nullcontext(ref_model)
     if not hasattr(model, "disable_adapter"):
-        raise ValueError("the policy must be a PEFT model (reference = adapters disabled) or `ref_model` must be given")
+        raise ValueError(
+            "the policy must be a PEFT model (reference = adapters disabled) or `ref_model` must be given"
+        )
     return _disabled(model)
 
 
@@ -93,8 +104,9 @@ def _disabled(model):
         yield model
 
 
-def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0
-                       ) -> tuple[float, float]:
+def bootstrap_interval(
+    values: np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (pairs resampled with replacement)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
@@ -109,32 +121,52 @@ def _wins(margin: np.ndarray, tolerance: float) -> np.ndarray:
     return np.where(np.abs(margin) <= tolerance, 0.5, (margin > 0).astype(np.float64))
 
 
-def _summary(chosen_r: np.ndarray, rejected_r: np.ndarray, opts: PreferenceMetricsOptions,
-             likelihood_margin: np.ndarray) -> dict:
+def _summary(
+    chosen_r: np.ndarray, rejected_r: np.ndarray, opts: PreferenceMetricsOptions, likelihood_margin: np.ndarray
+) -> dict:
     margin = chosen_r - rejected_r
     wins = _wins(margin, opts.tie_tolerance)
     likelihood_wins = _wins(likelihood_margin, opts.tie_tolerance)
     # -log sigmoid(z) = softplus(-z), stable for large |z|.
     loss = np.logaddexp(0.0, -opts.beta * margin)
-    return {"n": int(len(margin)), "accuracy": float(wins.mean()), "accuracy_ci": bootstrap_interval(wins),
-            "dpo_loss": float(loss.mean()), "reward_margin": float(opts.beta * margin.mean()),
-            "reward_margin_ci": bootstrap_interval(opts.beta * margin),
-            "chosen_reward": float(opts.beta * chosen_r.mean()), "rejected_reward": float(opts.beta * rejected_r.mean()),
-            "likelihood_accuracy": float(likelihood_wins.mean()),
-            "likelihood_accuracy_ci": bootstrap_interval(likelihood_wins)}
+    return {
+        "n": int(len(margin)),
+        "accuracy": float(wins.mean()),
+        "accuracy_ci": bootstrap_interval(wins),
+        "dpo_loss": float(loss.mean()),
+        "reward_margin": float(opts.beta * margin.mean()),
+        "reward_margin_ci": bootstrap_interval(opts.beta * margin),
+        "chosen_reward": float(opts.beta * chosen_r.mean()),
+        "rejected_reward": float(opts.beta * rejected_r.mean()),
+        "likelihood_accuracy": float(likelihood_wins.mean()),
+        "likelihood_accuracy_ci": bootstrap_interval(likelihood_wins),
+    }
 
 
-def pair_logps(model, tokenizer, dataset, options: PreferenceMetricsOptions | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def pair_logps(
+    model, tokenizer, dataset, options: PreferenceMetricsOptions | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Response log-probs and token counts of every chosen row, then every rejected row ([2n] each)."""
     opts = options or PreferenceMetricsOptions()
     prompts = list(dataset["prompt"])
-    return sequence_logps(model, tokenizer, prompts + prompts, list(dataset["chosen"]) + list(dataset["rejected"]),
-                          opts.batch_size, opts.max_length, opts.memory_budget_gb)
+    return sequence_logps(
+        model,
+        tokenizer,
+        prompts + prompts,
+        list(dataset["chosen"]) + list(dataset["rejected"]),
+        opts.batch_size,
+        opts.max_length,
+        opts.memory_budget_gb,
+    )
 
 
-def summarize_pairs(policy: np.ndarray, counts: np.ndarray, reference: np.ndarray, dataset,
-                    options: PreferenceMetricsOptions | None = None) -> dict:
+def summarize_pairs(
+    policy: np.ndarray,
+    counts: np.ndarray,
+    reference: np.ndarray,
+    dataset,
+    options: PreferenceMetricsOptions | None = None,
+) -> dict:
     """preference_metrics' numbers from `pair_logps` of the policy and of the reference."""
     opts = options or PreferenceMetricsOptions()
     n = len(dataset)
@@ -145,14 +177,16 @@ def summarize_pairs(policy: np.ndarray, counts: np.ndarray, reference: np.ndarra
     out = _summary(chosen_r, rejected_r, opts, likelihood_margin)
     if "subtask" in dataset.column_names:
         subtasks = np.asarray([str(s) for s in dataset["subtask"]])
-        out["per_subtask"] = {s: _summary(chosen_r[subtasks == s], rejected_r[subtasks == s], opts,
-                                          likelihood_margin[subtasks == s])
-                              for s in dict.fromkeys(subtasks.tolist())}
+        out["per_subtask"] = {
+            s: _summary(chosen_r[subtasks == s], rejected_r[subtasks == s], opts, likelihood_margin[subtasks == s])
+            for s in dict.fromkeys(subtasks.tolist())
+        }
     return out
 
 
-def preference_metrics(model, tokenizer, dataset, options: PreferenceMetricsOptions | None = None,
-                       ref_model=None) -> dict:
+def preference_metrics(
+    model, tokenizer, dataset, options: PreferenceMetricsOptions | None = None, ref_model=None
+) -> dict:
     """Accuracy, mean DPO loss and mean rewards (scaled by beta, as TRL logs them) on prompt/chosen/
     rejected rows, with 95% bootstrap intervals of the accuracy and of the mean margin (`*_ci`);
     `per_subtask` holds the same numbers per `subtask` when the column exists.
@@ -166,8 +200,9 @@ def preference_metrics(model, tokenizer, dataset, options: PreferenceMetricsOpti
     return summarize_pairs(policy, counts, reference, dataset, options)
 
 
-def reference_nll(model, tokenizer, prompts: Sequence, references: Sequence, batch_size: int = 8,
-                  max_length: int | None = 1024) -> float:
+def reference_nll(
+    model, tokenizer, prompts: Sequence, references: Sequence, batch_size: int = 8, max_length: int | None = 1024
+) -> float:
     """Token-weighted mean NLL (nats per token) of the reference answers under the model."""
     logps, counts = sequence_logps(model, tokenizer, prompts, references, batch_size, max_length)
     return float(-logps.sum() / counts.sum())

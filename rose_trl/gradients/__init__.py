@@ -15,6 +15,7 @@ from rose_trl.gradients.capture import (
     trainable_parameters,
 )
 
+
 __all__ = [
     "AdamState",
     "MissingAdamStateError",

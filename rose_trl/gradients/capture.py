@@ -10,15 +10,14 @@ padding and other rows' lengths cannot change a row's gradient (tested against a
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from rose_trl.utils.distributed import deepspeed_adam_moments, full_numel, is_deepspeed_param, partitioned, whole
 from rose_trl.gradients.sft_loss import pass_loss
-
+from rose_trl.utils.distributed import deepspeed_adam_moments, full_numel, is_deepspeed_param, whole
 
 
 class UnsupportedParameterError(ValueError):
@@ -80,7 +79,7 @@ class ProjectedRows:
     projection is linear in the parameter coordinates), up to float summation order (tests/test_fused.py).
     """
 
-    def __init__(self, rows: int, projector, adam_state: "AdamState | None", device: torch.device):
+    def __init__(self, rows: int, projector, adam_state: AdamState | None, device: torch.device):
         self.projector, self.adam = projector, adam_state
         self.rows = torch.zeros(rows, projector.dim, dtype=torch.float32, device=device)
 
@@ -117,7 +116,9 @@ class PerExampleGradientCapture:
     def __init__(self, model: nn.Module):
         self.params = trainable_parameters(model)
         if not self.params:
-            raise UnsupportedParameterError("the model has no trainable parameters (is the LoRA adapter attached and active?)")
+            raise UnsupportedParameterError(
+                "the model has no trainable parameters (is the LoRA adapter attached and active?)"
+            )
         slices: dict[int, tuple[int, int]] = {}
         offset = 0
         for _, p in self.params:
@@ -149,7 +150,7 @@ class PerExampleGradientCapture:
         self._calls: dict[int, int] = {}
         self._handles: list = []
 
-    def __enter__(self) -> "PerExampleGradientCapture":
+    def __enter__(self) -> PerExampleGradientCapture:
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._modules]
         return self
 
@@ -159,7 +160,7 @@ class PerExampleGradientCapture:
         self._handles = []
         self._taps, self._calls = [], {}  # a forward without backward (an error in between) must not keep them
 
-    def reset(self, rows: int, device: torch.device, sink: "DenseRows | ProjectedRows | None" = None):
+    def reset(self, rows: int, device: torch.device, sink: DenseRows | ProjectedRows | None = None):
         """Start a pass of `rows` rows; returns its sink (a `DenseRows` unless one is given)."""
         self.sink = sink if sink is not None else DenseRows(rows, self.num_params, device)
         self._taps, self._calls = [], {}
@@ -203,8 +204,10 @@ class PerExampleGradientCapture:
         a = x.reshape(rows, -1, x.shape[-1]).float()
         weight, bias = self._module_slices[id(module)]
         # Per-row weight gradient: sum over positions of grad_out[b, t]^T x[b, t].
-        blocks = (torch.bmm(g.transpose(1, 2), a).reshape(rows, -1) if weight is not None else None,
-                  g.sum(dim=1) if bias is not None else None)
+        blocks = (
+            torch.bmm(g.transpose(1, 2), a).reshape(rows, -1) if weight is not None else None,
+            g.sum(dim=1) if bias is not None else None,
+        )
         key = id(module)
         if key in self._pending:  # a layer called several times: the Adam transform needs the sum of its calls
             blocks = tuple(b if p is None else p + b for p, b in zip(self._pending.pop(key)[1], blocks))
@@ -232,7 +235,7 @@ class AdamState:
     eps: float
 
     @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer, params: list[tuple[str, nn.Parameter]]) -> "AdamState":
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, params: list[tuple[str, nn.Parameter]]) -> AdamState:
         """Read m, v, betas and eps from a live (possibly accelerate-wrapped) torch Adam/AdamW, or from a
         DeepSpeed ZeRO optimizer; under ZeRO and FSDP2 every rank must call this (the moments are gathered)."""
         if any(is_deepspeed_param(p) for _, p in params):
@@ -261,7 +264,7 @@ class AdamState:
     @classmethod
     def from_state_dict(
         cls, state_dict: dict, params: list[tuple[str, nn.Parameter]], param_index: dict[str, int]
-    ) -> "AdamState":
+    ) -> AdamState:
         """Read a saved optimizer state dict (e.g. a Trainer checkpoint's optimizer.pt).
 
         `param_index` maps each parameter name to its integer id in the state dict, which is the
@@ -276,7 +279,9 @@ class AdamState:
             idx = param_index.get(name)
             state = state_dict["state"].get(idx, {})
             if "exp_avg" not in state or "exp_avg_sq" not in state:
-                raise MissingAdamStateError(f"saved optimizer state has no exp_avg/exp_avg_sq for '{name}' (index {idx})")
+                raise MissingAdamStateError(
+                    f"saved optimizer state has no exp_avg/exp_avg_sq for '{name}' (index {idx})"
+                )
             m, v = state["exp_avg"], state["exp_avg_sq"]
             if m.numel() != p.numel():
                 raise MissingAdamStateError(
@@ -289,31 +294,39 @@ class AdamState:
         return cls._build(ms, vs, hyper)
 
     @classmethod
-    def from_named_moments(cls, exp_avg: dict, exp_avg_sq: dict, hyper: set,
-                           params: list[tuple[str, nn.Parameter]], source: str = "checkpoint") -> "AdamState":
+    def from_named_moments(
+        cls,
+        exp_avg: dict,
+        exp_avg_sq: dict,
+        hyper: set,
+        params: list[tuple[str, nn.Parameter]],
+        source: str = "checkpoint",
+    ) -> AdamState:
         """Build from m and v keyed by parameter name (e.g. read from a DeepSpeed checkpoint)."""
         ms, vs = [], []
         for name, p in params:
             if name not in exp_avg or name not in exp_avg_sq:
                 raise MissingAdamStateError(
                     f"{source} has no Adam state (exp_avg/exp_avg_sq) for '{name}': Adam preconditioning needs an "
-                    "Adam/AdamW optimizer and at least one step; use gradient_type='sgd' otherwise")
+                    "Adam/AdamW optimizer and at least one step; use gradient_type='sgd' otherwise"
+                )
             if exp_avg[name].numel() != full_numel(p):
                 raise MissingAdamStateError(
                     f"{source}: '{name}' has {exp_avg[name].numel()} Adam values, the parameter has {full_numel(p)}: "
-                    "the checkpoint was written for a different model or adapter")
+                    "the checkpoint was written for a different model or adapter"
+                )
             ms.append(exp_avg[name].reshape(-1).float())
             vs.append(exp_avg_sq[name].reshape(-1).float())
         return cls._build(ms, vs, set(hyper))
 
     @classmethod
-    def _build(cls, ms, vs, hyper) -> "AdamState":
+    def _build(cls, ms, vs, hyper) -> AdamState:
         if len(hyper) != 1:
             raise ValueError(f"parameters use different Adam (beta1, beta2, eps): {sorted(hyper)}")
         b1, b2, eps = hyper.pop()
         return cls(torch.cat(ms), torch.cat(vs), b1, b2, eps)
 
-    def to(self, device: torch.device) -> "AdamState":
+    def to(self, device: torch.device) -> AdamState:
         return AdamState(self.exp_avg.to(device), self.exp_avg_sq.to(device), self.beta1, self.beta2, self.eps)
 
     def precondition_(self, grads: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -341,8 +354,9 @@ def trainer_param_index(model: nn.Module) -> dict[str, int]:
     return {n: i for i, n in enumerate(ordered)}
 
 
-def _capture_pass(model: nn.Module, batch: dict, sink: "DenseRows | ProjectedRows | None" = None
-                  ) -> "DenseRows | ProjectedRows":
+def _capture_pass(
+    model: nn.Module, batch: dict, sink: DenseRows | ProjectedRows | None = None
+) -> DenseRows | ProjectedRows:
     capture = PerExampleGradientCapture(model)
     with activation_checkpointing_off(model), capture, torch.enable_grad():
         sink = capture.reset(batch["input_ids"].shape[0], batch["input_ids"].device, sink)
@@ -350,8 +364,9 @@ def _capture_pass(model: nn.Module, batch: dict, sink: "DenseRows | ProjectedRow
     return sink
 
 
-def per_example_gradients(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None,
-                          adam_state: AdamState | None = None) -> torch.Tensor:
+def per_example_gradients(
+    model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None, adam_state: AdamState | None = None
+) -> torch.Tensor:
     """Gradient of each row's own SFT loss w.r.t. the trainable parameters: float32 [batch, n_params].
 
     `batch` holds `input_ids`, `attention_mask` and `labels` (-100 outside the response). One forward
@@ -372,13 +387,16 @@ def per_example_gradients(model: nn.Module, batch: dict, optimizer: torch.optim.
     return grads
 
 
-def per_example_projected_gradients(model: nn.Module, batch: dict, projector, adam_state: AdamState | None = None
-                                    ) -> torch.Tensor:
+def per_example_projected_gradients(
+    model: nn.Module, batch: dict, projector, adam_state: AdamState | None = None
+) -> torch.Tensor:
     """`projector.project(per_example_gradients(model, batch, adam_state=adam_state))`, fused: float32
     [batch, projector.dim] computed layer by layer inside the backward (`ProjectedRows`), without the
     [batch, n_params] buffer. The projector must support row slices (`projector.supports_slices`)."""
     if not projector.supports_slices:
-        raise ValueError(f"{projector.implementation} cannot project a slice of the parameters: use "
-                         "per_example_gradients and project the whole rows")
+        raise ValueError(
+            f"{projector.implementation} cannot project a slice of the parameters: use "
+            "per_example_gradients and project the whole rows"
+        )
     sink = ProjectedRows(batch["input_ids"].shape[0], projector, adam_state, batch["input_ids"].device)
     return _capture_pass(model, batch, sink).rows

@@ -11,15 +11,23 @@ Both give the same features up to float summation order (tests/test_fused.py).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
 
-from rose_trl.gradients.capture import (AdamState, DenseRows, PerExampleGradientCapture, ProjectedRows, activation_checkpointing_off,
-                        per_example_gradients, per_example_projected_gradients)
+from rose_trl.gradients.capture import (
+    AdamState,
+    DenseRows,
+    PerExampleGradientCapture,
+    ProjectedRows,
+    activation_checkpointing_off,
+    per_example_gradients,
+    per_example_projected_gradients,
+)
 from rose_trl.gradients.projection import Projector
+
 
 logger = get_logger(__name__)
 
@@ -28,8 +36,10 @@ def fused_path(projector: Projector) -> tuple[bool, str]:
     """(whether the fused path can run with `projector`, why)."""
     if getattr(projector, "supports_slices", False):
         return True, f"the projector ({projector.implementation}) projects each layer's slice of the parameters"
-    return False, (f"the projector ({projector.implementation}) cannot project a slice of the parameters; sjlt, or "
-                   "trak with its matrix cached, can")
+    return False, (
+        f"the projector ({projector.implementation}) cannot project a slice of the parameters; sjlt, or "
+        "trak with its matrix cached, can"
+    )
 
 
 class Featurizer:
@@ -42,16 +52,24 @@ class Featurizer:
         if self.fused:
             logger.info("per-layer fused gradient path: %s", self.reason)
         else:
-            logger.warning("per-layer fused gradient path off: %s; whole gradient rows are built and projected "
-                           "(memory per row grows with the adapter: see gradient_memory_gb)", self.reason)
+            logger.warning(
+                "per-layer fused gradient path off: %s; whole gradient rows are built and projected "
+                "(memory per row grows with the adapter: see gradient_memory_gb)",
+                self.reason,
+            )
 
     @property
     def dim(self) -> int:
         return self.projector.dim
 
-    def __call__(self, model: torch.nn.Module, batch: dict, adam_state: AdamState | None = None,
-                 loss: Callable[[dict], torch.Tensor] | None = None,
-                 combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        batch: dict,
+        adam_state: AdamState | None = None,
+        loss: Callable[[dict], torch.Tensor] | None = None,
+        combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """[rows, dim] features of `batch` (`input_ids` gives the rows and the device).
 
         `loss`: None for each row's own SFT loss (labels -100 outside the response); else `loss(batch)`, run
@@ -68,8 +86,11 @@ class Featurizer:
             return self.projector.project(combine(grads) if combine else grads)
         n, device = batch["input_ids"].shape[0], batch["input_ids"].device
         capture = PerExampleGradientCapture(model)
-        sink = ProjectedRows(n, self.projector, adam_state, device) if self.fused \
+        sink = (
+            ProjectedRows(n, self.projector, adam_state, device)
+            if self.fused
             else DenseRows(n, capture.num_params, device)
+        )
         with activation_checkpointing_off(model), capture, torch.enable_grad():
             capture.reset(n, device, sink)
             capture.backward(loss(batch))

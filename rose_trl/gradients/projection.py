@@ -22,6 +22,7 @@ from typing import Protocol
 
 import torch
 
+
 PROJECTION_TYPES = ("sjlt", "trak", "trak_cuda")
 
 
@@ -53,8 +54,15 @@ class SparseJLProjector:
 
     name = "sjlt"
 
-    def __init__(self, input_dim: int, dim: int = 8192, seed: int = 0, nnz: int = 4, chunk: int = 1 << 22,
-                 cache_bytes: int = 4 << 30):
+    def __init__(
+        self,
+        input_dim: int,
+        dim: int = 8192,
+        seed: int = 0,
+        nnz: int = 4,
+        chunk: int = 1 << 22,
+        cache_bytes: int = 4 << 30,
+    ):
         if nnz < 1 or dim < 1:
             raise ValueError(f"sjlt needs dim >= 1 and nnz >= 1, got dim={dim}, nnz={nnz}")
         self.input_dim, self.dim, self.seed, self.nnz, self.chunk = input_dim, dim, seed, nnz, chunk
@@ -112,8 +120,12 @@ class SparseJLProjector:
                 continue
             block = values[:, lo - start : hi - start]
             for s in range(self.nnz):
-                out.index_add_(1, buckets[s, lo - c_start : hi - c_start].long(), block * signs[s, lo - c_start : hi - c_start],
-                               alpha=scale)
+                out.index_add_(
+                    1,
+                    buckets[s, lo - c_start : hi - c_start].long(),
+                    block * signs[s, lo - c_start : hi - c_start],
+                    alpha=scale,
+                )
 
     def describe(self) -> dict:
         return {"type": self.name, "dim": self.dim, "seed": self.seed, "nnz": self.nnz, "input_dim": self.input_dim}
@@ -145,16 +157,29 @@ class TrakProjector:
         self._matrix: torch.Tensor | None = None
         if backend == "cuda":
             if self.device.type != "cuda" or not _has_fast_jl():
-                raise ValueError("projection_type 'trak_cuda' needs a CUDA device and fast_jl "
-                                 "(pip install -e '.[fast]' on a GPU machine); use 'sjlt' or 'trak' otherwise")
+                raise ValueError(
+                    "projection_type 'trak_cuda' needs a CUDA device and fast_jl "
+                    "(pip install -e '.[fast]' on a GPU machine); use 'sjlt' or 'trak' otherwise"
+                )
             from trak.projectors import CudaProjector
 
-            self._impl = CudaProjector(grad_dim=input_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
-                                       device=self.device, max_batch_size=max_batch_size)
+            self._impl = CudaProjector(
+                grad_dim=input_dim,
+                proj_dim=dim,
+                seed=seed,
+                proj_type=ProjectionType.rademacher,
+                device=self.device,
+                max_batch_size=max_batch_size,
+            )
         elif backend == "basic":
             self._impl = BasicProjector(
-                grad_dim=input_dim, proj_dim=dim, seed=seed, proj_type=ProjectionType.rademacher,
-                device=self.device, block_size=block_size, dtype=torch.float32,
+                grad_dim=input_dim,
+                proj_dim=dim,
+                seed=seed,
+                proj_type=ProjectionType.rademacher,
+                device=self.device,
+                block_size=block_size,
+                dtype=torch.float32,
             )
             if input_dim * dim * 4 <= cache_bytes:
                 self._matrix = self._materialize_basic()
@@ -191,8 +216,13 @@ class TrakProjector:
 
     def describe(self) -> dict:
         # BasicProjector and CudaProjector draw different matrices from the same seed.
-        return {"type": f"trak_{self.backend}", "dim": self.dim, "seed": self.seed,
-                "block_size": self.block_size if self.backend == "basic" else None, "input_dim": self.input_dim}
+        return {
+            "type": f"trak_{self.backend}",
+            "dim": self.dim,
+            "seed": self.seed,
+            "block_size": self.block_size if self.backend == "basic" else None,
+            "input_dim": self.input_dim,
+        }
 
     @property
     def implementation(self) -> str:
@@ -201,15 +231,17 @@ class TrakProjector:
         return "trak BasicProjector" + (" (matrix cached)" if self._matrix is not None else "")
 
 
-def build_projector(kind: str, input_dim: int, dim: int = 8192, seed: int = 0,
-                    device: str | torch.device = "cpu", **kwargs) -> Projector:
+def build_projector(
+    kind: str, input_dim: int, dim: int = 8192, seed: int = 0, device: str | torch.device = "cpu", **kwargs
+) -> Projector:
     """`kind`: "sjlt" (fast, default), "trak" (trak's BasicProjector), "trak_cuda" (trak's CudaProjector,
     fast_jl) or "auto" (the measured best for the device: sjlt on CPU and on GPU)."""
     if kind in ("auto", "sjlt"):
         return SparseJLProjector(input_dim, dim, seed, **kwargs)
     if kind in ("trak", "trak_cuda"):
-        return TrakProjector(input_dim, dim, seed, device=device, backend="cuda" if kind == "trak_cuda" else "basic",
-                             **kwargs)
+        return TrakProjector(
+            input_dim, dim, seed, device=device, backend="cuda" if kind == "trak_cuda" else "basic", **kwargs
+        )
     raise ValueError(f"unknown projection type {kind!r}; choose one of {PROJECTION_TYPES + ('auto',)}")
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rose_trl.utils.distributed import partitioned
 from rose_trl.data.sft import IGNORE_INDEX
+from rose_trl.utils.distributed import partitioned
 
 
 def model_inputs(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor | None]:
@@ -55,7 +55,9 @@ def _shifted_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return shifted, counts
 
 
-def sft_per_example_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+def sft_per_example_loss(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Each row's own token-mean next-token cross entropy over its labelled (response) tokens: [B].
 
     `positions`: the sequence positions `logits` were computed for (`logits_to_keep`), all when None.
@@ -66,8 +68,9 @@ def sft_per_example_loss(logits: torch.Tensor, labels: torch.Tensor, positions: 
     if positions is not None:
         shifted = shifted[:, positions]
     rows, width, vocab = logits.shape
-    token_loss = F.cross_entropy(logits.reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="none").view(rows, width)
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, vocab).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(rows, width)
     return token_loss.sum(dim=1) / counts
 
 
@@ -121,14 +124,21 @@ def _chunkable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if (config is None or config.model_type not in PLAIN_HEAD_MODEL_TYPES or type(head) is not nn.Linear
-            or head.bias is not None or head.weight.requires_grad or partitioned(model)):
+    if (
+        config is None
+        or config.model_type not in PLAIN_HEAD_MODEL_TYPES
+        or type(head) is not nn.Linear
+        or head.bias is not None
+        or head.weight.requires_grad
+        or partitioned(model)
+    ):
         return None
     return getattr(base, base.base_model_prefix), head
 
 
-def chunked_sft_per_example_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
-                                 chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> torch.Tensor:
+def chunked_sft_per_example_loss(
+    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk_elements: int = LOSS_CHUNK_ELEMENTS
+) -> torch.Tensor:
     """`sft_per_example_loss(head(hidden), labels)` from the final hidden states [B, T, H], with at most
     about `chunk_elements` logits alive at once (`_TokenCrossEntropy`); only labelled tokens are scored.
     Equal to the plain loss and its gradient up to float summation order (tests/test_gradients.py)."""
@@ -137,8 +147,10 @@ def chunked_sft_per_example_loss(hidden: torch.Tensor, head: nn.Linear, labels: 
     chunk = max(1, chunk_elements // head.out_features)
     token_loss = _TokenCrossEntropy.apply(hidden[labelled], head.weight, shifted[labelled], chunk)
     row_of_token = torch.nonzero(labelled)[:, 0]
-    return torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(
-        0, row_of_token, token_loss) / counts
+    return (
+        torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, row_of_token, token_loss)
+        / counts
+    )
 
 
 def pass_loss(model: nn.Module, batch: dict, chunk_elements: int | None = None) -> torch.Tensor:

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 from trl import ModelConfig, SFTConfig
 
-from rose_trl.models.source import load_tokenizer, model_source
 from rose_trl.data.sft import BadRecordError, tokenize_sft_example
+from rose_trl.models.source import load_tokenizer, model_source
+
 
 # Options of the model itself: not carried over from the warm-up's model to another model_name_or_path.
 MODEL_IDENTITY = ("model_revision", "gguf_file")
@@ -58,9 +59,16 @@ class ModelSpec:
         """The model as rose_final.json names it."""
         m = self.model_args
         source = model_source(m, self.gguf_file)
-        return {"model_name_or_path": m.model_name_or_path, "model_revision": m.model_revision, **source.record,
-                "dtype": m.dtype, "use_peft": m.use_peft, "lora_r": m.lora_r if m.use_peft else None,
-                "max_length": self.sft.max_length, "chat_template_path": self.sft.chat_template_path}
+        return {
+            "model_name_or_path": m.model_name_or_path,
+            "model_revision": m.model_revision,
+            **source.record,
+            "dtype": m.dtype,
+            "use_peft": m.use_peft,
+            "lora_r": m.lora_r if m.use_peft else None,
+            "max_length": self.sft.max_length,
+            "chat_template_path": self.sft.chat_template_path,
+        }
 
 
 def model_specs(rose, sft: SFTConfig, model_args: ModelConfig) -> tuple[ModelSpec, ModelSpec]:
@@ -145,12 +153,19 @@ def _token_counts(pool, tokenizer, max_length: int | None, option: str, name: st
         except BadRecordError:
             raise
         except Exception as e:  # e.g. a chat template's raise_exception on this row's turns
-            raise ValueError(f"{option}: the tokenizer of {name} cannot tokenize pool record {index}: "
-                             f"{type(e).__name__}: {e}") from None
+            raise ValueError(
+                f"{option}: the tokenizer of {name} cannot tokenize pool record {index}: {type(e).__name__}: {e}"
+            ) from None
 
     workers = min(8, os.cpu_count() or 1) if len(pool) >= 20_000 else None
-    return pool.map(count, with_indices=True, remove_columns=pool.column_names, num_proc=workers,
-                    keep_in_memory=True, desc=f"Tokenizing the pool for {name}")["n_tokens"]
+    return pool.map(
+        count,
+        with_indices=True,
+        remove_columns=pool.column_names,
+        num_proc=workers,
+        keep_in_memory=True,
+        desc=f"Tokenizing the pool for {name}",
+    )["n_tokens"]
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -171,7 +186,12 @@ def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False, budget=N
     m = spec.model_args
     name = str(m.model_name_or_path)
     where = spec.option("model_name_or_path")
-    if spec.gguf_file is None and not name.endswith(".gguf") and not Path(name).exists() and not _looks_like_hub_id(name):
+    if (
+        spec.gguf_file is None
+        and not name.endswith(".gguf")
+        and not Path(name).exists()
+        and not _looks_like_hub_id(name)
+    ):
         raise ValueError(f"{where}: {name!r} does not exist (neither a folder, a .gguf file nor a Hub id)")
     try:
         source = model_source(m, spec.gguf_file)
@@ -186,29 +206,39 @@ def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False, budget=N
     try:
         skeleton, tokenizer, _ = apply_chat_template_path(skeleton, tokenizer, template)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{spec.option('chat_template_path')}: cannot take a chat template from {template!r}: {e}") from None
+        raise ValueError(
+            f"{spec.option('chat_template_path')}: cannot take a chat template from {template!r}: {e}"
+        ) from None
     chat_row = _first_chat_row(pool)
     if chat_row is not None and tokenizer.chat_template is None:
-        raise ValueError(f"{spec.option('chat_template_path')}: the pool has chat rows (record {chat_row} is one) and "
-                         f"the tokenizer of {name} has no chat template; set {spec.option('chat_template_path')} to a "
-                         f".jinja file or a tokenizer to clone one from (as SFTConfig's chat_template_path)")
+        raise ValueError(
+            f"{spec.option('chat_template_path')}: the pool has chat rows (record {chat_row} is one) and "
+            f"the tokenizer of {name} has no chat template; set {spec.option('chat_template_path')} to a "
+            f".jinja file or a tokenizer to clone one from (as SFTConfig's chat_template_path)"
+        )
 
     if m.use_peft and m.lora_target_modules and m.lora_target_modules != "all-linear":
         targets = [m.lora_target_modules] if isinstance(m.lora_target_modules, str) else list(m.lora_target_modules)
         modules = [n for n, _ in skeleton.named_modules()]
         if not any(n == t or n.endswith("." + t) for t in targets for n in modules):
-            raise ValueError(f"{spec.option('lora_target_modules')}: none of {targets} is a module of {name} "
-                             f"(its attention modules: {sorted({n.rsplit('.', 1)[-1] for n in modules if 'attn' in n})})")
+            raise ValueError(
+                f"{spec.option('lora_target_modules')}: none of {targets} is a module of {name} "
+                f"(its attention modules: {sorted({n.rsplit('.', 1)[-1] for n in modules if 'attn' in n})})"
+            )
 
     counts = None
     if spec.retokenizes:
-        counts = np.asarray(_token_counts(pool, tokenizer, spec.sft.max_length, spec.option("chat_template_path"), name))
+        counts = np.asarray(
+            _token_counts(pool, tokenizer, spec.sft.max_length, spec.option("chat_template_path"), name)
+        )
         # Rows, not the option: a max_length above the model's positions that no row reaches is harmless.
         limit = getattr(config.get_text_config(), "max_position_embeddings", None)
         if limit is not None and len(counts) and counts.max() > limit:
-            raise ValueError(f"{spec.option('max_length')}: at max_length {spec.sft.max_length} pool record "
-                             f"{int(counts.argmax())} has {int(counts.max())} tokens, but {name} takes at most {limit} "
-                             f"(its max_position_embeddings)")
+            raise ValueError(
+                f"{spec.option('max_length')}: at max_length {spec.sft.max_length} pool record "
+                f"{int(counts.argmax())} has {int(counts.max())} tokens, but {name} takes at most {limit} "
+                f"(its max_position_embeddings)"
+            )
     if budget is not None:
         _check_training_memory(spec, config, budget, counts)
     return tokenizer
@@ -235,5 +265,11 @@ def _check_training_memory(spec: ModelSpec, config, budget, counts) -> str | Non
     width = spec.sft.max_length
     if counts is not None and len(counts):
         width = int(min(counts.max(), width)) if width else int(counts.max())
-    return check_training(config, spec.sft, budget, f"{spec.option('per_device_train_batch_size')} "
-                          f"({m.model_name_or_path}, checked at the start)", width=width, lora=lora)
+    return check_training(
+        config,
+        spec.sft,
+        budget,
+        f"{spec.option('per_device_train_batch_size')} ({m.model_name_or_path}, checked at the start)",
+        width=width,
+        lora=lora,
+    )

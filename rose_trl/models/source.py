@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rose_trl.utils.files import atomic_dir, atomic_write_json, publish_first, remove_tree
 
+
 GGUF_INSTALL = 'pip install "rose_trl[gguf]"  (in a checkout: pip install -e ".[gguf]")'
 GGUF_RECORD = "rose_gguf.json"
 
@@ -59,8 +60,9 @@ def _locate_gguf(name_or_path: str, gguf_file: str | None, revision: str | None)
     return Path(hf_hub_download(name_or_path, gguf_file, revision=revision))
 
 
-def resolve_model_source(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
-                         cache_dir: str | Path | None = None) -> ModelSource:
+def resolve_model_source(
+    name_or_path: str, gguf_file: str | None = None, revision: str | None = None, cache_dir: str | Path | None = None
+) -> ModelSource:
     """The folder to load for `name_or_path`: itself, or the cached conversion of the GGUF file it names."""
     path = _locate_gguf(str(name_or_path), gguf_file, revision)
     if path is None:
@@ -144,6 +146,10 @@ def load_model_and_tokenizer(model_args, trust_remote_code: bool = False, gguf_f
     revision = None if source.record else model_args.model_revision
     tokenizer = load_tokenizer(model_args, trust_remote_code, gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
-        source.path, revision=revision, dtype=model_args.dtype,
-        trust_remote_code=trust_remote_code, attn_implementation=model_args.attn_implementation)
+        source.path,
+        revision=revision,
+        dtype=model_args.dtype,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+    )
     return model, tokenizer

@@ -15,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+
 TOPICS = {
     "cooking": "pasta garlic oven butter onion simmer recipe flour",
     "space": "planet orbit rocket star galaxy moon comet telescope",
@@ -46,8 +47,9 @@ def _topic_sentence(rng: random.Random, topic: str) -> tuple[str, str]:
 DISTRACTOR = "as a fellow enthusiast i would honestly say"
 
 
-def make_planted_task(n_pool: int = 400, pairs_per_subtask: int = 4, seed: int = 0,
-                      distractor: bool = False) -> tuple[list[dict], list[dict]]:
+def make_planted_task(
+    n_pool: int = 400, pairs_per_subtask: int = 4, seed: int = 0, distractor: bool = False
+) -> tuple[list[dict], list[dict]]:
     """(pool rows: prompt/completion/topic/feature/source, preference rows: prompt/chosen/rejected/subtask).
 
     With `distractor`, every preference answer, chosen and rejected alike, also carries the phrase
@@ -68,8 +70,15 @@ def make_planted_task(n_pool: int = 400, pairs_per_subtask: int = 4, seed: int =
         elif feature != "none":
             subtask, side = feature.rsplit("_", 1)
             answer += " " + FEATURES[subtask][0 if side == "good" else 1]
-        pool.append({"prompt": prompt, "completion": " " + answer, "topic": topic, "feature": feature,
-                     "source": f"generated_{topic}"})
+        pool.append(
+            {
+                "prompt": prompt,
+                "completion": " " + answer,
+                "topic": topic,
+                "feature": feature,
+                "source": f"generated_{topic}",
+            }
+        )
     rng.shuffle(pool)
     validation = []
     for subtask, (good, bad) in FEATURES.items():
@@ -77,8 +86,9 @@ def make_planted_task(n_pool: int = 400, pairs_per_subtask: int = 4, seed: int =
             prompt, answer = _topic_sentence(rng, rng.choice(sorted(TOPICS)))
             if distractor:
                 answer += " " + DISTRACTOR
-            validation.append({"prompt": prompt, "chosen": f" {answer} {good}", "rejected": f" {answer} {bad}",
-                               "subtask": subtask})
+            validation.append(
+                {"prompt": prompt, "chosen": f" {answer} {good}", "rejected": f" {answer} {bad}", "subtask": subtask}
+            )
     return pool, validation
 
 
@@ -92,11 +102,21 @@ def build_tokenizer(texts, vocab_size: int = 2000, chat: bool = True):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", additional_special_tokens=special[4:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=special[4:],
+    )
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -108,9 +128,16 @@ def build_tiny_llama(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
@@ -123,8 +150,14 @@ def _texts(pool, validation):
         yield r["prompt"] + r["chosen"] + r["rejected"]
 
 
-def write_tiny_assets(out_dir: str | Path, n_pool: int = 400, pairs_per_subtask: int = 4, seed: int = 0,
-                      hidden: int = 64, layers: int = 2) -> Path:
+def write_tiny_assets(
+    out_dir: str | Path,
+    n_pool: int = 400,
+    pairs_per_subtask: int = 4,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+) -> Path:
     """Write model/ (tiny Llama + tokenizer), pool.jsonl and validation.jsonl under `out_dir`."""
     import os
 

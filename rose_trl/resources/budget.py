@@ -34,9 +34,17 @@ from accelerate.logging import get_logger
 from accelerate.utils import find_executable_batch_size
 from accelerate.utils.memory import should_reduce_batch_size
 
+from rose_trl.resources.memory import (
+    FUSED_HEAD_TOKENS,
+    Estimate,
+    LoraShape,
+    ModelShape,
+    dtype_bytes,
+    estimate_pass,
+    largest_rows,
+)
 from rose_trl.utils.distributed import max_over_ranks
-from rose_trl.resources.memory import (FUSED_HEAD_TOKENS, Estimate, LoraShape, ModelShape, dtype_bytes, estimate_pass,
-                     largest_rows)
+
 
 logger = get_logger(__name__)
 
@@ -84,9 +92,11 @@ def compact_heap() -> bool:
             return False
         _heap["mode"] = "compact"
         PartialState()  # accelerate's logger needs its state
-        logger.warning("memory: blocks of %d MiB and more are now mapped on their own and returned when freed (glibc "
-                       "mallopt M_MMAP_THRESHOLD), so that the passes fit the budget; passes take longer",
-                       COMPACT_MMAP_THRESHOLD >> 20)
+        logger.warning(
+            "memory: blocks of %d MiB and more are now mapped on their own and returned when freed (glibc "
+            "mallopt M_MMAP_THRESHOLD), so that the passes fit the budget; passes take longer",
+            COMPACT_MMAP_THRESHOLD >> 20,
+        )
     return True
 
 
@@ -149,16 +159,23 @@ class MemoryBudget:
     device: str = "cpu"
 
     @classmethod
-    def for_device(cls, memory_budget_gb: float | None = None, device: torch.device | str | None = None,
-                   processes: int | None = None) -> "MemoryBudget":
+    def for_device(
+        cls,
+        memory_budget_gb: float | None = None,
+        device: torch.device | str | None = None,
+        processes: int | None = None,
+    ) -> MemoryBudget:
         """`memory_budget_gb` when set, else the machine's default share (module docstring)."""
         device = torch.device(device or PartialState().device)
         if memory_budget_gb is not None:
             return cls(int(memory_budget_gb * GB), f"memory_budget_gb: {memory_budget_gb:g}", device.type)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            return cls(int(CUDA_BUDGET_FRACTION * free), f"{CUDA_BUDGET_FRACTION:.0%} of the {free / GB:.1f} GB free "
-                                                         f"on {device}", device.type)
+            return cls(
+                int(CUDA_BUDGET_FRACTION * free),
+                f"{CUDA_BUDGET_FRACTION:.0%} of the {free / GB:.1f} GB free on {device}",
+                device.type,
+            )
         import psutil
 
         available = psutil.virtual_memory().available
@@ -166,9 +183,11 @@ class MemoryBudget:
             state = PartialState()
             processes = max(1, getattr(state, "local_num_processes", None) or state.num_processes)
         share = f", shared by {processes} processes" if processes > 1 else ""
-        return cls(int(CPU_BUDGET_FRACTION * available / processes),
-                   f"{CPU_BUDGET_FRACTION:.0%} of the {available / GB:.1f} GB of CPU memory available{share}",
-                   device.type)
+        return cls(
+            int(CPU_BUDGET_FRACTION * available / processes),
+            f"{CPU_BUDGET_FRACTION:.0%} of the {available / GB:.1f} GB of CPU memory available{share}",
+            device.type,
+        )
 
     def describe(self) -> str:
         return f"{self.limit / GB:.2f} GB ({self.source})"
@@ -190,16 +209,28 @@ class PassPlan:
         tokens = f" / {self.tokens} tokens" if self.tokens else ""
         unit = ("pair" if self.kind == "validation" else "row") + ("s" if self.rows > 1 else "")
         tokens += f", TRL's fused LM head {self.head_tokens} positions a tile" if self.head_tokens else ""
-        return (f"{self.kind}: {self.rows} {unit}{tokens} a pass "
-                f"(rows of up to {self.width} tokens; set by {self.limit}), estimated peak "
-                f"{(resident + slack * self.estimate.transient) / GB:.2f} GB")
+        return (
+            f"{self.kind}: {self.rows} {unit}{tokens} a pass "
+            f"(rows of up to {self.width} tokens; set by {self.limit}), estimated peak "
+            f"{(resident + slack * self.estimate.transient) / GB:.2f} GB"
+        )
 
 
-def fit_rows(kind: str, shape: ModelShape, lora: LoraShape, dtype, width: int, available: int, limit: int,
-             slack: float = 1.0, **options) -> tuple[int, Estimate, bool]:
+def fit_rows(
+    kind: str,
+    shape: ModelShape,
+    lora: LoraShape,
+    dtype,
+    width: int,
+    available: int,
+    limit: int,
+    slack: float = 1.0,
+    **options,
+) -> tuple[int, Estimate, bool]:
     """(rows, their estimate, whether the budget set them) for the most rows <= `limit` a pass of `kind` at `width`
     tokens may take within `available` bytes (its live bytes times `slack`); 1 row (with its estimate) when not
     even one fits."""
+
     def adds(rows: int) -> int:
         return int(slack * estimate_pass(kind, shape, lora, dtype, rows, width, **options).transient)
 
@@ -227,15 +258,19 @@ class MemoryPlan:
 
     def describe(self) -> str:
         heap = f" (x{self.slack:g} the passes' live bytes: the CPU heap's slack)" if self.slack != 1 else ""
-        lines = [f"memory plan: budget {self.budget.describe()}; the process holds {self.resident / GB:.2f} GB, "
-                 f"{max(self.available, 0) / GB:.2f} GB left for a pass{heap}"]
+        lines = [
+            f"memory plan: budget {self.budget.describe()}; the process holds {self.resident / GB:.2f} GB, "
+            f"{max(self.available, 0) / GB:.2f} GB left for a pass{heap}"
+        ]
         lines += [f"  {p.describe(self.budget, self.resident, self.slack)}" for p in self.passes.values()]
         over = self.over
         if over:
             least = self.resident + self.slack * max(p.estimate.transient for p in self.passes.values())
-            lines.append(f"  over the budget even at 1 row: {', '.join(over)}: the budget is not held (an estimated "
-                         f"peak of {least / GB:.2f} GB; the smallest budget this run can hold: memory_budget_gb: "
-                         f"{smallest_gb(least)}; or lower max_length)")
+            lines.append(
+                f"  over the budget even at 1 row: {', '.join(over)}: the budget is not held (an estimated "
+                f"peak of {least / GB:.2f} GB; the smallest budget this run can hold: memory_budget_gb: "
+                f"{smallest_gb(least)}; or lower max_length)"
+            )
         return "\n".join(lines)
 
 
@@ -243,64 +278,137 @@ def model_dtype(model) -> torch.dtype:
     return next((p.dtype for name, p in model.named_parameters() if "lora_" not in name), torch.float32)
 
 
-def plan_passes(model, budget: MemoryBudget, *, pool_width: int, validation_width: int | None,
-                gradient_rows: int, max_batch_tokens: int | None, validation_pairs: int, dim: int, fused: bool,
-                labelled_fraction: float = 1.0, resident: int | None = None) -> MemoryPlan:
+def plan_passes(
+    model,
+    budget: MemoryBudget,
+    *,
+    pool_width: int,
+    validation_width: int | None,
+    gradient_rows: int,
+    max_batch_tokens: int | None,
+    validation_pairs: int,
+    dim: int,
+    fused: bool,
+    labelled_fraction: float = 1.0,
+    resident: int | None = None,
+) -> MemoryPlan:
     """Rows a pass for the pool's gradient passes and the validation passes of `model` under `budget`.
     `gradient_rows`, `max_batch_tokens`, `validation_pairs`: the user's upper limits (None: none for tokens). On a
     CPU, when a pass does not fit even at 1 row with glibc's default heap, the heap is made compact (`compact_heap`)
     and the plan made again."""
     device = next(p.device for p in model.parameters())
     resident = resident_bytes(device, model) if resident is None else resident
-    options = dict(pool_width=pool_width, validation_width=validation_width, gradient_rows=gradient_rows,
-                   max_batch_tokens=max_batch_tokens, validation_pairs=validation_pairs, dim=dim, fused=fused,
-                   labelled_fraction=labelled_fraction)
+    options = dict(
+        pool_width=pool_width,
+        validation_width=validation_width,
+        gradient_rows=gradient_rows,
+        max_batch_tokens=max_batch_tokens,
+        validation_pairs=validation_pairs,
+        dim=dim,
+        fused=fused,
+        labelled_fraction=labelled_fraction,
+    )
     plan = _plan(model, budget, resident, heap_slack(device), **options)
     if plan.over and device.type != "cuda" and _heap["mode"] == "default" and compact_heap():
         plan = _plan(model, budget, resident, heap_slack(device), **options)
     return plan
 
 
-def _plan(model, budget: MemoryBudget, resident: int, slack: float, *, pool_width: int, validation_width: int | None,
-          gradient_rows: int, max_batch_tokens: int | None, validation_pairs: int, dim: int, fused: bool,
-          labelled_fraction: float) -> MemoryPlan:
+def _plan(
+    model,
+    budget: MemoryBudget,
+    resident: int,
+    slack: float,
+    *,
+    pool_width: int,
+    validation_width: int | None,
+    gradient_rows: int,
+    max_batch_tokens: int | None,
+    validation_pairs: int,
+    dim: int,
+    fused: bool,
+    labelled_fraction: float,
+) -> MemoryPlan:
     device = next(p.device for p in model.parameters())
     shape, lora, dtype = ModelShape.from_model(model), LoraShape.from_model(model), model_dtype(model)
     available = budget.limit - resident
     if max_batch_tokens:  # the user's token cap bounds the rows of the longest rows too
         gradient_rows = max(1, min(gradient_rows, max_batch_tokens // max(pool_width, 1)))
-    rows, est, by_budget = fit_rows("gradient", shape, lora, dtype, pool_width, available, gradient_rows, slack,
-                                    labelled_fraction=labelled_fraction, dim=dim, fused=fused)
+    rows, est, by_budget = fit_rows(
+        "gradient",
+        shape,
+        lora,
+        dtype,
+        pool_width,
+        available,
+        gradient_rows,
+        slack,
+        labelled_fraction=labelled_fraction,
+        dim=dim,
+        fused=fused,
+    )
     tokens = rows * pool_width if by_budget else max_batch_tokens
     if by_budget and max_batch_tokens:
         tokens = min(tokens, max_batch_tokens)
-    passes = {"gradient": PassPlan("pool gradient passes", rows, pool_width, est,
-                                   "the budget" if by_budget else "gradient_batch_size/max_batch_tokens", tokens)}
+    passes = {
+        "gradient": PassPlan(
+            "pool gradient passes",
+            rows,
+            pool_width,
+            est,
+            "the budget" if by_budget else "gradient_batch_size/max_batch_tokens",
+            tokens,
+        )
+    }
     if validation_width:
         # When one pair does not fit, TRL's fused LM head scores fewer positions a tile (its largest part on a CPU).
         head_tokens = FUSED_HEAD_TOKENS
         while True:
-            pairs, est, by_budget = fit_rows("validation", shape, lora, dtype, validation_width, available,
-                                             validation_pairs, slack, dim=dim, fused=fused, head_tokens=head_tokens,
-                                             scored_positions="labelled" if device.type == "cuda" else "all")
+            pairs, est, by_budget = fit_rows(
+                "validation",
+                shape,
+                lora,
+                dtype,
+                validation_width,
+                available,
+                validation_pairs,
+                slack,
+                dim=dim,
+                fused=fused,
+                head_tokens=head_tokens,
+                scored_positions="labelled" if device.type == "cuda" else "all",
+            )
             if slack * est.transient <= available or head_tokens <= MIN_HEAD_TOKENS:
                 break
             head_tokens //= 2
-        passes["validation"] = PassPlan("validation", pairs, validation_width, est,
-                                        "the budget" if by_budget else "validation_batch_size",
-                                        head_tokens=head_tokens if head_tokens < FUSED_HEAD_TOKENS else None)
+        passes["validation"] = PassPlan(
+            "validation",
+            pairs,
+            validation_width,
+            est,
+            "the budget" if by_budget else "validation_batch_size",
+            head_tokens=head_tokens if head_tokens < FUSED_HEAD_TOKENS else None,
+        )
     return MemoryPlan(budget, resident, passes, slack)
 
 
-def plan_run(model, config, fused: bool, pool_width: int, validation_width: int | None, gradient_rows: int
-             ) -> MemoryPlan:
+def plan_run(
+    model, config, fused: bool, pool_width: int, validation_width: int | None, gradient_rows: int
+) -> MemoryPlan:
     """A run's plan (`plan_passes` under `config.memory_budget_gb` or the machine's default, with the config's
     limits), the same on every process (the smallest), logged once."""
     device = next(p for p in model.parameters() if p.requires_grad).device
-    plan = plan_passes(model, MemoryBudget.for_device(config.memory_budget_gb, device), pool_width=pool_width,
-                       validation_width=validation_width, gradient_rows=gradient_rows,
-                       max_batch_tokens=config.max_batch_tokens, validation_pairs=config.validation_batch_size,
-                       dim=config.projection_dim, fused=fused)
+    plan = plan_passes(
+        model,
+        MemoryBudget.for_device(config.memory_budget_gb, device),
+        pool_width=pool_width,
+        validation_width=validation_width,
+        gradient_rows=gradient_rows,
+        max_batch_tokens=config.max_batch_tokens,
+        validation_pairs=config.validation_batch_size,
+        dim=config.projection_dim,
+        fused=fused,
+    )
     for kind in plan.passes.values():  # every process runs the same passes (the batches are dealt out)
         kind.rows = -max_over_ranks(-kind.rows)
         kind.tokens = -max_over_ranks(-kind.tokens) if kind.tokens else kind.tokens
@@ -316,24 +424,44 @@ def evaluation_rows(model, budget: MemoryBudget, width: int, limit: int, labelle
     shape = ModelShape.from_model(model)
     lora = LoraShape.from_model(model) if hasattr(model, "peft_config") else LoraShape(r=0, targets=())
     slack = heap_slack(device)
-    rows, est, by_budget = fit_rows("evaluation", shape, lora, model_dtype(model), width, budget.limit - resident,
-                                    limit, slack, labelled_fraction=labelled_fraction)
+    rows, est, by_budget = fit_rows(
+        "evaluation",
+        shape,
+        lora,
+        model_dtype(model),
+        width,
+        budget.limit - resident,
+        limit,
+        slack,
+        labelled_fraction=labelled_fraction,
+    )
     plan = PassPlan("evaluation", rows, width, est, "the budget" if by_budget else "--batch-size")
     logger.info("memory plan: budget %s; %s", budget.describe(), plan.describe(budget, resident, slack))
     return plan
 
 
-def training_rows(shape: ModelShape, lora: LoraShape, dtype, width: int, available: int, limit: int,
-                  slack: float = 1.0, **options) -> int:
+def training_rows(
+    shape: ModelShape, lora: LoraShape, dtype, width: int, available: int, limit: int, slack: float = 1.0, **options
+) -> int:
     """The most rows (<= `limit`) of `width` tokens a Trainer step (TRL's SFT loss, train mode) may take within
     `available` bytes beyond the weights and optimizer state (its live bytes times `slack`); 0 when not even one
     fits."""
-    return largest_rows(lambda r: int(slack * estimate_pass("training", shape, lora, dtype, r, width,
-                                                            **options).transient), available, limit)
+    return largest_rows(
+        lambda r: int(slack * estimate_pass("training", shape, lora, dtype, r, width, **options).transient),
+        available,
+        limit,
+    )
 
 
-def check_training(model, args, budget: MemoryBudget, what: str, width: int | None = None,
-                   resident: int | None = None, lora: LoraShape | None = None) -> str | None:
+def check_training(
+    model,
+    args,
+    budget: MemoryBudget,
+    what: str,
+    width: int | None = None,
+    resident: int | None = None,
+    lora: LoraShape | None = None,
+) -> str | None:
     """Warn (and return the warning) when the Trainer's `per_device_train_batch_size` rows of `width` tokens
     (default: args.max_length) are estimated over `budget`, with the batch that fits. Nothing is changed: the
     training's batch sizes are the user's. `model`: a live model, or a transformers config with `lora` given (a
@@ -355,32 +483,62 @@ def check_training(model, args, budget: MemoryBudget, what: str, width: int | No
     rows = args.per_device_train_batch_size
     step = estimate_pass("training", shape, lora, dtype, rows, width, **options)
     held = resident + step.parts["optimizer"]  # AdamW's state, made at the first step, is held from then on
-    device = next(p.device for p in model.parameters()) if hasattr(model, "parameters") and callable(
-        model.parameters) else torch.device("cpu")
+    device = (
+        next(p.device for p in model.parameters())
+        if hasattr(model, "parameters") and callable(model.parameters)
+        else torch.device("cpu")
+    )
     slack = heap_slack(device)
-    if held + slack * step.transient > budget.limit and device.type != "cuda" and _heap["mode"] == "default" and \
-            held + HEAP_SLACK["compact"] * step.transient <= budget.limit and compact_heap():
+    if (
+        held + slack * step.transient > budget.limit
+        and device.type != "cuda"
+        and _heap["mode"] == "default"
+        and held + HEAP_SLACK["compact"] * step.transient <= budget.limit
+        and compact_heap()
+    ):
         slack = heap_slack(device)  # the compact heap lets the Trainer's batch fit
     peak = held + slack * step.transient
     if peak <= budget.limit:
-        logger.info("%s: batches of %d rows of up to %d tokens, estimated peak %.2f GB, within the memory budget %s",
-                    what, rows, width, peak / GB, budget.describe())
+        logger.info(
+            "%s: batches of %d rows of up to %d tokens, estimated peak %.2f GB, within the memory budget %s",
+            what,
+            rows,
+            width,
+            peak / GB,
+            budget.describe(),
+        )
         return None
-    fits = training_rows(shape, lora, dtype, width, budget.limit - held, rows,
-                         HEAP_SLACK["compact"] if device.type != "cuda" else 1.0, **options)
+    fits = training_rows(
+        shape,
+        lora,
+        dtype,
+        width,
+        budget.limit - held,
+        rows,
+        HEAP_SLACK["compact"] if device.type != "cuda" else 1.0,
+        **options,
+    )
     accumulate = args.gradient_accumulation_steps * rows
     rows_fit = f"{fits} rows fit" if fits > 1 else "1 row fits"
     # The least this training can hold: 1 row a step, with the compact heap on a CPU.
-    least = held + (HEAP_SLACK["compact"] if device.type != "cuda" else 1.0) * estimate_pass(
-        "training", shape, lora, dtype, 1, width, **options).transient
-    advice = (f"{rows_fit}: per_device_train_batch_size: {fits} with gradient_accumulation_steps: "
-              f"{math.ceil(accumulate / fits)} keeps about {accumulate} rows an optimizer step" if fits
-              else f"not even 1 row fits: 1 row is estimated at {least / GB:.2f} GB, the smallest budget this "
-                   f"training can hold (memory_budget_gb: {smallest_gb(least)}); lower max_length or turn "
-                   "gradient_checkpointing on to hold a smaller one")
-    message = (f"{what}: per_device_train_batch_size={rows} rows of up to {width} tokens are estimated at a peak of "
-               f"{peak / GB:.2f} GB (the process holds {held / GB:.2f} GB), over the memory budget "
-               f"{budget.describe()}; {advice}. The training's batch sizes are the Trainer's: not changed")
+    least = (
+        held
+        + (HEAP_SLACK["compact"] if device.type != "cuda" else 1.0)
+        * estimate_pass("training", shape, lora, dtype, 1, width, **options).transient
+    )
+    advice = (
+        f"{rows_fit}: per_device_train_batch_size: {fits} with gradient_accumulation_steps: "
+        f"{math.ceil(accumulate / fits)} keeps about {accumulate} rows an optimizer step"
+        if fits
+        else f"not even 1 row fits: 1 row is estimated at {least / GB:.2f} GB, the smallest budget this "
+        f"training can hold (memory_budget_gb: {smallest_gb(least)}); lower max_length or turn "
+        "gradient_checkpointing on to hold a smaller one"
+    )
+    message = (
+        f"{what}: per_device_train_batch_size={rows} rows of up to {width} tokens are estimated at a peak of "
+        f"{peak / GB:.2f} GB (the process holds {held / GB:.2f} GB), over the memory budget "
+        f"{budget.describe()}; {advice}. The training's batch sizes are the Trainer's: not changed"
+    )
     logger.warning(message)
     return message
 
@@ -399,12 +557,17 @@ def halving_on_oom(function, start: int, what: str):
     def halve() -> int:  # called once the error is caught (by this function, then by accelerate's handler)
         PartialState()  # accelerate's logger needs its state
         if current["rows"] == 1:
-            raise torch.OutOfMemoryError(f"{what} ran out of memory at 1 row a pass: lower max_length, or give the "
-                                         "process more memory")
+            raise torch.OutOfMemoryError(
+                f"{what} ran out of memory at 1 row a pass: lower max_length, or give the process more memory"
+            )
         before, current["rows"] = current["rows"], current["rows"] // 2
-        logger.warning("%s ran out of memory at %d rows a pass: retrying at %d (accelerate's "
-                       "find_executable_batch_size; lower memory_budget_gb to avoid the retry)", what, before,
-                       current["rows"])
+        logger.warning(
+            "%s ran out of memory at %d rows a pass: retrying at %d (accelerate's "
+            "find_executable_batch_size; lower memory_budget_gb to avoid the retry)",
+            what,
+            before,
+            current["rows"],
+        )
         return current["rows"]
 
     try:

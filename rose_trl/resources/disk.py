@@ -19,6 +19,7 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
+
 logger = get_logger(__name__)
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -53,10 +54,12 @@ def require_free_space(path: str | Path, needed: int, what: str) -> None:
     """Refuse, naming the path, the bytes needed and the bytes free, when `needed` bytes do not fit under `path`."""
     free = free_bytes(path)
     if needed > free:
-        raise DiskSpaceError(errno.ENOSPC,
-                             f"not enough disk space under {Path(path).absolute()} for {what}: needs {needed:,} bytes "
-                             f"({human(needed)}), {free:,} bytes free ({human(free)}). Free some space, or set "
-                             "output_dir on a larger disk (store_dtype: int8 halves the gradient stores)")
+        raise DiskSpaceError(
+            errno.ENOSPC,
+            f"not enough disk space under {Path(path).absolute()} for {what}: needs {needed:,} bytes "
+            f"({human(needed)}), {free:,} bytes free ({human(free)}). Free some space, or set "
+            "output_dir on a larger disk (store_dtype: int8 halves the gradient stores)",
+        )
 
 
 def allocate(file: str | Path, new: bool) -> None:
@@ -69,14 +72,20 @@ def allocate(file: str | Path, new: bool) -> None:
             os.posix_fallocate(f.fileno(), 0, size)
     except OSError as e:
         if e.errno in _UNSUPPORTED:  # a filesystem without fallocate (glibc emulates it on most others)
-            logger.warning("cannot allocate %s's blocks up front (%s): a disk that fills during the run may stop it "
-                           "with SIGBUS", file, e.strerror)
+            logger.warning(
+                "cannot allocate %s's blocks up front (%s): a disk that fills during the run may stop it with SIGBUS",
+                file,
+                e.strerror,
+            )
             return
         if e.errno not in _NO_SPACE:
             raise
         if new:
             file.unlink(missing_ok=True)
         free = shutil.disk_usage(_existing(file.parent)).free  # what is really free now, whatever was checked
-        raise DiskSpaceError(e.errno, f"disk full: cannot allocate {size:,} bytes ({human(size)}) for {file} "
-                                      f"({free:,} bytes free). Free some space and run the same command again: "
-                                      "finished checkpoints and rows are kept") from None
+        raise DiskSpaceError(
+            e.errno,
+            f"disk full: cannot allocate {size:,} bytes ({human(size)}) for {file} "
+            f"({free:,} bytes free). Free some space and run the same command again: "
+            "finished checkpoints and rows are kept",
+        ) from None

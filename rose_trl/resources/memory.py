@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+
 # Bytes of a value of each dtype a model is loaded in.
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "auto": 4, None: 4}
 # TRL's fused LM head (trl.kernels.chunked_logprob) scores [min(tokens, 4096), min(vocab, 32768)] tiles.
@@ -61,13 +62,24 @@ SJLT_PLAN_BYTES_PER_PARAM = 20
 
 # LoRA targets of a Llama-type layer: (input width, output width) in terms of the shape.
 _TARGETS = {
-    "q_proj": ("hidden", "attention"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"),
-    "o_proj": ("attention", "hidden"), "gate_proj": ("hidden", "intermediate"),
-    "up_proj": ("hidden", "intermediate"), "down_proj": ("intermediate", "hidden"),
+    "q_proj": ("hidden", "attention"),
+    "k_proj": ("hidden", "kv"),
+    "v_proj": ("hidden", "kv"),
+    "o_proj": ("attention", "hidden"),
+    "gate_proj": ("hidden", "intermediate"),
+    "up_proj": ("hidden", "intermediate"),
+    "down_proj": ("intermediate", "hidden"),
 }
 # Modules reading the same tensor (a LoRA input shared when nothing makes it their own), and the tensor.
-_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-           "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_act"}
+_INPUTS = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "attn_out",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "down_proj": "mlp_act",
+}
 
 
 def dtype_bytes(dtype) -> int:
@@ -101,11 +113,12 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
     def width(self, name: str) -> int:
-        return {"hidden": self.hidden, "attention": self.attention, "kv": self.kv,
-                "intermediate": self.intermediate}[name]
+        return {"hidden": self.hidden, "attention": self.attention, "kv": self.kv, "intermediate": self.intermediate}[
+            name
+        ]
 
     @classmethod
-    def from_config(cls, config, parameters: int | None = None) -> "ModelShape":
+    def from_config(cls, config, parameters: int | None = None) -> ModelShape:
         """From a transformers config (a causal LM's, or a multimodal one's text config)."""
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         h, heads = config.hidden_size, config.num_attention_heads
@@ -119,11 +132,21 @@ class ModelShape:
             per_layer = h * heads * head_dim * 2 + 2 * h * kv_heads * head_dim + 3 * h * i + norms * h
             tied = getattr(config, "tie_word_embeddings", True)
             parameters = layers * per_layer + vocab * h * (1 if tied else 2) + h
-        return cls(hidden=h, intermediate=i, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                   vocab=vocab, parameters=int(parameters), norms_per_layer=norms, model_type=model_type)
+        return cls(
+            hidden=h,
+            intermediate=i,
+            layers=layers,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            vocab=vocab,
+            parameters=int(parameters),
+            norms_per_layer=norms,
+            model_type=model_type,
+        )
 
     @classmethod
-    def from_model(cls, model) -> "ModelShape":
+    def from_model(cls, model) -> ModelShape:
         """From a live model (a PEFT model's base): its config, and its own count of base parameters."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         count = sum(_numel(p) for name, p in base.named_parameters() if "lora_" not in name)
@@ -162,14 +185,16 @@ class LoraShape:
         return max(self.r * max(i, o) for _, i, o in self.modules(shape))
 
     @classmethod
-    def from_model(cls, model) -> "LoraShape":
+    def from_model(cls, model) -> LoraShape:
         """From a PEFT model: its active adapter's rank and dropout, and the modules that carry it."""
         config = model.peft_config[model.active_adapter]
-        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")})
+        targets = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+        )
         return cls(r=config.r, targets=tuple(targets), dropout=float(config.lora_dropout or 0.0))
 
     @classmethod
-    def from_model_args(cls, model_args) -> "LoraShape":
+    def from_model_args(cls, model_args) -> LoraShape:
         """From TRL's ModelConfig (lora_r, lora_target_modules, lora_dropout)."""
         targets = model_args.lora_target_modules or ("q_proj", "v_proj")  # peft's default for Llama
         targets = ("all-linear",) if targets in ("all-linear", ["all-linear"]) else tuple(targets)
@@ -216,8 +241,9 @@ def layer_bytes(shape: ModelShape, lora: LoraShape, dtype: int, masked: bool = F
     return norms + attention + mlp + sum(inputs.values()) + adapter
 
 
-def activation_bytes(shape: ModelShape, lora: LoraShape, dtype: int, rows: int, width: int, masked: bool = False,
-                     training: bool = False) -> int:
+def activation_bytes(
+    shape: ModelShape, lora: LoraShape, dtype: int, rows: int, width: int, masked: bool = False, training: bool = False
+) -> int:
     """Saved activations of a forward over rows x width tokens: every layer, the final norm, the mask."""
     tokens = rows * width
     mask = rows * width * width * dtype if masked else 0
@@ -236,8 +262,9 @@ def forward_bytes(shape: ModelShape, dtype: int, tokens: int) -> int:
     return tokens * dtype * (4 * shape.intermediate + 3 * shape.hidden)
 
 
-def sft_loss_bytes(shape: ModelShape, dtype: int, rows: int, positions: int, labelled: int, chunked: bool,
-                   chunk_elements: int) -> int:
+def sft_loss_bytes(
+    shape: ModelShape, dtype: int, rows: int, positions: int, labelled: int, chunked: bool, chunk_elements: int
+) -> int:
     """The per-row SFT loss of a gradient pass (sft_loss.pass_loss): plain, the logits of the scored positions
     (the model's dtype, and a float32 copy when it is not float32), cross entropy's log-softmax and, in the
     backward, its gradient; chunked, the labelled tokens' hidden states and their saved gradient, and two
@@ -249,8 +276,9 @@ def sft_loss_bytes(shape: ModelShape, dtype: int, rows: int, positions: int, lab
     return logits * (dtype + (4 if dtype != 4 else 0) + 4 + 4)
 
 
-def fused_head_bytes(shape: ModelShape, dtype: int, tokens: int, backward: bool,
-                     token_tile: int = FUSED_HEAD_TOKENS) -> int:
+def fused_head_bytes(
+    shape: ModelShape, dtype: int, tokens: int, backward: bool, token_tile: int = FUSED_HEAD_TOKENS
+) -> int:
     """TRL's fused LM head over `tokens` scored positions, `token_tile` of them a tile: a copy of their hidden
     states, its tile-sized temporaries, and in the backward the float32 gradient of the hidden states."""
     rows = min(tokens, token_tile)
@@ -269,10 +297,23 @@ def gradient_bytes_per_row(num_params: int, largest_layer: int, dim: int, fused:
     return DENSE_BYTES_PER_PARAM * num_params + 4 * dim
 
 
-def estimate_pass(kind: str, shape: ModelShape, lora: LoraShape, dtype, rows: int, width: int, *,
-                  labelled_fraction: float = 1.0, loss: str = "auto", chunk_elements: int | None = None,
-                  dim: int = 8192, fused: bool = True, gradient_checkpointing: bool = False,
-                  scored_positions: str = "all", head_tokens: int = FUSED_HEAD_TOKENS) -> Estimate:
+def estimate_pass(
+    kind: str,
+    shape: ModelShape,
+    lora: LoraShape,
+    dtype,
+    rows: int,
+    width: int,
+    *,
+    labelled_fraction: float = 1.0,
+    loss: str = "auto",
+    chunk_elements: int | None = None,
+    dim: int = 8192,
+    fused: bool = True,
+    gradient_checkpointing: bool = False,
+    scored_positions: str = "all",
+    head_tokens: int = FUSED_HEAD_TOKENS,
+) -> Estimate:
     """Bytes of one pass of `kind` over `rows` rows padded to `width` tokens (a validation pass: `rows` pairs,
     each a chosen and a rejected row). `labelled_fraction`: the share of positions with a label (the response).
     `loss` (gradient passes): "plain", "chunked" or "auto" (chunked above `chunk_elements` logits, as
@@ -290,15 +331,19 @@ def estimate_pass(kind: str, shape: ModelShape, lora: LoraShape, dtype, rows: in
         chunk_elements = LOSS_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
         positions = width if labelled_fraction >= 1 else max(1, math.ceil((width - 1) * labelled_fraction))
         if loss == "auto":
-            loss = "chunked" if (shape.model_type in PLAIN_HEAD_MODEL_TYPES
-                                 and rows * positions * shape.vocab > chunk_elements) else "plain"
+            loss = (
+                "chunked"
+                if (shape.model_type in PLAIN_HEAD_MODEL_TYPES and rows * positions * shape.vocab > chunk_elements)
+                else "plain"
+            )
         est.parts["optimizer"] = adapter * 8 + adapter * SJLT_PLAN_BYTES_PER_PARAM  # Adam m, v; projection plan
         est.parts["activations"] = activation_bytes(shape, lora, b, rows, width)
         # The loss's peak comes before the backward's, whose per-row gradient blocks come and go layer by layer.
         path = rows * gradient_bytes_per_row(adapter, lora.largest_matrix(shape), dim, fused)
         est.parts["loss or backward"] = max(
             sft_loss_bytes(shape, b, rows, positions, labelled, loss == "chunked", chunk_elements),
-            backward_bytes(shape, b, rows * width) + path)
+            backward_bytes(shape, b, rows * width) + path,
+        )
     elif kind in ("validation", "reference"):
         sequences = 2 * rows
         scored = sequences * (width - 1) if scored_positions == "all" else 2 * labelled
@@ -306,13 +351,17 @@ def estimate_pass(kind: str, shape: ModelShape, lora: LoraShape, dtype, rows: in
             est.parts["optimizer"] = adapter * 8 + adapter * SJLT_PLAN_BYTES_PER_PARAM
             est.parts["activations"] = activation_bytes(shape, lora, b, sequences, width, masked=True)
             path = sequences * gradient_bytes_per_row(adapter, lora.largest_matrix(shape), dim, fused)
-            est.parts["loss or backward"] = max(fused_head_bytes(shape, b, scored, True, head_tokens),
-                                                backward_bytes(shape, b, sequences * width) + path)
+            est.parts["loss or backward"] = max(
+                fused_head_bytes(shape, b, scored, True, head_tokens),
+                backward_bytes(shape, b, sequences * width) + path,
+            )
         else:  # no gradient: one layer's working set at a time, then the final hidden states and the head
             hidden = sequences * width * shape.hidden * b
             est.parts["activations"] = hidden + sequences * width * width * b  # and the padding mask
-            est.parts["loss"] = max(fused_head_bytes(shape, b, scored, False, head_tokens),
-                                    forward_bytes(shape, b, sequences * width) - hidden)
+            est.parts["loss"] = max(
+                fused_head_bytes(shape, b, scored, False, head_tokens),
+                forward_bytes(shape, b, sequences * width) - hidden,
+            )
     elif kind == "evaluation":  # no gradient: the layers' working set, then the final hidden states and the loss
         positions = max(1, math.ceil((width - 1) * labelled_fraction))
         est.parts["activations"] = rows * width * shape.hidden * b
@@ -329,16 +378,28 @@ def estimate_pass(kind: str, shape: ModelShape, lora: LoraShape, dtype, rows: in
         else:
             est.parts["activations"] = activation_bytes(shape, lora, b, rows, width, masked=True, training=True)
         # The adapter's .grad comes layer by layer through the backward, as the activations go.
-        est.parts["loss or backward"] = max(fused_head_bytes(shape, b, scored, True, head_tokens),
-                                            backward_bytes(shape, b, rows * width) + adapter * lora.dtype_bytes)
+        est.parts["loss or backward"] = max(
+            fused_head_bytes(shape, b, scored, True, head_tokens),
+            backward_bytes(shape, b, rows * width) + adapter * lora.dtype_bytes,
+        )
     else:
         raise ValueError(f"unknown pass kind {kind!r}: gradient, validation, reference, evaluation or training")
     return est
 
 
-def estimate_peak_bytes(model_or_config, *, lora_r: int, lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-                        lora_dropout: float = 0.0, dtype="float32", rows: int = 1, tokens: int = 1024,
-                        kind: str = "training", loss: str = "auto", **options) -> int:
+def estimate_peak_bytes(
+    model_or_config,
+    *,
+    lora_r: int,
+    lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+    lora_dropout: float = 0.0,
+    dtype="float32",
+    rows: int = 1,
+    tokens: int = 1024,
+    kind: str = "training",
+    loss: str = "auto",
+    **options,
+) -> int:
     """Estimated peak bytes of one pass (resident weights, adapter and optimizer state included; the interpreter's
     own memory and other processes' not) for any model: a live model, its transformers config, or a ModelShape.
     `tokens`: the padded length of the pass's rows. `options`: estimate_pass's (labelled_fraction, dim, ...)."""
@@ -348,8 +409,11 @@ def estimate_peak_bytes(model_or_config, *, lora_r: int, lora_target_modules=("q
         shape = ModelShape.from_model(model_or_config)
     else:
         shape = ModelShape.from_config(model_or_config)
-    lora = LoraShape(r=lora_r, targets=tuple(lora_target_modules) if not isinstance(lora_target_modules, str)
-                     else (lora_target_modules,), dropout=lora_dropout)
+    lora = LoraShape(
+        r=lora_r,
+        targets=tuple(lora_target_modules) if not isinstance(lora_target_modules, str) else (lora_target_modules,),
+        dropout=lora_dropout,
+    )
     return estimate_pass(kind, shape, lora, dtype, rows, tokens, loss=loss, **options).peak
 
 

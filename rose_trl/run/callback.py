@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from rose_trl.resources.budget import MemoryBudget, check_training
 from rose_trl.config import ROSEConfig
-from rose_trl.utils.files import checkpoint_name
 from rose_trl.gradients.capture import AdamState, num_trainable_parameters, trainable_parameters
+from rose_trl.resources.budget import MemoryBudget, check_training
 from rose_trl.run.selector import ROSESelector
+from rose_trl.utils.files import checkpoint_name
 
 
 @contextlib.contextmanager
@@ -73,8 +73,16 @@ DEFAULT_MAX_LENGTH = 1024
 
 
 class ROSECallback(TrainerCallback):
-    def __init__(self, pool, validation, tokenizer=None, config: ROSEConfig | None = None, output_dir: str | None = None,
-                 max_length: int | None = _FROM_ARGS, run_config: dict | None = None):
+    def __init__(
+        self,
+        pool,
+        validation,
+        tokenizer=None,
+        config: ROSEConfig | None = None,
+        output_dir: str | None = None,
+        max_length: int | None = _FROM_ARGS,
+        run_config: dict | None = None,
+    ):
         self.pool, self.validation, self.tokenizer = pool, validation, tokenizer
         self.config = config or ROSEConfig()
         self.output_dir, self.max_length, self.run_config = output_dir, max_length, run_config
@@ -86,28 +94,40 @@ class ROSECallback(TrainerCallback):
             # A multimodal processor holds its tokenizer; the pool and the preference pairs are text.
             tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", processing_class)
             if tokenizer is None:
-                raise ValueError("ROSECallback needs a tokenizer: pass one, or train with a trainer that has a "
-                                 "processing_class")
+                raise ValueError(
+                    "ROSECallback needs a tokenizer: pass one, or train with a trainer that has a processing_class"
+                )
             max_length = self.max_length
             if max_length == _FROM_ARGS:
                 max_length = getattr(args, "max_length", DEFAULT_MAX_LENGTH)
-            self.selector = ROSESelector(self.pool, self.validation, tokenizer, self.config,
-                                         self.output_dir or args.output_dir, max_length=max_length,
-                                         use_cpu=args.use_cpu, run_config=self.run_config,
-                                         progress=not args.disable_tqdm, ddp_backend=args.ddp_backend)
+            self.selector = ROSESelector(
+                self.pool,
+                self.validation,
+                tokenizer,
+                self.config,
+                self.output_dir or args.output_dir,
+                max_length=max_length,
+                use_cpu=args.use_cpu,
+                run_config=self.run_config,
+                progress=not args.disable_tqdm,
+                ddp_backend=args.ddp_backend,
+            )
         return self.selector
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
         if args.save_strategy == "no":
-            raise ValueError("ROSECallback extracts gradients at each checkpoint save, and save_strategy is 'no': "
-                             "set save_strategy='epoch' (one checkpoint per epoch, as the paper)")
+            raise ValueError(
+                "ROSECallback extracts gradients at each checkpoint save, and save_strategy is 'no': "
+                "set save_strategy='epoch' (one checkpoint per epoch, as the paper)"
+            )
         # Tokenize the pool and check both datasets, and the disk, before spending compute.
         selector = self.ensure_selector(args, processing_class)
         saves = expected_saves(args, state)
         adapter = num_trainable_parameters(model) if model is not None else 0
         # Each save also writes the adapter (its dtype, float32 at most) and its two Adam moments (float32).
-        selector.check_disk_space(saves, extra=saves * adapter * 12,
-                                  extra_what=f"{saves} warm-up checkpoint(s) (adapter and Adam state)")
+        selector.check_disk_space(
+            saves, extra=saves * adapter * 12, extra_what=f"{saves} warm-up checkpoint(s) (adapter and Adam state)"
+        )
         if model is not None:  # the Trainer's batch is the user's: a warning if it would exceed the budget
             budget = MemoryBudget.for_device(self.config.memory_budget_gb, next(model.parameters()).device)
             check_training(model, args, budget, "warm-up", width=longest_row(kwargs.get("train_dataloader"), args))
@@ -115,13 +135,15 @@ class ROSECallback(TrainerCallback):
         if state.global_step > 0 and model is not None and not selector.ledger.is_recorded(name):
             # Resumed from a checkpoint whose extraction was killed: on_save will not come again for it,
             # and the live model and optimizer hold exactly its weights and Adam state, so finish it now.
-            self._add_checkpoint(selector, model, optimizer, name,
-                                 selector.ledger.logged_mean_lr(name, state.global_step))
+            self._add_checkpoint(
+                selector, model, optimizer, name, selector.ledger.logged_mean_lr(name, state.global_step)
+            )
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is not None:  # the LR this step will apply
-            self.ensure_selector(args).ledger.step_began(state.global_step + 1, float(optimizer.param_groups[0]["lr"]),
-                                                         write=state.is_world_process_zero)
+            self.ensure_selector(args).ledger.step_began(
+                state.global_step + 1, float(optimizer.param_groups[0]["lr"]), write=state.is_world_process_zero
+            )
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         selector = self.ensure_selector(args)

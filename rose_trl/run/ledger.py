@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from accelerate.logging import get_logger
 
+from rose_trl.checkpoints.schedules import ScheduleError, mean_over_steps, read_warmup_record, recover_learning_rates
+from rose_trl.gradients.capture import trainable_parameters
+from rose_trl.stores.store import StoreMismatchError, describe_mismatch
 from rose_trl.utils.distributed import gathered
 from rose_trl.utils.files import atomic_write_json, checkpoint_step, read_json, remove_tree
-from rose_trl.gradients.capture import trainable_parameters
-from rose_trl.checkpoints.schedules import ScheduleError, mean_over_steps, read_warmup_record, recover_learning_rates
-from rose_trl.stores.store import StoreMismatchError, describe_mismatch
+
 
 logger = get_logger(__name__)
 
@@ -54,8 +55,9 @@ def checkpoint_identity(name: str, model) -> str:
 
 def check_rate_count(explicit: list[float] | None, names: list[str], found: str) -> None:
     if explicit is not None and len(explicit) != len(names):
-        raise ValueError(f"checkpoint_learning_rates has {len(explicit)} values but {len(names)} checkpoints were "
-                         f"{found} ({names})")
+        raise ValueError(
+            f"checkpoint_learning_rates has {len(explicit)} values but {len(names)} checkpoints were {found} ({names})"
+        )
 
 
 class RunLedger:
@@ -78,9 +80,11 @@ class RunLedger:
             if not diff:
                 return False
             if not overwrite:
-                raise StoreMismatchError(f"{self.rose_dir} holds the gradients of a run on other inputs:\n  "
-                                         + "\n  ".join(d.replace("store has", "found") for d in diff)
-                                         + "\n(use another output_dir, or set overwrite_stores: true to recompute)")
+                raise StoreMismatchError(
+                    f"{self.rose_dir} holds the gradients of a run on other inputs:\n  "
+                    + "\n  ".join(d.replace("store has", "found") for d in diff)
+                    + "\n(use another output_dir, or set overwrite_stores: true to recompute)"
+                )
             remove_tree(self.rose_dir)
             cleared = True
         self.rose_dir.mkdir(parents=True, exist_ok=True)
@@ -98,8 +102,11 @@ class RunLedger:
         """`identity`: `checkpoint_identity`. A rate of None (given only by checkpoint_learning_rates) is
         recorded as unknown."""
         checkpoints = self.checkpoints()
-        entry = {"name": name, "learning_rate": None if learning_rate is None else float(learning_rate),
-                 "checkpoint": identity}
+        entry = {
+            "name": name,
+            "learning_rate": None if learning_rate is None else float(learning_rate),
+            "checkpoint": identity,
+        }
         if entry in checkpoints:
             return  # a re-run: nothing to rewrite
         names = [c["name"] for c in checkpoints]
@@ -147,14 +154,17 @@ class RunLedger:
         after = max([s for s in done if s < step], default=0)
         lr = mean_over_steps(self.step_learning_rates(), after, step)
         if lr is None:
-            raise ValueError(f"{name} was saved but its gradients were never extracted, and the learning rates of steps "
-                             f"{after + 1}-{step} were not all logged in {self.step_lrs_file}: cannot weight it; start "
-                             "a new output_dir or set checkpoint_learning_rates")
+            raise ValueError(
+                f"{name} was saved but its gradients were never extracted, and the learning rates of steps "
+                f"{after + 1}-{step} were not all logged in {self.step_lrs_file}: cannot weight it; start "
+                "a new output_dir or set checkpoint_learning_rates"
+            )
         return lr
 
     # ---- a finished warm-up's checkpoint folders ---------------------------------------------------
-    def resolve(self, checkpoints: list[Path], identity: Callable[[Path], str],
-                explicit: list[float] | None = None) -> list[float | None]:
+    def resolve(
+        self, checkpoints: list[Path], identity: Callable[[Path], str], explicit: list[float] | None = None
+    ) -> list[float | None]:
         """Each checkpoint folder's learning rate, from the first source that has it (sources 2-4 of the module
         docstring); `identity(folder)` gives its `checkpoint_identity`. Raises, naming the checkpoint, what is
         missing and the option, when none has it; with `explicit` (checkpoint_learning_rates, which scoring uses
@@ -189,7 +199,8 @@ class RunLedger:
                         f"{record.steps[i]}): {self.checkpoints_file} does not record it, trainer_state.json "
                         f"logs the learning rate of {logged} of those {record.steps[i] - previous} steps, and the "
                         f"warm-up's schedule cannot be rebuilt: {e}. Set checkpoint_learning_rates: one learning rate "
-                        f"per checkpoint, in step order ({len(names)} here: {', '.join(names)})") from None
+                        f"per checkpoint, in step order ({len(names)} here: {', '.join(names)})"
+                    ) from None
         return lrs
 
     # ---- scoring ---------------------------------------------------------------------------------
@@ -203,10 +214,15 @@ class RunLedger:
         if explicit is None:
             unknown = [c["name"] for c in checkpoints if c.get("learning_rate") is None]
             if unknown:
-                raise ValueError(f"{self.checkpoints_file} records no learning rate for {unknown}: set "
-                                 f"checkpoint_learning_rates (one per checkpoint, in step order: {names})")
+                raise ValueError(
+                    f"{self.checkpoints_file} records no learning rate for {unknown}: set "
+                    f"checkpoint_learning_rates (one per checkpoint, in step order: {names})"
+                )
             return names, [c["learning_rate"] for c in checkpoints]
         check_rate_count(explicit, names, "recorded")
-        logger.warning("checkpoint_learning_rates given: %s used for %s, overriding the recorded learning rates",
-                       list(explicit), names)
+        logger.warning(
+            "checkpoint_learning_rates given: %s used for %s, overriding the recorded learning rates",
+            list(explicit),
+            names,
+        )
         return names, [float(lr) for lr in explicit]

@@ -19,13 +19,18 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from rose_trl.utils.files import checkpoint_dirs
-from rose_trl.checkpoints.fsdp import (FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, FSDP_OPTIMIZER_FILE, read_fsdp_adam_moments,
-                              read_fsdp_adapter)
+from rose_trl.checkpoints.fsdp import (
+    FSDP_MODEL_DIR,
+    FSDP_OPTIMIZER_DIR,
+    FSDP_OPTIMIZER_FILE,
+    read_fsdp_adam_moments,
+    read_fsdp_adapter,
+)
+from rose_trl.checkpoints.zero import read_zero_adam_moments, zero_checkpoint_dir
 from rose_trl.gradients.capture import AdamState, trainable_parameters, trainer_param_index
 from rose_trl.run.ledger import checkpoint_identity
 from rose_trl.run.selector import ROSESelector
-from rose_trl.checkpoints.zero import read_zero_adam_moments, zero_checkpoint_dir
+from rose_trl.utils.files import checkpoint_dirs
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -49,8 +54,10 @@ def load_checkpoint_adam(checkpoint: Path, model) -> AdamState:
         return AdamState.from_named_moments(exp_avg, exp_avg_sq, hyper, params, source=str(checkpoint))
     ds_dir = zero_checkpoint_dir(checkpoint)
     if ds_dir is None:
-        raise FileNotFoundError(f"{path} is missing (nor is there a DeepSpeed global_step*/ or an FSDP {FSDP_OPTIMIZER_FILE} "
-                                f"or {FSDP_OPTIMIZER_DIR}/): Adam features need the optimizer state (or use gradient_type='sgd')")
+        raise FileNotFoundError(
+            f"{path} is missing (nor is there a DeepSpeed global_step*/ or an FSDP {FSDP_OPTIMIZER_FILE} "
+            f"or {FSDP_OPTIMIZER_DIR}/): Adam features need the optimizer state (or use gradient_type='sgd')"
+        )
     exp_avg, exp_avg_sq, hyper = read_zero_adam_moments(ds_dir)
     return AdamState.from_named_moments(exp_avg, exp_avg_sq, hyper, params, source=str(ds_dir))
 
@@ -64,7 +71,9 @@ def load_checkpoint_adapter(checkpoint: Path, model) -> dict[str, torch.Tensor]:
         return load_file(str(weights))
     if (checkpoint / FSDP_MODEL_DIR).is_dir():
         return read_fsdp_adapter(checkpoint, get_peft_model_state_dict(model))
-    raise FileNotFoundError(f"{weights} is missing (nor is there an FSDP {FSDP_MODEL_DIR}/): is {checkpoint} a LoRA checkpoint?")
+    raise FileNotFoundError(
+        f"{weights} is missing (nor is there an FSDP {FSDP_MODEL_DIR}/): is {checkpoint} a LoRA checkpoint?"
+    )
 
 
 def warmup_model(checkpoint: Path, base_model, peft_config: PeftConfig | None = None) -> PeftModel:
@@ -73,8 +82,10 @@ def warmup_model(checkpoint: Path, base_model, peft_config: PeftConfig | None = 
     if (Path(checkpoint) / "adapter_config.json").exists():
         return PeftModel.from_pretrained(base_model, str(checkpoint), is_trainable=True)
     if peft_config is None:
-        raise FileNotFoundError(f"{checkpoint} holds no adapter_config.json (an FSDP SHARDED_STATE_DICT checkpoint "
-                                "saves none): pass the warm-up's LoRA config as peft_config")
+        raise FileNotFoundError(
+            f"{checkpoint} holds no adapter_config.json (an FSDP SHARDED_STATE_DICT checkpoint "
+            "saves none): pass the warm-up's LoRA config as peft_config"
+        )
     return get_peft_model(base_model, peft_config)
 
 
@@ -89,8 +100,13 @@ def resolve_learning_rates(checkpoints: list[Path], model, selector: ROSESelecto
     return selector.ledger.resolve(checkpoints, identity, selector.config.checkpoint_learning_rates)
 
 
-def select_from_checkpoints(run_dir: str | Path, base_model, selector: ROSESelector, folder: str = "selection",
-                            peft_config: PeftConfig | None = None) -> Path:
+def select_from_checkpoints(
+    run_dir: str | Path,
+    base_model,
+    selector: ROSESelector,
+    folder: str = "selection",
+    peft_config: PeftConfig | None = None,
+) -> Path:
     """Run `selector` over every checkpoint of `run_dir` (a PEFT warm-up), then write `<output_dir>/<folder>/`.
     `peft_config` (the warm-up's LoRA config) is needed only for checkpoints without adapter_config.json.
     Every checkpoint's learning rate is resolved first: an unknown one stops the run before any gradient."""

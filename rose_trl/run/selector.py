@@ -22,26 +22,28 @@ from accelerate import PartialState
 from accelerate.logging import get_logger
 from datasets import Dataset
 
-from rose_trl.scoring.agreement import agreement_warnings, validation_agreement
 from rose_trl.config import ROSEConfig
 from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
+from rose_trl.data.sft import fingerprint_tokenized, tokenize_pool
+from rose_trl.gradients.capture import AdamState, num_trainable_parameters
+from rose_trl.gradients.featurizer import Featurizer
+from rose_trl.gradients.projection import build_projector
+from rose_trl.outputs.explain import write_contributions
+from rose_trl.outputs.selection import write_selection
 from rose_trl.resources.budget import MemoryPlan, plan_run
 from rose_trl.resources.disk import require_free_space
-from rose_trl.utils.distributed import check_supported
-from rose_trl.outputs.explain import write_contributions
-from rose_trl.stores.extraction import extract_pool_store, rows_per_pass
-from rose_trl.gradients.featurizer import Featurizer
-from rose_trl.gradients.capture import AdamState, num_trainable_parameters
 from rose_trl.run.ledger import RunLedger, checkpoint_identity
-from rose_trl.utils.modeling import model_id
-from rose_trl.gradients.projection import build_projector
+from rose_trl.scoring.agreement import agreement_warnings, validation_agreement
 from rose_trl.scoring.scores import CheckpointGradients, ValidationTargets, score_checkpoints, validation_targets
-from rose_trl.outputs.selection import write_selection
-from rose_trl.data.sft import fingerprint_tokenized, tokenize_pool
+from rose_trl.stores.extraction import extract_pool_store, rows_per_pass
 from rose_trl.stores.store import GradientStore, store_bytes
 from rose_trl.stores.validation import ValidationGradients
+from rose_trl.utils.distributed import check_supported
+from rose_trl.utils.modeling import model_id
+
 
 logger = get_logger(__name__)
+
 
 def with_subtasks(validation: Dataset) -> Dataset:
     """One subtask, "default", when the preference set names none."""
@@ -51,14 +53,26 @@ def with_subtasks(validation: Dataset) -> Dataset:
 
 
 class ROSESelector:
-    def __init__(self, pool: Dataset, validation: Dataset, tokenizer, config: ROSEConfig, output_dir: str | Path,
-                 max_length: int | None = 1024, use_cpu: bool = False, run_config: dict | None = None,
-                 progress: bool = True, ddp_backend: str | None = None):
+    def __init__(
+        self,
+        pool: Dataset,
+        validation: Dataset,
+        tokenizer,
+        config: ROSEConfig,
+        output_dir: str | Path,
+        max_length: int | None = 1024,
+        use_cpu: bool = False,
+        run_config: dict | None = None,
+        progress: bool = True,
+        ddp_backend: str | None = None,
+    ):
         self.config, self.output_dir, self.tokenizer = config, Path(output_dir), tokenizer
         self.rose_dir = self.output_dir / "rose"
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
-                raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with; set tokenizer.pad_token")
+                raise ValueError(
+                    "the tokenizer has neither a pad token nor an eos token to pad with; set tokenizer.pad_token"
+                )
             tokenizer.pad_token = tokenizer.eos_token
         self.max_length, self.progress, self.run_config = max_length, progress, run_config or {}
         self.pool = pool
@@ -70,9 +84,18 @@ class ROSESelector:
         self.validation = with_subtasks(validation)
         validate_preferences(self.validation, "validation")
         self.validation_fingerprint = hashlib.sha256(
-            json.dumps(self.validation.to_list(), sort_keys=True, default=str).encode()).hexdigest()[:32]
-        self.validation_stores = ValidationGradients(self.validation, tokenizer, config, self.rose_dir,
-                                                     self.validation_fingerprint, max_length, use_cpu, ddp_backend)
+            json.dumps(self.validation.to_list(), sort_keys=True, default=str).encode()
+        ).hexdigest()[:32]
+        self.validation_stores = ValidationGradients(
+            self.validation,
+            tokenizer,
+            config,
+            self.rose_dir,
+            self.validation_fingerprint,
+            max_length,
+            use_cpu,
+            ddp_backend,
+        )
         self.ledger = RunLedger(self.rose_dir)
         self._featurizer: Featurizer | None = None
         with PartialState().main_process_first():  # the main process checks (and may clear) rose/ first
@@ -81,18 +104,30 @@ class ROSESelector:
     def run_fingerprint(self) -> dict:
         """What every store under rose/ depends on. The selection method and fraction are left out on
         purpose: a LESS run reuses a ROSE run's pool stores, and scoring is redone on every run."""
-        keys = ("projection_type", "projection_dim", "projection_seed", "gradient_type", "store_dtype", "validation_beta")
-        return {"pool_fingerprint": self.pool_fingerprint, "validation_fingerprint": self.validation_fingerprint,
-                "max_length": self.max_length, **{k: getattr(self.config, k) for k in keys},
-                **{f"run.{k}": v for k, v in sorted(self.run_config.items())}}
+        keys = (
+            "projection_type",
+            "projection_dim",
+            "projection_seed",
+            "gradient_type",
+            "store_dtype",
+            "validation_beta",
+        )
+        return {
+            "pool_fingerprint": self.pool_fingerprint,
+            "validation_fingerprint": self.validation_fingerprint,
+            "max_length": self.max_length,
+            **{k: getattr(self.config, k) for k in keys},
+            **{f"run.{k}": v for k, v in sorted(self.run_config.items())},
+        }
 
     def featurizer(self, model) -> Featurizer:
         """The run's featurizer (its projector sized to the adapter) and memory plan, made at the first checkpoint."""
         if self._featurizer is None:
             device = next(p for p in model.parameters() if p.requires_grad).device
             c = self.config
-            projector = build_projector(c.projection_type, num_trainable_parameters(model), c.projection_dim,
-                                        c.projection_seed, device=device)
+            projector = build_projector(
+                c.projection_type, num_trainable_parameters(model), c.projection_dim, c.projection_seed, device=device
+            )
             logger.warning("projection in use: %s, %s", projector.implementation, projector.describe())
             self._featurizer = Featurizer(projector)
             self.plan = self.memory_plan(model, self._featurizer)
@@ -101,8 +136,14 @@ class ROSESelector:
     def memory_plan(self, model, featurizer: Featurizer) -> MemoryPlan:
         """Rows a pass for the pool's and the validation's gradient passes under the run's memory budget (budget.py)."""
         c, dpo = self.config, self.validation_stores.kind == "dpo"
-        plan = plan_run(model, c, featurizer.fused, self.pool_width, self.validation_stores.longest() if dpo else None,
-                        rows_per_pass(model, featurizer, c.gradient_batch_size, c.gradient_memory_gb))
+        plan = plan_run(
+            model,
+            c,
+            featurizer.fused,
+            self.pool_width,
+            self.validation_stores.longest() if dpo else None,
+            rows_per_pass(model, featurizer, c.gradient_batch_size, c.gradient_memory_gb),
+        )
         if dpo:
             self.validation_stores.pairs_per_pass = plan.passes["validation"].rows
             self.validation_stores.head_tokens = plan.passes["validation"].head_tokens
@@ -115,15 +156,23 @@ class ROSESelector:
         of `extra_what` do not fit on output_dir's disk (disk.py, store.store_bytes)."""
         names = [None] * checkpoints if isinstance(checkpoints, int) else checkpoints
         dim, dtype, val = self.config.projection_dim, self.config.store_dtype, self.validation_stores.folder
-        needed = extra + sum(store_bytes(len(self.pool_tokens), dim, dtype) * (not (name and (self.rose_dir / "train" /
-                             name).exists())) + store_bytes(len(self.validation), dim, dtype) *
-                             (not (name and (val / name).exists())) for name in names)
-        require_free_space(self.output_dir, needed, f"the gradient stores of {len(names)} checkpoint(s) ("
-                           f"{len(self.pool_tokens)} pool rows and {len(self.validation)} validation pairs x {dim} dims, "
-                           f"{dtype})" + (f" and {extra_what}" if extra else ""))
+        needed = extra + sum(
+            store_bytes(len(self.pool_tokens), dim, dtype) * (not (name and (self.rose_dir / "train" / name).exists()))
+            + store_bytes(len(self.validation), dim, dtype) * (not (name and (val / name).exists()))
+            for name in names
+        )
+        require_free_space(
+            self.output_dir,
+            needed,
+            f"the gradient stores of {len(names)} checkpoint(s) ("
+            f"{len(self.pool_tokens)} pool rows and {len(self.validation)} validation pairs x {dim} dims, "
+            f"{dtype})" + (f" and {extra_what}" if extra else ""),
+        )
         return needed
 
-    def add_checkpoint(self, model, name: str, learning_rate: float | None, adam_state: AdamState | None = None) -> None:
+    def add_checkpoint(
+        self, model, name: str, learning_rate: float | None, adam_state: AdamState | None = None
+    ) -> None:
         """Extract (or resume) this checkpoint's pool and validation gradients and record its learning rate.
 
         Under several processes (accelerate/torchrun) every process calls this: each computes its share of
@@ -136,14 +185,28 @@ class ROSESelector:
         state = PartialState()
         featurizer = self.featurizer(model)
         identity = checkpoint_identity(name, model)
-        common = dict(model=model_id(model), checkpoint=identity, projection=featurizer.projector.describe(),
-                      dtype=self.config.store_dtype)
+        common = dict(
+            model=model_id(model),
+            checkpoint=identity,
+            projection=featurizer.projector.describe(),
+            dtype=self.config.store_dtype,
+        )
         passes = self.plan.passes["gradient"]
-        train = extract_pool_store(model, self._pool_rows, self.rose_dir / "train" / name, featurizer, self.config,
-                                   self.pool_fingerprint, self.tokenizer.pad_token_id, common,
-                                   adam_state=adam_state if self.config.gradient_type == "adam" else None,
-                                   progress=self.progress, desc=f"Pool gradients @ {name}",
-                                   batch_size=passes.rows, max_batch_tokens=passes.tokens)
+        train = extract_pool_store(
+            model,
+            self._pool_rows,
+            self.rose_dir / "train" / name,
+            featurizer,
+            self.config,
+            self.pool_fingerprint,
+            self.tokenizer.pad_token_id,
+            common,
+            adam_state=adam_state if self.config.gradient_type == "adam" else None,
+            progress=self.progress,
+            desc=f"Pool gradients @ {name}",
+            batch_size=passes.rows,
+            max_batch_tokens=passes.tokens,
+        )
         self.validation_stores.store(model, name, featurizer, common, write=state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
@@ -156,10 +219,14 @@ class ROSESelector:
         """Every recorded checkpoint's stores, targets and eta_i, and the validation targets they share."""
         names, learning_rates = self.ledger.scoring_learning_rates(self.config.checkpoint_learning_rates)
         trains = [GradientStore.open(self.rose_dir / "train" / name) for name in names]
-        grads = {name: self.validation_stores.read(name, train.meta["projection"]) for name, train in zip(names, trains)}
+        grads = {
+            name: self.validation_stores.read(name, train.meta["projection"]) for name, train in zip(names, trains)
+        }
         targets = validation_targets(grads, list(self.validation["subtask"]), self.config.validation_aggregation)
-        return [CheckpointGradients(name, train, targets.targets[i], lr, pair_vectors=targets.vectors[i])
-                for i, (name, train, lr) in enumerate(zip(names, trains, learning_rates))], targets
+        return [
+            CheckpointGradients(name, train, targets.targets[i], lr, pair_vectors=targets.vectors[i])
+            for i, (name, train, lr) in enumerate(zip(names, trains, learning_rates))
+        ], targets
 
     def finalize(self, folder: str = "selection") -> Path:
         """Score every recorded checkpoint and write `<output_dir>/<folder>/` (main process only; the
@@ -174,13 +241,18 @@ class ROSESelector:
         checkpoints, targets = self.checkpoints()
         table = score_checkpoints(checkpoints, targets.subtasks)
         # The run's record last: its gguf_file is the resolved file (with gguf_sha256), ROSEConfig's only the option.
-        config = {**self.config.to_dict(), **self.run_config,
-                  "checkpoints": [{"name": c.name, "learning_rate": c.learning_rate} for c in checkpoints],
-                  "pool_fingerprint": self.pool_fingerprint, "validation_fingerprint": self.validation_fingerprint,
-                  "projection": checkpoints[0].train.meta["projection"]}
+        config = {
+            **self.config.to_dict(),
+            **self.run_config,
+            "checkpoints": [{"name": c.name, "learning_rate": c.learning_rate} for c in checkpoints],
+            "pool_fingerprint": self.pool_fingerprint,
+            "validation_fingerprint": self.validation_fingerprint,
+            "projection": checkpoints[0].train.meta["projection"],
+        }
 
-        agreement = validation_agreement(targets.vectors, [c.learning_rate for c in checkpoints],
-                                         list(self.validation["subtask"]), targets.usable)
+        agreement = validation_agreement(
+            targets.vectors, [c.learning_rate for c in checkpoints], list(self.validation["subtask"]), targets.usable
+        )
         warnings = agreement_warnings(agreement)
         for warning in warnings:
             logger.warning(warning)
@@ -189,11 +261,23 @@ class ROSESelector:
             """contributions.parquet and pairs.parquet of the selected rows; summary entries on left-out pairs and
             on how much each subtask's validation pairs agree (agreement.py)."""
             write_contributions(tmp, checkpoints, chosen, self.validation, targets.usable, progress=self.progress)
-            return {"left_out_pairs": np.flatnonzero(~targets.usable).tolist(),
-                    "zero_gradient_pairs": targets.zero_gradient_pairs,
-                    "validation_agreement": agreement, "agreement_warnings": warnings}
+            return {
+                "left_out_pairs": np.flatnonzero(~targets.usable).tolist(),
+                "zero_gradient_pairs": targets.zero_gradient_pairs,
+                "validation_agreement": agreement,
+                "agreement_warnings": warnings,
+            }
 
-        return write_selection(self.output_dir, self.pool, table, self.config.selection_fraction, config,
-                               self.config.selection_method, targets.subtasks, folder=folder,
-                               subtask_balance=self.config.subtask_balance,
-                               pair_counts=Counter(self.validation["subtask"]), before_publish=explain)
+        return write_selection(
+            self.output_dir,
+            self.pool,
+            table,
+            self.config.selection_fraction,
+            config,
+            self.config.selection_method,
+            targets.subtasks,
+            folder=folder,
+            subtask_balance=self.config.subtask_balance,
+            pair_counts=Counter(self.validation["subtask"]),
+            before_publish=explain,
+        )

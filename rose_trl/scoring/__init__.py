@@ -15,6 +15,7 @@ from rose_trl.scoring.scores import (
     validation_targets,
 )
 
+
 __all__ = [
     "CheckpointGradients",
     "ValidationTargets",

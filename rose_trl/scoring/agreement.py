@@ -24,14 +24,17 @@ import math
 
 import numpy as np
 
+
 # Measured, not chosen: docs/selection_quality.md (d), "the shots sweep" (benchmarks/quality/property_sweep.py). On
 # SmolLM2-135M's three property targets (se_link, se_code, se_emphasis; 300 pairs of disjoint draws of 1-25
 # pairs), the median share of the top 10% that a disjoint draw of as many pairs picks too is 0.20 below a
 # reliability of 0.1, 0.40 at 0.1-0.2, 0.47 at 0.2-0.3 and 0.70-0.90 above: 0.3 is the lowest bin edge from
 # which it stays >= 0.5 (on se_link and se_code alone the same rule gave 0.2).
 RELIABILITY_THRESHOLD = 0.3
-WHAT_HELPS = ("more validation pairs for this subtask; pairs that differ only in what you prefer (the same "
-              "answer with and without it), so that what they share is the preference; fewer, broader subtasks")
+WHAT_HELPS = (
+    "more validation pairs for this subtask; pairs that differ only in what you prefer (the same "
+    "answer with and without it), so that what they share is the preference; fewer, broader subtasks"
+)
 
 
 def pair_agreement(vectors: np.ndarray) -> float | None:
@@ -62,8 +65,9 @@ def pairs_needed(agreement: float | None, target: float = RELIABILITY_THRESHOLD)
     return max(2, math.ceil(target * (1 - agreement) / (agreement * (1 - target)) - 1e-9))
 
 
-def validation_agreement(vectors: list[np.ndarray], learning_rates: list[float], subtasks: list[str],
-                         usable: np.ndarray | None = None) -> dict[str, dict]:
+def validation_agreement(
+    vectors: list[np.ndarray], learning_rates: list[float], subtasks: list[str], usable: np.ndarray | None = None
+) -> dict[str, dict]:
     """Per subtask: its usable pairs, their agreement (the checkpoints' eta-weighted mean of `pair_agreement`;
     `vectors[i]`: checkpoint i's [n_pairs, dim] pair vectors), the reliability and the pairs needed to reach
     RELIABILITY_THRESHOLD, and whether it falls short (`agrees`: False, or None with a single pair)."""
@@ -77,9 +81,14 @@ def validation_agreement(vectors: list[np.ndarray], learning_rates: list[float],
         per_checkpoint = [pair_agreement(v[rows]) for v in vectors]
         a = None if any(x is None for x in per_checkpoint) else float(np.dot(eta, per_checkpoint))
         r = reliability(a, len(rows))
-        out[name] = {"pairs": int(len(rows)), "agreement": a, "reliability": r,
-                     "pairs_needed": pairs_needed(a), "threshold": RELIABILITY_THRESHOLD,
-                     "agrees": None if r is None else bool(r >= RELIABILITY_THRESHOLD)}
+        out[name] = {
+            "pairs": int(len(rows)),
+            "agreement": a,
+            "reliability": r,
+            "pairs_needed": pairs_needed(a),
+            "threshold": RELIABILITY_THRESHOLD,
+            "agrees": None if r is None else bool(r >= RELIABILITY_THRESHOLD),
+        }
     return out
 
 
@@ -88,13 +97,20 @@ def agreement_warnings(report: dict[str, dict]) -> list[str]:
     out = []
     for name, s in report.items():
         if s["agrees"] is None:
-            out.append(f"subtask {name!r} has a single validation pair: its agreement cannot be measured, and the "
-                       f"picks follow that one pair. What helps: {WHAT_HELPS}.")
+            out.append(
+                f"subtask {name!r} has a single validation pair: its agreement cannot be measured, and the "
+                f"picks follow that one pair. What helps: {WHAT_HELPS}."
+            )
         elif not s["agrees"]:
-            need = (f"at this agreement about {s['pairs_needed']} pairs would reach it" if s["pairs_needed"]
-                    else "at this agreement no number of such pairs reaches it")
-            out.append(f"subtask {name!r}: its {s['pairs']} validation pairs agree at {s['agreement']:+.3f} (mean "
-                       f"cosine of their gradients), a reliability of {s['reliability']:.2f}, under "
-                       f"{s['threshold']:.2f}: the picks will follow single pairs rather than what the pairs share "
-                       f"({need}). What helps: {WHAT_HELPS}.")
+            need = (
+                f"at this agreement about {s['pairs_needed']} pairs would reach it"
+                if s["pairs_needed"]
+                else "at this agreement no number of such pairs reaches it"
+            )
+            out.append(
+                f"subtask {name!r}: its {s['pairs']} validation pairs agree at {s['agreement']:+.3f} (mean "
+                f"cosine of their gradients), a reliability of {s['reliability']:.2f}, under "
+                f"{s['threshold']:.2f}: the picks will follow single pairs rather than what the pairs share "
+                f"({need}). What helps: {WHAT_HELPS}."
+            )
     return out

@@ -12,8 +12,9 @@ therefore ask `ScoreColumns.read` with the subtasks the folder's summary.json li
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+
 
 SCORE = "score"
 SUBTASK_PREFIX = "score_"
@@ -34,7 +35,7 @@ class ScoreColumns:
     checkpoints: tuple[str, ...] = ()  # the checkpoint columns' names, in step order
 
     @classmethod
-    def for_table(cls, subtasks: Iterable[str], num_checkpoints: int = 0) -> "ScoreColumns":
+    def for_table(cls, subtasks: Iterable[str], num_checkpoints: int = 0) -> ScoreColumns:
         """The columns a writer gives these subtasks and checkpoints."""
         subtasks = tuple(subtasks)
         prefix = checkpoint_prefix(subtasks)
@@ -51,19 +52,21 @@ class ScoreColumns:
         return self.subtasks[self.subtask_columns.index(column)]
 
     @classmethod
-    def read(cls, columns: Iterable[str], subtasks: Iterable[str] | None = None) -> "ScoreColumns":
+    def read(cls, columns: Iterable[str], subtasks: Iterable[str] | None = None) -> ScoreColumns:
         """The description of a table with `columns`. `subtasks` (summary.json's list) names the subtasks;
         a subtask without its column (a baseline that scores the pool as a whole) is left out. Without
         `subtasks` (a folder without summary.json) every `score_<name>` column but the checkpoints' is one."""
         columns = list(columns)
         if subtasks is None:
             pattern = re.compile(re.escape(checkpoint_prefix([])) + r"\d+")
-            subtasks = [c[len(SUBTASK_PREFIX):] for c in columns
-                        if c.startswith(SUBTASK_PREFIX) and not pattern.fullmatch(c)]
+            subtasks = [
+                c[len(SUBTASK_PREFIX) :] for c in columns if c.startswith(SUBTASK_PREFIX) and not pattern.fullmatch(c)
+            ]
         subtasks = list(subtasks)
         prefix = checkpoint_prefix(subtasks)
         n = 0
         while f"{prefix}{n}" in columns:
             n += 1
-        return cls(tuple(s for s in subtasks if SUBTASK_PREFIX + s in columns),
-                   tuple(f"{prefix}{i}" for i in range(n)))
+        return cls(
+            tuple(s for s in subtasks if SUBTASK_PREFIX + s in columns), tuple(f"{prefix}{i}" for i in range(n))
+        )

@@ -33,6 +33,7 @@ import numpy as np
 from rose_trl.scoring.columns import SCORE, ScoreColumns
 from rose_trl.stores.store import GradientStore, StoreMismatchError
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,8 +52,9 @@ def zero_gradient_pairs(grads: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.asarray(grads).any(axis=1))
 
 
-def pair_vectors(grads: np.ndarray, subtasks: list[str], mode: str = "normalized_mean",
-                 usable: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+def pair_vectors(
+    grads: np.ndarray, subtasks: list[str], mode: str = "normalized_mean", usable: np.ndarray | None = None
+) -> tuple[list[str], np.ndarray]:
     """(subtask names in first-appearance order, [n_pairs, dim] vectors v_p) such that each subtask's
     target is the mean of v_p over its usable pairs (rows of left-out pairs are zero):
 
@@ -77,9 +79,11 @@ def pair_vectors(grads: np.ndarray, subtasks: list[str], mode: str = "normalized
     for name in names:
         rows = np.flatnonzero((labels == name) & usable)
         if len(rows) == 0:
-            raise ValueError(f"subtask {name!r} has no usable validation pair: every one of its pairs "
-                             f"{np.flatnonzero(labels == name).tolist()} has a zero gradient (the loss gives it no "
-                             "direction, e.g. hinge with every margin met)")
+            raise ValueError(
+                f"subtask {name!r} has no usable validation pair: every one of its pairs "
+                f"{np.flatnonzero(labels == name).tolist()} has a zero gradient (the loss gives it no "
+                "direction, e.g. hinge with every margin met)"
+            )
         g = grads[rows]
         if mode == "normalized_mean":
             vectors[rows] = g / np.linalg.norm(g, axis=1, keepdims=True).clip(min=1e-30)
@@ -88,7 +92,9 @@ def pair_vectors(grads: np.ndarray, subtasks: list[str], mode: str = "normalized
     return names, vectors
 
 
-def subtask_means(vectors: np.ndarray, subtasks: list[str], names: list[str], usable: np.ndarray | None = None) -> np.ndarray:
+def subtask_means(
+    vectors: np.ndarray, subtasks: list[str], names: list[str], usable: np.ndarray | None = None
+) -> np.ndarray:
     """[n_subtasks, dim] mean of the usable pairs' vectors per subtask."""
     labels = np.asarray(subtasks)
     usable = np.ones(len(labels), dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
@@ -106,7 +112,9 @@ class ValidationTargets:
     zero_gradient_pairs: dict[str, list[int]]  # checkpoint -> pairs whose gradient is zero there
 
 
-def validation_targets(grads: dict[str, np.ndarray], subtasks: list[str], mode: str = "normalized_mean") -> ValidationTargets:
+def validation_targets(
+    grads: dict[str, np.ndarray], subtasks: list[str], mode: str = "normalized_mean"
+) -> ValidationTargets:
     """Targets of every checkpoint (name -> [n_pairs, dim] validation gradients). A pair whose gradient is
     zero at any checkpoint is left out at all of them (with a warning), so that every subtask score is
     the mean of one fixed set of pairs' contributions (explain.py)."""
@@ -116,8 +124,11 @@ def validation_targets(grads: dict[str, np.ndarray], subtasks: list[str], mode: 
     for rows in zero.values():
         usable[rows] = False
     if zero:
-        logger.warning("validation pairs %s have a zero gradient (checkpoint: pairs %s) and are left out of their "
-                       "subtask's mean", np.flatnonzero(~usable).tolist(), zero)
+        logger.warning(
+            "validation pairs %s have a zero gradient (checkpoint: pairs %s) and are left out of their subtask's mean",
+            np.flatnonzero(~usable).tolist(),
+            zero,
+        )
     vectors, targets = [], []
     for name, g in grads.items():
         try:
@@ -154,7 +165,9 @@ def normalized_weights(learning_rates: list[float]) -> np.ndarray:
 CHUNK_BYTES = 32 << 20  # float32 bytes of one checkpoint's chunk
 
 
-def score_checkpoints(checkpoints: list[CheckpointGradients], subtasks: list[str], chunk_rows: int | None = None) -> dict[str, np.ndarray]:
+def score_checkpoints(
+    checkpoints: list[CheckpointGradients], subtasks: list[str], chunk_rows: int | None = None
+) -> dict[str, np.ndarray]:
     """Score table (columns.py): `score`, `score_<subtask>` (checkpoint-weighted) and `score_ckpt<i>` (each
     checkpoint's own max-over-subtask score, for agreement plots). Memory: a chunk of rows per
     checkpoint (32 MB of float32 each by default, whatever the dimension) plus the O(pool) score table."""
@@ -163,11 +176,17 @@ def score_checkpoints(checkpoints: list[CheckpointGradients], subtasks: list[str
     first = checkpoints[0].train
     for c in checkpoints:
         if c.train.num_rows != first.num_rows or c.train.meta["pool_fingerprint"] != first.meta["pool_fingerprint"]:
-            raise StoreMismatchError(f"checkpoint {c.name}'s store covers a different pool than {checkpoints[0].name}'s")
+            raise StoreMismatchError(
+                f"checkpoint {c.name}'s store covers a different pool than {checkpoints[0].name}'s"
+            )
         if c.train.meta["projection"] != first.meta["projection"]:
-            raise StoreMismatchError(f"checkpoint {c.name}'s store uses another projection than {checkpoints[0].name}'s")
+            raise StoreMismatchError(
+                f"checkpoint {c.name}'s store uses another projection than {checkpoints[0].name}'s"
+            )
         if c.targets.shape != (len(subtasks), c.train.dim):
-            raise ValueError(f"checkpoint {c.name}: targets of shape {c.targets.shape}, expected {(len(subtasks), c.train.dim)}")
+            raise ValueError(
+                f"checkpoint {c.name}: targets of shape {c.targets.shape}, expected {(len(subtasks), c.train.dim)}"
+            )
     eta = normalized_weights([c.learning_rate for c in checkpoints])
     chunk_rows = chunk_rows or max(64, CHUNK_BYTES // (4 * first.dim))
     n = first.num_rows
@@ -189,8 +208,9 @@ def score_checkpoints(checkpoints: list[CheckpointGradients], subtasks: list[str
     return table
 
 
-def contribution_chunks(checkpoints: list[CheckpointGradients], rows: np.ndarray, pairs: np.ndarray,
-                        chunk_rows: int | None = None):
+def contribution_chunks(
+    checkpoints: list[CheckpointGradients], rows: np.ndarray, pairs: np.ndarray, chunk_rows: int | None = None
+):
     """Yields (pool indices, float64 [chunk, len(pairs)] contributions) for the sorted `rows`."""
     eta = normalized_weights([c.learning_rate for c in checkpoints])
     vectors = [np.ascontiguousarray(c.pair_vectors[pairs].T, dtype=np.float32) for c in checkpoints]  # [dim, P]
@@ -221,8 +241,10 @@ def selection_size(n: int, fraction: float) -> int:
     k = max(1, math.ceil(fraction * n - 1e-9))
     if k == n and fraction < 1:
         # Rounding up made a strict fraction take everything: the pool is too small to select from.
-        raise ValueError(f"a pool of {n} rows is too small for selection_fraction={fraction}: "
-                         f"ceil({fraction} * {n}) = {k} selects the whole pool")
+        raise ValueError(
+            f"a pool of {n} rows is too small for selection_fraction={fraction}: "
+            f"ceil({fraction} * {n}) = {k} selects the whole pool"
+        )
     return k
 
 
@@ -231,7 +253,9 @@ def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     k = selection_size(len(scores), fraction)
     if not np.isfinite(scores).all():
-        raise FloatingPointError(f"non-finite scores at pool indices {np.flatnonzero(~np.isfinite(scores))[:10].tolist()}")
+        raise FloatingPointError(
+            f"non-finite scores at pool indices {np.flatnonzero(~np.isfinite(scores))[:10].tolist()}"
+        )
     order = np.lexsort((np.arange(len(scores)), -scores))
     return order[:k]
 
@@ -268,8 +292,13 @@ def take_in_turns(columns: np.ndarray, quotas: np.ndarray) -> tuple[np.ndarray, 
     return np.asarray(rows, dtype=np.int64), np.asarray(taker, dtype=np.int64)
 
 
-def select_rows(table: dict[str, np.ndarray], subtasks: list[str], fraction: float, balance: str = "max",
-                pair_counts: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def select_rows(
+    table: dict[str, np.ndarray],
+    subtasks: list[str],
+    fraction: float,
+    balance: str = "max",
+    pair_counts: dict[str, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(selected pool indices, best overall score first; the subtask each was selected for, or None when
     the table has no per-subtask scores). Under `max` a row counts for the subtask whose score is its max.
     A table without per-subtask scores (random, full) has nothing to balance: its top rows are taken."""
@@ -279,8 +308,13 @@ def select_rows(table: dict[str, np.ndarray], subtasks: list[str], fraction: flo
     columns = ScoreColumns(tuple(subtasks)).subtask_columns
     if not subtasks or not all(c in table for c in columns):
         if balance != "max":
-            logger.warning("subtask_balance %r: the score table has no score_<subtask> column for each of %s "
-                           "(columns: %s); taking the top rows by score", balance, subtasks, sorted(table))
+            logger.warning(
+                "subtask_balance %r: the score table has no score_<subtask> column for each of %s "
+                "(columns: %s); taking the top rows by score",
+                balance,
+                subtasks,
+                sorted(table),
+            )
         return top_fraction(scores, fraction), None
     if balance == "max":
         chosen = top_fraction(scores, fraction)
@@ -295,8 +329,10 @@ def select_rows(table: dict[str, np.ndarray], subtasks: list[str], fraction: flo
         weights = [1] * len(subtasks)
     else:
         if pair_counts is None or any(pair_counts.get(name, 0) < 1 for name in subtasks):
-            raise ValueError(f"subtask_balance 'proportional' needs the number of validation pairs of every subtask "
-                             f"{subtasks}, got {pair_counts}")
+            raise ValueError(
+                f"subtask_balance 'proportional' needs the number of validation pairs of every subtask "
+                f"{subtasks}, got {pair_counts}"
+            )
         weights = [pair_counts[name] for name in subtasks]
     rows, taker = take_in_turns(values, largest_remainder_quotas(k, weights))
     order = np.lexsort((rows, -scores[rows]))  # saved best first, as under max

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -11,17 +11,19 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from rose_trl.config import ROSEConfig
-from rose_trl.utils.distributed import full_numel, max_over_ranks, partitioned, release_gathered
-from rose_trl.resources.budget import halving_on_oom
-from rose_trl.gradients.featurizer import Featurizer
-from rose_trl.gradients.capture import AdamState, UnsupportedParameterError, trainable_parameters
-from rose_trl.resources.memory import gradient_bytes_per_row
-from rose_trl.utils.modeling import eval_mode
-from rose_trl.gradients.projection import Projector
 from rose_trl.data.sft import collate
+from rose_trl.gradients.capture import AdamState, UnsupportedParameterError, trainable_parameters
+from rose_trl.gradients.featurizer import Featurizer
+from rose_trl.gradients.projection import Projector
+from rose_trl.resources.budget import halving_on_oom
+from rose_trl.resources.memory import gradient_bytes_per_row
 from rose_trl.stores.store import GradientStore
+from rose_trl.utils.distributed import full_numel, max_over_ranks, partitioned, release_gathered
+from rose_trl.utils.modeling import eval_mode
+
 
 logger = logging.getLogger(__name__)
+
 
 def rows_for_budget(bytes_per_row: int, batch_size: int, memory_gb: float | None) -> int:
     """Rows per gradient pass: `batch_size`, lowered so the rows' gradient path fits `memory_gb`."""
@@ -29,8 +31,9 @@ def rows_for_budget(bytes_per_row: int, batch_size: int, memory_gb: float | None
         return batch_size
     fits = int(memory_gb * 1e9 // bytes_per_row)
     if fits < 1:
-        raise ValueError(f"gradient_memory_gb={memory_gb} cannot hold one gradient row "
-                         f"(needs {bytes_per_row / 1e9:.2f} GB)")
+        raise ValueError(
+            f"gradient_memory_gb={memory_gb} cannot hold one gradient row (needs {bytes_per_row / 1e9:.2f} GB)"
+        )
     return min(batch_size, fits)
 
 
@@ -41,14 +44,18 @@ def rows_per_pass(model: torch.nn.Module, featurizer: Featurizer, batch_size: in
     return rows_for_budget(per_row, batch_size, memory_gb)
 
 
-def plan_batches(lengths: np.ndarray, rows: np.ndarray, batch_size: int, max_batch_tokens: int | None) -> list[np.ndarray]:
+def plan_batches(
+    lengths: np.ndarray, rows: np.ndarray, batch_size: int, max_batch_tokens: int | None
+) -> list[np.ndarray]:
     """Group `rows` longest first so that padding is small; a batch holds at most `batch_size` rows
     and, when set, at most `max_batch_tokens` padded tokens (the memory budget)."""
     order = rows[np.argsort(-lengths[rows], kind="stable")]
     batches, current, width = [], [], 0
     for r in order:
         w = max(width, int(lengths[r]))
-        if current and (len(current) >= batch_size or (max_batch_tokens and w * (len(current) + 1) > max_batch_tokens)):
+        if current and (
+            len(current) >= batch_size or (max_batch_tokens and w * (len(current) + 1) > max_batch_tokens)
+        ):
             batches.append(np.array(current))
             current, w = [], int(lengths[r])
         current.append(int(r))
@@ -58,8 +65,15 @@ def plan_batches(lengths: np.ndarray, rows: np.ndarray, batch_size: int, max_bat
     return batches
 
 
-def _project_rows(model, pool, rows: np.ndarray, featurizer: Featurizer, pad_token_id: int, adam: AdamState | None,
-                  device: torch.device) -> np.ndarray:
+def _project_rows(
+    model,
+    pool,
+    rows: np.ndarray,
+    featurizer: Featurizer,
+    pad_token_id: int,
+    adam: AdamState | None,
+    device: torch.device,
+) -> np.ndarray:
     """Projected gradients of `rows` from one pass: float32 [len(rows), dim]."""
     batch = {k: v.to(device) for k, v in collate([pool[int(i)] for i in rows], pad_token_id).items()}
     projected = featurizer(model, batch, adam)
@@ -96,14 +110,19 @@ def extract_gradients(
     featurizer = projector if isinstance(projector, Featurizer) else Featurizer(projector)
     rank, world = shard
     lengths = np.zeros(store.num_rows, dtype=np.int64)
-    lengths[wanted] = [len(ids) for ids in pool.select(wanted.tolist())["input_ids"]] if hasattr(pool, "select") \
+    lengths[wanted] = (
+        [len(ids) for ids in pool.select(wanted.tolist())["input_ids"]]
+        if hasattr(pool, "select")
         else [len(pool[int(i)]["input_ids"]) for i in wanted]
+    )
     plan = plan_batches(lengths, wanted, batch_size, max_batch_tokens)
     batches = plan[rank::world]
     wanted = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     device = next((p.device for p in model.parameters() if p.requires_grad), None)
     if device is None:
-        raise UnsupportedParameterError("the model has no trainable parameters (is the LoRA adapter attached and active?)")
+        raise UnsupportedParameterError(
+            "the model has no trainable parameters (is the LoRA adapter attached and active?)"
+        )
     adam = adam_state.to(device) if adam_state is not None else None
     bar = tqdm(total=len(wanted), desc=desc, unit="ex", disable=not progress)
     # Agreed before any pass: a collective issued while another rank is still in a forward would deadlock.
@@ -138,10 +157,21 @@ def extract_gradients(
     return len(wanted)
 
 
-def extract_pool_store(model: torch.nn.Module, pool: Sequence[dict], path, featurizer: Featurizer, config: ROSEConfig,
-                       pool_fingerprint: str, pad_token_id: int, identity: dict, adam_state: AdamState | None = None,
-                       progress: bool = True, desc: str = "Pool gradients", batch_size: int | None = None,
-                       max_batch_tokens: int | None = None) -> GradientStore:
+def extract_pool_store(
+    model: torch.nn.Module,
+    pool: Sequence[dict],
+    path,
+    featurizer: Featurizer,
+    config: ROSEConfig,
+    pool_fingerprint: str,
+    pad_token_id: int,
+    identity: dict,
+    adam_state: AdamState | None = None,
+    progress: bool = True,
+    desc: str = "Pool gradients",
+    batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
+) -> GradientStore:
     """A checkpoint's pool store at `path`, opened (resumed) or created, with its missing rows computed.
     `identity`: the store's model, checkpoint, projection and dtype. `batch_size`, `max_batch_tokens`: rows and
     padded tokens a pass (the run's memory plan; default: the config's limits). Under several processes every
@@ -149,16 +179,30 @@ def extract_pool_store(model: torch.nn.Module, pool: Sequence[dict], path, featu
     state = PartialState()
     with state.main_process_first():  # the main process creates; the others then open the same files
         store = GradientStore.open_or_create(
-            path, gradient_type=config.gradient_type, pool_fingerprint=pool_fingerprint, num_rows=len(pool),
+            path,
+            gradient_type=config.gradient_type,
+            pool_fingerprint=pool_fingerprint,
+            num_rows=len(pool),
             # only the main process may delete a mismatched store; the others open what it made
-            overwrite=config.overwrite_stores and state.is_main_process, **identity)
+            overwrite=config.overwrite_stores and state.is_main_process,
+            **identity,
+        )
     # Every rank plans its batches from the same missing rows: read them before any rank writes.
     missing = store.missing_rows()
     state.wait_for_everyone()
-    extract_gradients(model, pool, store, featurizer, pad_token_id, missing=missing, adam_state=adam_state,
-                      batch_size=batch_size or rows_per_pass(model, featurizer, config.gradient_batch_size,
-                                                             config.gradient_memory_gb),
-                      max_batch_tokens=max_batch_tokens if batch_size else config.max_batch_tokens,
-                      shard=(state.process_index, state.num_processes),
-                      progress=progress and state.is_local_main_process, desc=desc)
+    extract_gradients(
+        model,
+        pool,
+        store,
+        featurizer,
+        pad_token_id,
+        missing=missing,
+        adam_state=adam_state,
+        batch_size=batch_size
+        or rows_per_pass(model, featurizer, config.gradient_batch_size, config.gradient_memory_gb),
+        max_batch_tokens=max_batch_tokens if batch_size else config.max_batch_tokens,
+        shard=(state.process_index, state.num_processes),
+        progress=progress and state.is_local_main_process,
+        desc=desc,
+    )
     return store

@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from rose_trl.resources.disk import DiskSpaceError, allocate, require_free_space
 from rose_trl.utils.files import atomic_write_json, remove_tree
+
 
 FORMAT_VERSION = 1
 # int8 rows carry a float32 scale each: half the disk of float16, scores nearly unchanged (docs/scale.md).
@@ -111,8 +112,9 @@ def _file_bytes(dtype, shape: tuple) -> int:
     import io
 
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                  "fortran_order": False, "shape": tuple(shape)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    )
     return len(header.getvalue()) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
@@ -120,12 +122,17 @@ def store_bytes(num_rows: int, dim: int, dtype: str = "float16", shard_size: int
     """Disk bytes of a store of `num_rows` rows of `dim` values: its shards, done-masks, int8 scales and meta."""
     shape = {"num_rows": num_rows, "projection": {"dim": dim}, "shard_size": shard_size, "dtype": dtype}
     blank = GradientStore(".", shape)
-    return _STORE_OVERHEAD + sum(_file_bytes(file_dtype, file_shape) for shard in range(blank.num_shards)
-                                 for _, file_dtype, file_shape in blank._files(blank._rows_in(shard)))
+    return _STORE_OVERHEAD + sum(
+        _file_bytes(file_dtype, file_shape)
+        for shard in range(blank.num_shards)
+        for _, file_dtype, file_shape in blank._files(blank._rows_in(shard))
+    )
 
 
 def describe_mismatch(found: dict, wanted: dict, keys=IDENTITY_KEYS) -> list[str]:
-    return [f"{k}: store has {found.get(k)!r}, asked for {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k)]
+    return [
+        f"{k}: store has {found.get(k)!r}, asked for {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k)
+    ]
 
 
 class GradientStore:
@@ -161,7 +168,7 @@ class GradientStore:
         shard_size: int = 65536,
         extra: dict | None = None,
         overwrite: bool = False,
-    ) -> "GradientStore":
+    ) -> GradientStore:
         """Open the store at `path` if it holds these rows (resuming), create it if absent.
 
         Refuses, naming each differing field, a store made by another model, checkpoint, projection,
@@ -172,9 +179,16 @@ class GradientStore:
         if num_rows < 1:
             raise ValueError("a gradient store needs at least one row")
         wanted = {
-            "format_version": FORMAT_VERSION, "model": model, "checkpoint": checkpoint, "projection": projection,
-            "gradient_type": gradient_type, "pool_fingerprint": pool_fingerprint, "num_rows": int(num_rows),
-            "dtype": dtype, "shard_size": int(shard_size), **(extra or {}),
+            "format_version": FORMAT_VERSION,
+            "model": model,
+            "checkpoint": checkpoint,
+            "projection": projection,
+            "gradient_type": gradient_type,
+            "pool_fingerprint": pool_fingerprint,
+            "num_rows": int(num_rows),
+            "dtype": dtype,
+            "shard_size": int(shard_size),
+            **(extra or {}),
         }
         path = Path(path)
         if (path / "meta.json").exists():
@@ -182,8 +196,9 @@ class GradientStore:
             if store is not None:
                 return store
         elif path.exists() and any(path.iterdir()):
-            raise CorruptStoreError(f"{path} exists but is not a gradient store (no meta.json); remove it or choose "
-                                    "another output_dir")
+            raise CorruptStoreError(
+                f"{path} exists but is not a gradient store (no meta.json); remove it or choose another output_dir"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(path)
         needed = store_bytes(num_rows, projection["dim"], dtype, shard_size)
@@ -216,7 +231,7 @@ class GradientStore:
         return cls.open(path)
 
     @classmethod
-    def _open_matching(cls, path: Path, wanted: dict, overwrite: bool) -> "GradientStore | None":
+    def _open_matching(cls, path: Path, wanted: dict, overwrite: bool) -> GradientStore | None:
         """The store at `path` if it matches `wanted`; None after deleting it when it does not and
         `overwrite` is set; otherwise StoreMismatchError naming the differing fields."""
         try:
@@ -232,11 +247,14 @@ class GradientStore:
         if overwrite:
             remove_tree(path)
             return None
-        raise StoreMismatchError(f"gradient store {path} was made for other inputs:\n  " + "\n  ".join(diff)
-                                 + "\n(use another output_dir, or set overwrite_stores: true to recompute it)")
+        raise StoreMismatchError(
+            f"gradient store {path} was made for other inputs:\n  "
+            + "\n  ".join(diff)
+            + "\n(use another output_dir, or set overwrite_stores: true to recompute it)"
+        )
 
     @classmethod
-    def open(cls, path: str | Path) -> "GradientStore":
+    def open(cls, path: str | Path) -> GradientStore:
         path = Path(path)
         try:
             meta = json.loads((path / "meta.json").read_text())
@@ -245,7 +263,9 @@ class GradientStore:
         except json.JSONDecodeError as e:
             raise CorruptStoreError(f"{path}/meta.json is not valid JSON: {e}") from None
         if meta.get("format_version") != FORMAT_VERSION:
-            raise CorruptStoreError(f"{path}: store format {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}")
+            raise CorruptStoreError(
+                f"{path}: store format {meta.get('format_version')!r}, this version reads {FORMAT_VERSION}"
+            )
         if meta.get("dtype") not in DTYPES:
             raise CorruptStoreError(f"{path}/meta.json: unknown store dtype {meta.get('dtype')!r}")
         store = cls(path, meta)
@@ -272,7 +292,9 @@ class GradientStore:
                 except (FileNotFoundError, ValueError, OSError) as e:
                     raise CorruptStoreError(f"gradient store file {file} is missing or unreadable: {e}") from None
                 if arr.shape != shape or arr.dtype != dtype:
-                    raise CorruptStoreError(f"{file} has shape {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")
+                    raise CorruptStoreError(
+                        f"{file} has shape {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}"
+                    )
                 store[shard] = arr
         return self._data[shard], self._done[shard]
 
@@ -335,7 +357,9 @@ class GradientStore:
     def iter_chunks(self, chunk_rows: int = 16384) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 [n, dim]) chunks in row order; memory stays at one chunk."""
         if not self.is_complete:
-            raise CorruptStoreError(f"gradient store {self.path} is incomplete: {len(self.missing_rows())} rows not computed")
+            raise CorruptStoreError(
+                f"gradient store {self.path} is incomplete: {len(self.missing_rows())} rows not computed"
+            )
         for shard in range(self.num_shards):
             data, _ = self._shard(shard)
             base = shard * self.shard_size
@@ -362,8 +386,9 @@ class GradientStore:
             local = rows[first:last] - shard * self.shard_size
             undone = ~np.asarray(done)[local].astype(bool)
             if undone.any():
-                raise CorruptStoreError(f"gradient store {self.path}: rows {rows[first:last][undone][:10].tolist()} "
-                                        "are not computed")
+                raise CorruptStoreError(
+                    f"gradient store {self.path}: rows {rows[first:last][undone][:10].tolist()} are not computed"
+                )
             breaks = np.flatnonzero(np.diff(local) != 1) + 1
             starts, stops = local[np.r_[0, breaks]], local[np.r_[breaks - 1, len(local) - 1]] + 1
             chunk = out[first:last]

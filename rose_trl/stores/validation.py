@@ -30,13 +30,13 @@ from trl import DPOConfig, DPOTrainer
 
 from rose_trl.config import ROSEConfig
 from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
-from rose_trl.resources.budget import halving_on_oom
-from rose_trl.utils.distributed import all_true, gathered, partitioned, release_gathered
-from rose_trl.gradients.featurizer import Featurizer
-from rose_trl.gradients.capture import trainable_parameters
-from rose_trl.utils.modeling import eval_mode
 from rose_trl.data.sft import collate, tokenize_sft_example
+from rose_trl.gradients.capture import trainable_parameters
+from rose_trl.gradients.featurizer import Featurizer
+from rose_trl.resources.budget import halving_on_oom
 from rose_trl.stores.store import GradientStore
+from rose_trl.utils.distributed import all_true, gathered, partitioned, release_gathered
+from rose_trl.utils.modeling import eval_mode
 
 
 # Losses that couple the pairs of a batch: aot/aot_unpaired sort the batch's log-ratios (a pair's loss term
@@ -45,9 +45,10 @@ from rose_trl.stores.store import GradientStore
 PAIR_COUPLED_LOSSES = frozenset({"aot", "aot_unpaired", "sft"})
 
 
-def validation_loss_tag(loss_type: list[str], loss_weights: list[float] | None = None,
-                        label_smoothing: float = 0.0) -> str:
-    """"" for the paper's target (sigmoid alone), else a folder-name tag such as "ipo" or "sigmoid+sft_w1,0.2":
+def validation_loss_tag(
+    loss_type: list[str], loss_weights: list[float] | None = None, label_smoothing: float = 0.0
+) -> str:
+    """ "" for the paper's target (sigmoid alone), else a folder-name tag such as "ipo" or "sigmoid+sft_w1,0.2":
     stores of different targets live side by side (rose/val_dpo/ and rose/val_dpo_<tag>/)."""
     if list(loss_type) == ["sigmoid"] and not loss_weights and not label_smoothing:
         return ""
@@ -64,8 +65,12 @@ class ValidationDPOConfig(DPOConfig):
     """A DPOConfig whose sequences this package truncates, keeping their end (`KeepLastTokens`)."""
 
     keep_last_tokens: int | None = field(
-        default=None, metadata={"help": "Cut each preference sequence (prompt + answer) to its last N tokens: long "
-                                        "prompts lose their start, no pair is dropped. TRL's own max_length is None."})
+        default=None,
+        metadata={
+            "help": "Cut each preference sequence (prompt + answer) to its last N tokens: long "
+            "prompts lose their start, no pair is dropped. TRL's own max_length is None."
+        },
+    )
 
 
 @contextlib.contextmanager
@@ -109,10 +114,18 @@ class KeepLastTokens:
         return batch
 
 
-def validation_dpo_config(output_dir: str, beta: float = 0.1, batch_size: int = 4, max_length: int | None = 1024,
-                          use_cpu: bool = False, bf16: bool = False, ddp_backend: str | None = None,
-                          loss_type: list[str] | str = "sigmoid", loss_weights: list[float] | None = None,
-                          label_smoothing: float = 0.0) -> ValidationDPOConfig:
+def validation_dpo_config(
+    output_dir: str,
+    beta: float = 0.1,
+    batch_size: int = 4,
+    max_length: int | None = 1024,
+    use_cpu: bool = False,
+    bf16: bool = False,
+    ddp_backend: str | None = None,
+    loss_type: list[str] | str = "sigmoid",
+    loss_weights: list[float] | None = None,
+    label_smoothing: float = 0.0,
+) -> ValidationDPOConfig:
     """A DPOConfig for gradient extraction only: TRL's loss of `loss_type` (the paper's sigmoid by
     default), no dropout changes, no checkpointing, sequences cut to their last `max_length` tokens."""
     return ValidationDPOConfig(
@@ -149,12 +162,18 @@ class ROSEDPOTrainer(DPOTrainer):
     """
 
     def __init__(self, model, args: DPOConfig, train_dataset, processing_class, **kwargs):
-        validate_preferences(train_dataset if "subtask" in train_dataset.column_names
-                             else train_dataset.add_column("subtask", [DEFAULT_SUBTASK] * len(train_dataset)), "validation")
+        validate_preferences(
+            train_dataset
+            if "subtask" in train_dataset.column_names
+            else train_dataset.add_column("subtask", [DEFAULT_SUBTASK] * len(train_dataset)),
+            "validation",
+        )
         params_before = [n for n, _ in trainable_parameters(model)]
         # TRL copies the adapter's values into its "ref" adapter (deleted below): under ZeRO-3/FSDP2 they must be whole.
         with gathered(model):
-            super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs)
+            super().__init__(
+                model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
+            )
         unwrapped = self.accelerator.unwrap_model(self.model)
         if "ref" in getattr(unwrapped, "peft_config", {}):
             unwrapped.delete_adapter("ref")  # reference = base model (adapters disabled), not a copy of the policy
@@ -164,8 +183,9 @@ class ROSEDPOTrainer(DPOTrainer):
         if len(self.train_dataset) != len(train_dataset):
             raise RuntimeError(f"TRL kept {len(self.train_dataset)} of {len(train_dataset)} preference pairs")
         if getattr(args, "keep_last_tokens", None) is not None:  # a plain DPOConfig truncates as TRL does
-            self.data_collator = KeepLastTokens(self.data_collator, args.keep_last_tokens,
-                                                self.data_collator.pad_token_id)
+            self.data_collator = KeepLastTokens(
+                self.data_collator, args.keep_last_tokens, self.data_collator.pad_token_id
+            )
         # The reference's (chosen, rejected) log-probs of every pair: computed on first use, or handed over by
         # the run (ValidationGradients) when an earlier trainer of the same run computed them.
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -181,8 +201,9 @@ class ROSEDPOTrainer(DPOTrainer):
         adapter's device."""
         model = self.accelerator.unwrap_model(self.model)
         device = next(p for _, p in trainable_parameters(model)).device
-        loader = DataLoader(self.train_dataset, batch_size=pairs or self.pairs_per_pass, shuffle=False,
-                            collate_fn=self.data_collator)
+        loader = DataLoader(
+            self.train_dataset, batch_size=pairs or self.pairs_per_pass, shuffle=False, collate_fn=self.data_collator
+        )
         for inputs in loader:
             yield {k: v.to(device) for k, v in inputs.items()}
 
@@ -237,23 +258,37 @@ class ROSEDPOTrainer(DPOTrainer):
                         inputs["ref_rejected_logps"] = reference[1][start : start + pairs].to(device)
                     start += pairs
                     # TRL averages each loss over the pairs; the sum gives each pair its own full gradient.
-                    out.append(featurizer(model, inputs,
-                                          loss=lambda batch, n=pairs: self.compute_loss(self.model, batch) * n,
-                                          combine=lambda rows, n=pairs: rows[:n] + rows[n:]))  # [chosen..., rejected...]
+                    out.append(
+                        featurizer(
+                            model,
+                            inputs,
+                            loss=lambda batch, n=pairs: self.compute_loss(self.model, batch) * n,
+                            combine=lambda rows, n=pairs: rows[:n] + rows[n:],
+                        )
+                    )  # [chosen..., rejected...]
                     release_gathered(model)
         finally:
             self.precompute_ref_logps = precomputed
         return torch.cat(out)
 
 
-def sft_validation_gradients(model, validation, tokenizer, featurizer: Featurizer, max_length: int | None = 1024,
-                             batch_size: int = 8) -> torch.Tensor:
+def sft_validation_gradients(
+    model, validation, tokenizer, featurizer: Featurizer, max_length: int | None = 1024, batch_size: int = 8
+) -> torch.Tensor:
     """LESS's validation features: plain SFT-loss gradients on prompt + chosen, one row per pair."""
     rows = []
     for i, ex in enumerate(validation):
-        rows.append(tokenize_sft_example({"prompt": ex["prompt"], "completion": ex["chosen"]} if isinstance(ex["prompt"], str)
-                                         else {"messages": ex["prompt"] + ex["chosen"]},
-                                         tokenizer, max_length, source="validation", index=i))
+        rows.append(
+            tokenize_sft_example(
+                {"prompt": ex["prompt"], "completion": ex["chosen"]}
+                if isinstance(ex["prompt"], str)
+                else {"messages": ex["prompt"] + ex["chosen"]},
+                tokenizer,
+                max_length,
+                source="validation",
+                index=i,
+            )
+        )
     device = next(p for p in model.parameters() if p.requires_grad).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
@@ -267,23 +302,40 @@ def sft_validation_gradients(model, validation, tokenizer, featurizer: Featurize
 
 def validation_loss(config: ROSEConfig) -> dict:
     """What the DPO validation gradients depend on besides the model: recorded in their stores' meta."""
-    return {"validation_beta": config.validation_beta, "validation_loss_type": list(config.validation_loss_type),
-            "validation_loss_weights": config.validation_loss_weights or [1.0] * len(config.validation_loss_type),
-            "validation_label_smoothing": config.validation_label_smoothing}
+    return {
+        "validation_beta": config.validation_beta,
+        "validation_loss_type": list(config.validation_loss_type),
+        "validation_loss_weights": config.validation_loss_weights or [1.0] * len(config.validation_loss_type),
+        "validation_label_smoothing": config.validation_label_smoothing,
+    }
 
 
 class ValidationGradients:
     """A run's validation gradient stores, one per checkpoint: rose/val_dpo/ for the paper's sigmoid target,
     rose/val_dpo_<tag>/ for another loss (switching back and forth reuses both), rose/val_sft/ for LESS."""
 
-    def __init__(self, validation, tokenizer, config: ROSEConfig, rose_dir: Path, fingerprint: str,
-                 max_length: int | None, use_cpu: bool = False, ddp_backend: str | None = None):
+    def __init__(
+        self,
+        validation,
+        tokenizer,
+        config: ROSEConfig,
+        rose_dir: Path,
+        fingerprint: str,
+        max_length: int | None,
+        use_cpu: bool = False,
+        ddp_backend: str | None = None,
+    ):
         self.validation, self.tokenizer, self.config = validation, tokenizer, config
         self.rose_dir, self.fingerprint, self.max_length = rose_dir, fingerprint, max_length
         self.use_cpu, self.ddp_backend = use_cpu, ddp_backend
         self.kind = "dpo" if config.selection_method == "rose" else "sft"
-        tag = validation_loss_tag(config.validation_loss_type, config.validation_loss_weights,
-                                  config.validation_label_smoothing) if self.kind == "dpo" else ""
+        tag = (
+            validation_loss_tag(
+                config.validation_loss_type, config.validation_loss_weights, config.validation_label_smoothing
+            )
+            if self.kind == "dpo"
+            else ""
+        )
         self.folder = rose_dir / (f"val_{self.kind}_{tag}" if tag else f"val_{self.kind}")
         self._dpo_trainers: dict[int, ROSEDPOTrainer] = {}
         # The reference's log-probs of the pairs (ROSEDPOTrainer.reference_logps): the same at every checkpoint.
@@ -299,8 +351,11 @@ class ValidationGradients:
         longest = 0
         for i, ex in enumerate(self.validation):
             for answer in ("chosen", "rejected") if self.kind == "dpo" else ("chosen",):
-                row = {"prompt": ex["prompt"], "completion": ex[answer]} if isinstance(ex["prompt"], str) \
+                row = (
+                    {"prompt": ex["prompt"], "completion": ex[answer]}
+                    if isinstance(ex["prompt"], str)
                     else {"messages": ex["prompt"] + ex[answer]}
+                )
                 ids = tokenize_sft_example(row, self.tokenizer, None, source="validation", index=i)["input_ids"]
                 longest = max(longest, len(ids) + 1)  # TRL may add one special token more than the pool's rule
         return min(longest, self.max_length) if self.max_length else longest
@@ -313,9 +368,14 @@ class ValidationGradients:
         state = PartialState()
         with state.main_process_first():
             store = GradientStore.open_or_create(
-                self.folder / name, gradient_type=f"validation_{self.kind}", pool_fingerprint=self.fingerprint,
-                num_rows=len(self.validation), extra=validation_loss(self.config) if self.kind == "dpo" else {},
-                overwrite=self.config.overwrite_stores and state.is_main_process, **identity)
+                self.folder / name,
+                gradient_type=f"validation_{self.kind}",
+                pool_fingerprint=self.fingerprint,
+                num_rows=len(self.validation),
+                extra=validation_loss(self.config) if self.kind == "dpo" else {},
+                overwrite=self.config.overwrite_stores and state.is_main_process,
+                **identity,
+            )
         # Every process must agree before running collectives.
         if not (all_true(store.is_complete) if state.num_processes > 1 else store.is_complete):
             if self.kind == "dpo":
@@ -326,8 +386,14 @@ class ValidationGradients:
                 grads = trainer.pair_gradients(featurizer)
                 self.reference = trainer.reference
             else:
-                grads = sft_validation_gradients(model, self.validation, self.tokenizer, featurizer, self.max_length,
-                                                 batch_size=self.sft_rows_per_pass)
+                grads = sft_validation_gradients(
+                    model,
+                    self.validation,
+                    self.tokenizer,
+                    featurizer,
+                    self.max_length,
+                    batch_size=self.sft_rows_per_pass,
+                )
             if write:
                 store.write(np.arange(len(self.validation)), grads.cpu().numpy())
         return store
@@ -342,12 +408,19 @@ class ValidationGradients:
     def _dpo_trainer(self, model) -> ROSEDPOTrainer:
         if id(model) not in self._dpo_trainers:
             c = self.config
-            args = validation_dpo_config(str(self.rose_dir / "dpo"), beta=c.validation_beta,
-                                         batch_size=self.pairs_per_pass, max_length=self.max_length,
-                                         use_cpu=self.use_cpu, ddp_backend=self.ddp_backend,
-                                         loss_type=c.validation_loss_type, loss_weights=c.validation_loss_weights,
-                                         label_smoothing=c.validation_label_smoothing)
+            args = validation_dpo_config(
+                str(self.rose_dir / "dpo"),
+                beta=c.validation_beta,
+                batch_size=self.pairs_per_pass,
+                max_length=self.max_length,
+                use_cpu=self.use_cpu,
+                ddp_backend=self.ddp_backend,
+                loss_type=c.validation_loss_type,
+                loss_weights=c.validation_loss_weights,
+                label_smoothing=c.validation_label_smoothing,
+            )
             columns = [c for c in ("prompt", "chosen", "rejected") if c in self.validation.column_names]
-            self._dpo_trainers[id(model)] = ROSEDPOTrainer(model, args, self.validation.select_columns(columns),
-                                                           self.tokenizer)
+            self._dpo_trainers[id(model)] = ROSEDPOTrainer(
+                model, args, self.validation.select_columns(columns), self.tokenizer
+            )
         return self._dpo_trainers[id(model)]

@@ -17,7 +17,7 @@ gathered with `DTensor.full_tensor()` or, for the adapter's values, `FSDPModule.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -126,7 +126,8 @@ def check_supported(model: nn.Module) -> None:
         raise NotImplementedError(
             "ROSE gradient extraction does not support FSDP1-wrapped models (flattened parameters); use FSDP2 "
             "(fsdp_version: 2, accelerate_configs/fsdp.yaml), DeepSpeed ZeRO-2/3 or plain data parallelism, "
-            "see docs/distributed.md")
+            "see docs/distributed.md"
+        )
 
 
 def all_true(flag: bool) -> bool:

@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+
 # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR (tests/test_trl_api.py checks it), without importing transformers
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")

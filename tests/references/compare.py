@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+
 FILES = ("scores.parquet", "contributions.parquet")
 FLOAT_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
@@ -31,8 +32,10 @@ def differences(reference: Path, folders: dict[str, Path]) -> list[str]:
     manifest = json.loads((reference / "manifest.json").read_text())
     same_writer = manifest["versions"] == _versions()
     found = {f"{name}/{f}" for name, folder in folders.items() for f in FILES if (folder / f).exists()}
-    problems = [f"{key}: {'missing' if key in manifest['files'] else 'not in the references'}"
-                for key in sorted(found ^ set(manifest["files"]))]
+    problems = [
+        f"{key}: {'missing' if key in manifest['files'] else 'not in the references'}"
+        for key in sorted(found ^ set(manifest["files"]))
+    ]
     for key in sorted(found & set(manifest["files"])):
         name, f = key.split("/")
         path = folders[name] / f

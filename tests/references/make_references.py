@@ -25,15 +25,41 @@ import sys
 import tempfile
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 FILES = ("scores.parquet", "contributions.parquet")
 TINY_CONFIG = ROOT / "recipes/tiny/rose/config_tiny.yaml"
-MATRIX_ARGS = ["--pool_max_examples", "160", "--num_train_epochs", "3", "--per_device_train_batch_size", "4",
-               "--warmup_steps", "2", "--projection_dim", "512", "--selection_fraction", "0.1", "--logging_steps",
-               "500", "--save_strategy", "epoch"]
-RERUN_ARGS = ["--num_train_epochs", "2", "--projection_dim", "512", "--save_strategy", "epoch", "--pool_max_examples",
-              "160", "--warmup_fraction", "0.25"]
+MATRIX_ARGS = [
+    "--pool_max_examples",
+    "160",
+    "--num_train_epochs",
+    "3",
+    "--per_device_train_batch_size",
+    "4",
+    "--warmup_steps",
+    "2",
+    "--projection_dim",
+    "512",
+    "--selection_fraction",
+    "0.1",
+    "--logging_steps",
+    "500",
+    "--save_strategy",
+    "epoch",
+]
+RERUN_ARGS = [
+    "--num_train_epochs",
+    "2",
+    "--projection_dim",
+    "512",
+    "--save_strategy",
+    "epoch",
+    "--pool_max_examples",
+    "160",
+    "--warmup_fraction",
+    "0.25",
+]
 GRADIENT_METHODS = ("rose", "less")
 ALL_METHODS = ("rose", "less", "random", "bm25", "rds", "dsir", "full")
 
@@ -51,8 +77,19 @@ def versions() -> dict:
 
 def recipe(workdir: Path, config: Path, out: Path, *args: str) -> None:
     """recipes/rose_sft.py as a user launches it (one CPU process), final training off."""
-    cmd = [sys.executable, str(ROOT / "recipes/rose_sft.py"), "--config", str(config), "--output_dir", str(out),
-           "--final_training", "false", "--disable_tqdm", "true", *args]
+    cmd = [
+        sys.executable,
+        str(ROOT / "recipes/rose_sft.py"),
+        "--config",
+        str(config),
+        "--output_dir",
+        str(out),
+        "--final_training",
+        "false",
+        "--disable_tqdm",
+        "true",
+        *args,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     if result.returncode:
@@ -60,8 +97,12 @@ def recipe(workdir: Path, config: Path, out: Path, *args: str) -> None:
 
 
 def assets(workdir: Path) -> None:
-    subprocess.run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(workdir / "outputs/tiny")], check=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(workdir / "outputs/tiny")],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+    )
 
 
 def run_case(case: str, workdir: Path) -> dict[str, Path]:
