@@ -1,5 +1,5 @@
 """The package's shape (docs/architecture.md): stages in folders that import only the stages below them; no import
-circle, even through imports inside functions; no module past 450 lines; few modules left at the top; the
+circle, even through imports inside functions; no module past 600 lines; few modules left at the top; the
 coordinator short."""
 
 import ast
@@ -82,15 +82,18 @@ def test_no_import_circle():
     assert cycles(import_graph()) == []
 
 
-def test_no_module_past_450_lines():
+def test_no_module_past_600_lines():
+    # Lines as ruff formats them (119 columns, one argument a line once a call wraps): 600 is about the 450 lines
+    # this limit held before the code was formatted.
     sizes = {module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
-    assert {m: n for m, n in sizes.items() if n > 450} == {}
+    assert {m: n for m, n in sizes.items() if n > 600} == {}
 
 
 def test_the_coordinator_stays_short():
+    # Counted in statements, which the formatter does not change (98 when this was written).
     tree = ast.parse((PACKAGE / "run" / "selector.py").read_text())
     selector = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ROSESelector")
-    assert selector.end_lineno - selector.lineno + 1 < 150
+    assert sum(isinstance(n, ast.stmt) for n in ast.walk(selector)) < 110
 
 
 # The stages, lowest first: a module may import its own stage and the stages before it, never one after it.
