@@ -70,6 +70,7 @@ def main(script_args, training_args, model_args, dataset_args, rose_args):  # RO
     from accelerate.logging import get_logger
     from datasets import load_dataset
     from packaging.version import Version
+
     from trl import SFTTrainer, get_dataset, get_peft_config, get_quantization_config
 
     from rose_trl import ROSECallback  # ROSE
@@ -150,7 +151,5 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 if __name__ == "__main__":
     parser = make_parser()
-    script_args, training_args, model_args, dataset_args, rose_args = parser.parse_args_and_config(
-        fail_with_unknown_args=False
-    )  # ROSE
+    script_args, training_args, model_args, dataset_args, rose_args = parser.parse_args_and_config(fail_with_unknown_args=False)  # ROSE
     main(script_args, training_args, model_args, dataset_args, rose_args)  # ROSE
