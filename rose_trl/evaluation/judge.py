@@ -181,7 +181,8 @@ class HFJudge:
     """A local causal LM as judge: greedy generation by default, then the same verdict parser."""
 
     def __init__(self, model, tokenizer, options: GenerationOptions | None = None):
-        self.model, self.tokenizer = model, tokenizer
+        self.model = model
+        self.tokenizer = tokenizer
         self.options = options or GenerationOptions(max_new_tokens=128, do_sample=False)
 
     def complete(self, prompts: Sequence[str]) -> list[str | None]:
@@ -216,7 +217,8 @@ def tabulate_verdicts(verdicts: Sequence[str | None], subtasks: Sequence[str] | 
         raise ValueError(f"{len(verdicts)} verdicts but {len(subtasks)} subtask labels")
 
     def row(name, vs):
-        win, lose = sum(v == "A" for v in vs), sum(v == "B" for v in vs)
+        win = vs.count("A")
+        lose = vs.count("B")
         n = len(vs)
         return {
             "subtask": name,
@@ -252,7 +254,7 @@ def win_rate(
     ]
     raw = judge.complete(judge_prompts)
     verdicts = [parse_verdict(text) for text in raw]
-    unparsed = sum(v is None for v in verdicts)
+    unparsed = verdicts.count(None)
     if unparsed:
         logger.warning(
             "%d of %d judge verdicts could not be parsed; they are reported in the `unparsed` column",

@@ -80,7 +80,8 @@ class ProjectedRows:
     """
 
     def __init__(self, rows: int, projector, adam_state: AdamState | None, device: torch.device):
-        self.projector, self.adam = projector, adam_state
+        self.projector = projector
+        self.adam = adam_state
         self.rows = torch.zeros(rows, projector.dim, dtype=torch.float32, device=device)
 
     def add(self, start: int, block: torch.Tensor) -> None:
@@ -158,12 +159,15 @@ class PerExampleGradientCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._taps, self._calls = [], {}  # a forward without backward (an error in between) must not keep them
+        # A forward without backward (an error in between) must not keep them.
+        self._taps = []
+        self._calls = {}
 
     def reset(self, rows: int, device: torch.device, sink: DenseRows | ProjectedRows | None = None):
         """Start a pass of `rows` rows; returns its sink (a `DenseRows` unless one is given)."""
         self.sink = sink if sink is not None else DenseRows(rows, self.num_params, device)
-        self._taps, self._calls = [], {}
+        self._taps = []
+        self._calls = {}
         return self.sink
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -171,7 +175,9 @@ class PerExampleGradientCapture:
         taps, self._taps = self._taps, []
         if not taps:
             raise UnsupportedParameterError("no hooked layer ran in this forward (is the LoRA adapter active?)")
-        self._remaining, self._pending, self._emitted = dict(self._calls), {}, set()
+        self._remaining = dict(self._calls)
+        self._pending = {}
+        self._emitted = set()
         try:
             torch.autograd.grad(loss, taps, allow_unused=True)
             # Layers some of whose calls got no gradient (an output that does not reach the loss) are
@@ -184,7 +190,8 @@ class PerExampleGradientCapture:
                         if rng is not None:
                             self.sink.missing(*rng)
         finally:
-            self._pending, self._calls = {}, {}
+            self._pending = {}
+            self._calls = {}
 
     def _forward_hook(self, module: nn.Linear, inputs, output):
         if not (torch.is_grad_enabled() and output.requires_grad):
@@ -246,7 +253,8 @@ class AdamState:
         while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer and similar wrappers
             optimizer = optimizer.optimizer
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        ms, vs, hyper = [], [], set()
+        ms, vs = [], []
+        hyper = set()
         for name, p in params:
             state = optimizer.state.get(p, {})
             if "exp_avg" not in state or "exp_avg_sq" not in state or id(p) not in group_of:
@@ -274,7 +282,8 @@ class AdamState:
         for g in state_dict["param_groups"]:
             for idx in g["params"]:
                 hyper_of[idx] = adam_hyperparameters(g)
-        ms, vs, hyper = [], [], set()
+        ms, vs = [], []
+        hyper = set()
         for name, p in params:
             idx = param_index.get(name)
             state = state_dict["state"].get(idx, {})
@@ -376,7 +385,9 @@ def per_example_gradients(
     train/eval mode is left as the caller set it.
     """
     if isinstance(optimizer, AdamState):  # per_example_gradients(model, batch, adam_state) positionally
-        optimizer, adam_state = None, optimizer if adam_state is None else adam_state
+        if adam_state is None:
+            adam_state = optimizer
+        optimizer = None
     if optimizer is not None:
         if adam_state is not None:
             raise TypeError("per_example_gradients: pass optimizer or adam_state, not both")

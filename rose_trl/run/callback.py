@@ -83,9 +83,13 @@ class ROSECallback(TrainerCallback):
         max_length: int | None = _FROM_ARGS,
         run_config: dict | None = None,
     ):
-        self.pool, self.validation, self.tokenizer = pool, validation, tokenizer
+        self.pool = pool
+        self.validation = validation
+        self.tokenizer = tokenizer
         self.config = config or ROSEConfig()
-        self.output_dir, self.max_length, self.run_config = output_dir, max_length, run_config
+        self.output_dir = output_dir
+        self.max_length = max_length
+        self.run_config = run_config
         self.selector: ROSESelector | None = None
         self.selection_dir = None
 
@@ -147,7 +151,7 @@ class ROSECallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         selector = self.ensure_selector(args)
-        lr = selector.ledger.live_learning_rate()
+        lr = selector.ledger.pop_live_learning_rate()
         if lr is None:  # no step since the previous save: the LR the optimizer holds
             lr = float(optimizer.param_groups[0]["lr"])
         self._add_checkpoint(selector, model, optimizer, checkpoint_name(state.global_step), lr)

@@ -6,7 +6,7 @@
 
 eta_i is the mean learning rate of the optimizer steps since the previous checkpoint. It is known, first
 source first:
-1. live, while the warm-up runs (`step_began`, then `live_learning_rate` at the save: ROSECallback);
+1. live, while the warm-up runs (`step_began`, then `pop_live_learning_rate` at the save: ROSECallback);
 2. from checkpoints.json, when it records the checkpoint for the same weights;
 3. from step_lrs.json, when it covers every step since the previous checkpoint (a resumed warm-up, or a
    finished one read offline);
@@ -137,9 +137,9 @@ class RunLedger:
             lrs[str(step)] = float(learning_rate)
             atomic_write_json(self.step_lrs_file, lrs)
 
-    def live_learning_rate(self) -> float | None:
-        """At a save: the mean LR of the steps since the previous save (None when no step began since);
-        starts the next interval."""
+    def pop_live_learning_rate(self) -> float | None:
+        """At a save: the mean LR of the steps since the previous save (None when no step began since),
+        taken out: the next call averages the steps that begin after this one."""
         lr = float(np.mean(self._live)) if self._live else None
         self._live = []
         return lr
@@ -173,7 +173,8 @@ class RunLedger:
         check_rate_count(explicit, names, "found")
         step_lrs = self.step_learning_rates()
         record = read_warmup_record(checkpoints)
-        lrs, previous = [], 0
+        lrs = []
+        previous = 0
         for ckpt, step in zip(checkpoints, record.steps, strict=True):
             lr = None
             if self.is_recorded(ckpt.name):  # only then are its weights needed
@@ -193,7 +194,7 @@ class RunLedger:
                 if explicit is None:
                     i = lrs.index(None)
                     previous = record.steps[i - 1] if i else 0
-                    logged = sum(previous < s <= record.steps[i] for s in record.logged)
+                    logged = len([s for s in record.logged if previous < s <= record.steps[i]])
                     raise ValueError(
                         f"{names[i]}: cannot tell its learning rate (the mean over optimizer steps {previous + 1}-"
                         f"{record.steps[i]}): {self.checkpoints_file} does not record it, trainer_state.json "

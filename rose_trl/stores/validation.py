@@ -96,7 +96,9 @@ class KeepLastTokens:
     the pairs whose prompt fills max_length, and every gradient row must line up with its subtask label."""
 
     def __init__(self, collate_fn, max_length: int, pad_token_id: int):
-        self.collate_fn, self.max_length, self.pad_token_id = collate_fn, max_length, pad_token_id
+        self.collate_fn = collate_fn
+        self.max_length = max_length
+        self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collate_fn(examples)
@@ -247,7 +249,9 @@ class ROSEDPOTrainer(DPOTrainer):
 
     def _pair_gradients(self, featurizer: Featurizer, reference, pairs_a_pass: int) -> torch.Tensor:
         model = self.accelerator.unwrap_model(self.model)
-        out, start, precomputed = [], 0, self.precompute_ref_logps
+        out = []
+        start = 0
+        precomputed = self.precompute_ref_logps
         self.precompute_ref_logps = reference is not None  # TRL's loss then reads ref_*_logps from the batch
         try:
             with eval_mode(model):
@@ -326,9 +330,14 @@ class ValidationGradients:
         use_cpu: bool = False,
         ddp_backend: str | None = None,
     ):
-        self.validation, self.tokenizer, self.config = validation, tokenizer, config
-        self.rose_dir, self.fingerprint, self.max_length = rose_dir, fingerprint, max_length
-        self.use_cpu, self.ddp_backend = use_cpu, ddp_backend
+        self.validation = validation
+        self.tokenizer = tokenizer
+        self.config = config
+        self.rose_dir = rose_dir
+        self.fingerprint = fingerprint
+        self.max_length = max_length
+        self.use_cpu = use_cpu
+        self.ddp_backend = ddp_backend
         self.kind = "dpo" if config.selection_method == "rose" else "sft"
         tag = (
             validation_loss_tag(
