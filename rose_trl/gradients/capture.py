@@ -376,13 +376,39 @@ def _capture_pass(
 def per_example_gradients(
     model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None, adam_state: AdamState | None = None
 ) -> torch.Tensor:
-    """Gradient of each row's own SFT loss w.r.t. the trainable parameters: float32 [batch, n_params].
+    """The gradient of each row's own SFT loss with respect to the trainable (LoRA) parameters.
 
-    `batch` holds `input_ids`, `attention_mask` and `labels` (-100 outside the response). One forward
-    and one backward for the whole batch. With an Adam/AdamW `optimizer` that has state (a live one,
-    accelerate-wrapped or not: `AdamState.from_optimizer`) or an explicit `adam_state` (e.g. a checkpoint's),
-    rows are Adam-preconditioned as in LESS; otherwise they are plain (SGD) gradients. The model's
-    train/eval mode is left as the caller set it.
+    One forward and one backward for the whole batch: hooks on the LoRA linear layers take each row's gradient,
+    equal to a batch-size-1 loop's. The loss of a row is its token-mean cross entropy over its labelled (response)
+    tokens. With an Adam/AdamW `optimizer` that has state, or an explicit `adam_state`, the rows are
+    Adam-preconditioned as in LESS, `(b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g^2 + eps)` with b1, b2, eps from the
+    optimizer; otherwise they are plain (SGD) gradients. The model's train/eval mode is left as the caller set it.
+
+    Args:
+        model (`torch.nn.Module`):
+            A causal LM whose trainable parameters are LoRA linear weights (a `peft` model).
+        batch (`dict`):
+            `input_ids`, `attention_mask` and `labels` (-100 outside the response), each `[rows, length]`.
+        optimizer (`torch.optim.Optimizer`, *optional*):
+            The live Adam/AdamW optimizer of `model` (accelerate-wrapped or not); its `exp_avg`/`exp_avg_sq` give
+            the preconditioning. An `AdamState` passed here positionally is taken as `adam_state`.
+        adam_state (`AdamState`, *optional*):
+            Adam moments and hyperparameters given directly, e.g. a checkpoint's (`AdamState.from_state_dict`).
+            Not together with `optimizer`.
+
+    Returns:
+        `torch.Tensor`: float32 `[rows, n_trainable_parameters]`, parameters in `model.named_parameters()` order.
+
+    Example:
+
+    ```python
+    from rose_trl import per_example_gradients
+
+    loss = model(**batch).loss  # a LoRA model training with AdamW
+    loss.backward()
+    optimizer.step()
+    rows = per_example_gradients(model, batch, optimizer=optimizer)  # [len(batch["input_ids"]), n_lora_params]
+    ```
     """
     if isinstance(optimizer, AdamState):  # per_example_gradients(model, batch, adam_state) positionally
         if adam_state is None:

@@ -61,6 +61,34 @@ def check_rate_count(explicit: list[float] | None, names: list[str], found: str)
 
 
 class RunLedger:
+    """What a run's `rose/` folder records, and every way of knowing a checkpoint's learning rate eta_i.
+
+    It owns `rose/run.json` (the fingerprint every store depends on: `open` refuses, or clears, a folder left by a
+    run on other inputs), `rose/checkpoints.json` (each checkpoint's name, learning rate and adapter hash, in step
+    order) and `rose/step_lrs.json` (each optimizer step's learning rate, written as the step begins). `resolve`
+    and `scoring_learning_rates` give every checkpoint's eta_i, first source first (see the module docstring).
+    The selector keeps one per run; only the main process writes.
+
+    Args:
+        rose_dir (`str` or `pathlib.Path`):
+            The run's `rose/` folder (`<output_dir>/rose`).
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from rose_trl.run.ledger import RunLedger
+    >>> ledger = RunLedger(tempfile.mkdtemp())
+    >>> ledger.step_began(1, 2e-4, write=False)
+    >>> ledger.step_began(2, 1e-4, write=False)
+    >>> round(ledger.pop_live_learning_rate(), 8)  # at a save: the mean LR of the steps since the last one
+    0.00015
+    >>> ledger.pop_live_learning_rate() is None  # the next interval starts empty
+    True
+
+    ```
+    """
+
     def __init__(self, rose_dir: str | Path):
         self.rose_dir = Path(rose_dir)
         self.run_file = self.rose_dir / "run.json"

@@ -21,6 +21,7 @@ import numpy as np
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
 
 from rose_trl.config import ROSEConfig
 from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
@@ -58,11 +59,58 @@ def _stores_to_write(folder: Path, names: list[str | None]) -> int:
 
 
 class ROSESelector:
+    """The selection pipeline behind `ROSECallback` and `select_from_checkpoints`: checkpoints in, a selection out.
+
+    Creating it tokenizes the pool, validates the preference set and opens the run's ledger (`rose/run.json`):
+    an output folder left by a run on other inputs is refused (or cleared, with `overwrite_stores`). Then
+    `add_checkpoint` is called once per warm-up checkpoint (the pool's and the pairs' projected gradients, stored
+    under `rose/`, and the checkpoint's learning rate) and `finalize` scores the pool and writes the selection.
+    Under several processes every process makes the same calls; each computes its share of the pool rows.
+
+    Args:
+        pool (`datasets.Dataset`):
+            The training pool: `messages` (chat) or `prompt`/`completion` rows (`rose_trl.load_pool`).
+        validation (`datasets.Dataset`):
+            The few-shot preference set: `prompt`/`chosen`/`rejected` rows, with an optional `subtask` column
+            (one subtask, "default", without it).
+        tokenizer (`transformers.PreTrainedTokenizerBase`):
+            The warm-up model's tokenizer. Without a pad token it pads with its eos token.
+        config (`ROSEConfig`):
+            The selection options (method, fraction, projection, validation loss, memory budget, ...).
+        output_dir (`str` or `pathlib.Path`):
+            Where `rose/` (the stores and the ledger) and the selection folder go.
+        max_length (`int` or `None`, *optional*, defaults to `1024`):
+            Pool rows and pairs are truncated to this many tokens (`None`: not truncated).
+        use_cpu (`bool`, *optional*, defaults to `False`):
+            Run the validation passes on the CPU (as `TrainingArguments.use_cpu`).
+        run_config (`dict`, *optional*):
+            Extra settings the stores depend on, recorded in `rose/run.json` and the selection's `config.json`.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars for the gradient passes.
+        ddp_backend (`str`, *optional*):
+            The validation trainer's `ddp_backend` (e.g. "gloo" for several CPU processes).
+
+    Example:
+
+    ```python
+    from transformers import AutoTokenizer
+
+    from rose_trl import ROSEConfig, ROSESelector, load_pool, load_preferences
+
+    tokenizer = AutoTokenizer.from_pretrained("meta-llama/Llama-2-7b-hf")
+    selector = ROSESelector(load_pool("pool.jsonl"), load_preferences("preferences.jsonl"), tokenizer,
+                            ROSEConfig(selection_fraction=0.05), output_dir="outputs/run")
+    for name, model, learning_rate, adam_state in checkpoints:  # e.g. a warm-up's saved checkpoints
+        selector.add_checkpoint(model, name, learning_rate, adam_state)
+    selector.finalize()  # -> outputs/run/selection/
+    ```
+    """
+
     def __init__(
         self,
         pool: Dataset,
         validation: Dataset,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         config: ROSEConfig,
         output_dir: str | Path,
         max_length: int | None = 1024,
