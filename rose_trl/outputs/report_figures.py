@@ -25,8 +25,13 @@ def score_distribution_figure(run) -> str:
     finite = np.isfinite(scores)
     # Shared bin edges, stacked: the selected tail sits on the same axis as the rest of the pool.
     edges = np.histogram_bin_edges(scores[finite], bins=50 if np.ptp(scores[finite]) > 0 else 1)
-    ax.hist([scores[finite & ~selected], scores[finite & selected]], bins=edges, stacked=True,
-            color=["#9aa7b8", "#d9534f"], label=["not selected", "selected"])
+    ax.hist(
+        [scores[finite & ~selected], scores[finite & selected]],
+        bins=edges,
+        stacked=True,
+        color=["#9aa7b8", "#d9534f"],
+        label=["not selected", "selected"],
+    )
     if run.threshold is not None and math.isfinite(run.threshold):
         ax.axvline(run.threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {run.threshold:.4g}")
     ax.set_xlabel("score")
@@ -92,7 +97,15 @@ def checkpoint_agreement_figure(corr: pd.DataFrame) -> str:
     for i in range(len(corr)):
         for j in range(len(corr)):
             value = corr.iat[i, j]
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if abs(value) > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if abs(value) > 0.6 else "black",
+            )
     ax.set_title("Spearman correlation of checkpoint scores", fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return _png(fig)

@@ -117,7 +117,7 @@ def select_from_checkpoints(
     selector.check_disk_space([c.name for c in checkpoints])  # before any gradient work
     model = warmup_model(checkpoints[0], base_model, peft_config)
     learning_rates = resolve_learning_rates(checkpoints, model, selector)
-    for ckpt, lr in zip(checkpoints, learning_rates):
+    for ckpt, lr in zip(checkpoints, learning_rates, strict=True):
         set_peft_model_state_dict(model, load_checkpoint_adapter(ckpt, model))
         adam = load_checkpoint_adam(ckpt, model) if selector.config.gradient_type == "adam" else None
         selector.add_checkpoint(model, ckpt.name, lr, adam)
