@@ -61,7 +61,7 @@ def _share_bars(ax, pool_counts: pd.Series | None, selected_counts: pd.Series, t
         ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.06), ncol=2, frameon=False)
     else:
         ax.barh(y, sel / max(sel.sum(), 1), height=0.6, color="#d9534f")
-    ax.set_yticks(y, [str(l) for l in labels], fontsize=8)
+    ax.set_yticks(y, [str(label) for label in labels], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("share of rows")
     ax.set_title(title, fontsize=10)
@@ -82,7 +82,7 @@ def composition_figure(run) -> str | None:
         return None
     fig = Figure(figsize=(5 * len(panels), 0.35 * max(len(p[2]) for p in panels) + 2))
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (what, pool, sel) in zip(axes, panels):
+    for ax, (what, pool, sel) in zip(axes, panels, strict=True):
         _share_bars(ax, pool, sel, f"selection by {what}")
     return _png(fig)
 
