@@ -119,7 +119,7 @@ def build_dataset_card(output_dir, repo_id: str | None = None, folder: str = SEL
         )
     selected_with = f"`{model}`" if uses_model else "no model"
     subtasks = ", ".join(summary.get("subtasks") or []) or "n/a"
-    selected_scores = " / ".join(fmt(stats.get(f"selected_{s}")) for s in ("min", "mean", "max"))
+    selected_scores = " / ".join(fmt(stats.get(k)) for k in ("selected_min", "selected_mean", "selected_max"))
     body = f"""
 # ROSE selection: {num_selected} of {num_pool} examples
 

@@ -284,20 +284,16 @@ def driving_pairs(run: SelectionRun, max_chars: int = 120) -> pd.DataFrame | Non
 
 # ------------------------------------------------------------------------------------ HTML
 
+# A backslash at a line's end continues the same line of CSS (the text is unchanged).
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
-  padding:0 1em}
-h1{font-size:1.6em}
-h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;font-size:.9em;margin:.6em 0}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;\
+padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;font-size:.9em;margin:.6em 0}\
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f2f4f7}
-img{max-width:100%;display:block;margin:.6em 0}
+th{background:#f2f4f7}img{max-width:100%;display:block;margin:.6em 0}\
 .snippet{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85em}
-.muted{color:#777}
-.flag{color:#b02a2a;font-weight:600}
-ol{margin:0;padding-left:1.2em}
-details{margin:1em 0}
+.muted{color:#777}.flag{color:#b02a2a;font-weight:600}ol{margin:0;padding-left:1.2em}details{margin:1em 0}
 summary{cursor:pointer;font-weight:600}
 """
 
@@ -428,8 +424,8 @@ def _top_examples_html(run: SelectionRun) -> str:
         parts.append('<p class="muted">No saved selected/ rows.</p>')
     for name, rows in tops.items():
         parts.append(
-            f"<h3>{html.escape(name)}</h3><table>"
-            "<tr><th>pool index</th><th>score</th><th>source</th><th>text</th></tr>"
+            f"<h3>{html.escape(name)}</h3>"
+            "<table><tr><th>pool index</th><th>score</th><th>source</th><th>text</th></tr>"
         )
         for r in rows:
             parts.append(
@@ -558,8 +554,10 @@ def render_report(runs: list[SelectionRun], title: str = "ROSE selection report"
         "</details>",
     ]
     body = "\n".join(parts)
-    head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style>'
-    return f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head>\n<body>\n{body}\n</body></html>\n'
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
 
 
 def write_report(output_dir: str | Path, path: str | Path | None = None) -> Path:
