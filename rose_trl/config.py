@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from rose_trl.gradients.projection import PROJECTION_TYPES
+from rose_trl.utils.errors import ConfigError
 
 
 GRADIENT_METHODS = ("rose", "less")
@@ -305,8 +306,8 @@ class ROSEConfig:
             "passes and evaluation get the most rows whose estimated peak fits it, from "
             "the model's shape, the LoRA settings, the dtype and the loss path (budget.py, "
             "memory.py); gradient_batch_size, max_batch_tokens, gradient_memory_gb and "
-            "validation_batch_size stay upper limits. Default: 15% of the CPU memory "
-            "available, shared by the node's processes, or 90% of the GPU's free memory. "
+            "validation_batch_size stay upper limits. Default: 15%% of the CPU memory "
+            "available, shared by the node's processes, or 90%% of the GPU's free memory. "
             "The plan is logged once; the Trainer's batch sizes are not changed (a "
             "warning gives the size that fits)."
         },
@@ -316,29 +317,29 @@ class ROSEConfig:
         for name in ("selection_fraction", "warmup_fraction"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+                raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
         if self.selection_method not in SELECTION_METHODS:
-            raise ValueError(f"selection_method must be one of {SELECTION_METHODS}, got {self.selection_method!r}")
+            raise ConfigError(f"selection_method must be one of {SELECTION_METHODS}, got {self.selection_method!r}")
         if self.projection_type not in PROJECTION_TYPES + ("auto",):
-            raise ValueError(
+            raise ConfigError(
                 f"projection_type must be one of {PROJECTION_TYPES + ('auto',)}, got {self.projection_type!r}"
             )
         if self.gradient_memory_gb is not None and self.gradient_memory_gb <= 0:
-            raise ValueError(f"gradient_memory_gb must be > 0, got {self.gradient_memory_gb}")
+            raise ConfigError(f"gradient_memory_gb must be > 0, got {self.gradient_memory_gb}")
         if self.checkpoint_learning_rates is not None and not all(
             isinstance(lr, (int, float)) and lr >= 0 for lr in self.checkpoint_learning_rates
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint_learning_rates must be non-negative numbers, got {self.checkpoint_learning_rates!r}"
             )
         if self.projection_dim < 1 or self.gradient_batch_size < 1 or self.validation_batch_size < 1:
-            raise ValueError("projection_dim, gradient_batch_size and validation_batch_size must be >= 1")
+            raise ConfigError("projection_dim, gradient_batch_size and validation_batch_size must be >= 1")
         if self.subtask_balance not in SUBTASK_BALANCES:
-            raise ValueError(f"subtask_balance must be one of {SUBTASK_BALANCES}, got {self.subtask_balance!r}")
+            raise ConfigError(f"subtask_balance must be one of {SUBTASK_BALANCES}, got {self.subtask_balance!r}")
         self._check_validation_loss()
         self._check_final_model()
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
-            raise ValueError(f"memory_budget_gb must be > 0, got {self.memory_budget_gb}")
+            raise ConfigError(f"memory_budget_gb must be > 0, got {self.memory_budget_gb}")
 
     def _check_validation_loss(self) -> None:
         if isinstance(self.validation_loss_type, str):  # DPOConfig.loss_type takes a single name too
@@ -346,21 +347,21 @@ class ROSEConfig:
         self.validation_loss_type = list(self.validation_loss_type)
         unknown = [t for t in self.validation_loss_type if t not in DPO_LOSS_TYPES]
         if unknown or not self.validation_loss_type:
-            raise ValueError(
+            raise ConfigError(
                 f"validation_loss_type: unknown {unknown or 'empty list'}; TRL's DPO loss types are "
                 f"{list(DPO_LOSS_TYPES)}"
             )
         if self.validation_loss_weights is not None:
             self.validation_loss_weights = [float(w) for w in self.validation_loss_weights]
             if len(self.validation_loss_weights) != len(self.validation_loss_type):
-                raise ValueError(
+                raise ConfigError(
                     f"validation_loss_weights has {len(self.validation_loss_weights)} weights for "
                     f"{len(self.validation_loss_type)} validation_loss_type entries"
                 )
         if not 0 <= self.validation_label_smoothing < 0.5:
-            raise ValueError(f"validation_label_smoothing must be in [0, 0.5), got {self.validation_label_smoothing}")
+            raise ConfigError(f"validation_label_smoothing must be in [0, 0.5), got {self.validation_label_smoothing}")
         if "exo_pair" in self.validation_loss_type and self.validation_label_smoothing == 0:
-            raise ValueError(
+            raise ConfigError(
                 "validation_loss_type exo_pair needs validation_label_smoothing > 0 (EXO's epsilon; "
                 "the paper recommends 1e-3)"
             )
@@ -370,14 +371,14 @@ class ROSEConfig:
             try:
                 self.final_model = json.loads(self.final_model)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise ConfigError(
                     f"final_model: expected a JSON object of ModelConfig/SFTConfig options, got "
                     f"{self.final_model!r} ({e})"
                 ) from None
         if self.final_model is None:
             return
         if not isinstance(self.final_model, dict):
-            raise ValueError(
+            raise ConfigError(
                 f"final_model: expected a mapping of ModelConfig/SFTConfig options, got "
                 f"{type(self.final_model).__name__}"
             )
@@ -386,7 +387,7 @@ class ROSEConfig:
         known = set(ModelConfig.__dataclass_fields__) | set(SFTConfig.__dataclass_fields__) | {"gguf_file"}
         unknown = sorted(set(self.final_model) - known)
         if unknown:
-            raise ValueError(f"final_model: {unknown} are not ModelConfig or SFTConfig options (nor gguf_file)")
+            raise ConfigError(f"final_model: {unknown} are not ModelConfig or SFTConfig options (nor gguf_file)")
 
     @property
     def selection_folder(self) -> str:
@@ -427,4 +428,4 @@ class SelectConfig:
 
     def __post_init__(self):
         if not self.warmup_dir or not self.output_dir:
-            raise ValueError("warmup_dir and output_dir are required")
+            raise ConfigError("warmup_dir and output_dir are required")

@@ -18,11 +18,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from rose_trl.utils.errors import UserError
+
 
 IGNORE_INDEX = -100
 
 
-class BadRecordError(ValueError):
+class BadRecordError(UserError, ValueError):
     """A dataset record that cannot be used; the message names the source, the record and the field."""
 
     def __init__(self, source: str, index: int, field: str, problem: str):

@@ -30,6 +30,7 @@ from rose_trl.outputs.explain import (
 )
 from rose_trl.outputs.report_figures import checkpoint_agreement_figure, composition_figure, score_distribution_figure
 from rose_trl.scoring.columns import SCORE, ScoreColumns
+from rose_trl.utils.errors import BadInputError, InputNotFoundError
 
 
 @dataclass
@@ -79,11 +80,11 @@ def load_selection(path: str | Path) -> SelectionRun:
     path = Path(path)
     scores_path = path / "scores.parquet"
     if not scores_path.exists():
-        raise FileNotFoundError(f"{scores_path} not found: not a finished selection folder")
+        raise InputNotFoundError(f"{scores_path} not found: not a finished selection folder")
     scores = pd.read_parquet(scores_path)
     missing = {"pool_index", "score", "selected"} - set(scores.columns)
     if missing:
-        raise ValueError(f"{scores_path} lacks columns {sorted(missing)}")
+        raise BadInputError(f"{scores_path} lacks columns {sorted(missing)}: not a selection folder's score table")
     scores["selected"] = scores["selected"].astype(bool)
     selected = None
     if (path / "selected").exists():
@@ -566,7 +567,10 @@ def write_report(output_dir: str | Path, path: str | Path | None = None) -> Path
     out = Path(path) if path is not None else output_dir / "report.html"
     runs = find_selections(output_dir)
     if not runs:
-        raise FileNotFoundError(f"no selection/ or selection_<method>/ folder with scores.parquet in {output_dir}")
+        raise InputNotFoundError(
+            f"no selection/ or selection_<method>/ folder with scores.parquet in {output_dir}: give the output_dir "
+            "of a finished run (the folder that holds selection/)"
+        )
     out.write_text(render_report(runs), encoding="utf-8")
     return out
 
