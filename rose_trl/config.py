@@ -33,6 +33,22 @@ BASELINE_METHODS = ("random", "bm25", "rds", "dsir", "full")
 SELECTION_METHODS = GRADIENT_METHODS + BASELINE_METHODS
 
 
+def _column_map(name: str, value) -> dict[str, str] | None:
+    """A column map from the YAML (a mapping) or the command line (a JSON object), checked: names to names."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f'{name}: expected a JSON object such as {{"question": "prompt"}}, got {value!r} ({e})'
+            ) from None
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{name}: expected a mapping of column names to column names, got {value!r}")
+    return dict(value)
+
+
 @dataclass
 class ROSEConfig:
     """Data selection options, parsed next to `SFTConfig` and `ModelConfig` (`TrlParser`). The warm-up's own
@@ -46,10 +62,12 @@ class ROSEConfig:
 
         > Parameters that control the data
 
-        pool_dataset, pool_split, pool_sources, pool_max_examples:
-            The training pool to select from (Hub id or local file), its split, sources kept, first N rows.
-        validation_dataset, validation_split, validation_k:
-            The few-shot preference set (prompt/chosen/rejected, optional subtask), its split and shots.
+        pool_dataset, pool_split, pool_sources, pool_max_examples, pool_column_map:
+            The training pool to select from (Hub id or local file), its split, sources kept, a sample of N rows,
+            its column names mapped to a pool format's (docs/data.md).
+        validation_dataset, validation_split, validation_k, validation_column_map:
+            The few-shot preference set (prompt/chosen/rejected, optional subtask), its split, shots and column
+            names.
 
         > Parameters that control the selection
 
@@ -111,8 +129,10 @@ class ROSEConfig:
     pool_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Training pool: Hub dataset id or local .jsonl/.json/.parquet file. Rows are "
-            "`messages` (chat) or `prompt`/`completion`."
+            "help": "Training pool: Hub dataset id, local .jsonl/.json/.csv/.tsv/.parquet file or "
+            "save_to_disk folder. Rows are chat (`messages`), `prompt`/`completion`, Alpaca "
+            "(`instruction`, `output`, optional `input`) or `text` (docs/data.md); other column "
+            "names: pool_column_map."
         },
     )
     pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
@@ -124,21 +144,41 @@ class ROSEConfig:
         },
     )
     pool_max_examples: int | None = field(
-        default=None, metadata={"help": "Use only the first N pool rows (smoke tests)."}
+        default=None, metadata={"help": "Use only a seeded sample of N pool rows, kept in pool order (smoke tests)."}
+    )
+    pool_column_map: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "The pool's column names -> the names a pool format uses, e.g. {question: "
+            "instruction, context: input, answer: output} or {body: text}: a mapping in a "
+            "YAML config, a JSON object on the command line."
+        },
     )
     validation_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Few-shot preference set: Hub id or local file with prompt/chosen/rejected and "
-            "an optional `subtask` column."
+            "help": "Few-shot preference set: rose:<task>, a file released with the paper, or a "
+            "Hub id, .jsonl/.json/.csv/.tsv/.parquet file or save_to_disk folder with "
+            "prompt/chosen/rejected and an optional `subtask` column (other column names: "
+            "validation_column_map)."
         },
     )
     validation_split: str = field(default="train", metadata={"help": "Split of a Hub validation dataset."})
+    validation_column_map: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "The preference set's column names -> prompt, chosen, rejected, subtask, e.g. "
+            "{question: prompt, good: chosen, bad: rejected, category: subtask}: a mapping in "
+            "a YAML config, a JSON object on the command line."
+        },
+    )
     validation_k: int | None = field(
         default=None,
         metadata={
             "help": "Shots per subtask: for rose:<task> builders the number to build, for a "
-            "released preference file its group size (default: from the file name)."
+            "released preference file its group size (default: from the file name); for any "
+            "other set a seeded sample of k pairs per subtask (default: every pair), which "
+            "says in the log and in selection/summary.json how many of how many it keeps."
         },
     )
 
@@ -314,6 +354,8 @@ class ROSEConfig:
     )
 
     def __post_init__(self):
+        for name in ("pool_column_map", "validation_column_map"):
+            setattr(self, name, _column_map(name, getattr(self, name)))
         for name in ("selection_fraction", "warmup_fraction"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from rose_trl.baselines.text import pool_text
+from rose_trl.data.preferences import subsample_message
 from rose_trl.data.sft import BadRecordError
 from rose_trl.outputs.explain import (
     load_contributions,
@@ -498,6 +499,9 @@ def render_report(runs: list[SelectionRun], title: str = "ROSE selection report"
     if counts is not None:
         parts += ["<h3>Selected rows per subtask</h3>", _table(counts)]
     parts += _agreement_html(main)
+    if main.summary.get("validation_subsample"):
+        message = subsample_message(main.summary["validation_subsample"], "the validation set")
+        parts.append(f'<p class="flag">{html.escape(message)}</p>')
     if main.summary.get("left_out_pairs"):
         parts.append(
             f'<p class="flag">Validation pairs {html.escape(str(main.summary["left_out_pairs"]))} have a zero '

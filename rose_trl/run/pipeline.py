@@ -26,6 +26,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from rose_trl.config import BASELINE_METHODS, GRADIENT_METHODS, ROSEConfig, SelectConfig
 from rose_trl.data import load_pool, load_preferences
+from rose_trl.data.preferences import subsample_report
 from rose_trl.data.sft import BadRecordError, fingerprint_tokenized, tokenize_pool
 from rose_trl.models.final_model import ModelSpec, apply_chat_template_path, check_model, model_specs
 from rose_trl.models.source import load_model_and_tokenizer, model_source
@@ -34,6 +35,7 @@ from rose_trl.resources.budget import MemoryBudget, check_training
 from rose_trl.run.callback import ROSECallback
 from rose_trl.run.offline import select_from_checkpoints
 from rose_trl.run.selector import ROSESelector
+from rose_trl.utils.errors import ConfigError
 from rose_trl.utils.files import atomic_write_json, checkpoint_dirs
 
 
@@ -42,15 +44,22 @@ logger = get_logger(__name__)
 
 def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     if not rose.pool_dataset or not rose.validation_dataset:
-        raise ValueError("pool_dataset and validation_dataset are required")
+        raise ConfigError("pool_dataset and validation_dataset are required")
     pool = load_pool(
         rose.pool_dataset,
         split=rose.pool_split,
         sources=rose.pool_sources,
+        column_map=rose.pool_column_map,
         max_examples=rose.pool_max_examples,
         seed=seed,
     )
-    validation = load_preferences(rose.validation_dataset, split=rose.validation_split, k=rose.validation_k, seed=seed)
+    validation = load_preferences(
+        rose.validation_dataset,
+        split=rose.validation_split,
+        k=rose.validation_k,
+        seed=seed,
+        column_map=rose.validation_column_map,
+    )
     return pool, validation
 
 
@@ -227,6 +236,7 @@ def select_with_baseline(
             folder=rose.selection_folder,
             subtask_balance=rose.subtask_balance,
             pair_counts=Counter(validation["subtask"]),
+            before_publish=lambda tmp, chosen: {"validation_subsample": subsample_report(validation)},
         )
     state.wait_for_everyone()
     return out / rose.selection_folder

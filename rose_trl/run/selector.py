@@ -23,7 +23,7 @@ from accelerate.logging import get_logger
 from datasets import Dataset
 
 from rose_trl.config import ROSEConfig
-from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
+from rose_trl.data.preferences import DEFAULT_SUBTASK, subsample_report, validate_preferences
 from rose_trl.data.sft import fingerprint_tokenized, tokenize_pool
 from rose_trl.gradients.capture import AdamState, num_trainable_parameters
 from rose_trl.gradients.featurizer import Featurizer
@@ -270,6 +270,7 @@ class ROSESelector:
                 "zero_gradient_pairs": targets.zero_gradient_pairs,
                 "validation_agreement": agreement,
                 "agreement_warnings": warnings,
+                "validation_subsample": subsample_report(self.validation),  # validation_k's sample, or None
             }
 
         return write_selection(
