@@ -98,6 +98,7 @@ class ROSESelector:
         )
         self.ledger = RunLedger(self.rose_dir)
         self._featurizer: Featurizer | None = None
+        self.ledger.compare(self.run_fingerprint(), config.overwrite_stores)  # a refusal stops every process
         with PartialState().main_process_first():  # the main process checks (and may clear) rose/ first
             self.cleared_previous_run = self.ledger.open(self.run_fingerprint(), config.overwrite_stores)
 

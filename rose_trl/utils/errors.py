@@ -9,6 +9,7 @@ FileNotFoundError, ...), so that code catching the built-in one keeps working.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -34,10 +35,12 @@ class MissingPackageError(UserError, ImportError):
 
 
 def exit_code(prog: str, func: Callable[[], int | None]) -> int:
-    """Runs `func`; a UserError becomes one line on stderr and exit code 2."""
+    """Runs `func`; a UserError becomes one line on stderr (from the first process of a launch only, which every
+    process meets the same error in) and exit code 2."""
     try:
         return func() or 0
     except UserError as e:
-        message = " ".join(str(e).split("\n"))
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            message = " ".join(line.strip() for line in str(e).splitlines())
+            print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
