@@ -57,3 +57,22 @@ def test_ci_pre_commit_and_dev_extra_pin_the_same_ruff():
     assert f"ruff=={version}" in ci
     # Style is checked before the tests run.
     assert ci.index("ruff check .") < ci.index("ruff format --check .") < ci.index("python -m pytest")
+
+
+def test_torch_is_a_range_and_the_commands_keep_their_exact_cpu_pin():
+    """setup.py declares the torch range the project supports (so that a CUDA build installed first is kept); the
+    README's and CI's commands install one exact CPU build inside it first, which makes them reproducible."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    (torch,) = [r for r in setup_assignment("INSTALL_REQUIRES") if re.match(r"torch\b", r)]
+    supported = SpecifierSet(torch.removeprefix("torch"))
+    assert not any(s.operator == "==" for s in supported) and Version("2.6") in supported
+    assert Version("2.5.1") not in supported  # below transformers 5's floor (setup.py says why)
+    assert Version(version("torch")) in supported  # the torch these tests run on
+    for path in (ROOT / "README.md", ROOT / ".ci" / "run"):
+        pins = set(re.findall(r"pip install (?:-q )?torch==([\d.]+)", path.read_text()))
+        assert pins == {"2.13.0"}, (path.name, pins)
+    assert Version("2.13.0") in supported
