@@ -4,10 +4,14 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 
-# torch is pinned exactly: an unpinned torch pulls a multi-GB CUDA build, and 2.13.0 is the CPU
-# build these machines install from local disk. GPU users install their CUDA torch first; pip keeps it.
+# torch: the range the project supports, so that a CUDA build installed first is kept. The README's and .ci/run's
+# commands install torch==2.13.0 first (the CPU build the results come from; an unconstrained resolve would pull a
+# multi-GB CUDA build). Lower bound 2.6: transformers 5 requires it (its Trainer refuses torch.load below 2.6,
+# CVE-2025-32434, and every resumed warm-up loads its optimizer and RNG states through it), and the FSDP2 API
+# rose_trl imports, torch.distributed.fsdp.FSDPModule (fully_shard in the tests), is public from 2.6 (DTensor from
+# torch.distributed.tensor and torch.serialization.safe_globals from 2.5). Upper bound: the newest minor tested, 2.13.
 INSTALL_REQUIRES = [
-    "torch==2.13.0",
+    "torch>=2.6,<2.14",
     "trl>=1.16,<1.17",
     "transformers>=5.0,<6",
     "peft>=0.21,<0.22",

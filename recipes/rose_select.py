@@ -5,10 +5,13 @@
 Every process extracts its share of the pool; the selection is the same for any number of processes.
 """
 
+import sys
+
 from trl import ModelConfig, TrlParser
 
 from rose_trl.config import ROSEConfig, SelectConfig
 from rose_trl.run.pipeline import run_offline
+from rose_trl.utils.errors import exit_code
 
 
 def main(rose_args: ROSEConfig, model_args: ModelConfig, select_args: SelectConfig):
@@ -17,4 +20,5 @@ def main(rose_args: ROSEConfig, model_args: ModelConfig, select_args: SelectConf
 
 if __name__ == "__main__":
     parser = TrlParser((ROSEConfig, ModelConfig, SelectConfig))
-    main(*parser.parse_args_and_config())
+    # A bad option, file or record is one line and exit code 2 (rose_trl/utils/errors.py); a bug keeps its traceback.
+    sys.exit(exit_code("rose_select.py", lambda: main(*parser.parse_args_and_config())))

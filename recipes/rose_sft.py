@@ -4,10 +4,13 @@
         --config recipes/tiny/rose/config_tiny.yaml
 """
 
+import sys
+
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from rose_trl.config import ROSEConfig
 from rose_trl.run.pipeline import run
+from rose_trl.utils.errors import exit_code
 
 
 def main(rose_args: ROSEConfig, sft_args: SFTConfig, model_args: ModelConfig):
@@ -19,4 +22,5 @@ def main(rose_args: ROSEConfig, sft_args: SFTConfig, model_args: ModelConfig):
 
 if __name__ == "__main__":
     parser = TrlParser((ROSEConfig, SFTConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    # A bad option, file or record is one line and exit code 2 (rose_trl/utils/errors.py); a bug keeps its traceback.
+    sys.exit(exit_code("rose_sft.py", lambda: main(*parser.parse_args_and_config())))

@@ -87,9 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a subcommand. An error the user fixes (rose_trl.utils.errors.UserError: a bad option, file, folder or
+    record) is one line, `rose-trl <command>: error: ...`, and exit code 2, as argparse does for a bad option; any
+    other exception is a bug and keeps its traceback."""
+    from rose_trl.utils.errors import exit_code
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    return exit_code(f"rose-trl {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import textwrap
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from rose_trl.gradients.projection import PROJECTION_TYPES
+from rose_trl.utils.errors import ConfigError
 
 
 GRADIENT_METHODS = ("rose", "less")
@@ -54,6 +55,22 @@ def _document_fields(cls):
     return cls
 
 
+def _column_map(name: str, value) -> dict[str, str] | None:
+    """A column map from the YAML (a mapping) or the command line (a JSON object), checked: names to names."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f'{name}: expected a JSON object such as {{"question": "prompt"}}, got {value!r} ({e})'
+            ) from None
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{name}: expected a mapping of column names to column names, got {value!r}")
+    return dict(value)
+
+
 @_document_fields
 @dataclass
 class ROSEConfig:
@@ -73,7 +90,7 @@ class ROSEConfig:
     >>> ROSEConfig(selection_fraction=2.0)
     Traceback (most recent call last):
     ...
-    ValueError: selection_fraction must be in (0, 1], got 2.0
+    rose_trl.utils.errors.ConfigError: selection_fraction must be in (0, 1], got 2.0
 
     ```
     """
@@ -94,8 +111,10 @@ class ROSEConfig:
     pool_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Training pool: Hub dataset id or local .jsonl/.json/.parquet file. Rows are "
-            "`messages` (chat) or `prompt`/`completion`."
+            "help": "Training pool: Hub dataset id, local .jsonl/.json/.csv/.tsv/.parquet file or "
+            "save_to_disk folder. Rows are chat (`messages`), `prompt`/`completion`, Alpaca "
+            "(`instruction`, `output`, optional `input`) or `text` (docs/data.md); other column "
+            "names: pool_column_map."
         },
     )
     pool_split: str = field(default="train", metadata={"help": "Split of a Hub pool dataset."})
@@ -107,22 +126,41 @@ class ROSEConfig:
         },
     )
     pool_max_examples: int | None = field(
+        default=None, metadata={"help": "Use only a seeded sample of N pool rows, kept in pool order (smoke tests)."}
+    )
+    pool_column_map: dict | str | None = field(
         default=None,
-        metadata={"help": "Use a seeded uniform sample of N pool rows, kept in pool order (smoke tests)."},
+        metadata={
+            "help": "The pool's column names -> the names a pool format uses, e.g. {question: "
+            "instruction, context: input, answer: output} or {body: text}: a mapping in a "
+            "YAML config, a JSON object on the command line."
+        },
     )
     validation_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Few-shot preference set: Hub id or local file with prompt/chosen/rejected and "
-            "an optional `subtask` column."
+            "help": "Few-shot preference set: rose:<task>, a file released with the paper, or a "
+            "Hub id, .jsonl/.json/.csv/.tsv/.parquet file or save_to_disk folder with "
+            "prompt/chosen/rejected and an optional `subtask` column (other column names: "
+            "validation_column_map)."
         },
     )
     validation_split: str = field(default="train", metadata={"help": "Split of a Hub validation dataset."})
+    validation_column_map: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "The preference set's column names -> prompt, chosen, rejected, subtask, e.g. "
+            "{question: prompt, good: chosen, bad: rejected, category: subtask}: a mapping in "
+            "a YAML config, a JSON object on the command line."
+        },
+    )
     validation_k: int | None = field(
         default=None,
         metadata={
             "help": "Shots per subtask: for rose:<task> builders the number to build, for a "
-            "released preference file its group size (default: from the file name)."
+            "released preference file its group size (default: from the file name); for any "
+            "other set a seeded sample of k pairs per subtask (default: every pair), which "
+            "says in the log and in selection/summary.json how many of how many it keeps."
         },
     )
 
@@ -290,40 +328,42 @@ class ROSEConfig:
             "passes and evaluation get the most rows whose estimated peak fits it, from "
             "the model's shape, the LoRA settings, the dtype and the loss path (budget.py, "
             "memory.py); gradient_batch_size, max_batch_tokens, gradient_memory_gb and "
-            "validation_batch_size stay upper limits. Default: 15% of the CPU memory "
-            "available, shared by the node's processes, or 90% of the GPU's free memory. "
+            "validation_batch_size stay upper limits. Default: 15%% of the CPU memory "
+            "available, shared by the node's processes, or 90%% of the GPU's free memory. "
             "The plan is logged once; the Trainer's batch sizes are not changed (a "
             "warning gives the size that fits)."
         },
     )
 
     def __post_init__(self):
+        for name in ("pool_column_map", "validation_column_map"):
+            setattr(self, name, _column_map(name, getattr(self, name)))
         for name in ("selection_fraction", "warmup_fraction"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+                raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
         if self.selection_method not in SELECTION_METHODS:
-            raise ValueError(f"selection_method must be one of {SELECTION_METHODS}, got {self.selection_method!r}")
+            raise ConfigError(f"selection_method must be one of {SELECTION_METHODS}, got {self.selection_method!r}")
         if self.projection_type not in PROJECTION_TYPES + ("auto",):
-            raise ValueError(
+            raise ConfigError(
                 f"projection_type must be one of {PROJECTION_TYPES + ('auto',)}, got {self.projection_type!r}"
             )
         if self.gradient_memory_gb is not None and self.gradient_memory_gb <= 0:
-            raise ValueError(f"gradient_memory_gb must be > 0, got {self.gradient_memory_gb}")
+            raise ConfigError(f"gradient_memory_gb must be > 0, got {self.gradient_memory_gb}")
         if self.checkpoint_learning_rates is not None and not all(
             isinstance(lr, (int, float)) and lr >= 0 for lr in self.checkpoint_learning_rates
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint_learning_rates must be non-negative numbers, got {self.checkpoint_learning_rates!r}"
             )
         if self.projection_dim < 1 or self.gradient_batch_size < 1 or self.validation_batch_size < 1:
-            raise ValueError("projection_dim, gradient_batch_size and validation_batch_size must be >= 1")
+            raise ConfigError("projection_dim, gradient_batch_size and validation_batch_size must be >= 1")
         if self.subtask_balance not in SUBTASK_BALANCES:
-            raise ValueError(f"subtask_balance must be one of {SUBTASK_BALANCES}, got {self.subtask_balance!r}")
+            raise ConfigError(f"subtask_balance must be one of {SUBTASK_BALANCES}, got {self.subtask_balance!r}")
         self._check_validation_loss()
         self._check_final_model()
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
-            raise ValueError(f"memory_budget_gb must be > 0, got {self.memory_budget_gb}")
+            raise ConfigError(f"memory_budget_gb must be > 0, got {self.memory_budget_gb}")
 
     def _check_validation_loss(self) -> None:
         if isinstance(self.validation_loss_type, str):  # DPOConfig.loss_type takes a single name too
@@ -331,21 +371,21 @@ class ROSEConfig:
         self.validation_loss_type = list(self.validation_loss_type)
         unknown = [t for t in self.validation_loss_type if t not in DPO_LOSS_TYPES]
         if unknown or not self.validation_loss_type:
-            raise ValueError(
+            raise ConfigError(
                 f"validation_loss_type: unknown {unknown or 'empty list'}; TRL's DPO loss types are "
                 f"{list(DPO_LOSS_TYPES)}"
             )
         if self.validation_loss_weights is not None:
             self.validation_loss_weights = [float(w) for w in self.validation_loss_weights]
             if len(self.validation_loss_weights) != len(self.validation_loss_type):
-                raise ValueError(
+                raise ConfigError(
                     f"validation_loss_weights has {len(self.validation_loss_weights)} weights for "
                     f"{len(self.validation_loss_type)} validation_loss_type entries"
                 )
         if not 0 <= self.validation_label_smoothing < 0.5:
-            raise ValueError(f"validation_label_smoothing must be in [0, 0.5), got {self.validation_label_smoothing}")
+            raise ConfigError(f"validation_label_smoothing must be in [0, 0.5), got {self.validation_label_smoothing}")
         if "exo_pair" in self.validation_loss_type and self.validation_label_smoothing == 0:
-            raise ValueError(
+            raise ConfigError(
                 "validation_loss_type exo_pair needs validation_label_smoothing > 0 (EXO's epsilon; "
                 "the paper recommends 1e-3)"
             )
@@ -355,14 +395,14 @@ class ROSEConfig:
             try:
                 self.final_model = json.loads(self.final_model)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise ConfigError(
                     f"final_model: expected a JSON object of ModelConfig/SFTConfig options, got "
                     f"{self.final_model!r} ({e})"
                 ) from None
         if self.final_model is None:
             return
         if not isinstance(self.final_model, dict):
-            raise ValueError(
+            raise ConfigError(
                 f"final_model: expected a mapping of ModelConfig/SFTConfig options, got "
                 f"{type(self.final_model).__name__}"
             )
@@ -371,7 +411,7 @@ class ROSEConfig:
         known = set(ModelConfig.__dataclass_fields__) | set(SFTConfig.__dataclass_fields__) | {"gguf_file"}
         unknown = sorted(set(self.final_model) - known)
         if unknown:
-            raise ValueError(f"final_model: {unknown} are not ModelConfig or SFTConfig options (nor gguf_file)")
+            raise ConfigError(f"final_model: {unknown} are not ModelConfig or SFTConfig options (nor gguf_file)")
 
     @property
     def selection_folder(self) -> str:
@@ -424,4 +464,4 @@ class SelectConfig:
 
     def __post_init__(self):
         if not self.warmup_dir or not self.output_dir:
-            raise ValueError("warmup_dir and output_dir are required")
+            raise ConfigError("warmup_dir and output_dir are required")

@@ -1,6 +1,7 @@
 """`python tests/counted_run.py COUNTS.json script.py args...` runs `script.py args...` as `python script.py
 args...` would, and writes {"passes": n, "seconds": t} to COUNTS.json when it exits normally: n counts every
-gradient computation (tests.helpers.counting_gradient_passes), t the wall time from interpreter start.
+gradient computation (tests.helpers.counting_gradient_passes), t the wall time from interpreter start. Launched
+on several processes (`accelerate launch ... tests/counted_run.py ...`), each writes COUNTS.json.rank<RANK>.
 
 With ROSE_TEST_SLOW_STEPS=<seconds> every training step, with ROSE_TEST_SLOW_WRITES=<seconds> every
 gradient-store write, first sleeps that long, so that a test's SIGKILL lands inside the stage it waits for
@@ -30,6 +31,8 @@ def main():
     from tests.helpers import counting_gradient_passes
 
     counts_path, script = sys.argv[1], sys.argv[2]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        counts_path = f"{counts_path}.rank{os.environ['RANK']}"
     if os.environ.get("ROSE_TEST_SLOW_STEPS"):
         import transformers
 
@@ -40,8 +43,17 @@ def main():
         from rose_trl.stores.store import GradientStore
 
         GradientStore.write = _slowed(GradientStore.write, float(os.environ["ROSE_TEST_SLOW_WRITES"]))
-    counter = counting_gradient_passes().__enter__()
-    atexit.register(lambda: open(counts_path, "w").write(json.dumps({**counter, "seconds": time.time() - START})))
+    # The context manager must outlive this function: collected, its generator would close and put the real
+    # torch.autograd functions back at once (counting nothing). It is closed at exit, before the counts are written.
+    manager = counting_gradient_passes()
+    counter = manager.__enter__()
+
+    def write_counts():
+        manager.__exit__(None, None, None)
+        with open(counts_path, "w") as f:
+            f.write(json.dumps({**counter, "seconds": time.time() - START}))
+
+    atexit.register(write_counts)
     sys.argv = sys.argv[2:]
     runpy.run_path(script, run_name="__main__")
 

@@ -40,7 +40,11 @@ PAIR = {"prompt": "tell me about pasta .", "chosen": " garlic .", "rejected": " 
 
 # (pool row, field named in the error, words of the problem)
 BAD_POOL_ROWS = [
-    ({"prompt": "x"}, "messages|prompt,completion", "needs 'messages' or 'prompt' and 'completion'"),
+    ({"prompt": "x"}, "columns", "no pool format fits its columns ['prompt']: a pool row is chat (`messages`)"),
+    ({"instruction": "x", "output": "  "}, "output", "empty"),
+    ({"instruction": "x", "output": None}, "output", "missing"),
+    ({"instruction": "x", "output": "y", "input": 3}, "input", "expected a string, got int"),
+    ({"text": " "}, "text", "empty"),
     ({"prompt": "x", "completion": "   "}, "completion", "empty completion"),
     ({"prompt": "x", "completion": None}, "completion", "expected a string, got NoneType"),
     ({"prompt": 3, "completion": "y"}, "prompt", "expected a string, got int"),

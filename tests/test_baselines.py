@@ -106,8 +106,10 @@ def test_pool_text_and_subtasks():
         )
         == "q\nr"
     )
-    with pytest.raises(BadRecordError):
-        pool_text({"text": "x"}, 3)
+    assert pool_text({"text": "x y"}) == "x y"  # TRL's language modeling rows: the text
+    assert pool_text({"instruction": "do", "input": "it", "output": "done"}) == "do\n\nit\n\n\ndone"  # Alpaca
+    with pytest.raises(BadRecordError, match="pool: record 3, field 'columns': no pool format fits"):
+        pool_text({"body": "x"}, 3)
     groups = subtask_groups(Dataset.from_dict({"prompt": ["a"] * 3, "chosen": ["b"] * 3, "subtask": ["x", "y", "x"]}))
     assert list(groups) == ["x", "y"] and groups["x"].tolist() == [0, 2]
     assert list(subtask_groups(Dataset.from_dict({"prompt": ["a"], "chosen": ["b"]}))) == ["all"]

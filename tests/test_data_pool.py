@@ -58,7 +58,7 @@ def test_max_examples_is_a_seeded_sample(tmp_path):
         ({"prompt": "q", "completion": ""}, "completion", "empty"),
         ({"prompt": "  ", "completion": "a"}, "prompt", "empty"),
         ({"prompt": "q", "completion": 3}, "completion", "expected a string"),
-        ({"prompt": "q"}, "messages|prompt,completion", "needs 'messages'"),
+        ({"prompt": "q"}, "columns", "no pool format fits its columns"),
         ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no non-empty assistant"),
         (
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]},
@@ -99,13 +99,13 @@ def test_empty_pool_and_wrong_columns(tmp_path):
     empty.write_text("[]")
     with pytest.raises(BadRecordError, match="the pool is empty"):
         load_pool(empty)
-    other = write_jsonl(tmp_path / "o.jsonl", [{"instruction": "q", "output": "a"}])
+    other = write_jsonl(tmp_path / "o.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(ValueError, match="different columns"):
         load_pool([path, write_jsonl(tmp_path / "x.jsonl", [{"prompt": "q", "completion": "a", "id": 1}])])
-    with pytest.raises(BadRecordError, match="column_map"):
+    with pytest.raises(BadRecordError, match="pool_column_map"):
         load_pool(other)
     with pytest.raises(KeyError, match="not in"):
-        load_pool(other, column_map={"question": "prompt"})
+        load_pool(other, column_map={"query": "prompt"})
 
 
 def test_errors_in_a_concatenated_part_name_that_part(tmp_path):

@@ -1,5 +1,6 @@
 """Sharded extraction: 2 gloo processes on the CPU give the same selection, row for row, as 1 process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -127,3 +128,69 @@ def test_deepspeed_model_state_files_cannot_run_code(tmp_path):
     with pytest.raises(ZeroCheckpointError, match="model-state file"):
         read_zero_adam_moments(ds_dir)
     assert not marker.exists()
+
+
+def recipe(cwd: Path, config_file: str, counts: Path, *args: str) -> subprocess.CompletedProcess:
+    """recipes/rose_sft.py under accelerate launch, every process counting its gradient passes
+    (tests/counted_run.py: counts.rank<r> on several processes)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / config_file),
+        str(ROOT / "tests" / "counted_run.py"),
+        str(counts),
+        str(ROOT / "recipes" / "rose_sft.py"),
+        "--config",
+        str(ROOT / "recipes/tiny/rose/config_tiny.yaml"),
+        "--num_train_epochs",
+        "2",
+        "--projection_dim",
+        "512",
+        "--disable_tqdm",
+        "true",
+        *args,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def passes(counts: Path) -> dict[str, int]:
+    files = sorted(counts.parent.glob(counts.name + "*"))
+    return {f.name: json.loads(f.read_text())["passes"] for f in files}
+
+
+@pytest.mark.slow
+def test_a_finished_run_moves_to_two_processes_with_the_same_effective_batch(tmp_path):
+    """1 process, batch 8 -> 2 processes, batch 4: the same effective batch, so the finished run is the same run:
+    no gradient pass (warm-up, stores, final training), no file rewritten. Batch 8 on 2 processes (16) is refused,
+    naming the effective batch the run had."""
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "outputs/tiny"), "--pool-size", "160"],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    one = recipe(tmp_path, "cpu.yaml", tmp_path / "one.json", "--per_device_train_batch_size", "8")
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert passes(tmp_path / "one.json")["one.json"] > 0
+    run = tmp_path / "outputs/tiny/run"
+    assert json.loads((run / "rose/run.json").read_text())["run.effective_batch_size"] == 8
+    files = [p for p in run.rglob("*") if p.is_file()]
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+
+    two = recipe(tmp_path, "multi_cpu.yaml", tmp_path / "two.json", "--per_device_train_batch_size", "4")
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert passes(tmp_path / "two.json") == {"two.json.rank0": 0, "two.json.rank1": 0}  # no gradient work at all
+    assert {p: p.stat().st_mtime_ns for p in files if p.exists()} == stamps  # nothing rewritten
+    assert two.stdout.count("selection: ") == 2  # really two processes
+
+    wider = recipe(tmp_path, "multi_cpu.yaml", tmp_path / "wider.json", "--per_device_train_batch_size", "8")
+    # One line from the first process; no process's traceback (torchrun's launcher adds its ChildFailedError report).
+    (line,) = [line for line in wider.stderr.splitlines() if line.startswith("rose_sft.py: error: ")]
+    assert (
+        wider.returncode != 0 and "[rank0]: Traceback" not in wider.stderr and "[rank1]: Traceback" not in wider.stderr
+    )
+    assert "run.effective_batch_size: found 8, asked for 16" in line
+    assert "per_device_train_batch_size x gradient_accumulation_steps x processes" in line
+    assert {p: p.stat().st_mtime_ns for p in files if p.exists()} == stamps

@@ -139,3 +139,22 @@ def test_sdist_and_wheel_ship_the_license_notice_and_data(tmp_path):
     text = (ROOT / "LICENSE").read_text()
     assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
     assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text
+
+
+def test_torch_is_a_range_and_the_commands_keep_their_exact_cpu_pin():
+    """setup.py declares the torch range the project supports (so that a CUDA build installed first is kept); the
+    README's and CI's commands install one exact CPU build inside it first, which makes them reproducible."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    (torch,) = [r for r in setup_assignment("INSTALL_REQUIRES") if re.match(r"torch\b", r)]
+    supported = SpecifierSet(torch.removeprefix("torch"))
+    assert not any(s.operator == "==" for s in supported) and Version("2.6") in supported
+    assert Version("2.5.1") not in supported  # below transformers 5's floor (setup.py says why)
+    assert Version(version("torch")) in supported  # the torch these tests run on
+    for path in (ROOT / "README.md", ROOT / ".ci" / "run"):
+        pins = set(re.findall(r"pip install (?:-q )?torch==([\d.]+)", path.read_text()))
+        assert pins == {"2.13.0"}, (path.name, pins)
+    assert Version("2.13.0") in supported

@@ -72,3 +72,50 @@ def test_tiny_recipe_selects_the_planted_signal_and_resumes(tmp_path):
     }
     less = pd.read_parquet(run / "selection_less" / "scores.parquet")
     assert less["selected"].sum() == 20 and (run / "rose" / "val_sft").is_dir()
+
+
+@pytest.mark.slow
+def test_an_alpaca_json_pool_and_a_csv_of_pairs_with_only_the_two_paths_changed(tmp_path):
+    """The data users have, read as it is: the tiny recipe as it is, with pool_dataset an Alpaca JSON file and
+    validation_dataset a CSV file of pairs (the same rows as the assets'); every pair is used."""
+    import csv
+
+    subprocess.run(
+        [sys.executable, "-m", "rose_trl.cli", "tiny-assets", str(tmp_path / "outputs/tiny")],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assets = tmp_path / "outputs/tiny"
+    pool = [json.loads(line) for line in (assets / "pool.jsonl").read_text().splitlines()]
+    alpaca = []
+    for i, row in enumerate(pool):  # "tell me about x and y ." -> instruction, input (half the rows), output
+        instruction, rest = row["prompt"].split(" about ", 1)
+        split = i % 2 == 0
+        alpaca.append(
+            {
+                "instruction": f"{instruction} about" if split else row["prompt"],
+                "input": rest if split else "",
+                "output": row["completion"].strip(),
+                "feature": row["feature"],
+            }
+        )
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca, indent=1))
+    pairs = [json.loads(line) for line in (assets / "validation.jsonl").read_text().splitlines()]
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected", "subtask"])
+        writer.writeheader()
+        writer.writerows(pairs)
+
+    config = ROOT / "recipes" / "tiny" / "rose" / "config_tiny.yaml"
+    launch(config, tmp_path, "--pool_dataset", "alpaca.json", "--validation_dataset", "pairs.csv")
+    run = tmp_path / "outputs/tiny/run"
+    summary = json.loads((run / "selection" / "summary.json").read_text())
+    assert summary["num_pool"] == len(alpaca) and summary["validation_subsample"] is None
+    assert sum(a["pairs"] for a in summary["validation_agreement"].values()) == len(pairs)  # every pair used
+    used = pd.read_parquet(run / "selection" / "pairs.parquet")
+    assert len(used) == len(pairs) and used["usable"].all()
+    assert list(used["chosen"]) == [p["chosen"] for p in pairs]
+    selected = pd.read_parquet(run / "selection" / "scores.parquet")
+    picked = [alpaca[i]["feature"] for i in np.flatnonzero(selected["selected"])]
+    assert len(picked) == 20 and not any(f.endswith("_bad") for f in picked)
+    assert (run / "final" / "adapter_model.safetensors").exists()

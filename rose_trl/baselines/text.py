@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rose_trl.data.sft import BadRecordError
+from rose_trl.data.sft import BadRecordError, as_prompt_completion
 
 
 def _content(value) -> str:
@@ -15,12 +15,15 @@ def _content(value) -> str:
 
 
 def pool_text(row: dict, index: int = 0) -> str:
-    """The row's messages' contents joined by newlines, or prompt + completion."""
+    """The row's messages' contents joined by newlines, or prompt + completion (an Alpaca or text row: the prompt
+    and completion it makes, rose_trl.data.sft)."""
     if row.get("messages") is not None:
         return "\n".join(m["content"] for m in row["messages"])
+    row = as_prompt_completion(row, "pool", index)  # a row of no format: BadRecordError listing the formats
     if row.get("prompt") is not None and row.get("completion") is not None:
-        return _content(row["prompt"]) + "\n" + _content(row["completion"])
-    raise BadRecordError("pool", index, "messages|prompt,completion", f"no text fields in {sorted(row)}")
+        prompt = _content(row["prompt"])
+        return _content(row["completion"]) if prompt == "" else prompt + "\n" + _content(row["completion"])
+    raise BadRecordError("pool", index, "prompt,completion", f"missing in {sorted(row)}")
 
 
 def pool_texts(pool) -> list[str]:

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from rose_trl.gradients.capture import adam_hyperparameters
+from rose_trl.utils.errors import UserError
 
 
 FSDP_OPTIMIZER_FILE = "optimizer.bin"  # FULL_STATE_DICT
@@ -44,7 +45,7 @@ _DCP_METADATA_TYPES = {
 }
 
 
-class FSDPCheckpointError(ValueError):
+class FSDPCheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be read as an FSDP optimizer or adapter state."""
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rose_trl.utils.errors import UserError
 from rose_trl.utils.files import checkpoint_step
 
 
@@ -42,7 +43,7 @@ RTOL = 1e-12
 _MAX_ARGS_PICKLE = 16 * 2**20  # a TrainingArguments pickle is a few kB
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError, ValueError):
     """The checkpoints do not determine their learning-rate schedule."""
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from rose_trl.gradients.capture import adam_hyperparameters
+from rose_trl.utils.errors import UserError
 
 
-class ZeroCheckpointError(ValueError):
+class ZeroCheckpointError(UserError, ValueError):
     """A DeepSpeed checkpoint folder that cannot be read as ZeRO optimizer state."""
 
 

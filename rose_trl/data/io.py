@@ -2,10 +2,15 @@
 
 Every loader of this package goes through `load_table`, so local files and Hub datasets get the same
 column renaming and the same error messages (which name the spec, i.e. the file, they come from).
+
+Local files, by extension: `.jsonl` (one JSON object a line), `.json` (a list of objects), `.csv` and `.tsv`
+(a header row, then one record a row; comma- or tab-separated, quoted fields may hold separators and line
+breaks; every value is read as text, an empty cell as an empty string), `.parquet`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,11 +18,21 @@ from pathlib import Path
 import datasets
 
 from rose_trl.data.sft import BadRecordError
+from rose_trl.utils.errors import BadInputError, InputNotFoundError, UserError
 
 
 RecordCheck = Callable[[dict, str, int], None]
 
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+# Files read record by record here, each record checked as written (`record_check`), before Arrow sees them.
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+
+
+class DataKeyError(UserError, KeyError):
+    """A name the data does not have (a column a column map names, a split), or a column map that would shadow one."""
+
+    def __str__(self) -> str:  # KeyError quotes its message
+        return str(self.args[0])
 
 
 def _read_json_records(path: Path) -> list | None:
@@ -31,7 +46,7 @@ def _read_json_records(path: Path) -> list | None:
         if isinstance(data, list):
             return data
         if isinstance(data, dict):
-            raise ValueError(
+            raise BadInputError(
                 f"{path}: a JSON object, not a list of records (ROSE's released preference "
                 "files are read by load_preferences)"
             )
@@ -47,14 +62,34 @@ def _read_json_records(path: Path) -> list | None:
     return records
 
 
+def _read_csv_records(path: Path) -> list[dict]:
+    """Records of a .csv (comma) or .tsv (tab) file with a header row: every value a string."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: the BOM a spreadsheet may write
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        records = []
+        for i, rec in enumerate(reader):
+            if None in rec:
+                raise BadRecordError(
+                    str(path),
+                    i,
+                    "*",
+                    f"{len(reader.fieldnames) + len(rec[None])} fields, the header has "
+                    f"{len(reader.fieldnames)} (line {reader.line_num}; quote a field that holds the separator)",
+                )
+            records.append(rec)
+    if reader.fieldnames is None:
+        return []
+    return records
+
+
 def _load_local_file(path: Path, column_map, record_check: RecordCheck | None) -> datasets.Dataset:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise InputNotFoundError(f"{path}: no such file")
     if path.suffix == ".parquet":
         return rename_columns(datasets.Dataset.from_parquet(str(path)), column_map, str(path))
-    # JSON is read here rather than by the json builder so that each record is checked as written, before
-    # Arrow unifies the records' types (an int among strings, a missing key): errors then name the record.
-    records = _read_json_records(path)
+    # JSON and CSV are read here rather than by the datasets builders so that each record is checked as written,
+    # before Arrow unifies the records' types (an int among strings, a missing key): errors then name the record.
+    records = _read_csv_records(path) if LOCAL_SUFFIXES[path.suffix] == "csv" else _read_json_records(path)
     if column_map and records and isinstance(records[0], dict):
         _check_column_map(list(records[0]), column_map, str(path))
     for i, rec in enumerate(records):
@@ -77,10 +112,10 @@ def load_table(
     record_check: RecordCheck | None = None,
     **load_kwargs,
 ) -> datasets.Dataset:
-    """`spec` -> Dataset. Local `.jsonl/.json/.parquet`, a folder written by `save_to_disk`
+    """`spec` -> Dataset. Local `.jsonl/.json/.csv/.tsv/.parquet`, a folder written by `save_to_disk`
     (a DatasetDict folder gives `split`), or else a Hub id passed to `datasets.load_dataset(spec, split=split)`.
 
-    record_check(record, source, index) is called on each raw record of a JSON/JSONL file (after
+    record_check(record, source, index) is called on each raw record of a JSON/JSONL/CSV/TSV file (after
     renaming), so type errors are reported before Arrow would coerce or reject them."""
     path = Path(str(spec))
     if path.suffix in LOCAL_SUFFIXES:
@@ -89,7 +124,7 @@ def load_table(
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise KeyError(f"{path}: no split {split!r}; it has {sorted(ds)}")
+                raise DataKeyError(f"{path}: no split {split!r}; it has {sorted(ds)}")
             ds = ds[split]
     else:
         ds = datasets.load_dataset(str(spec), split=split, **load_kwargs)
@@ -99,11 +134,11 @@ def load_table(
 def _check_column_map(columns: list[str], column_map: Mapping[str, str], source: str) -> None:
     missing = [c for c in column_map if c not in columns]
     if missing:
-        raise KeyError(f"{source}: column_map names columns {missing} that are not in {columns}")
+        raise DataKeyError(f"{source}: the column map names columns {missing} that are not in {columns}")
     # A target that already exists would silently be shadowed: refuse rather than guess which to keep.
     clash = [t for s, t in column_map.items() if t in columns and t not in column_map and t != s]
     if clash:
-        raise KeyError(f"{source}: column_map targets {clash} already exist as columns")
+        raise DataKeyError(f"{source}: the column map's targets {clash} already exist as columns")
 
 
 def rename_columns(ds: datasets.Dataset, column_map: Mapping[str, str] | None, source: str) -> datasets.Dataset:

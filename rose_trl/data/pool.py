@@ -1,8 +1,10 @@
 """The instruction-tuning pool ROSE selects from.
 
-A pool row is chat (`messages`: a list of {"role", "content"}) or `prompt`/`completion` strings (TRL's
-conversational prompt/completion, lists of messages, also works); every other column is kept. Each row
-also gets a `source` column (which sub-dataset it comes from) so a selection can be broken down by source.
+A pool row is chat (`messages`: a list of {"role", "content"}), `prompt`/`completion` strings (TRL's
+conversational prompt/completion, lists of messages, also works), Alpaca (`instruction`, `output`, optional
+`input`) or TRL's language modeling `text`: the formats and the text each makes are in `rose_trl.data.sft`'s
+docstring. Rows are kept as they are (the selection returns them in their own format); every other column is kept.
+Each row also gets a `source` column (which sub-dataset it comes from) so a selection can be broken down by source.
 
 The paper's pool (as in LESS) is the FLAN V2, CoT, Dolly and Open Assistant 1 parts of the open-instruct
 / Tulu processed data (~270k rows). On the Hub, `allenai/tulu-v2-sft-mixture` has rows
@@ -26,8 +28,16 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from rose_trl.data.io import load_table
-from rose_trl.data.sft import BadRecordError, _check_messages
+from rose_trl.data.io import RECORD_SUFFIXES, load_table
+from rose_trl.data.sft import (
+    FORMATS_HELP,
+    BadRecordError,
+    _check_messages,
+    as_prompt_completion,
+    pool_columns_format,
+    pool_row_format,
+)
+from rose_trl.utils.errors import BadInputError, InputNotFoundError
 
 
 SOURCE_COLUMN = "source"
@@ -65,18 +75,13 @@ def _source_matches(value: str, wanted: Sequence[str]) -> bool:
 
 
 def check_pool_row(row: dict, source: str, index: int) -> None:
-    """Raise `BadRecordError` unless `row` is a usable pool row (chat or prompt/completion)."""
+    """Raise `BadRecordError` unless `row` is a usable pool row of one of the formats (rose_trl.data.sft)."""
     if row.get("messages") is not None:
         _check_messages(row["messages"], source, index)
         return
-    if "prompt" not in row or "completion" not in row:
-        raise BadRecordError(
-            source,
-            index,
-            "messages|prompt,completion",
-            f"a pool row needs 'messages' or 'prompt' and 'completion'; it has {sorted(row)} "
-            "(rename columns with column_map)",
-        )
+    if pool_row_format(row) != "prompt/completion":
+        as_prompt_completion(row, source, index)  # checks an Alpaca or text row; a row of no format: the formats
+        return
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, list) or isinstance(completion, list):
         if not isinstance(prompt, list) or not isinstance(completion, list):
@@ -100,7 +105,7 @@ def _expand_folder(spec) -> list:
         return [spec]
     files = sorted(path.rglob("*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"{path}: neither a save_to_disk folder nor a folder of .jsonl files")
+        raise InputNotFoundError(f"{path}: neither a save_to_disk folder nor a folder of .jsonl files")
     return files
 
 
@@ -108,13 +113,9 @@ def _load_one(spec, split, column_map, load_kwargs) -> datasets.Dataset:
     ds = load_table(spec, split=split, column_map=column_map, record_check=check_pool_row, **load_kwargs)
     if len(ds) == 0:
         raise BadRecordError(str(spec), 0, "*", "the pool is empty")
-    if "messages" not in ds.column_names and not {"prompt", "completion"} <= set(ds.column_names):
+    if pool_columns_format(ds.column_names) is None:
         raise BadRecordError(
-            str(spec),
-            0,
-            "messages|prompt,completion",
-            f"a pool needs a 'messages' column or 'prompt' and 'completion' columns; it has "
-            f"{ds.column_names} (rename columns with column_map)",
+            str(spec), 0, "columns", f"no pool format fits its columns {ds.column_names}: {FORMATS_HELP}"
         )
     return _with_source(ds, spec)
 
@@ -171,12 +172,12 @@ def load_pool(
     """
     specs = [f for s in ([spec] if isinstance(spec, (str, Path)) else spec) for f in _expand_folder(s)]
     if not specs:
-        raise ValueError("load_pool: no dataset given")
+        raise BadInputError("load_pool: no dataset given")
     parts = [_load_one(s, split, column_map, load_kwargs) for s in specs]
     # Record indices in errors refer to the spec the row comes from.
     origin = [(str(s), i) for s, part in zip(specs, parts, strict=True) for i in range(len(part))]
     if any(set(p.column_names) != set(parts[0].column_names) for p in parts):
-        raise ValueError(
+        raise BadInputError(
             "load_pool: the parts have different columns, "
             + "; ".join(f"{s}: {p.column_names}" for s, p in zip(specs, parts, strict=True))
             + " (align them with column_map, or prepare one file)"
@@ -190,7 +191,7 @@ def load_pool(
         present = sorted(set(col))
         unknown = [s for s in sources if not any(_source_matches(p, [s]) for p in present)]
         if unknown:
-            raise ValueError(f"{name}: unknown sources {unknown}; the pool has {present}")
+            raise BadInputError(f"{name}: unknown sources {unknown}; the pool has {present}")
         wanted = {p for p in present if _source_matches(p, sources)}
         keep = np.array([i for i, v in enumerate(col) if v in wanted], dtype=np.int64)
     if max_examples is not None and max_examples < len(keep):
@@ -204,9 +205,10 @@ def load_pool(
         ds = ds.select(keep)
 
     # JSON parts were checked record by record while reading; the others are checked here.
-    prechecked = {str(s) for s in specs if Path(str(s)).suffix in (".json", ".jsonl")}
+    prechecked = {str(s) for s in specs if Path(str(s)).suffix in RECORD_SUFFIXES}
     if len(prechecked) < len(specs):
-        cols = [c for c in ("messages", "prompt", "completion") if c in ds.column_names]
+        formats = {"messages", "prompt", "completion", "instruction", "input", "output", "text"}
+        cols = [c for c in ds.column_names if c in formats]
         pos = 0
         for batch in ds.select_columns(cols).iter(batch_size=2048):
             for j in range(len(batch[cols[0]])):

@@ -3,13 +3,19 @@
 `load_preferences` is the one entry point; what `spec` names decides how it is read:
   - "rose:<task>" (shp, se, hh): built from the original Hub dataset by `rose_trl.data.builders`;
   - a file released with the ROSE paper (`<task>_<k>_shot_preference.json`): `rose_trl.data.released`;
-  - anything else (Hub id, .jsonl/.json/.parquet, `save_to_disk` folder): rows already in TRL's
+  - anything else (Hub id, .jsonl/.json/.csv/.tsv/.parquet, `save_to_disk` folder): rows already in TRL's
     preference format, standard (strings) or conversational (lists of messages), with an optional
-    `subtask` column ("default" when absent).
+    `subtask` column ("default" when absent); other column names are mapped with `column_map` (the recipes'
+    `validation_column_map`).
+
+A `k` that leaves pairs of such a set out (a seeded sample of k pairs per subtask) never does it in silence: a
+warning says how many pairs of how many it keeps, per subtask, and `subsample_report(dataset)` gives the same
+figures to whoever writes the run's summary (selection/summary.json's `validation_subsample`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 import datasets
@@ -18,11 +24,22 @@ import numpy as np
 from rose_trl.data.io import load_table
 from rose_trl.data.released import is_released_preference_file, load_released_preferences
 from rose_trl.data.sft import BadRecordError
+from rose_trl.utils.errors import BadInputError, ConfigError
 
+
+logger = logging.getLogger(__name__)
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "subtask")
 DEFAULT_SUBTASK = "default"
 REGISTRY_PREFIX = "rose:"
+FORMAT_HELP = (
+    "a preference row has `prompt`, `chosen` and `rejected` (strings, or lists of messages) and an optional "
+    "`subtask`; map other column names to these with validation_column_map (a recipe option: a mapping in the "
+    "YAML, a JSON object on the command line; load_preferences' column_map)"
+)
+# What `k` left out of the sets sample_per_subtask returned, by the returned Dataset's fingerprint: a Dataset is
+# immutable and its fingerprint names that very version, so the record follows the set to the selector.
+_SUBSAMPLES: dict[str, dict] = {}
 
 
 def _check_text_or_messages(value, source: str, index: int, field: str) -> None:
@@ -68,7 +85,7 @@ def validate_preferences(ds: datasets.Dataset, source: str = "preferences") -> N
     missing = [c for c in PREFERENCE_COLUMNS if c not in ds.column_names]
     if missing:
         raise BadRecordError(
-            source, 0, ",".join(missing), f"missing columns (it has {ds.column_names}); rename them with column_map"
+            source, 0, ",".join(missing), f"missing columns (it has {ds.column_names}): {FORMAT_HELP}"
         )
     if len(ds) == 0:
         raise BadRecordError(source, 0, "*", "the preference set is empty")
@@ -82,13 +99,14 @@ def select_subtasks(ds: datasets.Dataset, subtask_names: Sequence[str] | None, s
     present = list(dict.fromkeys(ds.select_columns(["subtask"]).to_dict()["subtask"]))
     unknown = [s for s in subtask_names if s not in present]
     if unknown:
-        raise ValueError(f"{source}: unknown subtask(s) {unknown}; it has {present}")
+        raise BadInputError(f"{source}: unknown subtask(s) {unknown}; it has {present}")
     wanted = set(subtask_names)
     return ds.filter(lambda s: s in wanted, input_columns="subtask")
 
 
 def sample_per_subtask(ds: datasets.Dataset, k: int, seed: int, source: str) -> datasets.Dataset:
-    """k rows of each subtask (seeded), kept in dataset order."""
+    """k rows of each subtask (seeded), kept in dataset order. When that leaves rows out, a warning says how many
+    of how many per subtask, and `subsample_report` of the returned set gives the figures."""
     rng = np.random.default_rng(seed)
     by_subtask: dict[str, list[int]] = {}
     for i, s in enumerate(ds.select_columns(["subtask"]).to_dict()["subtask"]):
@@ -96,9 +114,39 @@ def sample_per_subtask(ds: datasets.Dataset, k: int, seed: int, source: str) -> 
     keep = []
     for s, idx in by_subtask.items():
         if len(idx) < k:
-            raise ValueError(f"{source}: subtask {s!r} has {len(idx)} rows, fewer than k={k}")
+            raise BadInputError(
+                f"{source}: subtask {s!r} has {len(idx)} pairs, fewer than k={k} (validation_k): lower it, or "
+                "leave it unset to use every pair"
+            )
         keep.extend(rng.choice(idx, size=k, replace=False).tolist())
-    return ds.select(sorted(keep))
+    sample = ds.select(sorted(keep))
+    if len(sample) < len(ds):
+        report = {
+            "validation_k": k,
+            "seed": seed,
+            "kept": len(sample),
+            "of": len(ds),
+            "subtasks": {s: {"kept": k, "of": len(idx)} for s, idx in by_subtask.items()},
+        }
+        _SUBSAMPLES[sample._fingerprint] = report
+        logger.warning(subsample_message(report, source))
+    return sample
+
+
+def subsample_message(report: dict, source: str) -> str:
+    """One line: what validation_k kept of `source`, per subtask, and how to keep every pair."""
+    per_subtask = ", ".join(f"{s!r} {c['kept']} of {c['of']}" for s, c in report["subtasks"].items())
+    return (
+        f"validation_k={report['validation_k']} keeps {report['kept']} of the {report['of']} preference pairs of "
+        f"{source} (a seeded sample, seed {report['seed']}; per subtask: {per_subtask}): the other pairs are not "
+        "used. Leave validation_k unset to use every pair."
+    )
+
+
+def subsample_report(ds) -> dict | None:
+    """What `k` left out of a set `load_preferences` (or `sample_per_subtask`) returned: {"validation_k", "seed",
+    "kept", "of", "subtasks": {name: {"kept", "of"}}}; None when it left nothing out, or for any other set."""
+    return _SUBSAMPLES.get(getattr(ds, "_fingerprint", None))
 
 
 def _normalize_prompt(p) -> str:
@@ -169,6 +217,11 @@ def load_preferences(
     ```
     """
     source = str(spec)
+    if column_map and (source.startswith(REGISTRY_PREFIX) or is_released_preference_file(spec)):
+        raise ConfigError(
+            f"{source}: a column map applies to sets in TRL's preference format (files, Hub sets), not to a set "
+            "ROSE builds or a file released with the paper, whose columns are known: leave it unset"
+        )
     if source.startswith(REGISTRY_PREFIX):
         from rose_trl.data.builders import build_preference_set
 

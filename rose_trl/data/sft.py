@@ -1,8 +1,22 @@
 """Pool examples -> token ids with a response mask, the form every gradient and training step reads.
 
-A pool row is either chat (`messages`: a list of {"role", "content"}) or `prompt`/`completion` strings
-(or TRL's conversational prompt/completion: lists of messages). The loss covers the response: every
-assistant turn for chat rows, the completion otherwise.
+A pool row is read as the first of these formats whose columns it has (`POOL_FORMATS`; a None value counts as
+absent), with no option:
+
+- chat: `messages`, a list of {"role", "content"}; the loss covers every assistant turn (the chat template renders
+  the row);
+- prompt/completion: `prompt` and `completion` strings (TRL's standard prompt-completion), or lists of messages
+  (TRL's conversational prompt-completion); the loss covers the completion;
+- Alpaca: `instruction`, `output` and an optional `input` (Stanford Alpaca, Dolly-style sets). The row becomes the
+  strings prompt = instruction + "\n\n" + input + "\n\n" (instruction + "\n\n" when input is missing or empty;
+  the three stripped) and completion = output: the most frequent of the templates open-instruct encodes such rows
+  with (it draws one at random per row; LESS's and ROSE's pool, Dolly included, was made that way), without the
+  random draw. No chat template is applied: for the model's own, give `messages` instead;
+- text: `text` (TRL's language modeling rows); the whole text is the completion, with no prompt, so the loss
+  covers every token of it (the first token, which nothing precedes, predicts the next).
+
+A string completion gets the tokenizer's EOS token when it does not end with one, as TRL's SFTTrainer adds it.
+Other column names are mapped to these with `column_map` (load_pool; the recipes' `pool_column_map`).
 
 Truncation rule (sequences over `max_length` tokens, never an error): the prompt keeps its *last*
 tokens, at most max(max_length - response length, max_length // 2) of them, and the response keeps
@@ -18,11 +32,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from rose_trl.utils.errors import UserError
+
 
 IGNORE_INDEX = -100
 
 
-class BadRecordError(ValueError):
+class BadRecordError(UserError, ValueError):
     """A dataset record that cannot be used; the message names the source, the record and the field."""
 
     def __init__(self, source: str, index: int, field: str, problem: str):
@@ -30,6 +46,69 @@ class BadRecordError(ValueError):
         self.source = source
         self.index = index
         self.field = field
+
+
+# format -> (required columns, optional columns), in the order rows are matched against them
+POOL_FORMATS = {
+    "chat": (("messages",), ()),
+    "prompt/completion": (("prompt", "completion"), ()),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "text": (("text",), ()),
+}
+FORMATS_HELP = (
+    "a pool row is chat (`messages`), prompt/completion (`prompt`, `completion`), Alpaca (`instruction`, "
+    "`output`, optional `input`) or text (`text`); map other column names to these with pool_column_map "
+    "(a recipe option: a mapping in the YAML, a JSON object on the command line; load_pool's column_map)"
+)
+
+
+def pool_row_format(row: dict) -> str | None:
+    """The first of POOL_FORMATS whose required columns `row` has (not None); else the first whose columns are
+    there, some None (its check then names the missing field); else None."""
+    for name, (required, _) in POOL_FORMATS.items():
+        if all(row.get(c) is not None for c in required):
+            return name
+    return pool_columns_format(row)
+
+
+def pool_columns_format(columns) -> str | None:
+    """The first of POOL_FORMATS whose required columns are all among `columns` (a dataset's schema), else None."""
+    return next((name for name, (required, _) in POOL_FORMATS.items() if set(required) <= set(columns)), None)
+
+
+def alpaca_prompt(instruction: str, input: str | None = None) -> str:
+    """The prompt an Alpaca row makes (module docstring): instruction, then input when there is one."""
+    instruction, input = instruction.strip(), (input or "").strip()
+    return f"{instruction}\n\n{input}\n\n" if input else f"{instruction}\n\n"
+
+
+def _check_string(value, source: str, index: int, field: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None:
+        raise BadRecordError(source, index, field, "missing")
+    if not isinstance(value, str):
+        raise BadRecordError(source, index, field, f"expected a string, got {type(value).__name__}")
+    if not optional and not value.strip():
+        raise BadRecordError(source, index, field, "empty")
+
+
+def as_prompt_completion(row: dict, source: str = "pool", index: int = 0) -> dict:
+    """An Alpaca or text row as the prompt/completion strings the model reads (module docstring), checked; a chat
+    or prompt/completion row as it is. A row of no format is a BadRecordError listing the formats."""
+    kind = pool_row_format(row)
+    if kind == "alpaca":
+        for field, optional in (("instruction", False), ("output", False), ("input", True)):
+            _check_string(row.get(field), source, index, field, optional)
+        return {"prompt": alpaca_prompt(row["instruction"], row.get("input")), "completion": row["output"].strip()}
+    if kind == "text":
+        _check_string(row["text"], source, index, "text")
+        return {"prompt": "", "completion": row["text"]}
+    if kind is None:
+        raise BadRecordError(
+            source, index, "columns", f"no pool format fits its columns {sorted(row)}: {FORMATS_HELP}"
+        )
+    return row
 
 
 def _check_messages(messages, source: str, index: int, field: str = "messages") -> None:
@@ -66,6 +145,7 @@ def _chat_ids(tokenizer, messages, **kwargs) -> list[int]:
 
 def _segments(example: dict, tokenizer, source: str, index: int) -> list[tuple[list[int], bool]]:
     """The row as consecutive (token ids, is_response) segments."""
+    example = as_prompt_completion(example, source, index)
     if "messages" in example and example["messages"] is not None:
         messages = example["messages"]
         _check_messages(messages, source, index)
@@ -95,17 +175,14 @@ def _segments(example: dict, tokenizer, source: str, index: int) -> list[tuple[l
                     raise BadRecordError(source, index, field, f"expected a string, got {type(value).__name__}")
             if not completion.strip():
                 raise BadRecordError(source, index, "completion", "empty completion: nothing to train on")
-            prompt_ids = tokenizer(prompt)["input_ids"]
+            prompt_ids = tokenizer(prompt)["input_ids"]  # an empty prompt (text rows): the special tokens only
             full = tokenizer(prompt + completion)["input_ids"]
             if tokenizer.eos_token_id is not None and (not full or full[-1] != tokenizer.eos_token_id):
                 full = full + [tokenizer.eos_token_id]
         cut = _common_prefix(prompt_ids, full)
         return [(full[:cut], False), (full[cut:], True)]
     raise BadRecordError(
-        source,
-        index,
-        "messages|prompt,completion",
-        f"a pool row needs 'messages' or 'prompt' and 'completion'; it has {sorted(example)}",
+        source, index, "columns", f"no pool format fits its columns {sorted(example)}: {FORMATS_HELP}"
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rose_trl.evaluation.metrics import PreferenceMetricsOptions, pair_logps, summarize_pairs
+from rose_trl.utils.errors import BadInputError
 
 
 def evaluate_adapters(
@@ -65,7 +66,9 @@ def _evaluate(args) -> int:
     pairs = load_table(args.pairs)  # every column kept: `half` splits dev from test
     if args.half:
         if "half" not in pairs.column_names:
-            raise SystemExit(f"--half {args.half}: {args.pairs} has no `half` column")
+            raise BadInputError(
+                f"--half {args.half}: {args.pairs} has no `half` column; leave --half out to use every pair"
+            )
         pairs = pairs.filter(lambda r: r["half"] == args.half)
     validate_preferences(pairs, args.pairs)
     adapters = dict(a.split("=", 1) if "=" in a else (Path(a).name, a) for a in args.adapter)
@@ -83,7 +86,7 @@ def _evaluate(args) -> int:
 def add_evaluate_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="held-out preference accuracy and margin (95% bootstrap CIs) of a "
+        help="held-out preference accuracy and margin (95%% bootstrap CIs) of a "
         "base model and of LoRA adapters trained from it",
     )
     p.add_argument("--model", required=True, help="base model: folder, Hub id or .gguf file")

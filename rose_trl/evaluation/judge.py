@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import requests
 
 from rose_trl.evaluation.generation import GenerationOptions, generate_responses
+from rose_trl.utils.errors import UserError
 
 
 if TYPE_CHECKING:  # names for the signatures only: importing this module stays light
@@ -94,7 +95,7 @@ class Judge(Protocol):
     def complete(self, prompts: Sequence[str]) -> list[str | None]: ...
 
 
-class JudgeEndpointError(RuntimeError):
+class JudgeEndpointError(UserError, RuntimeError):
     """The endpoint refused the request in a way retrying cannot fix (bad key, model, URL)."""
 
 

@@ -18,13 +18,14 @@ from torch import nn
 
 from rose_trl.gradients.sft_loss import pass_loss
 from rose_trl.utils.distributed import deepspeed_adam_moments, full_numel, is_deepspeed_param, whole
+from rose_trl.utils.errors import UserError
 
 
-class UnsupportedParameterError(ValueError):
+class UnsupportedParameterError(UserError, ValueError):
     """A trainable parameter is not owned by an `nn.Linear`, so the batched hooks cannot see it."""
 
 
-class MissingAdamStateError(ValueError):
+class MissingAdamStateError(UserError, ValueError):
     """Adam preconditioning was asked for but the optimizer holds no exp_avg/exp_avg_sq for a parameter."""
 
 

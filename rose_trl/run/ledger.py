@@ -1,6 +1,8 @@
 """The run ledger: what a run's `rose/` folder records, and every way of knowing a checkpoint's learning rate.
 
-    rose/run.json           what every gradient store under rose/ depends on (refused, or cleared, when it changes)
+    rose/run.json           what every gradient store under rose/ depends on (refused, or cleared, when it changes);
+                            of the warm-up's batch, the effective batch only (per-device batch x accumulation x
+                            processes: `effective_batch_size`), so that a run moves to another process count
     rose/checkpoints.json   each checkpoint in step order: name, learning rate eta_i, name@adapter-hash
     rose/step_lrs.json      optimizer step -> the learning rate it applied (written as each step begins)
 
@@ -53,6 +55,86 @@ def checkpoint_identity(name: str, model) -> str:
     return f"{name}@{adapter_fingerprint(model)}"
 
 
+# ---- the warm-up's batch, whatever the process count ---------------------------------------------------------
+
+EFFECTIVE_BATCH = "run.effective_batch_size"
+# What run.json held of the batch before it held the effective batch: read, never written.
+LEGACY_BATCH = ("run.per_device_train_batch_size", "run.gradient_accumulation_steps")
+BATCH_HINT = (
+    "\n  (the effective batch is per_device_train_batch_size x gradient_accumulation_steps x processes: on another "
+    "process count, keep the one found, e.g. halve per_device_train_batch_size on twice the processes)"
+)
+
+
+def effective_batch_size(args, num_processes: int | None = None) -> int:
+    """Rows an optimizer step of a Trainer with `args` sees: per-device batch x accumulation x processes (this
+    launch's processes by default)."""
+    if num_processes is None:
+        from accelerate import PartialState
+
+        num_processes = PartialState().num_processes
+    return int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * int(num_processes)
+
+
+def saved_process_count(checkpoint: str | Path) -> int | None:
+    """How many processes saved a Trainer checkpoint: one `rng_state.pth`, or one `rng_state_<rank>.pth` each (as
+    Trainer._save_rng_state writes them); None when the folder holds neither."""
+    folder = Path(checkpoint)
+    ranks = list(folder.glob("rng_state_*.pth"))
+    return len(ranks) if ranks else (1 if (folder / "rng_state.pth").exists() else None)
+
+
+def resume_differences(checkpoint: str | Path, args, what: str) -> str | None:
+    """When `what` (the warm-up, the final training) resumes mid-way from `checkpoint` on another process count
+    than saved it, what differs from an unbroken run: the warning to log, else None."""
+    from accelerate import PartialState
+
+    saved, now = saved_process_count(checkpoint), PartialState().num_processes
+    if saved is None or saved == now:
+        return None
+    return (
+        f"{what} resumes from {Path(checkpoint).name}, saved by {saved} process(es), on {now}: with the same "
+        f"effective batch ({effective_batch_size(args, now)} rows an optimizer step) its steps see as many rows, but "
+        f"it is not what an unbroken run on {saved} process(es) would have been: the remaining steps' rows are dealt "
+        f"to {now} process(es) (each averages the loss over its own rows' tokens before their gradients are "
+        "averaged, and a last batch that does not divide evenly is padded with repeated rows), and the random "
+        "states saved per process (dropout) are not restored. Its checkpoints, their Adam states and learning rates "
+        "are this run's, and the selection is computed from them as always."
+    )
+
+
+def _warmup_processes(rose_dir: Path) -> int | None:
+    """The process count of the warm-up whose stores `rose_dir` holds, from the checkpoints beside it (the recipe's
+    warmup/, or a callback's output_dir); None when none is there."""
+    for folder in (rose_dir.parent / "warmup", rose_dir.parent):
+        counts = {saved_process_count(c) for c in folder.glob("checkpoint-*") if c.is_dir()} - {None}
+        if len(counts) == 1:
+            return counts.pop()
+    return None
+
+
+def upgrade_legacy_batch(found: dict, wanted: dict, rose_dir: Path) -> dict:
+    """`found` (a run.json) with the effective batch in place of the per-device batch and accumulation an older
+    rose_trl recorded (only the recipe recorded them), the process count read from the warm-up's checkpoints (their
+    rng_state files). Without a checkpoint to read it from, a StoreMismatchError says what to do."""
+    if EFFECTIVE_BATCH in found or EFFECTIVE_BATCH not in wanted or not all(k in found for k in LEGACY_BATCH):
+        return found
+    rows, steps = (found[k] for k in LEGACY_BATCH)
+    processes = _warmup_processes(rose_dir)
+    if processes is None:
+        current = wanted[EFFECTIVE_BATCH]
+        raise StoreMismatchError(
+            f"{rose_dir / 'run.json'} was written by an earlier rose_trl: it records per_device_train_batch_size="
+            f"{rows} and gradient_accumulation_steps={steps}, not how many processes the warm-up ran on, and no "
+            f"warm-up checkpoint beside it says; this run's effective batch is {current}. If the warm-up ran on P "
+            f'processes, replace those two entries of run.json by "{EFFECTIVE_BATCH}": {rows * steps} x P '
+            "(or set overwrite_stores: true to recompute)"
+        )
+    upgraded = {k: v for k, v in found.items() if k not in LEGACY_BATCH}
+    upgraded[EFFECTIVE_BATCH] = rows * steps * processes
+    return upgraded
+
+
 def check_rate_count(explicit: list[float] | None, names: list[str], found: str) -> None:
     if explicit is not None and len(explicit) != len(names):
         raise ValueError(
@@ -97,22 +179,38 @@ class RunLedger:
         self._live: list[float] = []  # the LRs of the steps since the last save (this process's warm-up)
 
     # ---- run.json --------------------------------------------------------------------------------
-    def open(self, fingerprint: dict, overwrite: bool) -> bool:
-        """Refuse (or, with `overwrite`, clear: returns True) a rose/ folder left by a run on other inputs,
-        before any of its checkpoints or stores could be mixed into this one."""
+    def compare(self, fingerprint: dict, overwrite: bool) -> tuple[dict, dict | None, list[str]]:
+        """(the fingerprint as run.json holds it, what run.json holds (an older record brought up to date), what
+        differs). Reads only: every process of a launch may call it, so that a refusal stops all of them."""
         wanted = json.loads(json.dumps(fingerprint, default=str))
         found = read_json(self.run_file)
+        if found is None:
+            return wanted, None, []
+        try:
+            found = upgrade_legacy_batch(found, wanted, self.rose_dir)
+        except StoreMismatchError:
+            if not overwrite:
+                raise  # what to do; with overwrite_stores the folder is cleared
+        diff = describe_mismatch(found, wanted, keys=sorted(set(found) | set(wanted)))
+        if diff and not overwrite:
+            raise StoreMismatchError(
+                f"{self.rose_dir} holds the gradients of a run on other inputs:\n  "
+                + "\n  ".join(d.replace("store has", "found") for d in diff)
+                + (BATCH_HINT if any(d.startswith(EFFECTIVE_BATCH) for d in diff) else "")
+                + "\n(use another output_dir, or set overwrite_stores: true to recompute)"
+            )
+        return wanted, found, diff
+
+    def open(self, fingerprint: dict, overwrite: bool) -> bool:
+        """Refuse (or, with `overwrite`, clear: returns True) a rose/ folder left by a run on other inputs,
+        before any of its checkpoints or stores could be mixed into this one (`compare`)."""
+        wanted, found, diff = self.compare(fingerprint, overwrite)
         cleared = False
         if found is not None:
-            diff = describe_mismatch(found, wanted, keys=sorted(set(found) | set(wanted)))
             if not diff:
+                if found != read_json(self.run_file):  # the same run, recorded the older way: now as this version does
+                    atomic_write_json(self.run_file, wanted)
                 return False
-            if not overwrite:
-                raise StoreMismatchError(
-                    f"{self.rose_dir} holds the gradients of a run on other inputs:\n  "
-                    + "\n  ".join(d.replace("store has", "found") for d in diff)
-                    + "\n(use another output_dir, or set overwrite_stores: true to recompute)"
-                )
             remove_tree(self.rose_dir)
             cleared = True
         self.rose_dir.mkdir(parents=True, exist_ok=True)

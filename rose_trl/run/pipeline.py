@@ -26,14 +26,17 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from rose_trl.config import BASELINE_METHODS, GRADIENT_METHODS, ROSEConfig, SelectConfig
 from rose_trl.data import load_pool, load_preferences
+from rose_trl.data.preferences import subsample_report
 from rose_trl.data.sft import BadRecordError, fingerprint_tokenized, tokenize_pool
 from rose_trl.models.final_model import ModelSpec, apply_chat_template_path, check_model, model_specs
 from rose_trl.models.source import load_model_and_tokenizer, model_source
 from rose_trl.outputs.selection import write_selection
 from rose_trl.resources.budget import MemoryBudget, check_training
 from rose_trl.run.callback import ROSECallback
+from rose_trl.run.ledger import effective_batch_size, resume_differences
 from rose_trl.run.offline import select_from_checkpoints
 from rose_trl.run.selector import ROSESelector
+from rose_trl.utils.errors import ConfigError
 from rose_trl.utils.files import atomic_write_json, checkpoint_dirs
 
 
@@ -42,15 +45,22 @@ logger = get_logger(__name__)
 
 def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     if not rose.pool_dataset or not rose.validation_dataset:
-        raise ValueError("pool_dataset and validation_dataset are required")
+        raise ConfigError("pool_dataset and validation_dataset are required")
     pool = load_pool(
         rose.pool_dataset,
         split=rose.pool_split,
         sources=rose.pool_sources,
+        column_map=rose.pool_column_map,
         max_examples=rose.pool_max_examples,
         seed=seed,
     )
-    validation = load_preferences(rose.validation_dataset, split=rose.validation_split, k=rose.validation_k, seed=seed)
+    validation = load_preferences(
+        rose.validation_dataset,
+        split=rose.validation_split,
+        k=rose.validation_k,
+        seed=seed,
+        column_map=rose.validation_column_map,
+    )
     return pool, validation
 
 
@@ -109,7 +119,8 @@ def save_model_atomically(trainer, output_dir: str | Path) -> None:
 
 
 def _run_config(rose: ROSEConfig, model_args: ModelConfig, sft: SFTConfig | None = None, **extra) -> dict:
-    """Everything the warm-up checkpoints depend on: a resumed warm-up must be the same warm-up."""
+    """Everything the warm-up checkpoints depend on: a resumed warm-up must be the same warm-up. Of its batch, the
+    effective batch only (per-device batch x accumulation x processes): the run moves to another process count."""
     config = {
         "model_name_or_path": model_args.model_name_or_path,
         **model_source(model_args, rose.gguf_file).record,
@@ -124,8 +135,7 @@ def _run_config(rose: ROSEConfig, model_args: ModelConfig, sft: SFTConfig | None
         config.update(
             learning_rate=sft.learning_rate,
             lr_scheduler_type=str(sft.lr_scheduler_type),
-            per_device_train_batch_size=sft.per_device_train_batch_size,
-            gradient_accumulation_steps=sft.gradient_accumulation_steps,
+            effective_batch_size=effective_batch_size(sft),
             num_train_epochs=sft.num_train_epochs,
             seed=sft.seed,
             max_length=sft.max_length,
@@ -194,7 +204,9 @@ def select_with_gradients(
         callbacks=[callback],
     )
     # A re-run resumes the warm-up from its last checkpoint; finished gradient stores are reused.
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(warmup_dir))
+    resume = last_complete_checkpoint(warmup_dir)
+    _warn_on_other_process_count(resume, sft, "the warm-up")
+    trainer.train(resume_from_checkpoint=resume)
     return Path(callback.selection_dir)
 
 
@@ -227,6 +239,7 @@ def select_with_baseline(
             folder=rose.selection_folder,
             subtask_balance=rose.subtask_balance,
             pair_counts=Counter(validation["subtask"]),
+            before_publish=lambda tmp, chosen: {"validation_subsample": subsample_report(validation)},
         )
     state.wait_for_everyone()
     return out / rose.selection_folder
@@ -268,12 +281,24 @@ _NOT_TRAINING = {
 }
 
 
+def _warn_on_other_process_count(checkpoint: str | None, args, what: str) -> None:
+    """A resume on another process count than saved `checkpoint`: say what differs from an unbroken run."""
+    if checkpoint is not None and (warning := resume_differences(checkpoint, args, what)):
+        logger.warning(warning)
+
+
 def final_training_fingerprint(
-    tokens: Dataset, sft: SFTConfig, model_args: ModelConfig, source: dict | None = None
+    tokens: Dataset, sft: SFTConfig, model_args: ModelConfig, source: dict | None = None, legacy: bool = False
 ) -> str:
     """What a final model is made from: its tokenized training rows, the model (and the GGUF file it came from) and
-    LoRA settings and every training option that can change the weights."""
+    LoRA settings and every training option that can change the weights; of the batch, the effective batch only
+    (per-device batch x accumulation x processes), so that a finished model is kept on another process count.
+    `legacy`: as rose_final.json recorded it before, with the per-device batch and accumulation instead."""
     options = {k: v for k, v in sft.to_dict().items() if k not in _NOT_TRAINING}
+    if not legacy:
+        for factor in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            options.pop(factor)
+        options["effective_batch_size"] = effective_batch_size(sft)
     described = json.dumps(
         [options, dataclasses.asdict(model_args)] + ([source] if source else []), sort_keys=True, default=str
     )
@@ -310,7 +335,14 @@ def train_final_model(rose: ROSEConfig, final: ModelSpec, selection: Path, token
     }
     with state.main_process_first():  # the main process decides (and clears); the others read its decision
         found = json.loads(record.read_text()) if record.exists() else None
+        legacy = found is not None and found.get("fingerprint") == final_training_fingerprint(
+            tokens, sft, model_args, source, legacy=True
+        )
+        if legacy:  # recorded the older way (the per-device batch and accumulation): the same model
+            found["fingerprint"] = fingerprint
         done = found is not None and found.get("fingerprint") == fingerprint and found.get("finished") is True
+        if state.is_main_process and done and legacy:
+            atomic_write_json(record, found)  # now as this version records it
         if state.is_main_process and not done:
             if found is None or found.get("fingerprint") != fingerprint:
                 shutil.rmtree(out, ignore_errors=True)  # another selection, model or configuration (or unknown)
@@ -347,7 +379,9 @@ def train_final_model(rose: ROSEConfig, final: ModelSpec, selection: Path, token
         "final training",
         width=min(longest, sft.max_length) if sft.max_length else longest,
     )
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
+    resume = last_complete_checkpoint(out)
+    _warn_on_other_process_count(resume, sft, "the final training")
+    trainer.train(resume_from_checkpoint=resume)
     save_model_atomically(trainer, out)
     if state.is_main_process:
         atomic_write_json(record, {**described, "finished": True})  # last: the record says the weights are complete

@@ -24,7 +24,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from rose_trl.config import ROSEConfig
-from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
+from rose_trl.data.preferences import DEFAULT_SUBTASK, subsample_report, validate_preferences
 from rose_trl.data.sft import fingerprint_tokenized, tokenize_pool
 from rose_trl.gradients.capture import AdamState, num_trainable_parameters
 from rose_trl.gradients.featurizer import Featurizer
@@ -155,6 +155,7 @@ class ROSESelector:
         )
         self.ledger = RunLedger(self.rose_dir)
         self._featurizer: Featurizer | None = None
+        self.ledger.compare(self.run_fingerprint(), config.overwrite_stores)  # a refusal stops every process
         with PartialState().main_process_first():  # the main process checks (and may clear) rose/ first
             self.cleared_previous_run = self.ledger.open(self.run_fingerprint(), config.overwrite_stores)
 
@@ -333,6 +334,7 @@ class ROSESelector:
                 "zero_gradient_pairs": targets.zero_gradient_pairs,
                 "validation_agreement": agreement,
                 "agreement_warnings": warnings,
+                "validation_subsample": subsample_report(self.validation),  # validation_k's sample, or None
             }
 
         return write_selection(

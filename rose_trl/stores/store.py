@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from rose_trl.resources.disk import DiskSpaceError, allocate, require_free_space
+from rose_trl.utils.errors import UserError
 from rose_trl.utils.files import atomic_write_json, remove_tree
 
 
@@ -36,11 +37,11 @@ DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
 IDENTITY_KEYS = ("model", "checkpoint", "projection", "dtype", "gradient_type", "pool_fingerprint", "num_rows")
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(UserError, ValueError):
     """A store on disk was produced by something other than what is asked for now."""
 
 
-class CorruptStoreError(ValueError):
+class CorruptStoreError(UserError, ValueError):
     """A store's files are missing, truncated or inconsistent with its metadata."""
 
 
