@@ -22,6 +22,7 @@ import numpy as np
 
 from rose_trl.scoring.columns import SCORE
 from rose_trl.utils.files import atomic_dir, publish
+from rose_trl.utils.timing import stage
 from rose_trl.scoring.scores import select_rows
 
 
@@ -52,6 +53,7 @@ def _holds(folder: Path, fingerprint: str) -> bool:
     return path.exists() and json.loads(path.read_text()).get("sha256") == fingerprint
 
 
+@stage("selection writing")
 def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], fraction: float, config: dict,
                     method: str, subtasks: list[str], folder: str = "selection", subtask_balance: str = "max",
                     pair_counts: dict[str, int] | None = None,

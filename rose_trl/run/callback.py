@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from rose_trl.gradients.capture import AdamState, num_trainable_parameters, trai
 from rose_trl.resources.budget import MemoryBudget, check_training
 from rose_trl.run.selector import ROSESelector
 from rose_trl.utils.files import checkpoint_name
+from rose_trl.utils.timing import clock, stage
 
 
 @contextlib.contextmanager
@@ -88,6 +90,7 @@ class ROSECallback(TrainerCallback):
         self.output_dir, self.max_length, self.run_config = output_dir, max_length, run_config
         self.selector: ROSESelector | None = None
         self.selection_dir = None
+        self._step_ended: float | None = None  # when the Trainer's last step (or epoch) ended: its save follows
 
     def ensure_selector(self, args, processing_class=None) -> ROSESelector:
         if self.selector is None:
@@ -114,6 +117,7 @@ class ROSECallback(TrainerCallback):
             )
         return self.selector
 
+    @stage("callback checks and records")
     def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
         if args.save_strategy == "no":
             raise ValueError(
@@ -145,7 +149,16 @@ class ROSECallback(TrainerCallback):
                 state.global_step + 1, float(optimizer.param_groups[0]["lr"]), write=state.is_world_process_zero
             )
 
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step_ended = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._step_ended = time.perf_counter()
+
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._step_ended is not None:  # the Trainer wrote its checkpoint (and logged) since the step ended
+            clock.add("warm-up checkpoint saves (Trainer)", time.perf_counter() - self._step_ended)
+            self._step_ended = None
         selector = self.ensure_selector(args)
         lr = selector.ledger.live_learning_rate()
         if lr is None:  # no step since the previous save: the LR the optimizer holds
@@ -155,7 +168,8 @@ class ROSECallback(TrainerCallback):
     def _add_checkpoint(self, selector, model, optimizer, name: str, lr: float) -> None:
         adam = None
         if self.config.gradient_type == "adam":
-            adam = AdamState.from_optimizer(optimizer, trainable_parameters(model))
+            with stage("callback checks and records"):
+                adam = AdamState.from_optimizer(optimizer, trainable_parameters(model))
         with preserved_rng():
             selector.add_checkpoint(model, name, lr, adam)
 

@@ -40,6 +40,7 @@ from rose_trl.stores.store import GradientStore, store_bytes
 from rose_trl.stores.validation import ValidationGradients
 from rose_trl.utils.distributed import check_supported
 from rose_trl.utils.modeling import model_id
+from rose_trl.utils.timing import stage
 
 
 logger = get_logger(__name__)
@@ -120,6 +121,7 @@ class ROSESelector:
             **{f"run.{k}": v for k, v in sorted(self.run_config.items())},
         }
 
+    @stage("projection and memory plan")
     def featurizer(self, model) -> Featurizer:
         """The run's featurizer (its projector sized to the adapter) and memory plan, made at the first checkpoint."""
         if self._featurizer is None:
@@ -150,6 +152,7 @@ class ROSESelector:
         self.validation_stores.sft_rows_per_pass = min(8, plan.passes["gradient"].rows)
         return plan
 
+    @stage("callback checks and records")
     def check_disk_space(self, checkpoints: int | list[str], extra: int = 0, extra_what: str = "") -> int:
         """Before any gradient work: refuse (DiskSpaceError: the path, the bytes needed, the bytes free) when the
         stores of `checkpoints` (names, or a number still to be saved), those on disk excepted, and `extra` bytes
@@ -215,6 +218,7 @@ class ROSESelector:
             self.ledger.record_checkpoint(name, learning_rate, identity)
         state.wait_for_everyone()
 
+    @stage("scoring")
     def checkpoints(self) -> tuple[list[CheckpointGradients], ValidationTargets]:
         """Every recorded checkpoint's stores, targets and eta_i, and the validation targets they share."""
         names, learning_rates = self.ledger.scoring_learning_rates(self.config.checkpoint_learning_rates)

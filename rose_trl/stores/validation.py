@@ -37,6 +37,7 @@ from rose_trl.resources.budget import halving_on_oom
 from rose_trl.stores.store import GradientStore
 from rose_trl.utils.distributed import all_true, gathered, partitioned, release_gathered
 from rose_trl.utils.modeling import eval_mode
+from rose_trl.utils.timing import stage
 
 
 # Losses that couple the pairs of a batch: aot/aot_unpaired sort the batch's log-ratios (a pair's loss term
@@ -216,6 +217,7 @@ class ROSEDPOTrainer(DPOTrainer):
                 return function(self.pairs_per_pass)
             return halving_on_oom(function, self.pairs_per_pass, what)
 
+    @stage("reference log-probs")
     def reference_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's (the base model: adapters disabled) summed response log-probs of every pair's chosen
         and of its rejected answer, [n_pairs] each, by TRL's own `compute_ref_log_probs` over the same passes
@@ -237,6 +239,7 @@ class ROSEDPOTrainer(DPOTrainer):
             self.reference = self._halving(passes, "a reference pass")
         return self.reference
 
+    @stage("validation gradients")
     def pair_gradients(self, featurizer: Featurizer, reuse_reference: bool = True) -> torch.Tensor:
         """[n_pairs, dim] features of each pair's gradient (its chosen row's plus its rejected row's), in
         dataset order. The reference log-probs come from `reference_logps` (computed at most once per trainer,
@@ -272,6 +275,7 @@ class ROSEDPOTrainer(DPOTrainer):
         return torch.cat(out)
 
 
+@stage("validation gradients")
 def sft_validation_gradients(
     model, validation, tokenizer, featurizer: Featurizer, max_length: int | None = 1024, batch_size: int = 8
 ) -> torch.Tensor:
@@ -405,6 +409,7 @@ class ValidationGradients:
             raise ValueError(f"{name}: validation and pool gradients were projected differently")
         return store.read_all()
 
+    @stage("validation setup (DPOTrainer)")
     def _dpo_trainer(self, model) -> ROSEDPOTrainer:
         if id(model) not in self._dpo_trainers:
             c = self.config
