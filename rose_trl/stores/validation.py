@@ -91,6 +91,26 @@ def fused_head_tokens(tokens: int | None):
         chunked_logprob.TOKEN_CHUNK_SIZE = before
 
 
+@contextlib.contextmanager
+def labelled_positions_only():
+    """Inside the block, TRL's fused LM head scores only the positions that have a label (the answers' tokens) on
+    every device. TRL does so where Triton runs (CUDA) and scores every position elsewhere (its reason: the tile
+    shapes of compiled kernels, for devices such as Neuron); on a CPU, the prompt's and the padding's positions are
+    computed and then masked to 0, in the forward and in the backward: about a fifth of a validation pass's time
+    at SmolLM2 on the SE pairs (docs/performance.md, "Stage times"). The scored positions' log-probs are the same
+    numbers (each position's row of the head's product and its log-softmax do not depend on the others: checked
+    bit for bit, tests/test_validation.py), so are the gradients. Only the choice of positions changes
+    (trl.trainer.utils reads `_use_triton` for it); the kernels stay TRL's torch ones."""
+    import trl.trainer.utils as trl_utils
+
+    before = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = before
+
+
 class KeepLastTokens:
     """TRL's preference collator, then each sequence cut to its last `max_length` tokens: what TRL's
     truncation_mode="keep_end" did before its deprecation (it goes in TRL 2.0). TRL's keep_start would drop
@@ -212,7 +232,7 @@ class ROSEDPOTrainer(DPOTrainer):
         """`function(pairs)` at `pairs_per_pass`, halved and run again when it runs out of memory, except where
         every process must run the same passes (ZeRO-3/FSDP on several processes)."""
         model = self.accelerator.unwrap_model(self.model)
-        with fused_head_tokens(self.head_tokens):
+        with fused_head_tokens(self.head_tokens), labelled_positions_only():
             if partitioned(model) and PartialState().num_processes > 1:
                 return function(self.pairs_per_pass)
             return halving_on_oom(function, self.pairs_per_pass, what)
