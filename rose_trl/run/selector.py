@@ -145,6 +145,7 @@ class ROSESelector:
             self.pool_width,
             self.validation_stores.longest() if dpo else None,
             rows_per_pass(model, featurizer, c.gradient_batch_size, c.gradient_memory_gb),
+            counts={"gradient": len(self.pool_tokens), "validation": len(self.validation)},
         )
         if dpo:
             self.validation_stores.pairs_per_pass = plan.passes["validation"].rows
