@@ -10,8 +10,9 @@ layers, float32, on the CPU. Each pass runs the project's own code path, as the 
 (benchmarks/memory/extraction_memory.py --estimates): a gradient pass is the run's featurizer (per-row gradients
 of the SFT loss, Adam-preconditioned, projected to --dim by sjlt); a validation pass is TRL's DPO loss through
 `ROSEDPOTrainer.compute_loss` under the featurizer (pairs of a chosen and a rejected row, the reference's
-log-probs precomputed, TRL's fused head on the labelled positions as the run's passes score them). For each rows setting the same --total rows are run (passes of that many rows), after one
-pass to warm up; the seconds and the CPU-seconds (user + system, this process) are per row, the best of --repeats.
+log-probs precomputed, TRL's fused head on the labelled positions as the run's passes score them). For each rows
+setting the same --total rows are run (passes of that many rows), after one pass to warm up; the seconds and the
+CPU-seconds (user + system, this process) are per row, the best of --repeats.
 Beside each: the budget that gives passes of that many rows (rose_trl.resources.memory's estimate of the pass at
 the model's full depth, times the heap's slack, on top of what this process holds: `needs`).
 The last line: `seconds_per_row_<kind>_r<rows>=<s> ...` for every kind and rows setting.
