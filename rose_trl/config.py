@@ -91,7 +91,8 @@ class ROSEConfig:
         > Parameters that control the memory budget
 
         memory_budget_gb (`float`, *optional*):
-            The memory one process may use; every pass is sized to it (default: a share of the machine's).
+            The memory one process may use; every pass is sized to it (default: the machine's memory less headroom,
+            for speed: what the process holds plus 75% of the memory available).
     """
 
     # Parameters that control the model
@@ -305,10 +306,12 @@ class ROSEConfig:
             "passes and evaluation get the most rows whose estimated peak fits it, from "
             "the model's shape, the LoRA settings, the dtype and the loss path (budget.py, "
             "memory.py); gradient_batch_size, max_batch_tokens, gradient_memory_gb and "
-            "validation_batch_size stay upper limits. Default: 15% of the CPU memory "
-            "available, shared by the node's processes, or 90% of the GPU's free memory. "
-            "The plan is logged once; the Trainer's batch sizes are not changed (a "
-            "warning gives the size that fits)."
+            "validation_batch_size stay upper limits. Default, chosen for speed: what the "
+            "process holds plus 75%% of the CPU memory available (shared by the node's "
+            "processes), or plus 90%% of the GPU's free memory; a budget you set is held, "
+            "with glibc's compact heap on a CPU when a pass needs it (slower passes). The "
+            "plan is logged once, with what a larger budget would save; the Trainer's batch "
+            "sizes are not changed (a warning gives the size that fits)."
         },
     )
 

@@ -51,7 +51,8 @@ def sequence_logps(
     Logits are computed only at the positions where some row of a pass has a response token (the model
     inputs of the gradient passes, `sft_loss.model_inputs`): a [rows, T, vocab] tensor is the largest of
     a forward (SmolLM2's 49k words: 0.2 MB a token in float32). Rows a pass: at most `batch_size`, and as many
-    as the memory budget (`memory_budget_gb`, default the machine's share: rose_trl.resources.budget) lets fit."""
+    as the memory budget (`memory_budget_gb`, default the machine's memory less headroom:
+    rose_trl.resources.budget) lets fit."""
     from rose_trl.resources.budget import MemoryBudget, evaluation_rows
 
     rows = [
