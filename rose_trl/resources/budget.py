@@ -336,7 +336,9 @@ def larger_budget(model, plan: MemoryPlan, counts: dict[str, int] | None = None,
     """The budget that would give every pass its user's limit (gradient_batch_size, validation_batch_size: the rows
     a roomy budget gives) on glibc's default heap, at most the machine's default budget, when it is larger than
     `plan`'s and changes a pass; with the share of the passes' time it would save (`pass_seconds`). None when no
-    larger budget would change anything."""
+    larger budget would change anything, and under the default budget (already the machine's)."""
+    if not plan.budget.chosen:
+        return None
     device = torch.device(plan.budget.device)
     slack = 1.0 if device.type == "cuda" else HEAP_SLACK["default"]
     roomy = _plan(model, MemoryBudget(plan.resident + 10**18, "roomy", device.type), plan.resident, slack, **options)
