@@ -233,6 +233,7 @@ def test_the_default_budget_never_makes_the_heap_compact(default_heap, monkeypat
     default = plan_passes(model, MemoryBudget(limit, "default", chosen=False), resident=int(GB), fused=True, **options)
     assert not default_heap and default.slack == SLACK["default"] and default.over == ["pool gradient passes"]
     assert "the budget is not held" in default.describe()
+    assert default.larger is None  # the default is already the machine's: no larger budget offered
     args = SimpleNamespace(
         per_device_train_batch_size=1, gradient_accumulation_steps=4, max_length=64, gradient_checkpointing=False
     )
