@@ -518,6 +518,9 @@ def test_the_run_logs_its_plan_and_sizes_its_passes_to_the_budget(tmp_path, capl
     assert state["train_batch_size"] == 4
     gradient = plans[0].split("pool gradient passes: ")[1].splitlines()[0]
     assert "set by the budget" in gradient and 1 <= int(gradient.split(" rows")[0]) < 16, gradient
+    # and what a larger budget would save: the passes at the limits (16 rows), in less time
+    larger = plans[0].splitlines()[-1]
+    assert "would allow pool gradient passes of 16 rows" in larger and "less time in these passes" in larger, larger
     tight, roomy = (pd.read_parquet(tmp_path / d / "selection" / "scores.parquet") for d in ("tight", "roomy"))
     np.testing.assert_allclose(tight["score"], roomy["score"], rtol=1e-3, atol=1e-4)
     assert (tight["selected"] == roomy["selected"]).all()
