@@ -43,7 +43,7 @@ def _document_fields(cls):
     for f in fields(cls):
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         lines.append(f"        {f.name} (`{f.type}`, defaults to `{default!r}`):")
-        text = f.metadata.get("help", "")
+        text = f.metadata.get("help", "").replace("%%", "%")  # argparse's escape, not the text
         if f.metadata.get("choices"):
             text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
         lines += textwrap.wrap(text, width=118, initial_indent=" " * 12, subsequent_indent=" " * 12)
@@ -328,10 +328,12 @@ class ROSEConfig:
             "passes and evaluation get the most rows whose estimated peak fits it, from "
             "the model's shape, the LoRA settings, the dtype and the loss path (budget.py, "
             "memory.py); gradient_batch_size, max_batch_tokens, gradient_memory_gb and "
-            "validation_batch_size stay upper limits. Default: 15%% of the CPU memory "
-            "available, shared by the node's processes, or 90%% of the GPU's free memory. "
-            "The plan is logged once; the Trainer's batch sizes are not changed (a "
-            "warning gives the size that fits)."
+            "validation_batch_size stay upper limits. Default, chosen for speed: what the "
+            "process holds plus 75%% of the CPU memory available (shared by the node's "
+            "processes), or plus 90%% of the GPU's free memory; a budget you set is held, "
+            "with glibc's compact heap on a CPU when a pass needs it (slower passes). The "
+            "plan is logged once, with what a larger budget would save; the Trainer's batch "
+            "sizes are not changed (a warning gives the size that fits)."
         },
     )
 

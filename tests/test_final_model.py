@@ -72,7 +72,12 @@ def configs(assets, out, final_model=None, pool="select/pool.jsonl", **rose):
 
 
 def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+    # timings.json is the log of the last run's stage times, written by every run (a rerun that does nothing too).
+    return {
+        str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.name != "timings.json"
+    }
 
 
 def test_another_final_model_trains_only_on_the_selection_tokenized_its_way(assets, tmp_path):

@@ -133,17 +133,30 @@ def test_estimates_are_within_25_percent_of_measured_peaks(shape):
         assert 0.75 <= est / measured <= 1.25, (kind, r, est, measured)
 
 
-def test_default_budget_is_a_stated_share_of_the_machine(monkeypatch):
+def test_the_default_budget_is_what_the_process_holds_and_a_share_of_what_is_free(monkeypatch):
+    """No memory_budget_gb: the machine's memory, less headroom. On a CPU, what the process holds plus
+    CPU_BUDGET_SHARE of the memory available (shared by the node's processes); on CUDA, what the process has reserved
+    plus CUDA_BUDGET_SHARE of the device's free memory. Neither is a budget the user chose."""
     import psutil
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=20 * GB))
+    monkeypatch.setattr(budget_module, "resident_bytes", lambda device=None, model=None: int(1.5 * GB))
+    assert budget_module.CPU_BUDGET_SHARE == 0.75 and budget_module.CUDA_BUDGET_SHARE == 0.9
     cpu = MemoryBudget.for_device(None, "cpu", processes=1)
-    assert cpu.limit == int(0.15 * 20 * GB) and "15% of the 20.0 GB of CPU memory available" in cpu.source
-    assert MemoryBudget.for_device(None, "cpu", processes=2).limit == int(0.15 * 10 * GB)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * GB, 96 * GB))
+    assert cpu.limit == int(1.5 * GB + 0.75 * 20 * GB) == int(16.5 * GB) and not cpu.chosen
+    assert "the 1.5 GB this process holds and 75% of the 20.0 GB of CPU memory available" in cpu.source
+    two = MemoryBudget.for_device(None, "cpu", processes=2)
+    assert two.limit == int(1.5 * GB + 0.75 * 10 * GB) and "shared by 2 processes" in two.source
+    # Taken before or after the model is loaded, the default moves by the headroom's share of what was loaded only.
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=19 * GB))
+    assert MemoryBudget.for_device(None, "cpu", processes=1, held=int(2.5 * GB)).limit == int(16.75 * GB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * GB, 96 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 14 * GB)
     cuda = MemoryBudget.for_device(None, "cuda:0")
-    assert cuda.limit == int(0.9 * 80 * GB) and "free on cuda:0" in cuda.source
-    assert MemoryBudget.for_device(2.5, "cpu").limit == int(2.5 * GB)
+    assert cuda.limit == int(14 * GB + 0.9 * 60 * GB) and "90% of the 60.0 GB free on cuda:0" in cuda.source
+    assert not cuda.chosen
+    chosen = MemoryBudget.for_device(2.5, "cpu")
+    assert chosen.limit == int(2.5 * GB) and chosen.chosen and chosen.source == "memory_budget_gb: 2.5"
 
 
 def plan(model, limit_gb, resident_gb, **limits):
@@ -204,6 +217,92 @@ def test_a_budget_the_smallest_passes_cannot_hold_is_said_so_with_the_least_that
     held = plan(model, named, 1.0)
     assert not held.over and "not held" not in held.describe() and "smallest budget" not in held.describe()
     assert all(held.resident + held.slack * p.estimate.transient <= held.budget.limit for p in held.passes.values())
+
+
+def test_the_default_budget_never_makes_the_heap_compact(default_heap, monkeypatch):
+    """glibc's compact heap (page faults: slower passes) holds a budget the user set; the default budget, the
+    machine's own, is never squeezed: where its passes do not fit even at 1 row, the plan says so and stays on the
+    default heap, and the Trainer's check warns without compacting either."""
+    model = tiny_lora_model(vocab=50_000, hidden=64, layers=2)
+    shape, lora = ModelShape.from_model(model), LoraShape.from_model(model)
+    per_row = estimate_pass("gradient", shape, lora, torch.float32, 1, 64, dim=256).transient
+    limit = int(GB + (SLACK["compact"] + SLACK["default"]) / 2 * per_row)  # 1 row fits only with the compact heap
+    options = dict(
+        pool_width=64, validation_width=None, gradient_rows=16, max_batch_tokens=None, validation_pairs=4, dim=256
+    )
+    default = plan_passes(model, MemoryBudget(limit, "default", chosen=False), resident=int(GB), fused=True, **options)
+    assert not default_heap and default.slack == SLACK["default"] and default.over == ["pool gradient passes"]
+    assert "the budget is not held" in default.describe()
+    assert default.larger is None  # the default is already the machine's: no larger budget offered
+    args = SimpleNamespace(
+        per_device_train_batch_size=1, gradient_accumulation_steps=4, max_length=64, gradient_checkpointing=False
+    )
+    step = estimate_pass("training", shape, lora, torch.float32, 1, 64)
+    squeezable = int(GB + step.parts["optimizer"] + (SLACK["compact"] + SLACK["default"]) / 2 * step.transient)
+    warned = check_training(
+        model, args, MemoryBudget(squeezable, "default", chosen=False), "warm-up", resident=int(GB)
+    )
+    assert warned and "not even 1 row fits" in warned and not default_heap
+    # The same limits set by the user: the heap is made compact, and the 1-row pass and the 1-row step fit.
+    assert (
+        check_training(model, args, MemoryBudget(squeezable, "memory_budget_gb"), "warm-up", resident=int(GB)) is None
+    )
+    assert len(default_heap) == 1
+    budget_module._heap["mode"] = "default"
+    chosen = plan_passes(model, MemoryBudget(limit, "memory_budget_gb"), resident=int(GB), fused=True, **options)
+    assert len(default_heap) == 2 and chosen.slack == SLACK["compact"] and not chosen.over
+
+
+def test_the_plan_says_what_a_larger_budget_would_save(default_heap, monkeypatch):
+    """Under a budget that sets the passes' rows, the plan names the budget that gives every pass the user's limits
+    on glibc's default heap (from the estimates), at most the machine's default, and the share of the passes' time
+    it saves (`pass_seconds`); under that budget, the plan has no such line."""
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=100 * GB))
+    model = tiny_lora_model(vocab=50_000, hidden=64, layers=2)
+    shape, lora = ModelShape.from_model(model), LoraShape.from_model(model)
+    counts = {"gradient": 40, "validation": 20}
+    per_row = estimate_pass("gradient", shape, lora, torch.float32, 1, 64, dim=256).transient
+    tight = plan(model, 1 + 3.5 * SLACK["default"] * per_row / GB, 1, counts=counts)
+    assert tight.passes["gradient"].rows == 3  # validation: 4 pairs with TRL's fused head at a smaller tile
+    larger = tight.larger
+    roomy = plan(model, 100, 1, counts=counts)
+    assert roomy.larger is None and roomy.passes["gradient"].rows == 16 and roomy.passes["validation"].rows == 4
+    needed = int(GB) + max(int(SLACK["default"] * p.estimate.transient) for p in roomy.passes.values())
+    assert larger.limit == needed and {k: p.rows for k, p in larger.plan.passes.items()} == {
+        "gradient": 16,
+        "validation": 4,
+    }
+    # The time model: a pass costs its rows' tokens (a pair: two rows) and the device's overhead of a pass.
+    k = budget_module.PASS_OVERHEAD_TOKENS["cpu"]
+    g, v = tight.passes["gradient"].rows, tight.passes["validation"].rows
+    before = 40 / g * k + 40 * 64 + 20 / v * k + 20 * 2 * 64
+    after = 40 / 16 * k + 40 * 64 + 20 / 4 * k + 20 * 2 * 64
+    assert larger.saving == pytest.approx(1 - after / before) and larger.saving > 0
+    line = tight.describe().splitlines()[-1]
+    gb = budget_module.smallest_gb(needed)
+    assert line == (
+        f"  a budget of {gb} GB (memory_budget_gb: {gb}) would allow pool gradient passes of 16 rows and "
+        f"validation passes of 4 pairs: about {larger.saving:.0%} less time in these passes"
+    )
+    # The budget it names gives the limits, and says nothing more.
+    named = plan(model, float(gb), 1, counts=counts)
+    assert named.larger is None and named.passes["gradient"].rows == 16 and named.passes["validation"].rows == 4
+    # A machine with less memory than that: the larger budget is the machine's default, the rows that fit it.
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=(needed - GB) / 2 / 0.75))
+    capped = plan(model, 1 + 3.5 * SLACK["default"] * per_row / GB, 1, counts=counts).larger
+    assert capped.limit == int(GB + (needed - GB) / 2) and capped.limit < needed
+    assert any(p.limit == "the budget" for p in capped.plan.passes.values())
+    # A plan on the compact heap: the larger budget also spares its page faults (COMPACT_HEAP_TIME).
+    squeezed = plan(model, 1 + (SLACK["compact"] + SLACK["default"]) / 2 * per_row / GB, 1, counts=counts)
+    assert squeezed.slack == SLACK["compact"] and "glibc's default heap" in squeezed.describe().splitlines()[-1]
+    assert budget_module.pass_seconds(squeezed, counts) == pytest.approx(
+        budget_module.COMPACT_HEAP_TIME
+        * budget_module.pass_seconds(
+            budget_module.MemoryPlan(squeezed.budget, squeezed.resident, squeezed.passes, SLACK["default"]), counts
+        )
+    )
 
 
 def test_a_trainer_step_over_the_budget_at_1_row_names_the_smallest_budget_and_that_one_holds(default_heap, caplog):
@@ -419,6 +518,9 @@ def test_the_run_logs_its_plan_and_sizes_its_passes_to_the_budget(tmp_path, capl
     assert state["train_batch_size"] == 4
     gradient = plans[0].split("pool gradient passes: ")[1].splitlines()[0]
     assert "set by the budget" in gradient and 1 <= int(gradient.split(" rows")[0]) < 16, gradient
+    # and what a larger budget would save: the passes at the limits (16 rows), in less time
+    larger = plans[0].splitlines()[-1]
+    assert "would allow pool gradient passes of 16 rows" in larger and "less time in these passes" in larger, larger
     tight, roomy = (pd.read_parquet(tmp_path / d / "selection" / "scores.parquet") for d in ("tight", "roomy"))
     np.testing.assert_allclose(tight["score"], roomy["score"], rtol=1e-3, atol=1e-4)
     assert (tight["selected"] == roomy["selected"]).all()

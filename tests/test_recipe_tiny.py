@@ -55,6 +55,14 @@ def test_tiny_recipe_selects_the_planted_signal_and_resumes(tmp_path):
     picked = [pool[i]["feature"] for i in np.flatnonzero(scores["selected"])]
     assert len(picked) == 20 and not any(f.endswith("_bad") for f in picked)
     assert np.mean([f.endswith("_good") for f in picked]) >= 0.75
+    # The run's stage times: every stage of the recipe, summing (with the little time between them) to its wall time.
+    timings = json.loads((run / "timings.json").read_text())
+    stages = timings["stages"]
+    for name in ("warm-up training steps", "pool gradient passes", "validation gradients", "final training steps"):
+        assert stages[name] > 0, stages
+    assert abs(sum(stages.values()) + timings["other_s"] - timings["wall_s"]) < 0.01
+    assert timings["other_s"] <= 0.05 * timings["wall_s"] + 0.5, timings
+    assert "stage times:" in first.stderr + first.stdout
 
     # Same command again: the warm-up is finished and every store is complete, so nothing is recomputed
     # and the selection comes out the same.

@@ -176,3 +176,49 @@ def test_reference_logps_once_per_run_give_the_same_gradients(planted, tiny_base
         np.testing.assert_allclose(
             stores.read(f"checkpoint-{step}", featurizer.projector.describe()), per_pass, rtol=0, atol=0
         )
+
+
+def test_the_validation_passes_score_the_labelled_positions_only_and_give_the_same_numbers(
+    planted, tiny_base, tmp_path, monkeypatch
+):
+    """On a CPU, TRL's fused LM head scores every position (the prompt's and the padding's too, then masked to 0);
+    the validation and reference passes have it score the labelled positions only: fewer positions through the
+    head, and bit for bit the same reference log-probs and pair gradients as TRL's own choice."""
+    import trl.trainer.utils as trl_utils
+
+    from rose_trl.gradients.featurizer import Featurizer
+    from rose_trl.gradients.projection import build_projector
+
+    _, validation, tokenizer, _ = planted
+    model = trained_adapter_model(tiny_base)
+    model.eval()
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    featurizer = Featurizer(build_projector("sjlt", n, 256, 0))
+    trainer = ROSEDPOTrainer(
+        model, validation_dpo_config(str(tmp_path), batch_size=3, use_cpu=True), validation.select(range(6)), tokenizer
+    )
+    scored = []
+    real = trl_utils._ChunkedLogProbFunction
+
+    class Counted(real):
+        @staticmethod
+        def forward(ctx, hidden, *args):
+            scored.append(hidden.shape[0])
+            return real.forward(ctx, hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counted)
+    batches = list(DataLoader(trainer.train_dataset, batch_size=3, collate_fn=trainer.data_collator))
+    labelled = [int(b["completion_mask"][:, 1:].sum()) for b in batches]
+    every = [b["input_ids"].shape[0] * (b["input_ids"].shape[1] - 1) for b in batches]
+    assert all(a < b for a, b in zip(labelled, every, strict=True))
+    # TRL's own choice on a CPU: every position.
+    with torch.no_grad():
+        ref = [trainer.compute_ref_log_probs(trainer.model, b) for b in batches]
+    ref = tuple(torch.cat(x) for x in zip(*ref, strict=True))
+    whole = trainer._pair_gradients(featurizer, ref, 3)
+    assert scored == every + every
+    scored.clear()
+    assert trainer.reference_logps()[0].equal(ref[0]) and trainer.reference_logps()[1].equal(ref[1])
+    assert trainer.pair_gradients(featurizer).equal(whole)
+    assert scored == labelled + labelled  # one reference pass (kept) and one validation pass a batch
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # TRL's own choice is back after the passes

@@ -100,8 +100,8 @@ def add_evaluate_parser(subparsers) -> None:
         "--memory-budget-gb",
         type=float,
         default=None,
-        help="memory (GB) the process may use: passes are sized to it (default: 15%% of the CPU memory "
-        "available, or 90%% of the GPU's free memory)",
+        help="memory (GB) the process may use: passes are sized to it (default, for speed: what the process "
+        "holds plus 75%% of the CPU memory available, or plus 90%% of the GPU's free memory)",
     )
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")

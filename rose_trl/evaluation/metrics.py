@@ -88,7 +88,8 @@ def sequence_logps(
         max_length (`int`, *optional*, defaults to `1024`):
             Rows are truncated to this many tokens (`None`: not truncated).
         memory_budget_gb (`float`, *optional*):
-            The memory (GB) the process may use; `None`: the machine's default share (rose_trl.resources.budget).
+            The memory (GB) the process may use; `None`: the machine's memory less headroom, for speed
+            (rose_trl.resources.budget).
 
     Returns:
         `tuple[np.ndarray, np.ndarray]`: the summed response-token log-probs (float64) and the response-token

@@ -23,6 +23,7 @@ import numpy as np
 from rose_trl.scoring.columns import SCORE
 from rose_trl.scoring.scores import select_rows
 from rose_trl.utils.files import atomic_dir, publish
+from rose_trl.utils.timing import stage
 
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -62,6 +63,7 @@ def _holds(folder: Path, fingerprint: str) -> bool:
     return path.exists() and json.loads(path.read_text()).get("sha256") == fingerprint
 
 
+@stage("selection writing")
 def write_selection(
     output_dir: str | Path,
     pool,

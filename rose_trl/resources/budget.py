@@ -1,12 +1,18 @@
 """The run's memory budget, and every pass it makes sized to fit it.
 
-The budget is `memory_budget_gb` (ROSEConfig) or, by default, a stated fraction of what the machine has for the
-process (`MemoryBudget.for_device`):
-- CPU: `CPU_BUDGET_FRACTION` (15%) of the memory available when the budget is taken (psutil's `available`: free
-  and reclaimable), shared equally by the node's processes. A CPU machine is shared (other processes, the page
-  cache that serves the gradient stores), and on a CPU more rows a pass buy little speed (docs/performance.md);
-- CUDA: `CUDA_BUDGET_FRACTION` (90%) of the device's free memory (`torch.cuda.mem_get_info`), each process
-  having its own device.
+The budget is `memory_budget_gb` (ROSEConfig) or, by default, the machine's memory less headroom, chosen for speed
+(`MemoryBudget.for_device`): a user who sets no budget wants the run fast on the memory the machine has.
+- CPU: what the process holds when the budget is taken, plus `CPU_BUDGET_SHARE` (75%) of the memory available
+  (psutil's `available`: free and reclaimable), shared equally by the node's processes. The quarter left is
+  headroom: for the page cache that serves the gradient stores, for the machine's other processes, and for the
+  estimates' error (a pass's RSS rose up to 1.27 times its planned figure, at the 7B shape: docs/performance.md).
+  On this project's 2-core CPU machine (24 GiB) that is about 18 GB, where SmolLM2-135M's passes reach their
+  limits (gradient_batch_size, validation_batch_size): the recipe's time stops improving from about 8 GB
+  (docs/performance.md, "The default budget");
+- CUDA: what the process has reserved plus `CUDA_BUDGET_SHARE` (90%) of the device's free memory
+  (`torch.cuda.mem_get_info`), each process having its own device.
+A budget the user sets is held: where a pass fits it only with glibc's compact heap (`compact_heap`), the heap is
+made compact; the default budget never is (the compact heap's page faults make passes slower).
 
 A plan (`plan_passes`, logged once per run) takes what the process holds when it is made (`resident_bytes`: its
 RSS on the CPU, after the C library has returned freed heap pages; the memory allocated on a GPU) from the budget,
@@ -21,18 +27,14 @@ A pass that still runs out of memory (the estimate is not a measurement) halves 
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import ctypes.util
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import find_executable_batch_size
-from accelerate.utils.memory import should_reduce_batch_size
 
 from rose_trl.resources.memory import (
     FUSED_HEAD_TOKENS,
@@ -43,13 +45,14 @@ from rose_trl.resources.memory import (
     estimate_pass,
     largest_rows,
 )
+from rose_trl.resources.process import halving_on_oom, resident_bytes, unread_weight_bytes  # noqa: F401
 from rose_trl.utils.distributed import max_over_ranks
 
 
 logger = get_logger(__name__)
 
-CPU_BUDGET_FRACTION = 0.15
-CUDA_BUDGET_FRACTION = 0.90
+CPU_BUDGET_SHARE = 0.75  # of the memory available, beyond what the process holds: the default budget on a CPU
+CUDA_BUDGET_SHARE = 0.90  # of the device's free memory, beyond what the process has reserved
 MIN_HEAD_TOKENS = 64
 GB = 1e9
 # On a CPU, glibc's heap keeps the holes that freed blocks leave, so a pass raises the process's RSS by more than its
@@ -61,22 +64,17 @@ GB = 1e9
 # made) 1.35 to 1.38 for the Trainer's steps and the validation passes, 1.25 to 1.55 for the gradient passes:
 # HEAP_SLACK["compact"] (blocks under
 # COMPACT_MMAP_THRESHOLD, most of a 1- or 2-row pass's tensors at SmolLM2's width, still come from the heap).
-# The compact heap costs page faults (passes take longer), so the plan uses it only when a pass would not fit the
-# budget otherwise. CUDA's caching allocator is measured by what it allocates: no slack.
+# The compact heap costs page faults (passes take longer), so the plan uses it only when a pass would not fit a budget
+# the user set otherwise. CUDA's caching allocator is measured by what it allocates: no slack.
 HEAP_SLACK = {"default": 1.8, "compact": 1.6}
+# What a larger budget saves (`pass_seconds`), measured on a CPU (docs/performance.md, "Rows a pass against time"):
+# a pass costs as much as PASS_OVERHEAD_TOKENS tokens of its rows beyond them, and glibc's compact heap makes the
+# passes COMPACT_HEAP_TIME times as long (its page faults). Not measured on CUDA: no time figure there.
+PASS_OVERHEAD_TOKENS = {"cpu": 64}
+COMPACT_HEAP_TIME = 1.3
 COMPACT_MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 _heap = {"mode": "default"}
-_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ (\d+)")
-
-
-def _trim_heap() -> None:
-    """Ask glibc to return freed heap pages to the system (malloc_trim): the RSS then counts what is in use."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def compact_heap() -> bool:
@@ -105,48 +103,6 @@ def heap_slack(device: torch.device | str) -> float:
     return 1.0 if torch.device(device).type == "cuda" else HEAP_SLACK[_heap["mode"]]
 
 
-def unread_weight_bytes(model) -> int:
-    """Bytes of `model`'s weights mapped from their file but not yet read into this process's memory (Linux's
-    /proc/self/smaps: the mappings that hold a parameter, their size less their resident part; 0 elsewhere).
-    transformers loads safetensors weights of the file's dtype as a mapping of the file, and a page of it joins the
-    RSS only when a pass first reads it: the first pass reads them all, so they are held from then on."""
-    local = (t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers()))
-    # a sharded (FSDP2 DTensor) parameter has no storage of its own: its local shard's is the one that is mapped
-    pointers = sorted({t.untyped_storage().data_ptr() for t in local if t.device.type == "cpu"})
-    try:
-        with open("/proc/self/smaps") as f:
-            smaps = f.read()
-    except OSError:
-        return 0
-    unread = 0
-    inside = False
-    size = 0
-    for line in smaps.splitlines():
-        head = _MAPPING.match(line)
-        if head:  # a mapping: "start-end perms offset dev inode path"
-            start, end = int(head.group(1), 16), int(head.group(2), 16)
-            i = bisect.bisect_left(pointers, start)
-            inside = head.group(3) != "0" and i < len(pointers) and pointers[i] < end
-        elif inside and line.startswith("Size:"):
-            size = int(line.split()[1])
-        elif inside and line.startswith("Rss:"):
-            unread += max(0, size - int(line.split()[1])) * 1024
-    return unread
-
-
-def resident_bytes(device: torch.device | str | None = None, model=None) -> int:
-    """What this process holds now: its resident memory on the CPU, the memory allocated on a CUDA device. With
-    `model` (on the CPU), its weights mapped from their file and not read yet count too (`unread_weight_bytes`):
-    the next pass reads them."""
-    device = torch.device(device or "cpu")
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    import psutil
-
-    _trim_heap()
-    return int(psutil.Process().memory_info().rss) + (unread_weight_bytes(model) if model is not None else 0)
-
-
 def smallest_gb(peak: int) -> str:
     """`peak` bytes as a memory_budget_gb that holds it: GB rounded up to the tenth."""
     return f"{math.ceil(peak / GB * 10 - 1e-9) / 10:g}"
@@ -154,11 +110,14 @@ def smallest_gb(peak: int) -> str:
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """Bytes one process may hold (`limit`), and where the figure comes from (`source`)."""
+    """Bytes one process may hold (`limit`), and where the figure comes from (`source`). `chosen`: a budget the user
+    set (memory_budget_gb), held with glibc's compact heap on a CPU when a pass fits only so; the default budget
+    (False) is the machine's, and never pays the compact heap's page faults."""
 
     limit: int
     source: str
     device: str = "cpu"
+    chosen: bool = True
 
     @classmethod
     def for_device(
@@ -166,29 +125,37 @@ class MemoryBudget:
         memory_budget_gb: float | None = None,
         device: torch.device | str | None = None,
         processes: int | None = None,
+        held: int | None = None,
     ) -> MemoryBudget:
-        """`memory_budget_gb` when set, else the machine's default share (module docstring)."""
+        """`memory_budget_gb` when set, else the machine's default (module docstring): what the process holds
+        now plus a share of the memory still free (`held` overrides what it holds; tests)."""
         device = torch.device(device or PartialState().device)
         if memory_budget_gb is not None:
             return cls(int(memory_budget_gb * GB), f"memory_budget_gb: {memory_budget_gb:g}", device.type)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
+            held = torch.cuda.memory_reserved(device) if held is None else held
             return cls(
-                int(CUDA_BUDGET_FRACTION * free),
-                f"{CUDA_BUDGET_FRACTION:.0%} of the {free / GB:.1f} GB free on {device}",
+                int(held + CUDA_BUDGET_SHARE * free),
+                f"the default: the {held / GB:.1f} GB this process holds and {CUDA_BUDGET_SHARE:.0%} of the "
+                f"{free / GB:.1f} GB free on {device}",
                 device.type,
+                chosen=False,
             )
         import psutil
 
         available = psutil.virtual_memory().available
+        held = resident_bytes() if held is None else held
         if processes is None:
             state = PartialState()
             processes = max(1, getattr(state, "local_num_processes", None) or state.num_processes)
         share = f", shared by {processes} processes" if processes > 1 else ""
         return cls(
-            int(CPU_BUDGET_FRACTION * available / processes),
-            f"{CPU_BUDGET_FRACTION:.0%} of the {available / GB:.1f} GB of CPU memory available{share}",
+            int(held + CPU_BUDGET_SHARE * available / processes),
+            f"the default: the {held / GB:.1f} GB this process holds and {CPU_BUDGET_SHARE:.0%} of the "
+            f"{available / GB:.1f} GB of CPU memory available{share}",
             device.type,
+            chosen=False,
         )
 
     def describe(self) -> str:
@@ -243,11 +210,37 @@ def fit_rows(
 
 
 @dataclass
+class LargerBudget:
+    """What a larger budget would buy: its bytes, the plan under it (glibc's default heap), and the share of the
+    passes' time it would save (`pass_seconds`; None where no time model is measured: CUDA)."""
+
+    limit: int
+    plan: MemoryPlan
+    saving: float | None
+
+    def describe(self, plan: MemoryPlan) -> str:
+        units = {"gradient": ("pool gradient passes of", "row"), "validation": ("validation passes of", "pair")}
+        changed = [
+            f"{units[k][0]} {p.rows} {units[k][1]}{'s' if p.rows > 1 else ''}"
+            for k, p in self.plan.passes.items()
+            if p.rows != plan.passes[k].rows or p.head_tokens != plan.passes[k].head_tokens
+        ]
+        heap = plan.slack != self.plan.slack
+        what = " and ".join(changed) + (", " if changed and heap else "") + ("glibc's default heap" if heap else "")
+        saving = f": about {self.saving:.0%} less time in these passes" if self.saving is not None else ""
+        return (
+            f"  a budget of {smallest_gb(self.limit)} GB (memory_budget_gb: {smallest_gb(self.limit)}) would allow "
+            f"{what}{saving}"
+        )
+
+
+@dataclass
 class MemoryPlan:
     budget: MemoryBudget
     resident: int
     passes: dict[str, PassPlan]
     slack: float = 1.0  # heap_slack when the plan was made
+    larger: LargerBudget | None = None  # what a larger budget (up to the machine's default) would buy
 
     @property
     def available(self) -> int:
@@ -273,6 +266,8 @@ class MemoryPlan:
                 f"peak of {least / GB:.2f} GB; the smallest budget this run can hold: memory_budget_gb: "
                 f"{smallest_gb(least)}; or lower max_length)"
             )
+        if self.larger is not None:
+            lines.append(self.larger.describe(self))
         return "\n".join(lines)
 
 
@@ -293,11 +288,13 @@ def plan_passes(
     fused: bool,
     labelled_fraction: float = 1.0,
     resident: int | None = None,
+    counts: dict[str, int] | None = None,
 ) -> MemoryPlan:
     """Rows a pass for the pool's gradient passes and the validation passes of `model` under `budget`.
     `gradient_rows`, `max_batch_tokens`, `validation_pairs`: the user's upper limits (None: none for tokens). On a
-    CPU, when a pass does not fit even at 1 row with glibc's default heap, the heap is made compact (`compact_heap`)
-    and the plan made again."""
+    CPU, when a pass does not fit even at 1 row with glibc's default heap and the budget is the user's, the heap is
+    made compact (`compact_heap`) and the plan made again. `counts` (pool rows and validation pairs a checkpoint,
+    {"gradient": n, "validation": m}) weigh the passes' time in what a larger budget would save (`plan.larger`)."""
     device = next(p.device for p in model.parameters())
     resident = resident_bytes(device, model) if resident is None else resident
     options = dict(
@@ -311,9 +308,54 @@ def plan_passes(
         labelled_fraction=labelled_fraction,
     )
     plan = _plan(model, budget, resident, heap_slack(device), **options)
-    if plan.over and device.type != "cuda" and _heap["mode"] == "default" and compact_heap():
+    if plan.over and budget.chosen and device.type != "cuda" and _heap["mode"] == "default" and compact_heap():
         plan = _plan(model, budget, resident, heap_slack(device), **options)
+    plan.larger = larger_budget(model, plan, counts, **options)
     return plan
+
+
+def pass_seconds(plan: MemoryPlan, counts: dict[str, int] | None = None) -> float:
+    """The time of a checkpoint's passes under `plan`, in seconds of one token of a pass (`PASS_OVERHEAD_TOKENS`):
+    each pass costs its rows' tokens (a validation pair: two rows) and the device's overhead of a pass, and on a CPU
+    glibc's compact heap multiplies it by `COMPACT_HEAP_TIME`. `counts`: rows (pairs) a checkpoint of each kind
+    (default: one of each)."""
+    device = plan.budget.device
+    overhead = PASS_OVERHEAD_TOKENS.get(device)
+    if overhead is None:
+        raise ValueError(f"no time model for passes on {device}")
+    total = 0.0
+    for kind, p in plan.passes.items():
+        n = (counts or {}).get(kind, 1)
+        sequences = 2 if kind == "validation" else 1
+        total += (n / p.rows) * overhead + n * sequences * p.width
+    compact = device != "cuda" and plan.slack == HEAP_SLACK["compact"]
+    return total * (COMPACT_HEAP_TIME if compact else 1.0)
+
+
+def larger_budget(model, plan: MemoryPlan, counts: dict[str, int] | None = None, **options) -> LargerBudget | None:
+    """The budget that would give every pass its user's limit (gradient_batch_size, validation_batch_size: the rows
+    a roomy budget gives) on glibc's default heap, at most the machine's default budget, when it is larger than
+    `plan`'s and changes a pass; with the share of the passes' time it would save (`pass_seconds`). None when no
+    larger budget would change anything, and under the default budget (already the machine's)."""
+    if not plan.budget.chosen:
+        return None
+    device = torch.device(plan.budget.device)
+    slack = 1.0 if device.type == "cuda" else HEAP_SLACK["default"]
+    roomy = _plan(model, MemoryBudget(plan.resident + 10**18, "roomy", device.type), plan.resident, slack, **options)
+    needed = plan.resident + max(int(slack * p.estimate.transient) for p in roomy.passes.values())
+    machine = MemoryBudget.for_device(None, device, processes=None, held=plan.resident).limit
+    limit = min(needed, machine)
+    if limit <= plan.budget.limit:
+        return None
+    larger = _plan(model, MemoryBudget(limit, "larger", device.type), plan.resident, slack, **options)
+    if larger.slack == plan.slack and all(
+        (p.rows, p.head_tokens) == (plan.passes[k].rows, plan.passes[k].head_tokens) for k, p in larger.passes.items()
+    ):
+        return None
+    saving = None
+    if device.type in PASS_OVERHEAD_TOKENS:
+        saving = 1 - pass_seconds(larger, counts) / pass_seconds(plan, counts)
+    return LargerBudget(limit, larger, saving)
 
 
 def _plan(
@@ -331,7 +373,6 @@ def _plan(
     fused: bool,
     labelled_fraction: float,
 ) -> MemoryPlan:
-    device = next(p.device for p in model.parameters())
     shape, lora, dtype = ModelShape.from_model(model), LoraShape.from_model(model), model_dtype(model)
     available = budget.limit - resident
     if max_batch_tokens:  # the user's token cap bounds the rows of the longest rows too
@@ -378,7 +419,8 @@ def _plan(
                 dim=dim,
                 fused=fused,
                 head_tokens=head_tokens,
-                scored_positions="labelled" if device.type == "cuda" else "all",
+                # the validation passes score the labelled positions only, on every device (labelled_positions_only)
+                scored_positions="labelled",
             )
             if slack * est.transient <= available or head_tokens <= MIN_HEAD_TOKENS:
                 break
@@ -395,7 +437,13 @@ def _plan(
 
 
 def plan_run(
-    model, config, fused: bool, pool_width: int, validation_width: int | None, gradient_rows: int
+    model,
+    config,
+    fused: bool,
+    pool_width: int,
+    validation_width: int | None,
+    gradient_rows: int,
+    counts: dict[str, int] | None = None,
 ) -> MemoryPlan:
     """A run's plan (`plan_passes` under `config.memory_budget_gb` or the machine's default, with the config's
     limits), the same on every process (the smallest), logged once."""
@@ -410,6 +458,7 @@ def plan_run(
         validation_pairs=config.validation_batch_size,
         dim=config.projection_dim,
         fused=fused,
+        counts=counts,
     )
     for kind in plan.passes.values():  # every process runs the same passes (the batches are dealt out)
         kind.rows = -max_over_ranks(-kind.rows)
@@ -491,9 +540,11 @@ def check_training(
         else torch.device("cpu")
     )
     slack = heap_slack(device)
+    # Only a budget the user set is held with the compact heap (its page faults cost time); the default is not.
+    squeezable = budget.chosen and device.type != "cuda"
     if (
         held + slack * step.transient > budget.limit
-        and device.type != "cuda"
+        and squeezable
         and _heap["mode"] == "default"
         and held + HEAP_SLACK["compact"] * step.transient <= budget.limit
         and compact_heap()
@@ -517,12 +568,12 @@ def check_training(
         width,
         budget.limit - held,
         rows,
-        HEAP_SLACK["compact"] if device.type != "cuda" else 1.0,
+        HEAP_SLACK["compact"] if squeezable else slack,
         **options,
     )
     accumulate = args.gradient_accumulation_steps * rows
     rows_fit = f"{fits} rows fit" if fits > 1 else "1 row fits"
-    # The least this training can hold: 1 row a step, with the compact heap on a CPU.
+    # The least this training can hold: 1 row a step, with the compact heap on a CPU (a budget the user sets).
     least = (
         held
         + (HEAP_SLACK["compact"] if device.type != "cuda" else 1.0)
@@ -543,40 +594,3 @@ def check_training(
     )
     logger.warning(message)
     return message
-
-
-def halving_on_oom(function, start: int, what: str):
-    """`function(rows)` run with `start` rows a pass; when it runs out of memory, run again with half as many
-    (accelerate's `find_executable_batch_size`, halving), each retry logged. `function` must resume, not
-    redo, what it finished before the error.
-
-    The first try is a plain call: accelerate's wrapper runs a full garbage collection before its first call
-    (about 0.15 s with torch and transformers loaded), which would be paid by every extraction and validation
-    call of a run, and is several times the whole gradient pass of a small model (tests/test_benchmarks.py).
-    Only a pass that runs out of memory goes through accelerate's loop."""
-    current = {"rows": max(1, int(start))}
-
-    def halve() -> int:  # called once the error is caught (by this function, then by accelerate's handler)
-        PartialState()  # accelerate's logger needs its state
-        if current["rows"] == 1:
-            raise torch.OutOfMemoryError(
-                f"{what} ran out of memory at 1 row a pass: lower max_length, or give the process more memory"
-            )
-        before, current["rows"] = current["rows"], current["rows"] // 2
-        logger.warning(
-            "%s ran out of memory at %d rows a pass: retrying at %d (accelerate's "
-            "find_executable_batch_size; lower memory_budget_gb to avoid the retry)",
-            what,
-            before,
-            current["rows"],
-        )
-        return current["rows"]
-
-    try:
-        return function(current["rows"])
-    except Exception as error:  # noqa: BLE001 - accelerate's test says which errors are out-of-memory ones
-        if not should_reduce_batch_size(error):
-            raise
-    # Outside the handler: the failed pass's frames (and their tensors) are released by now; accelerate's wrapper
-    # collects garbage and empties the device cache before its first call.
-    return find_executable_batch_size(function, starting_batch_size=halve(), reduce_batch_size_fn=halve)()

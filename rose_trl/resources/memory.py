@@ -318,7 +318,8 @@ def estimate_pass(
     each a chosen and a rejected row). `labelled_fraction`: the share of positions with a label (the response).
     `loss` (gradient passes): "plain", "chunked" or "auto" (chunked above `chunk_elements` logits, as
     sft_loss.pass_loss decides for models it can chunk). `scored_positions` (TRL's fused head): "all" on
-    devices without Triton (CPU), "labelled" with Triton (CUDA); `head_tokens`: its tile's positions."""
+    devices without Triton (CPU) as TRL scores them, "labelled" with Triton (CUDA) and in the validation passes
+    (stores.validation.labelled_positions_only); `head_tokens`: its tile's positions."""
     from rose_trl.gradients.sft_loss import LOSS_CHUNK_ELEMENTS, PLAIN_HEAD_MODEL_TYPES
 
     b = dtype_bytes(dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from rose_trl.gradients.capture import AdamState, num_trainable_parameters, trai
 from rose_trl.resources.budget import MemoryBudget, check_training
 from rose_trl.run.selector import ROSESelector
 from rose_trl.utils.files import checkpoint_name
+from rose_trl.utils.timing import clock, stage
 
 
 @contextlib.contextmanager
@@ -151,6 +153,7 @@ class ROSECallback(TrainerCallback):
         self.run_config = run_config
         self.selector: ROSESelector | None = None
         self.selection_dir: Path | None = None
+        self._step_ended: float | None = None  # when the Trainer's last step (or epoch) ended: its save follows
 
     def ensure_selector(self, args, processing_class=None) -> ROSESelector:
         if self.selector is None:
@@ -177,6 +180,7 @@ class ROSECallback(TrainerCallback):
             )
         return self.selector
 
+    @stage("callback checks and records")
     def on_train_begin(self, args, state, control, model=None, optimizer=None, processing_class=None, **kwargs):
         if args.save_strategy == "no":
             raise ValueError(
@@ -208,7 +212,16 @@ class ROSECallback(TrainerCallback):
                 state.global_step + 1, float(optimizer.param_groups[0]["lr"]), write=state.is_world_process_zero
             )
 
+    def on_step_end(self, args, state, control, **kwargs):
+        self._step_ended = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._step_ended = time.perf_counter()
+
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._step_ended is not None:  # the Trainer wrote its checkpoint (and logged) since the step ended
+            clock.add("warm-up checkpoint saves (Trainer)", time.perf_counter() - self._step_ended)
+            self._step_ended = None
         selector = self.ensure_selector(args)
         lr = selector.ledger.pop_live_learning_rate()
         if lr is None:  # no step since the previous save: the LR the optimizer holds
@@ -218,7 +231,8 @@ class ROSECallback(TrainerCallback):
     def _add_checkpoint(self, selector, model, optimizer, name: str, lr: float) -> None:
         adam = None
         if self.config.gradient_type == "adam":
-            adam = AdamState.from_optimizer(optimizer, trainable_parameters(model))
+            with stage("callback checks and records"):
+                adam = AdamState.from_optimizer(optimizer, trainable_parameters(model))
         with preserved_rng():
             selector.add_checkpoint(model, name, lr, adam)
 

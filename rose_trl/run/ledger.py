@@ -33,6 +33,7 @@ from rose_trl.gradients.capture import trainable_parameters
 from rose_trl.stores.store import StoreMismatchError, describe_mismatch
 from rose_trl.utils.distributed import gathered
 from rose_trl.utils.files import atomic_write_json, checkpoint_step, read_json, remove_tree
+from rose_trl.utils.timing import stage
 
 
 logger = get_logger(__name__)
@@ -49,6 +50,7 @@ def adapter_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+@stage("callback checks and records")
 def checkpoint_identity(name: str, model) -> str:
     """`name@adapter-hash`: what the stores and checkpoints.json record, so that nothing recorded for other
     weights under the same name is reused."""
@@ -224,6 +226,7 @@ class RunLedger:
     def is_recorded(self, name: str) -> bool:
         return any(c["name"] == name for c in self.checkpoints())
 
+    @stage("callback checks and records")
     def record_checkpoint(self, name: str, learning_rate: float | None, identity: str) -> None:
         """`identity`: `checkpoint_identity`. A rate of None (given only by checkpoint_learning_rates) is
         recorded as unknown."""
@@ -253,6 +256,7 @@ class RunLedger:
         return entry["learning_rate"]
 
     # ---- step learning rates ---------------------------------------------------------------------
+    @stage("callback checks and records")
     def step_began(self, step: int, learning_rate: float, write: bool = True) -> None:
         """Optimizer step `step` applies `learning_rate`: kept for the next save's mean, and (`write`: one
         process) on disk, so that a checkpoint whose extraction was killed can be finished after a resume

@@ -32,6 +32,7 @@ from rose_trl.gradients.capture import AdamState, trainable_parameters, trainer_
 from rose_trl.run.ledger import checkpoint_identity
 from rose_trl.run.selector import ROSESelector
 from rose_trl.utils.files import checkpoint_dirs
+from rose_trl.utils.timing import stage
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -41,6 +42,7 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
     return found
 
 
+@stage("checkpoint loading")
 def load_checkpoint_adam(checkpoint: Path, model) -> AdamState:
     """The checkpoint's Adam state, in whichever layout the Trainer wrote it (see the module docstring)."""
     checkpoint = Path(checkpoint)
@@ -63,6 +65,7 @@ def load_checkpoint_adam(checkpoint: Path, model) -> AdamState:
     return AdamState.from_named_moments(exp_avg, exp_avg_sq, hyper, params, source=str(ds_dir))
 
 
+@stage("checkpoint loading")
 def load_checkpoint_adapter(checkpoint: Path, model) -> dict[str, torch.Tensor]:
     """The checkpoint's LoRA weights as a PEFT state dict: adapter_model.safetensors, or FSDP's sharded
     pytorch_model_fsdp_0/."""
@@ -77,6 +80,7 @@ def load_checkpoint_adapter(checkpoint: Path, model) -> dict[str, torch.Tensor]:
     )
 
 
+@stage("checkpoint loading")
 def warmup_model(checkpoint: Path, base_model, peft_config: PeftConfig | None = None) -> PeftModel:
     """`base_model` with the warm-up's adapter attached, configured from the checkpoint's adapter_config.json,
     else from `peft_config` (FSDP SHARDED_STATE_DICT checkpoints save no adapter config)."""

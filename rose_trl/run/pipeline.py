@@ -38,6 +38,7 @@ from rose_trl.run.offline import select_from_checkpoints
 from rose_trl.run.selector import ROSESelector
 from rose_trl.utils.errors import ConfigError
 from rose_trl.utils.files import atomic_write_json, checkpoint_dirs
+from rose_trl.utils.timing import clock, stage
 
 
 logger = get_logger(__name__)
@@ -187,7 +188,8 @@ def select_with_gradients(
         pool, validation, tokenizer, rose, output_dir=str(out), max_length=sft.max_length, run_config=run_config
     )
     # Check the data and any earlier run in output_dir before the warm-up resumes from its checkpoints.
-    selector = callback.ensure_selector(warm_args)
+    with stage("selector setup (pool tokenized, checks)"):
+        selector = callback.ensure_selector(warm_args)
     if selector.cleared_previous_run:
         for stale in ("warmup", "final", rose.selection_folder):
             shutil.rmtree(out / stale, ignore_errors=True)
@@ -195,18 +197,21 @@ def select_with_gradients(
     warm = with_labels(
         selector.pool_tokens.select(warmup_indices(len(pool), rose.warmup_fraction, sft.seed)), "warm-up pool"
     )
-    trainer = SFTTrainer(
-        model,
-        args=warm_args,
-        train_dataset=warm,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-        callbacks=[callback],
-    )
-    # A re-run resumes the warm-up from its last checkpoint; finished gradient stores are reused.
+    with stage("warm-up setup (SFTTrainer)"):
+        trainer = SFTTrainer(
+            model,
+            args=warm_args,
+            train_dataset=warm,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            callbacks=[callback],
+        )
+    # A re-run resumes the warm-up from its last checkpoint; finished gradient stores are reused. The callback's
+    # work at each save (gradient passes, validation gradients, scoring) counts to its own stages.
     resume = last_complete_checkpoint(warmup_dir)
     _warn_on_other_process_count(resume, sft, "the warm-up")
-    trainer.train(resume_from_checkpoint=resume)
+    with stage("warm-up training steps"):
+        trainer.train(resume_from_checkpoint=resume)
     return Path(callback.selection_dir)
 
 
@@ -219,13 +224,14 @@ def select_with_baseline(
     state = PartialState()
     if state.is_main_process:
         needs_model = rose.selection_method == "rds"
-        table = BASELINES[rose.selection_method](
-            pool,
-            validation,
-            seed=sft.seed,
-            model=model.to(state.device) if needs_model else None,
-            tokenizer=tokenizer if needs_model else None,
-        )
+        with stage("scoring"):
+            table = BASELINES[rose.selection_method](
+                pool,
+                validation,
+                seed=sft.seed,
+                model=model.to(state.device) if needs_model else None,
+                tokenizer=tokenizer if needs_model else None,
+            )
         fraction = 1.0 if rose.selection_method == "full" else rose.selection_fraction
         subtasks = list(dict.fromkeys(validation["subtask"]))
         write_selection(
@@ -312,6 +318,41 @@ def _selecting_model(selection: Path) -> dict:
     return {"selection_method": config.get("selection_method"), **{k: config[k] for k in keys if config.get(k)}}
 
 
+@stage("final training setup (model, SFTTrainer)")
+def _final_trainer(rose: ROSEConfig, final: ModelSpec, tokens: Dataset, tokenizer) -> SFTTrainer:
+    """The final model's SFTTrainer on the selection's `tokens`, its batch checked against the memory budget."""
+    out, sft, model_args = final.output_dir, final.sft, final.model_args
+    model, fresh_tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, final.gguf_file)
+    if final.retokenizes:
+        # SFTTrainer applies chat_template_path to the fresh tokenizer (and model) itself, as check_model did to the
+        # tokenizer the rows were tokenized with: TRL's own cloning, new tokens trained with the adapter.
+        processing_class, args = fresh_tokenizer, sft
+    else:  # the warm-up's tokenizer, its chat template already applied
+        processing_class, args = tokenizer, dataclasses.replace(sft, chat_template_path=None)
+    trainer = SFTTrainer(
+        model,
+        args=dataclasses.replace(args, output_dir=str(out)),
+        train_dataset=with_labels(tokens, "selection"),
+        processing_class=processing_class,
+        peft_config=get_peft_config(model_args),
+    )
+    if (trainer.processing_class.get_vocab(), trainer.processing_class.chat_template) != (
+        tokenizer.get_vocab(),
+        tokenizer.chat_template,
+    ):
+        raise RuntimeError(f"{out}: the trainer's tokenizer differs from the one the selection was tokenized with")
+    # The Trainer's batch is the user's: a warning, before training, if it would exceed the memory budget.
+    longest = max((len(ids) for ids in tokens["input_ids"]), default=0)
+    check_training(
+        trainer.model,
+        sft,
+        MemoryBudget.for_device(rose.memory_budget_gb, trainer.args.device),
+        "final training",
+        width=min(longest, sft.max_length) if sft.max_length else longest,
+    )
+    return trainer
+
+
 def train_final_model(rose: ROSEConfig, final: ModelSpec, selection: Path, tokenizer) -> Path:
     """SFT of `final`'s model on the selection into its output folder (final[_<method>]/ by default), the rows
     tokenized with `tokenizer` (the final model's own, chat template applied, when it is not the warm-up's).
@@ -351,84 +392,76 @@ def train_final_model(rose: ROSEConfig, final: ModelSpec, selection: Path, token
     if done:
         logger.info("%s already holds the model trained on this selection: not trained again", out)
         return out
-    model, fresh_tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, final.gguf_file)
-    if final.retokenizes:
-        # SFTTrainer applies chat_template_path to the fresh tokenizer (and model) itself, as check_model did to the
-        # tokenizer the rows were tokenized with: TRL's own cloning, new tokens trained with the adapter.
-        processing_class, args = fresh_tokenizer, sft
-    else:  # the warm-up's tokenizer, its chat template already applied
-        processing_class, args = tokenizer, dataclasses.replace(sft, chat_template_path=None)
-    trainer = SFTTrainer(
-        model,
-        args=dataclasses.replace(args, output_dir=str(out)),
-        train_dataset=with_labels(tokens, "selection"),
-        processing_class=processing_class,
-        peft_config=get_peft_config(model_args),
-    )
-    if (trainer.processing_class.get_vocab(), trainer.processing_class.chat_template) != (
-        tokenizer.get_vocab(),
-        tokenizer.chat_template,
-    ):
-        raise RuntimeError(f"{out}: the trainer's tokenizer differs from the one the selection was tokenized with")
-    # The Trainer's batch is the user's: a warning, before training, if it would exceed the memory budget.
-    longest = max((len(ids) for ids in tokens["input_ids"]), default=0)
-    check_training(
-        trainer.model,
-        sft,
-        MemoryBudget.for_device(rose.memory_budget_gb, trainer.args.device),
-        "final training",
-        width=min(longest, sft.max_length) if sft.max_length else longest,
-    )
+    trainer = _final_trainer(rose, final, tokens, tokenizer)
     resume = last_complete_checkpoint(out)
     _warn_on_other_process_count(resume, sft, "the final training")
-    trainer.train(resume_from_checkpoint=resume)
-    save_model_atomically(trainer, out)
+    with stage("final training steps"):
+        trainer.train(resume_from_checkpoint=resume)
+    with stage("final model save"):
+        save_model_atomically(trainer, out)
     if state.is_main_process:
         atomic_write_json(record, {**described, "finished": True})  # last: the record says the weights are complete
     state.wait_for_everyone()
     return out
 
 
+TIMINGS_FILE = "timings.json"
+
+
+def report_stage_times(output_dir: str | Path) -> dict:
+    """The wall time of each stage of the run that just ended (utils/timing.py), logged and written to
+    `<output_dir>/timings.json` (the main process's; the last run on this output_dir)."""
+    report = clock.report()
+    logger.warning(clock.describe())
+    if PartialState().is_main_process:
+        atomic_write_json(Path(output_dir) / TIMINGS_FILE, report)
+    return report
+
+
 def run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     """Returns {"selection": path, "final_model": path or None, "hub_url": url or None}."""
     if not model_args.use_peft:
         raise ValueError("ROSE extracts LoRA gradients: set use_peft: true (and lora_r, lora_target_modules)")
+    clock.start()
     try:
-        return _run(rose, sft, model_args)
+        result = _run(rose, sft, model_args)
     except BadRecordError as e:
         if e.source not in ("pool", "validation", "warm-up pool", "selection"):
             raise  # already names its file
         # Name the file the record came from (indices count rows after pool_sources/pool_max_examples).
         spec = rose.validation_dataset if e.source == "validation" else rose.pool_dataset
         raise BadRecordError(f"{spec} ({e.source})", e.index, e.field, str(e).split("': ", 1)[-1]) from None
+    report_stage_times(sft.output_dir)
+    return result
 
 
 def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     out = Path(sft.output_dir)
-    pool, validation = load_datasets(rose, sft.seed)
-    # Before any selection work: everything about the models that a later stage would otherwise find out.
-    warm, final = model_specs(rose, sft, model_args)
-    check_model(warm, pool, sft.trust_remote_code)
-    # The final model's Trainer batch against the memory budget, too (a warning): the warm-up's is checked before
-    # the warm-up, and a final model with another vocabulary or shape can need much more.
-    final_tokenizer = (
-        check_model(
-            final,
-            pool,
-            final.sft.trust_remote_code,
-            MemoryBudget.for_device(rose.memory_budget_gb, "cpu" if final.sft.use_cpu else None),
+    with stage("setup: data, models and checks"):
+        pool, validation = load_datasets(rose, sft.seed)
+        # Before any selection work: everything about the models that a later stage would otherwise find out.
+        warm, final = model_specs(rose, sft, model_args)
+        check_model(warm, pool, sft.trust_remote_code)
+        # The final model's Trainer batch against the memory budget, too (a warning): the warm-up's is checked before
+        # the warm-up, and a final model with another vocabulary or shape can need much more.
+        final_tokenizer = (
+            check_model(
+                final,
+                pool,
+                final.sft.trust_remote_code,
+                MemoryBudget.for_device(rose.memory_budget_gb, "cpu" if final.sft.use_cpu else None),
+            )
+            if rose.final_training and final.block
+            else None
         )
-        if rose.final_training and final.block
-        else None
-    )
-    model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
-    model, tokenizer, added = apply_chat_template_path(model, tokenizer, sft.chat_template_path)
-    if added and rose.selection_method in GRADIENT_METHODS:
-        raise ValueError(
-            f"chat_template_path: cloning the chat template of {sft.chat_template_path} adds {len(added)} "
-            f"tokens to {model_args.model_name_or_path}, whose new embeddings the LoRA gradients do not "
-            "cover; give a .jinja template whose tokens the tokenizer has"
-        )
+        model, tokenizer = load_model_and_tokenizer(model_args, sft.trust_remote_code, rose.gguf_file)
+        model, tokenizer, added = apply_chat_template_path(model, tokenizer, sft.chat_template_path)
+        if added and rose.selection_method in GRADIENT_METHODS:
+            raise ValueError(
+                f"chat_template_path: cloning the chat template of {sft.chat_template_path} adds {len(added)} "
+                f"tokens to {model_args.model_name_or_path}, whose new embeddings the LoRA gradients do not "
+                "cover; give a .jinja template whose tokens the tokenizer has"
+            )
     select = select_with_baseline if rose.selection_method in BASELINE_METHODS else select_with_gradients
     selection = select(rose, sft, model_args, pool, validation, model, tokenizer)
     # The final model is trained from a fresh copy of the base: free the warm-up's (LoRA-wrapped) one first, or
@@ -440,9 +473,10 @@ def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
     if sft.push_to_hub and rose.hub_dataset_id and PartialState().is_main_process:
         from rose_trl.outputs.hub import push_selection
 
-        result["hub_url"] = push_selection(
-            out, rose.hub_dataset_id, private=rose.hub_private, token=sft.hub_token, folder=rose.selection_folder
-        )
+        with stage("hub push"):
+            result["hub_url"] = push_selection(
+                out, rose.hub_dataset_id, private=rose.hub_private, token=sft.hub_token, folder=rose.selection_folder
+            )
     if rose.final_training:
         result["final_model"] = str(
             train_final_model(rose, final, selection, final_tokenizer if final.retokenizes else tokenizer)
@@ -452,24 +486,29 @@ def _run(rose: ROSEConfig, sft: SFTConfig, model_args: ModelConfig) -> dict:
 
 def run_offline(rose: ROSEConfig, model_args: ModelConfig, select: SelectConfig) -> Path:
     """Selection from a finished warm-up's checkpoints, sharded over however many processes run it."""
+    clock.start()
     state = PartialState(cpu=select.use_cpu)
-    pool, validation = load_datasets(rose)
-    base, tokenizer = load_model_and_tokenizer(model_args, select.trust_remote_code, rose.gguf_file)
-    base.to(state.device)
-    selector = ROSESelector(
-        pool,
-        validation,
-        tokenizer,
-        rose,
-        select.output_dir,
-        max_length=select.max_length,
-        use_cpu=select.use_cpu,
-        run_config=_run_config(rose, model_args, warmup_dir=select.warmup_dir),
-    )
-    return select_from_checkpoints(
+    with stage("setup: data, models and checks"):
+        pool, validation = load_datasets(rose)
+        base, tokenizer = load_model_and_tokenizer(model_args, select.trust_remote_code, rose.gguf_file)
+        base.to(state.device)
+    with stage("selector setup (pool tokenized, checks)"):
+        selector = ROSESelector(
+            pool,
+            validation,
+            tokenizer,
+            rose,
+            select.output_dir,
+            max_length=select.max_length,
+            use_cpu=select.use_cpu,
+            run_config=_run_config(rose, model_args, warmup_dir=select.warmup_dir),
+        )
+    selection = select_from_checkpoints(
         select.warmup_dir,
         base,
         selector,
         folder=select.folder or rose.selection_folder,
         peft_config=get_peft_config(model_args),
     )
+    report_stage_times(select.output_dir)
+    return selection

@@ -41,6 +41,7 @@ from rose_trl.stores.store import GradientStore, store_bytes
 from rose_trl.stores.validation import ValidationGradients
 from rose_trl.utils.distributed import check_supported
 from rose_trl.utils.modeling import model_id
+from rose_trl.utils.timing import stage
 
 
 logger = get_logger(__name__)
@@ -178,6 +179,7 @@ class ROSESelector:
             **{f"run.{k}": v for k, v in sorted(self.run_config.items())},
         }
 
+    @stage("projection and memory plan")
     def prepare_featurizer(self, model) -> Featurizer:
         """At the first checkpoint, build the run's featurizer (its projector sized to the adapter), plan the
         passes under the memory budget (`self.plan`) and size the validation passes by it; later calls change
@@ -208,6 +210,7 @@ class ROSESelector:
             self.pool_width,
             self.validation_stores.longest() if dpo else None,
             rows_per_pass(model, featurizer, c.gradient_batch_size, c.gradient_memory_gb),
+            counts={"gradient": len(self.pool_tokens), "validation": len(self.validation)},
         )
 
     def _size_validation_passes(self, plan: MemoryPlan) -> None:
@@ -216,6 +219,7 @@ class ROSESelector:
             self.validation_stores.head_tokens = plan.passes["validation"].head_tokens
         self.validation_stores.sft_rows_per_pass = min(8, plan.passes["gradient"].rows)
 
+    @stage("callback checks and records")
     def check_disk_space(self, checkpoints: int | list[str], extra: int = 0, extra_what: str = "") -> int:
         """Before any gradient work: refuse (DiskSpaceError: the path, the bytes needed, the bytes free) when the
         stores of `checkpoints` (names, or a number still to be saved), those on disk excepted, and `extra` bytes
@@ -282,6 +286,7 @@ class ROSESelector:
             self.ledger.record_checkpoint(name, learning_rate, identity)
         state.wait_for_everyone()
 
+    @stage("scoring")
     def checkpoints(self) -> tuple[list[CheckpointGradients], ValidationTargets]:
         """Every recorded checkpoint's stores, targets and eta_i, and the validation targets they share."""
         names, learning_rates = self.ledger.scoring_learning_rates(self.config.checkpoint_learning_rates)

@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from rose_trl.utils.timing import stage
+
 
 # Measured, not chosen: docs/selection_quality.md (d), "the shots sweep" (benchmarks/quality/property_sweep.py). On
 # SmolLM2-135M's three property targets (se_link, se_code, se_emphasis; 300 pairs of disjoint draws of 1-25
@@ -65,6 +67,7 @@ def pairs_needed(agreement: float | None, target: float = RELIABILITY_THRESHOLD)
     return max(2, math.ceil(target * (1 - agreement) / (agreement * (1 - target)) - 1e-9))
 
 
+@stage("scoring")
 def validation_agreement(
     vectors: list[np.ndarray], learning_rates: list[float], subtasks: list[str], usable: np.ndarray | None = None
 ) -> dict[str, dict]:

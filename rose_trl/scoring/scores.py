@@ -32,6 +32,7 @@ import numpy as np
 
 from rose_trl.scoring.columns import SCORE, ScoreColumns
 from rose_trl.stores.store import GradientStore, StoreMismatchError
+from rose_trl.utils.timing import stage
 
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def normalized_weights(learning_rates: list[float]) -> np.ndarray:
 CHUNK_BYTES = 32 << 20  # float32 bytes of one checkpoint's chunk
 
 
+@stage("scoring")
 def score_checkpoints(
     checkpoints: list[CheckpointGradients], subtasks: list[str], chunk_rows: int | None = None
 ) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ from rose_trl.resources.memory import gradient_bytes_per_row
 from rose_trl.stores.store import GradientStore
 from rose_trl.utils.distributed import full_numel, max_over_ranks, partitioned, release_gathered
 from rose_trl.utils.modeling import eval_mode
+from rose_trl.utils.timing import stage
 
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def extract_gradients(
     return len(wanted)
 
 
+@stage("pool gradient passes")
 def extract_pool_store(
     model: torch.nn.Module,
     pool: Sequence[dict],

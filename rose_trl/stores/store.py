@@ -28,6 +28,7 @@ import numpy as np
 from rose_trl.resources.disk import DiskSpaceError, allocate, require_free_space
 from rose_trl.utils.errors import UserError
 from rose_trl.utils.files import atomic_write_json, remove_tree
+from rose_trl.utils.timing import stage
 
 
 FORMAT_VERSION = 1
@@ -308,6 +309,7 @@ class GradientStore:
                 allocate(self.path / f"{kind}_{shard:05d}.npy", new=False)
             self._allocated.add(shard)
 
+    @stage("gradient store writes")
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Write `values[i]` to row `rows[i]`, then mark those rows done (data flushed first)."""
         rows = np.asarray(rows, dtype=np.int64)

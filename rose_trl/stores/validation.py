@@ -40,6 +40,7 @@ from rose_trl.resources.budget import halving_on_oom
 from rose_trl.stores.store import GradientStore
 from rose_trl.utils.distributed import all_true, gathered, partitioned, release_gathered
 from rose_trl.utils.modeling import eval_mode
+from rose_trl.utils.timing import stage
 
 
 # Losses that couple the pairs of a batch: aot/aot_unpaired sort the batch's log-ratios (a pair's loss term
@@ -91,6 +92,26 @@ def fused_head_tokens(tokens: int | None):
         yield
     finally:
         chunked_logprob.TOKEN_CHUNK_SIZE = before
+
+
+@contextlib.contextmanager
+def labelled_positions_only():
+    """Inside the block, TRL's fused LM head scores only the positions that have a label (the answers' tokens) on
+    every device. TRL does so where Triton runs (CUDA) and scores every position elsewhere (its reason: the tile
+    shapes of compiled kernels, for devices such as Neuron); on a CPU, the prompt's and the padding's positions are
+    computed and then masked to 0, in the forward and in the backward: about a fifth of a validation pass's time
+    at SmolLM2 on the SE pairs (docs/performance.md, "Stage times"). The scored positions' log-probs are the same
+    numbers (each position's row of the head's product and its log-softmax do not depend on the others: checked
+    bit for bit, tests/test_validation.py), so are the gradients. Only the choice of positions changes
+    (trl.trainer.utils reads `_use_triton` for it); the kernels stay TRL's torch ones."""
+    import trl.trainer.utils as trl_utils
+
+    before = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = before
 
 
 class KeepLastTokens:
@@ -256,11 +277,12 @@ class ROSEDPOTrainer(DPOTrainer):
         """`function(pairs)` at `pairs_per_pass`, halved and run again when it runs out of memory, except where
         every process must run the same passes (ZeRO-3/FSDP on several processes)."""
         model = self.accelerator.unwrap_model(self.model)
-        with fused_head_tokens(self.head_tokens):
+        with fused_head_tokens(self.head_tokens), labelled_positions_only():
             if partitioned(model) and PartialState().num_processes > 1:
                 return function(self.pairs_per_pass)
             return halving_on_oom(function, self.pairs_per_pass, what)
 
+    @stage("reference log-probs")
     def reference_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's (the base model: adapters disabled) summed response log-probs of every pair's chosen
         and of its rejected answer, [n_pairs] each, by TRL's own `compute_ref_log_probs` over the same passes
@@ -282,6 +304,7 @@ class ROSEDPOTrainer(DPOTrainer):
             self.reference = self._halving(passes, "a reference pass")
         return self.reference
 
+    @stage("validation gradients")
     def pair_gradients(self, featurizer: Featurizer, reuse_reference: bool = True) -> torch.Tensor:
         """[n_pairs, dim] features of each pair's gradient (its chosen row's plus its rejected row's), in
         dataset order. The reference log-probs come from `reference_logps` (computed at most once per trainer,
@@ -319,6 +342,7 @@ class ROSEDPOTrainer(DPOTrainer):
         return torch.cat(out)
 
 
+@stage("validation gradients")
 def sft_validation_gradients(
     model, validation, tokenizer, featurizer: Featurizer, max_length: int | None = 1024, batch_size: int = 8
 ) -> torch.Tensor:
@@ -457,6 +481,7 @@ class ValidationGradients:
             raise ValueError(f"{name}: validation and pool gradients were projected differently")
         return store.read_all()
 
+    @stage("validation setup (DPOTrainer)")
     def _dpo_trainer(self, model) -> ROSEDPOTrainer:
         if id(model) not in self._dpo_trainers:
             c = self.config
