@@ -4,10 +4,10 @@
         --config recipes/tiny/rose/config_tiny.yaml
 """
 
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import ModelConfig, SFTConfig
 
 from rose_trl.config import ROSEConfig
-from rose_trl.run.pipeline import run
+from rose_trl.run.pipeline import recipe_parser, run
 
 
 def main(rose_args: ROSEConfig, sft_args: SFTConfig, model_args: ModelConfig):
@@ -18,5 +18,5 @@ def main(rose_args: ROSEConfig, sft_args: SFTConfig, model_args: ModelConfig):
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ROSEConfig, SFTConfig, ModelConfig))
+    parser = recipe_parser()
     main(*parser.parse_args_and_config())

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rose_trl.outputs.explain import add_explain_parser
     from rose_trl.outputs.hub import add_push_parser
     from rose_trl.outputs.report import add_report_parser
+    from rose_trl.run.plan_cli import add_plan_parser
 
     parser = argparse.ArgumentParser(prog="rose-trl", description="ROSE data selection for TRL.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -83,12 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(subparsers)
     add_explain_parser(subparsers)
     add_push_parser(subparsers)
+    add_plan_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    from rose_trl.run.plan_cli import recipe_arguments
+
+    args = recipe_arguments(build_parser(), argv)
     return args.func(args) or 0
 
 

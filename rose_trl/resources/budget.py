@@ -298,7 +298,13 @@ def plan_passes(
     and the plan made again."""
     device = next(p.device for p in model.parameters())
     resident = resident_bytes(device, model) if resident is None else resident
-    options = dict(
+    return plan_shape_passes(
+        ModelShape.from_model(model),
+        LoraShape.from_model(model),
+        model_dtype(model),
+        budget,
+        device=device,
+        resident=resident,
         pool_width=pool_width,
         validation_width=validation_width,
         gradient_rows=gradient_rows,
@@ -308,14 +314,38 @@ def plan_passes(
         fused=fused,
         labelled_fraction=labelled_fraction,
     )
-    plan = _plan(model, budget, resident, heap_slack(device), **options)
-    if plan.over and device.type != "cuda" and _heap["mode"] == "default" and compact_heap():
-        plan = _plan(model, budget, resident, heap_slack(device), **options)
+
+
+def plan_shape_passes(
+    shape: ModelShape,
+    lora: LoraShape,
+    dtype,
+    budget: MemoryBudget,
+    *,
+    device: torch.device | str,
+    resident: int,
+    compact: bool = True,
+    **options,
+) -> MemoryPlan:
+    """`plan_passes` from the model's shape (a model not loaded yet: `rose-trl plan`), `resident` bytes held when the
+    passes run. `compact`: on a CPU, when a pass does not fit at 1 row with glibc's default heap, make the heap compact
+    (`compact_heap`, as a run does) and plan again; False plans with the compact heap's slack without changing this
+    process's heap (what a run would do, said beforehand)."""
+    device = torch.device(device)
+    plan = _plan(shape, lora, dtype, device, budget, resident, heap_slack(device), **options)
+    if plan.over and device.type != "cuda" and _heap["mode"] == "default":
+        if not compact:
+            return _plan(shape, lora, dtype, device, budget, resident, HEAP_SLACK["compact"], **options)
+        if compact_heap():
+            plan = _plan(shape, lora, dtype, device, budget, resident, heap_slack(device), **options)
     return plan
 
 
 def _plan(
-    model,
+    shape: ModelShape,
+    lora: LoraShape,
+    dtype,
+    device: torch.device,
     budget: MemoryBudget,
     resident: int,
     slack: float,
@@ -327,10 +357,8 @@ def _plan(
     validation_pairs: int,
     dim: int,
     fused: bool,
-    labelled_fraction: float,
+    labelled_fraction: float = 1.0,
 ) -> MemoryPlan:
-    device = next(p.device for p in model.parameters())
-    shape, lora, dtype = ModelShape.from_model(model), LoraShape.from_model(model), model_dtype(model)
     available = budget.limit - resident
     if max_batch_tokens:  # the user's token cap bounds the rows of the longest rows too
         gradient_rows = max(1, min(gradient_rows, max_batch_tokens // max(pool_width, 1)))
@@ -453,6 +481,35 @@ def training_rows(
     )
 
 
+def training_peak(
+    shape: ModelShape,
+    lora: LoraShape,
+    dtype,
+    rows: int,
+    width: int,
+    resident: int,
+    budget: MemoryBudget,
+    device: torch.device | str = "cpu",
+    **options,
+) -> tuple[int, int, float]:
+    """(estimated peak, bytes held between steps, heap slack) of a Trainer step of `rows` rows of `width` tokens
+    (TRL's SFT loss, AdamW), on top of `resident` bytes. On a CPU the slack is the compact heap's when the default
+    heap's would go over `budget` and the compact one's would not: what `check_training` switches to. Nothing is
+    changed here."""
+    device = torch.device(device)
+    step = estimate_pass("training", shape, lora, dtype, rows, width, **options)
+    held = resident + step.parts["optimizer"]  # AdamW's state, made at the first step, is held from then on
+    slack = heap_slack(device)
+    if (
+        held + slack * step.transient > budget.limit
+        and device.type != "cuda"
+        and _heap["mode"] == "default"
+        and held + HEAP_SLACK["compact"] * step.transient <= budget.limit
+    ):
+        slack = HEAP_SLACK["compact"]
+    return int(held + slack * step.transient), held, slack
+
+
 def check_training(
     model,
     args,
@@ -481,23 +538,16 @@ def check_training(
         resident = (resident if resident is not None else resident_bytes()) + shape.parameters * dtype_bytes(dtype)
     options = dict(gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)))
     rows = args.per_device_train_batch_size
-    step = estimate_pass("training", shape, lora, dtype, rows, width, **options)
-    held = resident + step.parts["optimizer"]  # AdamW's state, made at the first step, is held from then on
     device = (
         next(p.device for p in model.parameters())
         if hasattr(model, "parameters") and callable(model.parameters)
         else torch.device("cpu")
     )
+    _, held, slack = training_peak(shape, lora, dtype, rows, width, resident, budget, device, **options)
+    if slack != heap_slack(device):  # the compact heap lets the Trainer's batch fit
+        compact_heap()
     slack = heap_slack(device)
-    if (
-        held + slack * step.transient > budget.limit
-        and device.type != "cuda"
-        and _heap["mode"] == "default"
-        and held + HEAP_SLACK["compact"] * step.transient <= budget.limit
-        and compact_heap()
-    ):
-        slack = heap_slack(device)  # the compact heap lets the Trainer's batch fit
-    peak = held + slack * step.transient
+    peak = held + slack * estimate_pass("training", shape, lora, dtype, rows, width, **options).transient
     if peak <= budget.limit:
         logger.info(
             "%s: batches of %d rows of up to %d tokens, estimated peak %.2f GB, within the memory budget %s",

@@ -40,6 +40,14 @@ from rose_trl.utils.files import atomic_write_json, checkpoint_dirs
 logger = get_logger(__name__)
 
 
+def recipe_parser():
+    """The command line of recipes/rose_sft.py (and of `rose-trl plan` and `rose-trl check-pairs`): ROSEConfig,
+    SFTConfig and ModelConfig options, a YAML `--config` under them (TRL's TrlParser)."""
+    from trl import TrlParser
+
+    return TrlParser((ROSEConfig, SFTConfig, ModelConfig))
+
+
 def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     if not rose.pool_dataset or not rose.validation_dataset:
         raise ValueError("pool_dataset and validation_dataset are required")

@@ -154,6 +154,28 @@ def validation_dpo_config(
     )
 
 
+def preference_batch(validation, tokenizer, config: DPOConfig, rows: list[int] | None = None) -> dict:
+    """The pairs `rows` (default: all) of `validation` as the validation passes feed them to TRL's DPO loss: TRL's
+    own tokenization (`DPOTrainer._prepare_dataset`: the prompt's chat template or text, the eos TRL adds) and its
+    collator (`DataCollatorForPreference`), cut by `KeepLastTokens` when `config` says so; [chosen rows...,
+    rejected rows...] with `completion_mask` on the tokens whose log-probabilities the loss reads. No model."""
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in validation.column_names]
+    pairs = validation.select_columns(columns)
+    if rows is not None:
+        pairs = pairs.select(rows)
+    stand_in = SimpleNamespace(_tokenizer=tokenizer)  # all _prepare_dataset reads of the trainer
+    tokenized = DPOTrainer._prepare_dataset(stand_in, pairs, tokenizer, config, "validation")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate_fn = DataCollatorForPreference(pad_token_id=pad)
+    if getattr(config, "keep_last_tokens", None) is not None:
+        collate_fn = KeepLastTokens(collate_fn, config.keep_last_tokens, pad)
+    return collate_fn([tokenized[i] for i in range(len(tokenized))])
+
+
 class ROSEDPOTrainer(DPOTrainer):
     """A DPOTrainer that returns per-pair gradients of its DPO loss instead of training.
 
