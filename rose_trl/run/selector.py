@@ -33,7 +33,7 @@ from rose_trl.outputs.selection import write_selection
 from rose_trl.resources.budget import MemoryPlan, plan_run
 from rose_trl.resources.disk import require_free_space
 from rose_trl.run.ledger import RunLedger, checkpoint_identity
-from rose_trl.scoring.agreement import agreement_warnings, validation_agreement
+from rose_trl.scoring.agreement import across_subtasks, agreement_warnings, validation_agreement
 from rose_trl.scoring.scores import CheckpointGradients, ValidationTargets, score_checkpoints, validation_targets
 from rose_trl.stores.extraction import extract_pool_store, rows_per_pass
 from rose_trl.stores.store import GradientStore, store_bytes
@@ -250,10 +250,10 @@ class ROSESelector:
             "projection": checkpoints[0].train.meta["projection"],
         }
 
-        agreement = validation_agreement(
-            targets.vectors, [c.learning_rate for c in checkpoints], list(self.validation["subtask"]), targets.usable
-        )
-        warnings = agreement_warnings(agreement)
+        measured = (targets.vectors, [c.learning_rate for c in checkpoints], list(self.validation["subtask"]))
+        agreement = validation_agreement(*measured, targets.usable)
+        across = across_subtasks(*measured, targets.usable)
+        warnings = agreement_warnings(agreement, across)
         for warning in warnings:
             logger.warning(warning)
 
@@ -265,6 +265,7 @@ class ROSESelector:
                 "left_out_pairs": np.flatnonzero(~targets.usable).tolist(),
                 "zero_gradient_pairs": targets.zero_gradient_pairs,
                 "validation_agreement": agreement,
+                "validation_agreement_across": across,
                 "agreement_warnings": warnings,
             }
 
