@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rose_trl.outputs.hub import add_push_parser
     from rose_trl.outputs.report import add_report_parser
     from rose_trl.run.plan_cli import add_plan_parser
+    from rose_trl.run.preflight import add_check_pairs_parser
 
     parser = argparse.ArgumentParser(prog="rose-trl", description="ROSE data selection for TRL.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_explain_parser(subparsers)
     add_push_parser(subparsers)
     add_plan_parser(subparsers)
+    add_check_pairs_parser(subparsers)
     return parser
 
 

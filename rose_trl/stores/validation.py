@@ -400,25 +400,25 @@ class ValidationGradients:
             )
         # Every process must agree before running collectives.
         if not (all_true(store.is_complete) if state.num_processes > 1 else store.is_complete):
-            if self.kind == "dpo":
-                trainer = self._dpo_trainer(model)
-                trainer.head_tokens = self.head_tokens
-                if trainer.reference is None:
-                    trainer.reference = self.reference  # computed once per run, not per checkpoint
-                grads = trainer.pair_gradients(featurizer)
-                self.reference = trainer.reference
-            else:
-                grads = sft_validation_gradients(
-                    model,
-                    self.validation,
-                    self.tokenizer,
-                    featurizer,
-                    self.max_length,
-                    batch_size=self.sft_rows_per_pass,
-                )
+            grads = self.compute(model, featurizer)
             if write:
                 store.write(np.arange(len(self.validation)), grads.cpu().numpy())
         return store
+
+    def compute(self, model, featurizer: Featurizer) -> torch.Tensor:
+        """[n_pairs, dim] features of every pair's gradient at `model`, without a store: TRL's DPO loss through the
+        run's `ROSEDPOTrainer` (its reference log-probs computed once, then kept), or LESS's SFT rows."""
+        if self.kind == "dpo":
+            trainer = self._dpo_trainer(model)
+            trainer.head_tokens = self.head_tokens
+            if trainer.reference is None:
+                trainer.reference = self.reference  # computed once per run, not per checkpoint
+            grads = trainer.pair_gradients(featurizer)
+            self.reference = trainer.reference
+            return grads
+        return sft_validation_gradients(
+            model, self.validation, self.tokenizer, featurizer, self.max_length, batch_size=self.sft_rows_per_pass
+        )
 
     def read(self, name: str, projection: dict) -> np.ndarray:
         """The checkpoint's [n_pairs, dim] rows, checked against the pool store's `projection`."""
