@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -311,7 +312,9 @@ def make_plan(rose: ROSEConfig, sft, model_args, processes: int = 1, measure: bo
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     gradient = rose.selection_method not in BASELINE_METHODS
+    started = time.time()
     tokens = tokenize_pool(pool, tokenizer, sft.max_length)
+    prepared = {"ready": time.time(), "tokenize": time.time() - started}
     lengths = np.asarray([len(ids) for ids in tokens["input_ids"]])
     loss_tokens = int(sum(sum(m) for m in tokens["completion_mask"]))
     val = ValidationGradients(validation, tokenizer, rose, out / "rose", "", sft.max_length, True)
@@ -388,6 +391,7 @@ def make_plan(rose: ROSEConfig, sft, model_args, processes: int = 1, measure: bo
                 "loss": "dpo" if dpo else "sft",
                 "pairs_a_pass": pairs_a_pass,
                 "passes": math.ceil(len(validation) / pairs_a_pass),
+                "head_tokens": passes["validation"].head_tokens if dpo else None,
                 "estimated_peak": memory["peaks"].get("validation pass"),
             },
         }
@@ -436,6 +440,7 @@ def make_plan(rose: ROSEConfig, sft, model_args, processes: int = 1, measure: bo
     if measure:
         from rose_trl.run.timing import measure_run
 
+        plan["_prepared"] = prepared
         plan["time"] = measure_run(rose, sft, model_args, plan, pool, validation, tokens, tokenizer, warm_rows)
     plan["notes"] = notes(plan)
     return plan
