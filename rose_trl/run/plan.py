@@ -269,23 +269,24 @@ def _memory(rose, sft, model_args, config, dtype, lengths, warm_width, val_width
     peaks["warm-up step"] = training_peak(
         shape, lora, dtype, sft.per_device_train_batch_size, warm_width, base, budget, device, **options
     )[0]
-    final_shape = ModelShape.from_config(final_side["config"])
-    fm = final_side["spec"].model_args
-    final_lora = LoraShape.from_model_args(fm) if fm.use_peft else LoraShape(r=0, targets=())
-    final_base = (resident_bytes() if device == "cpu" else 0) + final_shape.parameters * dtype_bytes(
-        final_side["dtype"]
-    )
-    peaks["final training step"] = training_peak(
-        final_shape,
-        final_lora,
-        final_side["dtype"],
-        final_side["spec"].sft.per_device_train_batch_size,
-        final_side["width"],
-        final_base,
-        budget,
-        device,
-        gradient_checkpointing=bool(final_side["spec"].sft.gradient_checkpointing),
-    )[0]
+    if final_side is not None:  # the final model's Trainer step, on its own shape (another model: ROSE-T)
+        final_shape = ModelShape.from_config(final_side["config"])
+        fm = final_side["spec"].model_args
+        final_lora = LoraShape.from_model_args(fm) if fm.use_peft else LoraShape(r=0, targets=())
+        final_base = (resident_bytes() if device == "cpu" else 0) + final_shape.parameters * dtype_bytes(
+            final_side["dtype"]
+        )
+        peaks["final training step"] = training_peak(
+            final_shape,
+            final_lora,
+            final_side["dtype"],
+            final_side["spec"].sft.per_device_train_batch_size,
+            final_side["width"],
+            final_base,
+            budget,
+            device,
+            gradient_checkpointing=bool(final_side["spec"].sft.gradient_checkpointing),
+        )[0]
     return {
         "device": device,
         "budget": budget.limit,
@@ -364,8 +365,11 @@ def make_plan(rose: ROSEConfig, sft, model_args, processes: int = 1, measure: bo
     # The pool gradient passes and the validation passes as the run's memory plan sizes them.
     if gradient:
         warm_width = int(min(lengths[warm_rows].max(), sft.max_length or 10**9))
-        final_info = final_side or _model_side(final, final_tokenizer, k, processes, None, final_args)
-        final_info.update(spec=final, width=int(min(lengths.max(), final.sft.max_length or 10**9)))
+        final_info = final_side and {
+            **final_side,
+            "spec": final,
+            "width": int(min(lengths.max(), final.sft.max_length or 10**9)),
+        }
         memory = _memory(
             rose, sft, model_args, warm_side["config"], warm_side["dtype"], lengths, warm_width,
             val_width if dpo else None, final_info, processes,
@@ -443,7 +447,7 @@ def make_plan(rose: ROSEConfig, sft, model_args, processes: int = 1, measure: bo
         plan["_prepared"] = prepared
         plan["time"] = measure_run(rose, sft, model_args, plan, pool, validation, tokens, tokenizer, warm_rows)
     plan["notes"] = notes(plan)
-    return plan
+    return {key: plan[key] for key in PLAN_KEYS}
 
 
 def selection_bytes(pool, k: int, subtasks: int, checkpoints: int, pairs: int) -> int:

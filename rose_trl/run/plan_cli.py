@@ -4,6 +4,7 @@ parser) under each command's few, and the plan printed for a person (`format_pla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -18,6 +19,14 @@ RECIPE_OPTIONS = (
 )
 LOSS_OPEN, LOSS_CLOSE = "[[", "]]"
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """What libraries print while the work runs (DeepSpeed's accelerator line, TRL's notices) goes to stderr: stdout
+    holds the command's output alone (one JSON object with --json)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def parse_recipe(config: str, options: list[str]):
@@ -149,7 +158,10 @@ def _plan_command(args) -> int:
 
     datasets.disable_progress_bars()  # the plan is the output
     try:
-        plan = make_plan(*parse_recipe(args.config, args.recipe_args), processes=args.processes, measure=args.measure)
+        with quiet_stdout():
+            plan = make_plan(
+                *parse_recipe(args.config, args.recipe_args), processes=args.processes, measure=args.measure
+            )
     except (ValueError, FileNotFoundError, BadRecordError) as e:
         print(f"rose-trl plan: error: {e}", file=sys.stderr)
         return 2

@@ -147,7 +147,7 @@ def format_check(result: dict) -> str:
 
 def _check_pairs_command(args) -> int:
     from rose_trl.data.sft import BadRecordError
-    from rose_trl.run.plan_cli import parse_recipe
+    from rose_trl.run.plan_cli import parse_recipe, quiet_stdout
 
     if args.recipe_help:
         from rose_trl.run.pipeline import recipe_parser
@@ -161,7 +161,8 @@ def _check_pairs_command(args) -> int:
 
     datasets.disable_progress_bars()
     try:
-        result = check_pairs(*parse_recipe(args.config, args.recipe_args))
+        with quiet_stdout():
+            result = check_pairs(*parse_recipe(args.config, args.recipe_args))
     except (ValueError, FileNotFoundError, BadRecordError) as e:
         print(f"rose-trl check-pairs: error: {e}", file=sys.stderr)
         return 2
