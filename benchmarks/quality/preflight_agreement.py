@@ -9,16 +9,18 @@ suite's pool, 2 epochs, a checkpoint per epoch; reused when the benchmark left i
 validation set, the pairs' gradient features (`rose_trl.run.preflight.pair_vectors`: the run's validation path and
 projection) are computed
 - after the warm-up, at each checkpoint (what the run's summary.json reports, eta-weighted), and
-- before it, by each candidate: `fresh` (the base model with a fresh LoRA adapter, seed 0: what check-pairs does),
-  `fresh_seed1` (another adapter seed: how much the random A alone moves the figure), `last_layer` (no adapter: the
-  base model's own q/k/v/o weights of the last layer, trainable) and, with --all-layers, `all_layers` (the base
-  weights of every layer's q/k/v/o: what a fresh adapter's B gradient projects).
-Sets: each property's validation pairs (prefer; the avoid direction's pairs are the same pairs swapped, whose unit
-gradients are the negated ones, so its agreement is the same: se_link's is computed to show it), the released SE
-5-shot and 2-shot files and the HH 10-shot and 1-shot files of the shipped slice (their subtasks). Measures, per
-candidate: per subtask, the agreement and reliability before and after, and whether the flag (reliability under
-the threshold) is the same; over random draws of k pairs of each property (the shots sweep's draws), the same
-flags; the Pearson and Spearman correlations of the agreements. Every pair-vector set is cached under --out.
+- before it, by each candidate (default: fresh and last_layer; --candidates for others): `fresh` (the base model
+  with a fresh LoRA adapter, seed 0: what check-pairs does), `fresh_seed1` (another adapter seed: how much the
+  random A alone moves the figure), `last_layer` (no adapter: the base model's own q/k/v/o weights of the last
+  layer, trainable) and `all_layers` (the base weights of every layer's q/k/v/o: what a fresh adapter's B gradient
+  projects).
+Sets: each property's first 10 validation pairs (the property grid's; prefer: the avoid direction's pairs are the
+same pairs swapped, whose unit gradients are the negated ones, so its agreement is the same by construction;
+--quick computes it to show it), the released SE 5-shot file and the HH 10-shot and 1-shot files of the shipped
+slice (their subtasks; --quick: SE 2-shot and HH 1-shot). Measures, per candidate: per subtask, the agreement and
+reliability before and after, and whether the flag (reliability under the threshold) is the same; over random
+draws of k pairs of each property, the same flags; the Pearson and Spearman correlations of the agreements. Every
+pair-vector set is cached under --out, so that another candidate costs only its own pass.
 """
 
 from __future__ import annotations
@@ -49,19 +51,21 @@ from rose_trl.scoring.agreement import RELIABILITY_THRESHOLD, pair_agreement, re
 
 
 PROPERTIES = ("se_link", "se_code", "se_emphasis")
-RELEASED = (("se", 5), ("se", 2), ("hh", 10), ("hh", 1))
-SHOTS, DRAWS = (2, 3, 5, 10, 20), 20
+PAIRS_PER_PROPERTY = 10  # the property grid's k (docs/selection_quality.md (d)): its first 10 pairs
+RELEASED = (("se", 5), ("hh", 10), ("hh", 1))
+QUICK_RELEASED = (("se", 2), ("hh", 1))
+SHOTS, DRAWS = (2, 3, 5), 20
 
 
 def validation_sets(pb, quick: bool) -> dict[str, Dataset]:
     """name -> pairs (prompt, chosen, rejected, subtask); a property's subtask is its name."""
     sets = {}
     for prop in [p for p in PROPERTIES if p in pb.suite.properties]:
-        n = len(pb.suite.validation[prop])
+        n = min(len(pb.suite.validation[prop]), PAIRS_PER_PROPERTY)
         sets[f"{prop}_prefer"] = pb.suite.task(prop, "prefer", n).validation
-    if "se_link" in pb.suite.properties:
-        sets["se_link_avoid"] = pb.suite.task("se_link", "avoid", len(pb.suite.validation["se_link"])).validation
-    for task, k in RELEASED[:1] if quick else RELEASED:
+        if quick:  # the avoid direction: the same pairs swapped (its agreement is the same by construction)
+            sets[f"{prop}_avoid"] = pb.suite.task(prop, "avoid", n).validation
+    for task, k in QUICK_RELEASED if quick else RELEASED:
         pairs = released_pairs(task, k)
         sets[f"released_{task}_k{k}"] = pairs.map(lambda r, t=task: {"subtask": f"{t}:{r['subtask']}"})
     columns = ["prompt", "chosen", "rejected", "subtask"]
@@ -96,14 +100,17 @@ def candidate_model(name: str, path: Path, lora: dict):
     return model
 
 
-def vectors_for(model, sets: dict[str, Dataset], tokenizer, config, max_length, cache: Path) -> dict[str, np.ndarray]:
-    """Every set's [pairs, dim] features at `model`, one run's validation pass over all of them (cached)."""
+def vectors_for(
+    model, sets: dict[str, Dataset], tokenizer, config, max_length, cache: Path, kept: dict
+) -> dict[str, np.ndarray]:
+    """Every set's [pairs, dim] features at `model`, one run's validation pass over all of them (cached); `kept`
+    keeps the reference's log-probs (the base model's) from one model to the next, as a run does."""
     if cache.exists():
         data = np.load(cache)
         return {name: data[name] for name in sets}
     everything = concatenate_datasets(list(sets.values()))
     t = time.time()
-    vectors = pair_vectors(model, everything, tokenizer, config, max_length, use_cpu=True)
+    vectors = pair_vectors(model, everything, tokenizer, config, max_length, use_cpu=True, kept=kept)
     log(f"{cache.name}: {len(everything)} pairs in {time.time() - t:.0f} s")
     out, start = {}, 0
     for name, ds in sets.items():
@@ -201,17 +208,28 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=Path("outputs/bench_properties"))
     p.add_argument("--quick", action="store_true", help="the property suite's --quick settings, fresh only")
     p.add_argument("--candidates", nargs="+", default=None)
-    p.add_argument("--all-layers", action="store_true", help="also the all_layers candidate")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--release",
+        type=Path,
+        default=None,
+        help="the paper's release folder (its test answers make the suite's held-out pairs), as property_targets.py",
+    )
+    p.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=8.0,
+        help="the passes' memory budget (the run's memory_budget_gb; the default share of a busy machine makes "
+        "1-pair passes)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pb = PropertyBench(
-        parse_args(["--model", str(args.model), "--out", str(args.out), *(["--quick"] if args.quick else [])])
-    )
+    bench_args = ["--model", str(args.model), "--out", str(args.out), *(["--quick"] if args.quick else [])]
+    pb = PropertyBench(parse_args(bench_args + (["--release", str(args.release)] if args.release else [])))
     a = pb.args
     sets = validation_sets(pb, args.quick)
-    config = ROSEConfig(projection_dim=a.projection_dim)
+    config = ROSEConfig(projection_dim=a.projection_dim, memory_budget_gb=args.memory_budget_gb)
     lora = dict(
         r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -223,6 +241,7 @@ def main(argv=None) -> dict:
     eta = np.asarray(recover_learning_rates(read_warmup_record(checkpoints))[0], dtype=np.float64)
     eta = eta / eta.sum()
     after = {name: [] for name in sets}
+    kept = {}  # the reference's log-probs of the pairs: the base model's, computed once
     base = base_model(args.model)
     model = warmup_model(checkpoints[0], base)
     from peft import set_peft_model_state_dict
@@ -231,18 +250,18 @@ def main(argv=None) -> dict:
 
     for ckpt in checkpoints:
         set_peft_model_state_dict(model, load_checkpoint_adapter(ckpt, model))
-        got = vectors_for(model, sets, pb.bench.tokenizer, config, a.max_length, folder / f"after_{ckpt.name}.npz")
+        got = vectors_for(
+            model, sets, pb.bench.tokenizer, config, a.max_length, folder / f"after_{ckpt.name}.npz", kept
+        )
         for name in sets:
             after[name].append(got[name])
     del model, base
-    candidates = args.candidates or (["fresh"] if args.quick else ["fresh", "fresh_seed1", "last_layer"])
-    if args.all_layers:
-        candidates.append("all_layers")
+    candidates = args.candidates or (["fresh"] if args.quick else ["fresh", "last_layer"])
     results = {"eta": eta.tolist(), "checkpoints": [c.name for c in checkpoints], "candidates": {}}
     for name in candidates:
         got = vectors_for(
             candidate_model(name, args.model, lora), sets, pb.bench.tokenizer, config, a.max_length,
-            folder / f"before_{name}.npz",
+            folder / f"before_{name}.npz", kept,
         )  # fmt: skip
         result = compare({k: [v] for k, v in got.items()}, after, eta, sets)
         result["summary"] = summary(result)

@@ -143,6 +143,51 @@ def compare(plan: dict, real: dict, output_dir: Path) -> list[dict]:
     return rows
 
 
+def write_shape(shape: str, tokenizer_from: Path, folder: Path) -> Path:
+    """A model folder of one of benchmarks/common.py's shapes, without weights: its config.json, and a tokenizer
+    (another model's, a stand-in: nothing is downloaded) for the plan's tokenization."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from common import SHAPES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(**SHAPES[shape], max_position_embeddings=4096).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    return folder
+
+
+def adapter_and_optimizer_files(folder: Path, lora_r: int, alpha: int, targets: list[str], out: Path) -> dict:
+    """What a checkpoint of `folder`'s model holds of its own, written for real: the LoRA adapter saved by PEFT
+    (adapter_model.safetensors, adapter_config.json) and AdamW's state after one step saved by torch.save
+    (optimizer.pt), on a model whose base weights stay on the meta device (no memory, no file: only the adapter
+    is real). -> file name -> bytes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=alpha, lora_dropout=0.1, target_modules=targets))
+    params = []
+    for module in model.modules():
+        for attr in ("lora_A", "lora_B"):
+            inner = getattr(module, attr, None)
+            if isinstance(inner, torch.nn.ModuleDict) and "default" in inner:
+                layer = inner["default"]
+                layer.weight = torch.nn.Parameter(torch.zeros(layer.weight.shape))
+                params.append(layer.weight)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    torch.save(optimizer.state_dict(), out / "optimizer.pt")
+    return {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| quantity | plan | real | plan / real - 1 |", "|---|---|---|---|"]
     for r in rows:
@@ -161,8 +206,19 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="the recipe's YAML")
     p.add_argument("--json", type=Path, default=None, help="also write the plan, the real figures and the table here")
     p.add_argument("--no-measure", action="store_true", help="bytes only: no --measure, no stage times compared")
+    p.add_argument(
+        "--shape",
+        default=None,
+        help="bytes only, for a model of this benchmarks/common.py shape (e.g. llama-2-7b) that cannot run here: "
+        "its folder is written (config and a stand-in tokenizer, --tokenizer-from) as --shape-dir, the plan made "
+        "with it, and a checkpoint's adapter and AdamW files written for real to compare",
+    )
+    p.add_argument("--shape-dir", type=Path, default=Path("outputs/shape_model"))
+    p.add_argument("--tokenizer-from", type=Path, default=Path("outputs/smollm2/model"))
     args, rest = p.parse_known_args(argv)
     recipe_args = ["--config", args.config, *rest]
+    if args.shape:
+        return shape_bytes(args, recipe_args)
     plan = the_plan(recipe_args, not args.no_measure)
     output_dir = Path(plan["recipe"]["output_dir"])
     if output_dir.exists():
@@ -176,6 +232,39 @@ def main(argv=None) -> int:
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps({"plan": plan, "real": real, "rows": rows, "load": load}, indent=1))
+    return 0
+
+
+def shape_bytes(args, recipe_args: list[str]) -> int:
+    """--shape: the plan's checkpoint and final-model files of a model that cannot run here, against the adapter
+    and optimizer files written for real."""
+    folder = write_shape(args.shape, args.tokenizer_from, args.shape_dir)
+    plan = the_plan([*recipe_args, "--model_name_or_path", str(folder)], measure=False)
+    files = plan["warmup_checkpoint_bytes"]["files"]
+    config = plan["recipe"]
+    import yaml
+
+    recipe = yaml.safe_load(Path(args.config).read_text())
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"plan_shape_{os.getpid()}"
+    real = adapter_and_optimizer_files(
+        folder, recipe["lora_r"], recipe["lora_alpha"], recipe["lora_target_modules"], tmp
+    )
+    rows = []
+    for name in ("adapter_model.safetensors", "optimizer.pt", "adapter_config.json"):
+        rows.append({"quantity": name, "plan": files[name], "real": real[name], "unit": "bytes",
+                     "error": files[name] / real[name] - 1})  # fmt: skip
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{args.shape} ({config['model']}), {plan['recipe']['processes']} process(es)")
+    print(markdown(rows))
+    print(
+        f"plan: store_bytes {plan['store_bytes']['total']:,} ({plan['pool']['rows']} pool rows), a warm-up checkpoint "
+        f"{plan['warmup_checkpoint_bytes']['per_checkpoint'][0]:,}, warmup_checkpoint_bytes "
+        f"{plan['warmup_checkpoint_bytes']['total']:,}, final_model_bytes {plan['final_model_bytes']['total']:,}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"plan": plan, "real_files": real, "rows": rows}, indent=1))
     return 0
 
 

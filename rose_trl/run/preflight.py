@@ -48,10 +48,19 @@ CANNOT_TELL = (
 )
 
 
-def pair_vectors(model, validation, tokenizer, rose: ROSEConfig, max_length: int | None, use_cpu: bool = True):
+def pair_vectors(
+    model,
+    validation,
+    tokenizer,
+    rose: ROSEConfig,
+    max_length: int | None,
+    use_cpu: bool = True,
+    kept: dict | None = None,
+):
     """[n_pairs, dim] float32 features of the pairs' gradients at `model` (a PEFT model, or any model with trainable
     linear weights) by the run's own validation path and projection; the passes sized by the run's memory plan. The
-    DPO trainer works in a temporary folder."""
+    DPO trainer works in a temporary folder. `kept`: a dict that keeps the reference's log-probs of the pairs (the
+    base model's, the same for every adapter) from one call to the next, as a run keeps them between checkpoints."""
     device = next(p for p in model.parameters() if p.requires_grad).device
     projector = build_projector(
         rose.projection_type, num_trainable_parameters(model), rose.projection_dim, rose.projection_seed, device=device
@@ -63,7 +72,12 @@ def pair_vectors(model, validation, tokenizer, rose: ROSEConfig, max_length: int
             plan = plan_run(model, rose, featurizer.fused, 1, grads.longest(), 1)
             grads.pairs_per_pass = plan.passes["validation"].rows
             grads.head_tokens = plan.passes["validation"].head_tokens
-        return grads.compute(model, featurizer).float().cpu().numpy()
+        if kept is not None:
+            grads.reference = kept.get("reference")
+        vectors = grads.compute(model, featurizer).float().cpu().numpy()
+        if kept is not None:
+            kept["reference"] = grads.reference
+        return vectors
 
 
 def agreement_report(vectors: list[np.ndarray], learning_rates: list[float], subtasks: list[str]) -> dict:
