@@ -186,6 +186,8 @@ def examples(pool_row: dict, validation, tokenizer, rose: ROSEConfig, max_length
 def _destination(path: Path, needed: int) -> dict:
     where = nearest_existing(path)
     free = free_bytes(where)
+    if not Path(path).is_absolute() and where.is_relative_to(Path.cwd()):  # shown as the user wrote it
+        where = where.relative_to(Path.cwd())
     return {"path": str(path), "nearest_existing": str(where), "needed": int(needed), "free": int(free)}
 
 
