@@ -2,15 +2,15 @@
 
 Every pass is the run's own code on the run's own rows, in a temporary folder (removed after): the model loaded as
 the run loads it; the warm-up's SFTTrainer for its first optimizer steps (the run's first rows, in its order) and
-one checkpoint save; one pool gradient pass on the run's first (longest) batch, twice, and one on a middle batch,
-with the Adam state of those steps (`Featurizer`, the projection of the run); the validation passes of the first
-pairs through `ROSEDPOTrainer` (its reference pass and its gradient pass). Each stage is then counted from what the
+one checkpoint save; pool gradient passes on the run's first (longest) batch, twice, on a middle batch and on the
+last, with the Adam state of those steps (`Featurizer`, the projection of the run); the validation passes of the
+first pairs through `ROSEDPOTrainer` (its reference pass and its gradient pass). Each stage is then counted from what the
 plan says the run does:
 - setup: this process's start to the tokenized pool (imports, data, tokenizer), the pool tokenized again (the
   run tokenizes it for the selector), the model's load and the warm-up Trainer's construction;
 - warm-up training: its optimizer steps at the measured rate (the first step's extra once) and its saves;
-- pool gradients: per checkpoint, every planned batch at t = a x padded tokens + b x rows (a and b from the two
-  measured batches; proportional to the tokens when they cannot be told apart), the projection's first-use cost once;
+- pool gradients: per checkpoint, every planned batch at t = a x padded tokens + b x rows (a and b fitted to the
+  measured batches: the longest, a middle one, the last), the projection's first-use cost once;
 - validation gradients: the DPO trainer's construction and the reference passes once, the gradient passes per
   checkpoint;
 - selection: the scoring's read of every store, at the rate a store is read here (`SCORE_BYTES_PER_SECOND`), and a
@@ -60,17 +60,22 @@ def _timed(function, *args, **kwargs):
 
 
 def pass_rate(points: list[tuple[int, int, float]]) -> tuple[float, float]:
-    """(seconds a padded token, seconds a row) of t = a x tokens + b x rows through two measured passes (tokens,
-    rows, seconds); proportional to the tokens when the two cannot be told apart or a rate would be negative."""
-    (t1, r1, s1), *rest = points
-    if rest:
-        t2, r2, s2 = rest[0]
-        det = t1 * r2 - t2 * r1
-        if det:
-            a, b = (s1 * r2 - s2 * r1) / det, (t1 * s2 - t2 * s1) / det
-            if a >= 0 and b >= 0:
-                return a, b
-    return s1 / max(t1, 1), 0.0
+    """(seconds a padded token, seconds a row) of t = a x tokens + b x rows, least squares through the measured
+    passes (tokens, rows, seconds), both rates >= 0: when the two-rate fit gives a negative one, the better of the
+    one-rate fits (tokens alone, rows alone)."""
+    design = np.asarray([[t, r] for t, r, _ in points], dtype=np.float64)
+    seconds = np.asarray([s for _, _, s in points], dtype=np.float64)
+    if len(points) >= 2 and np.linalg.matrix_rank(design) == 2:
+        (a, b), *_ = np.linalg.lstsq(design, seconds, rcond=None)
+        if a >= 0 and b >= 0:
+            return float(a), float(b)
+    fits = []
+    for column in (0, 1):
+        x = design[:, column]
+        rate = float(x @ seconds / max(x @ x, 1e-12))
+        fits.append((float(((rate * x - seconds) ** 2).sum()), column, rate))
+    _, column, rate = min(fits)
+    return (rate, 0.0) if column == 0 else (0.0, rate)
 
 
 def measure_run(rose, sft, model_args, plan, pool, validation, tokens, tokenizer, warm_rows) -> dict:
@@ -221,12 +226,12 @@ def _pool_passes(model, tokens, featurizer, adam, tokenizer, batches, lengths, d
         featurizer(model, batch, adam)
         return time.perf_counter() - t
 
-    points = []
+    def point(batch_rows) -> tuple[int, int, float]:
+        return int(len(batch_rows) * lengths[batch_rows].max()), len(batch_rows), one(batch_rows)
+
     with eval_mode(model):
         cold = one(batches[0])
-        warm = one(batches[0])
-        points.append((int(len(batches[0]) * lengths[batches[0]].max()), len(batches[0]), warm))
-        if len(batches) > 2:
-            middle = batches[len(batches) // 2]
-            points.append((int(len(middle) * lengths[middle].max()), len(middle), one(middle)))
-    return {"first_use": max(cold - warm, 0.0)}, points
+        points = [point(batches[0])]
+        if len(batches) > 2:  # a middle batch and the last (the shortest rows, or the fewest)
+            points += [point(batches[len(batches) // 2]), point(batches[-1])]
+    return {"first_use": max(cold - points[0][2], 0.0)}, points
