@@ -66,7 +66,8 @@ def format_plan(plan: dict, color: bool = False) -> str:
         f"pool: {pool['rows']:,} rows, {pool['tokens']:,} tokens ({pool['loss_tokens']:,} carry the loss; longest "
         f"{pool['longest']}, mean {pool['mean']:.1f}, max_length {r['max_length']})",
         f"validation: {val['pairs']} pairs in {len(val['subtasks'])} subtask(s) "
-        f"({', '.join(f'{k} {v}' for k, v in val['subtasks'].items())}); longest row {val['longest']} tokens",
+        f"({', '.join(f'{k} {v}' for k, v in val['subtasks'].items())})"
+        + (f"; longest row {val['longest']} tokens" if val["longest"] else ""),
     ]
     w = plan["warmup"]
     if w:
@@ -88,10 +89,15 @@ def format_plan(plan: dict, color: bool = False) -> str:
             f"{_gb(v['estimated_peak'])}",
         ]
     s, c, f = plan["store_bytes"], plan["warmup_checkpoint_bytes"], plan["final_model_bytes"]
+    stores = (
+        f"{human(s['total'])} ({s['checkpoints']} x ({human(s['pool_per_checkpoint'])} pool + "
+        f"{human(s['validation_per_checkpoint'])} validation))"
+        if s["checkpoints"]
+        else f"none ({r['selection_method']} selects without gradients)"
+    )
     lines += [
         "disk:",
-        f"  store_bytes: {human(s['total'])} ({s['checkpoints']} x ({human(s['pool_per_checkpoint'])} pool + "
-        f"{human(s['validation_per_checkpoint'])} validation))",
+        f"  store_bytes: {stores}",
         f"  warmup_checkpoint_bytes: {human(c['total'])} ({len(c['per_checkpoint'])} checkpoint(s): adapter, AdamW "
         "state, trainer files, tokenizer)",
         f"  final_model_bytes: {human(f['total'])}"
