@@ -187,6 +187,29 @@ def test_checkpoint_file_sizes_match_a_trainer_checkpoint(tmp_path):
     assert abs(sum(planned.values()) / sum(real.values()) - 1) < 0.02
 
 
+def test_measure_times_every_stage_in_a_temporary_folder(assets, tmp_path):
+    from rose_trl.run.plan import make_plan
+    from rose_trl.run.plan_cli import parse_recipe
+    from rose_trl.run.timing import STAGES
+
+    out = tmp_path / "run"
+    plan = make_plan(*parse_recipe(str(RECIPE), recipe_args(assets, out)[2:]), measure=True)
+    t = plan["time"]
+    assert list(t["stages"]) == list(STAGES) and all(v > 0 for v in t["stages"].values())
+    assert t["total"] == pytest.approx(sum(t["stages"].values()))
+    assert any("pool gradient pass" in m for m in t["measured"]) and not out.exists()
+
+
+def test_pass_rate_fits_tokens_and_rows():
+    from rose_trl.run.timing import pass_rate
+
+    a, b = pass_rate([(400, 4, 4.0 + 0.2), (200, 4, 2.0 + 0.2), (100, 1, 1.0 + 0.05)])  # 0.01 s a token, 0.05 a row
+    assert a == pytest.approx(0.01) and b == pytest.approx(0.05)
+    assert pass_rate([(100, 4, 1.0)]) == (pytest.approx(0.01), 0.0)  # one pass: proportional to its tokens
+    a, b = pass_rate([(100, 4, 1.0), (200, 4, 1.0)])  # more tokens, not slower: no negative rate
+    assert a >= 0 and b >= 0
+
+
 @pytest.mark.parametrize("command", ["plan", "check-pairs"])
 def test_commands_answer_help(command, capsys):
     with pytest.raises(SystemExit) as done:

@@ -27,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-
-STAGES = ("setup", "warm-up training", "pool gradients", "validation gradients", "selection", "final training")
+from rose_trl.run.timing import STAGES  # setup, warm-up training, ..., final training
 
 
 def apparent_bytes(path: Path) -> int:

@@ -4,8 +4,8 @@ Every pass is the run's own code on the run's own rows, in a temporary folder (r
 the run loads it; the warm-up's SFTTrainer for its first optimizer steps (the run's first rows, in its order) and
 one checkpoint save; pool gradient passes on the run's first (longest) batch, twice, on a middle batch and on the
 last, with the Adam state of those steps (`Featurizer`, the projection of the run); the validation passes of the
-first pairs through `ROSEDPOTrainer` (its reference pass and its gradient pass). Each stage is then counted from what the
-plan says the run does:
+first pairs through `ROSEDPOTrainer` (its reference pass and its gradient pass). Each stage is then counted from
+what the plan says the run does:
 - setup: this process's start to the tokenized pool (imports, data, tokenizer), the pool tokenized again (the
   run tokenizes it for the selector), the model's load and the warm-up Trainer's construction;
 - warm-up training: its optimizer steps at the measured rate (the first step's extra once) and its saves;
@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 # rate on the project's 2-core machine (benchmarks/speed/scoring.py: 1 GB of store in about 2.5 s warm).
 SCORE_BYTES_PER_SECOND = 400e6
 SELECTION_FILES_SECONDS = 1.0
+STAGES = ("setup", "warm-up training", "pool gradients", "validation gradients", "selection", "final training")
 
 
 class _StepClock(TrainerCallback):
@@ -205,7 +206,7 @@ def measure_run(rose, sft, model_args, plan, pool, validation, tokens, tokenizer
             )  # fmt: skip
     return {
         "device": device,
-        "stages": {k: float(v) for k, v in stages.items()},
+        "stages": {k: float(stages[k]) for k in STAGES if k in stages},
         "total": float(sum(stages.values())),
         "measured": measured,
     }
