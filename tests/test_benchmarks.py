@@ -3,6 +3,9 @@
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +56,47 @@ def test_extraction_benchmark_runs_tiny(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     speedup, overhead = (float(part.split("=")[1]) for part in last.split())
     assert last.startswith("speedup_vs_less=") and speedup > 1 and overhead > 0
+
+
+def run_script(script: str, *args: str) -> list[str]:
+    """A benchmark script run as its README shows it (from the repository root), its output's lines."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()
+
+
+def test_scoring_and_contributions_benchmarks_run_tiny(tmp_path):
+    """benchmarks/speed/scoring.py and contributions.py (the stores, the measuring subprocesses, the tables)."""
+    lines = run_script(
+        "speed/scoring.py", "--sizes", "2000", "--dim", "256", "--checkpoints", "2", "--dir", str(tmp_path)
+    )
+    assert re.fullmatch(r"\| 2,000 \| [\d.]+ \|.*\| \d+ \|", lines[-2]), lines
+    assert re.fullmatch(r"rss_ratio=1\.000 max_peak_rss_mb=\d+", lines[-1]), lines
+    lines = run_script(
+        "speed/contributions.py",
+        "--pool",
+        "2000",
+        "--pairs",
+        "10",
+        "--subtasks",
+        "2",
+        "--checkpoints",
+        "2",
+        "--dim",
+        "256",
+        "--dir",
+        str(tmp_path / "contributions"),
+    )
+    rows = [line.split("|")[1:-1] for line in lines[-2:]]
+    assert [r[0].strip() for r in rows] == ["cold", "warm"], lines
+    assert all(math.isfinite(float(cell)) for r in rows for cell in r[1:]), lines
+    assert not (tmp_path / "contributions").exists()  # the stores are removed without --keep
 
 
 def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatch):
@@ -224,7 +268,7 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     assert math.isclose(res["base"]["test"]["chosen_nll"], nll, rel_tol=1e-5)
     for method, by_budget in res["methods"].items():
         assert set(by_budget) == {"0.25", "0.5"}
-        for budget, rows in by_budget.items():
+        for rows in by_budget.values():
             assert len(rows) == (2 if method == "random" else 1)
             for row in rows:
                 c = row["composition"]
@@ -318,8 +362,9 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
 
 
 def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
-    """benchmarks/quality/transfer.py's stages on two tiny models with different tokenizers (vocabularies of 600 and 300):
-    each model's own warm-up and stores, the selecting model's picks trained on the final model, overlaps, costs."""
+    """benchmarks/quality/transfer.py's stages on two tiny models with different tokenizers (vocabularies of 600
+    and 300): each model's own warm-up and stores, the selecting model's picks trained on the final model, overlaps,
+    costs."""
     import transfer
 
     from rose_trl.data.realtext import load_slice
@@ -392,9 +437,9 @@ def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
 
 
 def test_transfer_benchmark_property_targets_are_the_suites_targets():
-    """benchmarks/quality/transfer.py's property targets: the one-property suite's task (pool answers from the property's
-    labels, the first k minimal pairs oriented by the direction, every held-out pair a test pair), the same for
-    both directions' pools and for every call."""
+    """benchmarks/quality/transfer.py's property targets: the one-property suite's task (pool answers from the
+    property's labels, the first k minimal pairs oriented by the direction, every held-out pair a test pair), the
+    same for both directions' pools and for every call."""
     import argparse
 
     import transfer
@@ -421,7 +466,7 @@ def test_transfer_benchmark_property_targets_are_the_suites_targets():
     for task, preferred in ((prefer, True), (avoid, False)):
         expected = [
             "other" if t != "se" else ("chosen" if h == preferred else "rejected")
-            for h, t in zip(suite.pool["has_se_link"], suite.pool["task"])
+            for h, t in zip(suite.pool["has_se_link"], suite.pool["task"], strict=True)
         ]
         assert task.pool["answer"] == expected and len(task.validation) == 4
         assert set(task.heldout["half"]) == {"test"} and len(task.heldout) == 5

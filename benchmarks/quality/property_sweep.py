@@ -24,12 +24,16 @@ property targets at the same k.
 
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import numpy as np
+from common import log, unit
 from datasets import Dataset
-from real_model import log
 from real_model_report import auc
 
 from rose_trl.data.realtext import DEFAULT_K, load_slice
@@ -38,10 +42,6 @@ from rose_trl.stores.store import GradientStore
 
 
 BINS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
 
 
 def read_stores(selection_dir: Path, pool_dir: Path) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
@@ -63,7 +63,7 @@ def usable(val: list[np.ndarray]) -> np.ndarray:
 
 
 def score(eta, pool, val, pairs) -> np.ndarray:
-    return sum(e * p @ v[pairs].mean(axis=0) for e, p, v in zip(eta, pool, val))
+    return sum(e * p @ v[pairs].mean(axis=0) for e, p, v in zip(eta, pool, val, strict=True))
 
 
 def agreement_of(eta, val, pairs) -> float | None:
@@ -134,7 +134,7 @@ def threshold(rows_by_target: dict[str, list[dict]]) -> dict:
         if r.get("reliability_pair") is not None
     ]
     bins = []
-    for lo, hi in zip(BINS[:-1], BINS[1:]):
+    for lo, hi in itertools.pairwise(BINS):
         inside = [rep for rel, rep in points if lo <= rel < hi]
         bins.append(
             {

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
-from common import SHAPES  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import SHAPES
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -232,7 +232,7 @@ def main(argv=None):
         print(
             f"(c') floor, labelled    {t_labelled:8.2f} s  {1000 * t_labelled / len(pool):8.1f} ms/example "
             f"(b)/(c') {t_engine / t_labelled:.3f}; per repeat: "
-            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, labelled))
+            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, labelled, strict=True))
         )
     print(
         f"(b) rose_trl engine     {t_engine:8.2f} s  {1000 * t_engine / len(pool):8.1f} ms/example ({args.projection})"
@@ -240,7 +240,7 @@ def main(argv=None):
     if args.repeats > 1:
         print(
             f"    medians of {args.repeats}; per repeat (b)/(c): "
-            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, floors))
+            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, floors, strict=True))
         )
     t_less, less_pool = float("nan"), pool[: args.less_examples]
     if not args.skip_less:

@@ -2,7 +2,7 @@
 
     python benchmarks/speed/gpu_extraction.py                       # GPU: Llama-2-7B shape, bf16, LoRA r=128
     python benchmarks/speed/gpu_extraction.py --model llama-3.1-8b  # Llama-3.1-8B's shape (128k vocabulary)
-    python benchmarks/speed/gpu_extraction.py --device cpu --tiny   # the same script in seconds (the test suite runs it)
+    python benchmarks/speed/gpu_extraction.py --device cpu --tiny   # the same script in seconds (the tests run it)
 
 Model: Llama-2-7B's shape with random bf16 weights (no download), LoRA r=128, alpha 512 on q,k,v,o (134M
 parameters). Pool: instruction-like lengths, log-normal between 64 and 2048 tokens, median ~400.
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
-from common import SHAPES, build_model, instruction_lengths, random_pool  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import SHAPES, build_model, instruction_lengths, random_pool, spearman
 
 from rose_trl.data.sft import collate
 from rose_trl.gradients.capture import AdamState, per_example_gradients, trainable_parameters
@@ -151,17 +151,6 @@ def largest_rows_that_fit(model, projector, adam, vocab, length, device, limit):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return fits
-
-
-def ranks(x):
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    return r
-
-
-def spearman(a, b):
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def project_rows(projector, x):

@@ -327,10 +327,10 @@ class PropertySuite:
         for name in self.properties:
             prop = PROPERTIES[name]
             out[name] = {
-                "pool_with": int(sum(self.pool[f"has_{name}"])),
-                "pool_task_rows": int(sum(t == prop.task for t in self.pool["task"])),
+                "pool_with": len([has for has in self.pool[f"has_{name}"] if has]),
+                "pool_task_rows": len([t for t in self.pool["task"] if t == prop.task]),
                 "validation": len(self.validation[name]),
-                **{h: sum(p["half"] == h for p in self.heldout[name]) for h in ("dev", "test")},
+                **{h: len([p for p in self.heldout[name] if p["half"] == h]) for h in ("dev", "test")},
             }
         return out
 
@@ -347,7 +347,10 @@ class PropertySuite:
         prefer = direction == "prefer"
         has, task = self.pool[f"has_{prop}"], self.pool["task"]
         spec = PROPERTIES[prop]
-        answer = ["other" if t != spec.task else ("chosen" if h == prefer else "rejected") for h, t in zip(has, task)]
+        answer = [
+            "other" if t != spec.task else ("chosen" if h == prefer else "rejected")
+            for h, t in zip(has, task, strict=True)
+        ]
         pool = self.pool.add_column("answer", answer)
 
         def oriented(p: dict) -> dict:
@@ -428,21 +431,17 @@ def property_suite(
             and _fits(a, max_chars)
             and all(PROPERTIES[p].detect(a.text) == PROPERTIES[p].detect(a.text[:window_chars]) for p in properties)
         ]
-        taken: set[int] = set()
-
-        def take(i: int) -> None:
-            taken.add(i)
-            used.add(free[i].prompt)
-            pool.append(free[i])
-
+        taken: set[int] = set()  # indices into free, each also in pool and its prompt in used
         for name in (p for p in properties if PROPERTIES[p].task == task):
             detect = PROPERTIES[name].detect
-            have = sum(detect(free[i].text) for i in taken)
+            have = len([i for i in taken if detect(free[i].text)])
             for i, a in enumerate(free):
                 if have >= pool_min or len(taken) >= size:
                     break
                 if i not in taken and a.prompt not in used and detect(a.text):
-                    take(i)
+                    taken.add(i)
+                    used.add(a.prompt)
+                    pool.append(a)
                     have += 1
             if have < min(pool_min, size):
                 raise ValueError(
@@ -453,7 +452,9 @@ def property_suite(
             if len(taken) >= size:
                 break
             if i not in taken and a.prompt not in used:
-                take(i)
+                taken.add(i)
+                used.add(a.prompt)
+                pool.append(a)
         if len(taken) < size:
             raise ValueError(
                 f"pool_sizes[{task!r}] = {size}: the slice holds {len(taken)} more answers within "

@@ -193,9 +193,9 @@ def score_checkpoints(
     per_subtask = np.zeros((n, len(subtasks)), dtype=np.float64)
     per_ckpt = np.zeros((n, len(checkpoints)), dtype=np.float64)
     streams = [c.train.iter_chunks(chunk_rows) for c in checkpoints]
-    for chunks in zip(*streams):
+    for chunks in zip(*streams, strict=True):
         start = chunks[0][0]
-        for i, ((_, rows), c) in enumerate(zip(chunks, checkpoints)):
+        for i, ((_, rows), c) in enumerate(zip(chunks, checkpoints, strict=True)):
             sims = unit_dots(rows, c.targets.T.astype(np.float32))  # [chunk, n_subtasks]
             per_subtask[start : start + len(rows)] += eta[i] * sims
             per_ckpt[start : start + len(rows), i] = sims.max(axis=1)
