@@ -6,10 +6,10 @@
 
 import sys
 
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import ModelConfig, SFTConfig
 
 from rose_trl.config import ROSEConfig
-from rose_trl.run.pipeline import run
+from rose_trl.run.pipeline import recipe_parser, run
 from rose_trl.utils.errors import exit_code
 
 
@@ -21,6 +21,6 @@ def main(rose_args: ROSEConfig, sft_args: SFTConfig, model_args: ModelConfig):
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ROSEConfig, SFTConfig, ModelConfig))
+    parser = recipe_parser()
     # A bad option, file or record is one line and exit code 2 (rose_trl/utils/errors.py); a bug keeps its traceback.
     sys.exit(exit_code("rose_sft.py", lambda: main(*parser.parse_args_and_config())))

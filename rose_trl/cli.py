@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     from rose_trl.outputs.explain import add_explain_parser
     from rose_trl.outputs.hub import add_push_parser
     from rose_trl.outputs.report import add_report_parser
+    from rose_trl.run.plan_cli import add_plan_parser
+    from rose_trl.run.preflight import add_check_pairs_parser
 
     parser = argparse.ArgumentParser(prog="rose-trl", description="ROSE data selection for TRL.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(subparsers)
     add_explain_parser(subparsers)
     add_push_parser(subparsers)
+    add_plan_parser(subparsers)
+    add_check_pairs_parser(subparsers)
     return parser
 
 
@@ -93,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     from rose_trl.utils.errors import exit_code
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    from rose_trl.run.plan_cli import recipe_arguments
+
+    args = recipe_arguments(build_parser(), argv)
     return exit_code(f"rose-trl {args.command}", lambda: args.func(args))
 
 

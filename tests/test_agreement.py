@@ -9,7 +9,9 @@ import pytest
 from rose_trl.cli import main
 from rose_trl.scoring.agreement import (
     RELIABILITY_THRESHOLD,
+    across_subtasks,
     agreement_warnings,
+    between_agreement,
     pair_agreement,
     pairs_needed,
     reliability,
@@ -123,3 +125,63 @@ def test_the_threshold_decides(a, k, agrees):
     vectors = math.sqrt(1 - a) * unit + math.sqrt(a) * np.eye(k + 1)[k]
     report = validation_agreement([vectors], [1.0], ["x"] * k)
     assert math.isclose(report["x"]["agreement"], a) and report["x"]["agrees"] is agrees
+
+
+def test_across_subtasks_gives_the_between_agreement_and_the_merged_subtask():
+    rng = np.random.default_rng(2)
+    shared = rng.normal(size=32)
+    vectors = np.stack([shared + 0.5 * rng.normal(size=32) for _ in range(6)])
+    vectors[5] = 0.0  # a zero-gradient pair: left out of everything
+    subtasks = ["a", "a", "b", "c", "d", "d"]
+    usable = np.array([True, True, True, True, True, False])
+    across = across_subtasks([vectors, 2 * vectors], [1.0, 3.0], subtasks, usable)
+    units = [v / np.linalg.norm(v) for v in vectors[:5]]
+    labels = subtasks[:5]
+    brute_between = np.mean(
+        [units[i] @ units[j] for i in range(5) for j in range(5) if i != j and labels[i] != labels[j]]
+    )
+    assert math.isclose(across["between"], brute_between)
+    assert math.isclose(across["merged"]["agreement"], brute_agreement(vectors[:5]))
+    assert across["merged"]["pairs"] == 5 and across["subtasks"] == 4
+    assert math.isclose(across["merged"]["reliability"], reliability(across["merged"]["agreement"], 5))
+    assert across["single_pair_subtasks"] == ["b", "c", "d"]  # d's second pair is not usable
+    assert between_agreement(vectors[:2], ["a", "a"]) is None  # one subtask: no pair of different subtasks
+
+
+def one_pair_subtasks(n, a, seed=0):
+    """n unit vectors whose pairwise cosines are all a (a shared direction and orthogonal particulars)."""
+    particular = np.eye(n + 1)[:n]
+    return math.sqrt(1 - a) * particular + math.sqrt(a) * np.eye(n + 1)[n]
+
+
+def test_one_pair_subtasks_get_one_warning_with_the_across_and_merged_figures():
+    """The paper's HH design, 1 pair a subtask: 10 one-pair subtasks whose pairs all express one preference got 10
+    "cannot be measured" warnings; now one sentence says how they agree across subtasks and what merging gives."""
+    names = [f"s{i}" for i in range(10)]
+    vectors = [one_pair_subtasks(10, 0.3)]
+    report = validation_agreement(vectors, [1.0], names)
+    assert all(s["agrees"] is None for s in report.values())
+    assert len(agreement_warnings(report)) == 10  # without the across figures: one per subtask, as before
+    across = across_subtasks(vectors, [1.0], names)
+    assert math.isclose(across["between"], 0.3) and math.isclose(across["merged"]["agreement"], 0.3)
+    warnings = agreement_warnings(report, across)
+    assert len(warnings) == 1
+    (text,) = warnings
+    assert text.startswith("10 subtasks hold a single validation pair each ('s0', 's1'")
+    assert "and 4 more" in text and "across subtasks the pairs agree at +0.300" in text
+    merged = reliability(0.3, 10)
+    assert f"merged into one subtask of 10 pairs they would agree at +0.300, a reliability of {merged:.2f}" in text
+    assert "at or over the threshold" in text and "give the pairs one subtask" in text
+    # Pairs that disagree across subtasks (half of them prefer the opposite): the merged subtask falls short too.
+    split = one_pair_subtasks(10, 0.3)
+    split[5:, 10] *= -1
+    opposed = [split]
+    text = agreement_warnings(validation_agreement(opposed, [1.0], names), across_subtasks(opposed, [1.0], names))
+    assert len(text) == 1 and "agree at -0.033" in text[0] and "under the threshold" in text[0]
+    assert "no number of such pairs reaches it" in text[0] and "What helps: more validation pairs" in text[0]
+    # Next to subtasks of several pairs, those keep their own sentence.
+    mixed = np.vstack([one_pair_subtasks(3, 0.3), np.eye(4)[:2, :4] @ np.eye(4, 4)])
+    labels = ["x", "y", "z", "w", "w"]
+    out = agreement_warnings(validation_agreement([mixed], [1.0], labels), across_subtasks([mixed], [1.0], labels))
+    assert len(out) == 2 and out[0].startswith("3 subtasks hold a single validation pair each")
+    assert out[1].startswith("subtask 'w': its 2 validation pairs agree at")

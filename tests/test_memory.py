@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from rose_trl import budget as budget_module
-from rose_trl.resources.budget import MemoryBudget, check_training, halving_on_oom, plan_passes
+from rose_trl.resources.budget import MemoryBudget, halving_on_oom, plan_passes
 from rose_trl.resources.memory import LoraShape, ModelShape, estimate_pass, estimate_peak_bytes, largest_rows
+from rose_trl.resources.training_memory import check_training
 from tests.helpers import tiny_lora_model
 
 

@@ -73,8 +73,13 @@ class SparseJLProjector:
         # The hash plan costs 5 bytes (int32 bucket, int8 sign) per input coordinate and nnz: it is kept,
         # on the device that projects, when that fits `cache_bytes` (7B LoRA r=128: 2.7 GB), and
         # regenerated chunk by chunk on every call otherwise.
-        self._cache = input_dim * nnz * 5 <= cache_bytes
+        self._cache = self.caches_plan(input_dim, nnz, cache_bytes)
         self._plan: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None = None
+
+    @staticmethod
+    def caches_plan(input_dim: int, nnz: int = 4, cache_bytes: int = 4 << 30) -> bool:
+        """Whether the hash plan of `input_dim` coordinates is kept (then slices can be projected: the fused path)."""
+        return input_dim * nnz * 5 <= cache_bytes
 
     def _chunks(self):
         for start in range(0, self.input_dim, self.chunk):
@@ -188,10 +193,15 @@ class TrakProjector:
                 block_size=block_size,
                 dtype=torch.float32,
             )
-            if input_dim * dim * 4 <= cache_bytes:
+            if self.caches_matrix(input_dim, dim, cache_bytes):
                 self._matrix = self._materialize_basic()
         else:
             raise ValueError(f"unknown trak backend {backend!r}; use 'basic' or 'cuda'")
+
+    @staticmethod
+    def caches_matrix(input_dim: int, dim: int, cache_bytes: int = 4 << 30) -> bool:
+        """Whether BasicProjector's whole matrix is built once and kept (then slices can be projected)."""
+        return input_dim * dim * 4 <= cache_bytes
 
     def _materialize_basic(self) -> torch.Tensor:
         """The exact matrix BasicProjector multiplies by, block by block, built once."""
@@ -249,6 +259,18 @@ def build_projector(
         return TrakProjector(
             input_dim, dim, seed, device=device, backend="cuda" if kind == "trak_cuda" else "basic", **kwargs
         )
+    raise ValueError(f"unknown projection type {kind!r}; choose one of {PROJECTION_TYPES + ('auto',)}")
+
+
+def projects_slices(kind: str, input_dim: int, dim: int = 8192) -> bool:
+    """Whether `build_projector(kind, input_dim, dim)` (default settings) projects slices of the parameters, i.e.
+    whether the run's gradient passes take the fused path, without building the projector."""
+    if kind in ("auto", "sjlt"):
+        return SparseJLProjector.caches_plan(input_dim)
+    if kind == "trak":
+        return TrakProjector.caches_matrix(input_dim, dim)
+    if kind == "trak_cuda":
+        return False
     raise ValueError(f"unknown projection type {kind!r}; choose one of {PROJECTION_TYPES + ('auto',)}")
 
 

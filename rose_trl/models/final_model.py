@@ -120,8 +120,9 @@ def apply_chat_template_path(model, tokenizer, path: str | None):
     return clone_chat_template(model, tokenizer, path)
 
 
-def _skeleton(config, trust_remote_code: bool):
-    """The model without weights (meta device): its module names, and a stand-in for chat-template cloning."""
+def meta_model(config, trust_remote_code: bool = False):
+    """The model without weights (meta device): its module names and shapes, and a stand-in for chat-template
+    cloning."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -201,7 +202,7 @@ def check_model(spec: ModelSpec, pool, trust_remote_code: bool = False, budget=N
     except (OSError, ValueError, ImportError) as e:  # FileNotFoundError and the Hub's errors are OSErrors
         raise ValueError(f"{where}: cannot load {name!r}: {type(e).__name__}: {e}") from None
 
-    skeleton = _skeleton(config, trust_remote_code)
+    skeleton = meta_model(config, trust_remote_code)
     template = spec.sft.chat_template_path
     try:
         skeleton, tokenizer, _ = apply_chat_template_path(skeleton, tokenizer, template)
@@ -250,8 +251,8 @@ def _check_training_memory(spec: ModelSpec, config, budget, counts) -> str | Non
     pool row (all max_length when the rows were not tokenized here). A warning (returned), never an error."""
     import copy
 
-    from rose_trl.resources.budget import check_training
     from rose_trl.resources.memory import LoraShape, ModelShape
+    from rose_trl.resources.training_memory import check_training
 
     m = spec.model_args
     config = copy.copy(config)

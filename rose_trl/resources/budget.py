@@ -31,6 +31,7 @@ import ctypes
 import ctypes.util
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from accelerate import PartialState
@@ -41,7 +42,6 @@ from rose_trl.resources.memory import (
     Estimate,
     LoraShape,
     ModelShape,
-    dtype_bytes,
     estimate_pass,
     largest_rows,
 )
@@ -96,6 +96,11 @@ def compact_heap() -> bool:
             COMPACT_MMAP_THRESHOLD >> 20,
         )
     return True
+
+
+def heap_mode() -> str:
+    """glibc's heap in this process: "default", or "compact" once `compact_heap` has run."""
+    return _heap["mode"]
 
 
 def heap_slack(device: torch.device | str) -> float:
@@ -275,6 +280,15 @@ def model_dtype(model) -> torch.dtype:
     return next((p.dtype for name, p in model.named_parameters() if "lora_" not in name), torch.float32)
 
 
+class ShapedModel(NamedTuple):
+    """What a plan needs of a model: its shape, its LoRA adapter's, its dtype and its device (no weights)."""
+
+    shape: ModelShape
+    lora: LoraShape
+    dtype: torch.dtype | str
+    device: torch.device
+
+
 def plan_passes(
     model,
     budget: MemoryBudget,
@@ -297,7 +311,14 @@ def plan_passes(
     {"gradient": n, "validation": m}) weigh the passes' time in what a larger budget would save (`plan.larger`)."""
     device = next(p.device for p in model.parameters())
     resident = resident_bytes(device, model) if resident is None else resident
-    options = dict(
+    return plan_shape_passes(
+        ModelShape.from_model(model),
+        LoraShape.from_model(model),
+        model_dtype(model),
+        budget,
+        device=device,
+        resident=resident,
+        counts=counts,
         pool_width=pool_width,
         validation_width=validation_width,
         gradient_rows=gradient_rows,
@@ -307,9 +328,32 @@ def plan_passes(
         fused=fused,
         labelled_fraction=labelled_fraction,
     )
+
+
+def plan_shape_passes(
+    shape: ModelShape,
+    lora: LoraShape,
+    dtype,
+    budget: MemoryBudget,
+    *,
+    device: torch.device | str,
+    resident: int,
+    compact: bool = True,
+    counts: dict[str, int] | None = None,
+    **options,
+) -> MemoryPlan:
+    """`plan_passes` from the model's shape (a model not loaded yet: `rose-trl plan`), `resident` bytes held when the
+    passes run. `compact`: on a CPU, when a pass does not fit at 1 row with glibc's default heap and the budget is the
+    user's, make the heap compact (`compact_heap`, as a run does) and plan again; False plans with the compact heap's
+    slack without changing this process's heap (what a run would do, said beforehand)."""
+    device = torch.device(device)
+    model = ShapedModel(shape, lora, dtype, device)
     plan = _plan(model, budget, resident, heap_slack(device), **options)
-    if plan.over and budget.chosen and device.type != "cuda" and _heap["mode"] == "default" and compact_heap():
-        plan = _plan(model, budget, resident, heap_slack(device), **options)
+    if plan.over and budget.chosen and device.type != "cuda" and _heap["mode"] == "default":
+        if not compact:
+            plan = _plan(model, budget, resident, HEAP_SLACK["compact"], **options)
+        elif compact_heap():
+            plan = _plan(model, budget, resident, heap_slack(device), **options)
     plan.larger = larger_budget(model, plan, counts, **options)
     return plan
 
@@ -332,7 +376,9 @@ def pass_seconds(plan: MemoryPlan, counts: dict[str, int] | None = None) -> floa
     return total * (COMPACT_HEAP_TIME if compact else 1.0)
 
 
-def larger_budget(model, plan: MemoryPlan, counts: dict[str, int] | None = None, **options) -> LargerBudget | None:
+def larger_budget(
+    model: ShapedModel, plan: MemoryPlan, counts: dict[str, int] | None = None, **options
+) -> LargerBudget | None:
     """The budget that would give every pass its user's limit (gradient_batch_size, validation_batch_size: the rows
     a roomy budget gives) on glibc's default heap, at most the machine's default budget, when it is larger than
     `plan`'s and changes a pass; with the share of the passes' time it would save (`pass_seconds`). None when no
@@ -359,7 +405,7 @@ def larger_budget(model, plan: MemoryPlan, counts: dict[str, int] | None = None,
 
 
 def _plan(
-    model,
+    model: ShapedModel,
     budget: MemoryBudget,
     resident: int,
     slack: float,
@@ -371,9 +417,9 @@ def _plan(
     validation_pairs: int,
     dim: int,
     fused: bool,
-    labelled_fraction: float,
+    labelled_fraction: float = 1.0,
 ) -> MemoryPlan:
-    shape, lora, dtype = ModelShape.from_model(model), LoraShape.from_model(model), model_dtype(model)
+    shape, lora, dtype, device = model
     available = budget.limit - resident
     if max_batch_tokens:  # the user's token cap bounds the rows of the longest rows too
         gradient_rows = max(1, min(gradient_rows, max_batch_tokens // max(pool_width, 1)))
@@ -489,108 +535,3 @@ def evaluation_rows(model, budget: MemoryBudget, width: int, limit: int, labelle
     plan = PassPlan("evaluation", rows, width, est, "the budget" if by_budget else "--batch-size")
     logger.info("memory plan: budget %s; %s", budget.describe(), plan.describe(budget, resident, slack))
     return plan
-
-
-def training_rows(
-    shape: ModelShape, lora: LoraShape, dtype, width: int, available: int, limit: int, slack: float = 1.0, **options
-) -> int:
-    """The most rows (<= `limit`) of `width` tokens a Trainer step (TRL's SFT loss, train mode) may take within
-    `available` bytes beyond the weights and optimizer state (its live bytes times `slack`); 0 when not even one
-    fits."""
-    return largest_rows(
-        lambda r: int(slack * estimate_pass("training", shape, lora, dtype, r, width, **options).transient),
-        available,
-        limit,
-    )
-
-
-def check_training(
-    model,
-    args,
-    budget: MemoryBudget,
-    what: str,
-    width: int | None = None,
-    resident: int | None = None,
-    lora: LoraShape | None = None,
-) -> str | None:
-    """Warn (and return the warning) when the Trainer's `per_device_train_batch_size` rows of `width` tokens
-    (default: args.max_length) are estimated over `budget`, with the batch that fits. Nothing is changed: the
-    training's batch sizes are the user's. `model`: a live model, or a transformers config with `lora` given (a
-    model not loaded yet)."""
-    PartialState()  # accelerate's logger needs its state
-    width = width or getattr(args, "max_length", None) or 1024
-    if hasattr(model, "parameters") and callable(model.parameters):
-        shape, dtype = ModelShape.from_model(model), model_dtype(model)
-        lora = lora or LoraShape.from_model(model)
-        if resident is None:
-            resident = resident_bytes(next(p.device for p in model.parameters()), model)
-    else:
-        if lora is None:
-            raise ValueError("check_training on a config (a model not loaded yet) needs its LoraShape: lora=...")
-        shape, dtype = ModelShape.from_config(model), getattr(model, "dtype", None) or "float32"
-        # Not loaded yet: the weights will be held too.
-        resident = (resident if resident is not None else resident_bytes()) + shape.parameters * dtype_bytes(dtype)
-    options = dict(gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)))
-    rows = args.per_device_train_batch_size
-    step = estimate_pass("training", shape, lora, dtype, rows, width, **options)
-    held = resident + step.parts["optimizer"]  # AdamW's state, made at the first step, is held from then on
-    device = (
-        next(p.device for p in model.parameters())
-        if hasattr(model, "parameters") and callable(model.parameters)
-        else torch.device("cpu")
-    )
-    slack = heap_slack(device)
-    # Only a budget the user set is held with the compact heap (its page faults cost time); the default is not.
-    squeezable = budget.chosen and device.type != "cuda"
-    if (
-        held + slack * step.transient > budget.limit
-        and squeezable
-        and _heap["mode"] == "default"
-        and held + HEAP_SLACK["compact"] * step.transient <= budget.limit
-        and compact_heap()
-    ):
-        slack = heap_slack(device)  # the compact heap lets the Trainer's batch fit
-    peak = held + slack * step.transient
-    if peak <= budget.limit:
-        logger.info(
-            "%s: batches of %d rows of up to %d tokens, estimated peak %.2f GB, within the memory budget %s",
-            what,
-            rows,
-            width,
-            peak / GB,
-            budget.describe(),
-        )
-        return None
-    fits = training_rows(
-        shape,
-        lora,
-        dtype,
-        width,
-        budget.limit - held,
-        rows,
-        HEAP_SLACK["compact"] if squeezable else slack,
-        **options,
-    )
-    accumulate = args.gradient_accumulation_steps * rows
-    rows_fit = f"{fits} rows fit" if fits > 1 else "1 row fits"
-    # The least this training can hold: 1 row a step, with the compact heap on a CPU (a budget the user sets).
-    least = (
-        held
-        + (HEAP_SLACK["compact"] if device.type != "cuda" else 1.0)
-        * estimate_pass("training", shape, lora, dtype, 1, width, **options).transient
-    )
-    advice = (
-        f"{rows_fit}: per_device_train_batch_size: {fits} with gradient_accumulation_steps: "
-        f"{math.ceil(accumulate / fits)} keeps about {accumulate} rows an optimizer step"
-        if fits
-        else f"not even 1 row fits: 1 row is estimated at {least / GB:.2f} GB, the smallest budget this "
-        f"training can hold (memory_budget_gb: {smallest_gb(least)}); lower max_length or turn "
-        "gradient_checkpointing on to hold a smaller one"
-    )
-    message = (
-        f"{what}: per_device_train_batch_size={rows} rows of up to {width} tokens are estimated at a peak of "
-        f"{peak / GB:.2f} GB (the process holds {held / GB:.2f} GB), over the memory budget "
-        f"{budget.describe()}; {advice}. The training's batch sizes are the Trainer's: not changed"
-    )
-    logger.warning(message)
-    return message

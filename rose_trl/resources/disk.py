@@ -32,7 +32,8 @@ class DiskSpaceError(UserError, OSError):
     """Not enough free disk space for what a run is about to write."""
 
 
-def _existing(path: Path) -> Path:
+def nearest_existing(path: str | Path) -> Path:
+    """`path` itself when it exists, else its nearest existing parent: where its filesystem is known."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -41,7 +42,7 @@ def _existing(path: Path) -> Path:
 
 def free_bytes(path: str | Path) -> int:
     """Bytes free for this user on the filesystem that holds `path` (or its nearest existing parent)."""
-    return shutil.disk_usage(_existing(Path(path))).free
+    return shutil.disk_usage(nearest_existing(Path(path))).free
 
 
 def human(n: int | float) -> str:
@@ -84,7 +85,7 @@ def allocate(file: str | Path, new: bool) -> None:
             raise
         if new:
             file.unlink(missing_ok=True)
-        free = shutil.disk_usage(_existing(file.parent)).free  # what is really free now, whatever was checked
+        free = shutil.disk_usage(nearest_existing(file.parent)).free  # what is really free now, whatever was checked
         raise DiskSpaceError(
             e.errno,
             f"disk full: cannot allocate {size:,} bytes ({human(size)}) for {file} "

@@ -30,7 +30,8 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from rose_trl.config import ROSEConfig
 from rose_trl.gradients.capture import AdamState, num_trainable_parameters, trainable_parameters
-from rose_trl.resources.budget import MemoryBudget, check_training
+from rose_trl.resources.budget import MemoryBudget
+from rose_trl.resources.training_memory import check_training
 from rose_trl.run.selector import ROSESelector
 from rose_trl.utils.files import checkpoint_name
 from rose_trl.utils.timing import clock, stage

@@ -31,7 +31,8 @@ from rose_trl.data.sft import BadRecordError, fingerprint_tokenized, tokenize_po
 from rose_trl.models.final_model import ModelSpec, apply_chat_template_path, check_model, model_specs
 from rose_trl.models.source import load_model_and_tokenizer, model_source
 from rose_trl.outputs.selection import write_selection
-from rose_trl.resources.budget import MemoryBudget, check_training
+from rose_trl.resources.budget import MemoryBudget
+from rose_trl.resources.training_memory import check_training
 from rose_trl.run.callback import ROSECallback
 from rose_trl.run.ledger import effective_batch_size, resume_differences
 from rose_trl.run.offline import select_from_checkpoints
@@ -42,6 +43,14 @@ from rose_trl.utils.timing import clock, stage
 
 
 logger = get_logger(__name__)
+
+
+def recipe_parser():
+    """The command line of recipes/rose_sft.py (and of `rose-trl plan` and `rose-trl check-pairs`): ROSEConfig,
+    SFTConfig and ModelConfig options, a YAML `--config` under them (TRL's TrlParser)."""
+    from trl import TrlParser
+
+    return TrlParser((ROSEConfig, SFTConfig, ModelConfig))
 
 
 def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:

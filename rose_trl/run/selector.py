@@ -34,7 +34,7 @@ from rose_trl.outputs.selection import write_selection
 from rose_trl.resources.budget import MemoryPlan, plan_run
 from rose_trl.resources.disk import require_free_space
 from rose_trl.run.ledger import RunLedger, checkpoint_identity
-from rose_trl.scoring.agreement import agreement_warnings, validation_agreement
+from rose_trl.scoring.agreement import agreement_report
 from rose_trl.scoring.scores import CheckpointGradients, ValidationTargets, score_checkpoints, validation_targets
 from rose_trl.stores.extraction import extract_pool_store, rows_per_pass
 from rose_trl.stores.store import GradientStore, store_bytes
@@ -323,10 +323,9 @@ class ROSESelector:
             "projection": checkpoints[0].train.meta["projection"],
         }
 
-        agreement = validation_agreement(
+        agreement, across, warnings = agreement_report(
             targets.vectors, [c.learning_rate for c in checkpoints], list(self.validation["subtask"]), targets.usable
         )
-        warnings = agreement_warnings(agreement)
         for warning in warnings:
             logger.warning(warning)
 
@@ -338,6 +337,7 @@ class ROSESelector:
                 "left_out_pairs": np.flatnonzero(~targets.usable).tolist(),
                 "zero_gradient_pairs": targets.zero_gradient_pairs,
                 "validation_agreement": agreement,
+                "validation_agreement_across": across,
                 "agreement_warnings": warnings,
                 "validation_subsample": subsample_report(self.validation),  # validation_k's sample, or None
             }

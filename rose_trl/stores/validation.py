@@ -180,6 +180,28 @@ def validation_dpo_config(
     )
 
 
+def preference_batch(validation, tokenizer, config: DPOConfig, rows: list[int] | None = None) -> dict:
+    """The pairs `rows` (default: all) of `validation` as the validation passes feed them to TRL's DPO loss: TRL's
+    own tokenization (`DPOTrainer._prepare_dataset`: the prompt's chat template or text, the eos TRL adds) and its
+    collator (`DataCollatorForPreference`), cut by `KeepLastTokens` when `config` says so; [chosen rows...,
+    rejected rows...] with `completion_mask` on the tokens whose log-probabilities the loss reads. No model."""
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in validation.column_names]
+    pairs = validation.select_columns(columns)
+    if rows is not None:
+        pairs = pairs.select(rows)
+    stand_in = SimpleNamespace(_tokenizer=tokenizer)  # all _prepare_dataset reads of the trainer
+    tokenized = DPOTrainer._prepare_dataset(stand_in, pairs, tokenizer, config, "validation")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate_fn = DataCollatorForPreference(pad_token_id=pad)
+    if getattr(config, "keep_last_tokens", None) is not None:
+        collate_fn = KeepLastTokens(collate_fn, config.keep_last_tokens, pad)
+    return collate_fn([tokenized[i] for i in range(len(tokenized))])
+
+
 class ROSEDPOTrainer(DPOTrainer):
     """A `trl.DPOTrainer` that returns per-pair gradients of its DPO loss instead of training.
 
@@ -454,25 +476,25 @@ class ValidationGradients:
             )
         # Every process must agree before running collectives.
         if not (all_true(store.is_complete) if state.num_processes > 1 else store.is_complete):
-            if self.kind == "dpo":
-                trainer = self._dpo_trainer(model)
-                trainer.head_tokens = self.head_tokens
-                if trainer.reference is None:
-                    trainer.reference = self.reference  # computed once per run, not per checkpoint
-                grads = trainer.pair_gradients(featurizer)
-                self.reference = trainer.reference
-            else:
-                grads = sft_validation_gradients(
-                    model,
-                    self.validation,
-                    self.tokenizer,
-                    featurizer,
-                    self.max_length,
-                    batch_size=self.sft_rows_per_pass,
-                )
+            grads = self.compute(model, featurizer)
             if write:
                 store.write(np.arange(len(self.validation)), grads.cpu().numpy())
         return store
+
+    def compute(self, model, featurizer: Featurizer) -> torch.Tensor:
+        """[n_pairs, dim] features of every pair's gradient at `model`, without a store: TRL's DPO loss through the
+        run's `ROSEDPOTrainer` (its reference log-probs computed once, then kept), or LESS's SFT rows."""
+        if self.kind == "dpo":
+            trainer = self._dpo_trainer(model)
+            trainer.head_tokens = self.head_tokens
+            if trainer.reference is None:
+                trainer.reference = self.reference  # computed once per run, not per checkpoint
+            grads = trainer.pair_gradients(featurizer)
+            self.reference = trainer.reference
+            return grads
+        return sft_validation_gradients(
+            model, self.validation, self.tokenizer, featurizer, self.max_length, batch_size=self.sft_rows_per_pass
+        )
 
     def read(self, name: str, projection: dict) -> np.ndarray:
         """The checkpoint's [n_pairs, dim] rows, checked against the pool store's `projection`."""
