@@ -42,8 +42,15 @@ def _text(value) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in value) if isinstance(value, list) else str(value)
 
 
-def write_contributions(folder: str | Path, checkpoints: list[CheckpointGradients], rows: np.ndarray, validation,
-                        usable: np.ndarray, chunk_rows: int | None = None, progress: bool = False) -> None:
+def write_contributions(
+    folder: str | Path,
+    checkpoints: list[CheckpointGradients],
+    rows: np.ndarray,
+    validation,
+    usable: np.ndarray,
+    chunk_rows: int | None = None,
+    progress: bool = False,
+) -> None:
     """contributions.parquet and pairs.parquet in `folder`, for the selected pool `rows`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -54,19 +61,38 @@ def write_contributions(folder: str | Path, checkpoints: list[CheckpointGradient
     folder = Path(folder)
     subtasks = np.asarray(validation["subtask"], dtype=object)
     pairs = np.flatnonzero(usable)
-    pd.DataFrame({"pair_index": np.arange(len(validation)), "subtask": subtasks.astype(str),
-                  "prompt": [_text(v) for v in validation["prompt"]], "chosen": [_text(v) for v in validation["chosen"]],
-                  "rejected": [_text(v) for v in validation["rejected"]], "usable": np.asarray(usable, dtype=bool)},
-                 ).to_parquet(folder / PAIRS, index=False)
-    schema = pa.schema([("pool_index", pa.int64()), ("pair_index", pa.int32()), ("subtask", pa.string()),
-                        ("contribution", pa.float64())])
+    pd.DataFrame(
+        {
+            "pair_index": np.arange(len(validation)),
+            "subtask": subtasks.astype(str),
+            "prompt": [_text(v) for v in validation["prompt"]],
+            "chosen": [_text(v) for v in validation["chosen"]],
+            "rejected": [_text(v) for v in validation["rejected"]],
+            "usable": np.asarray(usable, dtype=bool),
+        },
+    ).to_parquet(folder / PAIRS, index=False)
+    schema = pa.schema(
+        [
+            ("pool_index", pa.int64()),
+            ("pair_index", pa.int32()),
+            ("subtask", pa.string()),
+            ("contribution", pa.float64()),
+        ]
+    )
     bar = tqdm(total=len(rows), desc="Contributions", unit="row", disable=not progress)
     with pq.ParquetWriter(folder / CONTRIBUTIONS, schema) as writer:
         for chunk, values in contribution_chunks(checkpoints, rows, pairs, chunk_rows):
-            writer.write_table(pa.table({
-                "pool_index": np.repeat(chunk, len(pairs)), "pair_index": np.tile(pairs, len(chunk)).astype(np.int32),
-                "subtask": np.tile(subtasks[pairs], len(chunk)).astype(str), "contribution": values.reshape(-1)},
-                schema=schema))
+            writer.write_table(
+                pa.table(
+                    {
+                        "pool_index": np.repeat(chunk, len(pairs)),
+                        "pair_index": np.tile(pairs, len(chunk)).astype(np.int32),
+                        "subtask": np.tile(subtasks[pairs], len(chunk)).astype(str),
+                        "contribution": values.reshape(-1),
+                    },
+                    schema=schema,
+                )
+            )
             bar.update(len(chunk))
     bar.close()
 
@@ -96,7 +122,9 @@ def shorten(text: str, max_chars: int) -> str:
 def top_pairs(contributions: pd.DataFrame, owners: pd.Series, n: int = 3) -> pd.DataFrame:
     """The `n` largest contributions to each row from the pairs of the subtask it was selected for
     (`owners`: pool_index -> subtask, see `selected_for`), largest first."""
-    frame = contributions[contributions["subtask"].to_numpy() == owners.reindex(contributions["pool_index"]).to_numpy()]
+    frame = contributions[
+        contributions["subtask"].to_numpy() == owners.reindex(contributions["pool_index"]).to_numpy()
+    ]
     frame = frame.sort_values(["pool_index", "contribution", "pair_index"], ascending=[True, False, True])
     return frame.groupby("pool_index", sort=False).head(n)
 
@@ -108,8 +136,15 @@ def top_contributor_counts(contributions: pd.DataFrame, owners: pd.Series) -> pd
     pairs = contributions.drop_duplicates("pair_index")[["pair_index", "subtask"]]
     picks = owners.value_counts().reindex(pairs["subtask"], fill_value=0).to_numpy()
     top_for = top["pair_index"].value_counts().reindex(pairs["pair_index"], fill_value=0).to_numpy()
-    out = pd.DataFrame({"pair_index": pairs["pair_index"].to_numpy(), "subtask": pairs["subtask"].to_numpy(),
-                        "top_for": top_for, "subtask_picks": picks, "share": top_for / np.maximum(picks, 1)})
+    out = pd.DataFrame(
+        {
+            "pair_index": pairs["pair_index"].to_numpy(),
+            "subtask": pairs["subtask"].to_numpy(),
+            "top_for": top_for,
+            "subtask_picks": picks,
+            "share": top_for / np.maximum(picks, 1),
+        }
+    )
     out["flagged"] = out["share"] > 0.5
     return out.sort_values(["subtask", "top_for", "pair_index"], ascending=[True, False, True], ignore_index=True)
 
@@ -134,8 +169,9 @@ class ExplainError(ValueError):
     """The row or the folder cannot be explained at all (unknown index, no selection folder)."""
 
 
-def explain_row(output_dir: str | Path, pool_index: int, folder: str = "selection", top: int = 3,
-                max_chars: int = 300) -> tuple[str, str | None]:
+def explain_row(
+    output_dir: str | Path, pool_index: int, folder: str = "selection", top: int = 3, max_chars: int = 300
+) -> tuple[str, str | None]:
     """(the row's explanation, a problem or None): its scores always; for a selected row of a gradient
     method, its top pairs with their texts and contributions."""
     path = Path(output_dir) / folder
@@ -145,21 +181,27 @@ def explain_row(output_dir: str | Path, pool_index: int, folder: str = "selectio
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
     hit = scores[scores["pool_index"] == pool_index]
     if hit.empty:
-        raise ExplainError(f"pool index {pool_index} is not in {path}: the pool has {len(scores)} rows "
-                           f"(0..{len(scores) - 1})")
+        raise ExplainError(
+            f"pool index {pool_index} is not in {path}: the pool has {len(scores)} rows (0..{len(scores) - 1})"
+        )
     row = hit.iloc[0]
     method = summary.get("selection_method", "?")
     columns = ScoreColumns.read(scores.columns, summary.get("subtasks"))
     lines = [f"pool row {pool_index} in {path} ({method}, subtask_balance {summary.get('subtask_balance', 'max')})"]
     rank = int((scores["score"] > row["score"]).sum()) + 1
-    lines.append(f"  score {row['score']:.6g} (rank {rank} of {len(scores)}; selection threshold "
-                 f"{summary.get('threshold', float('nan')):.6g})")
+    lines.append(
+        f"  score {row['score']:.6g} (rank {rank} of {len(scores)}; selection threshold "
+        f"{summary.get('threshold', float('nan')):.6g})"
+    )
     if columns.subtasks:
-        lines.append("  per-subtask scores: " + ", ".join(f"{s} {row[columns.subtask(s)]:.6g}" for s in columns.subtasks))
+        lines.append(
+            "  per-subtask scores: " + ", ".join(f"{s} {row[columns.subtask(s)]:.6g}" for s in columns.subtasks)
+        )
     if not bool(row["selected"]):
         lines.append("  not selected")
-        return "\n".join(lines), (f"row {pool_index} was not selected, so it has no contributions: only selected "
-                                  "rows are explained")
+        return "\n".join(lines), (
+            f"row {pool_index} was not selected, so it has no contributions: only selected rows are explained"
+        )
     owners = selected_for(scores, summary.get("subtasks"))
     owner = None if owners is None else owners.get(pool_index)
     lines.append("  selected" + (f", for subtask {owner!r}" if owner is not None else ""))
@@ -173,21 +215,27 @@ def explain_row(output_dir: str | Path, pool_index: int, folder: str = "selectio
         lines.append("  text: " + shorten(pool_text(record, pool_index), max_chars))
     contributions = load_contributions(path, [pool_index])
     if contributions is None:
-        return "\n".join(lines), (f"{path} has no {CONTRIBUTIONS}: {method} is not a gradient method, only rose and "
-                                  "less selections are explained pair by pair")
+        return "\n".join(lines), (
+            f"{path} has no {CONTRIBUTIONS}: {method} is not a gradient method, only rose and "
+            "less selections are explained pair by pair"
+        )
     pairs = load_pairs(path)
     mine = contributions[contributions["subtask"] == owner]
     agreement = (summary.get("validation_agreement") or {}).get(owner)
     if agreement is not None:
         lines.append(agreement_line(owner, agreement))
-    lines.append(f"  {columns.subtask(owner)} = mean of the contributions of its {len(mine)} pairs = {mine['contribution'].mean():.6g}")
+    lines.append(
+        f"  {columns.subtask(owner)} = mean of the contributions of its {len(mine)} pairs = {mine['contribution'].mean():.6g}"
+    )
     lines.append(f"  top {min(top, len(mine))} pairs of {owner!r}:")
     for _, c in top_pairs(contributions, pd.Series({pool_index: owner}), top).iterrows():
         pair = pairs.loc[int(c["pair_index"])]
-        lines += [f"    pair {int(c['pair_index'])}: contribution {c['contribution']:+.6g}",
-                  f"      prompt:   {shorten(pair['prompt'], max_chars)}",
-                  f"      chosen:   {shorten(pair['chosen'], max_chars)}",
-                  f"      rejected: {shorten(pair['rejected'], max_chars)}"]
+        lines += [
+            f"    pair {int(c['pair_index'])}: contribution {c['contribution']:+.6g}",
+            f"      prompt:   {shorten(pair['prompt'], max_chars)}",
+            f"      chosen:   {shorten(pair['chosen'], max_chars)}",
+            f"      rejected: {shorten(pair['rejected'], max_chars)}",
+        ]
     left_out = summary.get("left_out_pairs") or []
     if left_out:
         lines.append(f"  pairs {left_out} have a zero validation gradient and are left out of every mean")
@@ -197,14 +245,20 @@ def explain_row(output_dir: str | Path, pool_index: int, folder: str = "selectio
 def agreement_line(subtask: str, s: dict) -> str:
     """How much the subtask's validation pairs agree (summary.json's validation_agreement), and the warning."""
     if s["agrees"] is None:
-        return (f"  warning: {subtask!r} has a single validation pair: its agreement cannot be measured and the picks "
-                f"follow that one pair. What helps: {WHAT_HELPS}")
-    text = (f"  validation pairs of {subtask!r}: {s['pairs']}, agreement {s['agreement']:+.3f}, reliability "
-            f"{s['reliability']:.2f} (threshold {s['threshold']:.2f})")
+        return (
+            f"  warning: {subtask!r} has a single validation pair: its agreement cannot be measured and the picks "
+            f"follow that one pair. What helps: {WHAT_HELPS}"
+        )
+    text = (
+        f"  validation pairs of {subtask!r}: {s['pairs']}, agreement {s['agreement']:+.3f}, reliability "
+        f"{s['reliability']:.2f} (threshold {s['threshold']:.2f})"
+    )
     if not s["agrees"]:
         need = f"; about {s['pairs_needed']} such pairs would reach it" if s["pairs_needed"] else ""
-        text += (f"\n  warning: the pairs do not agree: the picks follow single pairs rather than what they share{need}."
-                 f" What helps: {WHAT_HELPS}")
+        text += (
+            f"\n  warning: the pairs do not agree: the picks follow single pairs rather than what they share{need}."
+            f" What helps: {WHAT_HELPS}"
+        )
     return text
 
 

@@ -44,8 +44,9 @@ def _score_stats(scores_path: Path) -> dict:
     chosen = score[selected]
     stats = {"num_scored": int(score.size)}
     if chosen.size:
-        stats.update(selected_min=float(chosen.min()), selected_mean=float(chosen.mean()),
-                     selected_max=float(chosen.max()))
+        stats.update(
+            selected_min=float(chosen.min()), selected_mean=float(chosen.mean()), selected_max=float(chosen.max())
+        )
     return stats
 
 
@@ -98,17 +99,23 @@ def build_dataset_card(output_dir, repo_id: str | None = None, folder: str = SEL
     fraction = config.get("selection_fraction")
     share = f"{100 * fraction:g}% of the pool" if isinstance(fraction, (int, float)) else "of the pool"
     if "rose" in str(method).lower():
-        how = (f"whose training gradients align best with the preference (DPO-loss) gradients of the few-shot "
-               f"validation set `{config.get('validation_dataset')}`, selected with ROSE (Wu et al., "
-               f"arXiv:2412.00631), method `{method}`, gradients of `{model}` "
-               f"({fmt(config.get('projection_type'))} projection to {fmt(config.get('projection_dim'))} dimensions).")
+        how = (
+            f"whose training gradients align best with the preference (DPO-loss) gradients of the few-shot "
+            f"validation set `{config.get('validation_dataset')}`, selected with ROSE (Wu et al., "
+            f"arXiv:2412.00631), method `{method}`, gradients of `{model}` "
+            f"({fmt(config.get('projection_type'))} projection to {fmt(config.get('projection_dim'))} dimensions)."
+        )
     elif uses_model:
         what = "gradients" if method == "less" else "last-layer hidden states"
-        how = (f"selected by the `{method}` method of a ROSE run (validation set `{config.get('validation_dataset')}`), "
-               f"from the {what} of `{model}`.")
+        how = (
+            f"selected by the `{method}` method of a ROSE run (validation set `{config.get('validation_dataset')}`), "
+            f"from the {what} of `{model}`."
+        )
     else:
-        how = (f"selected by the `{method}` method of a ROSE run (validation set `{config.get('validation_dataset')}`), "
-               f"which reads no model.")
+        how = (
+            f"selected by the `{method}` method of a ROSE run (validation set `{config.get('validation_dataset')}`), "
+            f"which reads no model."
+        )
     selected_with = f"`{model}`" if uses_model else "no model"
     body = f"""
 # ROSE selection: {num_selected} of {num_pool} examples
@@ -148,21 +155,33 @@ trl sft --model_name_or_path <your model> --dataset_name {repo_id or "<this repo
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
-def push_selection(output_dir, repo_id: str, private: bool = False, token: str | None = None,
-                   folder: str = SELECTION_DIR) -> str:
+def push_selection(
+    output_dir, repo_id: str, private: bool = False, token: str | None = None, folder: str = SELECTION_DIR
+) -> str:
     """Push the selected rows to `repo_id` (a dataset repo), then its card and the scores/config files.
     Returns the repo URL."""
     sel = _selection_dir(output_dir, folder)
     card = build_dataset_card(output_dir, repo_id, folder)
     selected = datasets.load_from_disk(str(sel / "selected"))
-    selected.push_to_hub(repo_id, split="train", private=private, token=token,
-                         commit_message="ROSE selection: selected rows")
+    selected.push_to_hub(
+        repo_id, split="train", private=private, token=token, commit_message="ROSE selection: selected rows"
+    )
     api = HfApi(token=token)
-    api.upload_file(path_or_fileobj=card.encode("utf-8"), path_in_repo="README.md", repo_id=repo_id,
-                    repo_type="dataset", commit_message="ROSE selection: dataset card")
+    api.upload_file(
+        path_or_fileobj=card.encode("utf-8"),
+        path_in_repo="README.md",
+        repo_id=repo_id,
+        repo_type="dataset",
+        commit_message="ROSE selection: dataset card",
+    )
     for name in EXTRA_FILES:
-        api.upload_file(path_or_fileobj=str(sel / name), path_in_repo=f"rose_selection/{name}", repo_id=repo_id,
-                        repo_type="dataset", commit_message=f"ROSE selection: {name}")
+        api.upload_file(
+            path_or_fileobj=str(sel / name),
+            path_in_repo=f"rose_selection/{name}",
+            repo_id=repo_id,
+            repo_type="dataset",
+            commit_message=f"ROSE selection: {name}",
+        )
     url = f"https://huggingface.co/datasets/{repo_id}"
     logger.info("pushed %d rows to %s", len(selected), url)
     return url
@@ -170,16 +189,23 @@ def push_selection(output_dir, repo_id: str, private: bool = False, token: str |
 
 def add_push_parser(subparsers) -> argparse.ArgumentParser:
     """Register `rose-trl push <output_dir> <repo_id> [--private]` on an argparse subparsers object."""
-    parser = subparsers.add_parser("push", help="Push a finished selection (rows + dataset card) to the Hub.",
-                                   description=push_selection.__doc__)
+    parser = subparsers.add_parser(
+        "push", help="Push a finished selection (rows + dataset card) to the Hub.", description=push_selection.__doc__
+    )
     parser.add_argument("output_dir", help="The run's output directory (it holds selection/).")
     parser.add_argument("repo_id", help="Target dataset repo, e.g. user/my-rose-subset.")
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
-    parser.add_argument("--folder", default=SELECTION_DIR, help="Selection folder under output_dir "
-                        "(selection_<method> for a baseline run).")
-    parser.add_argument("--token", default=None,
-                        help="Hub token (default: HF_TOKEN or the saved login). Prefer the environment: "
-                             "a token on the command line lands in shell history.")
+    parser.add_argument(
+        "--folder",
+        default=SELECTION_DIR,
+        help="Selection folder under output_dir (selection_<method> for a baseline run).",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="Hub token (default: HF_TOKEN or the saved login). Prefer the environment: "
+        "a token on the command line lands in shell history.",
+    )
     parser.set_defaults(func=run_push)
     return parser
 

@@ -20,9 +20,17 @@ import pandas as pd
 
 from rose_trl.baselines.text import pool_text
 from rose_trl.scoring.columns import SCORE, ScoreColumns
-from rose_trl.outputs.explain import load_contributions, load_pairs, selected_for, shorten, top_contributor_counts, top_pairs
+from rose_trl.outputs.explain import (
+    load_contributions,
+    load_pairs,
+    selected_for,
+    shorten,
+    top_contributor_counts,
+    top_pairs,
+)
 from rose_trl.outputs.report_figures import checkpoint_agreement_figure, composition_figure, score_distribution_figure
 from rose_trl.data.sft import BadRecordError
+
 
 @dataclass
 class SelectionRun:
@@ -82,7 +90,9 @@ def load_selection(path: str | Path) -> SelectionRun:
         from datasets import load_from_disk
 
         selected = load_from_disk(str(path / "selected"))
-    return SelectionRun(path.name, path, scores, _read_json(path / "config.json"), _read_json(path / "summary.json"), selected)
+    return SelectionRun(
+        path.name, path, scores, _read_json(path / "config.json"), _read_json(path / "summary.json"), selected
+    )
 
 
 def find_selections(output_dir: str | Path) -> list[SelectionRun]:
@@ -111,12 +121,17 @@ def comparison_table(runs: list[SelectionRun]) -> pd.DataFrame:
     for run in runs:
         chosen = set(run.scores.loc[run.scores["selected"], "pool_index"].tolist())
         n_pool = int(run.summary.get("num_pool", len(run.scores)))
-        rows.append({
-            "folder": run.name, "method": run.method, "num_pool": n_pool, "num_selected": len(chosen),
-            "fraction": len(chosen) / n_pool if n_pool else float("nan"),
-            "threshold": run.threshold if run.threshold is not None else float("nan"),
-            f"overlap with {runs[0].name}": len(chosen & main) / len(main) if main else float("nan"),
-        })
+        rows.append(
+            {
+                "folder": run.name,
+                "method": run.method,
+                "num_pool": n_pool,
+                "num_selected": len(chosen),
+                "fraction": len(chosen) / n_pool if n_pool else float("nan"),
+                "threshold": run.threshold if run.threshold is not None else float("nan"),
+                f"overlap with {runs[0].name}": len(chosen & main) / len(main) if main else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -144,8 +159,14 @@ def top_examples(run: SelectionRun, per_subtask: int = 5, max_chars: int = 400) 
                 text = pool_text(record, i)
             except BadRecordError:  # a pool without the usual text fields: show the row as saved
                 text = json.dumps({k: v for k, v in record.items() if k not in ("pool_index", "score")}, default=str)
-            rows.append({"pool_index": i, "score": float(scores.at[i, col]), "source": record.get("source"),
-                         "text": text if len(text) <= max_chars else text[:max_chars] + " …"})
+            rows.append(
+                {
+                    "pool_index": i,
+                    "score": float(scores.at[i, col]),
+                    "source": record.get("source"),
+                    "text": text if len(text) <= max_chars else text[:max_chars] + " …",
+                }
+            )
         if rows:
             out[name] = rows
     return out
@@ -155,15 +176,23 @@ def summary_table(run: SelectionRun) -> pd.DataFrame:
     """The headline numbers of a selection."""
     n_pool = int(run.summary.get("num_pool", len(run.scores)))
     n_selected = int(run.scores["selected"].sum())
-    rows = [("method", run.method), ("pool rows", n_pool), ("selected rows", n_selected),
-            ("fraction", n_selected / n_pool if n_pool else float("nan")),
-            ("threshold (lowest selected score)", run.threshold if run.threshold is not None else float("nan")),
-            ("subtask balance", run.summary.get("subtask_balance", "max"))]
+    rows = [
+        ("method", run.method),
+        ("pool rows", n_pool),
+        ("selected rows", n_selected),
+        ("fraction", n_selected / n_pool if n_pool else float("nan")),
+        ("threshold (lowest selected score)", run.threshold if run.threshold is not None else float("nan")),
+        ("subtask balance", run.summary.get("subtask_balance", "max")),
+    ]
     if run.method == "rose":
         loss = run.config.get("validation_loss_type", ["sigmoid"])
         weights = run.config.get("validation_loss_weights")
-        rows.append(("validation loss", " + ".join(f"{w:g} * {t}" for t, w in zip(loss, weights)) if weights
-                     else " + ".join(loss)))
+        rows.append(
+            (
+                "validation loss",
+                " + ".join(f"{w:g} * {t}" for t, w in zip(loss, weights)) if weights else " + ".join(loss),
+            )
+        )
     if run.config.get("validation_aggregation"):
         rows.append(("validation aggregation", run.config["validation_aggregation"]))
     return pd.DataFrame(rows, columns=["", "value"])
@@ -176,9 +205,17 @@ def score_statistics(run: SelectionRun) -> pd.DataFrame:
     for col in [SCORE] + run.subtask_columns:
         values = run.scores[col].to_numpy(dtype=float)
         picked = values[selected]
-        rows.append({"score": col, "pool mean": values.mean(), "pool std": values.std(), "pool min": values.min(),
-                     "pool max": values.max(), "selected mean": picked.mean() if len(picked) else float("nan"),
-                     "selected min": picked.min() if len(picked) else float("nan")})
+        rows.append(
+            {
+                "score": col,
+                "pool mean": values.mean(),
+                "pool std": values.std(),
+                "pool min": values.min(),
+                "pool max": values.max(),
+                "selected mean": picked.mean() if len(picked) else float("nan"),
+                "selected min": picked.min() if len(picked) else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -189,15 +226,24 @@ def subtask_counts(run: SelectionRun, pairs: pd.DataFrame | None) -> pd.DataFram
         return None
     names = list(run.columns.subtasks)
     picks = owners.value_counts().reindex(names, fill_value=0)
-    table = pd.DataFrame({"subtask": names, "selected rows": picks.to_numpy(),
-                          "share of selection": picks.to_numpy() / max(len(owners), 1)})
+    table = pd.DataFrame(
+        {
+            "subtask": names,
+            "selected rows": picks.to_numpy(),
+            "share of selection": picks.to_numpy() / max(len(owners), 1),
+        }
+    )
     if pairs is not None:
         table.insert(1, "validation pairs", pairs.groupby("subtask").size().reindex(names, fill_value=0).to_numpy())
-        table.insert(2, "usable pairs", pairs[pairs["usable"]].groupby("subtask").size().reindex(names, fill_value=0).to_numpy())
+        table.insert(
+            2, "usable pairs", pairs[pairs["usable"]].groupby("subtask").size().reindex(names, fill_value=0).to_numpy()
+        )
     return table
 
 
-def why_these_rows(run: SelectionRun, per_subtask: int = 5, n_pairs: int = 3, max_chars: int = 300) -> dict[str, list[dict]]:
+def why_these_rows(
+    run: SelectionRun, per_subtask: int = 5, n_pairs: int = 3, max_chars: int = 300
+) -> dict[str, list[dict]]:
     """`top_examples`, each with the `n_pairs` pairs of its subtask that contribute most to its score."""
     tops = top_examples(run, per_subtask, max_chars)
     indices = [r["pool_index"] for rows in tops.values() for r in rows]
@@ -208,9 +254,17 @@ def why_these_rows(run: SelectionRun, per_subtask: int = 5, n_pairs: int = 3, ma
     best = top_pairs(contributions, run.owners, n_pairs)
     for rows in tops.values():
         for r in rows:
-            r["pairs"] = [{"pair_index": int(c.pair_index), "contribution": float(c.contribution),
-                           **{k: shorten(pairs.at[int(c.pair_index), k], max_chars // 2) for k in ("prompt", "chosen", "rejected")}}
-                          for c in best[best["pool_index"] == r["pool_index"]].itertuples()]
+            r["pairs"] = [
+                {
+                    "pair_index": int(c.pair_index),
+                    "contribution": float(c.contribution),
+                    **{
+                        k: shorten(pairs.at[int(c.pair_index), k], max_chars // 2)
+                        for k in ("prompt", "chosen", "rejected")
+                    },
+                }
+                for c in best[best["pool_index"] == r["pool_index"]].itertuples()
+            ]
     return tops
 
 
@@ -254,7 +308,9 @@ def _table(df: pd.DataFrame, index: bool = False) -> str:
     head = ([""] if index else []) + [str(c) for c in df.columns]
     rows = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for idx, rec in zip(df.index, df.itertuples(index=False)):
-        cells = ([f"<th>{html.escape(str(idx))}</th>"] if index else []) + [f"<td>{html.escape(_fmt(v))}</td>" for v in rec]
+        cells = ([f"<th>{html.escape(str(idx))}</th>"] if index else []) + [
+            f"<td>{html.escape(_fmt(v))}</td>" for v in rec
+        ]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return "<table>" + "".join(rows) + "</table>"
 
@@ -265,27 +321,40 @@ _SECRET = ("token", "key", "secret", "password")
 def _key_values(d: dict) -> str:
     # A report gets shared; a config may carry credentials (e.g. a hub token).
     d = {k: ("***" if any(w in k.lower() for w in _SECRET) and v else v) for k, v in d.items()}
-    return _table(pd.DataFrame({"key": list(d), "value": [_fmt(v) for v in d.values()]})) if d else '<p class="muted">none</p>'
+    return (
+        _table(pd.DataFrame({"key": list(d), "value": [_fmt(v) for v in d.values()]}))
+        if d
+        else '<p class="muted">none</p>'
+    )
 
 
 def _why_html(run: SelectionRun) -> str:
     why = why_these_rows(run)
     if not why:
         return ""
-    parts = ["<h2>Why these rows</h2>",
-             "<p>The highest-scoring selected rows of each subtask, next to the three validation pairs of that subtask "
-             "that contribute most to their score (the score is the mean of the subtask's pairs' contributions; "
-             "<code>rose-trl explain &lt;output_dir&gt; &lt;pool_index&gt;</code> prints one row in full).</p>"]
+    parts = [
+        "<h2>Why these rows</h2>",
+        "<p>The highest-scoring selected rows of each subtask, next to the three validation pairs of that subtask "
+        "that contribute most to their score (the score is the mean of the subtask's pairs' contributions; "
+        "<code>rose-trl explain &lt;output_dir&gt; &lt;pool_index&gt;</code> prints one row in full).</p>",
+    ]
     for name, rows in why.items():
-        parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>pool index</th><th>score</th><th>row</th>"
-                     "<th>top pairs: contribution, prompt / chosen / rejected</th></tr>")
+        parts.append(
+            f"<h3>{html.escape(name)}</h3><table><tr><th>pool index</th><th>score</th><th>row</th>"
+            "<th>top pairs: contribution, prompt / chosen / rejected</th></tr>"
+        )
         for r in rows:
-            pairs = "".join(f"<li><b>pair {p['pair_index']}</b> {p['contribution']:+.4g}<br>"
-                            f"<span class='muted'>prompt</span> {html.escape(p['prompt'])}<br>"
-                            f"<span class='muted'>chosen</span> {html.escape(p['chosen'])}<br>"
-                            f"<span class='muted'>rejected</span> {html.escape(p['rejected'])}</li>" for p in r["pairs"])
-            parts.append(f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td>"
-                         f'<td class="snippet">{html.escape(r["text"])}</td><td><ol>{pairs}</ol></td></tr>')
+            pairs = "".join(
+                f"<li><b>pair {p['pair_index']}</b> {p['contribution']:+.4g}<br>"
+                f"<span class='muted'>prompt</span> {html.escape(p['prompt'])}<br>"
+                f"<span class='muted'>chosen</span> {html.escape(p['chosen'])}<br>"
+                f"<span class='muted'>rejected</span> {html.escape(p['rejected'])}</li>"
+                for p in r["pairs"]
+            )
+            parts.append(
+                f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td>"
+                f'<td class="snippet">{html.escape(r["text"])}</td><td><ol>{pairs}</ol></td></tr>'
+            )
         parts.append("</table>")
     return "\n".join(parts)
 
@@ -295,20 +364,45 @@ def _driving_pairs_html(run: SelectionRun) -> str:
     if counts is None:
         return ""
     flagged = counts[counts["flagged"]]
-    parts = ["<h2>Pairs that drive the selection</h2>",
-             "<p>Per validation pair: for how many selected rows it is the top contributor among the pairs of the "
-             "subtask the row was selected for. A pair that is the top contributor for more than half of its "
-             "subtask's picks is flagged: check it is not mislabelled or unrepresentative.</p>"]
+    parts = [
+        "<h2>Pairs that drive the selection</h2>",
+        "<p>Per validation pair: for how many selected rows it is the top contributor among the pairs of the "
+        "subtask the row was selected for. A pair that is the top contributor for more than half of its "
+        "subtask's picks is flagged: check it is not mislabelled or unrepresentative.</p>",
+    ]
     if len(flagged):
-        parts.append('<p class="flag">Flagged: ' + ", ".join(
-            f"pair {r.pair_index} ({html.escape(str(r.subtask))}: {r.top_for} of {r.subtask_picks})" for r in flagged.itertuples())
-            + "</p>")
-    head = ["pair", "subtask", "top contributor for", "of the subtask's picks", "share", "", "prompt", "chosen", "rejected"]
+        parts.append(
+            '<p class="flag">Flagged: '
+            + ", ".join(
+                f"pair {r.pair_index} ({html.escape(str(r.subtask))}: {r.top_for} of {r.subtask_picks})"
+                for r in flagged.itertuples()
+            )
+            + "</p>"
+        )
+    head = [
+        "pair",
+        "subtask",
+        "top contributor for",
+        "of the subtask's picks",
+        "share",
+        "",
+        "prompt",
+        "chosen",
+        "rejected",
+    ]
     rows = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in counts.itertuples():
-        cells = [r.pair_index, html.escape(str(r.subtask)), r.top_for, r.subtask_picks, f"{r.share:.0%}",
-                 '<span class="flag">&gt; half</span>' if r.flagged else "",
-                 html.escape(r.prompt), html.escape(r.chosen), html.escape(r.rejected)]
+        cells = [
+            r.pair_index,
+            html.escape(str(r.subtask)),
+            r.top_for,
+            r.subtask_picks,
+            f"{r.share:.0%}",
+            '<span class="flag">&gt; half</span>' if r.flagged else "",
+            html.escape(r.prompt),
+            html.escape(r.chosen),
+            html.escape(r.rejected),
+        ]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     parts.append("<table>" + "".join(rows) + "</table>")
     return "\n".join(parts)
@@ -320,10 +414,14 @@ def _top_examples_html(run: SelectionRun) -> str:
     if not tops:
         parts.append('<p class="muted">No saved selected/ rows.</p>')
     for name, rows in tops.items():
-        parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>pool index</th><th>score</th><th>source</th><th>text</th></tr>")
+        parts.append(
+            f"<h3>{html.escape(name)}</h3><table><tr><th>pool index</th><th>score</th><th>source</th><th>text</th></tr>"
+        )
         for r in rows:
-            parts.append(f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td><td>{html.escape(str(r['source'] or ''))}</td>"
-                         f'<td class="snippet">{html.escape(r["text"])}</td></tr>')
+            parts.append(
+                f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td><td>{html.escape(str(r['source'] or ''))}</td>"
+                f'<td class="snippet">{html.escape(r["text"])}</td></tr>'
+            )
         parts.append("</table>")
     return "\n".join(parts)
 
@@ -334,11 +432,19 @@ def agreement_table(run: SelectionRun) -> pd.DataFrame | None:
     if not report:
         return None
     fmt = lambda v, d: "-" if v is None else f"{v:.{d}f}"
-    return pd.DataFrame([{"subtask": name, "validation pairs": s["pairs"], "agreement (mean gradient cosine)":
-                          fmt(s["agreement"], 3), "reliability": fmt(s["reliability"], 2),
-                          "pairs for the threshold": s["pairs_needed"] if s["pairs_needed"] is not None else "-",
-                          "agrees": {True: "yes", False: "no", None: "one pair"}[s["agrees"]]}
-                         for name, s in report.items()])
+    return pd.DataFrame(
+        [
+            {
+                "subtask": name,
+                "validation pairs": s["pairs"],
+                "agreement (mean gradient cosine)": fmt(s["agreement"], 3),
+                "reliability": fmt(s["reliability"], 2),
+                "pairs for the threshold": s["pairs_needed"] if s["pairs_needed"] is not None else "-",
+                "agrees": {True: "yes", False: "no", None: "one pair"}[s["agrees"]],
+            }
+            for name, s in report.items()
+        ]
+    )
 
 
 def _agreement_html(run: SelectionRun) -> list[str]:
@@ -346,10 +452,13 @@ def _agreement_html(run: SelectionRun) -> list[str]:
     if table is None:
         return []
     threshold = next(iter(run.summary["validation_agreement"].values()))["threshold"]
-    parts = ["<h3>Do the validation pairs agree?</h3>",
-             f'<p class="muted">Reliability = k a / (1 + (k - 1) a) for k pairs agreeing at a: the share of a subtask\'s '
-             f"target that its pairs have in common. Under {threshold:.2f} (measured: docs/selection_quality.md (d)) "
-             "another draw of as many pairs would pick mostly other rows.</p>", _table(table)]
+    parts = [
+        "<h3>Do the validation pairs agree?</h3>",
+        f'<p class="muted">Reliability = k a / (1 + (k - 1) a) for k pairs agreeing at a: the share of a subtask\'s '
+        f"target that its pairs have in common. Under {threshold:.2f} (measured: docs/selection_quality.md (d)) "
+        "another draw of as many pairs would pick mostly other rows.</p>",
+        _table(table),
+    ]
     parts += [f'<p class="flag">{html.escape(w)}</p>' for w in run.summary.get("agreement_warnings", [])]
     return parts
 
@@ -359,47 +468,76 @@ def render_report(runs: list[SelectionRun], title: str = "ROSE selection report"
         raise ValueError("no selection folder with scores.parquet to report on")
     main = runs[0]
     pairs = load_pairs(main.path)
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             f'<p class="muted">{html.escape(str(main.path.parent))} — main selection: <b>{html.escape(main.name)}</b> ({html.escape(main.method)})</p>']
-    parts += ["<h2>Summary</h2>", _table(summary_table(main)), "<h3>Score statistics</h3>", _table(score_statistics(main))]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="muted">{html.escape(str(main.path.parent))} — main selection: <b>{html.escape(main.name)}</b> ({html.escape(main.method)})</p>',
+    ]
+    parts += [
+        "<h2>Summary</h2>",
+        _table(summary_table(main)),
+        "<h3>Score statistics</h3>",
+        _table(score_statistics(main)),
+    ]
     counts = subtask_counts(main, pairs)
     if counts is not None:
         parts += ["<h3>Selected rows per subtask</h3>", _table(counts)]
     parts += _agreement_html(main)
     if main.summary.get("left_out_pairs"):
-        parts.append(f'<p class="flag">Validation pairs {html.escape(str(main.summary["left_out_pairs"]))} have a zero '
-                     f'gradient (checkpoint: pairs {html.escape(json.dumps(main.summary.get("zero_gradient_pairs")))}) '
-                     "and are left out of their subtask's mean.</p>")
+        parts.append(
+            f'<p class="flag">Validation pairs {html.escape(str(main.summary["left_out_pairs"]))} have a zero '
+            f"gradient (checkpoint: pairs {html.escape(json.dumps(main.summary.get('zero_gradient_pairs')))}) "
+            "and are left out of their subtask's mean.</p>"
+        )
 
-    parts += ["<h2>Score distribution</h2>", _img(score_distribution_figure(main), f"{main.name} score distribution and threshold")]
+    parts += [
+        "<h2>Score distribution</h2>",
+        _img(score_distribution_figure(main), f"{main.name} score distribution and threshold"),
+    ]
 
     parts.append("<h2>Composition of the selection</h2>")
     comp = composition_figure(main)
-    parts.append(_img(comp, "selection composition by source and subtask (pool: best subtask; selection: the subtask "
-                            "each row was selected for)") if comp
-                 else '<p class="muted">No `source` column and no per-subtask scores.</p>')
+    parts.append(
+        _img(
+            comp,
+            "selection composition by source and subtask (pool: best subtask; selection: the subtask "
+            "each row was selected for)",
+        )
+        if comp
+        else '<p class="muted">No `source` column and no per-subtask scores.</p>'
+    )
 
     parts.append("<h2>Agreement between checkpoints</h2>")
     corr = checkpoint_agreement(main)
     if corr is None:
         parts.append('<p class="muted">Fewer than two score_ckpt&lt;i&gt; columns.</p>')
     else:
-        parts += [_img(checkpoint_agreement_figure(corr), "Spearman correlation between checkpoint scores"), _table(corr, index=True)]
+        parts += [
+            _img(checkpoint_agreement_figure(corr), "Spearman correlation between checkpoint scores"),
+            _table(corr, index=True),
+        ]
 
     why = _why_html(main)
     if why:
         parts += [why, _driving_pairs_html(main)]
     else:
-        parts += [_top_examples_html(main),
-                  f'<p class="muted">{html.escape(main.name)} has no per-pair contributions ({html.escape(main.method)} '
-                  "is not a gradient method, or the folder predates them).</p>"]
+        parts += [
+            _top_examples_html(main),
+            f'<p class="muted">{html.escape(main.name)} has no per-pair contributions ({html.escape(main.method)} '
+            "is not a gradient method, or the folder predates them).</p>",
+        ]
 
     if len(runs) > 1:
         parts += ["<h2>Comparison of selection methods</h2>", _table(comparison_table(runs))]
-        parts += [_img(score_distribution_figure(run), f"{run.name} score distribution and threshold") for run in runs[1:]]
+        parts += [
+            _img(score_distribution_figure(run), f"{run.name} score distribution and threshold") for run in runs[1:]
+        ]
 
-    parts += ["<h2>Configuration</h2>", f"<details><summary>Full configuration of {html.escape(main.name)} "
-              f"({len(main.config)} options)</summary>", _key_values(main.config), "</details>"]
+    parts += [
+        "<h2>Configuration</h2>",
+        f"<details><summary>Full configuration of {html.escape(main.name)} ({len(main.config)} options)</summary>",
+        _key_values(main.config),
+        "</details>",
+    ]
     body = "\n".join(parts)
     return f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n'
 

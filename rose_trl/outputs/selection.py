@@ -1,14 +1,14 @@
 """Score table -> top fraction of the pool -> the selection folder, written atomically.
 
-    <output_dir>/selection/
-        scores.parquet   pool_index, score, score_<subtask>..., [score_ckpt<i>...], [source], selected,
-                         [selected_for: the subtask a selected row was taken for]
-        selected/        datasets.Dataset.save_to_disk: selected pool rows + pool_index + score, best first
-        config.json      the run's configuration
-        summary.json     num_pool, num_selected, selection_method, subtasks, threshold, score stats,
-                         subtask_balance, subtask_counts
-        ...              what `before_publish` adds (gradient methods: contributions.parquet, pairs.parquet)
-        fingerprint.json sha256 of all of the above: a re-run that would write the same folder leaves it as it is
+<output_dir>/selection/
+    scores.parquet   pool_index, score, score_<subtask>..., [score_ckpt<i>...], [source], selected,
+                     [selected_for: the subtask a selected row was taken for]
+    selected/        datasets.Dataset.save_to_disk: selected pool rows + pool_index + score, best first
+    config.json      the run's configuration
+    summary.json     num_pool, num_selected, selection_method, subtasks, threshold, score stats,
+                     subtask_balance, subtask_counts
+    ...              what `before_publish` adds (gradient methods: contributions.parquet, pairs.parquet)
+    fingerprint.json sha256 of all of the above: a re-run that would write the same folder leaves it as it is
 """
 
 from __future__ import annotations
@@ -28,8 +28,16 @@ from rose_trl.scoring.scores import select_rows
 FINGERPRINT_FILE = "fingerprint.json"
 
 
-def selection_fingerprint(pool, table: dict[str, np.ndarray], chosen: np.ndarray, fraction: float, config: dict,
-                          method: str, subtasks: list[str], balance: tuple = ()) -> str:
+def selection_fingerprint(
+    pool,
+    table: dict[str, np.ndarray],
+    chosen: np.ndarray,
+    fraction: float,
+    config: dict,
+    method: str,
+    subtasks: list[str],
+    balance: tuple = (),
+) -> str:
     """sha256 of everything a selection folder is made of: the score table, the selected rows, the pool's
     `source` column, the configuration and how the rows were shared between subtasks (`balance`). The
     contributions derive from the same stores and learning rates as the score table."""
@@ -39,7 +47,9 @@ def selection_fingerprint(pool, table: dict[str, np.ndarray], chosen: np.ndarray
         h.update(f"{name}|{values.dtype.str}|{values.shape}|".encode())
         h.update(values.tobytes())
     h.update(np.asarray(chosen, dtype=np.int64).tobytes())
-    parts = [pool.select(chosen.tolist())] + ([pool.select_columns(["source"])] if "source" in pool.column_names else [])
+    parts = [pool.select(chosen.tolist())] + (
+        [pool.select_columns(["source"])] if "source" in pool.column_names else []
+    )
     for part in parts:
         for batch in part.iter(batch_size=1024):
             h.update(json.dumps(batch, sort_keys=True, default=str).encode())
@@ -52,10 +62,19 @@ def _holds(folder: Path, fingerprint: str) -> bool:
     return path.exists() and json.loads(path.read_text()).get("sha256") == fingerprint
 
 
-def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], fraction: float, config: dict,
-                    method: str, subtasks: list[str], folder: str = "selection", subtask_balance: str = "max",
-                    pair_counts: dict[str, int] | None = None,
-                    before_publish: Callable[[Path, np.ndarray], dict] | None = None) -> Path:
+def write_selection(
+    output_dir: str | Path,
+    pool,
+    table: dict[str, np.ndarray],
+    fraction: float,
+    config: dict,
+    method: str,
+    subtasks: list[str],
+    folder: str = "selection",
+    subtask_balance: str = "max",
+    pair_counts: dict[str, int] | None = None,
+    before_publish: Callable[[Path, np.ndarray], dict] | None = None,
+) -> Path:
     """Select `fraction` of `pool` (a datasets.Dataset of original rows): the top rows by `table["score"]`,
     or shared between subtasks by `subtask_balance` (balance.py; `pair_counts`: validation pairs per
     subtask). `before_publish(folder, selected indices)` writes more files into the unpublished folder
@@ -67,9 +86,16 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
         raise ValueError(f"{len(scores)} scores for a pool of {len(pool)} rows")
     chosen, selected_for = select_rows(table, subtasks, fraction, subtask_balance, pair_counts)
     final = Path(output_dir) / folder
-    fingerprint = selection_fingerprint(pool, table, chosen, fraction, config, method, subtasks,
-                                        balance=(subtask_balance, dict(pair_counts or {}),
-                                                 None if selected_for is None else list(selected_for)))
+    fingerprint = selection_fingerprint(
+        pool,
+        table,
+        chosen,
+        fraction,
+        config,
+        method,
+        subtasks,
+        balance=(subtask_balance, dict(pair_counts or {}), None if selected_for is None else list(selected_for)),
+    )
     if _holds(final, fingerprint):
         return final  # a re-run: the folder already holds exactly this selection, left untouched
     tmp = atomic_dir(final)
@@ -89,12 +115,22 @@ def write_selection(output_dir: str | Path, pool, table: dict[str, np.ndarray], 
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     picked = scores[chosen]
     summary = {
-        "selection_method": method, "num_pool": len(scores), "num_selected": len(chosen),
-        "selection_fraction": fraction, "subtasks": list(subtasks), "threshold": float(picked.min()),
-        "score_stats": {"pool_mean": float(scores.mean()), "pool_min": float(scores.min()), "pool_max": float(scores.max()),
-                        "selected_mean": float(picked.mean())},
+        "selection_method": method,
+        "num_pool": len(scores),
+        "num_selected": len(chosen),
+        "selection_fraction": fraction,
+        "subtasks": list(subtasks),
+        "threshold": float(picked.min()),
+        "score_stats": {
+            "pool_mean": float(scores.mean()),
+            "pool_min": float(scores.min()),
+            "pool_max": float(scores.max()),
+            "selected_mean": float(picked.mean()),
+        },
         "subtask_balance": subtask_balance,
-        "subtask_counts": None if selected_for is None else {name: int((selected_for == name).sum()) for name in subtasks},
+        "subtask_counts": None
+        if selected_for is None
+        else {name: int((selected_for == name).sum()) for name in subtasks},
     }
     if before_publish is not None:
         summary.update(before_publish(tmp, chosen) or {})
