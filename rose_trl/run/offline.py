@@ -28,7 +28,7 @@ from rose_trl.checkpoints.fsdp import (
 )
 from rose_trl.checkpoints.zero import read_zero_adam_moments, zero_checkpoint_dir
 from rose_trl.gradients.capture import AdamState, trainable_parameters, trainer_param_index
-from rose_trl.run.ledger import checkpoint_identity
+from rose_trl.run.ledger import checkpoint_identity, resolve_checkpoints
 from rose_trl.run.selector import ROSESelector
 from rose_trl.utils.files import checkpoint_dirs
 
@@ -107,18 +107,24 @@ def select_from_checkpoints(
     folder: str = "selection",
     peft_config: PeftConfig | None = None,
 ) -> Path:
-    """Run `selector` over every checkpoint of `run_dir` (a PEFT warm-up), then write `<output_dir>/<folder>/`.
+    """Run `selector` over the checkpoints of `run_dir` (a PEFT warm-up) that its selection_checkpoints names (default
+    every one; the others are recorded without stores), then write `<output_dir>/<folder>/`.
     `peft_config` (the warm-up's LoRA config) is needed only for checkpoints without adapter_config.json.
     Every checkpoint's learning rate is resolved first: an unknown one stops the run before any gradient."""
     checkpoints = find_checkpoints(run_dir)
     for ckpt in checkpoints:  # the Trainer's last write: without it a checkpoint is a save killed part-way
         if not (ckpt / "trainer_state.json").exists():
             raise FileNotFoundError(f"{ckpt / 'trainer_state.json'} is missing: an incomplete checkpoint (remove it)")
-    selector.check_disk_space([c.name for c in checkpoints])  # before any gradient work
+    chosen = resolve_checkpoints(selector.config.selection_checkpoints, len(checkpoints))
+    selector.total_checkpoints = len(checkpoints)
+    selector.check_disk_space([checkpoints[i].name for i in chosen])  # before any gradient work
     model = warmup_model(checkpoints[0], base_model, peft_config)
     learning_rates = resolve_learning_rates(checkpoints, model, selector)
-    for ckpt, lr in zip(checkpoints, learning_rates):
+    for i, (ckpt, lr) in enumerate(zip(checkpoints, learning_rates, strict=True)):
         set_peft_model_state_dict(model, load_checkpoint_adapter(ckpt, model))
+        if i not in chosen:  # left out by selection_checkpoints: recorded, no stores
+            selector.skip_checkpoint(model, ckpt.name, lr)
+            continue
         adam = load_checkpoint_adam(ckpt, model) if selector.config.gradient_type == "adam" else None
         selector.add_checkpoint(model, ckpt.name, lr, adam)
     return selector.finalize(folder)

@@ -33,7 +33,9 @@ from rose_trl.outputs.selection import write_selection
 from rose_trl.resources.budget import MemoryPlan, plan_run
 from rose_trl.resources.disk import require_free_space
 from rose_trl.run.ledger import RunLedger, checkpoint_identity
+from rose_trl.run.prefilter import Prefilter
 from rose_trl.scoring.agreement import agreement_warnings, validation_agreement
+from rose_trl.scoring.columns import PREFILTER_SCORE, PREFILTERED_OUT, SCORE
 from rose_trl.scoring.scores import CheckpointGradients, ValidationTargets, score_checkpoints, validation_targets
 from rose_trl.stores.extraction import extract_pool_store, rows_per_pass
 from rose_trl.stores.store import GradientStore, store_bytes
@@ -78,8 +80,8 @@ class ROSESelector:
         self.pool = pool
         self.pool_tokens = tokenize_pool(pool, tokenizer, max_length)
         self.pool_fingerprint = fingerprint_tokenized(self.pool_tokens)
-        self._pool_rows = self.pool_tokens.select_columns(["input_ids", "completion_mask"])
-        self.pool_width = max(len(ids) for ids in self._pool_rows["input_ids"])  # the longest row, for the plan
+        self.pool_rows = self.pool_tokens.select_columns(["input_ids", "completion_mask"])
+        self.pool_width = max(len(ids) for ids in self.pool_rows["input_ids"])  # the longest row, for the plan
         self.plan: MemoryPlan | None = None
         self.validation = with_subtasks(validation)
         validate_preferences(self.validation, "validation")
@@ -98,12 +100,17 @@ class ROSESelector:
         )
         self.ledger = RunLedger(self.rose_dir)
         self._featurizer: Featurizer | None = None
+        # The warm-up's number of checkpoints, when the caller knows it (the memory plan's account of the passes).
+        self.total_checkpoints: int | None = None
+        self.prefilter = Prefilter(self) if config.prefilter_fraction else None
         with PartialState().main_process_first():  # the main process checks (and may clear) rose/ first
             self.cleared_previous_run = self.ledger.open(self.run_fingerprint(), config.overwrite_stores)
 
     def run_fingerprint(self) -> dict:
         """What every store under rose/ depends on. The selection method and fraction are left out on
-        purpose: a LESS run reuses a ROSE run's pool stores, and scoring is redone on every run."""
+        purpose: a LESS run reuses a ROSE run's pool stores, and scoring is redone on every run; so are
+        selection_checkpoints and the prefilter's options (a checkpoint's stores, and the first pass's own,
+        are the same whichever subset or fraction is scored)."""
         keys = (
             "projection_type",
             "projection_dim",
@@ -111,6 +118,7 @@ class ROSESelector:
             "gradient_type",
             "store_dtype",
             "validation_beta",
+            "gradient_layers",
         )
         return {
             "pool_fingerprint": self.pool_fingerprint,
@@ -129,7 +137,7 @@ class ROSESelector:
                 c.projection_type, num_trainable_parameters(model), c.projection_dim, c.projection_seed, device=device
             )
             logger.warning("projection in use: %s, %s", projector.implementation, projector.describe())
-            self._featurizer = Featurizer(projector)
+            self._featurizer = Featurizer(projector, gradient_layers=c.gradient_layers)
             self.plan = self.memory_plan(model, self._featurizer)
         return self._featurizer
 
@@ -156,6 +164,9 @@ class ROSESelector:
         of `extra_what` do not fit on output_dir's disk (disk.py, store.store_bytes)."""
         names = [None] * checkpoints if isinstance(checkpoints, int) else checkpoints
         dim, dtype, val = self.config.projection_dim, self.config.store_dtype, self.validation_stores.folder
+        if self.prefilter is not None and names and self.prefilter.checkpoint() is None:
+            extra += store_bytes(len(self.pool_tokens), dim, dtype) + store_bytes(len(self.validation), dim, dtype)
+            extra_what = " and ".join(filter(None, [extra_what, "the first pass's stores"]))
         needed = extra + sum(
             store_bytes(len(self.pool_tokens), dim, dtype) * (not (name and (self.rose_dir / "train" / name).exists()))
             + store_bytes(len(self.validation), dim, dtype) * (not (name and (val / name).exists()))
@@ -190,11 +201,16 @@ class ROSESelector:
             checkpoint=identity,
             projection=featurizer.projector.describe(),
             dtype=self.config.store_dtype,
+            extra={"gradient_layers": self.config.gradient_layers},
         )
+        rows = None
+        if self.prefilter is not None:  # the first pass at the first checkpoint used, then its candidates only
+            self.prefilter.run(model, name, common, adam_state)
+            rows = self.prefilter.candidates()
         passes = self.plan.passes["gradient"]
         train = extract_pool_store(
             model,
-            self._pool_rows,
+            self.pool_rows,
             self.rose_dir / "train" / name,
             featurizer,
             self.config,
@@ -206,18 +222,31 @@ class ROSESelector:
             desc=f"Pool gradients @ {name}",
             batch_size=passes.rows,
             max_batch_tokens=passes.tokens,
+            rows=rows,
         )
         self.validation_stores.store(model, name, featurizer, common, write=state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
-            if not train.is_complete:
-                raise RuntimeError(f"{name}: {len(train.missing_rows())} pool rows are still missing after extraction")
+            missing = train.missing_rows() if rows is None else np.intersect1d(train.missing_rows(), rows)
+            if len(missing):
+                raise RuntimeError(f"{name}: {len(missing)} pool rows are still missing after extraction")
             self.ledger.record_checkpoint(name, learning_rate, identity)
+        state.wait_for_everyone()
+
+    def skip_checkpoint(self, model, name: str, learning_rate: float | None) -> None:
+        """Record a checkpoint that selection_checkpoints leaves out: its learning rate and weights, no stores (so
+        that positions count every checkpoint of the warm-up, and a later selection may still compute them)."""
+        state = PartialState()
+        identity = checkpoint_identity(name, model)  # every process: the hash gathers sharded weights
+        if state.is_main_process and not self.ledger.has_stores(name):
+            self.ledger.record_checkpoint(name, learning_rate, identity, stores=False)
         state.wait_for_everyone()
 
     def checkpoints(self) -> tuple[list[CheckpointGradients], ValidationTargets]:
         """Every recorded checkpoint's stores, targets and eta_i, and the validation targets they share."""
-        names, learning_rates = self.ledger.scoring_learning_rates(self.config.checkpoint_learning_rates)
+        names, learning_rates = self.ledger.scoring_learning_rates(
+            self.config.checkpoint_learning_rates, self.config.selection_checkpoints
+        )
         trains = [GradientStore.open(self.rose_dir / "train" / name) for name in names]
         grads = {
             name: self.validation_stores.read(name, train.meta["projection"]) for name, train in zip(names, trains)
@@ -239,7 +268,20 @@ class ROSESelector:
 
     def _finalize(self, folder: str) -> Path:
         checkpoints, targets = self.checkpoints()
-        table = score_checkpoints(checkpoints, targets.subtasks)
+        first_pass = None
+        if self.prefilter is None:
+            table = score_checkpoints(checkpoints, targets.subtasks)
+        else:  # full scores for the first pass's candidates only; every row keeps its first-pass score
+            candidates = self.prefilter.candidates()
+            table = score_checkpoints(checkpoints, targets.subtasks, rows=candidates)
+            table[PREFILTER_SCORE] = self.prefilter.table()[0][SCORE]
+            table[PREFILTERED_OUT] = np.isnan(table[SCORE])
+            first_pass = {
+                "checkpoint": self.prefilter.checkpoint(),
+                "layers": self.config.prefilter_layers,
+                "fraction": self.config.prefilter_fraction,
+                "candidates": len(candidates),
+            }
         # The run's record last: its gguf_file is the resolved file (with gguf_sha256), ROSEConfig's only the option.
         config = {
             **self.config.to_dict(),
@@ -262,6 +304,7 @@ class ROSESelector:
             on how much each subtask's validation pairs agree (agreement.py)."""
             write_contributions(tmp, checkpoints, chosen, self.validation, targets.usable, progress=self.progress)
             return {
+                **({"prefilter": first_pass} if first_pass else {}),
                 "left_out_pairs": np.flatnonzero(~targets.usable).tolist(),
                 "zero_gradient_pairs": targets.zero_gradient_pairs,
                 "validation_agreement": agreement,

@@ -364,15 +364,17 @@ class ValidationGradients:
         """The checkpoint's store, computed when incomplete. The validation set is small: every process
         computes it (TRL's loss gathers metrics across processes, so all must run it), `write` (the main
         process) writes it. `identity`: what the pool store of the checkpoint records (model, checkpoint,
-        projection, dtype)."""
+        projection, dtype, and `extra`: gradient_layers)."""
         state = PartialState()
+        identity = dict(identity)
+        extra = {**identity.pop("extra", {}), **(validation_loss(self.config) if self.kind == "dpo" else {})}
         with state.main_process_first():
             store = GradientStore.open_or_create(
                 self.folder / name,
                 gradient_type=f"validation_{self.kind}",
                 pool_fingerprint=self.fingerprint,
                 num_rows=len(self.validation),
-                extra=validation_loss(self.config) if self.kind == "dpo" else {},
+                extra=extra,
                 overwrite=self.config.overwrite_stores and state.is_main_process,
                 **identity,
             )
