@@ -10,7 +10,7 @@ import pytest
 
 from rose_trl.config import ROSEConfig
 from rose_trl.outputs.explain import explain_row
-from rose_trl.run.ledger import resolve_checkpoints
+from rose_trl.run.ledger import RunLedger, resolve_checkpoints
 from rose_trl.run.pipeline import run
 from rose_trl.scoring.scores import normalized_weights, unit_dots
 from rose_trl.stores.store import GradientStore, StoreMismatchError
@@ -114,9 +114,6 @@ def test_left_out_checkpoints_get_no_stores_and_the_same_scores(full_run, assets
     np.testing.assert_allclose(last["score"], manual_scores(full_run, [entries[-1]["name"]]), atol=1e-6)
     # scoring every checkpoint now needs the stores that were left out: said, with what to do
     with pytest.raises(ValueError, match="no gradient stores"):
-        from rose_trl.run.selector import ROSESelector  # noqa: F401 (the message comes from the ledger)
-        from rose_trl.run.ledger import RunLedger
-
         RunLedger(out / "rose").scoring_learning_rates(None, None)
 
 
