@@ -103,3 +103,17 @@ def instruction_lengths(n: int, low: int = 64, high: int = 2048, median: float =
     """Log-normal lengths clipped to [low, high] with the given median, like an instruction-tuning pool's."""
     rng = np.random.default_rng(seed)
     return np.clip(np.round(np.exp(rng.normal(np.log(median), 0.75, n))), low, high).astype(int)
+
+
+def truncated_grad(model, batch: dict, layers) -> None:
+    """The floor of a truncated pass: the model's own loss, a forward of every layer with the layers below the
+    lowest kept one run without autograd (`GradientLayers.stop_below`, as the engine runs them), and a backward to
+    the kept layers' LoRA parameters only."""
+    params = [p for m in model.modules() if layers.keeps(m) for p in m.parameters(recurse=False) if p.requires_grad]
+    handles = layers.stop_below()
+    try:
+        loss = model(**batch).loss
+    finally:
+        for h in handles:
+            h.remove()
+    torch.autograd.grad(loss, params)

@@ -15,7 +15,14 @@ def test_gpu_extraction_benchmark_runs_tiny_on_cpu(capsys):
         ["--device", "cpu", "--tiny", "--examples", "16", "--less-examples", "4", "--check-seeds", "2"]
     )
     paths = {r["path"]: r for r in records if "path" in r}
-    assert set(paths) == {"(a) LESS-style", "(b) engine", "(c) floor"}
+    assert set(paths) == {
+        "(a) LESS-style",
+        "(b) engine",
+        "(c) floor",
+        "(b_1) engine, gradient_layers 1",
+        "(c_1) floor, truncated backward",
+    }
+    assert paths["(b_1) engine, gradient_layers 1"]["layers"] == "1 of 2"
     assert all(math.isfinite(r["ms_per_example"]) and r["ms_per_example"] > 0 for r in paths.values())
     assert paths["(a) LESS-style"]["projector"] == "sjlt (fast_jl not installed)"  # labelled as such
     fits = [r for r in records if r.get("check") == "largest rows per pass"]
@@ -27,6 +34,7 @@ def test_gpu_extraction_benchmark_runs_tiny_on_cpu(capsys):
         assert 0 < checks[kind]["spearman_vs_exact_mean"] <= 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("engine_over_floor=") and " less_over_engine=" in last
+    assert " truncated_engine_over_floor[1]=" in last
 
 
 def test_extraction_benchmark_runs_tiny(capsys):
@@ -48,11 +56,23 @@ def test_extraction_benchmark_runs_tiny(capsys):
             "32",
             "--repeats",
             "2",
+            "--gradient-layers",
+            "1",
         ]
     )
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out.strip().splitlines()
+    last = out[-1]
     speedup, overhead = (float(part.split("=")[1]) for part in last.split())
     assert last.startswith("speedup_vs_less=") and speedup > 1 and overhead > 0
+    truncated = next(line for line in out if line.startswith("(b_1) gradient_layers 1 of 2"))
+    ratios = dict(part.split("=") for part in truncated.split("; ")[1].split())
+    assert set(ratios) == {
+        "layers",
+        "engine_over_full_floor",
+        "engine_over_truncated_floor",
+        "truncated_floor_over_full_floor",
+    }
+    assert all(float(v) > 0 for v in ratios.values())
 
 
 def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatch):
