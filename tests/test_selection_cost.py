@@ -10,6 +10,7 @@ import pytest
 
 from rose_trl.config import ROSEConfig
 from rose_trl.outputs.explain import explain_row
+from rose_trl.resources.cost import FORWARD_SHARE, SelectionWork, pass_cost
 from rose_trl.run.ledger import RunLedger, resolve_checkpoints
 from rose_trl.run.pipeline import run
 from rose_trl.scoring.scores import normalized_weights, unit_dots
@@ -73,6 +74,20 @@ def test_resolve_checkpoints_python_style_and_errors():
         ROSEConfig(gradient_layers=0)
 
 
+def test_selection_work_counts_the_passes_the_options_leave():
+    full = SelectionWork(pool_rows=200, checkpoints=2, chosen=2, layers=None, total_layers=30)
+    assert full.share == 1.0 and full.row_passes == 400
+    assert pass_cost(30, 30) == 1.0 and pass_cost(0, 30) == FORWARD_SHARE
+    last = SelectionWork(pool_rows=200, checkpoints=2, chosen=1, layers=6, total_layers=30)
+    assert last.share == pytest.approx((FORWARD_SHARE + (1 - FORWARD_SHARE) * 0.2) / 2)
+    first = SelectionWork(200, 2, 2, None, 30, prefilter_fraction=0.2, prefilter_layers=3)
+    assert first.candidates == 40
+    assert first.row_passes == pytest.approx(200 * pass_cost(3, 30) + 40 * 2)
+    text = first.describe()
+    assert "a first pass over 200 rows (3 of 30 layers) at 1 checkpoint; the 40 rows it keeps at 2 of 2" in text
+    assert f"about {first.share:.2f} of the full method's pool gradient work (400 row passes" in text
+
+
 def test_another_checkpoint_subset_rescores_from_the_stores_with_no_gradient_pass(
     full_run, assets, configs, monkeypatch
 ):
@@ -128,7 +143,7 @@ def test_gradient_layers_are_recorded_and_a_store_of_other_layers_is_refused(ful
         run(*configs(assets, out, sft={"num_train_epochs": 1}, **COMMON))
 
 
-def test_prefilter_computes_the_candidates_only_and_selects_among_them(full_run, assets, configs):
+def test_prefilter_computes_the_candidates_only_and_selects_among_them(full_run, assets, configs, caplog):
     """On the full run's output_dir (its stores complete): the first pass (1 layer at the first checkpoint) ranks
     the pool, the selection is the full scores' top rows among its candidates, and explain says why a row was
     left out. A fresh run computes the full features of the candidates only."""
@@ -159,7 +174,14 @@ def test_prefilter_computes_the_candidates_only_and_selects_among_them(full_run,
     assert "left out by the first pass" in text and problem is not None
     # a fresh run: full features for the candidates only, at every checkpoint
     fresh = full_run.parent / "prefilter"
-    run(*configs(assets, fresh, sft=EPOCHS, **options))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run(*configs(assets, fresh, sft=EPOCHS, **options))
+    plans = [r.getMessage() for r in caplog.records if "memory plan:" in r.getMessage()]
+    assert (
+        len(plans) == 1 and "selection passes: a first pass over 120 rows (1 of 2 layers) at 1 checkpoint" in plans[0]
+    )
+    assert "the 36 rows it keeps at 3 of 3 checkpoints (2 of 2 layers)" in plans[0]
     fresh_table = scores(fresh)
     candidates = np.flatnonzero(~fresh_table["prefiltered_out"].to_numpy())
     for name in names:

@@ -66,6 +66,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return best
 
 
+def lora_layers(model: nn.Module) -> int:
+    """How many decoder layers carry trainable (LoRA) parameters: what gradient_layers counts."""
+    return sum(1 for layer in decoder_layers(model) if any(p.requires_grad for p in layer.parameters()))
+
+
 class GradientLayers:
     """Which decoder layers give the gradient features under `gradient_layers: N`: the last N of the layers that
     carry trainable (LoRA) parameters. Their modules are the only ones captured, and the backward stops below the

@@ -26,7 +26,7 @@ import ctypes
 import ctypes.util
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
@@ -246,6 +246,7 @@ class MemoryPlan:
     resident: int
     passes: dict[str, PassPlan]
     slack: float = 1.0  # heap_slack when the plan was made
+    notes: list[str] = field(default_factory=list)  # more lines of the log (the selection's passes: cost.py)
 
     @property
     def available(self) -> int:
@@ -271,6 +272,7 @@ class MemoryPlan:
                 f"peak of {least / GB:.2f} GB; the smallest budget this run can hold: memory_budget_gb: "
                 f"{smallest_gb(least)}; or lower max_length)"
             )
+        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -393,10 +395,16 @@ def _plan(
 
 
 def plan_run(
-    model, config, fused: bool, pool_width: int, validation_width: int | None, gradient_rows: int
+    model,
+    config,
+    fused: bool,
+    pool_width: int,
+    validation_width: int | None,
+    gradient_rows: int,
+    notes: list[str] | None = None,
 ) -> MemoryPlan:
     """A run's plan (`plan_passes` under `config.memory_budget_gb` or the machine's default, with the config's
-    limits), the same on every process (the smallest), logged once."""
+    limits), the same on every process (the smallest), logged once with `notes` (the selection's passes)."""
     device = next(p for p in model.parameters() if p.requires_grad).device
     plan = plan_passes(
         model,
@@ -412,6 +420,7 @@ def plan_run(
     for kind in plan.passes.values():  # every process runs the same passes (the batches are dealt out)
         kind.rows = -max_over_ranks(-kind.rows)
         kind.tokens = -max_over_ranks(-kind.tokens) if kind.tokens else kind.tokens
+    plan.notes = list(notes or [])
     logger.warning(plan.describe())
     return plan
 

@@ -25,14 +25,15 @@ from datasets import Dataset
 from rose_trl.config import ROSEConfig
 from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
 from rose_trl.data.sft import fingerprint_tokenized, tokenize_pool
-from rose_trl.gradients.capture import AdamState, num_trainable_parameters
+from rose_trl.gradients.capture import AdamState, lora_layers, num_trainable_parameters
 from rose_trl.gradients.featurizer import Featurizer
 from rose_trl.gradients.projection import build_projector
 from rose_trl.outputs.explain import write_contributions
 from rose_trl.outputs.selection import write_selection
 from rose_trl.resources.budget import MemoryPlan, plan_run
+from rose_trl.resources.cost import SelectionWork
 from rose_trl.resources.disk import require_free_space
-from rose_trl.run.ledger import RunLedger, checkpoint_identity
+from rose_trl.run.ledger import RunLedger, checkpoint_identity, resolve_checkpoints
 from rose_trl.run.prefilter import Prefilter
 from rose_trl.scoring.agreement import agreement_warnings, validation_agreement
 from rose_trl.scoring.columns import PREFILTER_SCORE, PREFILTERED_OUT, SCORE
@@ -151,12 +152,29 @@ class ROSESelector:
             self.pool_width,
             self.validation_stores.longest() if dpo else None,
             rows_per_pass(model, featurizer, c.gradient_batch_size, c.gradient_memory_gb),
+            notes=[self.work(model).describe()],
         )
         if dpo:
             self.validation_stores.pairs_per_pass = plan.passes["validation"].rows
             self.validation_stores.head_tokens = plan.passes["validation"].head_tokens
         self.validation_stores.sft_rows_per_pass = min(8, plan.passes["gradient"].rows)
         return plan
+
+    def work(self, model) -> SelectionWork:
+        """The pool gradient passes this run's cost options leave (resources/cost.py), for the memory plan's log: of
+        the warm-up's checkpoints when the caller knows how many (`total_checkpoints`), else of each one."""
+        c = self.config
+        total = self.total_checkpoints or 1
+        chosen = len(resolve_checkpoints(c.selection_checkpoints, total)) if self.total_checkpoints else 1
+        return SelectionWork(
+            pool_rows=len(self.pool_tokens),
+            checkpoints=total,
+            chosen=chosen,
+            layers=c.gradient_layers,
+            total_layers=lora_layers(model),
+            prefilter_fraction=c.prefilter_fraction,
+            prefilter_layers=c.prefilter_layers if c.prefilter_fraction else None,
+        )
 
     def check_disk_space(self, checkpoints: int | list[str], extra: int = 0, extra_what: str = "") -> int:
         """Before any gradient work: refuse (DiskSpaceError: the path, the bytes needed, the bytes free) when the
