@@ -633,3 +633,67 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert "trained 0 adapters, evaluated 0, made 0 selections" in out
     assert again["targets"] == results["targets"] and again["oracle"] == results["oracle"]
+
+
+def test_frontier_sweep_costs_and_figure_run_tiny(tmp_path, capsys):
+    """frontier.py on a small planted task (2 layers, 3 checkpoints): every setting's AUC and overlap from one
+    layered pass, two settings timed on their own selections, whose picks must be the sweep's (the layered
+    features and the library's scoring against the real options end to end), the data and the figure."""
+    import frontier
+    import frontier_figure
+
+    results = tmp_path / "results.json"
+    timed = ["lall_call_poff", "l1_c-1_p0.2"]
+    data = frontier.main(
+        [
+            *("--suites", "planted", "--planted-pool", "60", "--planted-epochs", "3", "--tiny-layers", "2"),
+            *("--planted-dim", "128", "--out", str(tmp_path / "out"), "--results", str(results)),
+            *("--costs", "--cost-settings", *timed, "--threads", "1"),
+        ]
+    )
+    entry = data["suites"]["planted"]
+    assert set(entry["sweep"]) == {"planted_prefer", "planted_avoid"}
+    keys = set(entry["predicted"])
+    assert len(keys) == 2 * 3 * 2 and {"lall_call_poff", "l1_c0,-1_p0.2"} <= keys  # layers x checkpoints x prefilter
+    for rows in entry["sweep"].values():
+        assert rows["lall_call_poff"]["overlap"] == 1.0
+        assert all(0 <= r["auc"] <= 1 and 0 <= r["overlap"] <= 1 for r in rows.values())
+        assert rows["lall_call_p0.2"]["candidates"] == 12  # 20% of 60
+    costs = entry["costs"]["settings"]
+    assert set(costs) == set(timed)
+    for key in timed:
+        assert costs[key]["same_picks_as_sweep"] == 1.0, key
+        assert costs[key]["cpu_s"] > 0
+    assert costs["lall_call_poff"]["cpu_share"] == 1.0
+    assert entry["predicted"]["l1_c-1_p0.2"] == pytest.approx(costs["l1_c-1_p0.2"]["work_share"])
+    assert "lall_call_poff" in frontier.frontier(entry) or frontier.frontier(entry)
+    assert (tmp_path / "results.csv").read_text().startswith("suite,target,setting,auc")
+    assert "#### planted" in capsys.readouterr().out
+    figure = frontier_figure.main(["--results", str(results), "--out", str(tmp_path / "frontier.png")])
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_layered_features_equal_each_gradient_layers_setting():
+    """One layered pass gives what Featurizer(gradient_layers=n) gives for each n (frontier.py's sweep)."""
+    import torch
+    from layered import LayeredFeaturizer, subset
+
+    from rose_trl.gradients.capture import trainable_parameters
+    from rose_trl.gradients.featurizer import Featurizer
+    from rose_trl.gradients.projection import build_projector
+    from tests.helpers import mixed_length_batch, tiny_lora_model
+    from tests.test_fused import random_adam
+    from tests.test_gradients import LENGTHS, PROMPTS, assert_rows_match
+
+    model = tiny_lora_model(layers=4)
+    n = sum(p.numel() for _, p in trainable_parameters(model))
+    adam, projector = random_adam(n), build_projector("sjlt", n, 128, seed=0)
+    batch = mixed_length_batch(LENGTHS, PROMPTS, seed=1)
+    rows = LayeredFeaturizer(projector, [4, 2, 1])(model, batch, adam)
+    assert rows.shape == (len(LENGTHS), 3 * 128)
+    for i, layers in enumerate([4, 2, 1]):
+        assert_rows_match(subset(rows, i, 128), Featurizer(projector, gradient_layers=layers)(model, batch, adam))
+    pairs = LayeredFeaturizer(projector, [4, 1])(model, batch, adam, combine=lambda r: r[:3] + r[3:])
+    single = Featurizer(projector, gradient_layers=1)(model, batch, adam, combine=lambda r: r[:3] + r[3:])
+    assert_rows_match(subset(pairs, 1, 128), single)
+    assert torch.isfinite(rows).all()

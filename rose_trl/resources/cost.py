@@ -31,7 +31,7 @@ class SelectionWork:
     """The pool gradient passes of a selection (the validation passes scale alike, over far fewer rows)."""
 
     pool_rows: int
-    checkpoints: int  # of the warm-up
+    checkpoints: int | None  # of the warm-up (None: not known yet; the work is then given per checkpoint)
     chosen: int  # the checkpoints selection_checkpoints keeps
     layers: int | None  # gradient_layers (None: all)
     total_layers: int  # decoder layers with LoRA modules
@@ -54,7 +54,7 @@ class SelectionWork:
     @property
     def share(self) -> float:
         """Of the full method's (every row, every checkpoint, every layer)."""
-        return self.row_passes / (self.pool_rows * self.checkpoints)
+        return self.row_passes / (self.pool_rows * (self.checkpoints or 1))
 
     def describe(self) -> str:
         layers = self.layers or self.total_layers
@@ -66,9 +66,13 @@ class SelectionWork:
             )
         rows = f"the {self.candidates} rows it keeps" if self.prefilter_fraction else f"{self.pool_rows} rows"
         plural = "s" if self.checkpoints != 1 else ""
-        parts.append(
-            f"{rows} at {self.chosen} of {self.checkpoints} checkpoint{plural} ({layers} of {self.total_layers} layers)"
-        )
+        where = f"{self.chosen} of {self.checkpoints} checkpoint{plural}" if self.checkpoints else "each checkpoint"
+        parts.append(f"{rows} at {where} ({layers} of {self.total_layers} layers)")
+        if not self.checkpoints:
+            return (
+                f"selection passes, per checkpoint: {'; '.join(parts)}: about {self.share:.2f} of the full method's "
+                f"pool gradient work ({self.pool_rows} row passes of every layer a checkpoint)"
+            )
         full = self.pool_rows * self.checkpoints
         return (
             f"selection passes: {'; '.join(parts)}: about {self.share:.2f} of the full method's pool gradient work "

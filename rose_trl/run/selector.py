@@ -163,9 +163,8 @@ class ROSESelector:
     def work(self, model) -> SelectionWork:
         """The pool gradient passes this run's cost options leave (resources/cost.py), for the memory plan's log: of
         the warm-up's checkpoints when the caller knows how many (`total_checkpoints`), else of each one."""
-        c = self.config
-        total = self.total_checkpoints or 1
-        chosen = len(resolve_checkpoints(c.selection_checkpoints, total)) if self.total_checkpoints else 1
+        c, total = self.config, self.total_checkpoints
+        chosen = len(resolve_checkpoints(c.selection_checkpoints, total)) if total else 1
         return SelectionWork(
             pool_rows=len(self.pool_tokens),
             checkpoints=total,
