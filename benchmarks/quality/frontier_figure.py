@@ -48,7 +48,7 @@ def draw(data: dict, out: Path) -> Path:
     for i, (suite, entry) in enumerate(data["suites"].items()):
         color = colors[i % len(colors)]
         got = points(entry)
-        for key, x, y, measured in got:
+        for _key, x, y, measured in got:
             ax.scatter(
                 x,
                 y,
