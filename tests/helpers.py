@@ -51,7 +51,7 @@ def mixed_length_batch(lengths, prompt_lengths, vocab: int = 128, seed: int = 0,
     input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, -100)
-    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
+    for i, (n, p) in enumerate(zip(lengths, prompt_lengths, strict=True)):
         ids = torch.randint(3, vocab, (n,), generator=g)
         input_ids[i, :n] = ids
         attention_mask[i, :n] = 1

@@ -122,7 +122,10 @@ def test_dsir_matches_the_formula_on_a_hand_sized_example():
     )
     val = Dataset.from_dict({"prompt": ["star"], "chosen": ["moon orbit"], "rejected": ["x"], "subtask": ["space"]})
     table = BASELINES["dsir"](pool, val, num_buckets=64)
-    feats = lambda t: get_ngram_counts(t, n=2, num_buckets=64, tokenizer=WordPunctTokenizer().tokenize).astype(float)
+
+    def feats(text: str) -> np.ndarray:
+        return get_ngram_counts(text, n=2, num_buckets=64, tokenizer=WordPunctTokenizer().tokenize).astype(float)
+
     raw = np.stack([feats(t) for t in ["star moon\norbit", "flour sugar\nbake", "star flour\nmoon"]])
     target = feats("star\nmoon orbit")
     log_ratio = np.log(target / target.sum() + 1e-8) - np.log(raw.sum(0) / raw.sum() + 1e-8)

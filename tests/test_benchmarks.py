@@ -244,7 +244,7 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     assert math.isclose(res["base"]["test"]["chosen_nll"], nll, rel_tol=1e-5)
     for method, by_budget in res["methods"].items():
         assert set(by_budget) == {"0.25", "0.5"}
-        for budget, rows in by_budget.items():
+        for rows in by_budget.values():
             assert len(rows) == (2 if method == "random" else 1)
             for row in rows:
                 c = row["composition"]
@@ -338,8 +338,9 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
 
 
 def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
-    """benchmarks/quality/transfer.py's stages on two tiny models with different tokenizers (vocabularies of 600 and 300):
-    each model's own warm-up and stores, the selecting model's picks trained on the final model, overlaps, costs."""
+    """benchmarks/quality/transfer.py's stages on two tiny models with different tokenizers (vocabularies of 600
+    and 300): each model's own warm-up and stores, the selecting model's picks trained on the final model, overlaps,
+    costs."""
     import transfer
 
     from rose_trl.data.realtext import load_slice
@@ -412,9 +413,9 @@ def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
 
 
 def test_transfer_benchmark_property_targets_are_the_suites_targets():
-    """benchmarks/quality/transfer.py's property targets: the one-property suite's task (pool answers from the property's
-    labels, the first k minimal pairs oriented by the direction, every held-out pair a test pair), the same for
-    both directions' pools and for every call."""
+    """benchmarks/quality/transfer.py's property targets: the one-property suite's task (pool answers from the
+    property's labels, the first k minimal pairs oriented by the direction, every held-out pair a test pair), the
+    same for both directions' pools and for every call."""
     import argparse
 
     import transfer
@@ -441,7 +442,7 @@ def test_transfer_benchmark_property_targets_are_the_suites_targets():
     for task, preferred in ((prefer, True), (avoid, False)):
         expected = [
             "other" if t != "se" else ("chosen" if h == preferred else "rejected")
-            for h, t in zip(suite.pool["has_se_link"], suite.pool["task"])
+            for h, t in zip(suite.pool["has_se_link"], suite.pool["task"], strict=True)
         ]
         assert task.pool["answer"] == expected and len(task.validation) == 4
         assert set(task.heldout["half"]) == {"test"} and len(task.heldout) == 5

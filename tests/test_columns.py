@@ -58,7 +58,7 @@ def test_subtasks_named_ckpt0_and_score_through_every_reader(tmp_path):
     assert targets.subtasks == SUBTASKS
     checkpoints = [
         CheckpointGradients(f"c{i}", s, targets.targets[i], lr, pair_vectors=targets.vectors[i])
-        for i, (s, lr) in enumerate(zip(trains, [2e-4, 1e-4]))
+        for i, (s, lr) in enumerate(zip(trains, [2e-4, 1e-4], strict=True))
     ]
     table = score_checkpoints(checkpoints, targets.subtasks)
     assert list(table) == ["score", "score_ckpt0", "score_score", "score__ckpt0", "score__ckpt1"]
@@ -86,7 +86,7 @@ def test_subtasks_named_ckpt0_and_score_through_every_reader(tmp_path):
 
     # explain's identity: a selected row's subtask score is the mean of its pairs' contributions
     contributions = load_contributions(folder)
-    for subtask, column in zip(SUBTASKS, ["score_ckpt0", "score_score"]):
+    for subtask, column in zip(SUBTASKS, ["score_ckpt0", "score_score"], strict=True):
         means = contributions[contributions["subtask"] == subtask].groupby("pool_index")["contribution"].mean()
         np.testing.assert_allclose(
             means.to_numpy(), scores.set_index("pool_index").loc[means.index, column], rtol=1e-5

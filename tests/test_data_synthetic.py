@@ -69,7 +69,7 @@ def test_string_rows_get_a_seeded_generated_rejected(model, tokenizer):
     ds = sft_to_preferences(sft_rows(), model, tokenizer, CONFIG)
     assert ds.column_names == ["prompt", "chosen", "rejected", "subtask"]
     assert ds["chosen"] == sft_rows()["completion"] and ds["subtask"] == ["food", "animals", "animals"]
-    assert all(r.strip() and r != c for r, c in zip(ds["rejected"], ds["chosen"]))
+    assert all(r.strip() and r != c for r, c in zip(ds["rejected"], ds["chosen"], strict=True))
     # Each row's sample depends on (seed, row, attempt) only: same seed, same text, in any row order.
     assert ds["rejected"] == sft_to_preferences(sft_rows(), model, tokenizer, CONFIG)["rejected"]
     assert ds["rejected"][0] == generate_response(model, tokenizer, ds["prompt"][0], CONFIG, (0, 0, 0))

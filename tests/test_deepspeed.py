@@ -49,14 +49,15 @@ pool, validation = load_pool("tiny/pool.jsonl"), load_preferences("tiny/validati
 args = SFTConfig(output_dir=sys.argv[2], num_train_epochs=2, per_device_train_batch_size=4, learning_rate=1e-3,
                  save_strategy="epoch", logging_steps=1, use_cpu=not (deepspeed or on_gpu),
                  ddp_backend="gloo" if deepspeed and not on_gpu else None,
-                 bf16=os.environ.get("ROSE_TEST_BF16") == "1", gradient_checkpointing=False, report_to=[], max_length=256, disable_tqdm=True, seed=0)
+                 bf16=os.environ.get("ROSE_TEST_BF16") == "1", gradient_checkpointing=False, report_to=[],
+                 max_length=256, disable_tqdm=True, seed=0)
 # sjlt named, so that the runs compare the same matrix whatever the default becomes.
 callback = ROSECallback(pool, validation, tok, ROSEConfig(projection_type="sjlt", projection_dim=512,
                                                           selection_fraction=0.25, gradient_batch_size=6))
 trainer = SFTTrainer(AutoModelForCausalLM.from_pretrained("tiny/model"), args=args,
                      train_dataset=sft_training_dataset(pool.select(range(32)), tok, 256, "warm-up"),
-                     processing_class=tok, peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-                     callbacks=[callback])
+                     processing_class=tok, callbacks=[callback],
+                     peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
 trainer.train()
 lora = [p for n, p in trainer.model.named_parameters() if "lora_A" in n][0]
 # One write(2) of a short line is atomic on a pipe: the two ranks' lines cannot interleave.
@@ -102,7 +103,8 @@ from rose_trl.run.offline import select_from_checkpoints
 
 tok = AutoTokenizer.from_pretrained("tiny/model")
 selector = ROSESelector(load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl"), tok,
-                        ROSEConfig(projection_type="sjlt", projection_dim=512, selection_fraction=0.25, gradient_batch_size=6),
+                        ROSEConfig(projection_type="sjlt", projection_dim=512, selection_fraction=0.25,
+                                   gradient_batch_size=6),
                         sys.argv[2], max_length=256, use_cpu=True, progress=False)
 # peft_config: the warm-up's, for checkpoints saved without adapter_config.json (FSDP2 SHARDED_STATE_DICT).
 select_from_checkpoints(sys.argv[1], AutoModelForCausalLM.from_pretrained("tiny/model"), selector,

@@ -52,8 +52,8 @@ from rose_trl.run.pipeline import sft_training_dataset
 tok = AutoTokenizer.from_pretrained("outputs/tiny/model")
 pool = load_pool("outputs/tiny/pool.jsonl").select(range(40))
 args = SFTConfig(output_dir="outputs/tiny/warmup", num_train_epochs=2, per_device_train_batch_size=8,
-                 learning_rate={tiny["learning_rate"]}, save_strategy="epoch", logging_steps=1, use_cpu=True, bf16=False,
-                 gradient_checkpointing=False, report_to=[], max_length=256)
+                 learning_rate={tiny["learning_rate"]}, save_strategy="epoch", logging_steps=1, use_cpu=True,
+                 bf16=False, gradient_checkpointing=False, report_to=[], max_length=256)
 SFTTrainer(AutoModelForCausalLM.from_pretrained("outputs/tiny/model"), args=args,
            train_dataset=sft_training_dataset(pool, tok, 256, "warm-up"), processing_class=tok,
            peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])).train()

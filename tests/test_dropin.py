@@ -22,8 +22,8 @@ def changed_lines() -> tuple[list[str], list[str]]:
     diff = list(
         difflib.unified_diff(TRL_SCRIPT.read_text().splitlines(), SCRIPT.read_text().splitlines(), lineterm="")
     )
-    added = [l[1:] for l in diff if l.startswith("+") and not l.startswith("+++")]
-    removed = [l[1:] for l in diff if l.startswith("-") and not l.startswith("---")]
+    added = [line[1:] for line in diff if line.startswith("+") and not line.startswith("+++")]
+    removed = [line[1:] for line in diff if line.startswith("-") and not line.startswith("---")]
     return added, removed
 
 
@@ -31,10 +31,15 @@ def test_copy_differs_from_trls_script_only_by_the_rose_lines():
     """Every line added to TRL's script is marked `# ROSE` (or is the provenance note or a blank line);
     every line removed is one of the 4 that gained ROSE's config (signature, parser types, unpacking)."""
     added, removed = changed_lines()
-    unmarked = [l for l in added if l.strip() and not l.rstrip().endswith("# ROSE") and "changed only by" not in l]
+    unmarked = [
+        line
+        for line in added
+        if line.strip() and not line.rstrip().endswith("# ROSE") and "changed only by" not in line
+    ]
     assert not unmarked, unmarked
-    assert sum(bool(l.strip()) for l in added) <= 11 and len(removed) == 4, (added, removed)
-    assert any("callbacks=[ROSECallback(" in l for l in added)
+    non_blank = [line for line in added if line.strip()]
+    assert len(non_blank) <= 11 and len(removed) == 4, (added, removed)
+    assert any("callbacks=[ROSECallback(" in line for line in added)
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:

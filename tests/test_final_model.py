@@ -1,6 +1,6 @@
 """ROSE-T: the final model is not the one that selected. Two tiny Llamas with different tokenizers (vocabularies
-of about 530 and at most 320 words, trained on different texts; the final one a base model's, without chat template or chat
-tokens): the selection is re-tokenized with the final model's tokenizer, a finished run trains another final
+of about 530 and at most 320 words, trained on different texts; the final one a base model's, without chat template or
+chat tokens): the selection is re-tokenized with the final model's tokenizer, a finished run trains another final
 model without a gradient pass of selection, and what final training would fail on is refused at the start."""
 
 import json

@@ -77,8 +77,8 @@ if mode == "fsdp":
         ckpt = f"{out}_{kind}/checkpoint-3"
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=kind)
         if kind == "FULL_STATE_DICT":
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                                                                       cpu_offload=True))
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+            full = get_model_state_dict(model, options=options)
             if state.is_main_process:
                 model.save_pretrained(ckpt, state_dict=full)
         save_fsdp_model(plugin, state, model, ckpt, adapter_only=True)
@@ -92,8 +92,8 @@ batch = collate([rows[i] for i in range(4)], tok.pad_token_id)
 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
 opt.step()
 import os
-os.write(1, f"rank {state.process_index} {type(lora).__name__} local {tuple(lora.to_local().shape) if hasattr(lora, 'to_local') else tuple(lora.shape)} "
-            f"clean {still_clean}\\n".encode())
+local = tuple(lora.to_local().shape) if hasattr(lora, "to_local") else tuple(lora.shape)
+os.write(1, f"rank {state.process_index} {type(lora).__name__} local {local} clean {still_clean}\\n".encode())
 """
 
 
@@ -136,7 +136,8 @@ selector = ROSESelector(load_pool("tiny/pool.jsonl"), load_preferences("tiny/val
                         ROSEConfig(projection_dim=512, selection_fraction=0.25, gradient_batch_size=6),
                         sys.argv[2], max_length=256, use_cpu=True, progress=False)
 select_from_checkpoints(sys.argv[1], AutoModelForCausalLM.from_pretrained("tiny/model"), selector,
-                        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+                        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                               target_modules=["q_proj", "v_proj"]))
 """
 
 

@@ -79,7 +79,7 @@ def test_smollm2_selects_gemma3_trains(tmp_path):
     adapter = json.loads((final / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "outputs/gemma3/model"
 
-    pairs = [json.loads(l) for l in (tmp_path / "outputs/smollm2/hh/heldout.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "outputs/smollm2/hh/heldout.jsonl").read_text().splitlines()]
     test = [p for p in pairs if p["half"] == "test"][:4]
     (tmp_path / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in test))
     run(

@@ -56,7 +56,7 @@ def test_batched_rows_match_loop_on_cuda_fp32():
 def bf16_base_model():
     """The usual GPU setting: a bf16 base model with float32 LoRA weights (peft's default autocast)."""
     model = tiny_lora_model()
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
     return model.cuda()

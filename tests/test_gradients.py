@@ -90,7 +90,7 @@ def test_layout_follows_named_parameters_order():
     loss = model(**batch).loss
     ref = torch.autograd.grad(loss, [p for _, p in params])
     offset = 0
-    for (name, p), g in zip(params, ref):
+    for (name, p), g in zip(params, ref, strict=True):
         assert torch.allclose(grads[0, offset : offset + p.numel()], g.reshape(-1), rtol=1e-4, atol=1e-7), name
         offset += p.numel()
 

@@ -1,7 +1,11 @@
-"""The memory budget and the estimates it sizes passes with (rose_trl/resources/memory.py, rose_trl/resources/budget.py)."""
+"""The memory budget and the estimates it sizes passes with.
+
+rose_trl/resources/memory.py (the estimates) and rose_trl/resources/budget.py (the plan).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -110,8 +114,8 @@ def test_largest_rows():
 
 @pytest.mark.parametrize("shape", ["tiny-recipe", "tiny"])
 def test_estimates_are_within_25_percent_of_measured_peaks(shape):
-    """benchmarks/memory/extraction_memory.py --estimates at small shapes: every pass kind's estimate against the peak of
-    live bytes its real code path allocates (torch's profiler). docs/performance.md has SmolLM2 and 7B."""
+    """benchmarks/memory/extraction_memory.py --estimates at small shapes: every pass kind's estimate against the
+    peak of live bytes its real code path allocates (torch's profiler). docs/performance.md has SmolLM2 and 7B."""
     from extraction_memory import estimate_passes
 
     rows = estimate_passes(
@@ -438,19 +442,19 @@ def test_a_smaller_fused_head_tile_gives_the_same_gradients_in_less_memory(tmp_p
     batch = dpo_batch(2, 128, model.config.vocab_size)
     shape, lora = ModelShape.from_model(model), LoraShape.from_model(model)
     out, peaks = {}, {}
+
+    def run(tile):
+        with fused_head_tokens(tile):
+            out[tile] = featurizer(
+                model,
+                dict(batch),
+                loss=lambda b: trainer.compute_loss(trainer.model, b) * 2,
+                combine=lambda r: r[:2] + r[2:],
+            )
+
     for tile in (None, 32):
-
-        def run():
-            with fused_head_tokens(tile):
-                out[tile] = featurizer(
-                    model,
-                    dict(batch),
-                    loss=lambda b: trainer.compute_loss(trainer.model, b) * 2,
-                    combine=lambda r: r[:2] + r[2:],
-                )
-
-        run()
-        peaks[tile] = peak_bytes(run)
+        run(tile)
+        peaks[tile] = peak_bytes(functools.partial(run, tile))
     from trl.kernels import chunked_logprob
 
     assert chunked_logprob.TOKEN_CHUNK_SIZE == FUSED_HEAD_TOKENS  # restored

@@ -86,10 +86,10 @@ def test_reference_nll_and_batched_logps():
     model = tiny_causal_lm(tok, seed=4)
     prompts, refs = list(PAIRS["prompt"]), list(PAIRS["chosen"])
     logps, counts = sequence_logps(model, tok, prompts, refs, batch_size=3)
-    loop = [loop_logp(model, tok, p, r) for p, r in zip(prompts, refs)]
-    np.testing.assert_allclose(logps, [l for l, _ in loop], rtol=1e-4)
+    loop = [loop_logp(model, tok, p, r) for p, r in zip(prompts, refs, strict=True)]
+    np.testing.assert_allclose(logps, [logp for logp, _ in loop], rtol=1e-4)
     assert counts.tolist() == [n for _, n in loop]
-    expected = -sum(l for l, _ in loop) / sum(n for _, n in loop)
+    expected = -sum(logp for logp, _ in loop) / sum(n for _, n in loop)
     assert reference_nll(model, tok, prompts, refs, batch_size=2) == pytest.approx(expected, rel=1e-4)
     # A random 100-word model is near uniform: NLL close to log(vocab).
     assert abs(reference_nll(model, tok, prompts, refs) - math.log(len(tok))) < 1.0
@@ -109,7 +109,9 @@ def test_logps_computed_only_at_response_positions():
     hook.remove()
     ((width, positions),) = kept
     assert positions is not None and 0 < len(positions) < width - 1
-    np.testing.assert_allclose(logps, [loop_logp(model, tok, p, r)[0] for p, r in zip(prompts, refs)], rtol=1e-4)
+    np.testing.assert_allclose(
+        logps, [loop_logp(model, tok, p, r)[0] for p, r in zip(prompts, refs, strict=True)], rtol=1e-4
+    )
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_n():

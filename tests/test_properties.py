@@ -139,16 +139,19 @@ def test_targets_share_the_pool_and_flip_with_the_direction(suite):
     assert isinstance(prefer, PropertyTask) and isinstance(prefer, RealTask)
     assert prefer.target == target_name("se_link", "prefer") == "se_link_prefer" and avoid.direction == "avoid"
     other = suite.task("hh_question", "prefer", k=3)
-    strip = lambda ds: ds.remove_columns(["answer"]).to_list()
+
+    def strip(ds):
+        return ds.remove_columns(["answer"]).to_list()
+
     assert strip(prefer.pool) == strip(avoid.pool) == strip(other.pool)  # one pool for every target
-    for row_p, row_a in zip(prefer.pool, avoid.pool):
+    for row_p, row_a in zip(prefer.pool, avoid.pool, strict=True):
         if row_p["task"] != "se":
             assert row_p["answer"] == row_a["answer"] == "other"
         else:
             assert row_p["answer"] == ("chosen" if row_p["has_se_link"] else "rejected")
             assert {row_p["answer"], row_a["answer"]} == {"chosen", "rejected"}
     assert len(prefer.validation) == 5 and set(prefer.validation["subtask"]) == {"se_link_prefer"}
-    for p, a, raw in zip(prefer.validation, avoid.validation, suite.validation["se_link"]):
+    for p, a, raw in zip(prefer.validation, avoid.validation, suite.validation["se_link"], strict=True):
         assert (p["chosen"], p["rejected"]) == (a["rejected"], a["chosen"]) == (raw["with"], raw["without"])
     assert prefer.heldout["half"].count("test") == 10 and set(prefer.heldout.column_names) >= {"half", "source"}
     assert [r["chosen"] for r in avoid.heldout] == [r["rejected"] for r in prefer.heldout]

@@ -51,7 +51,8 @@ EXTRACT = textwrap.dedent("""
     pool = []
     for i in range(48):
         n = int(rng.integers(6, 24))
-        pool.append({"input_ids": rng.integers(3, 128, n).tolist(), "completion_mask": [0] * (n // 2) + [1] * (n - n // 2)})
+        completion_mask = [0] * (n // 2) + [1] * (n - n // 2)
+        pool.append({"input_ids": rng.integers(3, 128, n).tolist(), "completion_mask": completion_mask})
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     projector = build_projector("sjlt", n_params, 64, 0)
     # ~50 ms a row (two layers, each projected on its own in the fused path): extraction lasts ~2.5 s,

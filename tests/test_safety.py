@@ -49,7 +49,8 @@ def violations(source: str, filename: str = "<src>") -> list[str]:
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             )
             roots = {n.split(".")[0] for n in names}
-            # A plain `import pickle` is allowed: its uses are checked below (only a restricted Unpickler subclass passes).
+            # A plain `import pickle` is allowed: its uses are checked below (only a restricted Unpickler subclass
+            # passes).
             plain_pickle = isinstance(node, ast.Import) and all(a.asname is None for a in node.names)
             if roots & (UNPICKLERS - {"pickle"}) or ("pickle" in roots and not plain_pickle):
                 found.append(f"{where}: imports an unpickler")

@@ -1,5 +1,5 @@
-"""Learning rates of a warm-up run without ROSE, recovered offline (rose_trl/checkpoints/schedules.py, offline.py): they
-equal what ROSECallback records live, for the Trainer's four standard schedules with and without warm-up
+"""Learning rates of a warm-up run without ROSE, recovered offline (rose_trl/checkpoints/schedules.py, offline.py):
+they equal what ROSECallback records live, for the Trainer's four standard schedules with and without warm-up
 steps, from checkpoints whose log history does not cover an epoch. What cannot be recovered stops the
 run before any gradient pass."""
 

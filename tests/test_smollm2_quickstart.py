@@ -63,7 +63,7 @@ def test_smollm2_quickstart_cut_down(tmp_path):
     assert (summary["num_pool"], summary["num_selected"]) == (8, 2), summary
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
 
-    pairs = [json.loads(l) for l in (tmp_path / "outputs/smollm2/hh/heldout.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "outputs/smollm2/hh/heldout.jsonl").read_text().splitlines()]
     test = [p for p in pairs if p["half"] == "test"][:4]
     (tmp_path / "few.jsonl").write_text("".join(json.dumps(p) + "\n" for p in test))
     out = run(

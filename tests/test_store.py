@@ -54,7 +54,7 @@ def test_nonfinite_rows_are_refused(tmp_path):
 
 
 def test_truncated_or_missing_files_are_reported(tmp_path):
-    s = GradientStore.open_or_create(tmp_path / "s", **META)
+    GradientStore.open_or_create(tmp_path / "s", **META)
     shard = tmp_path / "s" / "shard_00001.npy"
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CorruptStoreError, match="shard_00001"):

@@ -205,7 +205,7 @@ def test_deepspeed_and_fsdp_names():
 
 
 def test_trainer_schedule_names_used_to_recover_learning_rates():
-    """rose_trl.checkpoints.schedules rebuilds the warm-up's schedule as the Trainer does, and reads its saved state."""
+    """rose_trl.checkpoints.schedules rebuilds the warm-up's schedule as the Trainer does and reads its saved state."""
     import torch
     from transformers import TrainingArguments, get_scheduler
     from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME

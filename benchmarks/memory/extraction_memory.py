@@ -2,8 +2,8 @@
 
     python benchmarks/memory/extraction_memory.py [--layers 1 4 --rows 1 4 16 --seq-len 128 --paths fused dense]
     python benchmarks/memory/extraction_memory.py --model smollm2-135m --paths fused fused_plain_loss backbone
-    python benchmarks/memory/extraction_memory.py --model smollm2-135m --estimates     # rose_trl.resources.memory vs measured peaks
-    python benchmarks/memory/extraction_memory.py --model smollm2-135m --saved         # what a layer saves, tensor by tensor
+    python benchmarks/memory/extraction_memory.py --model smollm2-135m --estimates  # estimates vs measured peaks
+    python benchmarks/memory/extraction_memory.py --model smollm2-135m --saved      # what a layer saves, by tensor
 
 Model: Llama-2-7B's shape (hidden 4096, intermediate 11008, 32 heads, vocab 32000) with random float32
 weights, truncated to L decoder layers, with LESS's adapter: LoRA r=128, alpha 512 on q,k,v,o. For each L
@@ -24,11 +24,12 @@ Adam state, the projector's plan and the adapter's summed gradient are paid once
 --model smollm2-135m: SmolLM2-135M's shape (30 layers, hidden 576, vocab 49152, tied embeddings), LoRA r=8
 (alpha 4r) on q,k,v,o, 256 tokens, rows 1 2 4 by default.
 The last line is `extra_mb_per_row_L<l>=<MB> ...` for the fused path, for every L.
---estimates [kinds]: for each pass kind (gradient, evaluation, validation, reference, training; rose_trl.resources.memory's
-  docstring says what each runs), the estimate of what the pass adds (`estimate_pass(...).transient`) against the
-  peak of live bytes its real code path allocates, and how far the same pass raises the process's RSS (the CPU
-  heap's slack, rose_trl.resources.budget.HEAP_SLACK); the last line is `worst_relative_error=<e> heap=<mode>
-  largest_rss_rise_over_estimate=<r>`. --compact-heap: the same with glibc's heap made compact first.
+--estimates [kinds]: for each pass kind (gradient, evaluation, validation, reference, training;
+  rose_trl.resources.memory's docstring says what each runs), the estimate of what the pass adds
+  (`estimate_pass(...).transient`) against the peak of live bytes its real code path allocates, and how far
+  the same pass raises the process's RSS (the CPU heap's slack, rose_trl.resources.budget.HEAP_SLACK); the last
+  line is `worst_relative_error=<e> heap=<mode> largest_rss_rise_over_estimate=<r>`.
+  --compact-heap: the same with glibc's heap made compact first.
 --saved: the tensors autograd saves for the backward in one decoder layer, tensor by tensor (no mask, padding mask,
   train mode with LoRA dropout), against `rose_trl.resources.memory.layer_bytes`.
 """
@@ -36,6 +37,7 @@ The last line is `extra_mb_per_row_L<l>=<MB> ...` for the fused path, for every 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -131,7 +133,7 @@ def measure(
         batch = batch_of(rows, seq_len, vocab, seed=rows)
         for path in ["plain", *paths]:
             start = time.perf_counter()
-            result[path][rows] = peak_bytes(lambda: runs[path](batch))
+            result[path][rows] = peak_bytes(functools.partial(runs[path], batch))
             log(
                 f"  L={layers} rows={rows:3d} {path:6s} peak {result[path][rows] / 1e6:10.1f} MB "
                 f"({time.perf_counter() - start:.1f} s)"
@@ -163,7 +165,7 @@ def run(
         for path in paths:
             extra = [(result[path][r] - result["plain"][r]) / 1e6 for r in rows_list]
             slopes[(path, layers)] = per_row_slope(rows_list, extra)
-            for r, e in zip(rows_list, extra):
+            for r, e in zip(rows_list, extra, strict=True):
                 table.append((path, layers, r, result["plain"][r] / 1e6, result[path][r] / 1e6, e))
     log(f"{'path':6s} {'L':>2s} {'rows':>4s} {'plain MB':>10s} {'path MB':>10s} {'extra MB':>10s}")
     for path, layers, r, plain, peak, extra in table:
@@ -176,7 +178,7 @@ def run(
     return slopes
 
 
-# ---- estimates (rose_trl.resources.memory) against measured peaks, pass by pass ---------------------------------------
+# ---- estimates (rose_trl.resources.memory) against measured peaks, pass by pass -------------------------------
 
 
 def dpo_trainer(model, vocab: int, tmp: str):
@@ -228,6 +230,45 @@ def rss_rise(fn) -> int:
     return peak - before
 
 
+def _run_pass(kind: str, model, featurizer, adam, trainer, rows: int, batch: dict):
+    """One pass of `kind` over `batch` (`rows` rows, or pairs for the DPO kinds), as the pipeline runs it."""
+    if kind == "gradient":
+        return featurizer(model, batch, adam)
+    if kind == "validation":
+        pairs = rows
+        return featurizer(
+            model,
+            batch,
+            loss=lambda b: trainer.compute_loss(trainer.model, b) * pairs,
+            combine=lambda r: r[:pairs] + r[pairs:],
+        )
+    if kind == "reference":
+        return trainer.compute_ref_log_probs(trainer.model, batch)
+    if kind == "evaluation":
+        from rose_trl.evaluation.metrics import response_logps
+
+        return response_logps(model, batch)
+    model.train()
+    try:
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            fused_lm_head=True,
+        )
+        out.loss.backward()
+        for p in model.parameters():
+            p.grad = None
+    finally:
+        model.eval()
+
+
+def _pass_batch(kind: str, rows: int, width: int, vocab: int, seed: int) -> dict:
+    if kind in ("validation", "reference"):
+        return dpo_batch(rows, width, vocab, seed)
+    return batch_of(rows, width, vocab, seed)
+
+
 def estimate_passes(
     shape_name: str, layers: int, rows_list: list[int], width: int, lora_r: int, dim: int, kinds: list[str], log=print
 ) -> list[tuple]:
@@ -237,7 +278,6 @@ def estimate_passes(
     import gc
     import tempfile
 
-    from rose_trl.evaluation.metrics import response_logps
     from rose_trl.gradients.featurizer import Featurizer
     from rose_trl.resources.memory import LoraShape, ModelShape, estimate_pass
 
@@ -261,46 +301,13 @@ def estimate_passes(
 
             add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
 
-        def run(rows, batch):
-            if kind == "gradient":
-                return featurizer(model, batch, adam)
-            if kind == "validation":
-                pairs = rows
-                return featurizer(
-                    model,
-                    batch,
-                    loss=lambda b: trainer.compute_loss(trainer.model, b) * pairs,
-                    combine=lambda r: r[:pairs] + r[pairs:],
-                )
-            if kind == "reference":
-                return trainer.compute_ref_log_probs(trainer.model, batch)
-            if kind == "evaluation":
-                return response_logps(model, batch)
-            model.train()
-            try:
-                out = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    labels=batch["labels"],
-                    fused_lm_head=True,
-                )
-                out.loss.backward()
-                for p in model.parameters():
-                    p.grad = None
-            finally:
-                model.eval()
-
-        def make(rows, seed):
-            if kind in ("validation", "reference"):
-                return dpo_batch(rows, width, vocab, seed)
-            return batch_of(rows, width, vocab, seed)
-
-        run(1, make(1, 0))  # lazy inits, the projection plan
+        run = functools.partial(_run_pass, kind, model, featurizer, adam, trainer)
+        run(1, _pass_batch(kind, 1, width, vocab, 0))  # lazy inits, the projection plan
         for rows in rows_list:
             est = estimate_pass(kind, shape, lora, "float32", rows, width, labelled_fraction=0.75, dim=dim)
-            batch = make(rows, rows)
-            measured = peak_bytes(lambda: run(rows, batch))
-            rise = rss_rise(lambda: run(rows, batch))
+            batch = _pass_batch(kind, rows, width, vocab, rows)
+            measured = peak_bytes(functools.partial(run, rows, batch))
+            rise = rss_rise(functools.partial(run, rows, batch))
             rows_out.append((kind, layers, rows, est.transient / 1e6, measured / 1e6, rise / 1e6))
             log(
                 f"  {kind:10s} L={layers} rows={rows:3d} estimate {est.transient / 1e6:9.1f} MB "

@@ -18,6 +18,14 @@ def _mean_sd(values) -> str:
     return f"{np.mean(values):.2f} +- {np.std(values):.2f}"
 
 
+def _cell(entry: dict, key: str, digits: int = 2) -> str:
+    """A sweep summary's (mean, sd) entry as "mean +- sd", or "-" where it is missing."""
+    if entry[key] is None:
+        return "-"
+    mean, sd = entry[key]
+    return f"{mean:.{digits}f} +- {sd:.{digits}f}"
+
+
 def data_table(results: dict) -> list[str]:
     run = set(results["settings"]["properties"])
     suite = results["suite"]
@@ -26,7 +34,8 @@ def data_table(results: dict) -> list[str]:
         f"answers differ within their first {results['settings']['window_chars']}); held-out pairs from "
         f"{results['held_out_source']}",
         "| property | slice answers with it | slice prompts giving a minimal pair | test answers with it "
-        "| test prompts giving a minimal pair | suite: pool rows with it / task rows | validation | dev / test | run |",
+        "| test prompts giving a minimal pair | suite: pool rows with it / task rows | validation | dev / test "
+        "| run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in results["data"].items():
@@ -46,7 +55,8 @@ def data_table(results: dict) -> list[str]:
 
 def oracle_table(results: dict) -> list[str]:
     lines = [
-        "\n#### The oracle: LoRA SFT on pool rows with the property against as many without it (prefer pairs, test half)",
+        "\n#### The oracle: LoRA SFT on pool rows with the property against as many without it "
+        "(prefer pairs, test half)",
         "| property | budget | with: accuracy [95% CI] | with: margin | without: accuracy [95% CI] | without: margin "
         "| margin difference [95% CI] | accuracy difference [95% CI] | learnable |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -55,7 +65,8 @@ def oracle_table(results: dict) -> list[str]:
         for budget, r in by_budget.items():
             w, wo, d = r["with"], r["without"], r["difference"]
             lines.append(
-                f"| {prop} | {float(budget):.0%} | {fmt_ci(w['accuracy'], w['accuracy_ci'])} | {w['reward_margin']:+.4f} "
+                f"| {prop} | {float(budget):.0%} | {fmt_ci(w['accuracy'], w['accuracy_ci'])} "
+                f"| {w['reward_margin']:+.4f} "
                 f"| {fmt_ci(wo['accuracy'], wo['accuracy_ci'])} | {wo['reward_margin']:+.4f} "
                 f"| {fmt_diff(d['margins'], 4)} | {fmt_diff(d['wins'])} | {'yes' if r['passes'] else 'no'} |"
             )
@@ -79,7 +90,8 @@ def _trained_row(method: str, rows: list[dict], random_rows: list[dict]) -> str:
     r = rows[0]
     return (
         f"| {method} | {fmt_ci(r['accuracy'], r['accuracy_ci'])} | {fmt_diff(paired(rows, random_rows, 'wins'))} "
-        f"| {fmt_ci(r['reward_margin'], r['reward_margin_ci'], 4)} | {fmt_diff(paired(rows, random_rows, 'margins'), 4)} |"
+        f"| {fmt_ci(r['reward_margin'], r['reward_margin_ci'], 4)} "
+        f"| {fmt_diff(paired(rows, random_rows, 'margins'), 4)} |"
     )
 
 
@@ -109,16 +121,17 @@ def target_tables(prop: str, res: dict, budgets: list[float], train_budgets: lis
                 f"({len(random_rows[0]['wins'])})"
             )
             lines += [
-                "| method | accuracy [95% CI] | accuracy - random [95% CI] | margin [95% CI] | margin - random [95% CI] |",
+                "| method | accuracy [95% CI] | accuracy - random [95% CI] | margin [95% CI] "
+                "| margin - random [95% CI] |",
                 "|---|---|---|---|---|",
             ]
             for method, by_budget in d["methods"].items():
                 rows = [r["test"] for r in by_budget[str(budget)]]
                 if method == "random":
-                    acc = (
-                        f"{np.mean([r['accuracy'] for r in rows]):.3f} +- {np.std([r['accuracy'] for r in rows]):.3f}"
-                    )
-                    margin = f"{np.mean([r['reward_margin'] for r in rows]):+.4f} +- {np.std([r['reward_margin'] for r in rows]):.4f}"
+                    accuracies = [r["accuracy"] for r in rows]
+                    margins = [r["reward_margin"] for r in rows]
+                    acc = f"{np.mean(accuracies):.3f} +- {np.std(accuracies):.3f}"
+                    margin = f"{np.mean(margins):+.4f} +- {np.std(margins):.4f}"
                     lines.append(f"| random ({len(rows)} seeds) | {acc} | - | {margin} | - |")
                     continue
                 lines.append(_trained_row(method, rows, random_rows))
@@ -192,10 +205,9 @@ def sweep_tables(sweep: dict) -> list[str]:
             "|---|---|---|---|---|---|---|",
         ]
         for e in res["summary"]:
-            cell = lambda key, d=2: "-" if e[key] is None else f"{e[key][0]:.{d}f} +- {e[key][1]:.{d}f}"
             lines.append(
-                f"| {e['k']} | {e['draws']} | {cell('agreement', 3)} | {cell('reliability')} | {cell('auc')} "
-                f"| {cell('share')} | {cell('reproducibility')} |"
+                f"| {e['k']} | {e['draws']} | {_cell(e, 'agreement', 3)} | {_cell(e, 'reliability')} "
+                f"| {_cell(e, 'auc')} | {_cell(e, 'share')} | {_cell(e, 'reproducibility')} |"
             )
     t = sweep["threshold"]
     lines += [
@@ -230,10 +242,9 @@ def sweep_tables(sweep: dict) -> list[str]:
             "|---|---|---|---|---|",
         ]
         for e in r["sweep"]["summary"]:
-            cell = lambda key, d=2: "-" if e[key] is None else f"{e[key][0]:.{d}f} +- {e[key][1]:.{d}f}"
             lines.append(
-                f"| {e['k']} | {e['draws']} | {cell('agreement', 3)} | {cell('reliability')} "
-                f"| {cell('reproducibility')} |"
+                f"| {e['k']} | {e['draws']} | {_cell(e, 'agreement', 3)} | {_cell(e, 'reliability')} "
+                f"| {_cell(e, 'reproducibility')} |"
             )
     return lines
 

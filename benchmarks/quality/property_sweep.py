@@ -24,6 +24,7 @@ property targets at the same k.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def usable(val: list[np.ndarray]) -> np.ndarray:
 
 
 def score(eta, pool, val, pairs) -> np.ndarray:
-    return sum(e * p @ v[pairs].mean(axis=0) for e, p, v in zip(eta, pool, val))
+    return sum(e * p @ v[pairs].mean(axis=0) for e, p, v in zip(eta, pool, val, strict=True))
 
 
 def agreement_of(eta, val, pairs) -> float | None:
@@ -134,7 +135,7 @@ def threshold(rows_by_target: dict[str, list[dict]]) -> dict:
         if r.get("reliability_pair") is not None
     ]
     bins = []
-    for lo, hi in zip(BINS[:-1], BINS[1:]):
+    for lo, hi in itertools.pairwise(BINS):
         inside = [rep for rel, rep in points if lo <= rel < hi]
         bins.append(
             {

@@ -59,6 +59,8 @@ from rose_trl.scoring.scores import selection_size, top_fraction
 
 
 RELEASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rose"
+# The release's folder where a copy with its test answers is present, else None (the slice's held-out pairs).
+DEFAULT_RELEASE = RELEASE if (RELEASE / "test").is_dir() else None
 FULL = dict(
     properties=["se_link", "se_code", "hh_question", "se_emphasis"],
     grid_max=4,
@@ -125,7 +127,7 @@ def target_task(
     direction: str = "prefer",
     k: int | None = None,
     quick: bool = False,
-    release: Path | None = RELEASE if (RELEASE / "test").is_dir() else None,
+    release: Path | None = DEFAULT_RELEASE,
     **overrides,
 ) -> PropertyTask:
     """One target exactly as this benchmark builds it (its full or --quick suite: the same pool, validation and
@@ -290,7 +292,7 @@ class PropertyBench:
         task = PROPERTIES[prop].task
         rows = [
             i
-            for i, (t, has) in enumerate(zip(self.pool["task"], self.pool[f"has_{prop}"]))
+            for i, (t, has) in enumerate(zip(self.pool["task"], self.pool[f"has_{prop}"], strict=True))
             if t == task and has == (side == "with")
         ]
         n = selection_size(len(self.pool), budget)
@@ -324,7 +326,8 @@ def run_oracle(pb: PropertyBench, prop: str) -> dict:
         diff = {key: paired([sides["with"]], [sides["without"]], key) for key in ("wins", "margins")}
         out[str(budget)] = {**sides, "difference": diff, "passes": diff["margins"]["ci"][0] > 0}
         log(
-            f"oracle {prop} {budget:.0%}: with {sides['with']['accuracy']:.3f}, without {sides['without']['accuracy']:.3f}"
+            f"oracle {prop} {budget:.0%}: with {sides['with']['accuracy']:.3f}, "
+            f"without {sides['without']['accuracy']:.3f}"
             f", margin difference {diff['margins']['mean']:+.4f} [{diff['margins']['ci'][0]:+.4f}, "
             f"{diff['margins']['ci'][1]:+.4f}]"
         )
@@ -358,7 +361,7 @@ def run_property(pb: PropertyBench, prop: str) -> dict:
         bounds = {
             str(b): {
                 name: oriented(pb.evaluate(prop, pb.oracle_picks(prop, side, b)), direction)
-                for name, side in zip(("oracle", "anti-oracle"), sides)
+                for name, side in zip(("oracle", "anti-oracle"), sides, strict=True)
             }
             for b in a.train_budgets
         }
@@ -396,7 +399,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--release",
         type=Path,
-        default=RELEASE if (RELEASE / "test").is_dir() else None,
+        default=DEFAULT_RELEASE,
         help="a copy of the paper's release: held-out pairs from its test answers (default: "
         f"{RELEASE} where present, else the slice)",
     )

@@ -1,8 +1,9 @@
 """Does a ROSE selection make a real model better? SmolLM2-135M-Instruct, real text, held-out intervals.
 
-    rose-trl smollm2-assets outputs/smollm2                                   # once: the model folder (model/)
-    python benchmarks/quality/real_model.py --model outputs/smollm2/model --quick      # ~3 min on 2 cores
-    python benchmarks/quality/real_model.py --model outputs/smollm2/model --variants gradient   # ~2 h: dev study + test grid
+    rose-trl smollm2-assets outputs/smollm2  # once: the model folder (model/)
+    python benchmarks/quality/real_model.py --model outputs/smollm2/model --quick  # ~3 min on 2 cores
+    # ~2 h: the dev study and the test grid
+    python benchmarks/quality/real_model.py --model outputs/smollm2/model --variants gradient
 
 For each target (SE, HH) `rose_trl.data.realtext.build_real_task` makes the task: a pool of target prompts
 answered with their chosen or their rejected answer (a coin flip, recorded in `answer`) plus other-task rows,

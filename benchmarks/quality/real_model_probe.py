@@ -1,4 +1,6 @@
-"""Why ROSE's score does or does not find the target's chosen answers: read off benchmarks/quality/real_model.py's stores.
+"""Why ROSE's score does or does not find the target's chosen answers.
+
+Read off the stores that benchmarks/quality/real_model.py wrote:
 
     python benchmarks/quality/real_model_probe.py --out outputs/bench_real_model --targets se hh
 

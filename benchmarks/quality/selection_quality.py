@@ -23,6 +23,7 @@ Hub), so absolute accuracies stay near chance; the composition shows what each m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -187,9 +188,12 @@ def loss_type_selections(args, pool, validation, tokenizer, base, warm_dir, out,
                 float(np.mean([f.endswith("_bad") for f in features[chosen]])),
                 float(np.mean(features[chosen] == "distractor")),
             ),
+            strict=True,
         ):
             r.setdefault(key, []).append(value)
-        for key, value in zip(("cos", "against", "zero"), gradient_agreement(out / "rose_losses", run, tag)):
+        for key, value in zip(
+            ("cos", "against", "zero"), gradient_agreement(out / "rose_losses", run, tag), strict=True
+        ):
             r.setdefault(key, []).append(value)
 
 
@@ -205,7 +209,7 @@ def planted(args, distractor: bool) -> dict:
             [r["prompt"] + r["completion"] for r in pool_rows]
             + [r["prompt"] + r["chosen"] + r["rejected"] for r in val_rows]
         )
-        base = lambda: build_tiny_llama(tokenizer, hidden=64, layers=2, seed=seed)  # noqa: E731
+        base = functools.partial(build_tiny_llama, tokenizer, hidden=64, layers=2, seed=seed)
         out = args.out / f"planted{'_distractor' if distractor else ''}_seed{seed}"
         warm_dir = out / "warmup"
         if not warm_dir.exists():
@@ -222,8 +226,9 @@ def planted(args, distractor: bool) -> dict:
             loss_type_selections(args, pool, validation, tokenizer, base, warm_dir, out, seed, features, losses)
     rates = "1/3, 1/3, 1/6" if distractor else "0.4, 0.4, 0"
     print(
-        f"\n(a{'2' if distractor else '1'}) planted signal{' with a shared distractor' if distractor else ''}: share of "
-        f"the 5% selection carrying a preferred / dispreferred / distractor phrase (pool rates {rates}; seeds {args.seeds})"
+        f"\n(a{'2' if distractor else '1'}) planted signal{' with a shared distractor' if distractor else ''}: "
+        f"share of the 5% selection carrying a preferred / dispreferred / distractor phrase "
+        f"(pool rates {rates}; seeds {args.seeds})"
     )
     print("| method | preferred | dispreferred | distractor |\n|---|---|---|---|")
     for method, r in results.items():
@@ -245,7 +250,8 @@ def planted(args, distractor: bool) -> dict:
                 print(f"| {name}{refused} | - | - | - | - | - | - | - |")
                 continue
             print(
-                f"| {name}{refused} | {fmt(r['overlap'])} | {fmt(r['good'])} | {fmt(r['bad'])} | {fmt(r['distractor'])} "
+                f"| {name}{refused} | {fmt(r['overlap'])} | {fmt(r['good'])} | {fmt(r['bad'])} "
+                f"| {fmt(r['distractor'])} "
                 f"| {np.mean(r['cos']):.3f} | {np.mean(r['against']):.3f} | {sum(r['zero'])} |"
             )
         results["loss_types"] = losses
@@ -287,12 +293,12 @@ def real(args) -> dict:
             drop_unusable=True,
         )
         seen = set(targets[task]["prompt"])
-        held_out[task] = ten.filter(lambda r: r["prompt"] not in seen)
+        held_out[task] = ten.select([i for i, prompt in enumerate(ten["prompt"]) if prompt not in seen])
     sources = np.array(pool["source"])
     results = {t: {m: {"share": [], "acc": []} for m in args.methods} for t in TARGETS}
     for seed in args.seeds:
         tokenizer = build_tokenizer((r["prompt"] + r["completion"] for r in pool), vocab_size=8000)
-        base = lambda: build_tiny_llama(tokenizer, hidden=128, layers=2, seed=seed)  # noqa: E731
+        base = functools.partial(build_tiny_llama, tokenizer, hidden=128, layers=2, seed=seed)
         out = args.out / f"real_seed{seed}"
         warm_dir = out / "warmup"
         if not warm_dir.exists():

@@ -2,15 +2,16 @@
 
 SmolLM2-135M-Instruct selects (ROSE-T, LESS-T), Gemma-3-270M (base) is trained on the picks, and both are compared
 with ROSE and LESS selecting with Gemma itself (Table 8's same-model columns), random (seeds) and the right and the
-wrong selection (target_chosen, target_rejected), on the real-text targets of benchmarks/quality/real_model.py (se, hh)
-and on the property targets of benchmarks/quality/property_targets.py (`<property>_<direction>`, e.g. se_link_prefer: one
-property of real answers as minimal pairs, rose_trl.data.properties; held-out pairs from the paper's test answers
-where a copy of the release is found):
+wrong selection (target_chosen, target_rejected), on the real-text targets of benchmarks/quality/real_model.py
+(se, hh) and on the property targets of benchmarks/quality/property_targets.py (`<property>_<direction>`, e.g.
+se_link_prefer: one property of real answers as minimal pairs, rose_trl.data.properties; held-out pairs from the
+paper's test answers where a copy of the release is found):
 
-    rose-trl smollm2-assets outputs/smollm2 && rose-trl gemma3-assets outputs/gemma3     # once
-    python benchmarks/quality/transfer.py --stage select --selector select --targets se   # SmolLM2's warm-up, stores, picks
-    python benchmarks/quality/transfer.py --stage select --selector final --targets se    # Gemma's own
-    python benchmarks/quality/transfer.py --stage train --targets se hh                   # every pick trained on Gemma, tables
+    rose-trl smollm2-assets outputs/smollm2 && rose-trl gemma3-assets outputs/gemma3  # once
+    # SmolLM2's warm-up, stores and picks; then Gemma's own; then every pick trained on Gemma, and the tables
+    python benchmarks/quality/transfer.py --stage select --selector select --targets se
+    python benchmarks/quality/transfer.py --stage select --selector final --targets se
+    python benchmarks/quality/transfer.py --stage train --targets se hh
 
 A stage is one process per selecting model and target, so that its CPU seconds and peak memory are that model's
 (written to <out>/costs/; run it under /usr/bin/time -v for the same figures from outside). The train stage
@@ -142,7 +143,8 @@ def select_stage(args) -> None:
             if bench.counts["selected"] > made_before:  # made now: its cost is this process's
                 costs[method] = cost
                 log(
-                    f"{args.selector} {target} {method}: {cost['wall_s']:.0f}s wall, {cost['cpu_s']:.0f} CPU-s, process "
+                    f"{args.selector} {target} {method}: {cost['wall_s']:.0f}s wall, {cost['cpu_s']:.0f} CPU-s, "
+                    f"process "
                     f"peak {cost['process_peak_rss_gb']:.2f} GB"
                 )
         write_json(path, costs)
@@ -214,9 +216,11 @@ def print_transfer(results: dict, args) -> None:
         s = res["pool"]
         base = res["base"]["test"]
         print(
-            f"\n### {target}: final model {args.final_model}, selecting model {args.select_model}; pool {s['rows']} rows "
+            f"\n### {target}: final model {args.final_model}, selecting model {args.select_model}; "
+            f"pool {s['rows']} rows "
             f"(chosen {s['chosen']:.2f} / rejected {s['rejected']:.2f} / other {s['other']:.2f}), "
-            f"{res['validation_pairs']} validation pairs, {res['heldout']['test']} test pairs; base likelihood accuracy "
+            f"{res['validation_pairs']} validation pairs, {res['heldout']['test']} test pairs; "
+            f"base likelihood accuracy "
             f"{base['likelihood_accuracy']:.3f}, chosen NLL {base['chosen_nll']:.3f}"
         )
         print(HEADER)
@@ -231,10 +235,12 @@ def print_transfer(results: dict, args) -> None:
             if c and "rose" in c and "less" in c:
                 r, s = c["rose"], c["less"]
                 print(
-                    f"cost of selecting with {c['model']}: rose (warm-up {r['warmup_s'] or 0:.0f}s, pool and validation "
+                    f"cost of selecting with {c['model']}: rose (warm-up {r['warmup_s'] or 0:.0f}s, "
+                    f"pool and validation "
                     f"gradients, scoring) {r['wall_s']:.0f}s wall, {r['cpu_s']:.0f} CPU-s; less (its validation "
                     f"gradients and scoring; warm-up and pool gradients shared) {s['wall_s']:.0f}s wall, "
-                    f"{s['cpu_s']:.0f} CPU-s; process peak {max(r['process_peak_rss_gb'], s['process_peak_rss_gb']):.2f} GB"
+                    f"{s['cpu_s']:.0f} CPU-s; "
+                    f"process peak {max(r['process_peak_rss_gb'], s['process_peak_rss_gb']):.2f} GB"
                 )
 
 
@@ -318,8 +324,9 @@ def main(argv=None) -> dict:
     write_json(args.out / f"results_{'_'.join(args.targets)}.json", results)
     print(
         f"\ntransfer.py: selecting model {args.select_model}, final model {args.final_model}, max_length "
-        f"{args.max_length}, LoRA r {args.lora_r}, lr {args.lr}, warm-up {args.warmup_fraction:g} x {args.warmup_epochs}"
-        f" epochs, final {args.final_epochs} epochs; this invocation trained {fin.counts['trained']} adapters, evaluated "
+        f"{args.max_length}, LoRA r {args.lora_r}, lr {args.lr}, "
+        f"warm-up {args.warmup_fraction:g} x {args.warmup_epochs} epochs, final {args.final_epochs} epochs; "
+        f"this invocation trained {fin.counts['trained']} adapters, evaluated "
         f"{fin.counts['evaluated']}, made {sel.counts['selected'] + fin.counts['selected']} selections in "
         f"{time.time() - t0:.0f}s"
     )

@@ -258,7 +258,7 @@ def main(argv=None):
         print(
             f"(c') floor, labelled    {t_labelled:8.2f} s  {1000 * t_labelled / len(pool):8.1f} ms/example "
             f"(b)/(c') {t_engine / t_labelled:.3f}; per repeat: "
-            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, labelled))
+            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, labelled, strict=True))
         )
     print(
         f"(b) rose_trl engine     {t_engine:8.2f} s  {1000 * t_engine / len(pool):8.1f} ms/example ({args.projection})"
@@ -266,7 +266,7 @@ def main(argv=None):
     if args.repeats > 1:
         print(
             f"    medians of {args.repeats}; per repeat (b)/(c): "
-            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, floors))
+            + " ".join(f"{e / f:.3f}" for e, f in zip(engines, floors, strict=True))
         )
     for n, (engine_n, floor_n, layers) in layered.items():
         t_engine_n, t_floor_n = float(np.median(engine_n)), float(np.median(floor_n))

@@ -2,7 +2,7 @@
 
     python benchmarks/speed/gpu_extraction.py                       # GPU: Llama-2-7B shape, bf16, LoRA r=128
     python benchmarks/speed/gpu_extraction.py --model llama-3.1-8b  # Llama-3.1-8B's shape (128k vocabulary)
-    python benchmarks/speed/gpu_extraction.py --device cpu --tiny   # the same script in seconds (the test suite runs it)
+    python benchmarks/speed/gpu_extraction.py --device cpu --tiny   # the same script in seconds (the tests run it)
 
 Model: Llama-2-7B's shape with random bf16 weights (no download), LoRA r=128, alpha 512 on q,k,v,o (134M
 parameters). Pool: instruction-like lengths, log-normal between 64 and 2048 tokens, median ~400.

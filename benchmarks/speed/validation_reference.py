@@ -1,7 +1,8 @@
 """Validation time per checkpoint with the reference's log-probs computed once per run (now) and in every pass of
 every checkpoint (before): the same validation stores, the same gradients.
 
-    python benchmarks/speed/validation_reference.py --model outputs/smollm2/model --pairs outputs/smollm2/se/validation.jsonl
+    python benchmarks/speed/validation_reference.py --model outputs/smollm2/model \\
+        --pairs outputs/smollm2/se/validation.jsonl
 
 SmolLM2-135M-Instruct (or any causal LM folder) with a LoRA adapter (r=8 on q,k,v,o); each "checkpoint" moves the
 adapter's weights (the reference, the base model, does not move); ValidationGradients.store computes the
@@ -91,7 +92,7 @@ def main():
         t_after, rows_after = run(reuse=True)
         before.append(t_before)
         after.append(t_after)
-        diff = max(float(np.abs(a - b).max()) for a, b in zip(rows_before, rows_after))
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(rows_before, rows_after, strict=True))
         print(
             f"repeat {repeat}: before {' '.join(f'{t:.1f}' for t in t_before)} s, "
             f"after {' '.join(f'{t:.1f}' for t in t_after)} s (per checkpoint), max |diff| {diff:.3g}",

@@ -29,7 +29,7 @@ def pool_texts(pool) -> list[str]:
 
 def validation_texts(validation) -> list[str]:
     """prompt + chosen: what the task wants the model to read and write."""
-    return [_content(p) + "\n" + _content(c) for p, c in zip(validation["prompt"], validation["chosen"])]
+    return [_content(p) + "\n" + _content(c) for p, c in zip(validation["prompt"], validation["chosen"], strict=True)]
 
 
 def subtask_groups(validation) -> dict[str, np.ndarray]:

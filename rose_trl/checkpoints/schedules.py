@@ -218,7 +218,7 @@ def _base_lr(record: WarmupRecord) -> float:
 
 def _misfit(lr_after, record: WarmupRecord) -> str | None:
     """The first observation `lr_after(k) = base * lambda(k)` fails to reproduce, or None."""
-    for name, step in zip(record.names, record.steps):
+    for name, step in zip(record.names, record.steps, strict=True):
         state = record.schedulers.get(name)
         if state is None:
             continue
@@ -228,7 +228,10 @@ def _misfit(lr_after, record: WarmupRecord) -> str | None:
                 "cannot be replayed)"
             )
         if not _close(state["_last_lr"][0], lr_after(step)):
-            return f"{name}/scheduler.pt gives {state['_last_lr'][0]!r} for step {step + 1}, the schedule {lr_after(step)!r}"
+            return (
+                f"{name}/scheduler.pt gives {state['_last_lr'][0]!r} for step {step + 1}, "
+                f"the schedule {lr_after(step)!r}"
+            )
     for step, lr in sorted(record.logged.items()):
         if not _close(lr, lr_after(step - 1)):
             return f"the log history gives {lr!r} for step {step}, the schedule {lr_after(step - 1)!r}"
@@ -297,7 +300,7 @@ def recover_learning_rates(record: WarmupRecord) -> tuple[list[float], Schedule]
         for step in record.steps:
             means.append(float(np.mean([lr_after(t - 1) for t in range(previous + 1, step + 1)])))
             previous = step
-        if fitting and not all(_close(a, b) for a, b in zip(fitting[0][1], means)):
+        if fitting and not all(_close(a, b) for a, b in zip(fitting[0][1], means, strict=True)):
             raise ScheduleError(
                 f"both {fitting[0][0].describe()} and {schedule.describe()} reproduce every observation "
                 f"but give different means ({fitting[0][1]} vs {means})"

@@ -107,7 +107,8 @@ def read_zero_adam_moments(ds_dir: str | Path) -> tuple[dict[str, torch.Tensor],
         if stage <= 2:
             # The fp32 partitions are saved without the last rank's alignment padding; strip it from m and v alike.
             flat = [
-                [t[: t.numel() - pad] for t, pad in zip(ranks, s["group_paddings"])] for ranks, s in zip(flat, states)
+                [t[: t.numel() - pad] for t, pad in zip(ranks, s["group_paddings"], strict=True)]
+                for ranks, s in zip(flat, states, strict=True)
             ]
             merged = z._get_fp32_state_dict_from_zero2_checkpoint(
                 world, flat, model_states, True, states[0].get("param_alignment_paddings")

@@ -104,7 +104,7 @@ def _take(candidates: Iterator[dict], k: int, banned: set[str], task: str, subta
 def _shp_candidates(ds: datasets.Dataset, rng: np.random.Generator, min_score_ratio: float) -> Iterator[dict]:
     cols = ds.select_columns(["post_id", "history", "human_ref_A", "human_ref_B", "labels", "score_ratio"]).to_dict()
     best: dict[str, int] = {}
-    for i, (post, ratio) in enumerate(zip(cols["post_id"], cols["score_ratio"])):
+    for i, (post, ratio) in enumerate(zip(cols["post_id"], cols["score_ratio"], strict=True)):
         if (
             ratio is not None
             and ratio >= min_score_ratio
@@ -182,7 +182,7 @@ def build_se(
 def _hh_pairs(ds: datasets.Dataset) -> list[dict]:
     pairs = []
     cols = ds.select_columns(["chosen", "rejected"]).to_dict()
-    for chosen, rejected in zip(cols["chosen"], cols["rejected"]):
+    for chosen, rejected in zip(cols["chosen"], cols["rejected"], strict=True):
         c, r = split_dialogue(chosen), split_dialogue(rejected)
         if c is None or r is None or c[0] != r[0]:
             continue  # the two dialogues must share their context

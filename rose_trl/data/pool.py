@@ -147,11 +147,11 @@ def load_pool(
         raise ValueError("load_pool: no dataset given")
     parts = [_load_one(s, split, column_map, load_kwargs) for s in specs]
     # Record indices in errors refer to the spec the row comes from.
-    origin = [(str(s), i) for s, part in zip(specs, parts) for i in range(len(part))]
+    origin = [(str(s), i) for s, part in zip(specs, parts, strict=True) for i in range(len(part))]
     if any(set(p.column_names) != set(parts[0].column_names) for p in parts):
         raise ValueError(
             "load_pool: the parts have different columns, "
-            + "; ".join(f"{s}: {p.column_names}" for s, p in zip(specs, parts))
+            + "; ".join(f"{s}: {p.column_names}" for s, p in zip(specs, parts, strict=True))
             + " (align them with column_map, or prepare one file)"
         )
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

@@ -347,7 +347,10 @@ class PropertySuite:
         prefer = direction == "prefer"
         has, task = self.pool[f"has_{prop}"], self.pool["task"]
         spec = PROPERTIES[prop]
-        answer = ["other" if t != spec.task else ("chosen" if h == prefer else "rejected") for h, t in zip(has, task)]
+        answer = [
+            "other" if t != spec.task else ("chosen" if h == prefer else "rejected")
+            for h, t in zip(has, task, strict=True)
+        ]
         pool = self.pool.add_column("answer", answer)
 
         def oriented(p: dict) -> dict:
@@ -428,21 +431,17 @@ def property_suite(
             and _fits(a, max_chars)
             and all(PROPERTIES[p].detect(a.text) == PROPERTIES[p].detect(a.text[:window_chars]) for p in properties)
         ]
-        taken: set[int] = set()
-
-        def take(i: int) -> None:
-            taken.add(i)
-            used.add(free[i].prompt)
-            pool.append(free[i])
-
+        taken: set[int] = set()  # indices into free, each also in pool and its prompt in used
         for name in (p for p in properties if PROPERTIES[p].task == task):
             detect = PROPERTIES[name].detect
-            have = sum(detect(free[i].text) for i in taken)
+            have = len([i for i in taken if detect(free[i].text)])
             for i, a in enumerate(free):
                 if have >= pool_min or len(taken) >= size:
                     break
                 if i not in taken and a.prompt not in used and detect(a.text):
-                    take(i)
+                    taken.add(i)
+                    used.add(a.prompt)
+                    pool.append(a)
                     have += 1
             if have < min(pool_min, size):
                 raise ValueError(
@@ -453,7 +452,9 @@ def property_suite(
             if len(taken) >= size:
                 break
             if i not in taken and a.prompt not in used:
-                take(i)
+                taken.add(i)
+                used.add(a.prompt)
+                pool.append(a)
         if len(taken) < size:
             raise ValueError(
                 f"pool_sizes[{task!r}] = {size}: the slice holds {len(taken)} more answers within "

@@ -97,7 +97,7 @@ def _subtask_column(
         raise BadRecordError(
             source, n, "subtask", f"{len(sizes)} groups of records but {len(names)} subtask names {names}"
         )
-    return [name for name, size in zip(names, sizes) for _ in range(size)]
+    return [name for name, size in zip(names, sizes, strict=True) for _ in range(size)]
 
 
 def _pick_pair(rec: dict, source: str, index: int) -> tuple[str, str] | None:
@@ -155,7 +155,7 @@ def load_released_preferences(
         path, dict, "a non-empty JSON object mapping prompts to records", k, group_names, subtask_sizes
     )
     rows, dropped = [], []
-    for i, ((prompt, rec), subtask) in enumerate(zip(data.items(), subtasks)):
+    for i, ((prompt, rec), subtask) in enumerate(zip(data.items(), subtasks, strict=True)):
         if not prompt.strip():
             raise BadRecordError(source, i, "prompt", "empty")
         if not isinstance(rec, dict):
@@ -187,7 +187,7 @@ def load_released_sft(
         path, list, "a non-empty JSON list of {'dataset', 'id', 'messages'}", k, group_names, subtask_sizes
     )
     rows = []
-    for i, (rec, subtask) in enumerate(zip(data, subtasks)):
+    for i, (rec, subtask) in enumerate(zip(data, subtasks, strict=True)):
         if not isinstance(rec, dict):
             raise BadRecordError(source, i, "*", f"expected an object, got {type(rec).__name__}")
         _check_messages(rec.get("messages"), source, i)

@@ -48,7 +48,7 @@ def _check_messages(messages, source: str, index: int, field: str = "messages") 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # sequences of any lengths: the prefix ends at the shorter
         if x != y:
             break
         n += 1
@@ -157,7 +157,7 @@ def fingerprint_tokenized(dataset) -> str:
     h = hashlib.sha256()
     h.update(str(len(dataset)).encode())
     for batch in dataset.select_columns(["input_ids", "completion_mask"]).iter(batch_size=4096):
-        for ids, mask in zip(batch["input_ids"], batch["completion_mask"]):
+        for ids, mask in zip(batch["input_ids"], batch["completion_mask"], strict=True):
             h.update(np.asarray(ids, dtype=np.int64).tobytes())
             h.update(np.asarray(mask, dtype=np.int8).tobytes())
             h.update(b"|")

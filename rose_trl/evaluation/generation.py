@@ -88,6 +88,6 @@ def generate_responses(
                 **sampling,
             )
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
                 out[i] = text.strip()
     return out

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 # The paper's Appendix D prompt could not be retrieved verbatim here; this follows its protocol
 # (query, Response A = target model, Response B = reference, a "Comparison:" sentence, then
 # "The better response:" naming A or B).
-JUDGE_PROMPT = """For the following query to a chatbot, which response is better? Judge which one answers the query more helpfully, correctly and completely.
+JUDGE_PROMPT = """For the following query to a chatbot, which response is better? \
+Judge which one answers the query more helpfully, correctly and completely.
 
 Query: {query}
 
@@ -38,7 +39,9 @@ Response A:
 Response B:
 {response_b}
 
-FIRST provide a one-sentence comparison of the two responses and explain which you feel is better. SECOND, on a new line, state only "Response A" or "Response B" to indicate which response is better. Your answer should use the format:
+FIRST provide a one-sentence comparison of the two responses and explain which you feel is better. \
+SECOND, on a new line, state only "Response A" or "Response B" to indicate which response is better. \
+Your answer should use the format:
 Comparison: <one-sentence comparison and explanation>
 The better response: <"Response A" or "Response B">"""
 
@@ -104,7 +107,10 @@ class EndpointJudgeConfig:
 
     @classmethod
     def from_env(cls, model: str | None = None, **kwargs) -> EndpointJudgeConfig:
-        """Model from the argument or ROSE_JUDGE_MODEL; OPENAI_BASE_URL and OPENAI_API_KEY as the openai client reads them."""
+        """Model from the argument or ROSE_JUDGE_MODEL.
+
+        OPENAI_BASE_URL and OPENAI_API_KEY are read as the openai client reads them.
+        """
         model = model or os.environ.get("ROSE_JUDGE_MODEL")
         if not model:
             raise ValueError("name the judge model (argument `model` or env ROSE_JUDGE_MODEL)")
@@ -153,7 +159,8 @@ class EndpointJudge:
                         return None
                 if response.status_code not in self.RETRY_STATUS:
                     raise JudgeEndpointError(
-                        f"judge endpoint {self.url} answered HTTP {response.status_code}: {self._redact(response.text[:300])}"
+                        f"judge endpoint {self.url} answered HTTP {response.status_code}: "
+                        f"{self._redact(response.text[:300])}"
                     )
                 problem = f"HTTP {response.status_code}"
             if attempt < cfg.max_retries:
@@ -222,7 +229,7 @@ def tabulate_verdicts(verdicts: Sequence[str | None], subtasks: Sequence[str] | 
         }
 
     names = list(dict.fromkeys(subtasks))
-    table = [row(name, [v for v, s in zip(verdicts, subtasks) if s == name]) for name in names]
+    table = [row(name, [v for v, s in zip(verdicts, subtasks, strict=True) if s == name]) for name in names]
     table.append(row("overall", list(verdicts)))
     return table
 
@@ -240,7 +247,9 @@ def win_rate(
         raise ValueError(
             f"lengths differ: {len(prompts)} prompts, {len(responses)} responses, {len(references)} references"
         )
-    judge_prompts = [build_judge_prompt(q, a, b, template) for q, a, b in zip(prompts, responses, references)]
+    judge_prompts = [
+        build_judge_prompt(q, a, b, template) for q, a, b in zip(prompts, responses, references, strict=True)
+    ]
     raw = judge.complete(judge_prompts)
     verdicts = [parse_verdict(text) for text in raw]
     unparsed = sum(v is None for v in verdicts)
@@ -251,5 +260,5 @@ def win_rate(
             len(verdicts),
         )
     labels = list(subtasks) if subtasks is not None else ["all"] * len(verdicts)
-    records = [{"subtask": s, "verdict": v, "judge_output": t} for s, v, t in zip(labels, verdicts, raw)]
+    records = [{"subtask": s, "verdict": v, "judge_output": t} for s, v, t in zip(labels, verdicts, raw, strict=True)]
     return WinRateResult(table=tabulate_verdicts(verdicts, labels), records=records)

@@ -56,7 +56,7 @@ def sequence_logps(
 
     rows = [
         tokenize_sft_example({"prompt": p, "completion": r}, tokenizer, max_length, "evaluation", i)
-        for i, (p, r) in enumerate(zip(prompts, responses))
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
     ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device

@@ -271,7 +271,7 @@ class PerExampleGradientCapture:
             torch.autograd.grad(loss, taps, allow_unused=True)
             # Layers some of whose calls got no gradient (an output that does not reach the loss) are
             # complete now; layers that got none at all have a zero gradient.
-            for key, (module, rows_grads) in self._pending.items():
+            for module, rows_grads in self._pending.values():
                 self._emit(module, rows_grads)
             for module in self._modules:
                 if id(module) not in self._emitted:
@@ -305,7 +305,7 @@ class PerExampleGradientCapture:
         )
         key = id(module)
         if key in self._pending:  # a layer called several times: the Adam transform needs the sum of its calls
-            blocks = tuple(b if p is None else p + b for p, b in zip(self._pending.pop(key)[1], blocks))
+            blocks = tuple(b if p is None else p + b for p, b in zip(self._pending.pop(key)[1], blocks, strict=True))
         self._remaining[key] -= 1
         if self._remaining[key] > 0:
             self._pending[key] = (module, blocks)
@@ -313,7 +313,7 @@ class PerExampleGradientCapture:
             self._emit(module, blocks)
 
     def _emit(self, module: nn.Linear, blocks) -> None:
-        for rng, block in zip(self._module_slices[id(module)], blocks):
+        for rng, block in zip(self._module_slices[id(module)], blocks, strict=True):
             if rng is not None:
                 self.sink.add(rng[0], block)
         self._emitted.add(id(module))

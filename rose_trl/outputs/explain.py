@@ -33,6 +33,7 @@ from rose_trl.scoring.agreement import WHAT_HELPS
 from rose_trl.scoring.columns import ScoreColumns
 from rose_trl.scoring.scores import CheckpointGradients, contribution_chunks
 
+
 CONTRIBUTIONS = "contributions.parquet"
 PAIRS = "pairs.parquet"
 
@@ -233,7 +234,8 @@ def explain_row(
     if agreement is not None:
         lines.append(agreement_line(owner, agreement))
     lines.append(
-        f"  {columns.subtask(owner)} = mean of the contributions of its {len(mine)} pairs = {mine['contribution'].mean():.6g}"
+        f"  {columns.subtask(owner)} = mean of the contributions of its {len(mine)} pairs = "
+        f"{mine['contribution'].mean():.6g}"
     )
     lines.append(f"  top {min(top, len(mine))} pairs of {owner!r}:")
     for _, c in top_pairs(contributions, pd.Series({pool_index: owner}), top).iterrows():

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
+
 logger = logging.getLogger(__name__)
 
 SELECTION_DIR = "selection"
@@ -117,19 +118,21 @@ def build_dataset_card(output_dir, repo_id: str | None = None, folder: str = SEL
             f"which reads no model."
         )
     selected_with = f"`{model}`" if uses_model else "no model"
+    subtasks = ", ".join(summary.get("subtasks") or []) or "n/a"
+    selected_scores = " / ".join(fmt(stats.get(k)) for k in ("selected_min", "selected_mean", "selected_max"))
     body = f"""
 # ROSE selection: {num_selected} of {num_pool} examples
 
 The {num_selected} examples of `{config.get("pool_dataset")}` ({share}) {how}
 
 Rows keep the pool's columns plus `pool_index` (row in the pool) and `score`, highest score first.
-`rose_selection/scores.parquet` has every pool row's score (and one per subtask: {", ".join(summary.get("subtasks") or []) or "n/a"}).
+`rose_selection/scores.parquet` has every pool row's score (and one per subtask: {subtasks}).
 
 | | value |
 |---|---|
 | selected / pool | {num_selected} / {num_pool} |
 | selected with | {selected_with} |
-| score of selected: min / mean / max | {fmt(stats.get("selected_min"))} / {fmt(stats.get("selected_mean"))} / {fmt(stats.get("selected_max"))} |
+| score of selected: min / mean / max | {selected_scores} |
 | threshold | {fmt(summary.get("threshold"))} |
 
 ## Run configuration

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from rose_trl.baselines.text import pool_text
-from rose_trl.scoring.columns import SCORE, ScoreColumns
+from rose_trl.data.sft import BadRecordError
 from rose_trl.outputs.explain import (
     load_contributions,
     load_pairs,
@@ -30,7 +30,7 @@ from rose_trl.outputs.explain import (
     top_pairs,
 )
 from rose_trl.outputs.report_figures import checkpoint_agreement_figure, composition_figure, score_distribution_figure
-from rose_trl.data.sft import BadRecordError
+from rose_trl.scoring.columns import SCORE, ScoreColumns
 
 
 @dataclass
@@ -191,7 +191,9 @@ def summary_table(run: SelectionRun) -> pd.DataFrame:
         rows.append(
             (
                 "validation loss",
-                " + ".join(f"{w:g} * {t}" for t, w in zip(loss, weights)) if weights else " + ".join(loss),
+                " + ".join(f"{w:g} * {t}" for t, w in zip(loss, weights, strict=True))
+                if weights
+                else " + ".join(loss),
             )
         )
     if run.config.get("validation_aggregation"):
@@ -284,18 +286,25 @@ def driving_pairs(run: SelectionRun, max_chars: int = 120) -> pd.DataFrame | Non
 
 # ------------------------------------------------------------------------------------ HTML
 
+# A backslash at a line's end continues the same line of CSS (the text is unchanged).
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;\
+padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;font-size:.9em;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f2f4f7}img{max-width:100%;display:block;margin:.6em 0}.snippet{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85em}
+table{border-collapse:collapse;font-size:.9em;margin:.6em 0}\
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f2f4f7}img{max-width:100%;display:block;margin:.6em 0}\
+.snippet{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.85em}
 .muted{color:#777}.flag{color:#b02a2a;font-weight:600}ol{margin:0;padding-left:1.2em}details{margin:1em 0}
 summary{cursor:pointer;font-weight:600}
 """
 
 
 def _img(b64: str, alt: str) -> str:
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"><figcaption class="muted">{html.escape(alt)}</figcaption></figure>'
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+        f'<figcaption class="muted">{html.escape(alt)}</figcaption></figure>'
+    )
 
 
 def _fmt(value) -> str:
@@ -309,7 +318,7 @@ def _fmt(value) -> str:
 def _table(df: pd.DataFrame, index: bool = False) -> str:
     head = ([""] if index else []) + [str(c) for c in df.columns]
     rows = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
-    for idx, rec in zip(df.index, df.itertuples(index=False)):
+    for idx, rec in zip(df.index, df.itertuples(index=False), strict=True):
         cells = ([f"<th>{html.escape(str(idx))}</th>"] if index else []) + [
             f"<td>{html.escape(_fmt(v))}</td>" for v in rec
         ]
@@ -417,11 +426,13 @@ def _top_examples_html(run: SelectionRun) -> str:
         parts.append('<p class="muted">No saved selected/ rows.</p>')
     for name, rows in tops.items():
         parts.append(
-            f"<h3>{html.escape(name)}</h3><table><tr><th>pool index</th><th>score</th><th>source</th><th>text</th></tr>"
+            f"<h3>{html.escape(name)}</h3>"
+            "<table><tr><th>pool index</th><th>score</th><th>source</th><th>text</th></tr>"
         )
         for r in rows:
             parts.append(
-                f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td><td>{html.escape(str(r['source'] or ''))}</td>"
+                f"<tr><td>{r['pool_index']}</td><td>{r['score']:.4g}</td>"
+                f"<td>{html.escape(str(r['source'] or ''))}</td>"
                 f'<td class="snippet">{html.escape(r["text"])}</td></tr>'
             )
         parts.append("</table>")
@@ -433,7 +444,10 @@ def agreement_table(run: SelectionRun) -> pd.DataFrame | None:
     report = run.summary.get("validation_agreement")
     if not report:
         return None
-    fmt = lambda v, d: "-" if v is None else f"{v:.{d}f}"
+
+    def fmt(v, d):
+        return "-" if v is None else f"{v:.{d}f}"
+
     return pd.DataFrame(
         [
             {
@@ -472,7 +486,8 @@ def render_report(runs: list[SelectionRun], title: str = "ROSE selection report"
     pairs = load_pairs(main.path)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="muted">{html.escape(str(main.path.parent))} — main selection: <b>{html.escape(main.name)}</b> ({html.escape(main.method)})</p>',
+        f'<p class="muted">{html.escape(str(main.path.parent))} — main selection: '
+        f"<b>{html.escape(main.name)}</b> ({html.escape(main.method)})</p>",
     ]
     parts += [
         "<h2>Summary</h2>",
@@ -541,7 +556,10 @@ def render_report(runs: list[SelectionRun], title: str = "ROSE selection report"
         "</details>",
     ]
     body = "\n".join(parts)
-    return f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n'
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
 
 
 def write_report(output_dir: str | Path, path: str | Path | None = None) -> Path:

@@ -25,8 +25,13 @@ def score_distribution_figure(run) -> str:
     finite = np.isfinite(scores)
     # Shared bin edges, stacked: the selected tail sits on the same axis as the rest of the pool.
     edges = np.histogram_bin_edges(scores[finite], bins=50 if np.ptp(scores[finite]) > 0 else 1)
-    ax.hist([scores[finite & ~selected], scores[finite & selected]], bins=edges, stacked=True,
-            color=["#9aa7b8", "#d9534f"], label=["not selected", "selected"])
+    ax.hist(
+        [scores[finite & ~selected], scores[finite & selected]],
+        bins=edges,
+        stacked=True,
+        color=["#9aa7b8", "#d9534f"],
+        label=["not selected", "selected"],
+    )
     if run.threshold is not None and math.isfinite(run.threshold):
         ax.axvline(run.threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {run.threshold:.4g}")
     ax.set_xlabel("score")
@@ -56,7 +61,7 @@ def _share_bars(ax, pool_counts: pd.Series | None, selected_counts: pd.Series, t
         ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.06), ncol=2, frameon=False)
     else:
         ax.barh(y, sel / max(sel.sum(), 1), height=0.6, color="#d9534f")
-    ax.set_yticks(y, [str(l) for l in labels], fontsize=8)
+    ax.set_yticks(y, [str(label) for label in labels], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("share of rows")
     ax.set_title(title, fontsize=10)
@@ -77,7 +82,7 @@ def composition_figure(run) -> str | None:
         return None
     fig = Figure(figsize=(5 * len(panels), 0.35 * max(len(p[2]) for p in panels) + 2))
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, (what, pool, sel) in zip(axes, panels):
+    for ax, (what, pool, sel) in zip(axes, panels, strict=True):
         _share_bars(ax, pool, sel, f"selection by {what}")
     return _png(fig)
 
@@ -92,7 +97,15 @@ def checkpoint_agreement_figure(corr: pd.DataFrame) -> str:
     for i in range(len(corr)):
         for j in range(len(corr)):
             value = corr.iat[i, j]
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if abs(value) > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if abs(value) > 0.6 else "black",
+            )
     ax.set_title("Spearman correlation of checkpoint scores", fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return _png(fig)

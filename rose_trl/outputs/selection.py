@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from rose_trl.scoring.columns import SCORE
-from rose_trl.utils.files import atomic_dir, publish
 from rose_trl.scoring.scores import select_rows
+from rose_trl.utils.files import atomic_dir, publish
 
 
 FINGERPRINT_FILE = "fingerprint.json"

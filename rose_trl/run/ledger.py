@@ -199,7 +199,7 @@ class RunLedger:
         step_lrs = self.step_learning_rates()
         record = read_warmup_record(checkpoints)
         lrs, previous = [], 0
-        for ckpt, step in zip(checkpoints, record.steps):
+        for ckpt, step in zip(checkpoints, record.steps, strict=True):
             lr = None
             if self.is_recorded(ckpt.name):  # only then are its weights needed
                 lr = self.recorded_learning_rate(ckpt.name, identity(ckpt))

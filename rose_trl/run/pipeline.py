@@ -57,7 +57,7 @@ def load_datasets(rose: ROSEConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
 def with_labels(tokens: Dataset, source: str) -> Dataset:
     """Tokenized rows -> input_ids + labels (-100 outside the response), what SFTTrainer trains on."""
     return tokens.map(
-        lambda ex: {"labels": [t if m else -100 for t, m in zip(ex["input_ids"], ex["completion_mask"])]},
+        lambda ex: {"labels": [t if m else -100 for t, m in zip(ex["input_ids"], ex["completion_mask"], strict=True)]},
         desc=f"Labels for {source}",
     ).select_columns(["input_ids", "labels"])
 

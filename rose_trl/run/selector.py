@@ -143,7 +143,10 @@ class ROSESelector:
         return self._featurizer
 
     def memory_plan(self, model, featurizer: Featurizer) -> MemoryPlan:
-        """Rows a pass for the pool's and the validation's gradient passes under the run's memory budget (budget.py)."""
+        """Rows a pass for the pool's and the validation's gradient passes under the run's memory budget.
+
+        The budget is planned by rose_trl.resources.budget.
+        """
         c, dpo = self.config, self.validation_stores.kind == "dpo"
         plan = plan_run(
             model,
@@ -266,12 +269,13 @@ class ROSESelector:
         )
         trains = [GradientStore.open(self.rose_dir / "train" / name) for name in names]
         grads = {
-            name: self.validation_stores.read(name, train.meta["projection"]) for name, train in zip(names, trains)
+            name: self.validation_stores.read(name, train.meta["projection"])
+            for name, train in zip(names, trains, strict=True)
         }
         targets = validation_targets(grads, list(self.validation["subtask"]), self.config.validation_aggregation)
         return [
             CheckpointGradients(name, train, targets.targets[i], lr, pair_vectors=targets.vectors[i])
-            for i, (name, train, lr) in enumerate(zip(names, trains, learning_rates))
+            for i, (name, train, lr) in enumerate(zip(names, trains, learning_rates, strict=True))
         ], targets
 
     def finalize(self, folder: str = "selection") -> Path:

@@ -10,8 +10,8 @@ Layout of a store directory:
 A store is created under a temporary name and renamed into place once its files and meta.json exist,
 so a directory at the store's path is always a whole store. Its size is known before it is written
 (`store_bytes`): creation checks the free space first, then allocates every file's blocks (disk.py), so a
-full disk is a DiskSpaceError naming the path, never a SIGBUS in a memory-mapped write. Rows (and scales) are flushed before
-their done flags, so a crash leaves at worst some finished rows marked undone (recomputed on
+full disk is a DiskSpaceError naming the path, never a SIGBUS in a memory-mapped write. Rows (and scales) are
+flushed before their done flags, so a crash leaves at worst some finished rows marked undone (recomputed on
 resume), never an undone row marked done. Only .npy and .json: no pickle.
 """
 
@@ -82,7 +82,7 @@ def _read_row_runs(arr: np.memmap, starts: np.ndarray, stops: np.ndarray) -> np.
     view = memoryview(out).cast("B")
     at = 0
     with open(arr.filename, "rb", buffering=0) as f:
-        for start, stop in zip(starts.tolist(), stops.tolist()):
+        for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
             f.seek(arr.offset + start * row_bytes)
             end = at + (stop - start) * row_bytes
             while at < end:  # a single read returns at most ~2 GB

@@ -169,7 +169,8 @@ class ROSEDPOTrainer(DPOTrainer):
             "validation",
         )
         params_before = [n for n, _ in trainable_parameters(model)]
-        # TRL copies the adapter's values into its "ref" adapter (deleted below): under ZeRO-3/FSDP2 they must be whole.
+        # TRL copies the adapter's values into its "ref" adapter (deleted below): under ZeRO-3/FSDP2 they must be
+        # whole.
         with gathered(model):
             super().__init__(
                 model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs

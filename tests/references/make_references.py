@@ -4,7 +4,8 @@ tiny recipe and of every selection method the slow suite runs, as this checkout'
     PYTHONPATH=$PWD python tests/references/make_references.py [--cases tiny matrix rerun] [--check]
 
 Cases (final training off: the scores do not depend on it, tests/test_rerun.py checks that):
-- tiny:   recipes/tiny/rose/config_tiny.yaml as it is, rose then less on the same output_dir (tests/test_recipe_tiny.py);
+- tiny:   recipes/tiny/rose/config_tiny.yaml as it is, rose then less on the same output_dir
+          (tests/test_recipe_tiny.py);
 - matrix: the re-run matrix's arguments, one output_dir per method: rose, less, random (tests/test_rerun_matrix.py);
 - rerun:  tests/test_rerun.py's slow arguments, every method on one output_dir in its order;
 - inline: the selector on an in-memory tiny model (tests/test_references.py's default-suite variant).
