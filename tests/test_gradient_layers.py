@@ -104,3 +104,24 @@ def test_gradient_layers_errors_name_the_option_and_the_layers():
         GradientLayers(model, 5)
     with pytest.raises(ValueError, match="positive"):
         GradientLayers(model, 0)
+
+
+def test_dpo_pair_gradients_of_the_last_layer_equal_trls_loss_restricted(planted, tiny_base, tmp_path):
+    """The validation features (TRL's DPO loss, 3 pairs a pass) with gradient_layers 1 = TRL's loss on each pair
+    alone, differentiated by autograd, restricted to the last decoder layer's LoRA parameters."""
+    from rose_trl.stores.validation import ROSEDPOTrainer, validation_dpo_config
+    from tests.helpers import Unprojected, trained_adapter_model
+    from tests.test_trl_api import one_pair_gradients
+
+    _, validation, tokenizer, _ = planted
+    model = trained_adapter_model(tiny_base)
+    trainer = ROSEDPOTrainer(
+        model, validation_dpo_config(str(tmp_path), batch_size=3, use_cpu=True), validation, tokenizer
+    )
+    model.eval()
+    n = sum(p.numel() for _, p in trainable_parameters(model))
+    reference = one_pair_gradients(trainer, model) * kept_mask(model, 1)
+    whole = trainer.pair_gradients(Featurizer(Unprojected(n), gradient_layers=1))
+    torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-6 * reference.norm(dim=1).max().item())
+    projector = build_projector("sjlt", n, 128, seed=0)
+    assert_rows_match(trainer.pair_gradients(Featurizer(projector, gradient_layers=1)), projector.project(reference))
