@@ -11,8 +11,8 @@ Suites (each one pool, one warm-up, its targets in both directions where they ha
   se_emphasis), prefer and avoid, on the suite's 200-row pool (property_targets.py, its full settings: warm-up on
   10% for 2 epochs, 2 checkpoints, 160 tokens, 10 validation pairs, 10% selected);
 - se, hh: the paper's released SE 2-shot and HH 1-shot pairs as targets, on a pool of target prompts answered with
-  their chosen or their rejected answer plus other-task rows (`build_real_task`, section (c)); warm-up on 10% for
-  --released-epochs (4), 128 tokens, 10% selected;
+  their chosen or their rejected answer plus other-task rows (`build_real_task`, section (c)): 80 SE + 40 HH rows,
+  60 HH + 40 SE rows; warm-up on 10% for --released-epochs (2), 128 tokens, 10% selected;
 - planted, planted_distractor: section (a)'s planted task (a1, and a2 with its distractor) on a tiny Llama of
   --tiny-layers (4) layers trained from scratch by the warm-up (10%, 4 epochs, 4 checkpoints), prefer and avoid
   (the pairs swapped), 5% selected.
@@ -165,6 +165,7 @@ class Suite:
     prefilter_layers: int
     cost_target: str
     extra: dict = field(default_factory=dict)  # the suite's own (PropertyBench for --train)
+    memory: float | None = None  # memory_budget_gb of every selection (the same for every setting)
 
 
 def timed_warmup(folder: Path, train) -> Path:
@@ -359,7 +360,9 @@ def layered_features(suite: Suite, target: Target) -> dict:
     (out / "rose").mkdir(parents=True, exist_ok=True)
     if not (out / "rose" / "train").exists():
         os.symlink(shared.resolve(), out / "rose" / "train")
-    config = ROSEConfig(projection_dim=suite.dim, selection_fraction=suite.budget, gradient_batch_size=8)
+    config = ROSEConfig(
+        projection_dim=suite.dim, selection_fraction=suite.budget, gradient_batch_size=8, memory_budget_gb=suite.memory
+    )
     selector = LayeredSelector(
         suite.pool,
         target.validation,
@@ -511,6 +514,7 @@ def measure_costs(suite: Suite, sweep: dict, lock: Path | None, settings: list[S
                 projection_dim=suite.dim,
                 selection_fraction=suite.budget,
                 gradient_batch_size=8,
+                memory_budget_gb=suite.memory,
                 **setting.options(suite.prefilter_layers),
             )
             with exclusive(lock):
@@ -636,6 +640,23 @@ def frontier(entry: dict) -> list[str]:
     ]
 
 
+def holding(data: dict, tolerance: float = 0.03) -> dict[str, dict]:
+    """Per setting key: the suites that ran it, whether its AUC stays within `tolerance` of the full method's on every
+    target and direction of each, and its worst difference; with its cost share on each suite (measured where
+    --costs ran, else predicted)."""
+    out = {}
+    for suite, entry in data.get("suites", {}).items():
+        costs = (entry.get("costs") or {}).get("settings") or {}
+        for key in entry["predicted"]:
+            worst = min(by[key]["auc"] - by[FULL.key]["auc"] for by in entry["sweep"].values())
+            row = out.setdefault(key, {"suites": {}, "holds": True, "worst": 0.0})
+            share = costs[key]["cpu_share"] if key in costs else entry["predicted"][key]
+            row["suites"][suite] = {"worst": worst, "share": share, "measured": key in costs}
+            row["holds"] = row["holds"] and worst >= -tolerance
+            row["worst"] = min(row["worst"], worst)
+    return out
+
+
 def print_table(suite: str, entry: dict) -> None:
     costs = entry.get("costs", {}).get("settings") or {}
     targets = list(entry["sweep"])
@@ -675,14 +696,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cost-settings", nargs="*", default=None, help="setting keys to time (default: all)")
     p.add_argument("--lock", type=Path, default=None, help="hold this file's exclusive lock while timing")
     p.add_argument("--train", nargs="*", default=None, metavar="SETTING", help="(d)'s trained accuracy (properties)")
-    p.add_argument("--se-pool", type=int, default=120, help="SE target prompts in the se suite's pool")
-    p.add_argument("--hh-pool", type=int, default=100, help="HH target prompts in the hh suite's pool")
-    p.add_argument("--released-epochs", type=int, default=4)
+    p.add_argument("--se-pool", type=int, default=80, help="SE target prompts in the se suite's pool (+ 40 HH)")
+    p.add_argument("--hh-pool", type=int, default=60, help="HH target prompts in the hh suite's pool (+ 40 SE)")
+    p.add_argument("--released-epochs", type=int, default=2, help="warm-up epochs (checkpoints) of se and hh")
     p.add_argument("--tiny-layers", type=int, default=4)
     p.add_argument("--planted-pool", type=int, default=None)
     p.add_argument("--planted-epochs", type=int, default=4)
     p.add_argument("--planted-dim", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="memory_budget_gb of every selection (default: ROSEConfig's); the same for every setting",
+    )
     return p.parse_args(argv)
 
 
@@ -692,6 +719,7 @@ def main(argv=None) -> dict:
     data = {}
     for name in args.suites:
         suite = build_suite(args, name)
+        suite.memory = args.memory_budget_gb
         sweep = run_sweep(suite)
         total = suite.layer_subsets[0]
         checkpoints = len(find_checkpoints(suite.warmup()))
@@ -711,6 +739,7 @@ def main(argv=None) -> dict:
             "checkpoints": checkpoints,
             "budget": suite.budget,
             "layers": total,
+            "memory_budget_gb": suite.memory,
         }
         if args.costs:
             keys = args.cost_settings
@@ -721,6 +750,15 @@ def main(argv=None) -> dict:
         data = merge(args.results, name, entry)
         print_table(name, data["suites"][name])
     write_csv(args.results.with_suffix(".csv"), data)
+    print("\n#### Settings whose AUC stays within 0.03 of the full method's on every target and direction they ran on")
+    print("| setting | suites | worst AUC - full | cost share per suite (m: measured, p: predicted) |")
+    print("|---|---|---|---|")
+    for key, row in sorted(holding(data).items(), key=lambda kv: max(s["share"] for s in kv[1]["suites"].values())):
+        if row["holds"]:
+            shares = ", ".join(
+                f"{name} {s['share']:.2f} {'m' if s['measured'] else 'p'}" for name, s in row["suites"].items()
+            )
+            print(f"| {key} | {len(row['suites'])} | {row['worst']:+.3f} | {shares} |")
     return data
 
 

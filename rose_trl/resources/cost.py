@@ -77,5 +77,6 @@ class SelectionWork:
         return (
             f"selection passes: {'; '.join(parts)}: about {self.share:.2f} of the full method's pool gradient work "
             f"({full} row passes of every layer; a pass of n of {self.total_layers} layers costs about "
-            f"{FORWARD_SHARE:g} + {1 - FORWARD_SHARE:g} n/{self.total_layers} of one)"
+            f"{FORWARD_SHARE:g} + {1 - FORWARD_SHARE:g} n/{self.total_layers} of one; stores already complete are "
+            "reused, not computed again)"
         )
