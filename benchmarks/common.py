@@ -213,3 +213,19 @@ def ranks(x) -> np.ndarray:
 
 def spearman(a, b) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def truncated_grad(model, batch: dict, layers) -> None:
+    """The floor of a truncated pass: the model's own loss, a forward of every layer with the layers below the
+    lowest kept one run without autograd (`GradientLayers.stop_below`, as the engine runs them), and a backward to
+    the kept layers' LoRA parameters only."""
+    import torch
+
+    params = [p for m in model.modules() if layers.keeps(m) for p in m.parameters(recurse=False) if p.requires_grad]
+    handles = layers.stop_below()
+    try:
+        loss = model(**batch).loss
+    finally:
+        for h in handles:
+            h.remove()
+    torch.autograd.grad(loss, params)

@@ -219,6 +219,38 @@ class ROSEConfig:
     )
     projection_dim: int = field(default=8192, metadata={"help": "Dimension of the projected gradients."})
     projection_seed: int = field(default=0, metadata={"help": "Seed of the projection matrix."})
+    gradient_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient features from the LoRA modules of the last N decoder layers only (default: all). The "
+            "backward of every gradient pass (pool and validation) stops below the lowest of them, so a pass "
+            "costs a forward and a backward of N layers; the warm-up still trains every LoRA module. Stores "
+            "record it: stores made with other layers are refused (or recomputed with overwrite_stores)."
+        },
+    )
+    selection_checkpoints: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Which warm-up checkpoints contribute, by position in step order, negative from the end as in "
+            "Python: [-1] the last one, [0, -1] the first and the last (default: all). Their learning-rate "
+            "weights are renormalized over them, and the gradient stores of the others are not computed. "
+            "Scoring a finished run again with another subset reuses its stores (no gradient pass)."
+        },
+    )
+    prefilter_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "A cheap first pass (default: off): features from the last prefilter_layers decoder layers at "
+            "the first selected checkpoint rank the whole pool; the full features are computed only for this "
+            "fraction of it, its top rows (shared between subtasks as subtask_balance says), and the "
+            "selection is made among them. Must exceed selection_fraction. scores.parquet marks the rows it "
+            "left out (prefiltered_out) and gives every row its prefilter_score."
+        },
+    )
+    prefilter_layers: int = field(
+        default=2,
+        metadata={"help": "Decoder layers (the last ones) of the first pass's features, with prefilter_fraction."},
+    )
     gradient_batch_size: int = field(
         default=16,
         metadata={
@@ -366,6 +398,31 @@ class ROSEConfig:
         self._check_final_model()
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ConfigError(f"memory_budget_gb must be > 0, got {self.memory_budget_gb}")
+        self._check_cost_options()
+
+    def _check_cost_options(self) -> None:
+        for name in ("gradient_layers", "prefilter_layers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive number of decoder layers, got {value!r}")
+        if self.selection_checkpoints is not None:
+            if isinstance(self.selection_checkpoints, int):  # a single index, e.g. --selection_checkpoints -1
+                self.selection_checkpoints = [self.selection_checkpoints]
+            indices = list(self.selection_checkpoints)
+            if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+                raise ConfigError(
+                    f"selection_checkpoints must be a non-empty list of checkpoint positions (0 the first, -1 the "
+                    f"last), got {self.selection_checkpoints!r}"
+                )
+            self.selection_checkpoints = indices
+        if self.prefilter_fraction is not None:
+            if not (isinstance(self.prefilter_fraction, (int, float)) and 0 < self.prefilter_fraction < 1):
+                raise ConfigError(f"prefilter_fraction must be in (0, 1), got {self.prefilter_fraction!r}")
+            if self.prefilter_fraction <= self.selection_fraction:
+                raise ConfigError(
+                    f"prefilter_fraction ({self.prefilter_fraction}) must exceed selection_fraction "
+                    f"({self.selection_fraction}): the selection is made among the rows the first pass keeps"
+                )
 
     def _check_validation_loss(self) -> None:
         if isinstance(self.validation_loss_type, str):  # DPOConfig.loss_type takes a single name too

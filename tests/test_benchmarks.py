@@ -18,7 +18,14 @@ def test_gpu_extraction_benchmark_runs_tiny_on_cpu(capsys):
         ["--device", "cpu", "--tiny", "--examples", "16", "--less-examples", "4", "--check-seeds", "2"]
     )
     paths = {r["path"]: r for r in records if "path" in r}
-    assert set(paths) == {"(a) LESS-style", "(b) engine", "(c) floor"}
+    assert set(paths) == {
+        "(a) LESS-style",
+        "(b) engine",
+        "(c) floor",
+        "(b_1) engine, gradient_layers 1",
+        "(c_1) floor, truncated backward",
+    }
+    assert paths["(b_1) engine, gradient_layers 1"]["layers"] == "1 of 2"
     assert all(math.isfinite(r["ms_per_example"]) and r["ms_per_example"] > 0 for r in paths.values())
     assert paths["(a) LESS-style"]["projector"] == "sjlt (fast_jl not installed)"  # labelled as such
     fits = [r for r in records if r.get("check") == "largest rows per pass"]
@@ -30,6 +37,7 @@ def test_gpu_extraction_benchmark_runs_tiny_on_cpu(capsys):
         assert 0 < checks[kind]["spearman_vs_exact_mean"] <= 1
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("engine_over_floor=") and " less_over_engine=" in last
+    assert " truncated_engine_over_floor[1]=" in last
 
 
 def test_extraction_benchmark_runs_tiny(capsys):
@@ -51,11 +59,23 @@ def test_extraction_benchmark_runs_tiny(capsys):
             "32",
             "--repeats",
             "2",
+            "--gradient-layers",
+            "1",
         ]
     )
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out.strip().splitlines()
+    last = out[-1]
     speedup, overhead = (float(part.split("=")[1]) for part in last.split())
     assert last.startswith("speedup_vs_less=") and speedup > 1 and overhead > 0
+    truncated = next(line for line in out if line.startswith("(b_1) gradient_layers 1 of 2"))
+    ratios = dict(part.split("=") for part in truncated.split("; ")[1].split())
+    assert set(ratios) == {
+        "layers",
+        "engine_over_full_floor",
+        "engine_over_truncated_floor",
+        "truncated_floor_over_full_floor",
+    }
+    assert all(float(v) > 0 for v in ratios.values())
 
 
 def run_script(script: str, *args: str) -> list[str]:
@@ -658,3 +678,67 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert "trained 0 adapters, evaluated 0, made 0 selections" in out
     assert again["targets"] == results["targets"] and again["oracle"] == results["oracle"]
+
+
+def test_frontier_sweep_costs_and_figure_run_tiny(tmp_path, capsys):
+    """frontier.py on a small planted task (2 layers, 3 checkpoints): every setting's AUC and overlap from one
+    layered pass, two settings timed on their own selections, whose picks must be the sweep's (the layered
+    features and the library's scoring against the real options end to end), the data and the figure."""
+    import frontier
+    import frontier_figure
+
+    results = tmp_path / "results.json"
+    timed = ["lall_call_poff", "l1_c-1_p0.2"]
+    data = frontier.main(
+        [
+            *("--suites", "planted", "--planted-pool", "60", "--planted-epochs", "3", "--tiny-layers", "2"),
+            *("--planted-dim", "128", "--out", str(tmp_path / "out"), "--results", str(results)),
+            *("--costs", "--cost-settings", *timed, "--threads", "1"),
+        ]
+    )
+    entry = data["suites"]["planted"]
+    assert set(entry["sweep"]) == {"planted_prefer", "planted_avoid"}
+    keys = set(entry["predicted"])
+    assert len(keys) == 2 * 3 * 2 and {"lall_call_poff", "l1_c0,-1_p0.2"} <= keys  # layers x checkpoints x prefilter
+    for rows in entry["sweep"].values():
+        assert rows["lall_call_poff"]["overlap"] == 1.0
+        assert all(0 <= r["auc"] <= 1 and 0 <= r["overlap"] <= 1 for r in rows.values())
+        assert rows["lall_call_p0.2"]["candidates"] == 12  # 20% of 60
+    costs = entry["costs"]["settings"]
+    assert set(costs) == set(timed)
+    for key in timed:
+        assert costs[key]["same_picks_as_sweep"] == 1.0, key
+        assert costs[key]["cpu_s"] > 0
+    assert costs["lall_call_poff"]["cpu_share"] == 1.0
+    assert entry["predicted"]["l1_c-1_p0.2"] == pytest.approx(costs["l1_c-1_p0.2"]["work_share"])
+    assert "lall_call_poff" in frontier.frontier(entry) or frontier.frontier(entry)
+    assert (tmp_path / "results.csv").read_text().startswith("suite,target,setting,auc")
+    assert "#### planted" in capsys.readouterr().out
+    figure = frontier_figure.main(["--results", str(results), "--out", str(tmp_path / "frontier.png")])
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_layered_features_equal_each_gradient_layers_setting():
+    """One layered pass gives what Featurizer(gradient_layers=n) gives for each n (frontier.py's sweep)."""
+    import torch
+    from layered import LayeredFeaturizer, subset
+
+    from rose_trl.gradients.capture import trainable_parameters
+    from rose_trl.gradients.featurizer import Featurizer
+    from rose_trl.gradients.projection import build_projector
+    from tests.helpers import mixed_length_batch, tiny_lora_model
+    from tests.test_fused import random_adam
+    from tests.test_gradients import LENGTHS, PROMPTS, assert_rows_match
+
+    model = tiny_lora_model(layers=4)
+    n = sum(p.numel() for _, p in trainable_parameters(model))
+    adam, projector = random_adam(n), build_projector("sjlt", n, 128, seed=0)
+    batch = mixed_length_batch(LENGTHS, PROMPTS, seed=1)
+    rows = LayeredFeaturizer(projector, [4, 2, 1])(model, batch, adam)
+    assert rows.shape == (len(LENGTHS), 3 * 128)
+    for i, layers in enumerate([4, 2, 1]):
+        assert_rows_match(subset(rows, i, 128), Featurizer(projector, gradient_layers=layers)(model, batch, adam))
+    pairs = LayeredFeaturizer(projector, [4, 1])(model, batch, adam, combine=lambda r: r[:3] + r[3:])
+    single = Featurizer(projector, gradient_layers=1)(model, batch, adam, combine=lambda r: r[:3] + r[3:])
+    assert_rows_match(subset(pairs, 1, 128), single)
+    assert torch.isfinite(rows).all()

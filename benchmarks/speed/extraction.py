@@ -2,6 +2,7 @@
 
     python benchmarks/speed/extraction.py [--examples 256 --seq-len 128 --dim 8192 --batch-size 16]
     python benchmarks/speed/extraction.py --model smollm2-135m [--examples 32 --less-examples 8 --batch-size 4]
+    python benchmarks/speed/extraction.py --model smollm2-135m --skip-less --gradient-layers 8 4 2 1  # truncated
 
 --model tiny (default): a tiny Llama (hidden 256, 4 layers, vocab 8000; --hidden/--layers/--heads/--vocab).
 --model smollm2-135m: SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, intermediate 1536,
@@ -16,6 +17,11 @@
 (c) floor: plain batched forward+backward of the same examples (the model's mean loss, full logits).
 (c') with --model smollm2-135m also: the same with logits only at labelled positions, as (b) computes them.
 (b), (c) (and (c')) are timed --repeats times, alternately, and their medians used.
+--gradient-layers N [N ...] also times, for each N (ROSEConfig.gradient_layers: features from the LoRA modules of
+the last N decoder layers, the backward stopped below them):
+(b_N) this engine with gradient_layers N, and
+(c_N) the floor of that pass: the same forward and the same truncated backward (to the kept layers' LoRA weights);
+each line gives (b_N) against the full floor (c) and against (c_N).
 The last line is `speedup_vs_less=<a/b> overhead_vs_fwd_bwd=<b/c>`.
 """
 
@@ -32,12 +38,13 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
-from common import SHAPES
+from common import SHAPES, truncated_grad
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rose_trl.data.sft import collate
-from rose_trl.gradients.capture import AdamState, trainable_parameters
+from rose_trl.gradients.capture import AdamState, GradientLayers, trainable_parameters
+from rose_trl.gradients.featurizer import Featurizer
 from rose_trl.gradients.projection import build_projector
 from rose_trl.gradients.sft_loss import model_inputs
 from rose_trl.stores.extraction import extract_gradients
@@ -117,9 +124,10 @@ def less_style(model, pool, opt, dim):
     return torch.cat(out)
 
 
-def engine(model, pool, opt, dim, projection, batch_size):
+def engine(model, pool, opt, dim, projection, batch_size, gradient_layers=None):
     params = trainable_parameters(model)
     projector = build_projector(projection, sum(p.numel() for _, p in params), dim, seed=0)
+    featurizer = Featurizer(projector, gradient_layers=gradient_layers)
     with tempfile.TemporaryDirectory() as tmp:
         store = GradientStore.open_or_create(
             tmp,
@@ -134,7 +142,7 @@ def engine(model, pool, opt, dim, projection, batch_size):
             model,
             pool,
             store,
-            projector,
+            featurizer,
             pad_token_id=0,
             adam_state=AdamState.from_optimizer(opt, params),
             batch_size=batch_size,
@@ -148,6 +156,12 @@ def floor(model, pool, batch_size):
     for i in range(0, len(pool), batch_size):
         loss = model(**collate(pool[i : i + batch_size], 0)).loss
         torch.autograd.grad(loss, params)
+
+
+def floor_truncated(model, pool, batch_size, layers: GradientLayers):
+    """(c_N): the floor's forward, and its backward stopped below the last N layers (to their LoRA weights only)."""
+    for i in range(0, len(pool), batch_size):
+        truncated_grad(model, collate(pool[i : i + batch_size], 0), layers)
 
 
 def floor_labelled(model, pool, batch_size):
@@ -198,6 +212,14 @@ def main(argv=None):
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--skip-less", action="store_true", help="skip (a); speedup_vs_less is then nan")
     p.add_argument(
+        "--gradient-layers",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also time the engine with gradient_layers N (b_N) and the floor of that truncated pass (c_N)",
+    )
+    p.add_argument(
         "--repeats",
         type=int,
         default=3,
@@ -220,11 +242,15 @@ def main(argv=None):
     floor(model, pool[: args.batch_size], args.batch_size)  # warm-up
     engine(model, pool[: args.batch_size], opt, args.dim, args.projection, args.batch_size)
     floors, engines, labelled = [], [], []
+    layered = {n: ([], [], GradientLayers(model, n)) for n in args.gradient_layers}
     for _ in range(args.repeats):
         floors.append(timed(floor, model, pool, args.batch_size)[0])
         engines.append(timed(engine, model, pool, opt, args.dim, args.projection, args.batch_size)[0])
         if args.model != "tiny":
             labelled.append(timed(floor_labelled, model, pool, args.batch_size)[0])
+        for n, (engine_n, floor_n, layers) in layered.items():
+            engine_n.append(timed(engine, model, pool, opt, args.dim, args.projection, args.batch_size, n)[0])
+            floor_n.append(timed(floor_truncated, model, pool, args.batch_size, layers)[0])
     t_floor, t_engine = float(np.median(floors)), float(np.median(engines))
     print(f"(c) fwd+bwd floor       {t_floor:8.2f} s  {1000 * t_floor / len(pool):8.1f} ms/example")
     if labelled:
@@ -241,6 +267,15 @@ def main(argv=None):
         print(
             f"    medians of {args.repeats}; per repeat (b)/(c): "
             + " ".join(f"{e / f:.3f}" for e, f in zip(engines, floors, strict=True))
+        )
+    for n, (engine_n, floor_n, layers) in layered.items():
+        t_engine_n, t_floor_n = float(np.median(engine_n)), float(np.median(floor_n))
+        print(
+            f"(b_{n}) gradient_layers {n} of {layers.total}: engine {1000 * t_engine_n / len(pool):.1f} ms/example, "
+            f"(c_{n}) its floor {1000 * t_floor_n / len(pool):.1f} ms/example; "
+            f"layers={n} engine_over_full_floor={t_engine_n / t_floor:.3f} "
+            f"engine_over_truncated_floor={t_engine_n / t_floor_n:.3f} truncated_floor_over_full_floor="
+            f"{t_floor_n / t_floor:.3f}"
         )
     t_less, less_pool = float("nan"), pool[: args.less_examples]
     if not args.skip_less:

@@ -11,14 +11,17 @@ Measured, in ms per example (each after a warm-up pass):
     16 at a time with trak's CudaProjector when fast_jl imports, else with sjlt (labelled);
 (b) this engine end to end: `extract_gradients` (length-sorted batches under --max-batch-tokens, fused
     per-layer Adam + sjlt projection, writes to a store);
-(c) the floor: a plain forward+backward (the model's loss, w.r.t. the LoRA weights) of (b)'s batches.
+(c) the floor: a plain forward+backward (the model's loss, w.r.t. the LoRA weights) of (b)'s batches;
+(b_N) the engine with gradient_layers N (--gradient-layers, default 4; tiny 1): features from the LoRA modules of
+    the last N decoder layers, the layers below run without autograd;
+(c_N) its floor: the same forward, the backward stopped below the last N layers (to their LoRA weights).
 Also: peak GPU memory of each, the largest rows per pass that fit at 512 and 2048 tokens, and the
 projector checks left open for trak's fast_jl CudaProjector: the same rows projected twice (is it
 deterministic?), P(1e4 x) against 1e4 P(x), and the Spearman correlation of projected scores with exact
 cosine scores (ROSE's scoring: unit train rows against the mean unit validation row) for trak_cuda, trak
 (BasicProjector) and sjlt, on real per-example gradients of the model (their first --check-params
 coordinates). One JSON line per measurement; the last line is
-`engine_over_floor=<b/c> less_over_engine=<a/b>`.
+`engine_over_floor=<b/c> less_over_engine=<a/b> truncated_engine_over_floor=<b_N/c, each N>`.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
-from common import SHAPES, build_model, instruction_lengths, random_pool, spearman
+from common import SHAPES, build_model, instruction_lengths, random_pool, spearman, truncated_grad
 
 from rose_trl.data.sft import collate
-from rose_trl.gradients.capture import AdamState, per_example_gradients, trainable_parameters
+from rose_trl.gradients.capture import AdamState, GradientLayers, per_example_gradients, trainable_parameters
+from rose_trl.gradients.featurizer import Featurizer
 from rose_trl.gradients.projection import SparseJLProjector, build_projector
 from rose_trl.stores.extraction import extract_gradients, plan_batches
 from rose_trl.stores.store import GradientStore
@@ -71,12 +75,18 @@ def floor(model, pool, batches, device):
         torch.autograd.grad(model(**batch).loss, params)
 
 
+def floor_truncated(model, pool, batches, device, layers):
+    for rows in batches:
+        truncated_grad(model, to(collate([pool[int(i)] for i in rows], 0), device), layers)
+
+
 def engine(model, pool, projector, adam, batch_size, max_batch_tokens, store_dir):
+    """`projector`: a projector, or a Featurizer (gradient_layers)."""
     store = GradientStore.open_or_create(
         store_dir,
         model="bench",
         checkpoint="c",
-        projection=projector.describe(),
+        projection=getattr(projector, "projector", projector).describe(),
         gradient_type="adam",
         pool_fingerprint="bench",
         num_rows=len(pool),
@@ -216,6 +226,14 @@ def main(argv=None):
         help="gradient coordinates for the projector checks (default 2^22; tiny: all)",
     )
     p.add_argument("--check-seeds", type=int, default=5)
+    p.add_argument(
+        "--gradient-layers",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="N",
+        help="time the engine with gradient_layers N and its truncated floor (default 4; tiny 1; none: skip)",
+    )
     p.add_argument("--attn", default="sdpa")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -228,6 +246,7 @@ def main(argv=None):
     dim = args.dim or (512 if tiny else 8192)
     max_tokens = args.max_batch_tokens or (512 if tiny else 16384)
     check_params = args.check_params or (None if tiny else 1 << 22)
+    truncations = args.gradient_layers if args.gradient_layers is not None else ([1] if tiny else [4])
     vocab = SHAPES[shape]["vocab_size"]
     results = []
 
@@ -283,6 +302,30 @@ def main(argv=None):
                 "max_batch_tokens": max_tokens,
             }
         )
+        truncated = {}
+        for layers_kept in truncations:
+            layers = GradientLayers(model, layers_kept)
+            featurizer = Featurizer(projector, gradient_layers=layers_kept)
+            store = f"{tmp}/store_{layers_kept}"
+            t_n, _ = timed(device, engine, model, pool, featurizer, adam, args.batch_size, max_tokens, store)
+            log(
+                {
+                    "path": f"(b_{layers_kept}) engine, gradient_layers {layers_kept}",
+                    "ms_per_example": round(1000 * t_n / examples, 2),
+                    "peak_gb": peak_gb(device),
+                    "layers": f"{layers_kept} of {layers.total}",
+                }
+            )
+            t_floor_n, _ = timed(device, floor_truncated, model, pool, batches, device, layers)
+            log(
+                {
+                    "path": f"(c_{layers_kept}) floor, truncated backward",
+                    "ms_per_example": round(1000 * t_floor_n / examples, 2),
+                    "peak_gb": peak_gb(device),
+                    "engine_over_truncated_floor": round(t_n / t_floor_n, 3),
+                }
+            )
+            truncated[layers_kept] = t_n / t_floor
     label, project = less_projector(n, dim, device)
     less_style(model, pool[:1], adam, project, device)
     t_less, _ = timed(device, less_style, model, pool[:less_examples], adam, project, device)
@@ -308,7 +351,10 @@ def main(argv=None):
     projector_checks(model, pool, device, dim, check_params or n, args.check_seeds, log)
     b_over_c = t_engine / t_floor
     a_over_b = (t_less / less_examples) / (t_engine / examples)
-    print(f"engine_over_floor={b_over_c:.3f} less_over_engine={a_over_b:.2f}")
+    print(
+        f"engine_over_floor={b_over_c:.3f} less_over_engine={a_over_b:.2f}"
+        + "".join(f" truncated_engine_over_floor[{k}]={v:.3f}" for k, v in truncated.items())
+    )
     return results
 
 

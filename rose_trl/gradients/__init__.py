@@ -5,6 +5,7 @@ The capture's names are importable from here too, where `rose_trl.gradients` hel
 
 from rose_trl.gradients.capture import (
     AdamState,
+    GradientLayers,
     MissingAdamStateError,
     PerExampleGradientCapture,
     UnsupportedParameterError,
@@ -18,6 +19,7 @@ from rose_trl.gradients.capture import (
 
 __all__ = [
     "AdamState",
+    "GradientLayers",
     "MissingAdamStateError",
     "PerExampleGradientCapture",
     "UnsupportedParameterError",

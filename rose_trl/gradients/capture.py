@@ -56,6 +56,87 @@ def activation_checkpointing_off(model: nn.Module) -> Iterator[None]:
             m.gradient_checkpointing = True
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers, in order: its longest `nn.ModuleList` whose items hold trainable parameters
+    (`model.layers` of a Llama, `transformer.h` of a GPT-2, ...); [] when there is none."""
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            if any(p.requires_grad for p in module.parameters()):
+                best = list(module)
+    return best
+
+
+def lora_layers(model: nn.Module) -> int:
+    """How many decoder layers carry trainable (LoRA) parameters: what gradient_layers counts."""
+    return sum(1 for layer in decoder_layers(model) if any(p.requires_grad for p in layer.parameters()))
+
+
+class GradientLayers:
+    """Which decoder layers give the gradient features under `gradient_layers: N`: the last N of the layers that
+    carry trainable (LoRA) parameters. Their modules are the only ones captured, and the backward stops below the
+    lowest of them: the layers beneath run without autograd (`stop_below`), so no graph is built there and no
+    backward work runs there. Features are those of the whole gradient restricted to the kept layers'
+    coordinates (`ranges`), projected with the same projector."""
+
+    def __init__(self, model: nn.Module, n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"gradient_layers must be a positive number of decoder layers, got {n!r}")
+        self.layers = decoder_layers(model)
+        carrying = [layer for layer in self.layers if any(p.requires_grad for p in layer.parameters())]
+        if not carrying:
+            raise ValueError(
+                "gradient_layers: the model has no nn.ModuleList of decoder layers holding trainable parameters "
+                "(a LoRA adapter on its layers): set gradient_layers to null (every LoRA module)"
+            )
+        if n > len(carrying):
+            raise ValueError(
+                f"gradient_layers: {n}, but the model has {len(carrying)} decoder layers with LoRA modules "
+                f"(of {len(self.layers)}): set at most {len(carrying)}, or null for all of them"
+            )
+        self.n, self.total = n, len(carrying)
+        self.kept = carrying[-n:]
+        self._module_ids = {id(m) for layer in self.kept for m in layer.modules()}
+
+    def keeps(self, module: nn.Module) -> bool:
+        return id(module) in self._module_ids
+
+    @property
+    def truncates(self) -> bool:
+        """Whether any decoder layer runs below the lowest kept one (then without autograd)."""
+        return self.kept[0] is not self.layers[0]
+
+    def describe(self) -> str:
+        return f"the last {self.n} of {self.total} decoder layers with LoRA modules"
+
+    def stop_below(self) -> list:
+        """Hooks that run the decoder layers below the lowest kept one without autograd: grad mode is switched off
+        entering the first decoder layer and put back as it was entering the lowest kept one (the hidden state
+        reaching it then carries no graph). Returns the hook handles (remove them to undo)."""
+        if not self.truncates:
+            return []
+        before: list[bool] = []
+
+        def stop(module, args):
+            before.append(torch.is_grad_enabled())
+            torch.set_grad_enabled(False)
+
+        def resume(module, args):
+            if before:
+                torch.set_grad_enabled(before.pop())
+
+        return [self.layers[0].register_forward_pre_hook(stop), self.kept[0].register_forward_pre_hook(resume)]
+
+
+def keep_only_(rows: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Zero every column of `rows` outside the (start, length) `ranges`, in place."""
+    keep = torch.zeros(rows.shape[1], dtype=torch.bool, device=rows.device)
+    for start, n in ranges:
+        keep[start : start + n] = True
+    rows[:, ~keep] = 0
+    return rows
+
+
 class DenseRows:
     """Sink of a capture pass: every parameter's per-row gradient in one [rows, n_params] float32 buffer
     (parameters in `named_parameters()` order), `rows`. What `per_example_gradients` returns."""
@@ -113,9 +194,13 @@ class PerExampleGradientCapture:
     leaf added to the output). The backward is taken with respect to the taps only: no parameter's
     `.grad` is written (a live training run's accumulators stay untouched), no data-parallel gradient
     reduction fires, and autograd returns scalars instead of a full gradient per layer output.
+
+    `gradient_layers` (N, or a `GradientLayers`): only the LoRA modules of the last N decoder layers are captured
+    and the layers below them run without autograd (`GradientLayers`); the sink gets only their blocks, and
+    `kept_ranges` says which coordinates of a row they fill.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, gradient_layers: int | GradientLayers | None = None):
         self.params = trainable_parameters(model)
         if not self.params:
             raise UnsupportedParameterError(
@@ -147,6 +232,14 @@ class PerExampleGradientCapture:
                 f"per-example hooks cover nn.Linear layers only; these trainable parameters are not: {uncovered[:5]}"
                 + (" ..." if len(uncovered) > 5 else "")
             )
+        self.layers = (
+            gradient_layers
+            if isinstance(gradient_layers, GradientLayers) or gradient_layers is None
+            else GradientLayers(model, gradient_layers)
+        )
+        if self.layers is not None:
+            self._modules = [m for m in self._modules if self.layers.keeps(m)]
+        self.kept_ranges = [rng for m in self._modules for rng in self._module_slices[id(m)] if rng is not None]
         self.sink: DenseRows | ProjectedRows | None = None
         self._taps: list[torch.Tensor] = []
         self._calls: dict[int, int] = {}
@@ -154,6 +247,8 @@ class PerExampleGradientCapture:
 
     def __enter__(self) -> PerExampleGradientCapture:
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._modules]
+        if self.layers is not None:
+            self._handles += self.layers.stop_below()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -365,17 +460,24 @@ def trainer_param_index(model: nn.Module) -> dict[str, int]:
 
 
 def _capture_pass(
-    model: nn.Module, batch: dict, sink: DenseRows | ProjectedRows | None = None
-) -> DenseRows | ProjectedRows:
-    capture = PerExampleGradientCapture(model)
+    model: nn.Module,
+    batch: dict,
+    sink: DenseRows | ProjectedRows | None = None,
+    gradient_layers: int | GradientLayers | None = None,
+) -> tuple[DenseRows | ProjectedRows, PerExampleGradientCapture]:
+    capture = PerExampleGradientCapture(model, gradient_layers)
     with activation_checkpointing_off(model), capture, torch.enable_grad():
         sink = capture.reset(batch["input_ids"].shape[0], batch["input_ids"].device, sink)
         capture.backward(pass_loss(model, batch))
-    return sink
+    return sink, capture
 
 
 def per_example_gradients(
-    model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None, adam_state: AdamState | None = None
+    model: nn.Module,
+    batch: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    adam_state: AdamState | None = None,
+    gradient_layers: int | GradientLayers | None = None,
 ) -> torch.Tensor:
     """The gradient of each row's own SFT loss with respect to the trainable (LoRA) parameters.
 
@@ -396,6 +498,10 @@ def per_example_gradients(
         adam_state (`AdamState`, *optional*):
             Adam moments and hyperparameters given directly, e.g. a checkpoint's (`AdamState.from_state_dict`).
             Not together with `optimizer`.
+        gradient_layers (`int` or `GradientLayers`, *optional*):
+            N: only the coordinates of the LoRA modules of the last N decoder layers are filled (after the Adam
+            transform), the others are 0, and the backward stops below the lowest of them (`GradientLayers`).
+            Default: every LoRA module.
 
     Returns:
         `torch.Tensor`: float32 `[rows, n_trainable_parameters]`, parameters in `model.named_parameters()` order.
@@ -419,17 +525,22 @@ def per_example_gradients(
         if adam_state is not None:
             raise TypeError("per_example_gradients: pass optimizer or adam_state, not both")
         adam_state = AdamState.from_optimizer(optimizer, trainable_parameters(model))
-    grads = _capture_pass(model, batch).rows
+    sink, capture = _capture_pass(model, batch, gradient_layers=gradient_layers)
+    grads = sink.rows
     if adam_state is not None:
         grads = adam_state.precondition_(grads)
-    return grads
+    return grads if capture.layers is None else keep_only_(grads, capture.kept_ranges)
 
 
 def per_example_projected_gradients(
-    model: nn.Module, batch: dict, projector, adam_state: AdamState | None = None
+    model: nn.Module,
+    batch: dict,
+    projector,
+    adam_state: AdamState | None = None,
+    gradient_layers: int | GradientLayers | None = None,
 ) -> torch.Tensor:
-    """`projector.project(per_example_gradients(model, batch, adam_state=adam_state))`, fused: float32
-    [batch, projector.dim] computed layer by layer inside the backward (`ProjectedRows`), without the
+    """`projector.project(per_example_gradients(model, batch, adam_state=adam_state, gradient_layers=...))`, fused:
+    float32 [batch, projector.dim] computed layer by layer inside the backward (`ProjectedRows`), without the
     [batch, n_params] buffer. The projector must support row slices (`projector.supports_slices`)."""
     if not projector.supports_slices:
         raise ValueError(
@@ -437,4 +548,4 @@ def per_example_projected_gradients(
             "per_example_gradients and project the whole rows"
         )
     sink = ProjectedRows(batch["input_ids"].shape[0], projector, adam_state, batch["input_ids"].device)
-    return _capture_pass(model, batch, sink).rows
+    return _capture_pass(model, batch, sink, gradient_layers)[0].rows

@@ -7,6 +7,9 @@ The one place that decides between the two paths, once per run (per `Featurizer`
 - whole-row (any other projector): every row's whole gradient is built (`gradients.DenseRows`),
   preconditioned, then projected. Its memory per row grows with the adapter (see gradient_memory_gb).
 Both give the same features up to float summation order (tests/test_fused.py).
+
+With `gradient_layers` (N) only the LoRA modules of the last N decoder layers give the features, and the backward
+stops below the lowest of them (`capture.GradientLayers`): the pool's and the validation's rows alike.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from rose_trl.gradients.capture import (
     PerExampleGradientCapture,
     ProjectedRows,
     activation_checkpointing_off,
+    keep_only_,
     per_example_gradients,
     per_example_projected_gradients,
 )
@@ -43,10 +47,11 @@ def fused_path(projector: Projector) -> tuple[bool, str]:
 
 
 class Featurizer:
-    """Projected per-row gradients of a batch with `projector`, on the path chosen (and logged) once here."""
+    """Projected per-row gradients of a batch with `projector`, on the path chosen (and logged) once here;
+    `gradient_layers` (N, default all): from the LoRA modules of the last N decoder layers only."""
 
-    def __init__(self, projector: Projector):
-        self.projector = projector
+    def __init__(self, projector: Projector, gradient_layers: int | None = None):
+        self.projector, self.gradient_layers = projector, gradient_layers
         self.fused, self.reason = fused_path(projector)
         PartialState()  # the logger below needs accelerate's state; a no-op when a run has made it
         if self.fused:
@@ -78,15 +83,16 @@ class Featurizer:
         row); projection being linear, it is applied to projected rows on the fused path, to whole rows before
         the projection otherwise.
         """
+        layers = self.gradient_layers
         if loss is None:
             if self.fused:
-                rows = per_example_projected_gradients(model, batch, self.projector, adam_state)
+                rows = per_example_projected_gradients(model, batch, self.projector, adam_state, layers)
                 return combine(rows) if combine else rows
-            grads = per_example_gradients(model, batch, adam_state=adam_state)
+            grads = per_example_gradients(model, batch, adam_state=adam_state, gradient_layers=layers)
             return self.projector.project(combine(grads) if combine else grads)
         n = batch["input_ids"].shape[0]
         device = batch["input_ids"].device
-        capture = PerExampleGradientCapture(model)
+        capture = PerExampleGradientCapture(model, layers)
         sink = (
             ProjectedRows(n, self.projector, adam_state, device)
             if self.fused
@@ -98,5 +104,7 @@ class Featurizer:
         rows = sink.rows
         if not self.fused and adam_state is not None:
             rows = adam_state.precondition_(rows)
+        if not self.fused and capture.layers is not None:
+            rows = keep_only_(rows, capture.kept_ranges)
         rows = combine(rows) if combine else rows
         return rows if self.fused else self.projector.project(rows)

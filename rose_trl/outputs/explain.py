@@ -199,6 +199,14 @@ def explain_row(
         lines.append(
             "  per-subtask scores: " + ", ".join(f"{s} {row[columns.subtask(s)]:.6g}" for s in columns.subtasks)
         )
+    if bool(row.get("prefiltered_out", False)):
+        first = scores["prefilter_score"]
+        rank = int((first > row["prefilter_score"]).sum()) + 1
+        lines.append(
+            f"  left out by the first pass (prefilter_fraction {summary.get('prefilter', {}).get('fraction')}): its "
+            f"first-pass score {row['prefilter_score']:.6g} ranks {rank} of {len(scores)}, so its full features were "
+            "not computed"
+        )
     if not bool(row["selected"]):
         lines.append("  not selected")
         return "\n".join(lines), (

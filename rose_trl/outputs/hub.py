@@ -45,7 +45,7 @@ def _score_stats(scores_path: Path) -> dict:
     score = np.asarray(table.column("score").to_numpy(zero_copy_only=False), dtype=np.float64)
     selected = np.asarray(table.column("selected").to_numpy(zero_copy_only=False), dtype=bool)
     chosen = score[selected]
-    stats = {"num_scored": int(score.size)}
+    stats = {"num_scored": int(np.isfinite(score).sum())}  # a first pass (prefilter_fraction) leaves some unscored
     if chosen.size:
         stats.update(
             selected_min=float(chosen.min()), selected_mean=float(chosen.mean()), selected_max=float(chosen.max())

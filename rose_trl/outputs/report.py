@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from rose_trl.baselines.text import pool_text
@@ -209,6 +210,7 @@ def score_statistics(run: SelectionRun) -> pd.DataFrame:
     for col in [SCORE] + run.subtask_columns:
         values = run.scores[col].to_numpy(dtype=float)
         picked = values[selected]
+        values = values[np.isfinite(values)]  # a first pass (prefilter_fraction) leaves the rows it dropped unscored
         rows.append(
             {
                 "score": col,

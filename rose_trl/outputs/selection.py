@@ -123,10 +123,11 @@ def write_selection(
         "selection_fraction": fraction,
         "subtasks": list(subtasks),
         "threshold": float(picked.min()),
+        # over the scored rows (a first pass, prefilter_fraction, leaves the others unscored: NaN)
         "score_stats": {
-            "pool_mean": float(scores.mean()),
-            "pool_min": float(scores.min()),
-            "pool_max": float(scores.max()),
+            "pool_mean": float(np.nanmean(scores)),
+            "pool_min": float(np.nanmin(scores)),
+            "pool_max": float(np.nanmax(scores)),
             "selected_mean": float(picked.mean()),
         },
         "subtask_balance": subtask_balance,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -246,6 +246,7 @@ class MemoryPlan:
     passes: dict[str, PassPlan]
     slack: float = 1.0  # heap_slack when the plan was made
     larger: LargerBudget | None = None  # what a larger budget (up to the machine's default) would buy
+    notes: list[str] = field(default_factory=list)  # more lines of the log (the selection's passes: cost.py)
 
     @property
     def available(self) -> int:
@@ -271,7 +272,8 @@ class MemoryPlan:
                 f"peak of {least / GB:.2f} GB; the smallest budget this run can hold: memory_budget_gb: "
                 f"{smallest_gb(least)}; or lower max_length)"
             )
-        if self.larger is not None:
+        lines += [f"  {note}" for note in self.notes]
+        if self.larger is not None:  # last: what a larger budget would change in the lines above
             lines.append(self.larger.describe(self))
         return "\n".join(lines)
 
@@ -490,9 +492,10 @@ def plan_run(
     validation_width: int | None,
     gradient_rows: int,
     counts: dict[str, int] | None = None,
+    notes: list[str] | None = None,
 ) -> MemoryPlan:
     """A run's plan (`plan_passes` under `config.memory_budget_gb` or the machine's default, with the config's
-    limits), the same on every process (the smallest), logged once."""
+    limits), the same on every process (the smallest), logged once with `notes` (the selection's passes)."""
     device = next(p for p in model.parameters() if p.requires_grad).device
     plan = plan_passes(
         model,
@@ -509,6 +512,7 @@ def plan_run(
     for kind in plan.passes.values():  # every process runs the same passes (the batches are dealt out)
         kind.rows = -max_over_ranks(-kind.rows)
         kind.tokens = -max_over_ranks(-kind.tokens) if kind.tokens else kind.tokens
+    plan.notes = list(notes or [])
     logger.warning(plan.describe())
     return plan
 

@@ -32,8 +32,9 @@ from rose_trl.config import ROSEConfig
 from rose_trl.gradients.capture import AdamState, num_trainable_parameters, trainable_parameters
 from rose_trl.resources.budget import MemoryBudget
 from rose_trl.resources.training_memory import check_training
+from rose_trl.run.ledger import resolve_checkpoints
 from rose_trl.run.selector import ROSESelector
-from rose_trl.utils.files import checkpoint_name
+from rose_trl.utils.files import checkpoint_name, checkpoint_step
 from rose_trl.utils.timing import clock, stage
 
 
@@ -60,6 +61,29 @@ def expected_saves(args, state) -> int:
         every = args.save_steps if args.save_steps >= 1 else math.ceil(state.max_steps * args.save_steps)
         return max(0, math.ceil(state.max_steps / every) - state.global_step // every)
     return 1  # "best": as many as improvements, at least one
+
+
+def planned_saves(args, state, dataloader=None) -> list[int] | None:
+    """The optimizer steps at which the Trainer will save a checkpoint, by its own rules (DefaultFlowCallback): at the
+    end of each epoch (the last one at max_steps), or every save_steps and at the last step; None when that is not
+    known in advance (save_strategy "best", or an epoch strategy without the dataloader's length)."""
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    last = state.max_steps
+    if last <= 0:
+        return None
+    if strategy == "epoch":
+        try:
+            batches = len(dataloader)
+        except TypeError:
+            return None
+        accumulation = args.gradient_accumulation_steps
+        every = max(batches // accumulation + int(batches % accumulation > 0), 1)  # Trainer's update steps an epoch
+    elif strategy == "steps":
+        every = args.save_steps if args.save_steps >= 1 else math.ceil(last * args.save_steps)
+    else:
+        return None
+    steps = list(range(int(every), last, int(every)))
+    return steps + [last]
 
 
 def longest_row(dataloader, args) -> int | None:
@@ -155,6 +179,8 @@ class ROSECallback(TrainerCallback):
         self.selector: ROSESelector | None = None
         self.selection_dir: Path | None = None
         self._step_ended: float | None = None  # when the Trainer's last step (or epoch) ended: its save follows
+        self.saves: list[int] | None = None  # the steps the warm-up saves at (planned_saves)
+        self.chosen: list[int] | None = None  # their positions selection_checkpoints keeps
 
     def ensure_selector(self, args, processing_class=None) -> ROSESelector:
         if self.selector is None:
@@ -191,6 +217,17 @@ class ROSECallback(TrainerCallback):
         # Tokenize the pool and check both datasets, and the disk, before spending compute.
         selector = self.ensure_selector(args, processing_class)
         saves = expected_saves(args, state)
+        self.saves = planned_saves(args, state, kwargs.get("train_dataloader"))
+        if self.saves is not None:
+            selector.total_checkpoints = len(self.saves)
+            self.chosen = resolve_checkpoints(self.config.selection_checkpoints, len(self.saves))
+            # the stores still to compute are those of the kept checkpoints after this step
+            saves = sum(1 for i, step in enumerate(self.saves) if step > state.global_step and i in self.chosen)
+        elif self.config.selection_checkpoints is not None:
+            raise ValueError(
+                f"selection_checkpoints {self.config.selection_checkpoints}: the warm-up's number of checkpoints is "
+                f"not known in advance (save_strategy {args.save_strategy}): use save_strategy epoch or steps"
+            )
         adapter = num_trainable_parameters(model) if model is not None else 0
         # Each save also writes the adapter (its dtype, float32 at most) and its two Adam moments (float32).
         selector.check_disk_space(
@@ -230,6 +267,11 @@ class ROSECallback(TrainerCallback):
         self._add_checkpoint(selector, model, optimizer, checkpoint_name(state.global_step), lr)
 
     def _add_checkpoint(self, selector, model, optimizer, name: str, lr: float) -> None:
+        step = checkpoint_step(name)
+        if self.chosen is not None and step in self.saves and self.saves.index(step) not in self.chosen:
+            with preserved_rng():
+                selector.skip_checkpoint(model, name, lr)  # selection_checkpoints leaves it out: no stores
+            return
         adam = None
         if self.config.gradient_type == "adam":
             with stage("callback checks and records"):

@@ -3,7 +3,9 @@
     rose/run.json           what every gradient store under rose/ depends on (refused, or cleared, when it changes);
                             of the warm-up's batch, the effective batch only (per-device batch x accumulation x
                             processes: `effective_batch_size`), so that a run moves to another process count
-    rose/checkpoints.json   each checkpoint in step order: name, learning rate eta_i, name@adapter-hash
+    rose/checkpoints.json   each checkpoint in step order: name, learning rate eta_i, name@adapter-hash, and
+                            whether its gradient stores were computed (`stores`: false for a checkpoint that
+                            selection_checkpoints leaves out)
     rose/step_lrs.json      optimizer step -> the learning rate it applied (written as each step begins)
 
 eta_i is the mean learning rate of the optimizer steps since the previous checkpoint. It is known, first
@@ -32,6 +34,7 @@ from rose_trl.checkpoints.schedules import ScheduleError, mean_over_steps, read_
 from rose_trl.gradients.capture import trainable_parameters
 from rose_trl.stores.store import StoreMismatchError, describe_mismatch
 from rose_trl.utils.distributed import gathered
+from rose_trl.utils.errors import ConfigError
 from rose_trl.utils.files import atomic_write_json, checkpoint_step, read_json, remove_tree
 from rose_trl.utils.timing import stage
 
@@ -137,6 +140,23 @@ def upgrade_legacy_batch(found: dict, wanted: dict, rose_dir: Path) -> dict:
     return upgraded
 
 
+def resolve_checkpoints(indices: list[int] | None, count: int) -> list[int]:
+    """The positions (sorted, 0-based) that `selection_checkpoints` names among a warm-up's `count` checkpoints in
+    step order: all of them for None, negative positions counted from the end as in Python. Out of range or named
+    twice: an error naming the option and the number of checkpoints."""
+    if indices is None:
+        return list(range(count))
+    span = f"the warm-up has {count} checkpoint{'s' if count != 1 else ''} (0..{count - 1}, or -{count}..-1)"
+    resolved = []
+    for i in indices:
+        if not -count <= i < count:
+            raise ConfigError(f"selection_checkpoints {list(indices)}: {i} is out of range: {span}")
+        resolved.append(i % count)
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"selection_checkpoints {list(indices)} names a checkpoint twice: {span}")
+    return sorted(resolved)
+
+
 def check_rate_count(explicit: list[float] | None, names: list[str], found: str) -> None:
     if explicit is not None and len(explicit) != len(names):
         raise ValueError(
@@ -226,15 +246,31 @@ class RunLedger:
     def is_recorded(self, name: str) -> bool:
         return any(c["name"] == name for c in self.checkpoints())
 
+    def record_left_out(self, name: str, learning_rate: float | None, identity: str) -> None:
+        """Record (main process; every process waits) a checkpoint that selection_checkpoints leaves out: its
+        learning rate and weights' identity, no stores, unless it is recorded with its stores already."""
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.is_main_process and not self.has_stores(name):
+            self.record_checkpoint(name, learning_rate, identity, stores=False)
+        state.wait_for_everyone()
+
+    def has_stores(self, name: str) -> bool:
+        """Whether `name` is recorded with its gradient stores computed (entries before `stores` existed had them)."""
+        return any(c["name"] == name and c.get("stores", True) for c in self.checkpoints())
+
     @stage("callback checks and records")
-    def record_checkpoint(self, name: str, learning_rate: float | None, identity: str) -> None:
+    def record_checkpoint(self, name: str, learning_rate: float | None, identity: str, stores: bool = True) -> None:
         """`identity`: `checkpoint_identity`. A rate of None (given only by checkpoint_learning_rates) is
-        recorded as unknown."""
+        recorded as unknown. `stores`: whether its gradient stores were computed (False: a checkpoint that
+        selection_checkpoints leaves out, recorded so that positions and learning rates stay the warm-up's)."""
         checkpoints = self.checkpoints()
         entry = {
             "name": name,
             "learning_rate": None if learning_rate is None else float(learning_rate),
             "checkpoint": identity,
+            "stores": bool(stores),
         }
         if entry in checkpoints:
             return  # a re-run: nothing to rewrite
@@ -335,9 +371,26 @@ class RunLedger:
         return lrs
 
     # ---- scoring ---------------------------------------------------------------------------------
-    def scoring_learning_rates(self, explicit: list[float] | None = None) -> tuple[list[str], list[float]]:
-        """(recorded checkpoint names, their eta_i): the recorded rates, or `explicit` (checkpoint_learning_rates,
-        which overrides them)."""
+    def scoring_learning_rates(
+        self, explicit: list[float] | None = None, selection: list[int] | None = None
+    ) -> tuple[list[str], list[float]]:
+        """(recorded checkpoint names, their eta_i): the recorded rates, or `explicit` (checkpoint_learning_rates, one
+        per recorded checkpoint, which overrides them); with `selection` (selection_checkpoints: positions among
+        the recorded checkpoints) those checkpoints only, each of which must have its stores."""
+        names, rates = self._learning_rates(explicit)
+        chosen = resolve_checkpoints(selection, len(names))
+        entries = self.checkpoints()
+        without = [names[i] for i in chosen if not entries[i].get("stores", True)]
+        if without:
+            raise ValueError(
+                f"selection_checkpoints {selection if selection is not None else 'all'}: {', '.join(without)} "
+                f"{'has' if len(without) == 1 else 'have'} no gradient stores under {self.rose_dir} (the run that "
+                "made them left them out with its selection_checkpoints): select again from the finished warm-up "
+                "(recipes/rose_select.py, or the recipe, which reads its checkpoints) to compute them"
+            )
+        return [names[i] for i in chosen], [rates[i] for i in chosen]
+
+    def _learning_rates(self, explicit: list[float] | None) -> tuple[list[str], list[float]]:
         checkpoints = self.checkpoints()
         names = [c["name"] for c in checkpoints]
         if not checkpoints:

@@ -29,7 +29,7 @@ from rose_trl.checkpoints.fsdp import (
 )
 from rose_trl.checkpoints.zero import read_zero_adam_moments, zero_checkpoint_dir
 from rose_trl.gradients.capture import AdamState, trainable_parameters, trainer_param_index
-from rose_trl.run.ledger import checkpoint_identity
+from rose_trl.run.ledger import checkpoint_identity, resolve_checkpoints
 from rose_trl.run.selector import ROSESelector
 from rose_trl.utils.files import checkpoint_dirs
 from rose_trl.utils.timing import stage
@@ -114,11 +114,12 @@ def select_from_checkpoints(
 ) -> Path:
     """Select from the saved checkpoints of a finished LoRA warm-up (LESS-style, offline).
 
-    For every `checkpoint-<step>/` of `run_dir`, in step order, the adapter and the Adam state are loaded (plain,
-    DDP, DeepSpeed ZeRO-1/2/3 or FSDP2 layouts) and `selector` extracts the pool's and the preference pairs'
-    gradients; then the pool is scored and the selection written. Every checkpoint's learning rate is resolved
-    first (the Trainer's log history, or its schedule rebuilt from the checkpoint folders): an unknown one, or
-    too little disk for the stores, stops the run before any gradient work. Stores already on disk for the same
+    For every `checkpoint-<step>/` of `run_dir` that the selector's `selection_checkpoints` names (default: every
+    one), in step order, the adapter and the Adam state are loaded (plain, DDP, DeepSpeed ZeRO-1/2/3 or FSDP2
+    layouts) and `selector` extracts the pool's and the preference pairs' gradients; the checkpoints left out are
+    recorded without stores. Then the pool is scored and the selection written. Every checkpoint's learning rate
+    is resolved first (the Trainer's log history, or its schedule rebuilt from the checkpoint folders): an unknown
+    one, or too little disk for the stores, stops the run before any gradient work. Stores already on disk for the same
     inputs are reused, so a killed run resumes.
 
     Args:
@@ -157,11 +158,16 @@ def select_from_checkpoints(
     for ckpt in checkpoints:  # the Trainer's last write: without it a checkpoint is a save killed part-way
         if not (ckpt / "trainer_state.json").exists():
             raise FileNotFoundError(f"{ckpt / 'trainer_state.json'} is missing: an incomplete checkpoint (remove it)")
-    selector.check_disk_space([c.name for c in checkpoints])  # before any gradient work
+    chosen = resolve_checkpoints(selector.config.selection_checkpoints, len(checkpoints))
+    selector.total_checkpoints = len(checkpoints)
+    selector.check_disk_space([checkpoints[i].name for i in chosen])  # before any gradient work
     model = warmup_model(checkpoints[0], base_model, peft_config)
     learning_rates = resolve_learning_rates(checkpoints, model, selector)
-    for ckpt, lr in zip(checkpoints, learning_rates, strict=True):
+    for i, (ckpt, lr) in enumerate(zip(checkpoints, learning_rates, strict=True)):
         set_peft_model_state_dict(model, load_checkpoint_adapter(ckpt, model))
+        if i not in chosen:  # left out by selection_checkpoints: recorded, no stores
+            selector.skip_checkpoint(model, ckpt.name, lr)
+            continue
         adam = load_checkpoint_adam(ckpt, model) if selector.config.gradient_type == "adam" else None
         selector.add_checkpoint(model, ckpt.name, lr, adam)
     return selector.finalize(folder)

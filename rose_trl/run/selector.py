@@ -26,14 +26,16 @@ from transformers import PreTrainedTokenizerBase
 from rose_trl.config import ROSEConfig
 from rose_trl.data.preferences import DEFAULT_SUBTASK, subsample_report, validate_preferences
 from rose_trl.data.sft import fingerprint_tokenized, tokenize_pool
-from rose_trl.gradients.capture import AdamState, num_trainable_parameters
+from rose_trl.gradients.capture import AdamState, lora_layers, num_trainable_parameters
 from rose_trl.gradients.featurizer import Featurizer
 from rose_trl.gradients.projection import build_projector
 from rose_trl.outputs.explain import write_contributions
 from rose_trl.outputs.selection import write_selection
 from rose_trl.resources.budget import MemoryPlan, plan_run
+from rose_trl.resources.cost import SelectionWork
 from rose_trl.resources.disk import require_free_space
-from rose_trl.run.ledger import RunLedger, checkpoint_identity
+from rose_trl.run.ledger import RunLedger, checkpoint_identity, resolve_checkpoints
+from rose_trl.run.prefilter import Prefilter
 from rose_trl.scoring.agreement import agreement_report
 from rose_trl.scoring.scores import CheckpointGradients, ValidationTargets, score_checkpoints, validation_targets
 from rose_trl.stores.extraction import extract_pool_store, rows_per_pass
@@ -54,9 +56,54 @@ def with_subtasks(validation: Dataset) -> Dataset:
     return validation.add_column("subtask", [DEFAULT_SUBTASK] * len(validation))
 
 
+def pad_with_eos(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A tokenizer without a pad token pads with its eos token (as TRL's trainers do)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                "the tokenizer has neither a pad token nor an eos token to pad with; set tokenizer.pad_token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def _stores_to_write(folder: Path, names: list[str | None]) -> int:
     """How many of the checkpoints' stores in `folder` are not on disk yet (a None name: a checkpoint to come)."""
     return len([name for name in names if not name or not (folder / name).exists()])
+
+
+def stores_to_write(selector: ROSESelector, names: list[str | None], extra: int = 0, extra_what: str = ""):
+    """(bytes, what they hold) of the gradient stores `selector` still has to write for the checkpoints `names` (a
+    None name: a checkpoint to come), with the first pass's own stores while it has not run, and `extra` bytes of
+    `extra_what`."""
+    c = selector.config
+    pool_store = store_bytes(len(selector.pool_tokens), c.projection_dim, c.store_dtype)
+    validation_store = store_bytes(len(selector.validation), c.projection_dim, c.store_dtype)
+    if selector.prefilter is not None and names and selector.prefilter.checkpoint() is None:
+        extra += pool_store + validation_store
+        extra_what = " and ".join(filter(None, [extra_what, "the first pass's stores"]))
+    needed = extra
+    needed += pool_store * _stores_to_write(selector.rose_dir / "train", names)
+    needed += validation_store * _stores_to_write(selector.validation_stores.folder, names)
+    what = (
+        f"the gradient stores of {len(names)} checkpoint(s) ({len(selector.pool_tokens)} pool rows and "
+        f"{len(selector.validation)} validation pairs x {c.projection_dim} dims, {c.store_dtype})"
+    )
+    return needed, what + (f" and {extra_what}" if extra else "")
+
+
+def selection_work(config: ROSEConfig, pool_rows: int, total_checkpoints: int | None, model) -> SelectionWork:
+    """The pool gradient passes `config`'s cost options leave (resources/cost.py): of the warm-up's checkpoints when
+    their number is known (`total_checkpoints`), else of each one."""
+    total = total_checkpoints
+    return SelectionWork(
+        pool_rows=pool_rows,
+        checkpoints=total,
+        chosen=len(resolve_checkpoints(config.selection_checkpoints, total)) if total else 1,
+        layers=config.gradient_layers,
+        total_layers=lora_layers(model),
+        prefilter_fraction=config.prefilter_fraction,
+        prefilter_layers=config.prefilter_layers if config.prefilter_fraction else None,
+    )
 
 
 class ROSESelector:
@@ -124,20 +171,15 @@ class ROSESelector:
         self.output_dir = Path(output_dir)
         self.tokenizer = tokenizer
         self.rose_dir = self.output_dir / "rose"
-        if tokenizer.pad_token_id is None:
-            if tokenizer.eos_token_id is None:
-                raise ValueError(
-                    "the tokenizer has neither a pad token nor an eos token to pad with; set tokenizer.pad_token"
-                )
-            tokenizer.pad_token = tokenizer.eos_token
+        pad_with_eos(tokenizer)
         self.max_length = max_length
         self.progress = progress
         self.run_config = run_config or {}
         self.pool = pool
         self.pool_tokens = tokenize_pool(pool, tokenizer, max_length)
         self.pool_fingerprint = fingerprint_tokenized(self.pool_tokens)
-        self._pool_rows = self.pool_tokens.select_columns(["input_ids", "completion_mask"])
-        self.pool_width = max(len(ids) for ids in self._pool_rows["input_ids"])  # the longest row, for the plan
+        self.pool_rows = self.pool_tokens.select_columns(["input_ids", "completion_mask"])
+        self.pool_width = max(len(ids) for ids in self.pool_rows["input_ids"])  # the longest row, for the plan
         self.plan: MemoryPlan | None = None
         self.validation = with_subtasks(validation)
         validate_preferences(self.validation, "validation")
@@ -157,12 +199,17 @@ class ROSESelector:
         self.ledger = RunLedger(self.rose_dir)
         self._featurizer: Featurizer | None = None
         self.ledger.compare(self.run_fingerprint(), config.overwrite_stores)  # a refusal stops every process
+        # The warm-up's number of checkpoints, when the caller knows it (the memory plan's account of the passes).
+        self.total_checkpoints: int | None = None
+        self.prefilter = Prefilter(self) if config.prefilter_fraction else None
         with PartialState().main_process_first():  # the main process checks (and may clear) rose/ first
             self.cleared_previous_run = self.ledger.open(self.run_fingerprint(), config.overwrite_stores)
 
     def run_fingerprint(self) -> dict:
         """What every store under rose/ depends on. The selection method and fraction are left out on
-        purpose: a LESS run reuses a ROSE run's pool stores, and scoring is redone on every run."""
+        purpose: a LESS run reuses a ROSE run's pool stores, and scoring is redone on every run; so are
+        selection_checkpoints and the prefilter's options (a checkpoint's stores, and the first pass's own,
+        are the same whichever subset or fraction is scored)."""
         keys = (
             "projection_type",
             "projection_dim",
@@ -170,6 +217,7 @@ class ROSESelector:
             "gradient_type",
             "store_dtype",
             "validation_beta",
+            "gradient_layers",
         )
         return {
             "pool_fingerprint": self.pool_fingerprint,
@@ -191,9 +239,9 @@ class ROSESelector:
                 c.projection_type, num_trainable_parameters(model), c.projection_dim, c.projection_seed, device=device
             )
             logger.warning("projection in use: %s, %s", projector.implementation, projector.describe())
-            self._featurizer = Featurizer(projector)
+            self._featurizer = Featurizer(projector, gradient_layers=c.gradient_layers)
             self.plan = self.memory_plan(model, self._featurizer)
-            self._size_validation_passes(self.plan)
+            self.validation_stores.size_passes(self.plan)
         return self._featurizer
 
     def memory_plan(self, model, featurizer: Featurizer) -> MemoryPlan:
@@ -211,34 +259,16 @@ class ROSESelector:
             self.validation_stores.longest() if dpo else None,
             rows_per_pass(model, featurizer, c.gradient_batch_size, c.gradient_memory_gb),
             counts={"gradient": len(self.pool_tokens), "validation": len(self.validation)},
+            notes=[selection_work(c, len(self.pool_tokens), self.total_checkpoints, model).describe()],
         )
 
-    def _size_validation_passes(self, plan: MemoryPlan) -> None:
-        if self.validation_stores.kind == "dpo":
-            self.validation_stores.pairs_per_pass = plan.passes["validation"].rows
-            self.validation_stores.head_tokens = plan.passes["validation"].head_tokens
-        self.validation_stores.sft_rows_per_pass = min(8, plan.passes["gradient"].rows)
-
-    @stage("callback checks and records")
     def check_disk_space(self, checkpoints: int | list[str], extra: int = 0, extra_what: str = "") -> int:
         """Before any gradient work: refuse (DiskSpaceError: the path, the bytes needed, the bytes free) when the
         stores of `checkpoints` (names, or a number still to be saved), those on disk excepted, and `extra` bytes
         of `extra_what` do not fit on output_dir's disk (disk.py, store.store_bytes)."""
         names = [None] * checkpoints if isinstance(checkpoints, int) else checkpoints
-        dim = self.config.projection_dim
-        dtype = self.config.store_dtype
-        needed = extra
-        needed += store_bytes(len(self.pool_tokens), dim, dtype) * _stores_to_write(self.rose_dir / "train", names)
-        needed += store_bytes(len(self.validation), dim, dtype) * _stores_to_write(
-            self.validation_stores.folder, names
-        )
-        require_free_space(
-            self.output_dir,
-            needed,
-            f"the gradient stores of {len(names)} checkpoint(s) ("
-            f"{len(self.pool_tokens)} pool rows and {len(self.validation)} validation pairs x {dim} dims, "
-            f"{dtype})" + (f" and {extra_what}" if extra else ""),
-        )
+        needed, what = stores_to_write(self, names, extra, extra_what)
+        require_free_space(self.output_dir, needed, what)
         return needed
 
     def add_checkpoint(
@@ -261,11 +291,14 @@ class ROSESelector:
             checkpoint=identity,
             projection=featurizer.projector.describe(),
             dtype=self.config.store_dtype,
+            extra={"gradient_layers": self.config.gradient_layers},
         )
+        # With a first pass: it runs at the first checkpoint used, then the full features of its candidates only.
+        rows = self.prefilter.run(model, name, common, adam_state) if self.prefilter is not None else None
         passes = self.plan.passes["gradient"]
         train = extract_pool_store(
             model,
-            self._pool_rows,
+            self.pool_rows,
             self.rose_dir / "train" / name,
             featurizer,
             self.config,
@@ -277,19 +310,28 @@ class ROSESelector:
             desc=f"Pool gradients @ {name}",
             batch_size=passes.rows,
             max_batch_tokens=passes.tokens,
+            rows=rows,
         )
         self.validation_stores.store(model, name, featurizer, common, write=state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
-            if not train.is_complete:
-                raise RuntimeError(f"{name}: {len(train.missing_rows())} pool rows are still missing after extraction")
+            missing = train.missing_rows() if rows is None else np.intersect1d(train.missing_rows(), rows)
+            if len(missing):
+                raise RuntimeError(f"{name}: {len(missing)} pool rows are still missing after extraction")
             self.ledger.record_checkpoint(name, learning_rate, identity)
         state.wait_for_everyone()
+
+    def skip_checkpoint(self, model, name: str, learning_rate: float | None) -> None:
+        """Record a checkpoint that selection_checkpoints leaves out: its learning rate and weights, no stores (so
+        that positions count every checkpoint of the warm-up, and a later selection may still compute them)."""
+        self.ledger.record_left_out(name, learning_rate, checkpoint_identity(name, model))
 
     @stage("scoring")
     def checkpoints(self) -> tuple[list[CheckpointGradients], ValidationTargets]:
         """Every recorded checkpoint's stores, targets and eta_i, and the validation targets they share."""
-        names, learning_rates = self.ledger.scoring_learning_rates(self.config.checkpoint_learning_rates)
+        names, learning_rates = self.ledger.scoring_learning_rates(
+            self.config.checkpoint_learning_rates, self.config.selection_checkpoints
+        )
         trains = [GradientStore.open(self.rose_dir / "train" / name) for name in names]
         grads = {
             name: self.validation_stores.read(name, train.meta["projection"])
@@ -312,7 +354,10 @@ class ROSESelector:
 
     def _finalize(self, folder: str) -> Path:
         checkpoints, targets = self.checkpoints()
-        table = score_checkpoints(checkpoints, targets.subtasks)
+        if self.prefilter is None:
+            table, first_pass = score_checkpoints(checkpoints, targets.subtasks), None
+        else:  # full scores for the first pass's candidates only; every row keeps its first-pass score
+            table, first_pass = self.prefilter.score(checkpoints, targets.subtasks)
         # The run's record last: its gguf_file is the resolved file (with gguf_sha256), ROSEConfig's only the option.
         config = {
             **self.config.to_dict(),
@@ -334,6 +379,7 @@ class ROSESelector:
             on how much each subtask's validation pairs agree (agreement.py)."""
             write_contributions(tmp, checkpoints, chosen, self.validation, targets.usable, progress=self.progress)
             return {
+                **({"prefilter": first_pass} if first_pass else {}),
                 "left_out_pairs": np.flatnonzero(~targets.usable).tolist(),
                 "zero_gradient_pairs": targets.zero_gradient_pairs,
                 "validation_agreement": agreement,

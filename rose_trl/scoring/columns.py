@@ -3,6 +3,9 @@
     score                  the selection score (gradient methods: the best subtask's)
     score_<subtask>        each subtask's checkpoint-weighted score, in validation-set order
     score_ckpt<i>          each checkpoint's own best-subtask score (gradient methods), in step order
+    prefilter_score        with prefilter_fraction: every row's score from the cheap first pass
+    prefiltered_out        with prefilter_fraction: True for the rows the first pass left out (their other
+                           scores are NaN: their full features were never computed)
 
 A subtask may have any name: when one would take a checkpoint column's name (a subtask called `ckpt0`),
 the checkpoint columns move to a prefix no subtask column starts with (`score__ckpt<i>`, ...). Readers
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 
 SCORE = "score"
 SUBTASK_PREFIX = "score_"
+PREFILTER_SCORE = "prefilter_score"
+PREFILTERED_OUT = "prefiltered_out"
 
 
 def checkpoint_prefix(subtasks: Iterable[str]) -> str:

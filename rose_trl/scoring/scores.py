@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rose_trl.scoring.columns import SCORE, ScoreColumns
+from rose_trl.scoring.columns import PREFILTERED_OUT, SCORE, ScoreColumns
 from rose_trl.stores.store import GradientStore, StoreMismatchError
 from rose_trl.utils.timing import stage
 
@@ -168,11 +168,15 @@ CHUNK_BYTES = 32 << 20  # float32 bytes of one checkpoint's chunk
 
 @stage("scoring")
 def score_checkpoints(
-    checkpoints: list[CheckpointGradients], subtasks: list[str], chunk_rows: int | None = None
+    checkpoints: list[CheckpointGradients],
+    subtasks: list[str],
+    chunk_rows: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Score table (columns.py): `score`, `score_<subtask>` (checkpoint-weighted) and `score_ckpt<i>` (each
     checkpoint's own max-over-subtask score, for agreement plots). Memory: a chunk of rows per
-    checkpoint (32 MB of float32 each by default, whatever the dimension) plus the O(pool) score table."""
+    checkpoint (32 MB of float32 each by default, whatever the dimension) plus the O(pool) score table.
+    `rows` (a prefilter's candidates): only these rows are read and scored, every other row's scores are NaN."""
     if not checkpoints:
         raise ValueError("no warm-up checkpoints to score")
     first = checkpoints[0].train
@@ -194,13 +198,22 @@ def score_checkpoints(
     n = first.num_rows
     per_subtask = np.zeros((n, len(subtasks)), dtype=np.float64)
     per_ckpt = np.zeros((n, len(checkpoints)), dtype=np.float64)
-    streams = [c.train.iter_chunks(chunk_rows) for c in checkpoints]
-    for chunks in zip(*streams, strict=True):
-        start = chunks[0][0]
-        for i, ((_, rows), c) in enumerate(zip(chunks, checkpoints, strict=True)):
-            sims = unit_dots(rows, c.targets.T.astype(np.float32))  # [chunk, n_subtasks]
-            per_subtask[start : start + len(rows)] += eta[i] * sims
-            per_ckpt[start : start + len(rows), i] = sims.max(axis=1)
+    if rows is None:
+        streams = zip(*[c.train.iter_chunks(chunk_rows) for c in checkpoints], strict=True)
+        chunks = ((np.arange(parts[0][0], parts[0][0] + len(parts[0][1])), [r for _, r in parts]) for parts in streams)
+    else:
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        per_subtask[:], per_ckpt[:] = np.nan, np.nan
+        per_subtask[rows], per_ckpt[rows] = 0.0, 0.0
+        chunks = (
+            (rows[i : i + chunk_rows], [c.train.read_rows(rows[i : i + chunk_rows]) for c in checkpoints])
+            for i in range(0, len(rows), chunk_rows)
+        )
+    for index, parts in chunks:
+        for i, (values, c) in enumerate(zip(parts, checkpoints, strict=True)):
+            sims = unit_dots(values, c.targets.T.astype(np.float32))  # [chunk, n_subtasks]
+            per_subtask[index] += eta[i] * sims
+            per_ckpt[index, i] = sims.max(axis=1)
     columns = ScoreColumns.for_table(subtasks, len(checkpoints))
     table = {SCORE: per_subtask.max(axis=1)}
     for j, column in enumerate(columns.subtask_columns):
@@ -250,10 +263,10 @@ def selection_size(n: int, fraction: float) -> int:
     return k
 
 
-def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
-    """Indices of the best ceil(fraction * n) rows, highest score first, ties broken by lower index."""
+def top_fraction(scores: np.ndarray, fraction: float, k: int | None = None) -> np.ndarray:
+    """Indices of the best ceil(fraction * n) rows (or `k`), highest score first, ties broken by lower index."""
     scores = np.asarray(scores, dtype=np.float64)
-    k = selection_size(len(scores), fraction)
+    k = selection_size(len(scores), fraction) if k is None else k
     if not np.isfinite(scores).all():
         raise FloatingPointError(
             f"non-finite scores at pool indices {np.flatnonzero(~np.isfinite(scores))[:10].tolist()}"
@@ -303,9 +316,30 @@ def select_rows(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(selected pool indices, best overall score first; the subtask each was selected for, or None when
     the table has no per-subtask scores). Under `max` a row counts for the subtask whose score is its max.
-    A table without per-subtask scores (random, full) has nothing to balance: its top rows are taken."""
+    A table without per-subtask scores (random, full) has nothing to balance: its top rows are taken.
+    A table with a `prefiltered_out` column (prefilter_fraction) selects ceil(fraction * pool) rows among the
+    others only."""
     if balance not in ("max", "round_robin", "proportional"):
         raise ValueError(f"unknown subtask_balance {balance!r}; use 'max', 'round_robin' or 'proportional'")
+    if PREFILTERED_OUT in table:
+        kept = np.flatnonzero(~np.asarray(table[PREFILTERED_OUT], dtype=bool))
+        k = selection_size(len(table[SCORE]), fraction)
+        if k > len(kept):
+            raise ValueError(f"the first pass kept {len(kept)} rows, fewer than the {k} to select")
+        sub = {name: np.asarray(v)[kept] for name, v in table.items() if name != PREFILTERED_OUT}
+        rows, taker = _select_rows(sub, subtasks, fraction, balance, pair_counts, k)
+        return kept[rows], taker
+    return _select_rows(table, subtasks, fraction, balance, pair_counts)
+
+
+def _select_rows(
+    table: dict[str, np.ndarray],
+    subtasks: list[str],
+    fraction: float,
+    balance: str,
+    pair_counts: dict[str, int] | None,
+    k: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     scores = np.asarray(table[SCORE], dtype=np.float64)
     columns = ScoreColumns(tuple(subtasks)).subtask_columns
     if not subtasks or not all(c in table for c in columns):
@@ -317,16 +351,16 @@ def select_rows(
                 subtasks,
                 sorted(table),
             )
-        return top_fraction(scores, fraction), None
+        return top_fraction(scores, fraction, k), None
     if balance == "max":
-        chosen = top_fraction(scores, fraction)
+        chosen = top_fraction(scores, fraction, k)
         per_subtask = np.stack([np.asarray(table[c], dtype=np.float64)[chosen] for c in columns], axis=1)
         return chosen, np.asarray(subtasks, dtype=object)[per_subtask.argmax(axis=1)]
     values = np.stack([np.asarray(table[c], dtype=np.float64) for c in columns], axis=1)
     if not np.isfinite(values).all():
         bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
         raise FloatingPointError(f"non-finite subtask scores at pool indices {bad[:10].tolist()}")
-    k = selection_size(len(scores), fraction)
+    k = selection_size(len(scores), fraction) if k is None else k
     if balance == "round_robin":
         weights = [1] * len(subtasks)
     else:

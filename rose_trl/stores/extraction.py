@@ -176,10 +176,12 @@ def extract_pool_store(
     desc: str = "Pool gradients",
     batch_size: int | None = None,
     max_batch_tokens: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> GradientStore:
     """A checkpoint's pool store at `path`, opened (resumed) or created, with its missing rows computed.
-    `identity`: the store's model, checkpoint, projection and dtype. `batch_size`, `max_batch_tokens`: rows and
-    padded tokens a pass (the run's memory plan; default: the config's limits). Under several processes every
+    `identity`: the store's model, checkpoint, projection, dtype and `extra` meta (gradient_layers). `batch_size`,
+    `max_batch_tokens`: rows and padded tokens a pass (the run's memory plan; default: the config's limits).
+    `rows`: only these pool rows (a prefilter's candidates; default every row). Under several processes every
     one calls this: the main process creates the store, then each computes its share of the rows into it."""
     state = PartialState()
     with state.main_process_first():  # the main process creates; the others then open the same files
@@ -194,6 +196,8 @@ def extract_pool_store(
         )
     # Every rank plans its batches from the same missing rows: read them before any rank writes.
     missing = store.missing_rows()
+    if rows is not None:
+        missing = np.intersect1d(missing, np.asarray(rows, dtype=np.int64))
     state.wait_for_everyone()
     extract_gradients(
         model,

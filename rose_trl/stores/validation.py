@@ -36,7 +36,7 @@ from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
 from rose_trl.data.sft import collate, tokenize_sft_example
 from rose_trl.gradients.capture import trainable_parameters
 from rose_trl.gradients.featurizer import Featurizer
-from rose_trl.resources.budget import halving_on_oom
+from rose_trl.resources.budget import MemoryPlan, halving_on_oom
 from rose_trl.stores.store import GradientStore
 from rose_trl.utils.distributed import all_true, gathered, partitioned, release_gathered
 from rose_trl.utils.modeling import eval_mode
@@ -443,6 +443,13 @@ class ValidationGradients:
         self.sft_rows_per_pass: int = 8
         self.head_tokens: int | None = None
 
+    def size_passes(self, plan: MemoryPlan) -> None:
+        """Pairs (DPO) and rows (SFT) a validation pass, and TRL's fused head's tile, as the run's memory plan says."""
+        if self.kind == "dpo":
+            self.pairs_per_pass = plan.passes["validation"].rows
+            self.head_tokens = plan.passes["validation"].head_tokens
+        self.sft_rows_per_pass = min(8, plan.passes["gradient"].rows)
+
     def longest(self) -> int:
         """Tokens of the longest validation row (prompt with its chosen or its rejected answer, cut to max_length
         as the passes cut it), for the memory plan."""
@@ -462,15 +469,17 @@ class ValidationGradients:
         """The checkpoint's store, computed when incomplete. The validation set is small: every process
         computes it (TRL's loss gathers metrics across processes, so all must run it), `write` (the main
         process) writes it. `identity`: what the pool store of the checkpoint records (model, checkpoint,
-        projection, dtype)."""
+        projection, dtype, and `extra`: gradient_layers)."""
         state = PartialState()
+        identity = dict(identity)
+        extra = {**identity.pop("extra", {}), **(validation_loss(self.config) if self.kind == "dpo" else {})}
         with state.main_process_first():
             store = GradientStore.open_or_create(
                 self.folder / name,
                 gradient_type=f"validation_{self.kind}",
                 pool_fingerprint=self.fingerprint,
                 num_rows=len(self.validation),
-                extra=validation_loss(self.config) if self.kind == "dpo" else {},
+                extra=extra,
                 overwrite=self.config.overwrite_stores and state.is_main_process,
                 **identity,
             )

@@ -1,0 +1,85 @@
+"""The frontier figure from frontier.py's data: each setting's selection cost against how far its AUC falls from the
+full method's, per suite.
+
+    python benchmarks/quality/frontier_figure.py [--results benchmarks/quality/frontier_results.json]
+        [--out docs/frontier.png]
+
+x: the setting's selection CPU-seconds as a share of the full method's, measured (frontier.py --costs) where the
+suite has it, else as resources/cost.py predicts (hollow markers). y: its AUC minus the full method's, the worst over
+the suite's targets and directions. The lines mark the goal (half the full cost) and the tolerance (0.03 of AUC);
+the settings on each suite's frontier are joined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frontier import FULL, RESULTS, frontier  # noqa: E402
+
+
+MARKERS = {"properties": "o", "se": "s", "hh": "D", "planted": "^", "planted_distractor": "v"}
+
+
+def points(entry: dict) -> list[tuple[str, float, float, bool]]:
+    """(setting, cost share, worst AUC difference, measured) of a suite."""
+    costs = (entry.get("costs") or {}).get("settings") or {}
+    out = []
+    for key, predicted in entry["predicted"].items():
+        worst = min(by[key]["auc"] - by[FULL.key]["auc"] for by in entry["sweep"].values())
+        measured = key in costs
+        out.append((key, costs[key]["cpu_share"] if measured else predicted, worst, measured))
+    return out
+
+
+def draw(data: dict, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (suite, entry) in enumerate(data["suites"].items()):
+        color = colors[i % len(colors)]
+        got = points(entry)
+        for _key, x, y, measured in got:
+            ax.scatter(
+                x,
+                y,
+                marker=MARKERS.get(suite, "o"),
+                facecolors=color if measured else "none",
+                edgecolors=color,
+                s=36,
+            )
+        front = sorted((x, y) for key, x, y, _ in got if key in set(frontier(entry)))
+        ax.plot([p[0] for p in front], [p[1] for p in front], color=color, linewidth=1, label=suite)
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(-0.03, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("selection CPU-seconds, share of the full method's (hollow: predicted)")
+    ax.set_ylabel("AUC - full method's AUC (worst target and direction)")
+    ax.set_title("Cost against quality of a selection: gradient_layers x selection_checkpoints x prefilter")
+    ax.legend(fontsize=8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "docs" / "frontier.png")
+    args = p.parse_args(argv)
+    path = draw(json.loads(args.results.read_text()), args.out)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
