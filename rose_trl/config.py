@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
-from dataclasses import asdict, dataclass, field
+import re
+import textwrap
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 
 from rose_trl.gradients.projection import PROJECTION_TYPES
 
@@ -30,6 +34,54 @@ DPO_LOSS_TYPES = (
 SUBTASK_BALANCES = ("max", "round_robin", "proportional")
 BASELINE_METHODS = ("random", "bm25", "rds", "dsir", "full")
 SELECTION_METHODS = GRADIENT_METHODS + BASELINE_METHODS
+
+
+# A config dataclass's body opens each group of options with a comment of this form: the one grouping its options
+# have in the reference (docs/reference/options.md, written by `python -m rose_trl.reference`).
+SECTION_COMMENT = re.compile(r"^\s*# (Parameters that control .+?)\s*$")
+
+
+def option_default(f: Field):
+    """A field's default value (its default_factory's value for a list)."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def option_help(f: Field) -> str:
+    """A field's help as a reader sees it: argparse's `%%` written `%`, its choices appended."""
+    text = f.metadata.get("help", "").replace("%%", "%")
+    if f.metadata.get("choices"):
+        text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+    return text
+
+
+def option_sections(cls) -> list[tuple[str, list[Field]]]:
+    """A config dataclass's fields in the groups that its body's `# Parameters that control ...` comments open, in
+    field order; a field before any such comment is in the group "Parameters" (a base class's fields in its own
+    groups). Read from the class's source: the comments are the one place the grouping is written."""
+    by_name = {f.name: f for f in fields(cls)}
+    title_of: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source (a frozen build): one group
+            continue
+        lines = source.splitlines()
+        class_def = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef))
+        title, end = "Parameters", class_def.lineno  # from the line after `class ...:`
+        for node in class_def.body:
+            for line in lines[end : node.lineno - 1]:
+                m = SECTION_COMMENT.match(line)
+                if m:
+                    title = m.group(1)
+            end = node.end_lineno
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in by_name:
+                title_of[node.target.id] = title
+    sections: dict[str, list[Field]] = {}
+    for f in fields(cls):
+        sections.setdefault(title_of.get(f.name, "Parameters"), []).append(f)
+    return list(sections.items())
 
 
 @dataclass
