@@ -1,6 +1,7 @@
 """The front page's results figure, drawn from the benchmarks' recorded results.
 
     python benchmarks/results_figure.py                 # docs/figures/results.png from the recorded results below
+    python benchmarks/results_figure.py --table         # and the front page's results table (README.md)
 
 The recorded results (each file names the command, date, commit and hardware of its run):
 - benchmarks/quality/results/property_targets.json: benchmarks/quality/property_targets.py, the property targets
@@ -83,6 +84,34 @@ def floor_multiples(workload: dict) -> dict[str, float]:
     """Each path's time per example as a multiple of the floor's: the median over runs of each run's ratio."""
     runs = workload["runs"]
     return {path: float(np.median([r[path] / r["floor"] for r in runs])) for path in ("floor", "engine", "less")}
+
+
+def _diff(interval) -> str:
+    value, low, high = interval
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def results_table(properties: dict, real_model: dict) -> str:
+    """The front page's table (README.md, "Results at a glance"): per target, ROSE's, LESS's and the oracle's
+    held-out accuracy minus random's, paired over the same test pairs, with 95% intervals."""
+    src = properties["source"]
+    lines = [
+        f"Held-out preference accuracy of {src['model']} trained on each method's {src['budget']:.0%} selection, "
+        f"minus random's ({properties['targets'][0]['random']['seeds']} seeds), paired over the same test pairs, "
+        "with 95% intervals; the oracle reads the pool's labels.",
+        "",
+        "| target (test pairs) | ROSE - random | LESS - random | oracle - random |",
+        "|---|---|---|---|",
+    ]
+    for t in properties["targets"]:
+        name = f"{PROPERTY_NAMES.get(t['target'], t['target'])}, {t['direction']} ({src['test_pairs']})"
+        d = t["minus_random"]
+        lines.append(f"| {name} | {_diff(d['rose'])} | {_diff(d['less'])} | {_diff(d['oracle'])} |")
+    for t in real_model["targets"]:
+        name = f"{t['target'].upper()}, the paper's {t['validation_k']}-shot pairs ({t['test_pairs']})"
+        d = t["minus_random"]
+        lines.append(f"| {name} | {_diff(d['rose'])} | {_diff(d['less'])} | {_diff(d['target_chosen'])} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ drawing
@@ -341,6 +370,7 @@ def main(argv=None) -> Path:
     p.add_argument("--property-results-file", type=Path, default=PROPERTY_RESULTS)
     p.add_argument("--real-model-results-file", type=Path, default=REAL_MODEL_RESULTS)
     p.add_argument("--extraction-file", type=Path, default=EXTRACTION_RESULTS)
+    p.add_argument("--table", action="store_true", help="also print the front page's results table (markdown)")
     new = p.add_argument_group("recording a new run (before drawing)")
     new.add_argument("--property-results", type=Path, help="property_targets.py's results_full.json")
     new.add_argument("--real-model-results", type=Path, help="real_model.py's results_full_<targets>.json")
@@ -355,10 +385,11 @@ def main(argv=None) -> Path:
         if not args.hardware:
             p.error("--hardware is required when recording a run: the results say what machine made them")
         record(args)
-    path = draw(
-        read(args.property_results_file), read(args.real_model_results_file), read(args.extraction_file), args.out
-    )
+    properties, real_model = read(args.property_results_file), read(args.real_model_results_file)
+    path = draw(properties, real_model, read(args.extraction_file), args.out)
     print(f"wrote {path}")
+    if args.table:
+        print(results_table(properties, real_model))
     return path
 
 

@@ -70,3 +70,16 @@ def test_recording_a_run_needs_the_hardware(tmp_path, capsys):
     with pytest.raises(SystemExit):
         results_figure.main(["--extraction-log", str(tmp_path / "x.log"), "--out", str(tmp_path / "f.png")])
     assert "--hardware is required" in capsys.readouterr().err
+
+
+def test_the_results_table_is_read_from_the_data():
+    properties = results_figure.read(RECORDED["property"])
+    real_model = results_figure.read(RECORDED["real_model"])
+    table = results_figure.results_table(properties, real_model)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| target")]
+    assert len(rows) == len(properties["targets"]) + len(real_model["targets"]) == 8
+    assert (
+        rows[0]
+        == "| link, prefer (80) | +0.195 [+0.118, +0.267] | +0.195 [+0.118, +0.267] | +0.195 [+0.125, +0.263] |"
+    )
+    assert rows[-1].startswith("| HH, the paper's 1-shot pairs (63) | +0.021 [-0.067, +0.106] |")
