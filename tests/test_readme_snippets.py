@@ -1,11 +1,13 @@
-"""The README's drop-in callback snippet runs as a user would run it, at tiny scale.
+"""The README's drop-in callback snippet, then its offline snippet on the callback's warm-up, run as a user would run
+them, at tiny scale.
 
-The snippet is read from README.md (its python block that calls `ROSECallback(`), not copied here, and run in a
-fresh interpreter with these substitutions, made here and nowhere else:
+The snippets are read from README.md (its python blocks that call `ROSECallback(` and `select_from_checkpoints(`),
+not copied here, and run in a fresh interpreter each, in that order, with these substitutions, made here and nowhere
+else:
 - the model id `"HuggingFaceTB/SmolLM2-135M-Instruct"` becomes the tiny model's folder (`rose-trl tiny-assets`: a
   tiny Llama and its tokenizer, nothing downloaded);
-- it runs in a folder holding the tiny task's `pool.jsonl` (40 rows) and `validation.jsonl`, the file names it
-  loads;
+- they run in a folder holding the tiny task's `pool.jsonl` (40 rows) and `validation.jsonl`, the file names they
+  load;
 - each `SFTConfig(` gets the settings the README gives for a machine without a GPU (`use_cpu=True, bf16=False`).
 """
 
@@ -18,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from datasets import load_from_disk
 
@@ -34,23 +37,25 @@ def readme_block(calling: str) -> str:
     return blocks[0]
 
 
-def test_the_readme_callback_snippet_runs_end_to_end(tmp_path):
+def run_snippet(code: str, folder: Path, model: Path, name: str) -> None:
+    assert code.count(MODEL_ID) == 1, "the substitutions no longer apply"
+    code = code.replace(MODEL_ID, repr(str(model))).replace("SFTConfig(", f"SFTConfig({CPU}, ")
+    (folder / name).write_text(code)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, name], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_the_readme_callback_and_offline_snippets_run_end_to_end(tmp_path):
     from rose_trl.models.tiny import write_tiny_assets
 
-    code = readme_block("ROSECallback(")
-    assert code.count(MODEL_ID) == 1 and code.count("SFTConfig(") == 2, "the substitutions no longer apply"
+    callback = readme_block("ROSECallback(")
+    assert callback.count("SFTConfig(") == 2, "the substitutions no longer apply"
     assert CPU in (ROOT / "README.md").read_text(), "the README no longer gives the CPU settings the test uses"
     assets = write_tiny_assets(tmp_path / "tiny", n_pool=40)
     for name in ("pool.jsonl", "validation.jsonl"):
         shutil.copy(assets / name, tmp_path / name)
-    code = code.replace(MODEL_ID, repr(str(assets / "model"))).replace("SFTConfig(", f"SFTConfig({CPU}, ")
-    (tmp_path / "snippet.py").write_text(code)
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_snippet(callback, tmp_path, assets / "model", "callback.py")
 
     run = tmp_path / "outputs" / "run"
     assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in range(1, 5)]  # 4 epochs
@@ -64,3 +69,9 @@ def test_the_readme_callback_snippet_runs_end_to_end(tmp_path):
     assert (run / "final" / "adapter_model.safetensors").exists()
     state = (run / "final" / "checkpoint-4" / "trainer_state.json").read_text()
     assert '"global_step": 4' in state
+
+    # the offline snippet, on the callback's warm-up checkpoints: the callback's selection, from the folders alone
+    run_snippet(readme_block("select_from_checkpoints("), tmp_path, assets / "model", "offline.py")
+    offline = pd.read_parquet(tmp_path / "outputs" / "offline" / "selection" / "scores.parquet")
+    assert (offline["selected"] == scores["selected"]).all()
+    assert np.allclose(offline["score"], scores["score"], rtol=0, atol=1e-6)
