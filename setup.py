@@ -57,6 +57,8 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    # In the wheel's metadata (and, with MANIFEST.in, the sdist): the license, and NOTICE for the bundled data.
+    license_files=["LICENSE", "NOTICE"],
     python_requires=">=3.10",
     packages=find_packages(include=["rose_trl", "rose_trl.*"]),
     # The real-text slice (SE: CC BY-SA 4.0, HH-RLHF: MIT; see rose_trl/data/real/README.md).

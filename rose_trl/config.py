@@ -84,66 +84,45 @@ def option_sections(cls) -> list[tuple[str, list[Field]]]:
     return list(sections.items())
 
 
+def _document_fields(cls):
+    """Add to `cls`'s docstring an `Args:` section built from its fields (name, type, default, help), before its
+    `Example:` section: what `help()` shows then comes from the fields themselves and cannot drift from them."""
+    if cls.__doc__ is None:  # python -OO
+        return cls
+    lines = ["    Args:"]
+    for f in fields(cls):  # as docs/reference/options.md shows them (rose_trl.reference): one text for both
+        lines.append(f"        {f.name} (`{f.type}`, defaults to `{option_default(f)!r}`):")
+        lines += textwrap.wrap(option_help(f), width=118, initial_indent=" " * 12, subsequent_indent=" " * 12)
+    doc = cls.__doc__.rstrip()
+    head, example = (doc.split("\n    Example:", 1) + [None])[:2]
+    cls.__doc__ = head.rstrip() + "\n\n" + "\n".join(lines) + "\n"
+    if example is not None:
+        cls.__doc__ += "\n    Example:" + example + "\n"
+    return cls
+
+
+@_document_fields
 @dataclass
 class ROSEConfig:
-    """Data selection options, parsed next to `SFTConfig` and `ModelConfig` (`TrlParser`). The warm-up's own
-    training options (epochs = checkpoints, learning rate, batch size, LoRA) come from those two.
+    """Data selection options, parsed next to `SFTConfig` and `ModelConfig` (`TrlParser`, the recipes' YAML or
+    command line). The warm-up's own training options (epochs = checkpoints, learning rate, batch size, LoRA) come
+    from those two. The fields below are grouped as the recipes list them: the model, the data, the selection, the
+    gradient features and their stores, the validation target, the checkpoints' learning rates, the Hub push and
+    the memory budget.
 
-    Parameters (each field's `help` says more):
-        > Parameters that control the model
+    Example:
 
-        gguf_file (`str`, *optional*):
-            A GGUF file to load the model from (converted once to a cached safetensors folder, model_source.py).
+    ```python
+    >>> from rose_trl import ROSEConfig
+    >>> config = ROSEConfig(selection_fraction=0.05, selection_method="less")
+    >>> config.selection_folder
+    'selection_less'
+    >>> ROSEConfig(selection_fraction=2.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: selection_fraction must be in (0, 1], got 2.0
 
-        > Parameters that control the data
-
-        pool_dataset, pool_split, pool_sources, pool_max_examples:
-            The training pool to select from (Hub id or local file), its split, sources kept, first N rows.
-        validation_dataset, validation_split, validation_k:
-            The few-shot preference set (prompt/chosen/rejected, optional subtask), its split and shots.
-
-        > Parameters that control the selection
-
-        selection_method (`str`, defaults to `"rose"`):
-            rose, less, or a baseline (random, bm25, rds, dsir, full).
-        selection_fraction, subtask_balance:
-            How much of the pool is selected, and how it is shared between subtasks.
-        warmup_fraction, final_training:
-            The random share of the pool the warm-up trains on; whether a final model is trained.
-        final_model (`dict`, *optional*):
-            The final training's own ModelConfig/SFTConfig options (another model, its LoRA or full fine-tuning,
-            dtype, max_length, chat template...): final_model.py, docs/transfer.md.
-
-        > Parameters that control the gradient features and their stores
-
-        gradient_type, projection_type, projection_dim, projection_seed:
-            Adam or SGD features, and their random projection.
-        gradient_batch_size, gradient_memory_gb, max_batch_tokens:
-            How many rows a gradient pass takes, at most (the memory budget decides within them).
-        store_dtype, overwrite_stores:
-            The stores' dtype; whether stores made for other inputs are recomputed instead of refused.
-
-        > Parameters that control the validation target
-
-        validation_beta, validation_loss_type, validation_loss_weights, validation_label_smoothing:
-            TRL's DPO loss whose per-pair gradients are the target (rose).
-        validation_batch_size, validation_aggregation:
-            Pairs per validation pass, at most; how pair gradients make a subtask's target.
-
-        > Parameters that control the checkpoints' learning rates
-
-        checkpoint_learning_rates (`list[float]`, *optional*):
-            eta_i of each warm-up checkpoint, overriding the recorded and recovered ones (ledger.py).
-
-        > Parameters that control the Hub push
-
-        hub_dataset_id, hub_private:
-            The Hub dataset repo the selected subset is pushed to, and whether it is private.
-
-        > Parameters that control the memory budget
-
-        memory_budget_gb (`float`, *optional*):
-            The memory one process may use; every pass is sized to it (default: a share of the machine's).
+    ```
     """
 
     # Parameters that control the model
@@ -175,7 +154,8 @@ class ROSEConfig:
         },
     )
     pool_max_examples: int | None = field(
-        default=None, metadata={"help": "Use only the first N pool rows (smoke tests)."}
+        default=None,
+        metadata={"help": "Use a seeded uniform sample of N pool rows, kept in pool order (smoke tests)."},
     )
     validation_dataset: str | None = field(
         default=None,
@@ -454,9 +434,21 @@ class ROSEConfig:
         return options
 
 
+@_document_fields
 @dataclass
 class SelectConfig:
-    """Offline selection (recipes/rose_select.py): where the finished warm-up is, where outputs go."""
+    """Offline selection (recipes/rose_select.py), parsed next to `ROSEConfig` and `ModelConfig`: where the finished
+    warm-up is and where the outputs go.
+
+    Example:
+
+    ```python
+    >>> from rose_trl import SelectConfig
+    >>> SelectConfig(warmup_dir="outputs/warmup", output_dir="outputs/run").max_length
+    1024
+
+    ```
+    """
 
     warmup_dir: str = field(
         default=None,

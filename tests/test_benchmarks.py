@@ -3,6 +3,9 @@
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +74,47 @@ def test_extraction_benchmark_runs_tiny(capsys, tmp_path):
     tiny = next(w for w in results_figure.read(recorded)["workloads"] if w["name"] == "tiny")
     assert tiny["runs"] == [run, run] and tiny["source"]["hardware"] == "a test machine"
     assert tiny["source"]["commit"] == "abc1234" and (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def run_script(script: str, *args: str) -> list[str]:
+    """A benchmark script run as its README shows it (from the repository root), its output's lines."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()
+
+
+def test_scoring_and_contributions_benchmarks_run_tiny(tmp_path):
+    """benchmarks/speed/scoring.py and contributions.py (the stores, the measuring subprocesses, the tables)."""
+    lines = run_script(
+        "speed/scoring.py", "--sizes", "2000", "--dim", "256", "--checkpoints", "2", "--dir", str(tmp_path)
+    )
+    assert re.fullmatch(r"\| 2,000 \| [\d.]+ \|.*\| \d+ \|", lines[-2]), lines
+    assert re.fullmatch(r"rss_ratio=1\.000 max_peak_rss_mb=\d+", lines[-1]), lines
+    lines = run_script(
+        "speed/contributions.py",
+        "--pool",
+        "2000",
+        "--pairs",
+        "10",
+        "--subtasks",
+        "2",
+        "--checkpoints",
+        "2",
+        "--dim",
+        "256",
+        "--dir",
+        str(tmp_path / "contributions"),
+    )
+    rows = [line.split("|")[1:-1] for line in lines[-2:]]
+    assert [r[0].strip() for r in rows] == ["cold", "warm"], lines
+    assert all(math.isfinite(float(cell)) for r in rows for cell in r[1:]), lines
+    assert not (tmp_path / "contributions").exists()  # the stores are removed without --keep
 
 
 def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatch):

@@ -1,11 +1,18 @@
-"""What a clone and a wheel get: every package folder a regular package, no tracked file hidden by .gitignore,
-and one ruff version for CI, pre-commit and the `dev` extra."""
+"""What a clone, an sdist and a wheel get: one version (rose_trl/__init__.py, read by setup.py, equal to the
+installed metadata), LICENSE and NOTICE shipped, every package folder a regular package, no tracked file hidden
+by .gitignore, and one ruff version for CI, pre-commit and the `dev` extra."""
 
 import ast
+import importlib.metadata
+import json
 import re
 import shutil
 import subprocess
+import sys
+import tarfile
+import zipfile
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
@@ -13,6 +20,12 @@ from setuptools import find_packages
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_py(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(
+        [sys.executable, "setup.py", *args], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def setup_assignment(name: str):
@@ -57,3 +70,72 @@ def test_ci_pre_commit_and_dev_extra_pin_the_same_ruff():
     assert f"ruff=={version}" in ci
     # Style is checked before the tests run.
     assert ci.index("ruff check .") < ci.index("ruff format --check .") < ci.index("python -m pytest")
+
+
+def test_the_version_is_defined_once_and_setup_py_reads_it():
+    import rose_trl
+
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|rc\d+)?", rose_trl.__version__), rose_trl.__version__
+    assert setup_py("--version").strip().splitlines()[-1] == rose_trl.__version__
+    assert "version=VERSION" in (ROOT / "setup.py").read_text()  # not written a second time
+    # CITATION.cff cites this version of the software.
+    assert yaml.safe_load((ROOT / "CITATION.cff").read_text())["version"] == rose_trl.__version__
+
+
+def installed_from() -> Path | None:
+    """The folder the installed rose_trl was installed from (pip's direct_url.json), if any."""
+    try:
+        direct_url = importlib.metadata.distribution("rose_trl").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    url = json.loads(direct_url or "{}").get("url", "")
+    return Path(unquote(urlparse(url).path)).resolve() if url.startswith("file://") else None
+
+
+def test_the_installed_version_is_this_checkouts():
+    import rose_trl
+
+    if installed_from() != ROOT:
+        pytest.skip(f"the installed rose_trl comes from {installed_from()}, not from this checkout ({ROOT})")
+    installed = importlib.metadata.version("rose_trl")
+    assert installed == rose_trl.__version__, (
+        f"installed metadata says {installed}, rose_trl/__init__.py {rose_trl.__version__}: "
+        "reinstall (pip install -e . --no-deps)"
+    )
+
+
+def test_sdist_and_wheel_ship_the_license_notice_and_data(tmp_path):
+    import rose_trl
+
+    # egg-info and build folders under tmp_path: nothing is written into the checkout.
+    setup_py(
+        "-q",
+        "egg_info",
+        "--egg-base",
+        str(tmp_path),
+        "sdist",
+        "--dist-dir",
+        str(tmp_path),
+        "build",
+        "--build-base",
+        str(tmp_path / "build"),
+        "bdist_wheel",
+        "--bdist-dir",
+        str(tmp_path / "bdist"),
+        "--dist-dir",
+        str(tmp_path),
+    )
+    name = f"rose_trl-{rose_trl.__version__}"
+    with tarfile.open(tmp_path / f"{name}.tar.gz") as sdist:
+        in_sdist = {m.name.removeprefix(f"{name}/") for m in sdist.getmembers()}
+    assert {"LICENSE", "NOTICE", "CHANGELOG.md", "CITATION.cff", "rose_trl/data/real/se.jsonl"} <= in_sdist
+    with zipfile.ZipFile(tmp_path / f"{name}-py3-none-any.whl") as wheel:
+        in_wheel = set(wheel.namelist())
+        metadata = wheel.read(f"{name}.dist-info/METADATA").decode()
+    assert {f"{name}.dist-info/licenses/LICENSE", f"{name}.dist-info/licenses/NOTICE"} <= in_wheel
+    assert {"rose_trl/outputs/__init__.py", "rose_trl/data/real/hh.jsonl", "rose_trl/data/real/README.md"} <= in_wheel
+    assert f"Version: {rose_trl.__version__}" in metadata.splitlines()
+    # The license is the Apache License 2.0's own text, whole.
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text

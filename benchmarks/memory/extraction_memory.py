@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
-from common import SHAPES, build_model  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import SHAPES, build_model
 from torch.profiler import ProfilerActivity, profile
 
 from rose_trl.gradients import sft_loss

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import numpy as np
+from common import log, unit
 from datasets import Dataset
-from real_model import log
 from real_model_report import auc
 
 from rose_trl.data.realtext import DEFAULT_K, load_slice
@@ -39,10 +42,6 @@ from rose_trl.stores.store import GradientStore
 
 
 BINS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
 
 
 def read_stores(selection_dir: Path, pool_dir: Path) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:

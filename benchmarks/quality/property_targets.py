@@ -1,7 +1,7 @@
 """Does ROSE follow a preference the model can learn? Property targets on real text, in both directions.
 
-    python benchmarks/quality/property_targets.py --model /work/assets/smollm2/model --quick    # < 20 min on 2 cores
-    python benchmarks/quality/property_targets.py --model /work/assets/smollm2/model            # < 2 h on 2 cores
+    python benchmarks/quality/property_targets.py --model outputs/smollm2/model --quick    # < 20 min on 2 cores
+    python benchmarks/quality/property_targets.py --model outputs/smollm2/model            # < 2 h on 2 cores
 
 The targets (`rose_trl.data.properties`): one visible property of real answers (an SE answer that links, that
 uses code markup; an HH reply that ends on a question), shown as minimal pairs (the real answer and the same
@@ -31,15 +31,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import numpy as np
 import torch
+from common import key_of, log, read_json, write_json
 from datasets import Dataset
 from property_report import paired, print_report
 from property_sweep import run_sweep
-from real_model import Bench, key_of, log, read_json, selected_from, write_json
+from real_model import Bench, selected_from
 from real_model_report import composition
 
 from rose_trl.baselines import BASELINES

@@ -33,15 +33,18 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import numpy as np
 import torch
+from common import key_of, log, read_json, write_json
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from real_model_report import composition, pool_shares, print_tables, summary_line
@@ -146,25 +149,6 @@ def warmup_folder(out: Path, target: str, task_key: str, lora_r: int, fraction: 
 
 def lora_settings(r: int) -> dict:
     return dict(r=r, lora_alpha=2 * r, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def key_of(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=lambda x: np.asarray(x).tolist()))
-    tmp.replace(path)
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 class Bench:

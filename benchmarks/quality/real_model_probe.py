@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import numpy as np
+from common import unit
 from real_model import task_sizes_and_key, warmup_folder
 from real_model_report import auc, auc_interval
 
 from rose_trl.data.realtext import SLICE_FILES, build_real_task
 from rose_trl.stores.store import GradientStore
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
 
 
 def collinearity(rows: np.ndarray) -> float:

@@ -15,7 +15,8 @@ ANSWERS = ("chosen", "rejected", "other")
 def auc(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float:
     """P(score of a positive row > score of a negative row), ties 1/2."""
     diff = scores[positive][:, None] - scores[negative][None, :]
-    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+    credit = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))  # a win 1, a tie 1/2, a loss 0
+    return float(credit.mean())
 
 
 def auc_interval(

@@ -29,12 +29,16 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import numpy as np
+from common import key_of, log, read_json, spearman, write_json
 from property_targets import RELEASE
-from real_model import Bench, key_of, log, read_json, write_json
+from real_model import Bench
 from real_model_report import HEADER, composition, fmt_diff, method_rows, paired_difference, pool_shares
 
 from rose_trl.data.properties import DIRECTIONS, PROPERTIES, property_suite, target_name
@@ -158,11 +162,6 @@ def memory_options(args, which: str) -> dict:
 
 def overlap(a: list[int], b: list[int]) -> float:
     return len(set(a) & set(b)) / max(1, min(len(a), len(b)))
-
-
-def spearman(x, y) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def train_target(sel: Bench, fin: Bench, target: str, args, results: dict) -> None:

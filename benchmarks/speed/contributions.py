@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import numpy as np
-from scoring import drop_from_page_cache, fill, peak_rss_kib, store_dirs  # benchmarks/speed/scoring.py
+from common import drop_from_page_cache, fill, peak_rss_kib, store_dirs
 
 
 def child(root: Path, args) -> None:

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
-from common import SHAPES, build_model, instruction_lengths, random_pool  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import SHAPES, build_model, instruction_lengths, random_pool, spearman
 
 from rose_trl.data.sft import collate
 from rose_trl.gradients.capture import AdamState, per_example_gradients, trainable_parameters
@@ -151,17 +151,6 @@ def largest_rows_that_fit(model, projector, adam, vocab, length, device, limit):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return fits
-
-
-def ranks(x):
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    return r
-
-
-def spearman(a, b):
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def project_rows(projector, x):

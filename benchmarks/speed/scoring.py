@@ -16,49 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import numpy as np
+from common import drop_from_page_cache, fill, peak_rss_kib, store_dirs
 
 from rose_trl.stores.store import GradientStore
-
-
-def store_dirs(root: Path, checkpoints: int) -> list[Path]:
-    return [root / f"checkpoint-{i}" for i in range(checkpoints)]
-
-
-def fill(root: Path, n: int, dim: int, checkpoints: int, dtype: str, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    for path in store_dirs(root, checkpoints):
-        store = GradientStore.open_or_create(
-            path,
-            model="bench",
-            checkpoint=path.name,
-            projection={"type": "random", "dim": dim},
-            gradient_type="adam",
-            pool_fingerprint=f"bench-{n}",
-            num_rows=n,
-            dtype=dtype,
-        )
-        for start in range(0, n, 8192):
-            rows = np.arange(start, min(start + 8192, n))
-            store.write(rows, rng.standard_normal((len(rows), dim), dtype=np.float32))
-    return [f for d in store_dirs(root, checkpoints) for f in sorted(d.glob("*.npy"))]
-
-
-def drop_from_page_cache(files: list[Path]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def cat_seconds(files: list[Path]) -> float:
@@ -101,19 +70,6 @@ def score_child(root: Path, checkpoints: int, via_mmap: bool = False) -> None:
             }
         )
     )
-
-
-def peak_rss_kib() -> int:
-    """This process's peak RSS. getrusage's ru_maxrss is not used: Linux carries the parent's RSS at
-    fork into a child's ru_maxrss across exec, so it would report the filling parent, not the scorer.
-    VmHWM belongs to the process's own address space (resource.getrusage is the fallback)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def score_in_subprocess(root: Path, checkpoints: int, via_mmap: bool = False) -> dict:

@@ -296,7 +296,8 @@ def recover_learning_rates(record: WarmupRecord) -> tuple[list[float], Schedule]
         if misfit is not None:
             reasons.append(f"{schedule.describe()}: {misfit}")
             continue
-        previous, means = 0, []
+        previous = 0
+        means = []
         for step in record.steps:
             means.append(float(np.mean([lr_after(t - 1) for t in range(previous + 1, step + 1)])))
             previous = step

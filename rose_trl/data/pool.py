@@ -129,18 +129,45 @@ def load_pool(
     seed: int = 0,
     **load_kwargs,
 ) -> datasets.Dataset:
-    """Load and validate the pool -> Dataset with the original columns plus `source`.
+    """Load and validate the training pool to select from.
 
-    spec: a Hub dataset id, a local .jsonl/.json/.parquet file, a `save_to_disk` folder, a folder of .jsonl
-        files (all of them, sorted), or a list of these (concatenated, in order).
-    sources: keep only rows whose `source` is one of these (or "<name>.<anything>"); an unknown name is an
-        error listing the sources present.
-    column_map: renames columns before anything else, e.g. {"instruction": "prompt", "output": "completion"}.
-    max_examples: a seeded uniform sample of that many rows (after the `sources` filter), in pool order.
-    load_kwargs: passed to `datasets.load_dataset` for Hub ids (e.g. `revision`, `data_dir`).
+    Rows are chat (`messages`: a list of `{"role", "content"}`, at least one non-empty assistant turn) or
+    `prompt`/`completion`; every row is checked before any work.
 
-    Raises `BadRecordError` (naming the spec, the record index in it and the field) for a malformed row,
-    and for an empty pool.
+    Args:
+        spec (`str`, `pathlib.Path` or a list of them):
+            A Hub dataset id, a local .jsonl/.json/.parquet file, a `save_to_disk` folder, a folder of .jsonl files
+            (all of them, sorted: LESS's released pool), or a list of these (concatenated, in order).
+        split (`str`, *optional*, defaults to `"train"`):
+            The split of a Hub dataset or `DatasetDict` folder.
+        sources (`list[str]`, *optional*):
+            Keep only rows whose `source` is one of these (or "<name>.<anything>"); an unknown name is an error
+            listing the sources present.
+        column_map (`dict[str, str]`, *optional*):
+            Renames columns before anything else, e.g. `{"instruction": "prompt", "output": "completion"}`.
+        max_examples (`int`, *optional*):
+            A seeded uniform sample of that many rows (after the `sources` filter), kept in pool order.
+        seed (`int`, *optional*, defaults to `0`):
+            The seed of that sample.
+        **load_kwargs:
+            Passed to `datasets.load_dataset` for Hub ids (e.g. `revision`, `data_dir`).
+
+    Returns:
+        `datasets.Dataset`: the rows with their original columns plus `source` (the row's own `source` or
+        Tulu's `dataset` field, else the file's name).
+
+    Raises:
+        `BadRecordError`: a malformed row (naming the spec, the record's index in it and the field), or an
+            empty pool.
+
+    Example:
+
+    ```python
+    from rose_trl import load_pool
+
+    pool = load_pool("pool.jsonl")  # or ["part1.jsonl", "part2.parquet"], or a Hub id
+    pool = load_pool("allenai/tulu-v2-sft-mixture", sources=["flan_v2", "cot", "oasst1"], max_examples=10_000)
+    ```
     """
     specs = [f for s in ([spec] if isinstance(spec, (str, Path)) else spec) for f in _expand_folder(s)]
     if not specs:

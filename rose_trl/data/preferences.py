@@ -126,15 +126,47 @@ def load_preferences(
     drop_unusable: bool = False,
     **load_kwargs,
 ) -> datasets.Dataset:
-    """Load (or build) a preference set -> Dataset(prompt, chosen, rejected, subtask), validated.
+    """Load (or build) the few-shot preference set that defines the target task, validated.
 
-    subtask_names: keep only these subtasks (an unknown name is an error listing those present).
-    k: for "rose:<task>", shots per subtask to build (default: the paper's); for a released file, the group
-        size (default: from the file name); otherwise a seeded sample of k rows per subtask.
-    seed: seeds the sampling of builders and of the k-per-subtask sample.
-    exclude_prompts: prompts (e.g. the test set's) that must not appear; rows with them are dropped.
-    subtask_sizes, drop_unusable: released files only, see `load_released_preferences`.
-    load_kwargs: for "rose:<task>", passed to the builder; otherwise to `datasets.load_dataset`.
+    Args:
+        spec (`str`):
+            A Hub dataset id or local file with `prompt`/`chosen`/`rejected` (standard or conversational) and an
+            optional `subtask` column; a file released with the ROSE paper (`<task>_<k>_shot_preference.json`:
+            k and the subtask names are inferred); or `rose:shp`, `rose:se`, `rose:hh` to rebuild the paper's
+            few-shot sets from the original Hub datasets.
+        split (`str`, *optional*, defaults to `"train"`):
+            The split of a Hub dataset (or, for `rose:<task>`, of its source).
+        subtask_names (`list[str]`, *optional*):
+            Keep only these subtasks (an unknown name is an error listing those present).
+        k (`int`, *optional*):
+            For `rose:<task>`, the shots per subtask to build (default: the paper's); for a released file, its
+            group size (default: from the file name); otherwise a seeded sample of k rows per subtask.
+        seed (`int`, *optional*, defaults to `0`):
+            Seeds the builders' sampling and the k-per-subtask sample.
+        column_map (`dict[str, str]`, *optional*):
+            Renames columns before anything else.
+        exclude_prompts (iterable of `str`, *optional*):
+            Prompts (e.g. the test set's) that must not appear; rows with them are dropped.
+        subtask_sizes (`list[int]`, *optional*):
+            Released files only: the sizes of the contiguous subtask groups, when they are not all k
+            (`load_released_preferences`).
+        drop_unusable (`bool`, *optional*, defaults to `False`):
+            Released files only: drop records without a distinct chosen/rejected pair instead of refusing them.
+        **load_kwargs:
+            For `rose:<task>`, passed to the builder; otherwise to `datasets.load_dataset`.
+
+    Returns:
+        `datasets.Dataset`: the columns `prompt`, `chosen`, `rejected` and `subtask` ("default" when the set
+        names none).
+
+    Example:
+
+    ```python
+    from rose_trl import load_preferences
+
+    preferences = load_preferences("preferences.jsonl")
+    shp = load_preferences("rose:shp", k=5)  # the paper's SHP 5-shot set, rebuilt from the Hub
+    ```
     """
     source = str(spec)
     if source.startswith(REGISTRY_PREFIX):

@@ -327,10 +327,10 @@ class PropertySuite:
         for name in self.properties:
             prop = PROPERTIES[name]
             out[name] = {
-                "pool_with": int(sum(self.pool[f"has_{name}"])),
-                "pool_task_rows": int(sum(t == prop.task for t in self.pool["task"])),
+                "pool_with": len([has for has in self.pool[f"has_{name}"] if has]),
+                "pool_task_rows": len([t for t in self.pool["task"] if t == prop.task]),
                 "validation": len(self.validation[name]),
-                **{h: sum(p["half"] == h for p in self.heldout[name]) for h in ("dev", "test")},
+                **{h: len([p for p in self.heldout[name] if p["half"] == h]) for h in ("dev", "test")},
             }
         return out
 

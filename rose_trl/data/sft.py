@@ -27,7 +27,9 @@ class BadRecordError(ValueError):
 
     def __init__(self, source: str, index: int, field: str, problem: str):
         super().__init__(f"{source}: record {index}, field '{field}': {problem}")
-        self.source, self.index, self.field = source, index, field
+        self.source = source
+        self.index = index
+        self.field = field
 
 
 def _check_messages(messages, source: str, index: int, field: str = "messages") -> None:
@@ -67,7 +69,8 @@ def _segments(example: dict, tokenizer, source: str, index: int) -> list[tuple[l
     if "messages" in example and example["messages"] is not None:
         messages = example["messages"]
         _check_messages(messages, source, index)
-        segments, done = [], 0
+        segments = []
+        done = 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue

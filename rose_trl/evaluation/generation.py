@@ -8,14 +8,41 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from rose_trl.utils.modeling import eval_mode
 
 
+if TYPE_CHECKING:  # names for the signatures only: importing this module stays light
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
 @dataclass
 class GenerationOptions:
+    """How `generate_responses` samples. The defaults follow the paper's evaluation (sampling, temperature 1.0,
+    top-p 1.0).
+
+    Args:
+        max_new_tokens (`int`, defaults to `512`):
+            Tokens generated per response, at most.
+        do_sample (`bool`, defaults to `True`):
+            Sample (`temperature`, `top_p`); `False`: greedy decoding.
+        temperature (`float`, defaults to `1.0`):
+            Sampling temperature.
+        top_p (`float`, defaults to `1.0`):
+            Nucleus sampling's probability mass.
+        batch_size (`int`, defaults to `8`):
+            Prompts a `generate` call.
+        use_chat_template (`bool`, defaults to `True`):
+            Wrap each prompt as one user turn with the tokenizer's chat template, when it has one.
+        max_prompt_length (`int`, *optional*):
+            Prompts are cut to their last this many tokens (the generation prompt at their end is kept).
+        seed (`int`, *optional*, defaults to `0`):
+            `torch.manual_seed` before generating (`None`: not seeded).
+    """
+
     max_new_tokens: int = 512
     do_sample: bool = True
     temperature: float = 1.0
@@ -49,9 +76,35 @@ def format_prompt(tokenizer, prompt: str, use_chat_template: bool = True) -> str
 
 @torch.no_grad()
 def generate_responses(
-    model, tokenizer, prompts: Sequence[str], options: GenerationOptions | None = None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    options: GenerationOptions | None = None,
 ) -> list[str]:
-    """One decoded response per prompt, in the prompts' order (batches group similar lengths)."""
+    """Generate one response per prompt, in batches of similar length with left padding.
+
+    Args:
+        model (`transformers.PreTrainedModel`):
+            The causal LM to evaluate (a PEFT model included); put in eval mode for the call.
+        tokenizer (`transformers.PreTrainedTokenizerBase`):
+            Its tokenizer, with a pad token. Its padding and truncation sides are restored afterwards.
+        prompts (`Sequence[str]`):
+            The test prompts.
+        options (`GenerationOptions`, *optional*):
+            Sampling options; defaults to `GenerationOptions()` (the paper's sampling).
+
+    Returns:
+        `list[str]`: the decoded responses (special tokens and surrounding whitespace removed), in the prompts'
+        order.
+
+    Example:
+
+    ```python
+    from rose_trl.evaluation import GenerationOptions, generate_responses
+
+    responses = generate_responses(model, tokenizer, test["prompt"], GenerationOptions(max_new_tokens=256))
+    ```
+    """
     opts = options or GenerationOptions()
     if tokenizer.pad_token_id is None:
         raise ValueError(

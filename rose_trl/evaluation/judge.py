@@ -16,11 +16,15 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import requests
 
 from rose_trl.evaluation.generation import GenerationOptions, generate_responses
+
+
+if TYPE_CHECKING:  # names for the signatures only: importing this module stays light
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 logger = logging.getLogger(__name__)
@@ -84,6 +88,9 @@ def parse_verdict(text: str | None) -> str | None:
 
 
 class Judge(Protocol):
+    """Anything that answers judge prompts: `complete(prompts)` returns one reply per prompt, or None for a request
+    that failed (counted as an unparsed verdict)."""
+
     def complete(self, prompts: Sequence[str]) -> list[str | None]: ...
 
 
@@ -93,7 +100,28 @@ class JudgeEndpointError(RuntimeError):
 
 @dataclass
 class EndpointJudgeConfig:
-    """An OpenAI-compatible `/chat/completions` endpoint. The key is kept out of repr and logs."""
+    """An OpenAI-compatible `/chat/completions` endpoint for `EndpointJudge`. The key is kept out of repr and logs.
+
+    Args:
+        model (`str`):
+            The judge model's name at the endpoint (e.g. "gpt-4o").
+        base_url (`str`, defaults to `"https://api.openai.com/v1"`):
+            The endpoint's base URL; requests go to `<base_url>/chat/completions`.
+        api_key (`str`, *optional*):
+            Sent as a Bearer token; local servers may need none.
+        temperature (`float`, defaults to `0.0`):
+            The judge's sampling temperature.
+        max_tokens (`int`, defaults to `256`):
+            Tokens a reply, at most.
+        timeout (`float`, defaults to `60.0`):
+            Seconds a request may take.
+        max_retries (`int`, defaults to `4`):
+            Retries of a request that failed with HTTP 408/409/429/5xx or a connection error.
+        retry_wait (`float`, defaults to `1.0`):
+            Seconds before the first retry, doubled after each.
+        num_workers (`int`, defaults to `4`):
+            Requests in parallel.
+    """
 
     model: str
     base_url: str = "https://api.openai.com/v1"
@@ -120,6 +148,27 @@ class EndpointJudgeConfig:
 
 
 class EndpointJudge:
+    """A judge behind an OpenAI-compatible chat completions endpoint, queried with `requests`.
+
+    Rate limits and server errors are retried with doubling waits; a request that still fails becomes an unparsed
+    verdict. Other HTTP errors (a bad key, model or URL) raise `JudgeEndpointError`. The key is redacted from every
+    message, even when the server echoes it.
+
+    Args:
+        config (`EndpointJudgeConfig`):
+            The endpoint, model, key and retry settings (`EndpointJudgeConfig.from_env()` reads them from
+            `OPENAI_BASE_URL`, `OPENAI_API_KEY` and `ROSE_JUDGE_MODEL`).
+
+    Example:
+
+    ```python
+    from rose_trl.evaluation import EndpointJudge, EndpointJudgeConfig, win_rate
+
+    judge = EndpointJudge(EndpointJudgeConfig.from_env(model="gpt-4o"))
+    result = win_rate(test["prompt"], responses, test["chosen"], judge)
+    ```
+    """
+
     # Rate limits and server hiccups pass with time; other errors are configuration mistakes.
     RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -178,10 +227,33 @@ class EndpointJudge:
 
 
 class HFJudge:
-    """A local causal LM as judge: greedy generation by default, then the same verdict parser."""
+    """A local causal LM as judge: greedy generation by default, then the same verdict parser.
 
-    def __init__(self, model, tokenizer, options: GenerationOptions | None = None):
-        self.model, self.tokenizer = model, tokenizer
+    Args:
+        model (`transformers.PreTrainedModel`):
+            The judge model.
+        tokenizer (`transformers.PreTrainedTokenizerBase`):
+            Its tokenizer, with a pad token.
+        options (`GenerationOptions`, *optional*):
+            How it generates; defaults to greedy decoding of at most 128 new tokens.
+
+    Example:
+
+    ```python
+    from rose_trl.evaluation import HFJudge, win_rate
+
+    result = win_rate(test["prompt"], responses, test["chosen"], HFJudge(judge_model, judge_tokenizer))
+    ```
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        options: GenerationOptions | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
         self.options = options or GenerationOptions(max_new_tokens=128, do_sample=False)
 
     def complete(self, prompts: Sequence[str]) -> list[str | None]:
@@ -216,7 +288,8 @@ def tabulate_verdicts(verdicts: Sequence[str | None], subtasks: Sequence[str] | 
         raise ValueError(f"{len(verdicts)} verdicts but {len(subtasks)} subtask labels")
 
     def row(name, vs):
-        win, lose = sum(v == "A" for v in vs), sum(v == "B" for v in vs)
+        win = vs.count("A")
+        lose = vs.count("B")
         n = len(vs)
         return {
             "subtask": name,
@@ -242,7 +315,40 @@ def win_rate(
     subtasks: Sequence[str] | None = None,
     template: str = JUDGE_PROMPT,
 ) -> WinRateResult:
-    """Judge each (model response = A, reference = B) pair for its prompt and count the verdicts."""
+    """The win rate of a model's responses against reference answers, as a judge sees them.
+
+    The judge compares each model response (always **Response A**) with the reference (always **Response B**,
+    e.g. the test set's best answer) for its prompt, as the paper's Appendix D protocol does, and the verdicts are
+    counted per subtask. Unparsed verdicts are never dropped: they have their own column and a warning.
+
+    Args:
+        prompts (`Sequence[str]`):
+            The test prompts.
+        responses (`Sequence[str]`):
+            The model's response to each prompt (`generate_responses`).
+        references (`Sequence[str]`):
+            The reference answer to each prompt.
+        judge (`Judge`):
+            `EndpointJudge`, `HFJudge`, or anything with `complete(prompts) -> list[str | None]`.
+        subtasks (`Sequence[str]`, *optional*):
+            Each prompt's subtask, for the per-subtask rows; without them one row, "all".
+        template (`str`, *optional*, defaults to `JUDGE_PROMPT`):
+            The judge prompt, with the placeholders `{query}`, `{response_a}` and `{response_b}`.
+
+    Returns:
+        `WinRateResult`: `table` (one row per subtask, then "overall": n, win, lose, unparsed, win_rate over
+        parsed verdicts, win_rate_all over all) and `records` (each example's subtask, verdict and judge text).
+
+    Example:
+
+    ```python
+    from rose_trl.evaluation import EndpointJudge, EndpointJudgeConfig, generate_responses, win_rate
+
+    responses = generate_responses(model, tokenizer, test["prompt"])
+    result = win_rate(test["prompt"], responses, test["chosen"], EndpointJudge(EndpointJudgeConfig.from_env()))
+    print(result.to_markdown())
+    ```
+    """
     if not len(prompts) == len(responses) == len(references):
         raise ValueError(
             f"lengths differ: {len(prompts)} prompts, {len(responses)} responses, {len(references)} references"
@@ -252,7 +358,7 @@ def win_rate(
     ]
     raw = judge.complete(judge_prompts)
     verdicts = [parse_verdict(text) for text in raw]
-    unparsed = sum(v is None for v in verdicts)
+    unparsed = verdicts.count(None)
     if unparsed:
         logger.warning(
             "%d of %d judge verdicts could not be parsed; they are reported in the `unparsed` column",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,8 +26,28 @@ from rose_trl.gradients.sft_loss import model_inputs
 from rose_trl.utils.modeling import eval_mode
 
 
+if TYPE_CHECKING:  # names for the signatures only: importing this module stays light
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
 @dataclass
 class PreferenceMetricsOptions:
+    """Options of `preference_metrics`.
+
+    Args:
+        beta (`float`, defaults to `0.1`):
+            The DPO beta scaling the implicit rewards and the DPO loss (the selection's).
+        batch_size (`int`, defaults to `8`):
+            Rows a forward pass, at most: the memory budget may lower it.
+        max_length (`int`, *optional*, defaults to `1024`):
+            Rows are truncated to this many tokens (`None`: not truncated).
+        tie_tolerance (`float`, defaults to `1e-6`):
+            A margin smaller than this in absolute value is a tie (counted half).
+        memory_budget_gb (`float`, *optional*):
+            The memory (GB) the process may use; `None`: the machine's default share.
+    """
+
     beta: float = 0.1
     batch_size: int = 8  # rows a pass, at most: the memory budget may lower it
     max_length: int | None = 1024
@@ -38,20 +59,41 @@ class PreferenceMetricsOptions:
 
 @torch.no_grad()
 def sequence_logps(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence,
     responses: Sequence,
     batch_size: int = 8,
     max_length: int | None = 1024,
     memory_budget_gb: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of response-token log-probs, number of response tokens) per (prompt, response).
+    """The summed log-probability of each response given its prompt, and its number of tokens.
 
     Logits are computed only at the positions where some row of a pass has a response token (the model
     inputs of the gradient passes, `sft_loss.model_inputs`): a [rows, T, vocab] tensor is the largest of
-    a forward (SmolLM2's 49k words: 0.2 MB a token in float32). Rows a pass: at most `batch_size`, and as many
-    as the memory budget (`memory_budget_gb`, default the machine's share: rose_trl.resources.budget) lets fit."""
+    a forward (SmolLM2's 49k words: 0.2 MB a token in float32).
+
+    Args:
+        model (`transformers.PreTrainedModel`):
+            The causal LM that scores the responses.
+        tokenizer (`transformers.PreTrainedTokenizerBase`):
+            Its tokenizer. Rows are tokenized as the pool is: prompt + response + EOS, the response scored;
+            conversational rows through the chat template.
+        prompts (`Sequence`):
+            The prompts (strings, or lists of messages).
+        responses (`Sequence`):
+            One response per prompt (strings, or lists of messages).
+        batch_size (`int`, *optional*, defaults to `8`):
+            Rows a pass, at most; the memory budget may lower it.
+        max_length (`int`, *optional*, defaults to `1024`):
+            Rows are truncated to this many tokens (`None`: not truncated).
+        memory_budget_gb (`float`, *optional*):
+            The memory (GB) the process may use; `None`: the machine's default share (rose_trl.resources.budget).
+
+    Returns:
+        `tuple[np.ndarray, np.ndarray]`: the summed response-token log-probs (float64) and the response-token
+        counts (int64), one per (prompt, response).
+    """
     from rose_trl.resources.budget import MemoryBudget, evaluation_rows
 
     rows = [
@@ -185,15 +227,47 @@ def summarize_pairs(
 
 
 def preference_metrics(
-    model, tokenizer, dataset, options: PreferenceMetricsOptions | None = None, ref_model=None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    options: PreferenceMetricsOptions | None = None,
+    ref_model: PreTrainedModel | None = None,
 ) -> dict:
-    """Accuracy, mean DPO loss and mean rewards (scaled by beta, as TRL logs them) on prompt/chosen/
-    rejected rows, with 95% bootstrap intervals of the accuracy and of the mean margin (`*_ci`);
-    `per_subtask` holds the same numbers per `subtask` when the column exists.
+    """Held-out preference accuracy, DPO loss and rewards of a tuned model, judge-free.
 
-    The implicit reward is relative to the reference: a model evaluated against itself scores 0.5 by
-    construction. `likelihood_accuracy` needs no reference: how often the policy's mean per-token
-    log-prob of the chosen response beats the rejected one's (what a base model can be compared on)."""
+    The implicit reward `r(x, y) = log pi(y|x) - log ref(y|x)` of the chosen response is compared with the
+    rejected one's (ties count half). It is relative to the reference: a model evaluated against itself scores
+    0.5 by construction. `likelihood_accuracy` needs no reference: how often the policy's mean per-token log-prob
+    of the chosen response beats the rejected one's (what a base model can be compared on).
+
+    Args:
+        model (`transformers.PreTrainedModel`):
+            The policy; a PEFT model unless `ref_model` is given (the reference is then the same model with its
+            adapters disabled, as in the selection's DPO loss).
+        tokenizer (`transformers.PreTrainedTokenizerBase`):
+            Its tokenizer.
+        dataset (`datasets.Dataset`):
+            `prompt`/`chosen`/`rejected` rows, with an optional `subtask` column.
+        options (`PreferenceMetricsOptions`, *optional*):
+            beta, batch size, max length, tie tolerance and memory budget.
+        ref_model (`transformers.PreTrainedModel`, *optional*):
+            The reference model, when it is not the policy's base.
+
+    Returns:
+        `dict`: `n`, `accuracy`, `dpo_loss`, `reward_margin`, `chosen_reward`, `rejected_reward` (rewards scaled by
+        beta, as TRL logs them), `likelihood_accuracy`, the 95% bootstrap intervals `accuracy_ci`,
+        `reward_margin_ci` and `likelihood_accuracy_ci`, and `per_subtask` (the same per subtask) when the
+        dataset has a `subtask` column.
+
+    Example:
+
+    ```python
+    from rose_trl.evaluation import PreferenceMetricsOptions, preference_metrics
+
+    metrics = preference_metrics(peft_model, tokenizer, heldout_pairs, PreferenceMetricsOptions(beta=0.1))
+    print(metrics["accuracy"], metrics["accuracy_ci"])
+    ```
+    """
     policy, counts = pair_logps(model, tokenizer, dataset, options)
     with _reference_context(model, ref_model) as ref:
         reference, _ = pair_logps(ref, tokenizer, dataset, options)
@@ -201,8 +275,39 @@ def preference_metrics(
 
 
 def reference_nll(
-    model, tokenizer, prompts: Sequence, references: Sequence, batch_size: int = 8, max_length: int | None = 1024
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence,
+    references: Sequence,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
 ) -> float:
-    """Token-weighted mean NLL (nats per token) of the reference answers under the model."""
+    """The token-weighted mean negative log-likelihood of reference answers under the model.
+
+    Args:
+        model (`transformers.PreTrainedModel`):
+            The causal LM to evaluate.
+        tokenizer (`transformers.PreTrainedTokenizerBase`):
+            Its tokenizer.
+        prompts (`Sequence`):
+            The test prompts.
+        references (`Sequence`):
+            One reference (best) answer per prompt.
+        batch_size (`int`, *optional*, defaults to `8`):
+            Rows a pass, at most.
+        max_length (`int`, *optional*, defaults to `1024`):
+            Rows are truncated to this many tokens (`None`: not truncated).
+
+    Returns:
+        `float`: nats per response token, over all the references' tokens together.
+
+    Example:
+
+    ```python
+    from rose_trl.evaluation import reference_nll
+
+    nll = reference_nll(model, tokenizer, test["prompt"], test["chosen"])
+    ```
+    """
     logps, counts = sequence_logps(model, tokenizer, prompts, references, batch_size, max_length)
     return float(-logps.sum() / counts.sum())

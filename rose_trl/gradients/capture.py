@@ -80,7 +80,8 @@ class ProjectedRows:
     """
 
     def __init__(self, rows: int, projector, adam_state: AdamState | None, device: torch.device):
-        self.projector, self.adam = projector, adam_state
+        self.projector = projector
+        self.adam = adam_state
         self.rows = torch.zeros(rows, projector.dim, dtype=torch.float32, device=device)
 
     def add(self, start: int, block: torch.Tensor) -> None:
@@ -158,12 +159,15 @@ class PerExampleGradientCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._taps, self._calls = [], {}  # a forward without backward (an error in between) must not keep them
+        # A forward without backward (an error in between) must not keep them.
+        self._taps = []
+        self._calls = {}
 
     def reset(self, rows: int, device: torch.device, sink: DenseRows | ProjectedRows | None = None):
         """Start a pass of `rows` rows; returns its sink (a `DenseRows` unless one is given)."""
         self.sink = sink if sink is not None else DenseRows(rows, self.num_params, device)
-        self._taps, self._calls = [], {}
+        self._taps = []
+        self._calls = {}
         return self.sink
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -171,7 +175,9 @@ class PerExampleGradientCapture:
         taps, self._taps = self._taps, []
         if not taps:
             raise UnsupportedParameterError("no hooked layer ran in this forward (is the LoRA adapter active?)")
-        self._remaining, self._pending, self._emitted = dict(self._calls), {}, set()
+        self._remaining = dict(self._calls)
+        self._pending = {}
+        self._emitted = set()
         try:
             torch.autograd.grad(loss, taps, allow_unused=True)
             # Layers some of whose calls got no gradient (an output that does not reach the loss) are
@@ -184,7 +190,8 @@ class PerExampleGradientCapture:
                         if rng is not None:
                             self.sink.missing(*rng)
         finally:
-            self._pending, self._calls = {}, {}
+            self._pending = {}
+            self._calls = {}
 
     def _forward_hook(self, module: nn.Linear, inputs, output):
         if not (torch.is_grad_enabled() and output.requires_grad):
@@ -246,7 +253,8 @@ class AdamState:
         while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer and similar wrappers
             optimizer = optimizer.optimizer
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        ms, vs, hyper = [], [], set()
+        ms, vs = [], []
+        hyper = set()
         for name, p in params:
             state = optimizer.state.get(p, {})
             if "exp_avg" not in state or "exp_avg_sq" not in state or id(p) not in group_of:
@@ -274,7 +282,8 @@ class AdamState:
         for g in state_dict["param_groups"]:
             for idx in g["params"]:
                 hyper_of[idx] = adam_hyperparameters(g)
-        ms, vs, hyper = [], [], set()
+        ms, vs = [], []
+        hyper = set()
         for name, p in params:
             idx = param_index.get(name)
             state = state_dict["state"].get(idx, {})
@@ -367,16 +376,44 @@ def _capture_pass(
 def per_example_gradients(
     model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer | None = None, adam_state: AdamState | None = None
 ) -> torch.Tensor:
-    """Gradient of each row's own SFT loss w.r.t. the trainable parameters: float32 [batch, n_params].
+    """The gradient of each row's own SFT loss with respect to the trainable (LoRA) parameters.
 
-    `batch` holds `input_ids`, `attention_mask` and `labels` (-100 outside the response). One forward
-    and one backward for the whole batch. With an Adam/AdamW `optimizer` that has state (a live one,
-    accelerate-wrapped or not: `AdamState.from_optimizer`) or an explicit `adam_state` (e.g. a checkpoint's),
-    rows are Adam-preconditioned as in LESS; otherwise they are plain (SGD) gradients. The model's
-    train/eval mode is left as the caller set it.
+    One forward and one backward for the whole batch: hooks on the LoRA linear layers take each row's gradient,
+    equal to a batch-size-1 loop's. The loss of a row is its token-mean cross entropy over its labelled (response)
+    tokens. With an Adam/AdamW `optimizer` that has state, or an explicit `adam_state`, the rows are
+    Adam-preconditioned as in LESS, `(b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g^2 + eps)` with b1, b2, eps from the
+    optimizer; otherwise they are plain (SGD) gradients. The model's train/eval mode is left as the caller set it.
+
+    Args:
+        model (`torch.nn.Module`):
+            A causal LM whose trainable parameters are LoRA linear weights (a `peft` model).
+        batch (`dict`):
+            `input_ids`, `attention_mask` and `labels` (-100 outside the response), each `[rows, length]`.
+        optimizer (`torch.optim.Optimizer`, *optional*):
+            The live Adam/AdamW optimizer of `model` (accelerate-wrapped or not); its `exp_avg`/`exp_avg_sq` give
+            the preconditioning. An `AdamState` passed here positionally is taken as `adam_state`.
+        adam_state (`AdamState`, *optional*):
+            Adam moments and hyperparameters given directly, e.g. a checkpoint's (`AdamState.from_state_dict`).
+            Not together with `optimizer`.
+
+    Returns:
+        `torch.Tensor`: float32 `[rows, n_trainable_parameters]`, parameters in `model.named_parameters()` order.
+
+    Example:
+
+    ```python
+    from rose_trl import per_example_gradients
+
+    loss = model(**batch).loss  # a LoRA model training with AdamW
+    loss.backward()
+    optimizer.step()
+    rows = per_example_gradients(model, batch, optimizer=optimizer)  # [len(batch["input_ids"]), n_lora_params]
+    ```
     """
     if isinstance(optimizer, AdamState):  # per_example_gradients(model, batch, adam_state) positionally
-        optimizer, adam_state = None, optimizer if adam_state is None else adam_state
+        if adam_state is None:
+            adam_state = optimizer
+        optimizer = None
     if optimizer is not None:
         if adam_state is not None:
             raise TypeError("per_example_gradients: pass optimizer or adam_state, not both")

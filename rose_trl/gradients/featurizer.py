@@ -84,7 +84,8 @@ class Featurizer:
                 return combine(rows) if combine else rows
             grads = per_example_gradients(model, batch, adam_state=adam_state)
             return self.projector.project(combine(grads) if combine else grads)
-        n, device = batch["input_ids"].shape[0], batch["input_ids"].device
+        n = batch["input_ids"].shape[0]
+        device = batch["input_ids"].device
         capture = PerExampleGradientCapture(model)
         sink = (
             ProjectedRows(n, self.projector, adam_state, device)

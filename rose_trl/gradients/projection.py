@@ -65,7 +65,11 @@ class SparseJLProjector:
     ):
         if nnz < 1 or dim < 1:
             raise ValueError(f"sjlt needs dim >= 1 and nnz >= 1, got dim={dim}, nnz={nnz}")
-        self.input_dim, self.dim, self.seed, self.nnz, self.chunk = input_dim, dim, seed, nnz, chunk
+        self.input_dim = input_dim
+        self.dim = dim
+        self.seed = seed
+        self.nnz = nnz
+        self.chunk = chunk
         # The hash plan costs 5 bytes (int32 bucket, int8 sign) per input coordinate and nnz: it is kept,
         # on the device that projects, when that fits `cache_bytes` (7B LoRA r=128: 2.7 GB), and
         # regenerated chunk by chunk on every call otherwise.
@@ -151,7 +155,10 @@ class TrakProjector:
     ):
         from trak.projectors import BasicProjector, ProjectionType
 
-        self.input_dim, self.dim, self.seed, self.block_size = input_dim, dim, seed, block_size
+        self.input_dim = input_dim
+        self.dim = dim
+        self.seed = seed
+        self.block_size = block_size
         self.device = torch.device(device)
         self.backend = backend
         self._matrix: torch.Tensor | None = None

@@ -118,7 +118,9 @@ def unread_weight_bytes(model) -> int:
             smaps = f.read()
     except OSError:
         return 0
-    unread, inside, size = 0, False, 0
+    unread = 0
+    inside = False
+    size = 0
     for line in smaps.splitlines():
         head = _MAPPING.match(line)
         if head:  # a mapping: "start-end perms offset dev inode path"

@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from rose_trl.config import ROSEConfig
 from rose_trl.gradients.capture import AdamState, num_trainable_parameters, trainable_parameters
@@ -73,21 +75,82 @@ DEFAULT_MAX_LENGTH = 1024
 
 
 class ROSECallback(TrainerCallback):
+    """Select training data with ROSE while an existing `Trainer`/`SFTTrainer` runs the warm-up.
+
+    The trainer's training set is the warm-up set (LoRA, AdamW, one checkpoint per epoch as the paper:
+    `save_strategy="epoch"`). At every checkpoint save the callback extracts the pool's Adam-preconditioned
+    gradients with the live model and optimizer and the preference pairs' DPO-loss gradients, and records the
+    checkpoint's learning rate (the mean over the steps since the previous save). When training ends it scores
+    the pool and writes the selection folder. The work is resumable: a run resumed from a checkpoint finishes
+    that checkpoint's stores and reuses the others.
+
+    Args:
+        pool (`datasets.Dataset`):
+            The training pool to select from: `messages` (chat) or `prompt`/`completion` rows
+            (`rose_trl.load_pool`).
+        validation (`datasets.Dataset`):
+            The few-shot preference set: `prompt`/`chosen`/`rejected` rows (standard or conversational), with an
+            optional `subtask` column (`rose_trl.load_preferences`).
+        tokenizer (`transformers.PreTrainedTokenizerBase`, *optional*):
+            Tokenizes the pool and the pairs. Defaults to the trainer's `processing_class` (its tokenizer, for a
+            multimodal processor).
+        config (`ROSEConfig`, *optional*):
+            The selection options; defaults to `ROSEConfig()` (ROSE, 5% selected, 8192-dimension projection).
+        output_dir (`str`, *optional*):
+            Where `rose/` (the gradient stores and the run's ledger) and the selection folder go. Defaults to the
+            training arguments' `output_dir`.
+        max_length (`int` or `None`, *optional*):
+            Pool rows and pairs are truncated to this many tokens (`None`: not truncated). Defaults to the
+            training arguments' `max_length` (`SFTConfig.max_length`), or 1024 when they have none.
+        run_config (`dict`, *optional*):
+            Extra settings the stores depend on (recorded in `rose/run.json` and the selection's `config.json`);
+            a later run with other values is refused instead of mixing stores.
+
+    Attributes:
+        selection_dir (`pathlib.Path` or `None`):
+            The selection folder, once training has ended (`<output_dir>/selection/` for ROSE).
+
+    Example:
+
+    ```python
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from rose_trl import ROSECallback, ROSEConfig, load_pool, load_preferences
+
+    pool = load_pool("pool.jsonl")
+    preferences = load_preferences("preferences.jsonl")
+    warmup_subset = pool.shuffle(seed=0).select(range(len(pool) // 20))  # the warm-up trains on 5%
+    trainer = SFTTrainer(
+        "meta-llama/Llama-2-7b-hf",
+        args=SFTConfig(output_dir="outputs/run", save_strategy="epoch", num_train_epochs=4),
+        train_dataset=warmup_subset,
+        peft_config=LoraConfig(r=128, lora_alpha=512, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        callbacks=[ROSECallback(pool, preferences, config=ROSEConfig(selection_fraction=0.05))],
+    )
+    trainer.train()  # -> outputs/run/selection/
+    ```
+    """
+
     def __init__(
         self,
-        pool,
-        validation,
-        tokenizer=None,
+        pool: Dataset,
+        validation: Dataset,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         config: ROSEConfig | None = None,
         output_dir: str | None = None,
-        max_length: int | None = _FROM_ARGS,
+        max_length: int | str | None = _FROM_ARGS,
         run_config: dict | None = None,
     ):
-        self.pool, self.validation, self.tokenizer = pool, validation, tokenizer
+        self.pool = pool
+        self.validation = validation
+        self.tokenizer = tokenizer
         self.config = config or ROSEConfig()
-        self.output_dir, self.max_length, self.run_config = output_dir, max_length, run_config
+        self.output_dir = output_dir
+        self.max_length = max_length
+        self.run_config = run_config
         self.selector: ROSESelector | None = None
-        self.selection_dir = None
+        self.selection_dir: Path | None = None
 
     def ensure_selector(self, args, processing_class=None) -> ROSESelector:
         if self.selector is None:
@@ -147,7 +210,7 @@ class ROSECallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         selector = self.ensure_selector(args)
-        lr = selector.ledger.live_learning_rate()
+        lr = selector.ledger.pop_live_learning_rate()
         if lr is None:  # no step since the previous save: the LR the optimizer holds
             lr = float(optimizer.param_groups[0]["lr"])
         self._add_checkpoint(selector, model, optimizer, checkpoint_name(state.global_step), lr)

@@ -6,7 +6,7 @@
 
 eta_i is the mean learning rate of the optimizer steps since the previous checkpoint. It is known, first
 source first:
-1. live, while the warm-up runs (`step_began`, then `live_learning_rate` at the save: ROSECallback);
+1. live, while the warm-up runs (`step_began`, then `pop_live_learning_rate` at the save: ROSECallback);
 2. from checkpoints.json, when it records the checkpoint for the same weights;
 3. from step_lrs.json, when it covers every step since the previous checkpoint (a resumed warm-up, or a
    finished one read offline);
@@ -61,6 +61,34 @@ def check_rate_count(explicit: list[float] | None, names: list[str], found: str)
 
 
 class RunLedger:
+    """What a run's `rose/` folder records, and every way of knowing a checkpoint's learning rate eta_i.
+
+    It owns `rose/run.json` (the fingerprint every store depends on: `open` refuses, or clears, a folder left by a
+    run on other inputs), `rose/checkpoints.json` (each checkpoint's name, learning rate and adapter hash, in step
+    order) and `rose/step_lrs.json` (each optimizer step's learning rate, written as the step begins). `resolve`
+    and `scoring_learning_rates` give every checkpoint's eta_i, first source first (see the module docstring).
+    The selector keeps one per run; only the main process writes.
+
+    Args:
+        rose_dir (`str` or `pathlib.Path`):
+            The run's `rose/` folder (`<output_dir>/rose`).
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from rose_trl.run.ledger import RunLedger
+    >>> ledger = RunLedger(tempfile.mkdtemp())
+    >>> ledger.step_began(1, 2e-4, write=False)
+    >>> ledger.step_began(2, 1e-4, write=False)
+    >>> round(ledger.pop_live_learning_rate(), 8)  # at a save: the mean LR of the steps since the last one
+    0.00015
+    >>> ledger.pop_live_learning_rate() is None  # the next interval starts empty
+    True
+
+    ```
+    """
+
     def __init__(self, rose_dir: str | Path):
         self.rose_dir = Path(rose_dir)
         self.run_file = self.rose_dir / "run.json"
@@ -137,9 +165,9 @@ class RunLedger:
             lrs[str(step)] = float(learning_rate)
             atomic_write_json(self.step_lrs_file, lrs)
 
-    def live_learning_rate(self) -> float | None:
-        """At a save: the mean LR of the steps since the previous save (None when no step began since);
-        starts the next interval."""
+    def pop_live_learning_rate(self) -> float | None:
+        """At a save: the mean LR of the steps since the previous save (None when no step began since),
+        taken out: the next call averages the steps that begin after this one."""
         lr = float(np.mean(self._live)) if self._live else None
         self._live = []
         return lr
@@ -173,7 +201,8 @@ class RunLedger:
         check_rate_count(explicit, names, "found")
         step_lrs = self.step_learning_rates()
         record = read_warmup_record(checkpoints)
-        lrs, previous = [], 0
+        lrs = []
+        previous = 0
         for ckpt, step in zip(checkpoints, record.steps, strict=True):
             lr = None
             if self.is_recorded(ckpt.name):  # only then are its weights needed
@@ -193,7 +222,7 @@ class RunLedger:
                 if explicit is None:
                     i = lrs.index(None)
                     previous = record.steps[i - 1] if i else 0
-                    logged = sum(previous < s <= record.steps[i] for s in record.logged)
+                    logged = len([s for s in record.logged if previous < s <= record.steps[i]])
                     raise ValueError(
                         f"{names[i]}: cannot tell its learning rate (the mean over optimizer steps {previous + 1}-"
                         f"{record.steps[i]}): {self.checkpoints_file} does not record it, trainer_state.json "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import PreTrainedModel
 
 from rose_trl.checkpoints.fsdp import (
     FSDP_MODEL_DIR,
@@ -102,14 +103,52 @@ def resolve_learning_rates(checkpoints: list[Path], model, selector: ROSESelecto
 
 def select_from_checkpoints(
     run_dir: str | Path,
-    base_model,
+    base_model: PreTrainedModel,
     selector: ROSESelector,
     folder: str = "selection",
     peft_config: PeftConfig | None = None,
 ) -> Path:
-    """Run `selector` over every checkpoint of `run_dir` (a PEFT warm-up), then write `<output_dir>/<folder>/`.
-    `peft_config` (the warm-up's LoRA config) is needed only for checkpoints without adapter_config.json.
-    Every checkpoint's learning rate is resolved first: an unknown one stops the run before any gradient."""
+    """Select from the saved checkpoints of a finished LoRA warm-up (LESS-style, offline).
+
+    For every `checkpoint-<step>/` of `run_dir`, in step order, the adapter and the Adam state are loaded (plain,
+    DDP, DeepSpeed ZeRO-1/2/3 or FSDP2 layouts) and `selector` extracts the pool's and the preference pairs'
+    gradients; then the pool is scored and the selection written. Every checkpoint's learning rate is resolved
+    first (the Trainer's log history, or its schedule rebuilt from the checkpoint folders): an unknown one, or
+    too little disk for the stores, stops the run before any gradient work. Stores already on disk for the same
+    inputs are reused, so a killed run resumes.
+
+    Args:
+        run_dir (`str` or `pathlib.Path`):
+            The warm-up's output folder, holding its `checkpoint-<step>/` folders with their optimizer state and
+            `trainer_state.json`.
+        base_model (`transformers.PreTrainedModel`):
+            The warm-up's base model (without the adapter), loaded as for training.
+        selector (`ROSESelector`):
+            The selection to run: pool, preference set, tokenizer, `ROSEConfig` and output folder.
+        folder (`str`, *optional*, defaults to `"selection"`):
+            The selection folder's name under the selector's `output_dir`.
+        peft_config (`peft.PeftConfig`, *optional*):
+            The warm-up's LoRA config; needed only for checkpoints saved without `adapter_config.json` (FSDP2's
+            SHARDED_STATE_DICT).
+
+    Returns:
+        `pathlib.Path`: the selection folder, `<output_dir>/<folder>/`.
+
+    Example:
+
+    ```python
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rose_trl import ROSEConfig, ROSESelector, load_pool, load_preferences, select_from_checkpoints
+
+    tokenizer = AutoTokenizer.from_pretrained("meta-llama/Llama-2-7b-hf")
+    selector = ROSESelector(
+        load_pool("pool.jsonl"), load_preferences("preferences.jsonl"), tokenizer, ROSEConfig(), "outputs/run"
+    )
+    base = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf")
+    select_from_checkpoints("outputs/warmup", base, selector)  # -> outputs/run/selection/
+    ```
+    """
     checkpoints = find_checkpoints(run_dir)
     for ckpt in checkpoints:  # the Trainer's last write: without it a checkpoint is a save killed part-way
         if not (ckpt / "trainer_state.json").exists():

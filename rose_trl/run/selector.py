@@ -21,6 +21,7 @@ import numpy as np
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
 
 from rose_trl.config import ROSEConfig
 from rose_trl.data.preferences import DEFAULT_SUBTASK, validate_preferences
@@ -52,12 +53,64 @@ def with_subtasks(validation: Dataset) -> Dataset:
     return validation.add_column("subtask", [DEFAULT_SUBTASK] * len(validation))
 
 
+def _stores_to_write(folder: Path, names: list[str | None]) -> int:
+    """How many of the checkpoints' stores in `folder` are not on disk yet (a None name: a checkpoint to come)."""
+    return len([name for name in names if not name or not (folder / name).exists()])
+
+
 class ROSESelector:
+    """The selection pipeline behind `ROSECallback` and `select_from_checkpoints`: checkpoints in, a selection out.
+
+    Creating it tokenizes the pool, validates the preference set and opens the run's ledger (`rose/run.json`):
+    an output folder left by a run on other inputs is refused (or cleared, with `overwrite_stores`). Then
+    `add_checkpoint` is called once per warm-up checkpoint (the pool's and the pairs' projected gradients, stored
+    under `rose/`, and the checkpoint's learning rate) and `finalize` scores the pool and writes the selection.
+    Under several processes every process makes the same calls; each computes its share of the pool rows.
+
+    Args:
+        pool (`datasets.Dataset`):
+            The training pool: `messages` (chat) or `prompt`/`completion` rows (`rose_trl.load_pool`).
+        validation (`datasets.Dataset`):
+            The few-shot preference set: `prompt`/`chosen`/`rejected` rows, with an optional `subtask` column
+            (one subtask, "default", without it).
+        tokenizer (`transformers.PreTrainedTokenizerBase`):
+            The warm-up model's tokenizer. Without a pad token it pads with its eos token.
+        config (`ROSEConfig`):
+            The selection options (method, fraction, projection, validation loss, memory budget, ...).
+        output_dir (`str` or `pathlib.Path`):
+            Where `rose/` (the stores and the ledger) and the selection folder go.
+        max_length (`int` or `None`, *optional*, defaults to `1024`):
+            Pool rows and pairs are truncated to this many tokens (`None`: not truncated).
+        use_cpu (`bool`, *optional*, defaults to `False`):
+            Run the validation passes on the CPU (as `TrainingArguments.use_cpu`).
+        run_config (`dict`, *optional*):
+            Extra settings the stores depend on, recorded in `rose/run.json` and the selection's `config.json`.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show progress bars for the gradient passes.
+        ddp_backend (`str`, *optional*):
+            The validation trainer's `ddp_backend` (e.g. "gloo" for several CPU processes).
+
+    Example:
+
+    ```python
+    from transformers import AutoTokenizer
+
+    from rose_trl import ROSEConfig, ROSESelector, load_pool, load_preferences
+
+    tokenizer = AutoTokenizer.from_pretrained("meta-llama/Llama-2-7b-hf")
+    selector = ROSESelector(load_pool("pool.jsonl"), load_preferences("preferences.jsonl"), tokenizer,
+                            ROSEConfig(selection_fraction=0.05), output_dir="outputs/run")
+    for name, model, learning_rate, adam_state in checkpoints:  # e.g. a warm-up's saved checkpoints
+        selector.add_checkpoint(model, name, learning_rate, adam_state)
+    selector.finalize()  # -> outputs/run/selection/
+    ```
+    """
+
     def __init__(
         self,
         pool: Dataset,
         validation: Dataset,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         config: ROSEConfig,
         output_dir: str | Path,
         max_length: int | None = 1024,
@@ -66,7 +119,9 @@ class ROSESelector:
         progress: bool = True,
         ddp_backend: str | None = None,
     ):
-        self.config, self.output_dir, self.tokenizer = config, Path(output_dir), tokenizer
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.tokenizer = tokenizer
         self.rose_dir = self.output_dir / "rose"
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
@@ -74,7 +129,9 @@ class ROSESelector:
                     "the tokenizer has neither a pad token nor an eos token to pad with; set tokenizer.pad_token"
                 )
             tokenizer.pad_token = tokenizer.eos_token
-        self.max_length, self.progress, self.run_config = max_length, progress, run_config or {}
+        self.max_length = max_length
+        self.progress = progress
+        self.run_config = run_config or {}
         self.pool = pool
         self.pool_tokens = tokenize_pool(pool, tokenizer, max_length)
         self.pool_fingerprint = fingerprint_tokenized(self.pool_tokens)
@@ -120,8 +177,10 @@ class ROSESelector:
             **{f"run.{k}": v for k, v in sorted(self.run_config.items())},
         }
 
-    def featurizer(self, model) -> Featurizer:
-        """The run's featurizer (its projector sized to the adapter) and memory plan, made at the first checkpoint."""
+    def prepare_featurizer(self, model) -> Featurizer:
+        """At the first checkpoint, build the run's featurizer (its projector sized to the adapter), plan the
+        passes under the memory budget (`self.plan`) and size the validation passes by it; later calls change
+        nothing and return the same featurizer."""
         if self._featurizer is None:
             device = next(p for p in model.parameters() if p.requires_grad).device
             c = self.config
@@ -131,15 +190,17 @@ class ROSESelector:
             logger.warning("projection in use: %s, %s", projector.implementation, projector.describe())
             self._featurizer = Featurizer(projector)
             self.plan = self.memory_plan(model, self._featurizer)
+            self._size_validation_passes(self.plan)
         return self._featurizer
 
     def memory_plan(self, model, featurizer: Featurizer) -> MemoryPlan:
         """Rows a pass for the pool's and the validation's gradient passes under the run's memory budget.
 
-        The budget is planned by rose_trl.resources.budget.
+        The budget is planned by rose_trl.resources.budget; nothing is changed here.
         """
-        c, dpo = self.config, self.validation_stores.kind == "dpo"
-        plan = plan_run(
+        c = self.config
+        dpo = self.validation_stores.kind == "dpo"
+        return plan_run(
             model,
             c,
             featurizer.fused,
@@ -147,22 +208,24 @@ class ROSESelector:
             self.validation_stores.longest() if dpo else None,
             rows_per_pass(model, featurizer, c.gradient_batch_size, c.gradient_memory_gb),
         )
-        if dpo:
+
+    def _size_validation_passes(self, plan: MemoryPlan) -> None:
+        if self.validation_stores.kind == "dpo":
             self.validation_stores.pairs_per_pass = plan.passes["validation"].rows
             self.validation_stores.head_tokens = plan.passes["validation"].head_tokens
         self.validation_stores.sft_rows_per_pass = min(8, plan.passes["gradient"].rows)
-        return plan
 
     def check_disk_space(self, checkpoints: int | list[str], extra: int = 0, extra_what: str = "") -> int:
         """Before any gradient work: refuse (DiskSpaceError: the path, the bytes needed, the bytes free) when the
         stores of `checkpoints` (names, or a number still to be saved), those on disk excepted, and `extra` bytes
         of `extra_what` do not fit on output_dir's disk (disk.py, store.store_bytes)."""
         names = [None] * checkpoints if isinstance(checkpoints, int) else checkpoints
-        dim, dtype, val = self.config.projection_dim, self.config.store_dtype, self.validation_stores.folder
-        needed = extra + sum(
-            store_bytes(len(self.pool_tokens), dim, dtype) * (not (name and (self.rose_dir / "train" / name).exists()))
-            + store_bytes(len(self.validation), dim, dtype) * (not (name and (val / name).exists()))
-            for name in names
+        dim = self.config.projection_dim
+        dtype = self.config.store_dtype
+        needed = extra
+        needed += store_bytes(len(self.pool_tokens), dim, dtype) * _stores_to_write(self.rose_dir / "train", names)
+        needed += store_bytes(len(self.validation), dim, dtype) * _stores_to_write(
+            self.validation_stores.folder, names
         )
         require_free_space(
             self.output_dir,
@@ -186,7 +249,7 @@ class ROSESelector:
             raise ValueError(f"{name}: gradient_type='adam' needs the checkpoint's Adam state")
         check_supported(model)
         state = PartialState()
-        featurizer = self.featurizer(model)
+        featurizer = self.prepare_featurizer(model)
         identity = checkpoint_identity(name, model)
         common = dict(
             model=model_id(model),

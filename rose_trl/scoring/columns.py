@@ -31,6 +31,29 @@ def checkpoint_prefix(subtasks: Iterable[str]) -> str:
 
 @dataclass(frozen=True)
 class ScoreColumns:
+    """What the columns of a score table hold: `score`, one `score_<subtask>` per subtask and one checkpoint column
+    per checkpoint (`score_ckpt<i>`, or a longer prefix when a subtask's name would collide). Writers get theirs
+    from `for_table`, readers from `read` with the subtasks summary.json lists; no one parses column names.
+
+    Args:
+        subtasks (`tuple[str, ...]`, defaults to `()`):
+            The subtasks with a column, in validation-set order.
+        checkpoints (`tuple[str, ...]`, defaults to `()`):
+            The checkpoint columns' names, in step order.
+
+    Example:
+
+    ```python
+    >>> from rose_trl.scoring.columns import ScoreColumns
+    >>> columns = ScoreColumns.for_table(["math", "ckpt0"], num_checkpoints=2)
+    >>> columns.subtask_columns, columns.checkpoints
+    (['score_math', 'score_ckpt0'], ('score__ckpt0', 'score__ckpt1'))
+    >>> ScoreColumns.read(["score", "score_math", "score_ckpt0", "score__ckpt0", "score__ckpt1"], ["math", "ckpt0"])
+    ScoreColumns(subtasks=('math', 'ckpt0'), checkpoints=('score__ckpt0', 'score__ckpt1'))
+
+    ```
+    """
+
     subtasks: tuple[str, ...] = ()
     checkpoints: tuple[str, ...] = ()  # the checkpoint columns' names, in step order
 

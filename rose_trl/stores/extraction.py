@@ -50,14 +50,17 @@ def plan_batches(
     """Group `rows` longest first so that padding is small; a batch holds at most `batch_size` rows
     and, when set, at most `max_batch_tokens` padded tokens (the memory budget)."""
     order = rows[np.argsort(-lengths[rows], kind="stable")]
-    batches, current, width = [], [], 0
+    batches = []
+    current = []
+    width = 0
     for r in order:
         w = max(width, int(lengths[r]))
         if current and (
             len(current) >= batch_size or (max_batch_tokens and w * (len(current) + 1) > max_batch_tokens)
         ):
             batches.append(np.array(current))
-            current, w = [], int(lengths[r])
+            current = []
+            w = int(lengths[r])
         current.append(int(r))
         width = w
     if current:

@@ -25,7 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
+from datasets import Dataset
+from peft import PeftModel
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
 
 from rose_trl.config import ROSEConfig
@@ -96,7 +99,9 @@ class KeepLastTokens:
     the pairs whose prompt fills max_length, and every gradient row must line up with its subtask label."""
 
     def __init__(self, collate_fn, max_length: int, pad_token_id: int):
-        self.collate_fn, self.max_length, self.pad_token_id = collate_fn, max_length, pad_token_id
+        self.collate_fn = collate_fn
+        self.max_length = max_length
+        self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collate_fn(examples)
@@ -155,13 +160,52 @@ def validation_dpo_config(
 
 
 class ROSEDPOTrainer(DPOTrainer):
-    """A DPOTrainer that returns per-pair gradients of its DPO loss instead of training.
+    """A `trl.DPOTrainer` that returns per-pair gradients of its DPO loss instead of training.
 
-    `train_dataset` is the preference validation set (prompt/chosen/rejected, standard or
-    conversational). The model is the policy at a warm-up checkpoint (a PEFT model).
+    TRL tokenizes and collates the preference pairs and computes its own DPO loss (`_compute_loss`: sigmoid with
+    beta 0.1 by default, or any of TRL's loss types and their weighted mix); `pair_gradients` runs that loss over
+    the pairs with the per-example capture hooks on, so each pair's gradient (of its chosen and its rejected row)
+    comes out of one batched forward and backward. The reference model is the pretrained model (the policy with
+    its adapters disabled): the copy of the adapter TRL would make into a "ref" adapter is removed. Its log-probs
+    are computed once (`reference_logps`) and reused by every pass.
+
+    Args:
+        model (`peft.PeftModel`):
+            The policy: the warm-up checkpoint's model with its LoRA adapter (trainable parameters unchanged).
+        args (`trl.DPOConfig`):
+            The loss and the passes: `beta`, `loss_type`, `loss_weights`, `label_smoothing`,
+            `per_device_train_batch_size` (pairs a pass). `validation_dpo_config` makes one for gradient
+            extraction (no dropout change, no gradient checkpointing, sequences cut to their last tokens).
+        train_dataset (`datasets.Dataset`):
+            The preference validation set: `prompt`/`chosen`/`rejected`, standard or conversational. Every pair
+            is kept (an error otherwise).
+        processing_class (`transformers.PreTrainedTokenizerBase`):
+            The policy's tokenizer.
+        **kwargs:
+            Passed on to `trl.DPOTrainer`.
+
+    Example:
+
+    ```python
+    from rose_trl import ROSEDPOTrainer
+    from rose_trl.gradients.featurizer import Featurizer
+    from rose_trl.gradients.projection import build_projector
+    from rose_trl.stores.validation import validation_dpo_config
+
+    trainer = ROSEDPOTrainer(peft_model, validation_dpo_config("outputs/dpo"), preferences, tokenizer)
+    featurizer = Featurizer(build_projector("sjlt", n_lora_params, 8192, seed=0))
+    features = trainer.pair_gradients(featurizer)  # [len(preferences), 8192], in dataset order
+    ```
     """
 
-    def __init__(self, model, args: DPOConfig, train_dataset, processing_class, **kwargs):
+    def __init__(
+        self,
+        model: PeftModel,
+        args: DPOConfig,
+        train_dataset: Dataset,
+        processing_class: PreTrainedTokenizerBase,
+        **kwargs,
+    ):
         validate_preferences(
             train_dataset
             if "subtask" in train_dataset.column_names
@@ -247,7 +291,9 @@ class ROSEDPOTrainer(DPOTrainer):
 
     def _pair_gradients(self, featurizer: Featurizer, reference, pairs_a_pass: int) -> torch.Tensor:
         model = self.accelerator.unwrap_model(self.model)
-        out, start, precomputed = [], 0, self.precompute_ref_logps
+        out = []
+        start = 0
+        precomputed = self.precompute_ref_logps
         self.precompute_ref_logps = reference is not None  # TRL's loss then reads ref_*_logps from the batch
         try:
             with eval_mode(model):
@@ -326,9 +372,14 @@ class ValidationGradients:
         use_cpu: bool = False,
         ddp_backend: str | None = None,
     ):
-        self.validation, self.tokenizer, self.config = validation, tokenizer, config
-        self.rose_dir, self.fingerprint, self.max_length = rose_dir, fingerprint, max_length
-        self.use_cpu, self.ddp_backend = use_cpu, ddp_backend
+        self.validation = validation
+        self.tokenizer = tokenizer
+        self.config = config
+        self.rose_dir = rose_dir
+        self.fingerprint = fingerprint
+        self.max_length = max_length
+        self.use_cpu = use_cpu
+        self.ddp_backend = ddp_backend
         self.kind = "dpo" if config.selection_method == "rose" else "sft"
         tag = (
             validation_loss_tag(
