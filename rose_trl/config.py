@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import re
 import textwrap
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 
 from rose_trl.gradients.projection import PROJECTION_TYPES
 from rose_trl.utils.errors import ConfigError
@@ -34,19 +37,73 @@ BASELINE_METHODS = ("random", "bm25", "rds", "dsir", "full")
 SELECTION_METHODS = GRADIENT_METHODS + BASELINE_METHODS
 
 
+# A config dataclass's body opens each group of options with a comment of this form: the one grouping its options
+# have in the reference (docs/reference/options.md, written by `python -m rose_trl.reference`).
+SECTION_COMMENT = re.compile(r"^\s*# (Parameters that control .+?)\s*$")
+
+
+def option_default(f: Field):
+    """A field's default value (its default_factory's value for a list)."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def option_type(cls, f: Field) -> str:
+    """A field's type as its class writes it (`str | None`). Not `f.type`: transformers' HfArgumentParser (TrlParser)
+    rewrites the fields' `type` in place when it builds a parser (`str | None` becomes `str`)."""
+    for klass in cls.__mro__:
+        annotation = vars(klass).get("__annotations__", {}).get(f.name)
+        if annotation is not None:
+            return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return str(f.type)
+
+
+def option_help(f: Field) -> str:
+    """A field's help as a reader sees it: argparse's `%%` written `%`, its choices appended."""
+    text = f.metadata.get("help", "").replace("%%", "%")
+    if f.metadata.get("choices"):
+        text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+    return text
+
+
+def option_sections(cls) -> list[tuple[str, list[Field]]]:
+    """A config dataclass's fields in the groups that its body's `# Parameters that control ...` comments open, in
+    field order; a field before any such comment is in the group "Parameters" (a base class's fields in its own
+    groups). Read from the class's source: the comments are the one place the grouping is written."""
+    by_name = {f.name: f for f in fields(cls)}
+    title_of: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source (a frozen build): one group
+            continue
+        lines = source.splitlines()
+        class_def = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef))
+        title, end = "Parameters", class_def.lineno  # from the line after `class ...:`
+        for node in class_def.body:
+            for line in lines[end : node.lineno - 1]:
+                m = SECTION_COMMENT.match(line)
+                if m:
+                    title = m.group(1)
+            end = node.end_lineno
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in by_name:
+                title_of[node.target.id] = title
+    sections: dict[str, list[Field]] = {}
+    for f in fields(cls):
+        sections.setdefault(title_of.get(f.name, "Parameters"), []).append(f)
+    return list(sections.items())
+
+
 def _document_fields(cls):
     """Add to `cls`'s docstring an `Args:` section built from its fields (name, type, default, help), before its
     `Example:` section: what `help()` shows then comes from the fields themselves and cannot drift from them."""
     if cls.__doc__ is None:  # python -OO
         return cls
     lines = ["    Args:"]
-    for f in fields(cls):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        lines.append(f"        {f.name} (`{f.type}`, defaults to `{default!r}`):")
-        text = f.metadata.get("help", "").replace("%%", "%")  # argparse's escape, not the text
-        if f.metadata.get("choices"):
-            text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
-        lines += textwrap.wrap(text, width=118, initial_indent=" " * 12, subsequent_indent=" " * 12)
+    for f in fields(cls):  # as docs/reference/options.md shows them (rose_trl.reference): one text for both
+        lines.append(f"        {f.name} (`{option_type(cls, f)}`, defaults to `{option_default(f)!r}`):")
+        lines += textwrap.wrap(option_help(f), width=118, initial_indent=" " * 12, subsequent_indent=" " * 12)
     doc = cls.__doc__.rstrip()
     head, example = (doc.split("\n    Example:", 1) + [None])[:2]
     cls.__doc__ = head.rstrip() + "\n\n" + "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from rose_trl.config import ROSEConfig, SelectConfig
+from rose_trl.config import ROSEConfig, SelectConfig, option_type
 
 
 # name -> whether its docstring must carry an `Example:` (the entry points a user starts from)
@@ -102,7 +102,7 @@ def test_config_docstrings_list_every_field_with_its_type_default_and_help(cls):
     doc = " ".join(inspect.getdoc(cls).split())  # wrapped text, compared word by word
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        assert f"{f.name} (`{f.type}`, defaults to `{default!r}`):" in doc, f.name
+        assert f"{f.name} (`{option_type(cls, f)}`, defaults to `{default!r}`):" in doc, f.name
         assert " ".join(f.metadata["help"].replace("%%", "%").split()) in doc, f.name  # argparse's escape
         for choice in f.metadata.get("choices", []):
             assert str(choice) in doc

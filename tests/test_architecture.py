@@ -97,8 +97,9 @@ def test_the_coordinator_stays_short():
 
 
 # The stages, lowest first: a module may import its own stage and the stages before it, never one after it.
-# Top-level modules take a place of their own (`config` knows the projection types; `cli` and the package's
-# `__init__` sit on top). `_compat` imports nothing of the package: it names old paths as strings.
+# Top-level modules take a place of their own (`config` knows the projection types; `cli`, `reference` (the pages
+# written from the config and the parser) and the package's `__init__` sit on top). `_compat` imports nothing of
+# the package: it names old paths as strings.
 LAYERS = [
     "_compat",
     "utils",
@@ -115,6 +116,7 @@ LAYERS = [
     "outputs",
     "run",
     "cli",
+    "reference",
     "__init__",
 ]
 

@@ -40,7 +40,7 @@ def test_gpu_extraction_benchmark_runs_tiny_on_cpu(capsys):
     assert " truncated_engine_over_floor[1]=" in last
 
 
-def test_extraction_benchmark_runs_tiny(capsys):
+def test_extraction_benchmark_runs_tiny(capsys, tmp_path):
     import extraction
 
     extraction.main(
@@ -63,11 +63,11 @@ def test_extraction_benchmark_runs_tiny(capsys):
             "1",
         ]
     )
-    out = capsys.readouterr().out.strip().splitlines()
-    last = out[-1]
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
     speedup, overhead = (float(part.split("=")[1]) for part in last.split())
     assert last.startswith("speedup_vs_less=") and speedup > 1 and overhead > 0
-    truncated = next(line for line in out if line.startswith("(b_1) gradient_layers 1 of 2"))
+    truncated = next(line for line in out.splitlines() if line.startswith("(b_1) gradient_layers 1 of 2"))
     ratios = dict(part.split("=") for part in truncated.split("; ")[1].split())
     assert set(ratios) == {
         "layers",
@@ -76,6 +76,23 @@ def test_extraction_benchmark_runs_tiny(capsys):
         "truncated_floor_over_full_floor",
     }
     assert all(float(v) > 0 for v in ratios.values())
+    # the front page's figure records such a run (benchmarks/results_figure.py): its ms per example, read back
+    import shutil
+
+    import results_figure
+
+    (run,) = results_figure.extraction_runs(out)
+    assert math.isclose(run["engine"] / run["floor"], overhead, rel_tol=0.1)
+    assert math.isclose(run["less"] / run["engine"], speedup, rel_tol=0.1)
+    recorded = tmp_path / "extraction.json"
+    shutil.copy(results_figure.EXTRACTION_RESULTS, recorded)
+    (tmp_path / "extraction.log").write_text(out + out)  # two runs
+    argv = ["--extraction-file", str(recorded), "--extraction-log", str(tmp_path / "extraction.log")]
+    argv += ["--hardware", "a test machine", "--commit", "abc1234", "--out", str(tmp_path / "results.png")]
+    results_figure.main(argv)
+    tiny = next(w for w in results_figure.read(recorded)["workloads"] if w["name"] == "tiny")
+    assert tiny["runs"] == [run, run] and tiny["source"]["hardware"] == "a test machine"
+    assert tiny["source"]["commit"] == "abc1234" and (tmp_path / "results.png").stat().st_size > 10_000
 
 
 def run_script(script: str, *args: str) -> list[str]:
@@ -379,6 +396,14 @@ def test_real_model_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monkeypatc
     last = out.strip().splitlines()[-1]
     assert last.startswith("mode=full hh_k1@25%.rose=") and "hh_k1@50%.random=" in last and "rose-random=" in last
     assert "hh_k10@25%.rose-random=" in last  # the larger k is compared with the default k's random runs
+    # the front page's figure records such a run (benchmarks/results_figure.py): the table's own numbers
+    import results_figure
+
+    (entry,) = results_figure.real_model_entries(results, 0.25)  # the released k, which holds random's runs
+    assert (entry["target"], entry["validation_k"], entry["test_pairs"]) == ("hh", 1, 4)
+    assert entry["accuracy"]["rose"][0] == round(rose[0]["test"]["accuracy"], 4)
+    assert entry["minus_random"]["rose"][0] == round(paired_difference(rose, rnd, "test", "wins")["mean"], 4)
+    assert entry["random"]["seeds"] == 2 and "target_chosen" in entry["accuracy"] and "dsir" not in entry["accuracy"]
 
 
 def test_transfer_benchmark_runs_tiny(tmp_path, capsys):
@@ -678,6 +703,20 @@ def test_property_targets_benchmark_runs_tiny_and_resumes(tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert "trained 0 adapters, evaluated 0, made 0 selections" in out
     assert again["targets"] == results["targets"] and again["oracle"] == results["oracle"]
+    # the front page's figure records such a run (benchmarks/results_figure.py): the report's own numbers
+    import results_figure
+
+    entries = results_figure.property_targets_entries(results, 0.2)
+    assert [(e["target"], e["direction"]) for e in entries] == [
+        (prop, direction) for prop in ("se_link", "hh_question") for direction in ("prefer", "avoid")
+    ]
+    dirs = results["targets"]["se_link"]["directions"]["prefer"]
+    rose = [r["test"] for r in dirs["methods"]["rose"]["0.2"]]
+    rnd = [r["test"] for r in dirs["methods"]["random"]["0.2"]]
+    less = [r["test"] for r in dirs["methods"]["less"]["0.2"]]
+    assert entries[0]["minus_random"]["rose"][0] == round(paired(rose, rnd, "wins")["mean"], 4)
+    assert entries[0]["rose_minus_less"][0] == round(paired(rose, less, "wins")["mean"], 4)
+    assert entries[0]["random"]["seeds"] == 2 and {"oracle", "anti-oracle", "bm25"} <= set(entries[0]["accuracy"])
 
 
 def test_frontier_sweep_costs_and_figure_run_tiny(tmp_path, capsys):
