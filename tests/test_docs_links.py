@@ -34,6 +34,7 @@ FORBIDDEN = {
     "an issue number": re.compile(r"\bissues? #?\d+", re.I),
     "words about sessions": re.compile(r"\bsessions?\b", re.I),
     "words about lent machines": re.compile(r"\blent\b|\bnot drawn\b", re.I),
+    "a placeholder left for a result": re.compile(r"^[A-Z][A-Z0-9]*_[A-Z0-9_]+$", re.M),
 }
 
 
@@ -119,6 +120,6 @@ def test_docs_speak_to_users(document):
 
 
 def test_the_wording_check_catches_what_it_names():
-    sample = "on /work/assets/model (issue 25), as this session's lent machine had no GPU"
+    sample = "on /work/assets/model (issue 25), as this session's lent machine had no GPU\nPLAN_TINY_EXAMPLE\n"
     assert all(rx.search(sample) for rx in FORBIDDEN.values())
     assert not any(rx.search("outputs/smollm2/model, the issue tracker, a reissued run") for rx in FORBIDDEN.values())
