@@ -86,7 +86,7 @@ from rose_trl.stores.store import GradientStore  # noqa: E402
 
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "frontier_results.json"
+RESULTS = HERE / "results" / "frontier.json"
 
 
 # ---------------------------------------------------------------------------------- settings
