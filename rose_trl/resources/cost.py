@@ -4,8 +4,8 @@ every decoder layer, for every pool row at every checkpoint). The memory plan's 
 
 A pass whose backward stops below the last n of L decoder layers costs about
 `FORWARD_SHARE + (1 - FORWARD_SHARE) * n / L` of a full one: the forward of every layer, the LM head and the loss
-are paid whatever n, the backward in proportion to the layers it crosses (measured: docs/performance.md,
-"Cheaper selections").
+are paid whatever n, the backward in proportion to the layers it crosses (measured:
+docs/results/cost_frontier.md, "Each option's pass against the floor").
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 
 # The share of a full pass that does not shrink with the layers the backward crosses (forward, LM head, loss),
-# measured at SmolLM2-135M's shape (30 layers, 256 tokens) on a CPU: docs/performance.md.
+# measured at SmolLM2-135M's shape (30 layers, 256 tokens) on a CPU: docs/results/cost_frontier.md.
 FORWARD_SHARE = 0.45
 
 
