@@ -805,3 +805,12 @@ def test_frontier_holding_reports_each_settings_true_worst_difference():
     assert got["l2_c-1_poff"]["holds"] and got["l2_c-1_poff"]["worst"] == pytest.approx(0.01)
     assert not got["l1_c-1_poff"]["holds"] and got["l1_c-1_poff"]["worst"] == pytest.approx(-0.04)
     assert got["lall_call_poff"]["worst"] == 0.0 and set(got["l2_c-1_poff"]["suites"]) == {"a", "b"}
+
+
+def test_extraction_benchmark_runs_on_a_pool_of_fewer_than_twelve_rows(capsys):
+    """The warm-up AdamW steps cycle over a small pool (8 rows: the third step's batch was empty)."""
+    import extraction
+
+    small = ["--examples", "8", "--hidden", "32", "--layers", "2", "--heads", "2", "--vocab", "200"]
+    extraction.main([*small, "--dim", "64", "--seq-len", "16", "--batch-size", "4", "--repeats", "1", "--skip-less"])
+    assert "overhead_vs_fwd_bwd=" in capsys.readouterr().out.strip().splitlines()[-1]
