@@ -38,7 +38,8 @@ EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11", "ruff==0.17.5"],
     "deepspeed": ["deepspeed>=0.19,<0.20"],
     # trak's CUDA projector (projection_type: trak_cuda); GPU machines only. fast_jl 0.1.3's setup.py asks
-    # nvcc for compute_70, which CUDA 13 dropped: build it with its TORCH_CUDA_ARCH_LIST edited (docs/distributed.md).
+    # nvcc for compute_70, which CUDA 13 dropped: build it with its TORCH_CUDA_ARCH_LIST edited
+    # (docs/guides/multi_gpu.md).
     "fast": ["fast_jl"],
     # GGUF model files as a model source (rose_trl.models.source): transformers' GGUF reader needs it.
     "gguf": ["gguf>=0.17,<0.20"],

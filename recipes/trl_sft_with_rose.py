@@ -12,7 +12,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
-# TRL 1.16.0's trl/scripts/sft.py, changed only by the lines marked "# ROSE" (docs/dropin.md).
+# TRL 1.16.0's trl/scripts/sft.py, changed only by the lines marked "# ROSE" (docs/guides/callback.md).
 
 # /// script
 # dependencies = [

@@ -1,8 +1,8 @@
 """rose_trl: ROSE reward-oriented instruction-data selection for Hugging Face TRL.
 
 The public names below load lazily: `import rose_trl` stays cheap (no torch or TRL import) for the command line
-and tooling. The stages live in subpackages, in the order data flows (docs/architecture.md): `data`, `gradients`,
-`stores`, `scoring`, `outputs`, with `run` on top.
+and tooling. The stages live in subpackages, in the order data flows (docs/reference/architecture.md): `data`,
+`gradients`, `stores`, `scoring`, `outputs`, with `run` on top.
 """
 
 from rose_trl import _compat

@@ -170,7 +170,7 @@ class ROSEConfig:
         metadata={
             "help": "Training pool: Hub dataset id, local .jsonl/.json/.csv/.tsv/.parquet file or "
             "save_to_disk folder. Rows are chat (`messages`), `prompt`/`completion`, Alpaca "
-            "(`instruction`, `output`, optional `input`) or `text` (docs/data.md); other column "
+            "(`instruction`, `output`, optional `input`) or `text` (docs/guides/data.md); other column "
             "names: pool_column_map."
         },
     )
@@ -253,7 +253,7 @@ class ROSEConfig:
             "max_length, chat_template_path, learning_rate, output_dir, ...) and "
             "gguf_file. Unset options are the warm-up's, except model_revision and "
             "gguf_file when model_name_or_path names another model. A nested block in a "
-            "YAML config, a JSON object on the command line (docs/transfer.md)."
+            "YAML config, a JSON object on the command line (docs/guides/transfer.md)."
         },
     )
 
@@ -357,7 +357,7 @@ class ROSEConfig:
         metadata={
             "help": "TRL DPO loss type(s) whose per-pair gradients define the target (rose only), as "
             "DPOConfig.loss_type: sigmoid (the paper's DPO loss), ipo, hinge, robust, bco_pair, ... "
-            "Several are combined with validation_loss_weights. docs/method.md says which reproduce "
+            "Several are combined with validation_loss_weights. docs/guides/method.md says which reproduce "
             "the sigmoid selection and why.",
             "choices": list(DPO_LOSS_TYPES),
         },

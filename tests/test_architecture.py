@@ -1,5 +1,5 @@
-"""The package's shape (docs/architecture.md): stages in folders that import only the stages below them; no import
-circle, even through imports inside functions; no module past 600 lines; few modules left at the top; the
+"""The package's shape (docs/reference/architecture.md): stages in folders that import only the stages below them;
+no import circle, even through imports inside functions; no module past 600 lines; few modules left at the top; the
 coordinator short."""
 
 import ast

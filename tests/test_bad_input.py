@@ -1,6 +1,6 @@
 """Every bad input in one place: a clear error naming the record and field (or the file), nothing half-written.
 
-docs/reliability.md lists the same catalogue.
+docs/reference/errors.md lists the same catalogue.
 """
 
 import copy

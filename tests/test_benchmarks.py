@@ -174,7 +174,7 @@ def test_extraction_benchmark_runs_at_the_real_shape_cut_down(capsys, monkeypatc
 
 
 def test_extraction_memory_paths_of_the_real_shape_at_tiny_scale(monkeypatch):
-    """extraction_memory's fused_plain_loss and backbone paths (what docs/performance.md's SmolLM2 table
+    """extraction_memory's fused_plain_loss and backbone paths (what docs/results/extraction.md's SmolLM2 table
     reads), at the tiny shape with the chunked loss forced on: the chunked pass and the decoder alone hold
     less per row than the pass with the plain loss."""
     from extraction_memory import run

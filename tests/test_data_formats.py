@@ -1,6 +1,6 @@
 """The data users have, read as it is: CSV/TSV files, Alpaca and TRL language-modeling (`text`) pool rows, column
 maps from the recipe's options, errors that list the formats, and validation_k that never leaves pairs out in
-silence (docs/data.md)."""
+silence (docs/guides/data.md)."""
 
 import csv
 import json

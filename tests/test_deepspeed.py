@@ -45,7 +45,7 @@ on_gpu = os.environ.get("ROSE_TEST_GPU") == "1"
 tok = AutoTokenizer.from_pretrained("tiny/model")
 pool, validation = load_pool("tiny/pool.jsonl"), load_preferences("tiny/validation.jsonl")
 # DeepSpeed on a CPU machine: use_cpu would turn DeepSpeed off in accelerate, so the CPU is reached
-# through the gloo backend instead (docs/distributed.md).
+# through the gloo backend instead (docs/guides/multi_gpu.md).
 args = SFTConfig(output_dir=sys.argv[2], num_train_epochs=2, per_device_train_batch_size=4, learning_rate=1e-3,
                  save_strategy="epoch", logging_steps=1, use_cpu=not (deepspeed or on_gpu),
                  ddp_backend="gloo" if deepspeed and not on_gpu else None,

@@ -1,4 +1,4 @@
-"""Every name README.md and docs/ show is importable, and every call they show is accepted by its signature.
+"""Every name README.md and docs/ (guides/, reference/, results/) show is importable, and every call they show is
 
 What the documents show, read from them (not listed by hand): `from rose_trl... import ...` lines, dotted
 `rose_trl.x.y` names, and calls or signatures of rose_trl names, inline (`name(args)`) or in python code
@@ -23,7 +23,7 @@ import rose_trl
 
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 IMPORT = re.compile(r"^[+\s]*from (rose_trl[\w.]*) import ([\w ,]+)", re.M)
 DOTTED = re.compile(r"`(rose_trl(?:\.\w+)+)")
 INLINE_CALL = re.compile(r"`([A-Za-z_][\w.]*(?:\[\"\w+\"\])?\()")

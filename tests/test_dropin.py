@@ -52,7 +52,8 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_trls_sft_script_with_the_callback_gives_the_recipes_selection(tmp_path):
     """On the tiny task: TRL's script warmed up on the recipe's warm-up rows selects what the recipe selects
-    with the same arguments (no row is over max_length, so both trainers see the same tokens; docs/dropin.md)."""
+    with the same arguments (no row is over max_length, so both trainers see the same tokens;
+    docs/guides/callback.md)."""
     from rose_trl.run.pipeline import warmup_indices
 
     run([sys.executable, "-m", "rose_trl.cli", "tiny-assets", "tiny", "--pool-size", "120"], tmp_path)

@@ -311,7 +311,7 @@ def test_a_gguf_file_as_the_final_model(assets, tmp_path, monkeypatch):
 
 
 def test_trl_sft_script_trains_another_model_on_a_finished_selection(assets, tmp_path):
-    """Without the recipe (docs/transfer.md): TRL's own scripts/sft.py with the documented config
+    """Without the recipe (docs/guides/transfer.md): TRL's own scripts/sft.py with the documented config
     (recipes/smollm2-135m/rose-t/trl_sft_gemma3_se.yaml), its paths pointed at a tiny run's selection."""
     import yaml
     from trl.scripts.sft import main, make_parser

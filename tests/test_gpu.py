@@ -2,7 +2,7 @@
 CudaProjector (fast_jl), and ROSECallback under DeepSpeed with nccl and bf16.
 
 Run on a GPU machine with `pytest -m gpu tests/test_gpu.py`; skipped elsewhere (CI has no GPU).
-docs/distributed.md records what it printed and where it ran.
+docs/results/distributed.md records what it printed and where it ran.
 """
 
 import importlib.util
@@ -120,7 +120,7 @@ def test_trak_cuda_projector_is_rowwise_deterministic_and_never_picked_by_auto()
         t, v = torch.nn.functional.normalize(t, dim=1), torch.nn.functional.normalize(v, dim=1)
         return (t @ v.mean(0)).cpu().numpy()
 
-    # Reported, not asserted: how well each projector's scores track the exact ones (docs/distributed.md).
+    # Reported, not asserted: how well each projector's scores track the exact ones (docs/results/distributed.md).
     exact = cosine_scores(train, val)
     rho = {}
     for kind in ("trak_cuda", "trak", "sjlt"):

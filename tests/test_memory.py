@@ -116,7 +116,7 @@ def test_largest_rows():
 @pytest.mark.parametrize("shape", ["tiny-recipe", "tiny"])
 def test_estimates_are_within_25_percent_of_measured_peaks(shape):
     """benchmarks/memory/extraction_memory.py --estimates at small shapes: every pass kind's estimate against the
-    peak of live bytes its real code path allocates (torch's profiler). docs/performance.md has SmolLM2 and 7B."""
+    peak of live bytes its real code path allocates (torch's profiler). docs/results/memory.md has SmolLM2 and 7B."""
     from extraction_memory import estimate_passes
 
     rows = estimate_passes(

@@ -7,7 +7,7 @@
     python benchmarks/quality/frontier_figure.py                                           # the figure, from the data
 
 Suites (each one pool, one warm-up, its targets in both directions where they have two):
-- properties: docs/selection_quality.md (d), SmolLM2-135M-Instruct: the three properties (se_link, se_code,
+- properties: docs/results/property_targets.md, SmolLM2-135M-Instruct: the three properties (se_link, se_code,
   se_emphasis), prefer and avoid, on the suite's 200-row pool (property_targets.py, its full settings: warm-up on
   10% for 2 epochs, 2 checkpoints, 160 tokens, 10 validation pairs, 10% selected);
 - se, hh: the paper's released SE 2-shot and HH 1-shot pairs as targets, on a pool of target prompts answered with

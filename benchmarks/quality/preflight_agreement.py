@@ -1,5 +1,5 @@
 """How well `rose-trl check-pairs` (the pairs' agreement before any warm-up) predicts the agreement a run reports
-after its warm-up, on the property targets of docs/selection_quality.md (d) and on the released SE and HH pairs.
+after its warm-up, on the property targets of docs/results/property_targets.md and on the released SE and HH pairs.
 
     python benchmarks/quality/preflight_agreement.py --model outputs/smollm2/model --out outputs/props_full
     python benchmarks/quality/preflight_agreement.py --model outputs/smollm2/model --quick --out outputs/props_quick
@@ -52,7 +52,7 @@ from rose_trl.scoring.agreement import RELIABILITY_THRESHOLD, pair_agreement, re
 
 
 PROPERTIES = ("se_link", "se_code", "se_emphasis")
-PAIRS_PER_PROPERTY = 10  # the property grid's k (docs/selection_quality.md (d)): its first 10 pairs
+PAIRS_PER_PROPERTY = 10  # the property grid's k (docs/results/property_targets.md): its first 10 pairs
 RELEASED = (("se", 2), ("hh", 10), ("hh", 1))
 QUICK_RELEASED = (("se", 2), ("hh", 1))
 SHOTS, DRAWS = (2, 3, 5), 20

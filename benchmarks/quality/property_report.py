@@ -1,4 +1,4 @@
-"""Tables of benchmarks/quality/property_targets.py (markdown, as docs/selection_quality.md (d) quotes them)."""
+"""Tables of benchmarks/quality/property_targets.py (markdown, as docs/results/property_targets.md quotes them)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@
     the share of the selection carrying a preferred phrase and a dispreferred one. (a2) adds a
     distractor phrase to every preference answer, chosen and rejected alike, and to a sixth of the pool:
     it resembles the target's answers but carries no preference. With --loss-types, ROSE is also run
-    with each of TRL's DPO loss types as the validation loss (docs/method.md): overlap of its selection
+    with each of TRL's DPO loss types as the validation loss (docs/guides/method.md): overlap of its selection
     with the sigmoid one, the same shares, and how its per-pair gradients point against sigmoid's.
 (b) The ROSE paper's released data (../shared/data/rose, or ROSE_DATA_DIR): the pool is the SFT view of
     the SHP, SE and HH test sets (prompt + best answer, one `source` per task); the target is one task's

@@ -206,7 +206,7 @@ PROPERTIES: dict[str, Property] = {
         ),
     )
 }
-# The properties the data holds often enough for a suite (docs/selection_quality.md (d) gives the counts).
+# The properties the data holds often enough for a suite (docs/results/property_targets.md gives the counts).
 DEFAULT_PROPERTIES = ("se_link", "se_code", "se_emphasis", "hh_question")
 
 

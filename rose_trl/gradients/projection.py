@@ -9,7 +9,7 @@
   matrix fits `cache_bytes` we materialize exactly the same blocks once (same numbers, ~15x faster).
   "trak_cuda" is trak's `CudaProjector` (fast_jl), LESS's GPU projector. It is never picked
   automatically: on an H100 its scores tracked exact cosine scores much worse than BasicProjector's
-  or sjlt's (mean Spearman 0.42 vs 0.79 and 0.79, docs/distributed.md).
+  or sjlt's (mean Spearman 0.42 vs 0.79 and 0.79, docs/results/distributed.md).
 
 Projectors are described by a JSON-able dict (`describe()`), stored with every gradient store so
 that stores built with different matrices are never mixed.

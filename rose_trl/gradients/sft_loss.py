@@ -63,7 +63,7 @@ def sft_per_example_loss(
     `positions`: the sequence positions `logits` were computed for (`logits_to_keep`), all when None.
     The labels are shifted, not the logits: a `logits[:, :-1]` view would make the backward allocate and
     zero-fill a second logits-sized gradient, and cross entropy over a flat [B*T, V] view runs its
-    contiguous kernel (profiled in docs/performance.md)."""
+    contiguous kernel (profiled in docs/results/extraction.md)."""
     shifted, counts = _shifted_labels(labels)
     if positions is not None:
         shifted = shifted[:, positions]

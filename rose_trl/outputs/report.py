@@ -473,7 +473,7 @@ def _agreement_html(run: SelectionRun) -> list[str]:
     parts = [
         "<h3>Do the validation pairs agree?</h3>",
         f'<p class="muted">Reliability = k a / (1 + (k - 1) a) for k pairs agreeing at a: the share of a subtask\'s '
-        f"target that its pairs have in common. Under {threshold:.2f} (measured: docs/selection_quality.md (d)) "
+        f"target that its pairs have in common. Under {threshold:.2f} (measured: docs/results/shots_sweep.md) "
         "another draw of as many pairs would pick mostly other rows.</p>",
         _table(table),
     ]

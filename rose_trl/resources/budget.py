@@ -5,10 +5,10 @@ The budget is `memory_budget_gb` (ROSEConfig) or, by default, the machine's memo
 - CPU: what the process holds when the budget is taken, plus `CPU_BUDGET_SHARE` (75%) of the memory available
   (psutil's `available`: free and reclaimable), shared equally by the node's processes. The quarter left is
   headroom: for the page cache that serves the gradient stores, for the machine's other processes, and for the
-  estimates' error (a pass's RSS rose up to 1.27 times its planned figure, at the 7B shape: docs/performance.md).
+  estimates' error (a pass's RSS rose up to 1.27 times its planned figure, at the 7B shape: docs/results/memory.md).
   On this project's 2-core CPU machine (24 GiB) that is about 18 GB, where SmolLM2-135M's passes reach their
   limits (gradient_batch_size, validation_batch_size): the recipe's time stops improving from about 8 GB
-  (docs/performance.md, "The default budget");
+  (docs/results/memory_budget.md);
 - CUDA: what the process has reserved plus `CUDA_BUDGET_SHARE` (90%) of the device's free memory
   (`torch.cuda.mem_get_info`), each process having its own device.
 A budget the user sets is held: where a pass fits it only with glibc's compact heap (`compact_heap`), the heap is
@@ -56,7 +56,7 @@ CUDA_BUDGET_SHARE = 0.90  # of the device's free memory, beyond what the process
 MIN_HEAD_TOKENS = 64
 GB = 1e9
 # On a CPU, glibc's heap keeps the holes that freed blocks leave, so a pass raises the process's RSS by more than its
-# live bytes (what memory.py estimates). Measured on SmolLM2's shape (docs/performance.md, "RSS against live
+# live bytes (what memory.py estimates). Measured on SmolLM2's shape (docs/results/memory.md, "RSS against live
 # bytes"), the passes the plan sizes: with glibc's default (dynamic) mmap threshold up to 1.51 times in one pass,
 # 1.7 in the recipe's gradient passes end to end: HEAP_SLACK["default"]; once every block of COMPACT_MMAP_THRESHOLD
 # bytes or more is mapped on its own and unmapped when freed (`compact_heap`), up to 1.28 in one pass, and end to end
@@ -67,7 +67,7 @@ GB = 1e9
 # The compact heap costs page faults (passes take longer), so the plan uses it only when a pass would not fit a budget
 # the user set otherwise. CUDA's caching allocator is measured by what it allocates: no slack.
 HEAP_SLACK = {"default": 1.8, "compact": 1.6}
-# What a larger budget saves (`pass_seconds`), measured on a CPU (docs/performance.md, "Rows a pass against time"):
+# What a larger budget saves (`pass_seconds`), measured on a CPU (docs/results/memory_budget.md):
 # a pass costs as much as PASS_OVERHEAD_TOKENS tokens of its rows beyond them, and glibc's compact heap makes the
 # passes COMPACT_HEAP_TIME times as long (its page faults). Not measured on CUDA: no time figure there.
 PASS_OVERHEAD_TOKENS = {"cpu": 64}

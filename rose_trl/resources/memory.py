@@ -30,7 +30,7 @@ save nothing: a frozen weight needs no input to get its gradient). Per token and
   same tensor when no cast or dropout makes it their own) and lora_A's output (r) for lora_B; in train mode with
   dropout, each module's dropout output and its mask (float32 on a CPU; CUDA's is 1 byte a value: counted as 4).
 These counts were read from autograd's saved-tensor hooks (benchmarks/memory/extraction_memory.py --saved) and are
-checked against measured peaks at three shapes (docs/performance.md, "Estimates against measurements").
+checked against measured peaks at three shapes (docs/results/memory.md, "Estimates against measurements").
 """
 
 from __future__ import annotations

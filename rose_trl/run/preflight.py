@@ -12,8 +12,8 @@ the run's `validation_agreement` and `across_subtasks`. Nothing is trained and n
 Why that model: PEFT starts LoRA's B at zero, so the adapter's gradient is all in B, and B's gradient is the base
 weight's gradient times the random A (dL/dB = dL/dW A^T): a random projection of the base model's own gradient,
 which keeps its cosines. After a short warm-up B is still small and A near its start, so the gradient the run
-measures is mostly the same projection at slightly moved weights. docs/selection_quality.md, "The pairs checked
-before the warm-up", measures how well it predicts the after-warm-up agreement and flags, against other
+measures is mostly the same projection at slightly moved weights. docs/results/preflight.md
+measures how well it predicts the after-warm-up agreement and flags, against other
 candidates (`CANNOT_TELL` says what it cannot see).
 """
 
@@ -41,7 +41,7 @@ from rose_trl.stores.validation import ValidationGradients
 
 CANNOT_TELL = (
     "how the warm-up moves the weights: after it the agreement is measured at the trained adapter, and can differ "
-    "(how much, measured: docs/selection_quality.md, 'The pairs checked before the warm-up')",
+    "(how much, measured: docs/results/preflight.md)",
     "the Adam preconditioning of the pool gradients (the warm-up's optimizer state does not exist yet): it changes "
     "the scores, not the agreement of the pairs",
     "whether the model can learn the preference the pairs express, and which pool rows will be selected",

@@ -4,7 +4,7 @@
     selector.add_checkpoint(model, "checkpoint-10", learning_rate, adam_state)   # once per checkpoint
     selector.finalize()                                                           # scores + selection
 
-It coordinates the parts (docs/architecture.md): the run ledger (`ledger`: rose/run.json, checkpoints.json,
+It coordinates the parts (docs/reference/architecture.md): the run ledger (`ledger`: rose/run.json, checkpoints.json,
 step_lrs.json and every learning rate), the featurizer (`featurizer`, one per run), the pool's gradient stores
 (`extraction`, rose/train/<checkpoint>/), the validation stores (`validation`), the scores and the selection
 (`scoring`, `selection`, `explain`). Every store is resumed when it matches and refused when it does not.

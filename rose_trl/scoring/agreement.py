@@ -10,7 +10,7 @@ target that the pairs have in common is the Spearman-Brown reliability of a mean
 R near 1: the pairs agree, and the selection follows what they share. R near 0: the target is the sum of the
 pairs' particulars, and the picks follow single pairs: another draw of as many pairs would pick other rows.
 
-The threshold `RELIABILITY_THRESHOLD` comes from the shots sweep of docs/selection_quality.md (d)
+The threshold `RELIABILITY_THRESHOLD` comes from the shots sweep, docs/results/shots_sweep.md
 (benchmarks/quality/property_sweep.py): on SmolLM2-135M, with property targets whose preference the model can learn,
 it is the lowest reliability from which two disjoint draws of as many pairs pick, at the median, at least
 half of the same rows. Below it the selection is more the pairs' draw than their preference.
@@ -29,7 +29,7 @@ import numpy as np
 from rose_trl.utils.timing import stage
 
 
-# Measured, not chosen: docs/selection_quality.md (d), "the shots sweep" (benchmarks/quality/property_sweep.py). On
+# Measured, not chosen: docs/results/shots_sweep.md (benchmarks/quality/property_sweep.py). On
 # SmolLM2-135M's three property targets (se_link, se_code, se_emphasis; 300 pairs of disjoint draws of 1-25
 # pairs), the median share of the top 10% that a disjoint draw of as many pairs picks too is 0.20 below a
 # reliability of 0.1, 0.40 at 0.1-0.2, 0.47 at 0.2-0.3 and 0.70-0.90 above: 0.3 is the lowest bin edge from

@@ -32,7 +32,7 @@ from rose_trl.utils.timing import stage
 
 
 FORMAT_VERSION = 1
-# int8 rows carry a float32 scale each: half the disk of float16, scores nearly unchanged (docs/scale.md).
+# int8 rows carry a float32 scale each: half the disk of float16, scores nearly unchanged (docs/results/scoring.md).
 DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
 # Keys that must agree for two stores (or a store and a request) to describe the same rows.
 IDENTITY_KEYS = ("model", "checkpoint", "projection", "dtype", "gradient_type", "pool_fingerprint", "num_rows")

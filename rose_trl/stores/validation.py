@@ -100,7 +100,7 @@ def labelled_positions_only():
     every device. TRL does so where Triton runs (CUDA) and scores every position elsewhere (its reason: the tile
     shapes of compiled kernels, for devices such as Neuron); on a CPU, the prompt's and the padding's positions are
     computed and then masked to 0, in the forward and in the backward: about a fifth of a validation pass's time
-    at SmolLM2 on the SE pairs (docs/performance.md, "Stage times"). The scored positions' log-probs are the same
+    at SmolLM2 on the SE pairs (docs/results/extraction.md). The scored positions' log-probs are the same
     numbers (each position's row of the head's product and its log-softmax do not depend on the others: checked
     bit for bit, tests/test_validation.py), so are the gradients. Only the choice of positions changes
     (trl.trainer.utils reads `_use_triton` for it); the kernels stay TRL's torch ones."""
@@ -167,7 +167,7 @@ def validation_dpo_config(
         fp16=False,
         use_cpu=use_cpu,
         # Building a TrainingArguments re-creates accelerate's process state: it must name the same
-        # backend as the run it lives in (gloo for DeepSpeed on a CPU machine, see docs/distributed.md).
+        # backend as the run it lives in (gloo for DeepSpeed on a CPU machine, see docs/guides/multi_gpu.md).
         ddp_backend=ddp_backend,
         per_device_train_batch_size=batch_size,
         # Truncation is ours (KeepLastTokens): with a max_length, TRL would drop the pairs whose prompt fills it.

@@ -126,7 +126,7 @@ def check_supported(model: nn.Module) -> None:
         raise NotImplementedError(
             "ROSE gradient extraction does not support FSDP1-wrapped models (flattened parameters); use FSDP2 "
             "(fsdp_version: 2, accelerate_configs/fsdp.yaml), DeepSpeed ZeRO-2/3 or plain data parallelism, "
-            "see docs/distributed.md"
+            "see docs/guides/multi_gpu.md"
         )
 
 
