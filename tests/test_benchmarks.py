@@ -781,3 +781,36 @@ def test_layered_features_equal_each_gradient_layers_setting():
     single = Featurizer(projector, gradient_layers=1)(model, batch, adam, combine=lambda r: r[:3] + r[3:])
     assert_rows_match(subset(pairs, 1, 128), single)
     assert torch.isfinite(rows).all()
+
+
+def test_frontier_holding_reports_each_settings_true_worst_difference():
+    """holding(): a setting better than the full method everywhere reports its smallest gain (not 0), and one
+    target beyond the tolerance in any suite makes it fail."""
+    import frontier
+
+    def suite(aucs: dict) -> dict:  # {setting: [auc per target]}, the full method at 0.8 on each target
+        targets = range(len(next(iter(aucs.values()))))
+        sweep = {
+            f"t{i}": {"lall_call_poff": {"auc": 0.8}, **{k: {"auc": v[i]} for k, v in aucs.items()}} for i in targets
+        }
+        return {"predicted": {"lall_call_poff": 1.0, **{k: 0.5 for k in aucs}}, "sweep": sweep}
+
+    data = {
+        "suites": {
+            "a": suite({"l2_c-1_poff": [0.83, 0.81], "l1_c-1_poff": [0.9, 0.76]}),
+            "b": suite({"l2_c-1_poff": [0.82], "l1_c-1_poff": [0.8]}),
+        }
+    }
+    got = frontier.holding(data)
+    assert got["l2_c-1_poff"]["holds"] and got["l2_c-1_poff"]["worst"] == pytest.approx(0.01)
+    assert not got["l1_c-1_poff"]["holds"] and got["l1_c-1_poff"]["worst"] == pytest.approx(-0.04)
+    assert got["lall_call_poff"]["worst"] == 0.0 and set(got["l2_c-1_poff"]["suites"]) == {"a", "b"}
+
+
+def test_extraction_benchmark_runs_on_a_pool_of_fewer_than_twelve_rows(capsys):
+    """The warm-up AdamW steps cycle over a small pool (8 rows: the third step's batch was empty)."""
+    import extraction
+
+    small = ["--examples", "8", "--hidden", "32", "--layers", "2", "--heads", "2", "--vocab", "200"]
+    extraction.main([*small, "--dim", "64", "--seq-len", "16", "--batch-size", "4", "--repeats", "1", "--skip-less"])
+    assert "overhead_vs_fwd_bwd=" in capsys.readouterr().out.strip().splitlines()[-1]

@@ -86,7 +86,7 @@ from rose_trl.stores.store import GradientStore  # noqa: E402
 
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "frontier_results.json"
+RESULTS = HERE / "results" / "frontier.json"
 
 
 # ---------------------------------------------------------------------------------- settings
@@ -650,7 +650,7 @@ def holding(data: dict, tolerance: float = 0.03) -> dict[str, dict]:
         costs = (entry.get("costs") or {}).get("settings") or {}
         for key in entry["predicted"]:
             worst = min(by[key]["auc"] - by[FULL.key]["auc"] for by in entry["sweep"].values())
-            row = out.setdefault(key, {"suites": {}, "holds": True, "worst": 0.0})
+            row = out.setdefault(key, {"suites": {}, "holds": True, "worst": float("inf")})
             share = costs[key]["cpu_share"] if key in costs else entry["predicted"][key]
             row["suites"][suite] = {"worst": worst, "share": share, "measured": key in costs}
             row["holds"] = row["holds"] and worst >= -tolerance

@@ -1,8 +1,8 @@
 """The frontier figure from frontier.py's data: each setting's selection cost against how far its AUC falls from the
 full method's, per suite.
 
-    python benchmarks/quality/frontier_figure.py [--results benchmarks/quality/frontier_results.json]
-        [--out docs/frontier.png]
+    python benchmarks/quality/frontier_figure.py [--results benchmarks/quality/results/frontier.json]
+        [--out docs/figures/frontier.png]
 
 x: the setting's selection CPU-seconds as a share of the full method's, measured (frontier.py --costs) where the
 suite has it, else as resources/cost.py predicts (hollow markers). y: its AUC minus the full method's, the worst over
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier import FULL, RESULTS, frontier  # noqa: E402
 
 
+FIGURE = Path(__file__).resolve().parents[2] / "docs" / "figures" / "frontier.png"
 MARKERS = {"properties": "o", "se": "s", "hh": "D", "planted": "^", "planted_distractor": "v"}
 
 
@@ -74,7 +75,7 @@ def draw(data: dict, out: Path) -> Path:
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "docs" / "frontier.png")
+    p.add_argument("--out", type=Path, default=FIGURE)
     args = p.parse_args(argv)
     path = draw(json.loads(args.results.read_text()), args.out)
     print(f"wrote {path}")

@@ -81,11 +81,11 @@ def build(args):
         ids = torch.randint(3, args.vocab, (args.seq_len,), generator=g).tolist()
         prompt = args.seq_len // 4
         pool.append({"input_ids": ids, "completion_mask": [0] * prompt + [1] * (args.seq_len - prompt)})
-    # A few AdamW steps so that m and v are real.
+    # A few AdamW steps so that m and v are real (over the pool again where it holds fewer than 12 rows).
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.AdamW(params, lr=1e-3)
     for step in range(3):
-        batch = collate(pool[step * 4 : step * 4 + 4], 0)
+        batch = collate([pool[(step * 4 + i) % len(pool)] for i in range(4)], 0)
         opt.zero_grad()
         model(**batch).loss.backward()
         opt.step()

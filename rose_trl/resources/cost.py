@@ -4,7 +4,8 @@ every decoder layer, for every pool row at every checkpoint). The memory plan's 
 
 A pass whose backward stops below the last n of L decoder layers costs about
 `FORWARD_SHARE + (1 - FORWARD_SHARE) * n / L` of a full one: the forward of every layer, the LM head and the loss
-are paid whatever n, the backward in proportion to the layers it crosses (measured: docs/results/cost_frontier.md).
+are paid whatever n, the backward in proportion to the layers it crosses (measured:
+docs/results/cost_frontier.md, "Each option's pass against the floor").
 """
 
 from __future__ import annotations
