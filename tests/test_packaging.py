@@ -158,3 +158,11 @@ def test_torch_is_a_range_and_the_commands_keep_their_exact_cpu_pin():
         pins = set(re.findall(r"pip install (?:-q )?torch==([\d.]+)", path.read_text()))
         assert pins == {"2.13.0"}, (path.name, pins)
     assert Version("2.13.0") in supported
+
+
+def test_ci_runs_the_readmes_test_command():
+    """The README gives the test command; CI runs that very command (and then the slow suite)."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    (command,) = [line for block in blocks for line in block.splitlines() if line.startswith("python -m pytest")]
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
