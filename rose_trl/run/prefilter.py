@@ -25,7 +25,6 @@ from accelerate import PartialState
 from rose_trl.gradients.featurizer import Featurizer
 from rose_trl.scoring.columns import PREFILTER_SCORE, PREFILTERED_OUT, SCORE
 from rose_trl.scoring.scores import CheckpointGradients, score_checkpoints, select_rows, validation_targets
-from rose_trl.stores.extraction import extract_pool_store
 from rose_trl.stores.store import CorruptStoreError, GradientStore
 from rose_trl.stores.validation import ValidationGradients
 from rose_trl.utils.files import atomic_write_json, read_json
@@ -84,22 +83,8 @@ class Prefilter:
         s, state = self.selector, PartialState()
         featurizer = self.featurizer(s.prepare_featurizer(model))
         common = {**identity, "extra": {"gradient_layers": self.config.prefilter_layers}}
-        passes = s.plan.passes["gradient"]
-        extract_pool_store(
-            model,
-            s.pool_rows,
-            self.folder / "train" / name,
-            featurizer,
-            self.config,
-            s.pool_fingerprint,
-            s.tokenizer.pad_token_id,
-            common,
-            adam_state=adam_state if self.config.gradient_type == "adam" else None,
-            progress=s.progress,
-            desc=f"First pass ({self.config.prefilter_layers} layers) @ {name}",
-            batch_size=passes.rows,
-            max_batch_tokens=passes.tokens,
-        )
+        desc = f"First pass ({self.config.prefilter_layers} layers) @ {name}"
+        s.extract_pool(model, self.folder / "train" / name, featurizer, common, adam_state, desc)
         self.validation.pairs_per_pass = s.validation_stores.pairs_per_pass
         self.validation.sft_rows_per_pass = s.validation_stores.sft_rows_per_pass
         self.validation.head_tokens = s.validation_stores.head_tokens

@@ -295,23 +295,8 @@ class ROSESelector:
         )
         # With a first pass: it runs at the first checkpoint used, then the full features of its candidates only.
         rows = self.prefilter.run(model, name, common, adam_state) if self.prefilter is not None else None
-        passes = self.plan.passes["gradient"]
-        train = extract_pool_store(
-            model,
-            self.pool_rows,
-            self.rose_dir / "train" / name,
-            featurizer,
-            self.config,
-            self.pool_fingerprint,
-            self.tokenizer.pad_token_id,
-            common,
-            adam_state=adam_state if self.config.gradient_type == "adam" else None,
-            progress=self.progress,
-            desc=f"Pool gradients @ {name}",
-            batch_size=passes.rows,
-            max_batch_tokens=passes.tokens,
-            rows=rows,
-        )
+        folder = self.rose_dir / "train" / name
+        train = self.extract_pool(model, folder, featurizer, common, adam_state, f"Pool gradients @ {name}", rows)
         self.validation_stores.store(model, name, featurizer, common, write=state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
@@ -320,6 +305,28 @@ class ROSESelector:
                 raise RuntimeError(f"{name}: {len(missing)} pool rows are still missing after extraction")
             self.ledger.record_checkpoint(name, learning_rate, identity)
         state.wait_for_everyone()
+
+    def extract_pool(
+        self, model, folder: Path, featurizer: Featurizer, common: dict, adam_state, desc: str, rows=None
+    ):
+        """The pool's gradient store in `folder` (`rows` only, default every row), in the run's planned passes: the
+        one call of `extract_pool_store` for the full features and the first pass alike."""
+        return extract_pool_store(
+            model,
+            self.pool_rows,
+            folder,
+            featurizer,
+            self.config,
+            self.pool_fingerprint,
+            self.tokenizer.pad_token_id,
+            common,
+            adam_state=adam_state if self.config.gradient_type == "adam" else None,
+            progress=self.progress,
+            desc=desc,
+            batch_size=self.plan.passes["gradient"].rows,
+            max_batch_tokens=self.plan.passes["gradient"].tokens,
+            rows=rows,
+        )
 
     def skip_checkpoint(self, model, name: str, learning_rate: float | None) -> None:
         """Record a checkpoint that selection_checkpoints leaves out: its learning rate and weights, no stores (so
