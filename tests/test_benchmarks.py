@@ -814,3 +814,48 @@ def test_extraction_benchmark_runs_on_a_pool_of_fewer_than_twelve_rows(capsys):
     small = ["--examples", "8", "--hidden", "32", "--layers", "2", "--heads", "2", "--vocab", "200"]
     extraction.main([*small, "--dim", "64", "--seq-len", "16", "--batch-size", "4", "--repeats", "1", "--skip-less"])
     assert "overhead_vs_fwd_bwd=" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_budget_sweep_runs_the_tiny_recipe_at_each_budget(assets, tmp_path):
+    """benchmarks/speed/budget_sweep.py: one run per budget in a process of its own, each with its wall time, CPU
+    time, peak memory and the memory plan it logged; the user's budget is the one the run reports."""
+    out, results = tmp_path / "sweep", tmp_path / "sweep.json"
+    lines = run_script(
+        "speed/budget_sweep.py",
+        "--config",
+        "recipes/tiny/rose/config_tiny.yaml",
+        "--out",
+        str(out),
+        "--budgets",
+        "2",
+        "default",
+        "--json",
+        str(results),
+        "--model_name_or_path",
+        str(assets / "model"),
+        "--pool_dataset",
+        str(assets / "pool.jsonl"),
+        "--validation_dataset",
+        str(assets / "validation.jsonl"),
+        "--num_train_epochs",
+        "1",
+        "--final_training",
+        "false",
+    )
+    assert [line.split("|")[1].strip() for line in lines[-2:]] == ["2", "default"], lines
+    runs = json.loads(results.read_text())["runs"]
+    assert [r["memory_budget_gb"] for r in runs] == [2.0, None]
+    for r in runs:
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0 and 1e8 < r["peak_rss_bytes"] < 2e10
+        assert r["plan_lines"][0].startswith("memory plan: budget"), r["plan_lines"]
+        assert any("pool gradient passes:" in line for line in r["plan_lines"]), r["plan_lines"]
+        assert "pool gradient passes" in json.dumps(r["timings"])
+    assert "budget 2.00 GB (memory_budget_gb: 2)" in runs[0]["plan_lines"][0]
+    assert "the default" in runs[1]["plan_lines"][0]
+    with pytest.raises(subprocess.CalledProcessError) as refused:  # every run starts from nothing
+        subprocess.run(
+            [sys.executable, "benchmarks/speed/budget_sweep.py", "--config", "recipes/tiny/rose/config_tiny.yaml",
+             "--out", str(out), "--budgets", "2"],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    assert "exists" in refused.value.stderr

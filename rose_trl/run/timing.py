@@ -1,14 +1,16 @@
 """`rose-trl plan --measure`: a few real passes of the run, timed on this machine, and each stage's time from them.
 
 Every pass is the run's own code on the run's own rows, in a temporary folder (removed after): the model loaded as
-the run loads it; the warm-up's SFTTrainer for its first optimizer steps (the run's first rows, in its order) and
-one checkpoint save; pool gradient passes on the run's first (longest) batch, twice, on a middle batch and on the
-last, with the Adam state of those steps (`Featurizer`, the projection of the run); the validation passes of the
-first pairs through `ROSEDPOTrainer` (its reference pass and its gradient pass). Each stage is then counted from
-what the plan says the run does:
+the run loads it; the warm-up's SFTTrainer for its first `TIMED_WARMUP_STEPS` optimizer steps (the run's first
+rows, in its order) and one checkpoint save; pool gradient passes on the run's first (longest) batch once cold,
+then on it, a middle batch and the last, each the fastest of up to `TIMING_REPEATS` passes, with the Adam state of
+those steps (`Featurizer`, the projection of the run); the validation passes of the first pairs through
+`ROSEDPOTrainer` (its reference pass and its gradient pass). Each stage is then counted from what the plan says
+the run does:
 - setup: this process's start to the tokenized pool (imports, data, tokenizer), the pool tokenized again (the
   run tokenizes it for the selector), the model's load and the warm-up Trainer's construction;
-- warm-up training: its optimizer steps at the measured rate (the first step's extra once) and its saves;
+- warm-up training: its optimizer steps at the measured rate (the median step after the first; the first step's
+  extra once) and its saves;
 - pool gradients: per checkpoint, every planned batch at t = a x padded tokens + b x rows (a and b fitted to the
   measured batches: the longest, a middle one, the last), the projection's first-use cost once;
 - validation gradients: the DPO trainer's construction and the reference passes once, the gradient passes per
@@ -38,6 +40,15 @@ from transformers import TrainerCallback
 # rate on the project's 2-core machine (benchmarks/speed/scoring.py: 1 GB of store in about 2.5 s warm).
 SCORE_BYTES_PER_SECOND = 400e6
 SELECTION_FILES_SECONDS = 1.0
+# Each pool pass is timed up to this many times and the fastest kept: a single timing of a short pass carries the
+# thread pool's wake-up and any other process's burst, and the plan multiplies it by every pass of the run. Repeats
+# stop once a pass has taken REPEAT_SECONDS in all: a pass that long is not moved much by a burst, and timing it
+# again would cost the plan more than the run's own passes of a small pool (as timeit's autorange does).
+TIMING_REPEATS = 3
+REPEAT_SECONDS = 2.0
+# Warm-up steps timed: the first (it pays the first use of the optimizer and the data loader) and the median of the
+# rest.
+TIMED_WARMUP_STEPS = 4
 STAGES = ("setup", "warm-up training", "pool gradients", "validation gradients", "selection", "final training")
 
 
@@ -52,6 +63,17 @@ class _StepClock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self._start)
+
+
+def fastest(function, repeats: int = TIMING_REPEATS, enough: float = REPEAT_SECONDS) -> float:
+    """The shortest wall time of up to `repeats` calls of `function()` (at least one; no more once they have taken
+    `enough` seconds in all), in seconds: the pass's own cost, the least disturbed by other work on the machine."""
+    times = []
+    while not times or (len(times) < repeats and sum(times) < enough):
+        t = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def _timed(function, *args, **kwargs):
@@ -102,7 +124,7 @@ def measure_run(rose, sft, model_args, plan, pool, validation, tokens, tokenizer
         model, _, _ = apply_chat_template_path(model, tokenizer, None)
         measured.append(f"model load {t_load:.1f} s")
         device = "cpu" if sft.use_cpu or not torch.cuda.is_available() else "cuda"
-        steps = min(2, warm["optimizer_steps"]) if gradient else 2
+        steps = min(TIMED_WARMUP_STEPS, warm["optimizer_steps"]) if gradient else TIMED_WARMUP_STEPS
         clock = _StepClock()
         args = dataclasses.replace(
             sft,
@@ -127,7 +149,7 @@ def measure_run(rose, sft, model_args, plan, pool, validation, tokens, tokenizer
             callbacks=[clock],
         )
         trainer.train()
-        step = float(np.mean(clock.times[1:])) if len(clock.times) > 1 else clock.times[0]
+        step = float(np.median(clock.times[1:])) if len(clock.times) > 1 else clock.times[0]
         first_extra = max(clock.times[0] - step, 0.0)
         rows_a_step = sft.per_device_train_batch_size * sft.gradient_accumulation_steps
         measured.append(
@@ -213,7 +235,8 @@ def measure_run(rose, sft, model_args, plan, pool, validation, tokens, tokenizer
 
 
 def _pool_passes(model, tokens, featurizer, adam, tokenizer, batches, lengths, device) -> tuple[dict, list]:
-    """The first (longest) batch twice (the first pass pays the projection's first use) and a middle batch:
+    """The first (longest) batch once cold (it pays the projection's first use), then it, a middle batch and the
+    last, each the fastest of up to `TIMING_REPEATS` passes:
     ({"first_use": s}, [(padded tokens, rows, seconds), ...])."""
     from rose_trl.data.sft import collate
     from rose_trl.utils.modeling import eval_mode
@@ -221,17 +244,15 @@ def _pool_passes(model, tokens, featurizer, adam, tokenizer, batches, lengths, d
     rows = tokens.select_columns(["input_ids", "completion_mask"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def one(batch_rows) -> float:
+    def one(batch_rows, repeats=TIMING_REPEATS) -> float:
         batch = {k: v.to(device) for k, v in collate([rows[int(i)] for i in batch_rows], pad).items()}
-        t = time.perf_counter()
-        featurizer(model, batch, adam)
-        return time.perf_counter() - t
+        return fastest(lambda: featurizer(model, batch, adam), repeats)
 
     def point(batch_rows) -> tuple[int, int, float]:
         return int(len(batch_rows) * lengths[batch_rows].max()), len(batch_rows), one(batch_rows)
 
     with eval_mode(model):
-        cold = one(batches[0])
+        cold = one(batches[0], repeats=1)
         points = [point(batches[0])]
         if len(batches) > 2:  # a middle batch and the last (the shortest rows, or the fewest)
             points += [point(batches[len(batches) // 2]), point(batches[-1])]
