@@ -73,6 +73,17 @@ SHAPES = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def release_root() -> Path:
+    """The ROSE paper's released data: $ROSE_DATA_DIR, else shared/data/rose inside the repository (where a copy
+    of the working tree carries it) or beside it (../shared, the tests' default); the second of the two when
+    neither exists, so that messages name the usual place."""
+    if os.environ.get("ROSE_DATA_DIR"):
+        return Path(os.environ["ROSE_DATA_DIR"])
+    root = Path(__file__).resolve().parents[1]
+    inside, beside = root / "shared" / "data" / "rose", root.parent / "shared" / "data" / "rose"
+    return inside if inside.is_dir() else beside
+
+
 def build_model(
     shape: str | dict,
     layers: int | None = None,

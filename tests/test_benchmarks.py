@@ -859,3 +859,17 @@ def test_budget_sweep_runs_the_tiny_recipe_at_each_budget(assets, tmp_path):
             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True,
         )  # fmt: skip
     assert "exists" in refused.value.stderr
+
+
+def test_benchmarks_find_the_released_data_where_the_tests_do(monkeypatch, tmp_path):
+    """$ROSE_DATA_DIR first; else shared/data/rose inside the repository where present, else beside it (../shared,
+    where tests/test_recipes.py looks): the property benchmarks' default release is the same data as the tests'."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from common import release_root
+
+    monkeypatch.setenv("ROSE_DATA_DIR", str(tmp_path))
+    assert release_root() == tmp_path
+    monkeypatch.delenv("ROSE_DATA_DIR")
+    inside = root / "shared" / "data" / "rose"
+    assert release_root() == (inside if inside.is_dir() else root.parent / "shared" / "data" / "rose")

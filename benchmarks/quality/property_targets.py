@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import numpy as np
 import torch
-from common import key_of, log, read_json, write_json
+from common import key_of, log, read_json, release_root, write_json
 from datasets import Dataset
 from property_report import paired, print_report
 from property_sweep import run_sweep
@@ -62,7 +62,7 @@ from rose_trl.run.selector import ROSESelector
 from rose_trl.scoring.scores import selection_size, top_fraction
 
 
-RELEASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rose"
+RELEASE = release_root()
 # The release's folder where a copy with its test answers is present, else None (the slice's held-out pairs).
 DEFAULT_RELEASE = RELEASE if (RELEASE / "test").is_dir() else None
 FULL = dict(

@@ -26,6 +26,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,17 +36,21 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from rose_trl.baselines import BASELINES
-from rose_trl.config import DPO_LOSS_TYPES, ROSEConfig
-from rose_trl.data import load_preferences
-from rose_trl.evaluation.metrics import PreferenceMetricsOptions, preference_metrics
-from rose_trl.models.tiny import build_tiny_llama, build_tokenizer, make_planted_task
-from rose_trl.run.offline import select_from_checkpoints
-from rose_trl.run.pipeline import sft_training_dataset, warmup_indices
-from rose_trl.run.selector import ROSESelector
-from rose_trl.scoring.scores import top_fraction
-from rose_trl.stores.store import GradientStore
-from rose_trl.stores.validation import validation_loss_tag
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+from common import release_root  # noqa: E402
+
+from rose_trl.baselines import BASELINES  # noqa: E402
+from rose_trl.config import DPO_LOSS_TYPES, ROSEConfig  # noqa: E402
+from rose_trl.data import load_preferences  # noqa: E402
+from rose_trl.evaluation.metrics import PreferenceMetricsOptions, preference_metrics  # noqa: E402
+from rose_trl.models.tiny import build_tiny_llama, build_tokenizer, make_planted_task  # noqa: E402
+from rose_trl.run.offline import select_from_checkpoints  # noqa: E402
+from rose_trl.run.pipeline import sft_training_dataset, warmup_indices  # noqa: E402
+from rose_trl.run.selector import ROSESelector  # noqa: E402
+from rose_trl.scoring.scores import top_fraction  # noqa: E402
+from rose_trl.stores.store import GradientStore  # noqa: E402
+from rose_trl.stores.validation import validation_loss_tag  # noqa: E402
 
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -276,7 +281,7 @@ def real_pool(root: Path) -> Dataset:
 
 
 def real(args) -> dict:
-    root = Path(os.environ.get("ROSE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "rose"))
+    root = release_root()
     if not root.is_dir():
         print(f"\n(b) skipped: the ROSE paper's released data is not at {root} (set ROSE_DATA_DIR)")
         return {}
