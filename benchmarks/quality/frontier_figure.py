@@ -30,6 +30,8 @@ from frontier import FULL, RESULTS, frontier  # noqa: E402
 
 FIGURE = Path(__file__).resolve().parents[2] / "docs" / "figures" / "frontier.png"
 MARKERS = {"properties": "o", "se": "s", "hh": "D", "planted": "^", "planted_distractor": "v"}
+# The setting docs/results/cost_frontier.md recommends (the last checkpoint alone), ringed on every suite.
+RECOMMENDED = "lall_c-1_poff"
 
 
 def points(entry: dict) -> list[tuple[str, float, float, bool]]:
@@ -43,8 +45,11 @@ def points(entry: dict) -> list[tuple[str, float, float, bool]]:
     return out
 
 
-def draw(data: dict, out: Path) -> Path:
+def draw(data: dict, out: Path, highlight: str | None = RECOMMENDED) -> Path:
+    from matplotlib.lines import Line2D
+
     fig, ax = plt.subplots(figsize=(8, 5))
+    handles = []
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (suite, entry) in enumerate(data["suites"].items()):
         color = colors[i % len(colors)]
@@ -59,13 +64,32 @@ def draw(data: dict, out: Path) -> Path:
                 s=36,
             )
         front = sorted((x, y) for key, x, y, _ in got if key in set(frontier(entry)))
-        ax.plot([p[0] for p in front], [p[1] for p in front], color=color, linewidth=1, label=suite)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color=color, linewidth=1)
+        handles.append(Line2D([], [], color=color, linewidth=1, marker=MARKERS.get(suite, "o"), label=suite))
+        ringed = [(x, y) for key, x, y, _ in got if key == highlight]
+        if ringed:
+            ax.scatter(
+                *zip(*ringed, strict=True), marker="o", facecolors="none", edgecolors="black", s=160, linewidths=1.2
+            )
+    if highlight:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker="o",
+                markerfacecolor="none",
+                markeredgecolor="black",
+                markersize=11,
+                label=highlight,
+            )
+        )
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.axhline(-0.03, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("selection CPU-seconds, share of the full method's (hollow: predicted)")
     ax.set_ylabel("AUC - full method's AUC (worst target and direction)")
     ax.set_title("Cost against quality of a selection: gradient_layers x selection_checkpoints x prefilter")
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -76,8 +100,9 @@ def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--out", type=Path, default=FIGURE)
+    p.add_argument("--highlight", default=RECOMMENDED, help="a setting key ringed on every suite ('' for none)")
     args = p.parse_args(argv)
-    path = draw(json.loads(args.results.read_text()), args.out)
+    path = draw(json.loads(args.results.read_text()), args.out, args.highlight or None)
     print(f"wrote {path}")
     return path
 
