@@ -291,7 +291,8 @@ class ROSEConfig:
             "help": "Which warm-up checkpoints contribute, by position in step order, negative from the end as in "
             "Python: [-1] the last one, [0, -1] the first and the last (default: all). Their learning-rate "
             "weights are renormalized over them, and the gradient stores of the others are not computed. "
-            "Scoring a finished run again with another subset reuses its stores (no gradient pass)."
+            "Scoring a finished run again with another subset reuses its stores (no gradient pass). [-1] is the "
+            "measured cheap choice (docs/results/cost_frontier.md)."
         },
     )
     prefilter_fraction: float | None = field(
