@@ -750,7 +750,18 @@ def test_frontier_sweep_costs_and_figure_run_tiny(tmp_path, capsys):
         assert costs[key]["cpu_s"] > 0
     assert costs["lall_call_poff"]["cpu_share"] == 1.0
     assert entry["predicted"]["l1_c-1_p0.2"] == pytest.approx(costs["l1_c-1_p0.2"]["work_share"])
-    assert "lall_call_poff" in frontier.frontier(entry) or frontier.frontier(entry)
+    # the frontier: no setting on it is dominated (cheaper and closer to the full method), every other one is
+    shares = {k: costs[k]["cpu_share"] if k in costs else entry["predicted"][k] for k in keys}
+    worst = {k: min(by[k]["auc"] - by["lall_call_poff"]["auc"] for by in entry["sweep"].values()) for k in keys}
+
+    def dominated(k):
+        return any(
+            shares[o] <= shares[k] and worst[o] >= worst[k] and (shares[o], worst[o]) != (shares[k], worst[k])
+            for o in keys
+        )
+
+    front = set(frontier.frontier(entry))
+    assert front and front == {k for k in keys if not dominated(k)}
     assert (tmp_path / "results.csv").read_text().startswith("suite,target,setting,auc")
     assert "#### planted" in capsys.readouterr().out
     figure = frontier_figure.main(["--results", str(results), "--out", str(tmp_path / "frontier.png")])
