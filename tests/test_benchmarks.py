@@ -751,8 +751,12 @@ def test_frontier_sweep_costs_and_figure_run_tiny(tmp_path, capsys):
     assert costs["lall_call_poff"]["cpu_share"] == 1.0
     assert entry["predicted"]["l1_c-1_p0.2"] == pytest.approx(costs["l1_c-1_p0.2"]["work_share"])
     # the frontier: no setting on it is dominated (cheaper and closer to the full method), every other one is
-    shares = {k: costs[k]["cpu_share"] if k in costs else entry["predicted"][k] for k in keys}
-    worst = {k: min(by[k]["auc"] - by["lall_call_poff"]["auc"] for by in entry["sweep"].values()) for k in keys}
+    shares, worst = frontier.cost_shares(entry), frontier.worst_differences(entry)
+    assert shares["lall_call_poff"] == 1.0 and shares["l1_c0,-1_p0.2"] == entry["predicted"]["l1_c0,-1_p0.2"]
+    assert worst["lall_call_poff"] == 0.0
+    assert worst["l1_c-1_p0.2"] == min(
+        rows["l1_c-1_p0.2"]["auc"] - rows["lall_call_poff"]["auc"] for rows in entry["sweep"].values()
+    )
 
     def dominated(k):
         return any(

@@ -626,11 +626,20 @@ def write_csv(path: Path, data: dict) -> None:
             writer.writerows(rows)
 
 
+def cost_shares(entry: dict) -> dict[str, float]:
+    """Each setting's selection cost, a share of the full method's: measured where --costs timed it, else predicted."""
+    costs = (entry.get("costs") or {}).get("settings") or {}
+    return {k: costs[k]["cpu_share"] if k in costs else p for k, p in entry["predicted"].items()}
+
+
+def worst_differences(entry: dict) -> dict[str, float]:
+    """Each setting's AUC minus the full method's, the worst over the suite's targets and directions."""
+    return {k: min(by[k]["auc"] - by[FULL.key]["auc"] for by in entry["sweep"].values()) for k in entry["predicted"]}
+
+
 def frontier(entry: dict) -> list[str]:
     """Settings no other is both cheaper and closer to the full method (worst AUC difference over the targets)."""
-    costs = entry.get("costs", {}).get("settings") or {}
-    shares = {k: costs[k]["cpu_share"] if k in costs else entry["predicted"][k] for k in entry["predicted"]}
-    worst = {k: min(by[k]["auc"] - by[FULL.key]["auc"] for by in entry["sweep"].values()) for k in shares}
+    shares, worst = cost_shares(entry), worst_differences(entry)
     return [
         k
         for k in shares
@@ -648,11 +657,11 @@ def holding(data: dict, tolerance: float = 0.03) -> dict[str, dict]:
     out = {}
     for suite, entry in data.get("suites", {}).items():
         costs = (entry.get("costs") or {}).get("settings") or {}
+        shares, differences = cost_shares(entry), worst_differences(entry)
         for key in entry["predicted"]:
-            worst = min(by[key]["auc"] - by[FULL.key]["auc"] for by in entry["sweep"].values())
+            worst = differences[key]
             row = out.setdefault(key, {"suites": {}, "holds": True, "worst": float("inf")})
-            share = costs[key]["cpu_share"] if key in costs else entry["predicted"][key]
-            row["suites"][suite] = {"worst": worst, "share": share, "measured": key in costs}
+            row["suites"][suite] = {"worst": worst, "share": shares[key], "measured": key in costs}
             row["holds"] = row["holds"] and worst >= -tolerance
             row["worst"] = min(row["worst"], worst)
     return out
@@ -665,9 +674,10 @@ def print_table(suite: str, entry: dict) -> None:
     print("| setting | " + " | ".join(targets) + " | worst AUC - full | CPU-s (share of full) | predicted share |")
     print("|---|" + "---|" * len(targets) + "---|---|---|")
     front = set(frontier(entry))
+    differences = worst_differences(entry)
     for key in entry["predicted"]:
         cells = [f"{entry['sweep'][t][key]['auc']:.3f} ({entry['sweep'][t][key]['overlap']:.2f})" for t in targets]
-        worst = min(entry["sweep"][t][key]["auc"] - entry["sweep"][t][FULL.key]["auc"] for t in targets)
+        worst = differences[key]
         cost = f"{costs[key]['cpu_s']:.0f} ({costs[key]['cpu_share']:.2f})" if key in costs else "-"
         name = f"**{key}**" if key in front else key
         print(f"| {name} | " + " | ".join(cells) + f" | {worst:+.3f} | {cost} | {entry['predicted'][key]:.2f} |")

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier import FULL, RESULTS, frontier  # noqa: E402
+from frontier import RESULTS, cost_shares, frontier, worst_differences  # noqa: E402
 
 
 FIGURE = Path(__file__).resolve().parents[2] / "docs" / "figures" / "frontier.png"
@@ -37,12 +37,8 @@ RECOMMENDED = "lall_c-1_poff"
 def points(entry: dict) -> list[tuple[str, float, float, bool]]:
     """(setting, cost share, worst AUC difference, measured) of a suite."""
     costs = (entry.get("costs") or {}).get("settings") or {}
-    out = []
-    for key, predicted in entry["predicted"].items():
-        worst = min(by[key]["auc"] - by[FULL.key]["auc"] for by in entry["sweep"].values())
-        measured = key in costs
-        out.append((key, costs[key]["cpu_share"] if measured else predicted, worst, measured))
-    return out
+    shares, worst = cost_shares(entry), worst_differences(entry)
+    return [(key, shares[key], worst[key], key in costs) for key in entry["predicted"]]
 
 
 def draw(data: dict, out: Path, highlight: str | None = RECOMMENDED) -> Path:
